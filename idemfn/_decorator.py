@@ -1,0 +1,183 @@
+"""``@idempotent``: the decorator, a thin driver of the state machine in ``_engine``."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any, Generic, Literal, ParamSpec, Protocol, TypeVar
+
+from ._engine import Finished, Policy, abegin_with, begin_with, deadline_timestamp
+from ._keys import CallKey
+from ._record import Record
+from ._stores import Store, resolve_store
+
+__all__ = ["IdempotentFunction", "idempotent"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+
+
+class IdempotentFunction(Protocol[P, R_co]):
+    """What ``@idempotent`` returns: the function, plus what it knows about its keys."""
+
+    store: Store
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
+
+    def key_for(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """The stored key these arguments map to."""
+        ...
+
+    def status(self, *args: P.args, **kwargs: P.kwargs) -> Record | None:
+        """The record of these arguments' key, or None."""
+        ...
+
+    def forget(self, *args: P.args, **kwargs: P.kwargs) -> bool:
+        """Delete the record of these arguments' key; True if there was one."""
+        ...
+
+
+class _Deadline(Generic[P]):
+    """``deadline=``: a fixed aware datetime, or a callable of the call's arguments."""
+
+    __slots__ = ("_fixed", "_hook")
+
+    def __init__(self, deadline: datetime | Callable[P, datetime] | None) -> None:
+        self._fixed: float | None = None
+        self._hook: Callable[P, datetime] | None = None
+        if deadline is None:
+            return
+        if isinstance(deadline, datetime):
+            self._fixed = deadline_timestamp(deadline)
+        elif callable(deadline):
+            self._hook = deadline
+        else:
+            raise TypeError(
+                "deadline must be an aware datetime, a callable returning one, or None, not"
+                f" {type(deadline).__name__}"
+            )
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> float | None:
+        if self._hook is None:
+            return self._fixed
+        value = self._hook(*args, **kwargs)
+        return deadline_timestamp(value, option="the deadline= callable's result")
+
+
+def idempotent(
+    _misuse: None = None,
+    /,
+    *,
+    key: str | Callable[..., str] | None = None,
+    name: str | None = None,
+    store: Store | str | os.PathLike[str] | None = None,
+    ttl: float | timedelta | None = 86400.0,
+    fingerprint: Sequence[str] | Callable[..., object] | bool | None = None,
+    wait: float | timedelta = 0.0,
+    lease: float | timedelta = 30.0,
+    on_abandoned: Literal["halt", "retry"] = "halt",
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] = (),
+    deadline: datetime | Callable[..., datetime] | None = None,
+) -> Callable[[Callable[P, R]], IdempotentFunction[P, R]]:
+    """Make calls of the decorated function happen once per key.
+
+    The first call with a key runs the body and records its outcome; later calls with that key
+    return a fresh copy of the recorded value or re-raise the recorded exception, without
+    running the body. See the README for each option; errors in options are raised here.
+
+    >>> from idemfn import idempotent, MemoryStore
+    >>> @idempotent(key="greet:{who}", store=MemoryStore())
+    ... def greet(who: str) -> str:
+    ...     print("running")
+    ...     return f"hello {who}"
+    >>> greet("ada")
+    running
+    'hello ada'
+    >>> greet("ada")
+    'hello ada'
+    >>> @idempotent
+    ... def oops() -> None: ...
+    Traceback (most recent call last):
+    TypeError: idempotent takes keyword options only: write @idempotent() or @idempotent(key=...)
+    """
+    if _misuse is not None:
+        raise TypeError(
+            "idempotent takes keyword options only: write @idempotent() or @idempotent(key=...)"
+        )
+    policy = Policy(
+        ttl=ttl, lease=lease, wait=wait, on_abandoned=on_abandoned, retry_on=retry_on
+    )
+    resolved_store = resolve_store(store, option="store")
+    deadline_of: _Deadline[Any] = _Deadline(deadline)
+
+    def decorate(fn: Callable[P, R]) -> IdempotentFunction[P, R]:
+        rewrap: Callable[[Any], Any] | None = None
+        if isinstance(fn, (classmethod, staticmethod)):
+            rewrap = type(fn)
+            fn = fn.__func__
+        if not callable(fn):
+            raise TypeError(f"@idempotent decorates functions, not {type(fn).__name__}")
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            raise TypeError(
+                f"@idempotent cannot decorate the generator function {fn.__qualname__}: its body"
+                " runs lazily, after the call returns. Return a list (or other value) instead"
+            )
+        signature = inspect.signature(fn)
+        call_key = CallKey(fn, signature, key=key, name=name, fingerprint=fingerprint)
+        wrapper: Any
+
+        if inspect.iscoroutinefunction(fn):
+            run_async: Callable[P, Any] = fn
+
+            @functools.wraps(fn)
+            async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                stored_key, fp = call_key(args, kwargs)
+                outcome = await abegin_with(
+                    resolved_store, stored_key, fp, policy, deadline_of(*args, **kwargs)
+                )
+                if outcome.__class__ is Finished:
+                    return outcome.replay()
+                with outcome:  # type: ignore[union-attr]
+                    value = await run_async(*args, **kwargs)
+                    outcome.complete(value)  # type: ignore[union-attr]
+                return value
+
+        else:
+
+            @functools.wraps(fn)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                stored_key, fp = call_key(args, kwargs)
+                outcome = begin_with(
+                    resolved_store, stored_key, fp, policy, deadline_of(*args, **kwargs)
+                )
+                if outcome.__class__ is Finished:
+                    return outcome.replay()
+                with outcome:  # type: ignore[union-attr]
+                    value = fn(*args, **kwargs)
+                    outcome.complete(value)  # type: ignore[union-attr]
+                return value
+
+        def key_for(*args: Any, **kwargs: Any) -> str:
+            return call_key(args, kwargs)[0]
+
+        def status(*args: Any, **kwargs: Any) -> Record | None:
+            entry = resolved_store.get(call_key(args, kwargs)[0])
+            return None if entry is None else entry.record()
+
+        def forget(*args: Any, **kwargs: Any) -> bool:
+            return resolved_store.delete(call_key(args, kwargs)[0])
+
+        wrapper.key_for = key_for
+        wrapper.status = status
+        wrapper.forget = forget
+        wrapper.store = resolved_store
+        wrapper.policy = policy
+        if rewrap is not None:
+            return rewrap(wrapper)  # type: ignore[no-any-return]
+        return wrapper  # type: ignore[no-any-return]
+
+    return decorate

@@ -1,0 +1,572 @@
+"""The state machine: every rule of what a call does with a key, in one place.
+
+    (absent) --claim--> processing --complete--> ok
+                            |------ halt ------> halted
+                            |---- release ----> (absent)           retry_on exceptions
+                            |-- owner gone, on_abandoned="halt" --> halted
+                            '-- owner gone, on_abandoned="retry" -> processing (attempt + 1)
+    ok, halted --expiry, forget, prune--> (absent)
+
+``attempt`` makes one decision from what the store holds and returns a ``Claim`` (run the body),
+a ``Finished`` record (replay it) or ``Busy`` (a live owner has it). ``begin`` and ``abegin`` are
+thin drivers that only differ in how they sleep while waiting. Every write after a claim goes
+through ``Store.swap`` on the claim's token, so a claim that was taken over writes nothing.
+
+This is also the low-level API for framework authors::
+
+    outcome = idemfn.begin("emails:welcome:42", store=store, fingerprint="")
+    if isinstance(outcome, idemfn.Claim):
+        with outcome:                      # an exception inside halts (or releases) the claim
+            receipt = send_welcome_email(42)
+            outcome.complete(receipt)
+    else:
+        receipt = outcome.replay()         # the recorded value, or the recorded exception
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import itertools
+import logging
+import os
+import time
+from datetime import datetime, timedelta, timezone
+from types import TracebackType
+from typing import Any, Final, Literal
+
+from . import _owner
+from ._errors import (
+    AlreadyRunning,
+    DeadlineExceeded,
+    FingerprintMismatch,
+    Halted,
+    OwnershipLost,
+    StoreError,
+)
+from ._heartbeat import heartbeat
+from ._outcome import Failure, describe_failure, dump_value, load, replay_note, type_name
+from ._record import Entry, Record
+from ._stores import Store, resolve_store
+
+__all__ = ["Busy", "Claim", "Finished", "Policy", "abegin", "attempt", "begin"]
+
+logger = logging.getLogger("idemfn")
+
+PROCESSING: Final = "processing"
+OK: Final = "ok"
+HALTED: Final = "halted"
+
+# Keys whose bodies run in the current context (thread or asyncio task): re-entering one of
+# them from inside its own body must fail at once instead of waiting on itself.
+_running: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "idemfn_running", default=frozenset()
+)
+
+# Claim tokens: a random per-process prefix and a counter. Unique across processes and
+# machines, and far cheaper than a UUID per call. A forked child draws a new prefix.
+_token_prefix = os.urandom(8).hex()
+_token_counter = itertools.count(1)
+
+
+def _new_token() -> str:
+    return f"{_token_prefix}-{next(_token_counter)}"
+
+
+def _reseed_tokens() -> None:
+    global _token_prefix, _token_counter
+    _token_prefix = os.urandom(8).hex()
+    _token_counter = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_reseed_tokens)
+
+_FIRST_POLL = 0.005  # seconds between looks at a busy key, doubling up to _MAX_POLL
+_MAX_POLL = 0.25
+
+
+class Policy:
+    """The validated options that govern a key's calls. Errors name the option."""
+
+    __slots__ = ("lease", "on_abandoned", "retry_on", "ttl", "wait")
+
+    def __init__(
+        self,
+        *,
+        ttl: float | timedelta | None = 86400.0,
+        lease: float | timedelta = 30.0,
+        wait: float | timedelta = 0.0,
+        on_abandoned: Literal["halt", "retry"] = "halt",
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] = (),
+    ) -> None:
+        self.ttl = None if ttl is None else _seconds("ttl", ttl, positive=True)
+        self.lease = _seconds("lease", lease, positive=True)
+        self.wait = _seconds("wait", wait, positive=False)
+        if on_abandoned not in ("halt", "retry"):
+            raise ValueError(f"on_abandoned must be 'halt' or 'retry', not {on_abandoned!r}")
+        self.on_abandoned = on_abandoned
+        types: object = (retry_on,) if isinstance(retry_on, type) else retry_on
+        if not isinstance(types, tuple) or not all(
+            isinstance(t, type) and issubclass(t, BaseException) for t in types
+        ):
+            raise TypeError(
+                f"retry_on must be an exception type or a tuple of them, not {retry_on!r}"
+            )
+        self.retry_on: tuple[type[BaseException], ...] = types
+
+    def __repr__(self) -> str:
+        return (
+            f"Policy(ttl={self.ttl!r}, lease={self.lease!r}, wait={self.wait!r},"
+            f" on_abandoned={self.on_abandoned!r}, retry_on={self.retry_on!r})"
+        )
+
+
+def _seconds(option: str, value: object, *, positive: bool) -> float:
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{option} must be a number of seconds or a timedelta, not {type(value).__name__}"
+        )
+    seconds = float(value)
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        raise ValueError(f"{option} must be a finite number of seconds, not {value!r}")
+    if positive and seconds <= 0:
+        raise ValueError(f"{option} must be > 0 seconds, not {value!r}")
+    if not positive and seconds < 0:
+        raise ValueError(f"{option} must be >= 0 seconds, not {value!r}")
+    return seconds
+
+
+def deadline_timestamp(deadline: object, *, option: str = "deadline") -> float:
+    """A deadline as UNIX seconds; it must be an aware datetime."""
+    if not isinstance(deadline, datetime):
+        raise TypeError(f"{option} must be an aware datetime, not {type(deadline).__name__}")
+    if deadline.utcoffset() is None:
+        raise ValueError(
+            f"{option} must be timezone-aware (e.g. datetime.now(timezone.utc) + ...),"
+            f" not the naive {deadline!r}"
+        )
+    return deadline.timestamp()
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+
+
+class Finished:
+    """A key's finished record: ``replay()`` returns its value or raises its exception."""
+
+    __slots__ = ("entry",)
+
+    def __init__(self, entry: Entry) -> None:
+        self.entry = entry
+
+    @property
+    def record(self) -> Record:
+        return self.entry.record()
+
+    def replay(self) -> Any:
+        """A fresh copy of the recorded value, or the recorded exception raised again."""
+        entry = self.entry
+        if entry.status == OK:
+            try:
+                return load(entry.payload)  # type: ignore[arg-type]
+            except Exception as exc:
+                raise StoreError(
+                    f"the recorded value of key {entry.key!r} could not be loaded"
+                    f" ({type(exc).__name__}: {exc})",
+                    key=entry.key,
+                ) from exc
+        if entry.payload is not None:
+            try:
+                recorded = load(entry.payload)
+            except Exception:  # its class moved or changed since: replay it as Halted
+                logger.warning("idemfn: the exception recorded for %r no longer loads", entry.key)
+            else:
+                if isinstance(recorded, Exception):
+                    _add_note(recorded, replay_note(entry.key, entry.finished_at))
+                    raise recorded
+        raise halted_error(entry)
+
+    def __repr__(self) -> str:
+        return f"<Finished {self.entry.key!r} {self.entry.status}>"
+
+
+def halted_error(entry: Entry) -> Halted:
+    what = f"{entry.exc_type}: {entry.message}" if entry.exc_type else entry.reason
+    return Halted(
+        f"the call for key {entry.key!r} halted ({what}); reason: {entry.reason}. A side effect"
+        " may have happened: check it, then forget the key to allow another run",
+        key=entry.key,
+        reason=entry.reason or "halted",
+        exc_type=entry.exc_type,
+        traceback=entry.traceback,
+    )
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    notes = getattr(exc, "__notes__", None)
+    if not isinstance(notes, list):
+        notes = []
+        try:
+            exc.__notes__ = notes  # type: ignore[attr-defined]  # PEP 678; add_note is 3.11+
+        except AttributeError:
+            return
+    notes.append(note)
+
+
+class Busy:
+    """A live owner holds the key; the driver may wait and look again."""
+
+    __slots__ = ("entry",)
+
+    def __init__(self, entry: Entry) -> None:
+        self.entry = entry
+
+    def error(self, note: str = "") -> AlreadyRunning:
+        entry = self.entry
+        return AlreadyRunning(
+            f"key {entry.key!r} is being run by {entry.owner} since {_iso(entry.started_at)}"
+            f"{note}; retry later, or pass wait= to wait for its outcome",
+            key=entry.key,
+            owner=entry.owner,
+            started_at=datetime.fromtimestamp(entry.started_at, timezone.utc),
+        )
+
+
+class Claim:
+    """This caller owns the key: run the work, then ``complete`` (or ``fail``) the claim.
+
+    Used as a context manager, an exception escaping the block settles the claim as ``fail``
+    does, and the key counts as running in this context (re-entering it raises
+    ``AlreadyRunning`` at once).
+    """
+
+    __slots__ = ("_context_token", "_lease", "_lost", "_settled", "entry", "policy",
+                 "renew_at", "store")  # fmt: skip
+
+    def __init__(self, store: Store, entry: Entry, policy: Policy) -> None:
+        self.store = store
+        self.entry = entry
+        self.policy = policy
+        self._settled = False
+        self._lost = False
+        self._context_token: contextvars.Token[frozenset[str]] | None = None
+        self.renew_at = time.monotonic() + policy.lease / 3
+        heartbeat.add(self)
+
+    @property
+    def key(self) -> str:
+        return self.entry.key
+
+    @property
+    def token(self) -> str:
+        return self.entry.token
+
+    @property
+    def attempt(self) -> int:
+        return self.entry.attempt
+
+    def __repr__(self) -> str:
+        state = "settled" if self._settled else ("lost" if self._lost else "live")
+        return f"<Claim {self.key!r} attempt={self.attempt} {state}>"
+
+    # Called by the heartbeat thread.
+    def renew(self) -> bool:
+        self.renew_at = time.monotonic() + self.policy.lease / 3
+        if self._settled:
+            return False
+        e = self.entry
+        renewed = Entry(
+            e.key, PROCESSING, e.fingerprint, e.owner, e.token, e.attempt, e.started_at,
+            lease_until=self.store.time() + self.policy.lease, ttl=e.ttl,
+        )  # fmt: skip
+        try:
+            kept = self.store.swap(e.key, e.token, renewed)
+        except StoreError as exc:
+            logger.warning("idemfn: could not renew the lease of %r (will retry): %s", e.key, exc)
+            self.renew_at = time.monotonic() + min(1.0, self.policy.lease / 10)
+            return True
+        if kept:
+            self.entry = renewed
+        elif not self._settled:
+            self._lost = True
+            logger.warning(
+                "idemfn: the claim on %r was taken over or halted while its body ran", e.key
+            )
+        return kept
+
+    def _settle(self) -> None:
+        if self._settled:
+            raise RuntimeError(f"the claim on {self.key!r} is already settled")
+        self._settled = True
+        heartbeat.discard(self)
+
+    def _write(self, entry: Entry, cause: BaseException | None = None) -> None:
+        if not self.store.swap(entry.key, self.entry.token, entry):
+            raise OwnershipLost(
+                f"the claim on key {entry.key!r} was taken over or halted by another caller"
+                " before this call finished; its outcome is not recorded",
+                key=entry.key,
+            ) from cause
+
+    def _finished(self, status: str, **fields: Any) -> Entry:
+        e = self.entry
+        now = self.store.time()
+        ttl = self.policy.ttl
+        return Entry(
+            e.key, status, e.fingerprint, e.owner, e.token, e.attempt, e.started_at,
+            ttl=ttl, finished_at=now, expires_at=None if ttl is None else now + ttl, **fields,
+        )  # fmt: skip
+
+    def complete(self, value: object) -> None:
+        """Record ``value`` as the key's outcome (``ok``).
+
+        Raises ``OwnershipLost`` if the claim was lost, and ``Halted`` (after recording the key
+        as halted) if the value cannot be serialised.
+        """
+        self._settle()
+        try:
+            payload = dump_value(value)
+        except Exception as problem:
+            kind = type_name(type(value))
+            reason = (
+                f"the call returned a {kind}, which could not be stored"
+                f" ({type(problem).__name__}: {problem})"
+            )
+            entry = self._finished(HALTED, reason=reason, exc_type=None, message=None)
+            self._write(entry, problem)
+            logger.error("idemfn: key %r halted: %s", self.key, reason)
+            raise halted_error(entry) from problem
+        self._write(self._finished(OK, payload=payload))
+
+    def fail(self, exc: BaseException) -> None:
+        """Settle the claim for a call that raised ``exc``: release the key if ``exc`` is in
+        ``retry_on``, else record it ``halted``. Raises ``OwnershipLost`` (from ``exc``) if
+        the claim was lost. The caller re-raises ``exc``."""
+        if isinstance(exc, self.policy.retry_on):
+            self.release(exc)
+        else:
+            self.halt(exc)
+
+    def halt(self, exc: BaseException) -> None:
+        """Record the key ``halted`` with ``exc``."""
+        self._settle()
+        failure: Failure = describe_failure(exc)
+        entry = self._finished(
+            HALTED,
+            payload=failure.payload,
+            reason=failure.reason,
+            exc_type=failure.exc_type,
+            message=failure.message,
+            traceback=failure.traceback,
+        )
+        self._write(entry, exc)
+
+    def release(self, cause: BaseException | None = None) -> None:
+        """Delete the claim, so that the next call runs the body again."""
+        self._settle()
+        if not self.store.delete(self.key, self.entry.token):
+            raise OwnershipLost(
+                f"the claim on key {self.key!r} was taken over or halted by another caller"
+                " before this call could release it",
+                key=self.key,
+            ) from cause
+
+    def __enter__(self) -> Claim:
+        self._context_token = _running.set(_running.get() | {self.key})
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._context_token is not None:
+            _running.reset(self._context_token)
+            self._context_token = None
+        if self._settled:
+            return
+        if exc is not None:
+            self.fail(exc)
+            return
+        logger.warning("idemfn: the claim block for %r ended without complete()", self.key)
+        self.halt(RuntimeError("the claim's block ended without complete() or fail()"))
+
+
+def _abandoned(entry: Entry, now: float) -> str | None:
+    """Why a processing entry's owner is known to be gone, or None while it may run."""
+    dead = _owner.gone_reason(entry.owner)
+    if dead is not None:
+        return f"its owner {entry.owner} died: {dead}"
+    if entry.lease_until is not None and entry.lease_until <= now:
+        return (
+            f"its owner {entry.owner} stopped renewing its lease, which ran out at"
+            f" {_iso(entry.lease_until)}"
+        )
+    return None
+
+
+def attempt(
+    store: Store, key: str, fingerprint: str, policy: Policy, deadline: float | None = None
+) -> Claim | Finished | Busy:
+    """One decision on ``key`` (contract section 5): claim it, replay it, or report it busy."""
+    entry = store.get(key)  # replay first: a finished key costs one read and no write
+    while True:
+        if entry is None:
+            now = store.time()
+            if deadline is not None and now > deadline:
+                raise DeadlineExceeded(
+                    f"key {key!r} has no finished record and its deadline {_iso(deadline)}"
+                    " has passed: the call did not start",
+                    key=key,
+                )
+            claimed = Entry(
+                key, PROCESSING, fingerprint, _owner.current(), _new_token(), 1, now,
+                lease_until=now + policy.lease, ttl=policy.ttl,
+            )  # fmt: skip
+            entry = store.claim(claimed)
+            if entry is None:
+                return Claim(store, claimed, policy)
+            continue
+        if fingerprint and entry.fingerprint and entry.fingerprint != fingerprint:
+            raise FingerprintMismatch(
+                f"key {key!r} was first used with other arguments (fingerprint"
+                f" {entry.fingerprint[:12]}…, this call {fingerprint[:12]}…). Use another key"
+                " for other arguments, or fingerprint=[...] to compare only some of them",
+                key=key,
+                stored=entry.fingerprint,
+                given=fingerprint,
+            )
+        if entry.status != PROCESSING:
+            return Finished(entry)
+        if key in _running.get():
+            raise Busy(entry).error(" (this call re-entered its own key from inside its body)")
+        now = store.time()
+        reason = _abandoned(entry, now)
+        if reason is None:
+            return Busy(entry)
+        if policy.on_abandoned == "retry":
+            if deadline is not None and now > deadline:
+                raise DeadlineExceeded(
+                    f"key {key!r} was abandoned ({reason}) and its deadline {_iso(deadline)}"
+                    " has passed: the call did not start again",
+                    key=key,
+                )
+            takeover = Entry(
+                key, PROCESSING, entry.fingerprint or fingerprint, _owner.current(),
+                _new_token(), entry.attempt + 1, now,
+                lease_until=now + policy.lease, ttl=policy.ttl,
+            )  # fmt: skip
+            if store.swap(key, entry.token, takeover):
+                logger.warning(
+                    "idemfn: key %r was abandoned (%s); running it again, attempt %d",
+                    key, reason, takeover.attempt,
+                )  # fmt: skip
+                return Claim(store, takeover, policy)
+        else:
+            ttl = entry.ttl
+            halted = Entry(
+                key, HALTED, entry.fingerprint, entry.owner, entry.token, entry.attempt,
+                entry.started_at, ttl=ttl, finished_at=now,
+                expires_at=None if ttl is None else now + ttl, reason=f"abandoned: {reason}",
+            )  # fmt: skip
+            if store.swap(key, entry.token, halted):
+                logger.warning("idemfn: key %r was abandoned and is now halted: %s", key, reason)
+                return Finished(halted)
+        entry = store.get(key)  # another caller settled it first: look again
+
+
+class _Waiter:
+    """How long a caller still waits for a busy key (shared by the sync and async drivers)."""
+
+    __slots__ = ("delay", "give_up_at")
+
+    def __init__(self, wait: float) -> None:
+        self.give_up_at = time.monotonic() + wait
+        self.delay = _FIRST_POLL
+
+    def pause(self, busy: Busy) -> float:
+        """Seconds to sleep before looking again; raises ``AlreadyRunning`` when time is up."""
+        left = self.give_up_at - time.monotonic()
+        if left <= 0:
+            raise busy.error()
+        pause = min(self.delay, left)
+        self.delay = min(self.delay * 2, _MAX_POLL)
+        return pause
+
+
+def begin(
+    key: str,
+    *,
+    store: Store | str | os.PathLike[str] | None = None,
+    fingerprint: str = "",
+    policy: Policy | None = None,
+    deadline: datetime | float | None = None,
+) -> Claim | Finished:
+    """Claim ``key``, or return its finished record; wait up to ``policy.wait`` for a live owner.
+
+    ``key`` is the full stored key; ``fingerprint`` any string identifying the arguments ("" to
+    skip the check). Raises ``AlreadyRunning``, ``FingerprintMismatch`` or ``DeadlineExceeded``.
+    """
+    store, policy, deadline_ts = _prepare(store, policy, deadline)
+    return begin_with(store, key, fingerprint, policy, deadline_ts)
+
+
+async def abegin(
+    key: str,
+    *,
+    store: Store | str | os.PathLike[str] | None = None,
+    fingerprint: str = "",
+    policy: Policy | None = None,
+    deadline: datetime | float | None = None,
+) -> Claim | Finished:
+    """``begin`` for coroutines: waits with ``asyncio.sleep``, never blocking the event loop."""
+    store, policy, deadline_ts = _prepare(store, policy, deadline)
+    return await abegin_with(store, key, fingerprint, policy, deadline_ts)
+
+
+def begin_with(
+    store: Store, key: str, fingerprint: str, policy: Policy, deadline: float | None
+) -> Claim | Finished:
+    step = attempt(store, key, fingerprint, policy, deadline)
+    if not isinstance(step, Busy):
+        return step
+    waiter = _Waiter(policy.wait)
+    while isinstance(step, Busy):
+        time.sleep(waiter.pause(step))
+        step = attempt(store, key, fingerprint, policy, deadline)
+    return step
+
+
+async def abegin_with(
+    store: Store, key: str, fingerprint: str, policy: Policy, deadline: float | None
+) -> Claim | Finished:
+    step = attempt(store, key, fingerprint, policy, deadline)
+    if not isinstance(step, Busy):
+        return step
+    waiter = _Waiter(policy.wait)
+    while isinstance(step, Busy):
+        await asyncio.sleep(waiter.pause(step))
+        step = attempt(store, key, fingerprint, policy, deadline)
+    return step
+
+
+def _prepare(
+    store: Store | str | os.PathLike[str] | None,
+    policy: Policy | None,
+    deadline: datetime | float | None,
+) -> tuple[Store, Policy, float | None]:
+    resolved = resolve_store(store, option="store")
+    if policy is None:
+        policy = Policy()
+    elif not isinstance(policy, Policy):
+        raise TypeError(f"policy must be an idemfn.Policy, not {type(policy).__name__}")
+    if deadline is None:
+        return resolved, policy, None
+    if isinstance(deadline, (int, float)) and not isinstance(deadline, bool):
+        return resolved, policy, float(deadline)
+    return resolved, policy, deadline_timestamp(deadline)
+

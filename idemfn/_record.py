@@ -1,0 +1,207 @@
+"""Records: the public ``Record`` view, and ``Entry``, what stores keep.
+
+An ``Entry`` keeps times as float UNIX seconds and the outcome as bytes, so that a replay decodes
+it with one ``marshal.loads`` and converts nothing it does not need. ``Record`` is the public,
+frozen view with aware UTC datetimes, built only when a user asks for it.
+"""
+
+from __future__ import annotations
+
+import enum
+import marshal
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+__all__ = ["FORMAT_VERSION", "Entry", "Record", "Status", "decode", "encode"]
+
+#: Version of the stored record layout; a record from another version is refused, never guessed.
+FORMAT_VERSION = 1
+
+
+class Status(str, enum.Enum):
+    """Where a key's call stands."""
+
+    PROCESSING = "processing"
+    OK = "ok"
+    HALTED = "halted"
+
+    def __repr__(self) -> str:
+        return f"Status.{self.name}"
+
+
+def _utc(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc)
+
+
+@dataclass(frozen=True)
+class Record:
+    """A key's record as stored, with aware UTC datetimes.
+
+    ``finished_at`` and ``expires_at`` are None while the call is processing (``expires_at`` is
+    also None for a record kept forever); ``lease_expires_at`` is None once it has finished.
+    ``reason``, ``exc_type`` and ``traceback`` describe a halted call.
+    """
+
+    key: str
+    status: Status
+    fingerprint: str
+    owner: str
+    token: str
+    attempt: int
+    started_at: datetime
+    finished_at: datetime | None
+    expires_at: datetime | None
+    lease_expires_at: datetime | None = None
+    reason: str | None = None
+    exc_type: str | None = None
+    traceback: str | None = None
+
+
+class Entry:
+    """What a store keeps for a key. Stores treat it as a value; only the engine interprets it.
+
+    ``payload`` is the serialised return value (``ok``) or exception (``halted``, when it could
+    be serialised). ``ttl`` travels with the claim so prune can age out abandoned claims.
+    """
+
+    __slots__ = (
+        "attempt",
+        "exc_type",
+        "expires_at",
+        "fingerprint",
+        "finished_at",
+        "key",
+        "lease_until",
+        "message",
+        "owner",
+        "payload",
+        "reason",
+        "started_at",
+        "status",
+        "token",
+        "traceback",
+        "ttl",
+    )
+
+    def __init__(
+        self,
+        key: str,
+        status: str,
+        fingerprint: str,
+        owner: str,
+        token: str,
+        attempt: int,
+        started_at: float,
+        *,
+        lease_until: float | None = None,
+        ttl: float | None = None,
+        finished_at: float | None = None,
+        expires_at: float | None = None,
+        payload: bytes | None = None,
+        reason: str | None = None,
+        exc_type: str | None = None,
+        message: str | None = None,
+        traceback: str | None = None,
+    ) -> None:
+        self.key = key
+        self.status = status
+        self.fingerprint = fingerprint
+        self.owner = owner
+        self.token = token
+        self.attempt = attempt
+        self.started_at = started_at
+        self.lease_until = lease_until
+        self.ttl = ttl
+        self.finished_at = finished_at
+        self.expires_at = expires_at
+        self.payload = payload
+        self.reason = reason
+        self.exc_type = exc_type
+        self.message = message
+        self.traceback = traceback
+
+    def is_expired(self, now: float) -> bool:
+        """A finished entry past its expiry is treated as absent, before prune removes it."""
+        return self.expires_at is not None and self.expires_at <= now
+
+    def record(self) -> Record:
+        return Record(
+            key=self.key,
+            status=Status(self.status),
+            fingerprint=self.fingerprint,
+            owner=self.owner,
+            token=self.token,
+            attempt=self.attempt,
+            started_at=_utc(self.started_at),  # type: ignore[arg-type]  # never None
+            finished_at=_utc(self.finished_at),
+            expires_at=_utc(self.expires_at),
+            lease_expires_at=_utc(self.lease_until) if self.finished_at is None else None,
+            reason=self.reason,
+            exc_type=self.exc_type,
+            traceback=self.traceback,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<Entry {self.key!r} {self.status} attempt={self.attempt} owner={self.owner!r}"
+            f" token={self.token!r}>"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Entry):
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in Entry.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking value object
+
+
+def encode(entry: Entry) -> bytes:
+    """Serialise an entry. marshal only builds plain values: decoding runs no user code."""
+    return marshal.dumps(
+        (
+            FORMAT_VERSION,
+            entry.key,
+            entry.status,
+            entry.fingerprint,
+            entry.owner,
+            entry.token,
+            entry.attempt,
+            entry.started_at,
+            entry.lease_until,
+            entry.ttl,
+            entry.finished_at,
+            entry.expires_at,
+            entry.payload,
+            entry.reason,
+            entry.exc_type,
+            entry.message,
+            entry.traceback,
+        ),
+        4,
+    )
+
+
+_STATUSES = frozenset(s.value for s in Status)
+
+
+def decode(data: bytes) -> Entry:
+    """Rebuild an entry; raise ``ValueError`` for bytes that are not a record of this version."""
+    try:
+        fields = marshal.loads(data)
+    except (EOFError, ValueError, TypeError) as exc:
+        raise ValueError(f"not an idemfn record ({exc})") from None
+    if type(fields) is not tuple or len(fields) != 17:
+        raise ValueError("not an idemfn record (wrong layout)")
+    if fields[0] != FORMAT_VERSION:
+        raise ValueError(
+            f"record format version {fields[0]!r}; this idemfn reads version {FORMAT_VERSION}"
+        )
+    (_, key, status, fp, owner, token, attempt, started, lease, ttl, finished, expires,
+     payload, reason, exc_type, message, tb) = fields  # fmt: skip
+    if status not in _STATUSES or type(key) is not str or type(token) is not str:
+        raise ValueError("not an idemfn record (bad status or key)")
+    return Entry(
+        key, status, fp, owner, token, attempt, started,
+        lease_until=lease, ttl=ttl, finished_at=finished, expires_at=expires,
+        payload=payload, reason=reason, exc_type=exc_type, message=message, traceback=tb,
+    )  # fmt: skip

@@ -1,0 +1,99 @@
+"""The store interface: a few atomic primitives, and nothing about what records mean.
+
+Every rule of the contract (who may claim, what an abandoned claim becomes, what a replay
+returns) lives once, in ``idemfn._engine``, above these primitives; a store only has to make each
+primitive atomic. That is what lets one conformance suite hold every store to one behaviour.
+
+Writing a store: subclass ``Store`` and implement ``claim``, ``get``, ``swap``, ``delete`` and
+``scan``; override ``prune``, ``time`` and ``close`` where the backend does better. Translate the
+backend's own errors to ``StoreError`` (``self.error(...)`` builds one that names the store and
+the key), and raise ``StoreError`` for bytes that do not decode.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Iterator
+from types import TracebackType
+
+from .._errors import StoreError
+from .._record import Entry
+
+__all__ = ["Store"]
+
+
+class Store(abc.ABC):
+    """Where records live. Safe to share between threads; see each store for processes."""
+
+    @abc.abstractmethod
+    def claim(self, entry: Entry) -> Entry | None:
+        """Insert ``entry`` under ``entry.key`` if the key has no live entry, and return None.
+
+        An entry past its ``expires_at`` counts as absent and is replaced. Otherwise nothing is
+        written and the live entry is returned. Atomic: of any number of racing claims on one
+        key, exactly one returns None.
+        """
+
+    @abc.abstractmethod
+    def get(self, key: str) -> Entry | None:
+        """The live entry of ``key``, or None (absent or expired). Never writes."""
+
+    @abc.abstractmethod
+    def swap(self, key: str, token: str, entry: Entry) -> bool:
+        """Replace the entry of ``key`` with ``entry`` if it is ``processing`` with ``token``.
+
+        This is the fence every write after a claim goes through: it returns False, writing
+        nothing, when the claim was taken over, halted, finished or deleted meanwhile. A
+        finished entry is never replaced.
+        """
+
+    @abc.abstractmethod
+    def delete(self, key: str, token: str | None = None) -> bool:
+        """Remove ``key``'s entry (only if its token is ``token``, when given); True if removed."""
+
+    @abc.abstractmethod
+    def scan(self, prefix: str = "") -> Iterator[Entry]:
+        """Every stored entry whose key starts with ``prefix``, expired ones included."""
+
+    def time(self) -> float:
+        """The store's clock, in UNIX seconds. Stores shared by machines use the server's."""
+        return time.time()
+
+    def prune(self) -> int:
+        """Remove expired entries, and claims whose lease ran out more than their ttl ago.
+
+        Returns how many were removed.
+        """
+        now = self.time()
+        removed = 0
+        for entry in list(self.scan()):
+            if _prunable(entry, now) and self.delete(entry.key, entry.token):
+                removed += 1
+        return removed
+
+    def close(self) -> None:  # noqa: B027  # optional hook: most stores hold nothing to close
+        """Release connections and files. The store reopens them if used again."""
+
+    def error(self, action: str, key: str, cause: BaseException | str) -> StoreError:
+        """A ``StoreError`` that names this store, the action and the key."""
+        return StoreError(f"{self!r} could not {action} {key!r}: {cause}", key=key)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _prunable(entry: Entry, now: float) -> bool:
+    if entry.is_expired(now):
+        return True
+    if entry.finished_at is None and entry.ttl is not None and entry.lease_until is not None:
+        return entry.lease_until + entry.ttl <= now
+    return False

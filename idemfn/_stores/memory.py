@@ -1,0 +1,66 @@
+"""``MemoryStore``: records in a dict, for tests and throwaway scripts."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+from .._record import Entry
+from .base import Store
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore(Store):
+    """Records in this process's memory: shared by its threads, lost when it exits.
+
+    Each process (a ``fork`` child too) has its own records, so a ``MemoryStore`` never
+    coordinates processes: use ``DiskStore`` or a server store for that.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Entry] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"MemoryStore(<{len(self._entries)} records>)"
+
+    def claim(self, entry: Entry) -> Entry | None:
+        with self._lock:
+            current = self._entries.get(entry.key)
+            if current is not None and not current.is_expired(self.time()):
+                return current
+            self._entries[entry.key] = entry
+            return None
+
+    def get(self, key: str) -> Entry | None:
+        entry = self._entries.get(key)
+        if entry is None or entry.is_expired(self.time()):
+            return None
+        return entry
+
+    def swap(self, key: str, token: str, entry: Entry) -> bool:
+        with self._lock:
+            current = self._entries.get(key)
+            if current is None or current.token != token or current.status != "processing":
+                return False
+            self._entries[key] = entry
+            return True
+
+    def delete(self, key: str, token: str | None = None) -> bool:
+        with self._lock:
+            current = self._entries.get(key)
+            if current is None or (token is not None and current.token != token):
+                return False
+            del self._entries[key]
+            return True
+
+    def scan(self, prefix: str = "") -> Iterator[Entry]:
+        with self._lock:
+            entries = [e for k, e in self._entries.items() if k.startswith(prefix)]
+        yield from entries
+
+    def clear(self) -> None:
+        """Forget every record."""
+        with self._lock:
+            self._entries.clear()
