@@ -95,7 +95,9 @@ def default_name(fn: Callable[..., Any]) -> str:
 
 def _template_fields(template: str) -> list[str]:
     fields = []
-    for _, field, spec, _ in string.Formatter().parse(template):
+    for _, field, spec, conversion in string.Formatter().parse(template):
+        if conversion not in (None, "r", "s", "a"):
+            raise ValueError(f"unknown conversion !{conversion} (use !r, !s or !a)")
         if field is not None:
             fields.append(field)
         if spec:

@@ -163,10 +163,10 @@ class DiskStore(Store):
 
     def prune(self) -> int:
         try:
-            self.cache.expire(retry=True)  # rows diskcache already knows to be expired
+            expired = int(self.cache.expire(retry=True))  # rows diskcache knows are expired
         except _BACKEND_ERRORS as exc:
             raise self.error("prune", str(self.directory), exc) from exc
-        return super().prune()
+        return expired + super().prune()
 
     def close(self) -> None:
         with self._lock:

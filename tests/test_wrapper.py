@@ -1,0 +1,273 @@
+"""The wrapper keeps the function's shape; stores are chosen as the contract says."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import idemfn
+from idemfn import DiskStore, MemoryStore, Store, idempotent, open_store
+
+
+def test_wrapper_keeps_metadata_and_signature() -> None:
+    def charge(order_id: str, amount: int = 0) -> str:
+        """Charge an order."""
+        return order_id
+
+    wrapped = idempotent(store=MemoryStore())(charge)
+    assert wrapped.__name__ == "charge"
+    assert wrapped.__doc__ == "Charge an order."
+    assert wrapped.__wrapped__ is charge  # type: ignore[attr-defined]
+    assert inspect.signature(wrapped) == inspect.signature(charge)
+
+
+def test_async_wrapper_is_a_coroutine_function() -> None:
+    @idempotent(store=MemoryStore())
+    async def fetch(x: int) -> int:
+        return x
+
+    assert inspect.iscoroutinefunction(fetch)
+    assert asyncio.run(fetch(2)) == 2
+
+
+def test_wrapper_attributes() -> None:
+    store = MemoryStore()
+
+    @idempotent(key="k:{x}", store=store)
+    def fn(x: int) -> int:
+        return x
+
+    assert fn.store is store
+    assert fn.status(1) is None
+    fn(1)
+    record = fn.status(1)
+    assert record is not None and record.key == fn.key_for(1)
+    assert fn.forget(1) is True and fn.status(1) is None
+
+
+@pytest.mark.parametrize("order", ["outside", "inside"])
+def test_classmethod_and_staticmethod_either_order(order: str) -> None:
+    store = MemoryStore()
+    runs: list[str] = []
+
+    if order == "outside":
+
+        class Billing:
+            @idempotent(key="c:{x}", store=store)
+            @classmethod
+            def by_class(cls, x: int) -> str:
+                runs.append(f"c{x}")
+                return f"{cls.__name__}{x}"
+
+            @idempotent(key="s:{x}", store=store)
+            @staticmethod
+            def by_static(x: int) -> str:
+                runs.append(f"s{x}")
+                return f"s{x}"
+
+    else:
+
+        class Billing:  # type: ignore[no-redef]
+            @classmethod
+            @idempotent(key="c:{x}", store=store)
+            def by_class(cls, x: int) -> str:
+                runs.append(f"c{x}")
+                return f"{cls.__name__}{x}"
+
+            @staticmethod
+            @idempotent(key="s:{x}", store=store)
+            def by_static(x: int) -> str:
+                runs.append(f"s{x}")
+                return f"s{x}"
+
+    for _ in range(2):
+        assert Billing.by_class(1) == "Billing1"
+        assert Billing().by_class(1) == "Billing1"
+        assert Billing.by_static(2) == "s2"
+        assert Billing().by_static(2) == "s2"
+    assert runs == ["c1", "s2"]
+
+
+def test_bound_method_of_another_instance_replays() -> None:
+    store = MemoryStore()
+
+    class Mailer:
+        sent: list[str] = []
+
+        @idempotent(key="welcome:{user}", store=store)
+        def welcome(self, user: str) -> str:
+            Mailer.sent.append(user)
+            return f"sent to {user}"
+
+    assert Mailer().welcome("ada") == Mailer().welcome("ada") == "sent to ada"
+    assert Mailer.sent == ["ada"]
+
+
+# -- stores -----------------------------------------------------------------------------------
+
+
+def test_default_store_follows_idemfn_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IDEMFN_STORE", str(tmp_path / "from-env"))
+
+    @idempotent(key="k")
+    def fn() -> int:
+        return 1
+
+    assert isinstance(fn.store, DiskStore)
+    assert fn.store.directory == (tmp_path / "from-env").resolve()
+    fn()
+    assert (tmp_path / "from-env").is_dir()
+
+
+def test_default_store_without_env_is_in_the_state_directory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("IDEMFN_STORE")
+    store = idemfn.default_store()
+    assert isinstance(store, DiskStore)
+    assert store.directory == idemfn.default_directory().resolve()
+    assert "state" in str(idemfn.default_directory()).lower()
+    assert "cache" not in str(idemfn.default_directory()).lower()
+
+
+def test_idemfn_store_with_a_bad_url_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IDEMFN_STORE", "redis://somewhere:6379/0")
+    with pytest.raises(ValueError, match="IDEMFN_STORE='redis://somewhere:6379/0'.*RedisStore"):
+        idempotent(key="k")
+
+
+def test_open_store_shares_one_store_per_directory(tmp_path: Path) -> None:
+    a = open_store(tmp_path / "s")
+    b = open_store(str(tmp_path / "s"))
+    c = open_store(f"file://{tmp_path / 's'}")
+    assert a is b is c
+    assert isinstance(a, DiskStore)
+    assert open_store("memory://") is open_store("memory://")
+    assert isinstance(open_store("memory://"), MemoryStore)
+    mine = MemoryStore()
+    assert open_store(mine) is mine
+
+
+def test_disk_store_directory_is_private_and_never_evicts(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        store = DiskStore(tmp_path / "deep" / "store")
+        assert not (tmp_path / "deep").exists()  # nothing touches the disk before first use
+        store.get("k")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "deep" / "store").stat().st_mode)
+    assert mode == 0o700
+    assert store.cache.eviction_policy == "none"
+
+
+def test_disk_store_is_shared_by_separate_instances(tmp_path: Path) -> None:
+    runs = []
+
+    def body(x: int) -> int:
+        runs.append(x)
+        return x
+
+    first = idempotent(key="k:{x}", store=DiskStore(tmp_path / "s"), name="n")(body)
+    second = idempotent(key="k:{x}", store=DiskStore(tmp_path / "s"), name="n")(body)
+    assert first(1) == second(1) == 1
+    assert runs == [1]
+
+
+def test_disk_store_arguments_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="DiskStore"):
+        DiskStore(42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="timeout"):
+        DiskStore(tmp_path, timeout=0)
+
+
+def test_disk_store_that_cannot_be_created_raises_store_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    store = DiskStore(blocker / "store")
+    with pytest.raises(idemfn.StoreError, match=r"DiskStore\(.*could not open"):
+        store.get("k")
+
+
+def test_reprs_are_helpful(tmp_path: Path) -> None:
+    assert repr(DiskStore(tmp_path)) == f"DiskStore({str(tmp_path)!r})"
+    assert "MemoryStore" in repr(MemoryStore())
+    assert repr(idemfn.Status.OK) == "Status.OK"
+    assert idemfn.Halted.__module__ == "idemfn"
+    claim = idemfn.begin("k", store=MemoryStore())
+    assert isinstance(claim, idemfn.Claim)
+    assert "'k'" in repr(claim) and "live" in repr(claim)
+    claim.complete(1)
+    assert "settled" in repr(claim)
+
+
+def _stores(tmp_path: Path) -> list[Store]:
+    return [MemoryStore(), DiskStore(tmp_path / "d")]
+
+
+def test_low_level_api(tmp_path: Path) -> None:
+    for store in _stores(tmp_path):
+        outcome = idemfn.begin("emails:1", store=store, fingerprint="abc")
+        assert isinstance(outcome, idemfn.Claim)
+        with outcome:
+            outcome.complete({"sent": True})
+        again = idemfn.begin("emails:1", store=store, fingerprint="abc")
+        assert isinstance(again, idemfn.Finished)
+        assert again.replay() == {"sent": True}
+        assert again.record.status is idemfn.Status.OK
+        with pytest.raises(idemfn.FingerprintMismatch):
+            idemfn.begin("emails:1", store=store, fingerprint="other")
+
+
+def test_low_level_claim_block_that_raises_halts(tmp_path: Path) -> None:
+    store = MemoryStore()
+    claim = idemfn.begin("k", store=store)
+    assert isinstance(claim, idemfn.Claim)
+    with pytest.raises(ZeroDivisionError), claim:
+        1 / 0  # noqa: B018
+    finished = idemfn.begin("k", store=store)
+    assert isinstance(finished, idemfn.Finished)
+    with pytest.raises(ZeroDivisionError):
+        finished.replay()
+
+
+def test_low_level_claim_block_without_complete_halts(caplog: pytest.LogCaptureFixture) -> None:
+    store = MemoryStore()
+    claim = idemfn.begin("k", store=store)
+    assert isinstance(claim, idemfn.Claim)
+    with claim:
+        pass
+    assert "without complete()" in caplog.text
+    finished = idemfn.begin("k", store=store)
+    assert isinstance(finished, idemfn.Finished)
+    assert finished.record.status is idemfn.Status.HALTED
+    with pytest.raises(RuntimeError, match="already settled"):
+        claim.complete(1)
+
+
+def test_low_level_abegin_and_policy(tmp_path: Path) -> None:
+    store = MemoryStore()
+    policy = idemfn.Policy(ttl=60, lease=5, wait=0, on_abandoned="retry", retry_on=KeyError)
+    assert "retry" in repr(policy)
+
+    async def main() -> Any:
+        outcome = await idemfn.abegin("a", store=store, policy=policy)
+        assert isinstance(outcome, idemfn.Claim)
+        outcome.fail(KeyError("x"))  # in retry_on: released
+        assert store.get("a") is None
+        outcome = await idemfn.abegin("a", store=store, policy=policy)
+        assert isinstance(outcome, idemfn.Claim)
+        outcome.complete(5)
+        done = await idemfn.abegin("a", store=store, policy=policy)
+        assert isinstance(done, idemfn.Finished)
+        return done.replay()
+
+    assert asyncio.run(main()) == 5
+    with pytest.raises(TypeError, match="policy must be"):
+        idemfn.begin("a", store=store, policy={"ttl": 1})  # type: ignore[arg-type]
