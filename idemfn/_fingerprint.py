@@ -17,6 +17,7 @@ import dataclasses
 import datetime as dt
 import enum
 import hashlib
+import reprlib
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
@@ -57,6 +58,17 @@ def _bytes(tag: bytes, b: bytes) -> bytes:
     return b"%s%d:%s" % (tag, len(b), b)
 
 
+# Ints whose decimal form could exceed Python's int-to-str digit limit (sys.int_info; 640
+# digits at the lowest setting) are written in hex, so no process setting changes the result.
+_DECIMAL_INT_BITS = 2000
+
+
+def _int(i: int) -> bytes:
+    if i.bit_length() <= _DECIMAL_INT_BITS:
+        return b"i%d;" % i
+    return b"I%x;" % i
+
+
 def _float(x: float) -> bytes:
     if x != x:
         return b"fnan;"
@@ -82,7 +94,7 @@ def _unordered(tag: bytes, items: Iterable[object]) -> bytes:
         try:
             parts.append(_enc(item))
         except Unsupported as exc:
-            exc.path.append(f"{{{item!r}}}")
+            exc.path.append(f" (member {reprlib.repr(item)})")
             raise
     parts.sort()
     return b"%s%d:%s" % (tag, len(parts), b"".join(parts))
@@ -92,9 +104,14 @@ def _mapping(tag: bytes, items: Iterable[tuple[object, object]]) -> bytes:
     parts = []
     for k, v in items:
         try:
-            parts.append(_enc(k) + _enc(v))
+            encoded_key = _enc(k)
         except Unsupported as exc:
-            exc.path.append(f"[{k!r}]")
+            exc.path.append(f" (key {reprlib.repr(k)})")
+            raise
+        try:
+            parts.append(encoded_key + _enc(v))
+        except Unsupported as exc:
+            exc.path.append(f"[{reprlib.repr(k)}]")
             raise
     # Key encodings are prefix-free and distinct, so sorting the pairs sorts by key.
     parts.sort()
@@ -118,7 +135,22 @@ def _datetime(d: dt.datetime) -> bytes:
     if offset is None:
         return b"W" + _str(d.isoformat())
     # Aware datetimes that are equal compare equal across zones: encode them in UTC.
-    return b"A" + _str((d - offset).replace(tzinfo=None).isoformat())
+    try:
+        return b"A" + _str((d - offset).replace(tzinfo=None).isoformat())
+    except OverflowError:
+        # The UTC instant lies outside datetime's range (e.g. datetime.max at -01:00); every
+        # datetime equal to it overflows too, so this form is still one per instant.
+        since = d.replace(tzinfo=None) - dt.datetime.min - offset
+        return b"a%d,%d,%d;" % (since.days, since.seconds, since.microseconds)
+
+
+def _time(t: dt.time) -> bytes:
+    offset = t.utcoffset()
+    if offset is None:
+        return b"H" + _str(t.isoformat())
+    # Python compares aware times by minutes past midnight minus the offset, without wrapping.
+    minutes = t.hour * 60 + t.minute - offset // dt.timedelta(minutes=1)
+    return b"h%d,%d,%d;" % (minutes, t.second, t.microsecond)
 
 
 def _decimal(d: Decimal) -> bytes:
@@ -135,14 +167,16 @@ def _decimal(d: Decimal) -> bytes:
 
 
 def _path(p: PurePath) -> bytes:
-    flavour = b"w" if isinstance(p, PureWindowsPath) else b"p"
-    return b"P" + flavour + _str(str(p))
+    if isinstance(p, PureWindowsPath):
+        # Windows paths compare case-insensitively: C:/A == c:\a.
+        return b"Pw" + _str(str(p).lower())
+    return b"Pp" + _str(str(p))
 
 
 _EXACT: dict[type, Callable[[object], bytes]] = {
     type(None): lambda _: b"N",
     bool: lambda b: b"T" if b else b"F",
-    int: lambda i: b"i%d;" % i,  # type: ignore[str-format]
+    int: _int,  # type: ignore[dict-item]
     float: _float,  # type: ignore[dict-item]
     str: _str,  # type: ignore[dict-item]
     bytes: lambda b: _bytes(b"b", b),  # type: ignore[arg-type]
@@ -154,7 +188,7 @@ _EXACT: dict[type, Callable[[object], bytes]] = {
     frozenset: lambda v: _unordered(b"Z", v),  # type: ignore[arg-type]
     dt.datetime: _datetime,  # type: ignore[dict-item]
     dt.date: lambda d: b"D" + _str(d.isoformat()),  # type: ignore[attr-defined]
-    dt.time: lambda t: b"H" + _str(t.isoformat()),  # type: ignore[attr-defined]
+    dt.time: _time,  # type: ignore[dict-item]
     dt.timedelta: lambda t: b"R%d,%d,%d;" % (t.days, t.seconds, t.microseconds),  # type: ignore[attr-defined]
     Decimal: _decimal,  # type: ignore[dict-item]
     uuid.UUID: lambda u: _bytes(b"U", u.bytes),  # type: ignore[attr-defined]
@@ -187,8 +221,12 @@ def _enc_other(value: object) -> bytes:
     if isinstance(value, tuple) and isinstance(fields, tuple):
         return _named(b"Q", type(value), zip(fields, value, strict=False))
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        members = ((f.name, getattr(value, f.name)) for f in dataclasses.fields(value))
-        return _named(b"C", type(value), members)
+        # Fields with compare=False don't take part in equality, so not in the fingerprint.
+        compared = [f.name for f in dataclasses.fields(value) if f.compare]
+        missing = [name for name in compared if not hasattr(value, name)]
+        if missing:
+            raise Unsupported(value, f"its dataclass field {missing[0]!r} is not set")
+        return _named(b"C", type(value), ((name, getattr(value, name)) for name in compared))
     if isinstance(value, PurePath):
         return _path(value)
     # Subclasses of builtin types encode as their base: a str subclass equals its str value.
@@ -212,9 +250,10 @@ def _describe(exc: Unsupported, where: str, root: str) -> str:
     path = "".join(reversed(exc.path))
     at = f" (at {root}{path})" if path else ""
     kind = type(exc.obj)
+    problem = exc.why or "values of that type have no canonical form"
     return (
-        f"cannot fingerprint {where}{at}: values of type {kind.__module__}.{kind.__qualname__}"
-        " have no canonical form. Leave the argument out with fingerprint=[...names...] or"
+        f"cannot fingerprint {where}{at}: {kind.__module__}.{kind.__qualname__}: {problem}."
+        " Leave the argument out with fingerprint=[...names...] or"
         " fingerprint=False, pass fingerprint=callable returning a supported value, or define"
         " __idemfn_fingerprint__(self) on the type"
     )
@@ -224,12 +263,12 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(_PREFIX + data).hexdigest()
 
 
-def fingerprint_value(value: object, *, where: str = "the value") -> str:
+def fingerprint_value(value: object, *, where: str = "value") -> str:
     """The hex fingerprint of one value; ``where`` names it in errors."""
     try:
         return _digest(_enc(value))
     except Unsupported as exc:
-        raise TypeError(_describe(exc, where, "value")) from None
+        raise TypeError(_describe(exc, where, where)) from None
     except RecursionError:
         raise ValueError(
             f"cannot fingerprint {where}: it is nested too deeply or refers to itself"
@@ -258,7 +297,7 @@ class ArgumentsFingerprint:
                 if kind is str:
                     data = value.encode("utf-8", "surrogatepass")  # type: ignore[attr-defined]
                     append(b"%ss%d:%s" % (encoded_name, len(data), data))
-                elif kind is int:
+                elif kind is int and value.bit_length() <= _DECIMAL_INT_BITS:  # type: ignore[attr-defined]
                     append(b"%si%d;" % (encoded_name, value))  # type: ignore[str-format]
                 else:
                     append(encoded_name + _enc(value))

@@ -1,0 +1,43 @@
+"""The public API cannot drift by accident."""
+
+from __future__ import annotations
+
+import idemfn
+
+
+def test_all_is_sorted_and_complete() -> None:
+    assert idemfn.__all__ == sorted(idemfn.__all__, key=lambda n: (not n.isupper(), n))
+    public = {name for name in dir(idemfn) if not name.startswith("_")}
+    assert public == set(idemfn.__all__)
+
+
+def test_contract_names_are_exported() -> None:
+    for name in [
+        "idempotent", "DiskStore", "MemoryStore", "open_store", "Record", "Status",
+        "IdempotencyError", "AlreadyRunning", "FingerprintMismatch", "Halted",
+        "DeadlineExceeded", "OwnershipLost", "StoreError", "Store",
+    ]:  # fmt: skip
+        assert name in idemfn.__all__, name
+    assert [s.value for s in idemfn.Status] == ["processing", "ok", "halted"]
+
+
+def test_errors_share_one_base_and_carry_the_key() -> None:
+    for name in ["AlreadyRunning", "FingerprintMismatch", "Halted", "DeadlineExceeded",
+                 "OwnershipLost", "StoreError"]:  # fmt: skip
+        cls = getattr(idemfn, name)
+        assert issubclass(cls, idemfn.IdempotencyError)
+        assert cls.__module__ == "idemfn"
+
+
+def test_errors_survive_pickling() -> None:
+    import pickle
+
+    error = idemfn.Halted("m", key="k", reason="r", exc_type="E", traceback="tb")
+    copy = pickle.loads(pickle.dumps(error))
+    assert (type(copy), copy.key, copy.reason, str(copy)) == (idemfn.Halted, "k", "r", "m")
+
+
+def test_py_typed_ships() -> None:
+    from pathlib import Path
+
+    assert (Path(idemfn.__file__).parent / "py.typed").exists()

@@ -1,0 +1,96 @@
+"""One heartbeat thread per process keeps live claims' leases fresh."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from idemfn import MemoryStore, Status, idempotent
+from idemfn._heartbeat import heartbeat
+
+
+def _heartbeat_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "idemfn-heartbeat"]
+
+
+def test_many_calls_start_at_most_one_thread() -> None:
+    store = MemoryStore()
+
+    @idempotent(key="k:{i}", store=store)
+    def fn(i: int) -> int:
+        return i
+
+    fn(-1)
+    before = threading.active_count()
+    for i in range(2000):
+        fn(i)
+        fn(i)
+    assert threading.active_count() == before
+    assert len(_heartbeat_threads()) == 1
+    assert len(heartbeat) == 0  # every settled claim unregistered
+
+
+def test_lease_is_renewed_while_the_body_runs() -> None:
+    store = MemoryStore()
+    leases: list[float] = []
+
+    @idempotent(key="k", store=store, lease=0.3)
+    def slow() -> str:
+        for _ in range(8):
+            time.sleep(0.1)
+            entry = store.get(slow.key_for())
+            assert entry is not None and entry.status == "processing"
+            assert entry.lease_until is not None
+            leases.append(entry.lease_until)
+        return "done"
+
+    assert slow() == "done"
+    # Run for ~0.8 s, well past the 0.3 s lease: the lease moved forward and never ran out.
+    assert len(set(leases)) >= 3
+    record = slow.status()
+    assert record is not None and record.status is Status.OK
+
+
+def test_another_caller_never_takes_a_renewed_claim_over() -> None:
+    store = MemoryStore()
+    started = threading.Event()
+    results: list[object] = []
+
+    @idempotent(key="k", store=store, lease=0.3, on_abandoned="retry")
+    def slow() -> str:
+        started.set()
+        time.sleep(1.0)
+        return "owner"
+
+    owner = threading.Thread(target=lambda: results.append(slow()))
+    owner.start()
+    assert started.wait(5)
+    # Past the lease, but the heartbeat renewed it: the owner's lease has not run out.
+    time.sleep(0.5)
+    entry = store.get(slow.key_for())
+    assert entry is not None and entry.lease_until is not None
+    assert entry.lease_until > store.time()
+    owner.join(5)
+    assert results == ["owner"]
+    assert slow() == "owner"
+
+
+def test_short_calls_are_never_renewed() -> None:
+    store = MemoryStore()
+    swaps = []
+
+    class Counting(MemoryStore):
+        def swap(self, key: str, token: str, entry: object) -> bool:  # type: ignore[override]
+            swaps.append(key)
+            return super().swap(key, token, entry)  # type: ignore[arg-type]
+
+    counting = Counting()
+
+    @idempotent(key="k:{i}", store=counting)
+    def fn(i: int) -> int:
+        return i
+
+    for i in range(200):
+        fn(i)
+    assert len(swaps) == 200  # exactly one write (the completion) per first call
+    del store
