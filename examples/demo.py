@@ -49,7 +49,8 @@ def main() -> int:
     try:
         charge("order-1001", 9999)
     except FingerprintMismatch as exc:
-        print(f"same key, other amount: FingerprintMismatch ({exc.stored[:12]}… != {exc.given[:12]}…)")
+        stored, given = exc.stored[:12], exc.given[:12]
+        print(f"same key, other amount: FingerprintMismatch ({stored}… != {given}…)")
     for attempt in (1, 2):
         try:
             refund("order-1001")

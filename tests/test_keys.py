@@ -174,7 +174,9 @@ def test_key_resolving_to_empty_is_refused() -> None:
     assert runs == [] and list(store.scan()) == []
 
 
-@pytest.mark.parametrize(("returned", "error"), [(None, TypeError), (7, TypeError), ("", ValueError)])
+@pytest.mark.parametrize(
+    ("returned", "error"), [(None, TypeError), (7, TypeError), ("", ValueError)]
+)
 def test_callable_key_returning_a_bad_key(returned: object, error: type[Exception]) -> None:
     store = MemoryStore()
     runs = []
@@ -183,7 +185,7 @@ def test_callable_key_returning_a_bad_key(returned: object, error: type[Exceptio
     def fn(a: int) -> None:
         runs.append(a)
 
-    with pytest.raises(error, match="key= callable"):
+    with pytest.raises(error, match=r"key\= callable"):
         fn(1)
     assert runs == [] and list(store.scan()) == []
 
@@ -205,7 +207,7 @@ def test_wrong_arguments_raise_like_python_and_run_nothing() -> None:
 
     with pytest.raises(TypeError, match="missing a required argument: 'a'"):
         fn()  # type: ignore[call-arg]
-    with pytest.raises(TypeError, match="unexpected keyword argument 'c'|got an unexpected"):
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'c'"):
         fn(1, c=2)  # type: ignore[call-arg]
     with pytest.raises(TypeError, match="too many positional"):
         fn(1, 2)  # type: ignore[misc]
@@ -288,20 +290,16 @@ def test_bare_decorator_is_refused_with_the_way_out() -> None:
         def fn() -> None: ...
 
 
-@pytest.mark.parametrize("kind", ["generator", "async generator"])
-def test_generator_functions_are_refused(kind: str) -> None:
-    with pytest.raises(TypeError, match="generator function"):
-        if kind == "generator":
+def test_generator_functions_are_refused() -> None:
+    def gen() -> Any:
+        yield 1
 
-            @deco()
-            def gen() -> Any:
-                yield 1
+    async def agen() -> Any:
+        yield 1
 
-        else:
-
-            @deco()
-            async def agen() -> Any:
-                yield 1
+    for fn in (gen, agen):
+        with pytest.raises(TypeError, match="generator function"):
+            deco()(fn)
 
 
 def test_non_callables_are_refused() -> None:

@@ -7,7 +7,7 @@ import inspect
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -98,7 +98,7 @@ def test_bound_method_of_another_instance_replays() -> None:
     store = MemoryStore()
 
     class Mailer:
-        sent: list[str] = []
+        sent: ClassVar[list[str]] = []
 
         @idempotent(key="welcome:{user}", store=store)
         def welcome(self, user: str) -> str:
@@ -112,7 +112,9 @@ def test_bound_method_of_another_instance_replays() -> None:
 # -- stores -----------------------------------------------------------------------------------
 
 
-def test_default_store_follows_idemfn_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_store_follows_idemfn_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("IDEMFN_STORE", str(tmp_path / "from-env"))
 
     @idempotent(key="k")
@@ -138,7 +140,7 @@ def test_default_store_without_env_is_in_the_state_directory(
 
 def test_idemfn_store_with_a_bad_url_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IDEMFN_STORE", "redis://somewhere:6379/0")
-    with pytest.raises(ValueError, match="IDEMFN_STORE='redis://somewhere:6379/0'.*RedisStore"):
+    with pytest.raises(ValueError, match=r"IDEMFN_STORE='redis://somewhere:6379/0'.*RedisStore"):
         idempotent(key="k")
 
 
