@@ -10,7 +10,8 @@
 ``attempt`` makes one decision from what the store holds and returns a ``Claim`` (run the body),
 a ``Finished`` record (replay it) or ``Busy`` (a live owner has it). ``begin`` and ``abegin`` are
 thin drivers that only differ in how they sleep while waiting. Every write after a claim goes
-through ``Store.swap`` on the claim's token, so a claim that was taken over writes nothing.
+through ``Store.swap`` or ``Store.release`` on the claim's token, fenced on the claim still being
+live, so a claim that was taken over, halted or forgotten writes nothing.
 
 This is also the low-level API for framework authors::
 
@@ -367,7 +368,7 @@ class Claim:
     def release(self, cause: BaseException | None = None) -> None:
         """Delete the claim, so that the next call runs the body again."""
         self._settle()
-        if not self.store.delete(self.key, self.entry.token):
+        if not self.store.release(self.key, self.entry.token):
             raise OwnershipLost(
                 f"the claim on key {self.key!r} was taken over or halted by another caller"
                 " before this call could release it",

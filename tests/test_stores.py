@@ -157,3 +157,16 @@ def test_disk_store_reopens_after_close(tmp_path: Path) -> None:
     assert store.get("k") is not None
     with store as s:
         assert s is store
+
+
+def test_release_is_fenced_on_a_live_claim(store: Store) -> None:
+    store.claim(processing("k", "a"))
+    assert store.release("k", "b") is False
+    assert store.release("k", "a") is True
+    assert store.get("k") is None
+    # A finished (e.g. halted-as-abandoned) record keeps its claim's token: a late owner's
+    # release must not remove it.
+    store.claim(finished("done", "a"))
+    assert store.release("done", "a") is False
+    assert store.get("done") is not None
+    assert store.release("ghost", "a") is False

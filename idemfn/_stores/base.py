@@ -4,8 +4,8 @@ Every rule of the contract (who may claim, what an abandoned claim becomes, what
 returns) lives once, in ``idemfn._engine``, above these primitives; a store only has to make each
 primitive atomic. That is what lets one conformance suite hold every store to one behaviour.
 
-Writing a store: subclass ``Store`` and implement ``claim``, ``get``, ``swap``, ``delete`` and
-``scan``; override ``prune``, ``time`` and ``close`` where the backend does better. Translate the
+Writing a store: subclass ``Store`` and implement ``claim``, ``get``, ``swap``, ``release``,
+``delete`` and ``scan``; override ``prune``, ``time`` and ``close`` where the backend does better. Translate the
 backend's own errors to ``StoreError`` (``self.error(...)`` builds one that names the store and
 the key), and raise ``StoreError`` for bytes that do not decode.
 """
@@ -49,8 +49,17 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    def release(self, key: str, token: str) -> bool:
+        """Remove ``key``'s entry if it is ``processing`` with ``token``; True if removed.
+
+        Fenced like ``swap``: a claim that was taken over, halted or finished removes nothing.
+        """
+
+    @abc.abstractmethod
     def delete(self, key: str, token: str | None = None) -> bool:
-        """Remove ``key``'s entry (only if its token is ``token``, when given); True if removed."""
+        """Remove ``key``'s entry, whatever its status (only if its token is ``token``, when
+        given: prune uses that not to remove a record claimed again since it looked); True if
+        removed. This is ``forget``, never a write of a claim's owner."""
 
     @abc.abstractmethod
     def scan(self, prefix: str = "") -> Iterator[Entry]:
@@ -95,5 +104,5 @@ def _prunable(entry: Entry, now: float) -> bool:
     if entry.is_expired(now):
         return True
     if entry.finished_at is None and entry.ttl is not None and entry.lease_until is not None:
-        return entry.lease_until + entry.ttl <= now
+        return entry.lease_until + entry.ttl < now
     return False

@@ -134,6 +134,20 @@ class DiskStore(Store):
         except _BACKEND_ERRORS as exc:
             raise self.error("update", key, exc) from exc
 
+    def release(self, key: str, token: str) -> bool:
+        try:
+            cache = self.cache
+            with cache.transact(retry=True):
+                data = cache.get(key, retry=True)
+                if data is None:
+                    return False
+                current = self._decode(key, data)
+                if current.token != token or current.status != "processing":
+                    return False
+                return bool(cache.delete(key, retry=True))
+        except _BACKEND_ERRORS as exc:
+            raise self.error("release", key, exc) from exc
+
     def delete(self, key: str, token: str | None = None) -> bool:
         try:
             cache = self.cache

@@ -47,6 +47,14 @@ class MemoryStore(Store):
             self._entries[key] = entry
             return True
 
+    def release(self, key: str, token: str) -> bool:
+        with self._lock:
+            current = self._entries.get(key)
+            if current is None or current.token != token or current.status != "processing":
+                return False
+            del self._entries[key]
+            return True
+
     def delete(self, key: str, token: str | None = None) -> bool:
         with self._lock:
             current = self._entries.get(key)
