@@ -5,9 +5,9 @@ returns) lives once, in ``idemfn._engine``, above these primitives; a store only
 primitive atomic. That is what lets one conformance suite hold every store to one behaviour.
 
 Writing a store: subclass ``Store`` and implement ``claim``, ``get``, ``swap``, ``release``,
-``delete`` and ``scan``; override ``prune``, ``time`` and ``close`` where the backend does better. Translate the
-backend's own errors to ``StoreError`` (``self.error(...)`` builds one that names the store and
-the key), and raise ``StoreError`` for bytes that do not decode.
+``delete`` and ``scan``; override ``prune``, ``time`` and ``close`` where the backend does
+better. Translate the backend's own errors to ``StoreError`` (``self.error(...)`` builds one that
+names the store and the key), and raise ``StoreError`` for bytes that do not decode.
 """
 
 from __future__ import annotations
