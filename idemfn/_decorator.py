@@ -112,7 +112,7 @@ def idempotent(
         ttl=ttl, lease=lease, wait=wait, on_abandoned=on_abandoned, retry_on=retry_on
     )
     resolved_store = resolve_store(store, option="store")
-    deadline_of: _Deadline[Any] = _Deadline(deadline)
+    deadline_of: _Deadline[Any] | None = None if deadline is None else _Deadline(deadline)
 
     def decorate(fn: Callable[P, R]) -> IdempotentFunction[P, R]:
         rewrap: Callable[[Any], Any] | None = None
@@ -127,7 +127,7 @@ def idempotent(
                 " runs lazily, after the call returns. Return a list (or other value) instead"
             )
         signature = inspect.signature(fn)
-        call_key = CallKey(fn, signature, key=key, name=name, fingerprint=fingerprint)
+        call_key = CallKey(fn, signature, key=key, name=name, fingerprint=fingerprint).resolve
         wrapper: Any
 
         if inspect.iscoroutinefunction(fn):
@@ -136,9 +136,8 @@ def idempotent(
             @functools.wraps(fn)
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
                 stored_key, fp = call_key(args, kwargs)
-                outcome = await abegin_with(
-                    resolved_store, stored_key, fp, policy, deadline_of(*args, **kwargs)
-                )
+                due = None if deadline_of is None else deadline_of(*args, **kwargs)
+                outcome = await abegin_with(resolved_store, stored_key, fp, policy, due)
                 if outcome.__class__ is Finished:
                     return outcome.replay()
                 with outcome:  # type: ignore[union-attr]
@@ -151,9 +150,8 @@ def idempotent(
             @functools.wraps(fn)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 stored_key, fp = call_key(args, kwargs)
-                outcome = begin_with(
-                    resolved_store, stored_key, fp, policy, deadline_of(*args, **kwargs)
-                )
+                due = None if deadline_of is None else deadline_of(*args, **kwargs)
+                outcome = begin_with(resolved_store, stored_key, fp, policy, due)
                 if outcome.__class__ is Finished:
                     return outcome.replay()
                 with outcome:  # type: ignore[union-attr]

@@ -11,12 +11,12 @@ import os
 import re
 import string
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._fingerprint import ArgumentsFingerprint, fingerprint_value
 
-__all__ = ["Binder", "CallKey", "default_name"]
+__all__ = ["CallKey", "default_name", "make_binder"]
 
 _P = inspect.Parameter
 _FIELD_ROOT = re.compile(r"[^.\[]*")
@@ -28,53 +28,55 @@ def describe(fn: Callable[..., Any], sig: inspect.Signature) -> str:
     return f"{getattr(fn, '__qualname__', repr(fn))}{sig}"
 
 
-class Binder:
-    """Binds a call's arguments to the signature, with defaults applied, as a dict.
+Bind = Callable[[tuple[Any, ...], dict[str, Any]], Arguments]
+
+
+def make_binder(signature: inspect.Signature, name: str) -> Bind:
+    """A function that binds a call's arguments to ``signature``, defaults applied, as a dict.
 
     Plain signatures (no ``*args``/``**kwargs``) take a fast path; anything unusual, including
     every call that is an error, goes through ``inspect.Signature.bind`` for its exact message.
     """
+    params = list(signature.parameters.values())
+    simple = all(p.kind not in (_P.VAR_POSITIONAL, _P.VAR_KEYWORD) for p in params)
+    positional = tuple(
+        p.name for p in params if p.kind in (_P.POSITIONAL_ONLY, _P.POSITIONAL_OR_KEYWORD)
+    )
+    keywords = frozenset(
+        p.name for p in params if p.kind in (_P.POSITIONAL_OR_KEYWORD, _P.KEYWORD_ONLY)
+    )
+    defaults = {p.name: p.default for p in params if p.default is not _P.empty}
+    count = len(params)
+    n_positional = len(positional)
 
-    __slots__ = ("_count", "_defaults", "_keywords", "_name", "_positional", "_signature",
-                 "_simple")  # fmt: skip
-
-    def __init__(self, signature: inspect.Signature, name: str) -> None:
-        params = list(signature.parameters.values())
-        self._signature = signature
-        self._name = name
-        self._simple = all(p.kind not in (_P.VAR_POSITIONAL, _P.VAR_KEYWORD) for p in params)
-        self._positional = tuple(
-            p.name for p in params if p.kind in (_P.POSITIONAL_ONLY, _P.POSITIONAL_OR_KEYWORD)
-        )
-        self._keywords = frozenset(
-            p.name for p in params if p.kind in (_P.POSITIONAL_OR_KEYWORD, _P.KEYWORD_ONLY)
-        )
-        self._defaults = {p.name: p.default for p in params if p.default is not _P.empty}
-        self._count = len(params)
-
-    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Arguments:
-        if self._simple and len(args) <= len(self._positional):
-            bound = dict(zip(self._positional, args, strict=False))
-            if kwargs:
-                for name in kwargs:
-                    if name in bound or name not in self._keywords:
-                        return self._bind(args, kwargs)
-                bound.update(kwargs)
-            if len(bound) < self._count:
-                for name, default in self._defaults.items():
-                    bound.setdefault(name, default)
-                if len(bound) < self._count:
-                    return self._bind(args, kwargs)
-            return bound
-        return self._bind(args, kwargs)
-
-    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Arguments:
+    def bind_slowly(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Arguments:
         try:
-            bound = self._signature.bind(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
         except TypeError as exc:
-            raise TypeError(f"{self._name}(): {exc}") from None
+            raise TypeError(f"{name}(): {exc}") from None
         bound.apply_defaults()
         return dict(bound.arguments)
+
+    if not simple:
+        return bind_slowly
+
+    def bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Arguments:
+        if len(args) > n_positional:
+            return bind_slowly(args, kwargs)
+        bound = dict(zip(positional, args, strict=False))
+        if kwargs:
+            for keyword in kwargs:
+                if keyword in bound or keyword not in keywords:
+                    return bind_slowly(args, kwargs)
+            bound.update(kwargs)
+        if len(bound) < count:
+            for parameter, default in defaults.items():
+                bound.setdefault(parameter, default)
+            if len(bound) < count:
+                return bind_slowly(args, kwargs)
+        return bound
+
+    return bind
 
 
 def default_name(fn: Callable[..., Any]) -> str:
@@ -105,9 +107,7 @@ def _template_fields(template: str) -> list[str]:
     return fields
 
 
-def _compile_template(template: str, signature: inspect.Signature, what: str) -> Callable[
-    [Mapping[str, Any]], str
-]:
+def _check_template(template: str, signature: inspect.Signature, what: str) -> None:
     if not template:
         raise ValueError(f"key='' for {what}: a key template must not be empty")
     try:
@@ -129,14 +129,16 @@ def _compile_template(template: str, signature: inspect.Signature, what: str) ->
                 f"key={template!r} for {what}: field {{{field}}} names no parameter;"
                 f" the parameters are {', '.join(params) or '(none)'}"
             )
-    return template.format_map
 
 
 class CallKey:
-    """Turns a call's arguments into its stored key and fingerprint, per the decorator options."""
+    """Turns a call's arguments into its stored key and fingerprint, per the decorator options.
 
-    __slots__ = ("_fingerprint", "_key", "_key_kind", "_prefix", "_template", "bind",
-                 "fingerprint_kind")  # fmt: skip
+    Everything is checked here, once; ``resolve(args, kwargs) -> (stored key, fingerprint)`` is
+    a closure over the checked options, because it runs on every call.
+    """
+
+    __slots__ = ("fingerprint_kind", "key_kind", "resolve")
 
     def __init__(
         self,
@@ -154,20 +156,19 @@ class CallKey:
             raise TypeError(f"name= for {what} must be a str, not {type(name).__name__}")
         elif not name.strip():
             raise ValueError(f"name= for {what} must not be empty")
-        self._prefix = f"{name}:"
-        self.bind = Binder(signature, getattr(fn, "__qualname__", "function"))
 
         params = list(signature.parameters)
         implicit = params[:1] if params[:1] in (["self"], ["cls"]) else []
         everything = ArgumentsFingerprint(p for p in params if p not in implicit)
 
-        self._fingerprint: Callable[[Arguments, tuple[Any, ...], dict[str, Any]], str]
+        # The fingerprint: of the bound arguments (all, or some), of a callable's result, or off.
+        of_bound: ArgumentsFingerprint | None = None
+        of_call: Callable[..., object] | None = None
         if fingerprint is None or fingerprint is True:
             self.fingerprint_kind = "arguments"
-            self._fingerprint = lambda bound, a, kw: everything(bound)
+            of_bound = everything
         elif fingerprint is False:
             self.fingerprint_kind = "off"
-            self._fingerprint = lambda bound, a, kw: ""
         elif isinstance(fingerprint, str):
             raise TypeError(
                 f"fingerprint={fingerprint!r} for {what}: pass a list of argument names,"
@@ -181,65 +182,92 @@ class CallKey:
                         f"fingerprint= for {what} names {n!r}, which is not a parameter;"
                         f" the parameters are {', '.join(params) or '(none)'}"
                     )
-            chosen = ArgumentsFingerprint(p for p in params if p in names)
             self.fingerprint_kind = "some"
-            self._fingerprint = lambda bound, a, kw: chosen(bound)
+            of_bound = ArgumentsFingerprint(p for p in params if p in names)
         elif callable(fingerprint):
-            hook = fingerprint
             self.fingerprint_kind = "callable"
-            self._fingerprint = lambda bound, a, kw: fingerprint_value(
-                hook(*a, **kw), where="the value returned by fingerprint="
-            )
+            of_call = fingerprint
         else:
             raise TypeError(
                 f"fingerprint= for {what} must be None, False, a list of argument names or a"
                 f" callable, not {type(fingerprint).__name__}"
             )
 
-        self._template: str | None = None
-        self._key: Callable[..., str] | None = None
+        # The key: a template over the bound arguments, a callable, or the arguments' fingerprint.
+        template: str | None = None
+        key_call: Callable[..., str] | None = None
         if key is None:
-            self._key_kind = "memo"
-            if fingerprint is not None and fingerprint is not True:
-                self._key = lambda bound, a, kw: everything(bound)
+            self.key_kind = "memo"
         elif isinstance(key, str):
-            self._key_kind = "template"
-            self._template = key
-            self._key = _compile_template(key, signature, what)
+            self.key_kind = "template"
+            template = key
+            _check_template(key, signature, what)
         elif callable(key):
-            self._key_kind = "callable"
-            self._key = key
+            self.key_kind = "callable"
+            key_call = key
         else:
             raise TypeError(
                 f"key= for {what} must be a str template, a callable or None, not"
                 f" {type(key).__name__}"
             )
+        self.resolve = _resolver(
+            f"{name}:",
+            make_binder(signature, getattr(fn, "__qualname__", "function")),
+            everything,
+            of_bound,
+            of_call,
+            template,
+            key_call,
+        )
 
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str]:
+        return self.resolve(args, kwargs)
+
+
+def _resolver(
+    prefix: str,
+    bind: Bind,
+    everything: ArgumentsFingerprint,
+    of_bound: ArgumentsFingerprint | None,
+    of_call: Callable[..., object] | None,
+    template: str | None,
+    key_call: Callable[..., str] | None,
+) -> Callable[[tuple[Any, ...], dict[str, Any]], tuple[str, str]]:
+    fingerprint_bound = None if of_bound is None else of_bound.__call__
+    memo_key = None if of_bound is everything else everything.__call__
+    format_key = None if template is None else template.format_map
+
+    def resolve(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str]:
         """(stored key, fingerprint) of a call. Errors name the key or argument at fault."""
-        bound = self.bind(args, kwargs)
-        fingerprint = self._fingerprint(bound, args, kwargs)
-        kind = self._key_kind
-        if kind == "template":
+        bound = bind(args, kwargs)
+        if fingerprint_bound is not None:
+            fingerprint = fingerprint_bound(bound)
+        elif of_call is not None:
+            fingerprint = fingerprint_value(
+                of_call(*args, **kwargs), where="the value returned by fingerprint="
+            )
+        else:
+            fingerprint = ""
+        if format_key is not None:
             try:
-                key = self._key(bound)  # type: ignore[misc]
+                key = format_key(bound)
             except (AttributeError, LookupError, ValueError, TypeError) as exc:
                 raise ValueError(
-                    f"key={self._template!r} could not be formatted for this call:"
+                    f"key={template!r} could not be formatted for this call:"
                     f" {type(exc).__name__}: {exc}"
                 ) from None
-        elif kind == "callable":
-            key = self._key(*args, **kwargs)  # type: ignore[misc]
+            if not key:
+                raise ValueError(f"key={template!r} resolved to an empty key for this call")
+        elif key_call is not None:
+            key = key_call(*args, **kwargs)
             if not isinstance(key, str):
                 raise TypeError(f"key= callable returned {type(key).__name__}, not a str")
-        elif self._key is None:
-            key = fingerprint
+            if not key:
+                raise ValueError("key= callable returned an empty key")
+        elif memo_key is None:
+            key = fingerprint  # memoiser mode, fingerprinting all arguments anyway
         else:
-            key = self._key(bound, args, kwargs)
-        if not key:
-            raise ValueError(
-                f"key={self._template!r} resolved to an empty key for this call"
-                if kind == "template"
-                else "key= callable returned an empty key"
-            )
-        return self._prefix + key, fingerprint
+            key = memo_key(bound)
+        return prefix + key, fingerprint
+
+    return resolve

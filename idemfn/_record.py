@@ -11,6 +11,7 @@ import enum
 import marshal
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 __all__ = ["FORMAT_VERSION", "Entry", "Record", "Status", "decode", "encode"]
 
@@ -57,68 +58,31 @@ class Record:
     traceback: str | None = None
 
 
-class Entry:
+class Entry(NamedTuple):
     """What a store keeps for a key. Stores treat it as a value; only the engine interprets it.
 
-    ``payload`` is the serialised return value (``ok``) or exception (``halted``, when it could
-    be serialised). ``ttl`` travels with the claim so prune can age out abandoned claims.
+    A tuple, so that decoding a record is one ``marshal.loads`` and one tuple build. Times are
+    UNIX seconds from the store's clock. ``payload`` is the serialised return value (``ok``) or
+    exception (``halted``, when it could be serialised). ``ttl`` travels with the claim so prune
+    can age out abandoned claims.
     """
 
-    __slots__ = (
-        "attempt",
-        "exc_type",
-        "expires_at",
-        "fingerprint",
-        "finished_at",
-        "key",
-        "lease_until",
-        "message",
-        "owner",
-        "payload",
-        "reason",
-        "started_at",
-        "status",
-        "token",
-        "traceback",
-        "ttl",
-    )
-
-    def __init__(
-        self,
-        key: str,
-        status: str,
-        fingerprint: str,
-        owner: str,
-        token: str,
-        attempt: int,
-        started_at: float,
-        *,
-        lease_until: float | None = None,
-        ttl: float | None = None,
-        finished_at: float | None = None,
-        expires_at: float | None = None,
-        payload: bytes | None = None,
-        reason: str | None = None,
-        exc_type: str | None = None,
-        message: str | None = None,
-        traceback: str | None = None,
-    ) -> None:
-        self.key = key
-        self.status = status
-        self.fingerprint = fingerprint
-        self.owner = owner
-        self.token = token
-        self.attempt = attempt
-        self.started_at = started_at
-        self.lease_until = lease_until
-        self.ttl = ttl
-        self.finished_at = finished_at
-        self.expires_at = expires_at
-        self.payload = payload
-        self.reason = reason
-        self.exc_type = exc_type
-        self.message = message
-        self.traceback = traceback
+    key: str
+    status: str
+    fingerprint: str
+    owner: str
+    token: str
+    attempt: int
+    started_at: float
+    lease_until: float | None = None
+    ttl: float | None = None
+    finished_at: float | None = None
+    expires_at: float | None = None
+    payload: bytes | None = None
+    reason: str | None = None
+    exc_type: str | None = None
+    message: str | None = None
+    traceback: str | None = None
 
     def is_expired(self, now: float) -> bool:
         """A finished entry past its expiry is treated as absent, before prune removes it."""
@@ -141,47 +105,20 @@ class Entry:
             traceback=self.traceback,
         )
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # the payload may be megabytes: leave it out
         return (
             f"<Entry {self.key!r} {self.status} attempt={self.attempt} owner={self.owner!r}"
             f" token={self.token!r}>"
         )
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Entry):
-            return NotImplemented
-        return all(getattr(self, name) == getattr(other, name) for name in Entry.__slots__)
 
-    __hash__ = None  # type: ignore[assignment]  # mutable-looking value object
+_FIELDS = len(Entry._fields)
+_STATUSES = frozenset(s.value for s in Status)
 
 
 def encode(entry: Entry) -> bytes:
     """Serialise an entry. marshal only builds plain values: decoding runs no user code."""
-    return marshal.dumps(
-        (
-            FORMAT_VERSION,
-            entry.key,
-            entry.status,
-            entry.fingerprint,
-            entry.owner,
-            entry.token,
-            entry.attempt,
-            entry.started_at,
-            entry.lease_until,
-            entry.ttl,
-            entry.finished_at,
-            entry.expires_at,
-            entry.payload,
-            entry.reason,
-            entry.exc_type,
-            entry.message,
-            entry.traceback,
-        ),
-        4,
-    )
-
-
-_STATUSES = frozenset(s.value for s in Status)
+    return marshal.dumps((FORMAT_VERSION, *entry), 4)
 
 
 def decode(data: bytes) -> Entry:
@@ -190,18 +127,13 @@ def decode(data: bytes) -> Entry:
         fields = marshal.loads(data)
     except (EOFError, ValueError, TypeError) as exc:
         raise ValueError(f"not an idemfn record ({exc})") from None
-    if type(fields) is not tuple or len(fields) != 17:
+    if type(fields) is not tuple or len(fields) != _FIELDS + 1:
         raise ValueError("not an idemfn record (wrong layout)")
     if fields[0] != FORMAT_VERSION:
         raise ValueError(
             f"record format version {fields[0]!r}; this idemfn reads version {FORMAT_VERSION}"
         )
-    (_, key, status, fp, owner, token, attempt, started, lease, ttl, finished, expires,
-     payload, reason, exc_type, message, tb) = fields  # fmt: skip
-    if status not in _STATUSES or type(key) is not str or type(token) is not str:
+    entry = Entry._make(fields[1:])
+    if entry.status not in _STATUSES or type(entry.key) is not str or type(entry.token) is not str:
         raise ValueError("not an idemfn record (bad status or key)")
-    return Entry(
-        key, status, fp, owner, token, attempt, started,
-        lease_until=lease, ttl=ttl, finished_at=finished, expires_at=expires,
-        payload=payload, reason=reason, exc_type=exc_type, message=message, traceback=tb,
-    )  # fmt: skip
+    return entry

@@ -499,8 +499,7 @@ def test_prune_removes_expired_records_and_stale_claims(store: Store, make: Make
     keep(1)
     # A claim whose lease ran out more than its ttl ago, and one still fresh.
     now = time.time()
-    stale = _foreign_entry("stale", "", lease_until=now - 10)
-    stale.ttl = 1.0
+    stale = _foreign_entry("stale", "", lease_until=now - 10)._replace(ttl=1.0)
     fresh = _foreign_entry("fresh", "", lease_until=now - 10)
     store.claim(stale)
     store.claim(fresh)

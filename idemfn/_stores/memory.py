@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
 from collections.abc import Iterator
 
 from .._record import Entry
@@ -20,6 +22,12 @@ class MemoryStore(Store):
 
     def __init__(self) -> None:
         self._entries: dict[str, Entry] = {}
+        self._lock = threading.Lock()
+        _stores.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        # Another thread of the parent may have held the lock at fork time: the child's copy
+        # would stay locked forever.
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -72,3 +80,14 @@ class MemoryStore(Store):
         """Forget every record."""
         with self._lock:
             self._entries.clear()
+
+
+_stores: weakref.WeakSet[MemoryStore] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_stores):
+        store._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
