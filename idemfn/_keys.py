@@ -210,7 +210,7 @@ class CallKey:
                 f"key= for {what} must be a str template, a callable or None, not"
                 f" {type(key).__name__}"
             )
-        self.resolve = _resolver(
+        resolve = _resolver(
             f"{name}:",
             make_binder(signature, getattr(fn, "__qualname__", "function")),
             everything,
@@ -219,9 +219,51 @@ class CallKey:
             template,
             key_call,
         )
+        pure = key_call is None and of_call is None
+        defaults = [p.default for p in signature.parameters.values() if p.default is not _P.empty]
+        if pure and _MEMO_TYPES.issuperset(map(type, defaults)):
+            resolve = _memoised(resolve)
+        self.resolve = resolve
 
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str]:
         return self.resolve(args, kwargs)
+
+
+# Calls whose arguments are all of these exact types map to a key and fingerprint that depend
+# on the values alone: equal values of one type format and encode identically, and they cannot
+# change. (Not float: -0.0 == 0.0, but they format differently in a key template.)
+_MEMO_TYPES = frozenset({str, int, bytes, bool, type(None)})
+_MEMO_SIZE = 256
+
+Resolve = Callable[[tuple[Any, ...], dict[str, Any]], tuple[str, str]]
+
+
+def _memoised(resolve: Resolve) -> Resolve:
+    """``resolve`` with a small memo for calls with positional scalar arguments.
+
+    A process that sees a key again (a duplicate delivery, a retried request, a loop over the
+    same step) skips binding, formatting and hashing. The memo holds at most ``_MEMO_SIZE``
+    calls and starts afresh when full. Only options without user callables get one, since a
+    callable may not be pure.
+    """
+    memo: dict[tuple[tuple[Any, ...], tuple[type, ...]], tuple[str, str]] = {}
+
+    def resolve_memoised(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str]:
+        if kwargs:
+            return resolve(args, kwargs)
+        types = tuple(map(type, args))
+        if not _MEMO_TYPES.issuperset(types):
+            return resolve(args, kwargs)
+        memo_key = (args, types)  # the types too: 1 == True, yet they fingerprint differently
+        found = memo.get(memo_key)
+        if found is None:
+            found = resolve(args, kwargs)
+            if len(memo) >= _MEMO_SIZE:
+                memo.clear()
+            memo[memo_key] = found
+        return found
+
+    return resolve_memoised
 
 
 def _resolver(
@@ -232,7 +274,7 @@ def _resolver(
     of_call: Callable[..., object] | None,
     template: str | None,
     key_call: Callable[..., str] | None,
-) -> Callable[[tuple[Any, ...], dict[str, Any]], tuple[str, str]]:
+) -> Resolve:
     fingerprint_bound = None if of_bound is None else of_bound.__call__
     memo_key = None if of_bound is everything else everything.__call__
     format_key = None if template is None else template.format_map

@@ -32,6 +32,9 @@ _SWAP = (
     " mode = 1, filename = NULL, value = ? WHERE key = ? AND raw = 1 AND tag = ?"
 )
 _RELEASE = "DELETE FROM Cache WHERE key = ? AND raw = 1 AND tag = ?"
+# A replay's one read: the row's bytes, without Cache.get's per-call layers (the entry's own
+# expires_at decides expiry).
+_GET = "SELECT value FROM Cache WHERE key = ? AND raw = 1"
 _COLUMNS = {"key", "raw", "store_time", "expire_time", "access_time", "tag", "size", "mode",
             "filename", "value"}  # fmt: skip
 _MODE_RAW = 1  # diskcache.core.MODE_RAW: the value column holds the bytes as they are
@@ -140,12 +143,12 @@ class DiskStore(Store):
     def get(self, key: str) -> Entry | None:
         with _guard:
             try:
-                data = self.cache.get(key, retry=True)
+                row = self.cache._sql(_GET, (key,)).fetchone()
             except _BACKEND_ERRORS as exc:
                 raise self.error("read", key, exc) from exc
-        if data is None:
+        if row is None:
             return None
-        entry = self._decode(key, data)
+        entry = self._decode(key, row[0])
         return None if entry.is_expired(self.time()) else entry
 
     def swap(self, key: str, token: str, entry: Entry) -> bool:
