@@ -242,9 +242,9 @@ def _memoised(resolve: Resolve) -> Resolve:
     """``resolve`` with a small memo for calls with positional scalar arguments.
 
     A process that sees a key again (a duplicate delivery, a retried request, a loop over the
-    same step) skips binding, formatting and hashing. The memo holds at most ``_MEMO_SIZE``
-    calls and starts afresh when full. Only options without user callables get one, since a
-    callable may not be pure.
+    same step) skips binding, formatting and hashing. The memo holds the last ``_MEMO_SIZE``
+    calls (the oldest is dropped first), so its memory is flat once full. Only options without
+    user callables get one, since a callable may not be pure.
     """
     memo: dict[tuple[tuple[Any, ...], tuple[type, ...]], tuple[str, str]] = {}
 
@@ -259,7 +259,7 @@ def _memoised(resolve: Resolve) -> Resolve:
         if found is None:
             found = resolve(args, kwargs)
             if len(memo) >= _MEMO_SIZE:
-                memo.clear()
+                del memo[next(iter(memo))]  # dicts keep insertion order: the oldest
             memo[memo_key] = found
         return found
 

@@ -65,9 +65,11 @@ def test_memo_is_bounded() -> None:
         resolve((i,), {})
     calls = len(seen)
     resolve((_MEMO_SIZE + 9,), {})  # recent: still remembered
+    resolve((10,), {})  # the oldest still remembered
     assert len(seen) == calls
-    resolve((0,), {})  # the memo started afresh when it filled up
-    assert len(seen) == calls + 1
+    resolve((0,), {})  # the oldest ten were dropped
+    resolve((9,), {})
+    assert len(seen) == calls + 2
 
 
 def test_one_and_true_are_a_mismatch_under_one_key() -> None:

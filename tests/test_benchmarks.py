@@ -1,0 +1,24 @@
+"""The benchmark stays runnable, and its memory and thread checks hold (no timing asserted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_core_benchmark_quick_run_finds_no_leak_and_no_thread_per_call() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_core.py"), "--quick"],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    for row in ("replay, DiskStore", "first call, DiskStore", "replay, MemoryStore"):
+        assert row in out
+    assert "memory/threads ok" in out
