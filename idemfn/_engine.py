@@ -410,6 +410,21 @@ def _abandoned(entry: Entry, now: float) -> str | None:
     return None
 
 
+def _new_claim(key: str, fingerprint: str, attempt: int, now: float, policy: Policy) -> Entry:
+    return Entry(
+        key, PROCESSING, fingerprint, _owner.current(), _new_token(), attempt, now,
+        lease_until=now + policy.lease, ttl=policy.ttl,
+    )  # fmt: skip
+
+
+def _past_deadline(key: str, deadline: float, state: str) -> DeadlineExceeded:
+    return DeadlineExceeded(
+        f"key {key!r} {state} and its deadline {_iso(deadline)} has passed: the call did not"
+        " start",
+        key=key,
+    )
+
+
 def attempt(
     store: Store, key: str, fingerprint: str, policy: Policy, deadline: float | None = None
 ) -> Claim | Finished | Busy:
@@ -419,15 +434,8 @@ def attempt(
         if entry is None:
             now = store.time()
             if deadline is not None and now > deadline:
-                raise DeadlineExceeded(
-                    f"key {key!r} has no finished record and its deadline {_iso(deadline)}"
-                    " has passed: the call did not start",
-                    key=key,
-                )
-            claimed = Entry(
-                key, PROCESSING, fingerprint, _owner.current(), _new_token(), 1, now,
-                lease_until=now + policy.lease, ttl=policy.ttl,
-            )  # fmt: skip
+                raise _past_deadline(key, deadline, "has no finished record")
+            claimed = _new_claim(key, fingerprint, 1, now, policy)
             entry = store.claim(claimed)
             if entry is None:
                 return Claim(store, claimed, policy)
@@ -451,16 +459,10 @@ def attempt(
             return Busy(entry)
         if policy.on_abandoned == "retry":
             if deadline is not None and now > deadline:
-                raise DeadlineExceeded(
-                    f"key {key!r} was abandoned ({reason}) and its deadline {_iso(deadline)}"
-                    " has passed: the call did not start again",
-                    key=key,
-                )
-            takeover = Entry(
-                key, PROCESSING, entry.fingerprint or fingerprint, _owner.current(),
-                _new_token(), entry.attempt + 1, now,
-                lease_until=now + policy.lease, ttl=policy.ttl,
-            )  # fmt: skip
+                raise _past_deadline(key, deadline, f"was abandoned ({reason})")
+            takeover = _new_claim(
+                key, entry.fingerprint or fingerprint, entry.attempt + 1, now, policy
+            )
             if store.swap(key, entry.token, takeover):
                 logger.warning(
                     "idemfn: key %r was abandoned (%s); running it again, attempt %d",
