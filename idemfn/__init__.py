@@ -10,7 +10,7 @@ The first call with a key runs the body and records the outcome; later calls rep
 
 
 from ._decorator import IdempotentFunction, idempotent
-from ._engine import Busy, Claim, Finished, Policy, abegin, begin
+from ._engine import Claim, Finished, Policy, abegin, begin
 from ._errors import (
     AlreadyRunning,
     DeadlineExceeded,
@@ -28,7 +28,6 @@ from ._stores.disk import default_directory
 __all__ = [
     "FINGERPRINT_VERSION",
     "AlreadyRunning",
-    "Busy",
     "Claim",
     "DeadlineExceeded",
     "DiskStore",
