@@ -7,7 +7,18 @@ import inspect
 import os
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Generic, Literal, ParamSpec, Protocol, TypeVar
+from functools import partial
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Concatenate,
+    Generic,
+    Literal,
+    ParamSpec,
+    Protocol,
+    TypeVar,
+    overload,
+)
 
 from ._engine import Finished, Policy, abegin_with, begin_with, deadline_timestamp
 from ._keys import CallKey
@@ -16,9 +27,15 @@ from ._stores import Store, resolve_store
 
 __all__ = ["IdempotentFunction", "idempotent"]
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 P = ParamSpec("P")
+P2 = ParamSpec("P2")
 R = TypeVar("R")
+R2 = TypeVar("R2")
 R_co = TypeVar("R_co", covariant=True)
+S = TypeVar("S")
 
 
 class IdempotentFunction(Protocol[P, R_co]):
@@ -39,6 +56,15 @@ class IdempotentFunction(Protocol[P, R_co]):
     def forget(self, *args: P.args, **kwargs: P.kwargs) -> bool:
         """Delete the record of these arguments' key; True if there was one."""
         ...
+
+    # Methods: looked up on an instance, the wrapper binds like any function.
+    @overload
+    def __get__(self, instance: None, owner: type[Any], /) -> Self: ...
+    @overload
+    def __get__(
+        self: IdempotentFunction[Concatenate[S, P2], R2], instance: S, owner: type[Any], /
+    ) -> Callable[P2, R2]: ...
+    def __get__(self, instance: Any, owner: type[Any], /) -> Any: ...
 
 
 class _Deadline(Generic[P]):
@@ -130,13 +156,16 @@ def idempotent(
         call_key = CallKey(fn, signature, key=key, name=name, fingerprint=fingerprint).resolve
         wrapper: Any
 
-        if inspect.iscoroutinefunction(fn):
+        # A callable object whose __call__ is a coroutine function is async too.
+        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)  # noqa: B004  # not a callable() test
+        ):
             run_async: Callable[P, Any] = fn
 
             @functools.wraps(fn)
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
                 stored_key, fp = call_key(args, kwargs)
-                due = None if deadline_of is None else deadline_of(*args, **kwargs)
+                due = None if deadline_of is None else partial(deadline_of, *args, **kwargs)
                 outcome = await abegin_with(resolved_store, stored_key, fp, policy, due)
                 if outcome.__class__ is Finished:
                     return outcome.replay()
@@ -150,7 +179,7 @@ def idempotent(
             @functools.wraps(fn)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 stored_key, fp = call_key(args, kwargs)
-                due = None if deadline_of is None else deadline_of(*args, **kwargs)
+                due = None if deadline_of is None else partial(deadline_of, *args, **kwargs)
                 outcome = begin_with(resolved_store, stored_key, fp, policy, due)
                 if outcome.__class__ is Finished:
                     return outcome.replay()

@@ -32,6 +32,7 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
 from typing import Any, Final, Literal
@@ -244,7 +245,7 @@ class Claim:
     ``AlreadyRunning`` at once).
     """
 
-    __slots__ = ("_context_token", "_lease", "_lost", "_settled", "entry", "policy",
+    __slots__ = ("__weakref__", "_context_token", "_lost", "_settled", "entry", "policy",
                  "renew_at", "store")  # fmt: skip
 
     def __init__(self, store: Store, entry: Entry, policy: Policy) -> None:
@@ -330,15 +331,21 @@ class Claim:
         self._settle()
         try:
             payload = dump_value(value)
-        except Exception as problem:
+        except BaseException as problem:
+            # Never leave the record processing: record why there is no value, then raise.
             kind = type_name(type(value))
-            reason = (
-                f"the call returned a {kind}, which could not be stored"
-                f" ({type(problem).__name__}: {problem})"
-            )
+            if isinstance(problem, Exception):
+                reason = (
+                    f"the call returned a {kind}, which could not be stored"
+                    f" ({type(problem).__name__}: {problem})"
+                )
+            else:
+                reason = f"interrupted by {type_name(type(problem))} while storing the result"
             entry = self._finished(HALTED, reason=reason, exc_type=None, message=None)
             self._write(entry, problem)
             logger.error("idemfn: key %r halted: %s", self.key, reason)
+            if not isinstance(problem, Exception):
+                raise
             raise halted_error(entry) from problem
         self._write(self._finished(OK, payload=payload))
 
@@ -354,7 +361,12 @@ class Claim:
     def halt(self, exc: BaseException) -> None:
         """Record the key ``halted`` with ``exc``."""
         self._settle()
-        failure: Failure = describe_failure(exc)
+        try:
+            failure: Failure = describe_failure(exc)
+        except BaseException as problem:  # e.g. KeyboardInterrupt while pickling it
+            reason = f"the call raised {type_name(type(exc))}, interrupted while storing it"
+            self._write(self._finished(HALTED, reason=reason, exc_type=type_name(type(exc))))
+            raise problem from exc
         entry = self._finished(
             HALTED,
             payload=failure.payload,
@@ -425,16 +437,20 @@ def _past_deadline(key: str, deadline: float, state: str) -> DeadlineExceeded:
     )
 
 
+Due = Callable[[], "float | None"]  # when a call must no longer start; called only if it would
+
+
 def attempt(
-    store: Store, key: str, fingerprint: str, policy: Policy, deadline: float | None = None
+    store: Store, key: str, fingerprint: str, policy: Policy, deadline: Due | None = None
 ) -> Claim | Finished | Busy:
     """One decision on ``key`` (contract section 5): claim it, replay it, or report it busy."""
     entry = store.get(key)  # replay first: a finished key costs one read and no write
     while True:
         if entry is None:
             now = store.time()
-            if deadline is not None and now > deadline:
-                raise _past_deadline(key, deadline, "has no finished record")
+            due = None if deadline is None else deadline()
+            if due is not None and now > due:
+                raise _past_deadline(key, due, "has no finished record")
             claimed = _new_claim(key, fingerprint, 1, now, policy)
             entry = store.claim(claimed)
             if entry is None:
@@ -458,8 +474,9 @@ def attempt(
         if reason is None:
             return Busy(entry)
         if policy.on_abandoned == "retry":
-            if deadline is not None and now > deadline:
-                raise _past_deadline(key, deadline, f"was abandoned ({reason})")
+            due = None if deadline is None else deadline()
+            if due is not None and now > due:
+                raise _past_deadline(key, due, f"was abandoned ({reason})")
             takeover = _new_claim(
                 key, entry.fingerprint or fingerprint, entry.attempt + 1, now, policy
             )
@@ -514,8 +531,8 @@ def begin(
     ``key`` is the full stored key; ``fingerprint`` any string identifying the arguments ("" to
     skip the check). Raises ``AlreadyRunning``, ``FingerprintMismatch`` or ``DeadlineExceeded``.
     """
-    store, policy, deadline_ts = _prepare(store, policy, deadline)
-    return begin_with(store, key, fingerprint, policy, deadline_ts)
+    store, policy, due = _prepare(key, store, policy, deadline)
+    return begin_with(store, key, fingerprint, policy, due)
 
 
 async def abegin(
@@ -527,12 +544,12 @@ async def abegin(
     deadline: datetime | float | None = None,
 ) -> Claim | Finished:
     """``begin`` for coroutines: waits with ``asyncio.sleep``, never blocking the event loop."""
-    store, policy, deadline_ts = _prepare(store, policy, deadline)
-    return await abegin_with(store, key, fingerprint, policy, deadline_ts)
+    store, policy, due = _prepare(key, store, policy, deadline)
+    return await abegin_with(store, key, fingerprint, policy, due)
 
 
 def begin_with(
-    store: Store, key: str, fingerprint: str, policy: Policy, deadline: float | None
+    store: Store, key: str, fingerprint: str, policy: Policy, deadline: Due | None
 ) -> Claim | Finished:
     step = attempt(store, key, fingerprint, policy, deadline)
     if not isinstance(step, Busy):
@@ -545,7 +562,7 @@ def begin_with(
 
 
 async def abegin_with(
-    store: Store, key: str, fingerprint: str, policy: Policy, deadline: float | None
+    store: Store, key: str, fingerprint: str, policy: Policy, deadline: Due | None
 ) -> Claim | Finished:
     step = attempt(store, key, fingerprint, policy, deadline)
     if not isinstance(step, Busy):
@@ -558,10 +575,15 @@ async def abegin_with(
 
 
 def _prepare(
+    key: str,
     store: Store | str | os.PathLike[str] | None,
     policy: Policy | None,
     deadline: datetime | float | None,
-) -> tuple[Store, Policy, float | None]:
+) -> tuple[Store, Policy, Due | None]:
+    if not isinstance(key, str):
+        raise TypeError(f"begin(key=...) must be a str, not {type(key).__name__}")
+    if not key:
+        raise ValueError("begin(key=...) must not be empty")
     resolved = resolve_store(store, option="store")
     if policy is None:
         policy = Policy()
@@ -570,6 +592,8 @@ def _prepare(
     if deadline is None:
         return resolved, policy, None
     if isinstance(deadline, (int, float)) and not isinstance(deadline, bool):
-        return resolved, policy, float(deadline)
-    return resolved, policy, deadline_timestamp(deadline)
+        due = float(deadline)
+    else:
+        due = deadline_timestamp(deadline)
+    return resolved, policy, lambda: due
 

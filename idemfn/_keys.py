@@ -83,7 +83,14 @@ def default_name(fn: Callable[..., Any]) -> str:
     """``module.qualname``; a script's functions use the script's file name instead of
     ``__main__``, so two scripts never share keys."""
     module = getattr(fn, "__module__", None) or "__main__"
-    qualname = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", repr(fn))
+    qualname = getattr(fn, "__qualname__", None)
+    if not isinstance(qualname, str):
+        # A partial or a callable object: a name from its repr would hold a memory address,
+        # a new key in every process.
+        raise TypeError(
+            f"@idempotent needs name= to decorate a {type(fn).__name__}: it has no qualified"
+            " name that stays the same from one process to the next"
+        )
     if module == "__main__":
         main = sys.modules.get("__main__")
         spec = getattr(main, "__spec__", None)
@@ -198,6 +205,12 @@ class CallKey:
         key_call: Callable[..., str] | None = None
         if key is None:
             self.key_kind = "memo"
+            if implicit:
+                raise ValueError(
+                    f"key= is needed for the method {what}: without it the key is made of the"
+                    f" arguments, which leave {implicit[0]} out, so every instance would share"
+                    f" one key. Name what identifies the call, e.g. key='{{{implicit[0]}.id}}'"
+                )
         elif isinstance(key, str):
             self.key_kind = "template"
             template = key
@@ -234,6 +247,7 @@ class CallKey:
 # change. (Not float: -0.0 == 0.0, but they format differently in a key template.)
 _MEMO_TYPES = frozenset({str, int, bytes, bool, type(None)})
 _MEMO_SIZE = 256
+_MEMO_MAX_LEN = 256  # longer str/bytes arguments are not kept alive by the memo
 
 Resolve = Callable[[tuple[Any, ...], dict[str, Any]], tuple[str, str]]
 
@@ -251,15 +265,22 @@ def _memoised(resolve: Resolve) -> Resolve:
     def resolve_memoised(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str]:
         if kwargs:
             return resolve(args, kwargs)
-        types = tuple(map(type, args))
-        if not _MEMO_TYPES.issuperset(types):
-            return resolve(args, kwargs)
-        memo_key = (args, types)  # the types too: 1 == True, yet they fingerprint differently
+        for arg in args:
+            kind = type(arg)
+            if kind is str or kind is bytes:
+                if len(arg) > _MEMO_MAX_LEN:
+                    return resolve(args, kwargs)
+            elif kind not in _MEMO_TYPES:
+                return resolve(args, kwargs)
+        memo_key = (args, tuple(map(type, args)))  # 1 == True, yet they fingerprint apart
         found = memo.get(memo_key)
         if found is None:
             found = resolve(args, kwargs)
             if len(memo) >= _MEMO_SIZE:
-                del memo[next(iter(memo))]  # dicts keep insertion order: the oldest
+                try:  # drop the oldest (dicts keep insertion order); another thread may race
+                    memo.pop(next(iter(memo)), None)
+                except (RuntimeError, StopIteration):
+                    pass
             memo[memo_key] = found
         return found
 
@@ -276,12 +297,24 @@ def _resolver(
     key_call: Callable[..., str] | None,
 ) -> Resolve:
     fingerprint_bound = None if of_bound is None else of_bound.__call__
-    memo_key = None if of_bound is everything else everything.__call__
     format_key = None if template is None else template.format_map
+    memo_mode = template is None and key_call is None
+    memo_key = everything.__call__
+    key_is_fingerprint = memo_mode and of_bound is everything
 
     def resolve(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str]:
         """(stored key, fingerprint) of a call. Errors name the key or argument at fault."""
         bound = bind(args, kwargs)
+        if memo_mode:
+            try:
+                key = memo_key(bound)
+            except TypeError as exc:
+                raise TypeError(
+                    f"{exc}. Note: with key=None the key is made of every argument; pass"
+                    " key='...' naming what identifies the call to leave some out"
+                ) from None
+            if key_is_fingerprint:
+                return prefix + key, key
         if fingerprint_bound is not None:
             fingerprint = fingerprint_bound(bound)
         elif of_call is not None:
@@ -306,10 +339,6 @@ def _resolver(
                 raise TypeError(f"key= callable returned {type(key).__name__}, not a str")
             if not key:
                 raise ValueError("key= callable returned an empty key")
-        elif memo_key is None:
-            key = fingerprint  # memoiser mode, fingerprinting all arguments anyway
-        else:
-            key = memo_key(bound)
         return prefix + key, fingerprint
 
     return resolve

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import traceback as tb_module
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -54,11 +55,22 @@ class Failure:
     reason: str
 
 
+def _text(describe: Callable[[], str], what: str) -> str:
+    # A broken __str__ must not stop the outcome from being recorded.
+    try:
+        return describe()
+    except Exception as problem:
+        return f"<{what} failed: {type(problem).__name__}: {problem}>"
+
+
 def describe_failure(exc: BaseException) -> Failure:
     """Describe ``exc`` for a halted record, keeping a payload only if it can be rebuilt."""
     kind = type_name(type(exc))
-    message = str(exc)
-    text = "".join(tb_module.format_exception(type(exc), exc, exc.__traceback__))
+    message = _text(lambda: str(exc), "str()")
+    text = _text(
+        lambda: "".join(tb_module.format_exception(type(exc), exc, exc.__traceback__)),
+        "formatting the traceback",
+    )
     if not isinstance(exc, Exception):
         # KeyboardInterrupt, SystemExit, CancelledError: never replayed as themselves.
         return Failure(kind, message, text, None, f"the call was interrupted by {kind}")

@@ -248,7 +248,8 @@ class IdempotencyMachine(RuleBasedStateMachine):
         rec = self.live(key)
         error: AlreadyRunning | FingerprintMismatch | DeadlineExceeded | None = None
         try:
-            got: object = begin_with(self.store, key, fp, policy, deadline_ts)
+            due = None if deadline_ts is None else (lambda: deadline_ts)
+            got: object = begin_with(self.store, key, fp, policy, due)
         except (AlreadyRunning, FingerprintMismatch, DeadlineExceeded) as exc:
             error, got = exc, type(exc)
         assert error is None or error.key == key

@@ -32,3 +32,15 @@ def misuse() -> None:
     charge(5, 5)  # type: ignore[arg-type]
     charge("o1")  # type: ignore[call-arg]
     charge.key_for("o1", amount="5")  # type: ignore[arg-type]
+
+
+class Mailer:
+    @idempotent(key="welcome:{user_id}", store=MemoryStore())
+    def welcome(self, user_id: int) -> str:
+        return f"sent to {user_id}"
+
+
+def check_methods(m: Mailer) -> None:
+    assert_type(m.welcome(7), str)
+    assert_type(Mailer.welcome.key_for(m, 7), str)
+    m.welcome("7")  # type: ignore[arg-type]
