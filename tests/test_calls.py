@@ -565,3 +565,57 @@ def test_async_reentry_fails_at_once(store: Store) -> None:
     assert asyncio.run(other_task_waits()) == ("outer", "outer")
     assert time.monotonic() - t0 < 5
     assert len(seen) == 1
+
+
+# -- found in review (2026-11-22) ---------------------------------------------------------------
+
+
+def test_exception_with_a_broken_str_is_still_recorded(make: Make) -> None:
+    class Opaque(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("__str__ failed")
+
+    def body(x: int) -> None:
+        raise Opaque()
+
+    fn = make(body, key="k:{x}")
+    with pytest.raises(Opaque):
+        fn(1)  # the caller sees its own exception, not the failure to describe it
+    record = fn.status(1)
+    assert record is not None and record.status is Status.HALTED
+
+
+def test_interrupt_while_storing_the_result_still_settles_the_record(make: Make) -> None:
+    class Slow:
+        def __reduce__(self) -> Any:
+            raise KeyboardInterrupt  # Ctrl-C while a large result is being stored
+
+    fn = make(lambda x: Slow(), key="k:{x}")
+    with pytest.raises(KeyboardInterrupt):
+        fn(1)
+    record = fn.status(1)
+    assert record is not None and record.status is Status.HALTED
+    assert record.reason is not None and "interrupted" in record.reason
+    with pytest.raises(Halted):
+        fn(1)
+
+
+def test_deadline_callable_is_not_called_on_replay(make: Make) -> None:
+    calls = []
+
+    def deadline(x: int) -> datetime:
+        calls.append(x)
+        return datetime.now(timezone.utc) + timedelta(hours=1)
+
+    fn = make(lambda x: x, key="k:{x}", deadline=deadline)
+    fn(1)
+    for _ in range(5):
+        fn(1)
+    assert calls == [1]
+
+
+def test_forget_of_an_expired_record_is_false_on_every_store(make: Make) -> None:
+    fn = make(lambda x: x, key="k:{x}", ttl=0.1)
+    fn(1)
+    time.sleep(0.2)
+    assert fn.forget(1) is False

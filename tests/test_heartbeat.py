@@ -94,3 +94,29 @@ def test_short_calls_are_never_renewed() -> None:
         fn(i)
     assert len(swaps) == 200  # exactly one write (the completion) per first call
     del store
+
+
+def test_a_dropped_claim_is_not_renewed_forever(caplog: object) -> None:
+    import gc
+
+    import pytest
+
+    import idemfn
+
+    store = MemoryStore()
+    claim = idemfn.begin("dropped", store=store, policy=idemfn.Policy(lease=0.3))
+    assert isinstance(claim, idemfn.Claim)
+    del claim  # the caller gave up without complete() or fail()
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        entry = store.get("dropped")
+        assert entry is not None and entry.lease_until is not None
+        if entry.lease_until < store.time():
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the dropped claim's lease kept being renewed")
+    with pytest.raises(idemfn.Halted, match="lease"):
+        idemfn.begin("dropped", store=store).replay()  # type: ignore[union-attr]
+    assert "dropped without complete()" in caplog.text  # type: ignore[attr-defined]

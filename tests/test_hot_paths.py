@@ -178,3 +178,41 @@ def test_values_of_script_classes_replay_in_another_process(tmp_path: Path) -> N
     assert shown.strip() == "Receipt 250"
     again = subprocess.run(run, capture_output=True, text=True, check=True).stdout
     assert again.strip() == "Receipt o-1 250"  # replayed: "ran" is not printed
+
+
+def test_memo_does_not_keep_long_arguments() -> None:
+    seen, resolve = counting_resolve()
+    body = "x" * 10_000
+    resolve(("id", body), {})
+    resolve(("id", body), {})
+    assert len(seen) == 2
+
+
+def test_memo_survives_threads_racing_on_eviction() -> None:
+    import sys
+    import threading
+
+    errors: list[BaseException] = []
+
+    @idempotent(key="k:{i}", store=MemoryStore())
+    def fn(i: int) -> int:
+        return i
+
+    def hammer(offset: int) -> None:
+        try:
+            for i in range(20_000):
+                fn.key_for(offset + i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=hammer, args=(n * 7,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert errors == []

@@ -305,3 +305,40 @@ def test_generator_functions_are_refused() -> None:
 def test_non_callables_are_refused() -> None:
     with pytest.raises(TypeError, match="decorates functions"):
         deco()(42)
+
+
+# -- found in review (2026-11-22) ---------------------------------------------------------------
+
+
+def test_memoiser_mode_on_a_method_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"key= is needed for the method.*self.*key='\{self.id\}'"):
+
+        class Account:
+            @deco()
+            def close(self) -> None: ...
+
+
+def test_partials_and_callable_objects_need_a_name() -> None:
+    import functools
+
+    def send(to: str, subject: str) -> str:
+        return to
+
+    class Sender:
+        def __call__(self, to: str) -> str:
+            return to
+
+    for fn in (functools.partial(send, subject="hi"), Sender()):
+        with pytest.raises(TypeError, match="needs name="):
+            deco(key="{to}")(fn)
+        named = deco(key="{to}", name="mail.send")(fn)
+        assert named.key_for("ada") == "mail.send:ada"
+
+
+def test_memoiser_mode_error_points_to_key() -> None:
+    @deco(fingerprint=["n"])
+    def fn(n: int, conn: object) -> int:
+        return n
+
+    with pytest.raises(TypeError, match=r"argument 'conn'.*with key=None the key is made of every"):
+        fn(1, object())

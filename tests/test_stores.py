@@ -170,3 +170,66 @@ def test_release_is_fenced_on_a_live_claim(store: Store) -> None:
     assert store.release("done", "a") is False
     assert store.get("done") is not None
     assert store.release("ghost", "a") is False
+
+
+# -- found in review (2026-11-22) ---------------------------------------------------------------
+
+
+def test_disk_store_paths_are_expanded_and_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert DiskStore("~/records").directory == tmp_path / "home" / "records"
+    monkeypatch.chdir(tmp_path)
+    store = DiskStore("relative")
+    monkeypatch.chdir("/")
+    store.get("k")  # opened after the working directory changed: still the same place
+    assert (tmp_path / "relative" / "cache.db").exists()
+
+
+def test_disk_store_files_are_private(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    store = DiskStore(tmp_path / "s")
+    store.claim(finished("k"))
+    for name in os.listdir(tmp_path / "s"):
+        if name.startswith("cache.db"):
+            mode = stat.S_IMODE((tmp_path / "s" / name).stat().st_mode)
+            assert mode & 0o077 == 0, (name, oct(mode))
+
+
+def test_a_busy_store_does_not_block_another(tmp_path: Path) -> None:
+    import sqlite3
+
+    busy = DiskStore(tmp_path / "busy", timeout=5)
+    free = DiskStore(tmp_path / "free")
+    busy.get("k")
+    free.claim(finished("k"))
+    holder = sqlite3.connect(tmp_path / "busy" / "cache.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another writer holds the busy store's write lock
+    waiting = threading.Thread(target=lambda: busy.claim(processing("x")))
+    try:
+        waiting.start()
+        time.sleep(0.2)  # the claim is now waiting on SQLite
+        t0 = time.monotonic()
+        assert free.get("k") is not None
+        assert free.swap("k", "t1", finished("k")) is False
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        waiting.join(10)
+
+
+def test_claims_cull_expired_rows_as_they_go(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path / "s")
+    for i in range(50):
+        store.claim(finished(f"old{i}", expires_in=0.01))
+    time.sleep(0.05)
+    for i in range(130):  # at least two culls' worth of claims
+        store.claim(processing(f"new{i}"))
+    left = {row[0] for row in store.cache._sql("SELECT key FROM Cache")}
+    assert not any(key.startswith("old") for key in left)
+    assert len(left) == 130
+    assert len(store.cache) == 130  # diskcache's own count stayed right

@@ -273,3 +273,22 @@ def test_low_level_abegin_and_policy(tmp_path: Path) -> None:
     assert asyncio.run(main()) == 5
     with pytest.raises(TypeError, match="policy must be"):
         idemfn.begin("a", store=store, policy={"ttl": 1})  # type: ignore[arg-type]
+
+
+def test_callable_object_with_async_call_gets_the_async_wrapper() -> None:
+    class Fetcher:
+        async def __call__(self, url: str) -> str:
+            return url.upper()
+
+    fetch = idempotent(key="{url}", name="fetch", store=MemoryStore())(Fetcher())
+    assert inspect.iscoroutinefunction(fetch)
+    assert asyncio.run(fetch("a")) == "A"
+    assert asyncio.run(fetch("a")) == "A"
+
+
+@pytest.mark.parametrize(
+    ("key", "error"), [("", ValueError), (None, TypeError), (42, TypeError)]
+)
+def test_begin_refuses_bad_keys(key: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match=r"begin\(key=...\)"):
+        idemfn.begin(key, store=MemoryStore())  # type: ignore[arg-type]

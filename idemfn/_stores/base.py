@@ -20,7 +20,7 @@ from types import TracebackType
 from .._errors import StoreError
 from .._record import Entry
 
-__all__ = ["Store"]
+__all__ = ["Store", "prunable"]
 
 
 class Store(abc.ABC):
@@ -76,8 +76,8 @@ class Store(abc.ABC):
         """
         now = self.time()
         removed = 0
-        for entry in list(self.scan()):
-            if _prunable(entry, now) and self.delete(entry.key, entry.token):
+        for entry in self.scan():  # one at a time: payloads may be large
+            if prunable(entry, now) and self.delete(entry.key, entry.token):
                 removed += 1
         return removed
 
@@ -100,7 +100,9 @@ class Store(abc.ABC):
         self.close()
 
 
-def _prunable(entry: Entry, now: float) -> bool:
+def prunable(entry: Entry, now: float) -> bool:
+    """Whether prune removes ``entry``: expired, or a claim whose lease ran out more than its
+    ttl ago."""
     if entry.is_expired(now):
         return True
     if entry.finished_at is None and entry.ttl is not None and entry.lease_until is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import sqlite3
 import threading
@@ -9,35 +10,49 @@ import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from types import TracebackType
 
 import diskcache
 import platformdirs
 
 from .._record import Entry, decode, encode
-from .base import Store
+from .base import Store, prunable
 
 __all__ = ["DiskStore", "default_directory"]
 
 # Errors the backend may raise for a broken, locked, full or unreadable store.
 _BACKEND_ERRORS = (sqlite3.Error, OSError, diskcache.Timeout)
 
-# The fence. A processing record keeps its claim's token in diskcache's ``tag`` column (NULL
-# once finished), so "replace/remove it if it is still that live claim" is ONE conditional
-# statement: atomic in SQLite, and a single write instead of a read-then-write transaction.
-# Records are always rows (never diskcache's side files: see disk_min_file_size below), so
-# these statements see all of a record. The columns are diskcache 5's Cache table, checked
-# when the store opens.
+# Records are rows of diskcache 5's Cache table (the columns are checked when a store opens),
+# always stored inline (never diskcache's side files: see disk_min_file_size), so that each
+# transition is ONE statement, atomic in SQLite, instead of a read-then-write transaction.
+# A processing record keeps its claim's token in the ``tag`` column (NULL once finished): that
+# is the fence of every write after a claim.
+_COLUMNS = ("key, raw, store_time, expire_time, access_time, access_count, tag, size, mode,"
+            " filename, value")  # fmt: skip
+_MODE_RAW = 1  # diskcache.core.MODE_RAW: the value column holds the bytes as they are
+# Insert, or replace an expired row; a live row is left alone (rowcount 0).
+_CLAIM = (
+    f"INSERT INTO Cache ({_COLUMNS}) VALUES (?, 1, ?, ?, ?, 0, ?, 0, 1, NULL, ?)"
+    " ON CONFLICT (key, raw) DO UPDATE SET store_time = excluded.store_time,"
+    " expire_time = excluded.expire_time, access_time = excluded.access_time, access_count = 0,"
+    " tag = excluded.tag, size = 0, mode = 1, filename = NULL, value = excluded.value"
+    " WHERE Cache.expire_time IS NOT NULL AND Cache.expire_time <= excluded.store_time"
+)
 _SWAP = (
     "UPDATE Cache SET store_time = ?, expire_time = ?, access_time = ?, tag = ?, size = 0,"
     " mode = 1, filename = NULL, value = ? WHERE key = ? AND raw = 1 AND tag = ?"
 )
 _RELEASE = "DELETE FROM Cache WHERE key = ? AND raw = 1 AND tag = ?"
-# A replay's one read: the row's bytes, without Cache.get's per-call layers (the entry's own
-# expires_at decides expiry).
 _GET = "SELECT value FROM Cache WHERE key = ? AND raw = 1"
-_COLUMNS = {"key", "raw", "store_time", "expire_time", "access_time", "tag", "size", "mode",
-            "filename", "value"}  # fmt: skip
-_MODE_RAW = 1  # diskcache.core.MODE_RAW: the value column holds the bytes as they are
+_DELETE = "DELETE FROM Cache WHERE key = ? AND raw = 1"
+_PROCESSING = "SELECT key FROM Cache WHERE raw = 1 AND tag IS NOT NULL"
+# diskcache's add() removed up to 10 expired rows each time; claims do it in batches instead.
+_CULL = (
+    "DELETE FROM Cache WHERE rowid IN (SELECT rowid FROM Cache WHERE expire_time IS NOT NULL"
+    " AND expire_time <= ? ORDER BY expire_time LIMIT 100)"
+)
+_CULL_EVERY = 64  # claims
 
 
 def default_directory() -> Path:
@@ -46,13 +61,67 @@ def default_directory() -> Path:
     return platformdirs.user_state_path("idemfn")
 
 
+class _ForkGate:
+    """Store operations run side by side; ``fork()`` waits until none is inside SQLite.
+
+    A child forked while a thread of its parent was inside a SQLite transaction inherits that
+    lock state and is locked out of the database for good (found by tests/test_processes.py,
+    2026-11-22). Nothing is held while an operation waits on SQLite, so a busy database never
+    blocks another store, or a heartbeat.
+    """
+
+    __slots__ = ("_active", "_forking", "_idle", "_lock")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._active = 0
+        self._forking = False
+
+    def __enter__(self) -> None:
+        with self._lock:
+            while self._forking:
+                self._idle.wait()
+            self._active += 1
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with self._lock:
+            self._active -= 1
+            if self._forking and not self._active:
+                self._idle.notify_all()
+
+    def before_fork(self) -> None:
+        self._lock.acquire()  # held across fork(): nothing enters meanwhile
+        self._forking = True
+        while self._active:
+            self._idle.wait()
+
+    def after_fork_in_parent(self) -> None:
+        self._forking = False
+        self._idle.notify_all()
+        self._lock.release()
+
+    def after_fork_in_child(self) -> None:
+        self.__init__()  # type: ignore[misc]  # the child's threads are gone
+
+
+_gate = _ForkGate()
+
+
 class DiskStore(Store):
     """Records in a diskcache ``Cache`` in ``directory`` (default: ``default_directory()``).
 
-    Safe across threads, processes and ``fork``: SQLite serialises writers, and a forked child
-    opens its own connection instead of sharing its parent's. Records are never evicted by size
-    (``eviction_policy="none"``): only expiry, ``forget`` and ``prune`` remove them. The
-    directory is created with mode ``0700``. Nothing touches the disk until the first use.
+    Safe across threads, processes and ``fork``: SQLite serialises writers, a forked child opens
+    its own connection, and ``fork()`` waits for store operations in flight. Records are never
+    evicted by size (``eviction_policy="none"``): only expiry, ``forget`` and ``prune`` remove
+    them. The directory is created with mode ``0700`` and the database files are ``0600``.
+    Nothing touches the disk until the first use. ``~`` and relative paths are resolved when
+    the store is made.
     """
 
     def __init__(self, directory: str | os.PathLike[str] | None = None, *, timeout: float = 60.0):
@@ -62,10 +131,12 @@ class DiskStore(Store):
             )
         if not timeout > 0:
             raise ValueError(f"DiskStore(timeout=...) must be > 0 seconds, not {timeout!r}")
-        self.directory = Path(directory) if directory is not None else default_directory()
+        path = default_directory() if directory is None else Path(directory).expanduser()
+        self.directory = path.absolute()
         self.timeout = timeout
         self._cache: diskcache.Cache | None = None
         self._lock = threading.Lock()
+        self._claims = itertools.count(1)
         _open_stores.add(self)
 
     def __repr__(self) -> str:
@@ -91,13 +162,16 @@ class DiskStore(Store):
                 # The default policy evicts past 1 GiB: a lost record re-runs a side effect.
                 eviction_policy="none",
                 statistics=False,
-                # Every record is a row, never a side file (see _SWAP).
+                # Every record is a row, never a side file (see _CLAIM).
                 disk_min_file_size=2**62,
             )
+            for database in self.directory.glob("cache.db*"):
+                database.chmod(0o600)
             columns = {row[1] for row in cache._sql("PRAGMA table_info(Cache)")}
         except _BACKEND_ERRORS as exc:
             raise self.error("open the store for", str(self.directory), exc) from exc
-        if not columns >= _COLUMNS or _MODE_RAW != diskcache.core.MODE_RAW:
+        expected = {c.strip() for c in _COLUMNS.split(",")}
+        if not columns >= expected or diskcache.core.MODE_RAW != _MODE_RAW:
             cache.close()
             raise self.error(
                 "open the store for",
@@ -114,34 +188,38 @@ class DiskStore(Store):
         except ValueError as exc:
             raise self.error("read", key, f"the record is corrupt: {exc}") from None
 
-    def _expire_in(self, entry: Entry) -> float | None:
-        """Seconds until diskcache may drop the row; the entry's own expires_at still decides."""
+    def _expire_time(self, entry: Entry, now: float) -> float | None:
+        """When diskcache may drop the row, on its (real) clock; expires_at still decides."""
         if entry.expires_at is None:
             return None
-        return max(entry.expires_at - self.time(), 0.0)
+        return now + max(entry.expires_at - self.time(), 0.0)
 
     def claim(self, entry: Entry) -> Entry | None:
         key = entry.key
         data = encode(entry)
         tag = entry.token if entry.status == "processing" else None
-        with _guard:
+        with _gate:
             try:
-                cache = self.cache
+                sql = self.cache._sql
                 while True:
-                    if cache.add(key, data, expire=self._expire_in(entry), tag=tag, retry=True):
+                    now = time.time()
+                    params = (key, now, self._expire_time(entry, now), now, tag, data)
+                    if sql(_CLAIM, params).rowcount == 1:
+                        if next(self._claims) % _CULL_EVERY == 0:
+                            sql(_CULL, (now,))
                         return None
-                    current = cache.get(key, retry=True)
-                    if current is None:
-                        continue  # removed between add and get: try again
-                    found = self._decode(key, current)
+                    row = sql(_GET, (key,)).fetchone()
+                    if row is None:
+                        continue  # removed since: try again
+                    found = self._decode(key, row[0])
                     if not found.is_expired(self.time()):
                         return found
-                    self.delete(key, found.token)  # expired, not yet dropped: replace it
+                    sql(_DELETE, (key,))  # expired by its own clock, not yet by diskcache's
             except _BACKEND_ERRORS as exc:
                 raise self.error("claim", key, exc) from exc
 
     def get(self, key: str) -> Entry | None:
-        with _guard:
+        with _gate:
             try:
                 row = self.cache._sql(_GET, (key,)).fetchone()
             except _BACKEND_ERRORS as exc:
@@ -153,60 +231,80 @@ class DiskStore(Store):
 
     def swap(self, key: str, token: str, entry: Entry) -> bool:
         now = time.time()
-        expire_in = self._expire_in(entry)
         tag = entry.token if entry.status == "processing" else None
-        params = (now, None if expire_in is None else now + expire_in, now, tag, encode(entry),
-                  key, token)  # fmt: skip
-        with _guard:
+        params = (now, self._expire_time(entry, now), now, tag, encode(entry), key, token)
+        with _gate:
             try:
                 return bool(self.cache._sql(_SWAP, params).rowcount == 1)
             except _BACKEND_ERRORS as exc:
                 raise self.error("update", key, exc) from exc
 
     def release(self, key: str, token: str) -> bool:
-        with _guard:
+        with _gate:
             try:
                 return bool(self.cache._sql(_RELEASE, (key, token)).rowcount == 1)
             except _BACKEND_ERRORS as exc:
                 raise self.error("release", key, exc) from exc
 
     def delete(self, key: str, token: str | None = None) -> bool:
-        with _guard:
+        with _gate:
             try:
                 cache = self.cache
                 if token is None:
                     return bool(cache.delete(key, retry=True))
                 with cache.transact(retry=True):
-                    data = cache.get(key, retry=True)
-                    if data is None or self._decode(key, data).token != token:
+                    row = cache._sql(_GET, (key,)).fetchone()
+                    if row is None or self._decode(key, row[0]).token != token:
                         return False
-                    return bool(cache.delete(key, retry=True))
+                    return bool(cache._sql(_DELETE, (key,)).rowcount == 1)
             except _BACKEND_ERRORS as exc:
                 raise self.error("delete", key, exc) from exc
 
-    def scan(self, prefix: str = "") -> Iterator[Entry]:
-        with _guard:
+    def _keys(self, query: str, params: tuple[object, ...], what: str) -> list[str]:
+        with _gate:
             try:
-                cache = self.cache
-                keys = [k for k in cache.iterkeys() if isinstance(k, str) and k.startswith(prefix)]
+                rows = self.cache._sql(query, params)
+                return [key for (key,) in rows if isinstance(key, str)]  # ours are all str
             except _BACKEND_ERRORS as exc:
-                raise self.error("list", prefix or "*", exc) from exc
-        for key in keys:
-            with _guard:
+                raise self.error("list", what, exc) from exc
+
+    def _entries(self, keys: list[str]) -> Iterator[Entry]:
+        for key in keys:  # one row at a time: payloads may be large
+            with _gate:
                 try:
-                    data = cache.get(key, retry=True)
+                    row = self.cache._sql(_GET, (key,)).fetchone()
                 except _BACKEND_ERRORS as exc:
                     raise self.error("read", key, exc) from exc
-            if data is not None:
-                yield self._decode(key, data)
+            if row is not None:
+                yield self._decode(key, row[0])
+
+    def scan(self, prefix: str = "") -> Iterator[Entry]:
+        # str keys, raw = 1; ordered by key. The prefix test is done here, not in SQL, so that
+        # no character of the prefix is a LIKE/GLOB wildcard.
+        keys = self._keys("SELECT key FROM Cache WHERE raw = 1 ORDER BY key", (), prefix or "*")
+        yield from self._entries([key for key in keys if key.startswith(prefix)])
 
     def prune(self) -> int:
-        with _guard:
+        """Remove expired records (without reading them) and stale claims."""
+        with _gate:
             try:
                 expired = int(self.cache.expire(retry=True))  # rows diskcache knows are expired
             except _BACKEND_ERRORS as exc:
                 raise self.error("prune", str(self.directory), exc) from exc
-        return expired + super().prune()
+        # What is left to judge: claims, and rows expired by the store's clock only.
+        now = self.time()
+        candidates = self._keys(_PROCESSING, (), "processing records")
+        candidates += self._keys(
+            "SELECT key FROM Cache WHERE raw = 1 AND tag IS NULL AND expire_time IS NOT NULL"
+            " AND expire_time > ?",
+            (time.time(),),
+            "finished records",
+        )
+        removed = 0
+        for entry in self._entries(candidates):
+            if prunable(entry, now) and self.delete(entry.key, entry.token):
+                removed += 1
+        return expired + removed
 
     def close(self) -> None:
         with self._lock:
@@ -226,19 +324,15 @@ class DiskStore(Store):
 _open_stores: weakref.WeakSet[DiskStore] = weakref.WeakSet()
 _inherited: list[diskcache.Cache] = []
 
-# Every store operation holds this process-wide guard, and fork() takes it first: a child forked
-# while another thread was inside a SQLite transaction inherits that lock state and is locked
-# out of the database (found by tests/test_processes.py, 2026-11-22). Reentrant: claim() may
-# delete an expired record while it holds the guard.
-_guard = threading.RLock()
-
 
 def _after_fork_in_child() -> None:
-    _guard.release()
+    _gate.after_fork_in_child()
     for store in list(_open_stores):
         store._forget_inherited_connection()
 
 
 os.register_at_fork(
-    before=_guard.acquire, after_in_parent=_guard.release, after_in_child=_after_fork_in_child
+    before=_gate.before_fork,
+    after_in_parent=_gate.after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
 )

@@ -69,7 +69,8 @@ class MemoryStore(Store):
             if current is None or (token is not None and current.token != token):
                 return False
             del self._entries[key]
-            return True
+            # An expired record counts as absent: removing it is tidying, not forgetting.
+            return token is not None or not current.is_expired(self.time())
 
     def scan(self, prefix: str = "") -> Iterator[Entry]:
         with self._lock:
