@@ -68,21 +68,27 @@ class _ForkGate:
     lock state and is locked out of the database for good (found by tests/test_processes.py,
     2026-11-22). Nothing is held while an operation waits on SQLite, so a busy database never
     blocks another store, or a heartbeat.
+
+    No lock on the fast path: a thread marks itself busy *before* it looks for a fork, and the
+    forking thread announces the fork *before* it looks for busy threads; with the interpreter's
+    sequentially consistent dict and attribute updates, one of the two always sees the other.
+    Not reentrant: store methods never nest operations.
     """
 
-    __slots__ = ("_active", "_forking", "_idle", "_lock")
+    __slots__ = ("_busy", "_forking")
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
-        self._active = 0
+        self._busy: dict[int, bool] = {}  # thread ident -> inside a store operation
         self._forking = False
 
     def __enter__(self) -> None:
-        with self._lock:
-            while self._forking:
-                self._idle.wait()
-            self._active += 1
+        busy = self._busy
+        ident = _get_ident()
+        busy[ident] = True
+        while self._forking:
+            del busy[ident]
+            time.sleep(0.001)
+            busy[ident] = True
 
     def __exit__(
         self,
@@ -90,26 +96,22 @@ class _ForkGate:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        with self._lock:
-            self._active -= 1
-            if self._forking and not self._active:
-                self._idle.notify_all()
+        del self._busy[_get_ident()]
 
     def before_fork(self) -> None:
-        self._lock.acquire()  # held across fork(): nothing enters meanwhile
         self._forking = True
-        while self._active:
-            self._idle.wait()
+        me = _get_ident()
+        while any(ident != me for ident in list(self._busy)):
+            time.sleep(0.001)
 
     def after_fork_in_parent(self) -> None:
         self._forking = False
-        self._idle.notify_all()
-        self._lock.release()
 
     def after_fork_in_child(self) -> None:
-        self.__init__()  # type: ignore[misc]  # the child's threads are gone
+        self.__init__()  # type: ignore[misc]  # the child's other threads are gone
 
 
+_get_ident = threading.get_ident
 _gate = _ForkGate()
 
 
