@@ -8,13 +8,14 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
 import diskcache
 import platformdirs
 
+from .._errors import StoreError
 from .._record import Entry, decode, encode
 from .base import Store, prunable
 
@@ -138,6 +139,7 @@ class DiskStore(Store):
         self.timeout = timeout
         self._cache: diskcache.Cache | None = None
         self._lock = threading.Lock()
+        self._local = threading.local()  # this thread's connection.execute, once looked up
         self._claims = itertools.count(1)
         _open_stores.add(self)
 
@@ -154,6 +156,17 @@ class DiskStore(Store):
                     self._cache = self._open()
                 cache = self._cache
         return cache
+
+    @property
+    def _sql(self) -> Callable[..., sqlite3.Cursor]:
+        """This thread's ``execute`` on the store's database (diskcache keeps a connection per
+        thread). Cached here: diskcache's own lookup costs a getpid() on every statement, and
+        this store handles fork() itself."""
+        try:
+            return self._local.execute  # type: ignore[no-any-return]
+        except AttributeError:
+            execute = self._local.execute = self.cache._con.execute
+            return execute  # type: ignore[no-any-return]
 
     def _open(self) -> diskcache.Cache:
         try:
@@ -202,7 +215,7 @@ class DiskStore(Store):
         tag = entry.token if entry.status == "processing" else None
         with _gate:
             try:
-                sql = self.cache._sql
+                sql = self._sql
                 while True:
                     now = time.time()
                     params = (key, now, self._expire_time(entry, now), now, tag, data)
@@ -223,7 +236,7 @@ class DiskStore(Store):
     def get(self, key: str) -> Entry | None:
         with _gate:
             try:
-                row = self.cache._sql(_GET, (key,)).fetchone()
+                row = self._sql(_GET, (key,)).fetchone()
             except _BACKEND_ERRORS as exc:
                 raise self.error("read", key, exc) from exc
         if row is None:
@@ -237,14 +250,14 @@ class DiskStore(Store):
         params = (now, self._expire_time(entry, now), now, tag, encode(entry), key, token)
         with _gate:
             try:
-                return bool(self.cache._sql(_SWAP, params).rowcount == 1)
+                return bool(self._sql(_SWAP, params).rowcount == 1)
             except _BACKEND_ERRORS as exc:
                 raise self.error("update", key, exc) from exc
 
     def release(self, key: str, token: str) -> bool:
         with _gate:
             try:
-                return bool(self.cache._sql(_RELEASE, (key, token)).rowcount == 1)
+                return bool(self._sql(_RELEASE, (key, token)).rowcount == 1)
             except _BACKEND_ERRORS as exc:
                 raise self.error("release", key, exc) from exc
 
@@ -252,20 +265,26 @@ class DiskStore(Store):
         with _gate:
             try:
                 cache = self.cache
-                if token is None:
-                    return bool(cache.delete(key, retry=True))
                 with cache.transact(retry=True):
-                    row = cache._sql(_GET, (key,)).fetchone()
-                    if row is None or self._decode(key, row[0]).token != token:
+                    row = self._sql(_GET, (key,)).fetchone()
+                    if row is None:
                         return False
-                    return bool(cache._sql(_DELETE, (key,)).rowcount == 1)
+                    try:
+                        entry: Entry | None = self._decode(key, row[0])
+                    except StoreError:
+                        entry = None  # a corrupt record can still be forgotten
+                    if token is not None and (entry is None or entry.token != token):
+                        return False
+                    self._sql(_DELETE, (key,))
+                    # An expired record counts as absent: removing it is tidying, not forgetting.
+                    return token is not None or entry is None or not entry.is_expired(self.time())
             except _BACKEND_ERRORS as exc:
                 raise self.error("delete", key, exc) from exc
 
     def _keys(self, query: str, params: tuple[object, ...], what: str) -> list[str]:
         with _gate:
             try:
-                rows = self.cache._sql(query, params)
+                rows = self._sql(query, params)
                 return [key for (key,) in rows if isinstance(key, str)]  # ours are all str
             except _BACKEND_ERRORS as exc:
                 raise self.error("list", what, exc) from exc
@@ -274,7 +293,7 @@ class DiskStore(Store):
         for key in keys:  # one row at a time: payloads may be large
             with _gate:
                 try:
-                    row = self.cache._sql(_GET, (key,)).fetchone()
+                    row = self._sql(_GET, (key,)).fetchone()
                 except _BACKEND_ERRORS as exc:
                     raise self.error("read", key, exc) from exc
             if row is not None:
@@ -311,6 +330,7 @@ class DiskStore(Store):
     def close(self) -> None:
         with self._lock:
             cache, self._cache = self._cache, None
+            self._local = threading.local()
         if cache is not None:
             cache.close()
 
@@ -321,6 +341,7 @@ class DiskStore(Store):
             _inherited.append(self._cache)
         self._cache = None
         self._lock = threading.Lock()
+        self._local = threading.local()
 
 
 _open_stores: weakref.WeakSet[DiskStore] = weakref.WeakSet()
