@@ -42,7 +42,7 @@ from typing import Any
 import diskcache
 
 import idemfn
-from idemfn import DiskStore, MemoryStore, idempotent
+from idemfn import DiskStore, MemoryStore, Store, idempotent
 from idemfn._keys import _MEMO_SIZE  # the key memo's bound: the memory check fills it first
 
 # A round runs n calls and returns the nanoseconds its timed part took (inputs are prepared
@@ -203,17 +203,25 @@ def _timed_calls(fn: Callable[[Any], Any], args: list[Any] | range) -> int:
     return clock() - t0
 
 
-def disk_pairs(fx: Fixture) -> list[Pair]:
-    store, raw = fx.disk, fx.raw
+def bodies(fx: Fixture, store: Store, name: str) -> tuple[Any, Any]:
+    """The two decorated functions measured on ``store``: a replayed small result, and a no-op
+    body called with a new key each time."""
 
-    @idempotent(key="replay:{i}", store=store, name="bench.disk.replay_small")
+    @idempotent(key="replay:{i}", store=store, name=f"bench.{name}.replay_small")
     def replay_small(i: int) -> dict[str, int]:
         fx.body_calls += 1
         return dict(SMALL_RESULT)
 
-    @idempotent(key="first:{i}", store=store, name="bench.disk.first_noop")
+    @idempotent(key="first:{i}", store=store, name=f"bench.{name}.first_noop")
     def first_noop(i: int) -> None:
         fx.body_calls += 1
+
+    return replay_small, first_noop
+
+
+def disk_pairs(fx: Fixture) -> list[Pair]:
+    store, raw = fx.disk, fx.raw
+    replay_small, first_noop = bodies(fx, store, "disk")
 
     # Record the replayed keys, then copy their exact stored bytes to the baseline cache.
     replay_keys = []
@@ -273,15 +281,7 @@ def disk_pairs(fx: Fixture) -> list[Pair]:
 def memory_pairs(fx: Fixture) -> list[Pair]:
     store = fx.memory
     plain: dict[str, Any] = {}
-
-    @idempotent(key="replay:{i}", store=store, name="bench.mem.replay_small")
-    def replay_small(i: int) -> dict[str, int]:
-        fx.body_calls += 1
-        return dict(SMALL_RESULT)
-
-    @idempotent(key="first:{i}", store=store, name="bench.mem.first_noop")
-    def first_noop(i: int) -> None:
-        fx.body_calls += 1
+    replay_small, first_noop = bodies(fx, store, "mem")
 
     replay_keys = []
     for i in range(POOL):
