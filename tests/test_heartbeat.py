@@ -120,3 +120,50 @@ def test_a_dropped_claim_is_not_renewed_forever(caplog: object) -> None:
     with pytest.raises(idemfn.Halted, match="lease"):
         idemfn.begin("dropped", store=store).replay()  # type: ignore[union-attr]
     assert "dropped without complete()" in caplog.text  # type: ignore[attr-defined]
+
+
+def test_a_failing_renewal_is_retried_and_logged(caplog: object) -> None:
+    import idemfn
+
+    class Flaky(MemoryStore):
+        failures = 2
+
+        def swap(self, key: str, token: str, entry: object) -> bool:  # type: ignore[override]
+            if entry.status == "processing" and Flaky.failures > 0:  # type: ignore[attr-defined]
+                Flaky.failures -= 1
+                raise self.error("update", key, "disk full")
+            return super().swap(key, token, entry)  # type: ignore[arg-type]
+
+    store = Flaky()
+
+    @idempotent(key="k", store=store, lease=0.3)
+    def slow() -> str:
+        time.sleep(0.6)
+        return "done"
+
+    assert slow() == "done"
+    assert Flaky.failures == 0  # both failures happened, and renewal went on
+    assert "could not renew the lease" in caplog.text  # type: ignore[attr-defined]
+    record = slow.status()
+    assert record is not None and record.status is idemfn.Status.OK
+
+
+def test_a_claim_taken_over_while_running_is_noticed_by_the_heartbeat(caplog: object) -> None:
+    import pytest
+
+    import idemfn
+
+    store = MemoryStore()
+
+    @idempotent(key="k", store=store, lease=0.3)
+    def body() -> str:
+        key = body.key_for()
+        entry = store.get(key)
+        assert entry is not None
+        assert store.swap(key, entry.token, entry._replace(token="someone-else"))
+        time.sleep(0.4)  # the heartbeat tries to renew, and finds the claim gone
+        return "late"
+
+    with pytest.raises(idemfn.OwnershipLost):
+        body()
+    assert "taken over or halted while its body ran" in caplog.text  # type: ignore[attr-defined]

@@ -292,3 +292,51 @@ def test_callable_object_with_async_call_gets_the_async_wrapper() -> None:
 def test_begin_refuses_bad_keys(key: object, error: type[Exception]) -> None:
     with pytest.raises(error, match=r"begin\(key=...\)"):
         idemfn.begin(key, store=MemoryStore())  # type: ignore[arg-type]
+
+
+def test_a_recorded_value_that_no_longer_loads_is_a_store_error() -> None:
+    store = MemoryStore()
+    claim = idemfn.begin("k", store=store)
+    assert isinstance(claim, idemfn.Claim)
+    claim.complete(1)
+    entry = store.get("k")
+    assert entry is not None
+    # As if the value's class had been renamed since: pickle can no longer find it.
+    store._entries["k"] = entry._replace(payload=b"\x80\x05\x95\x10\x00\x00\x00\x00\x00\x00\x00"
+                                         b"\x8c\x04gone\x94\x8c\x03Cls\x94\x93\x94.")  # fmt: skip
+    finished = idemfn.begin("k", store=store)
+    assert isinstance(finished, idemfn.Finished)
+    with pytest.raises(idemfn.StoreError, match="recorded value of key 'k' could not be loaded"):
+        finished.replay()
+
+
+def test_a_recorded_exception_that_no_longer_loads_replays_as_halted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = MemoryStore()
+    claim = idemfn.begin("k", store=store)
+    assert isinstance(claim, idemfn.Claim)
+    claim.halt(ValueError("boom"))
+    entry = store.get("k")
+    assert entry is not None and entry.payload is not None
+    store._entries["k"] = entry._replace(payload=b"\x80\x05\x95\x10\x00\x00\x00\x00\x00\x00\x00"
+                                         b"\x8c\x04gone\x94\x8c\x03Cls\x94\x93\x94.")  # fmt: skip
+    finished = idemfn.begin("k", store=store)
+    assert isinstance(finished, idemfn.Finished)
+    with pytest.raises(idemfn.Halted, match="ValueError: boom") as info:
+        finished.replay()
+    assert info.value.exc_type == "ValueError"
+    assert "no longer loads" in caplog.text
+
+
+def test_begin_takes_a_deadline_as_datetime_or_timestamp() -> None:
+    from datetime import datetime, timedelta, timezone
+
+    store = MemoryStore()
+    past = datetime.now(timezone.utc) - timedelta(seconds=1)
+    for deadline in (past, past.timestamp()):
+        with pytest.raises(idemfn.DeadlineExceeded):
+            idemfn.begin("late", store=store, deadline=deadline)
+    assert store.get("late") is None
+    with pytest.raises(ValueError, match="timezone-aware"):
+        idemfn.begin("late", store=store, deadline=datetime(2030, 1, 1))
