@@ -232,8 +232,11 @@ def test_base_exception_is_recorded_and_replayed_as_halted(
     fn = make(body, key="k:{x}")
     with pytest.raises(interrupt):
         fn(1)
-    with pytest.raises(Halted) as info:
-        fn(1)  # never KeyboardInterrupt on replay
+    try:
+        with pytest.raises(Halted) as info:
+            fn(1)  # never KeyboardInterrupt on replay
+    except (KeyboardInterrupt, SystemExit) as escaped:  # a regression must fail, not end pytest
+        raise AssertionError(f"the replay raised {type(escaped).__name__}") from None
     assert info.value.exc_type == interrupt.__name__
     assert "interrupted" in info.value.reason
 

@@ -39,10 +39,15 @@ CHILD_SCRIPT = '''\
 """One @idempotent call in its own process (written by tests/test_processes.py)."""
 import json
 import os
+import signal
 import sys
 import time
 
 import idemfn
+
+# A test runner started in the background ignores SIGINT, and children inherit that: restore
+# Python's handler so that SIGINT raises KeyboardInterrupt here, as in a terminal.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 cfg = json.loads(sys.argv[1])
 
