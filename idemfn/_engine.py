@@ -280,10 +280,7 @@ class Claim:
         if self._settled:
             return False
         e = self.entry
-        renewed = Entry(
-            e.key, PROCESSING, e.fingerprint, e.owner, e.token, e.attempt, e.started_at,
-            lease_until=self.store.time() + self.policy.lease, ttl=e.ttl,
-        )  # fmt: skip
+        renewed = e._replace(lease_until=self.store.time() + self.policy.lease)
         try:
             kept = self.store.swap(e.key, e.token, renewed)
         except StoreError as exc:

@@ -61,6 +61,7 @@ class Heartbeat:
 
     @property
     def thread(self) -> threading.Thread | None:
+        """This process's heartbeat thread, once a claim has started it."""
         return self._thread
 
     def _run(self) -> None:

@@ -145,7 +145,7 @@ class CallKey:
     a closure over the checked options, because it runs on every call.
     """
 
-    __slots__ = ("fingerprint_kind", "key_kind", "resolve")
+    __slots__ = ("resolve",)
 
     def __init__(
         self,
@@ -172,10 +172,9 @@ class CallKey:
         of_bound: ArgumentsFingerprint | None = None
         of_call: Callable[..., object] | None = None
         if fingerprint is None or fingerprint is True:
-            self.fingerprint_kind = "arguments"
             of_bound = everything
         elif fingerprint is False:
-            self.fingerprint_kind = "off"
+            pass  # off: no mismatch detection
         elif isinstance(fingerprint, str):
             raise TypeError(
                 f"fingerprint={fingerprint!r} for {what}: pass a list of argument names,"
@@ -189,10 +188,8 @@ class CallKey:
                         f"fingerprint= for {what} names {n!r}, which is not a parameter;"
                         f" the parameters are {', '.join(params) or '(none)'}"
                     )
-            self.fingerprint_kind = "some"
             of_bound = ArgumentsFingerprint(p for p in params if p in names)
         elif callable(fingerprint):
-            self.fingerprint_kind = "callable"
             of_call = fingerprint
         else:
             raise TypeError(
@@ -204,7 +201,6 @@ class CallKey:
         template: str | None = None
         key_call: Callable[..., str] | None = None
         if key is None:
-            self.key_kind = "memo"
             if implicit:
                 raise ValueError(
                     f"key= is needed for the method {what}: without it the key is made of the"
@@ -212,11 +208,9 @@ class CallKey:
                     f" one key. Name what identifies the call, e.g. key='{{{implicit[0]}.id}}'"
                 )
         elif isinstance(key, str):
-            self.key_kind = "template"
             template = key
             _check_template(key, signature, what)
         elif callable(key):
-            self.key_kind = "callable"
             key_call = key
         else:
             raise TypeError(
