@@ -196,10 +196,10 @@ class Finished:
 
 
 def halted_error(entry: Entry) -> Halted:
-    what = f"{entry.exc_type}: {entry.message}" if entry.exc_type else entry.reason
+    what = f" ({entry.exc_type}: {entry.message})" if entry.exc_type else ""
     return Halted(
-        f"the call for key {entry.key!r} halted ({what}); reason: {entry.reason}. A side effect"
-        " may have happened: check it, then forget the key to allow another run",
+        f"the call for key {entry.key!r} halted{what}: {entry.reason}. A side effect may have"
+        " happened: check it, then forget the key to allow another run",
         key=entry.key,
         reason=entry.reason or "halted",
         exc_type=entry.exc_type,
@@ -406,7 +406,7 @@ class Claim:
         self.halt(RuntimeError("the claim's block ended without complete() or fail()"))
 
 
-def _abandoned(entry: Entry, now: float) -> str | None:
+def abandoned_reason(entry: Entry, now: float) -> str | None:
     """Why a processing entry's owner is known to be gone, or None while it may run."""
     dead = _owner.gone_reason(entry.owner)
     if dead is not None:
@@ -467,7 +467,7 @@ def attempt(
         if key in _running.get():
             raise Busy(entry).error(" (this call re-entered its own key from inside its body)")
         now = store.time()
-        reason = _abandoned(entry, now)
+        reason = abandoned_reason(entry, now)
         if reason is None:
             return Busy(entry)
         if policy.on_abandoned == "retry":

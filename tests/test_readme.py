@@ -33,6 +33,7 @@ def test_ci_runs_the_readme_test_command_exactly() -> None:
     assert len(commands) == 2, commands
     demo, test = commands
     assert "examples/demo.py" in demo
+    assert demo.endswith("&& idemfn ls")  # test_demo_... runs that part too
     assert "pytest" in test and "ruff check" in test and "mypy --strict idemfn" in test
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert ci[-1] == test
@@ -51,4 +52,9 @@ def test_demo_runs_and_replays_across_processes(tmp_path: Path) -> None:
     assert first.count("the body runs") == 2  # the charge and the failing refund
     assert "the body runs" not in second and "(ran the body)" not in second
     assert second.count("replayed, body not run") == 2
+    listing = subprocess.run([sys.executable, "-m", "idemfn", "ls"], env=env,
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert listing.split()[:5] == ["KEY", "STATUS", "AGE", "OWNER", "EXPIRES"]
+    assert "idemfn.demo.charge:charge:order-1001  ok" in listing
+    assert "idemfn.demo.refund:refund:order-1001  halted" in listing
     assert second.count("idemfn: replayed from the record") == 2

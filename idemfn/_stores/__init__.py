@@ -10,7 +10,15 @@ from .base import Store
 from .disk import DiskStore, default_directory
 from .memory import MemoryStore
 
-__all__ = ["DiskStore", "MemoryStore", "Store", "default_store", "open_store", "resolve_store"]
+__all__ = [
+    "DiskStore",
+    "MemoryStore",
+    "Store",
+    "default_store",
+    "open_store",
+    "resolve_store",
+    "store_directory",
+]
 
 ENV_VAR = "IDEMFN_STORE"
 
@@ -37,6 +45,24 @@ def open_store(url_or_path: str | os.PathLike[str] | Store) -> Store:
     global _memory_store
     if isinstance(url_or_path, Store):
         return url_or_path
+    directory = store_directory(url_or_path)
+    if directory is None:  # memory://, the only other scheme store_directory lets through
+        with _lock:
+            if _memory_store is None:
+                _memory_store = MemoryStore()
+            return _memory_store
+    with _lock:
+        store = _disk_stores.get(directory)
+        if store is None:
+            store = _disk_stores[directory] = DiskStore(directory)
+        return store
+
+
+def store_directory(url_or_path: str | os.PathLike[str]) -> Path | None:
+    """The directory a path or ``file://`` URL names (resolved), or None for ``memory://``.
+
+    Raises ``TypeError``/``ValueError`` for anything that names no store this version has.
+    """
     if not isinstance(url_or_path, (str, os.PathLike)):
         raise TypeError(
             "open_store() takes a directory path, a store URL or a Store, not "
@@ -49,10 +75,7 @@ def open_store(url_or_path: str | os.PathLike[str] | Store) -> Store:
     if sep and scheme.isidentifier():
         scheme = scheme.lower()
         if scheme == "memory":
-            with _lock:
-                if _memory_store is None:
-                    _memory_store = MemoryStore()
-                return _memory_store
+            return None
         if scheme == "file":
             text = rest
         elif scheme in _PLANNED:
@@ -65,12 +88,7 @@ def open_store(url_or_path: str | os.PathLike[str] | Store) -> Store:
                 f"unknown store URL scheme {scheme!r} in {text!r}: expected a directory path,"
                 " file://, memory://"
             )
-    directory = Path(text).expanduser().resolve()
-    with _lock:
-        store = _disk_stores.get(directory)
-        if store is None:
-            store = _disk_stores[directory] = DiskStore(directory)
-        return store
+    return Path(text).expanduser().resolve()
 
 
 def default_store() -> Store:

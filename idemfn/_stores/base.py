@@ -81,6 +81,10 @@ class Store(abc.ABC):
                 removed += 1
         return removed
 
+    def bytes_used(self) -> int | None:
+        """How many bytes the store takes (on disk, or in the server), when it can tell."""
+        return None
+
     def close(self) -> None:  # noqa: B027  # optional hook: most stores hold nothing to close
         """Release connections and files. The store reopens them if used again."""
 

@@ -327,6 +327,13 @@ class DiskStore(Store):
                 removed += 1
         return expired + removed
 
+    def bytes_used(self) -> int | None:
+        """The size of the store's database files (the directory holds nothing else of ours)."""
+        try:
+            return sum(f.stat().st_size for f in self.directory.glob("cache.db*"))
+        except OSError:
+            return None
+
     def close(self) -> None:
         with self._lock:
             cache, self._cache = self._cache, None

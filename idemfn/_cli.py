@@ -1,0 +1,832 @@
+"""The ``idemfn`` command: look at and repair records, and run a shell command once.
+
+Every command prints one line on stderr and exits with a documented status when something is
+wrong (``Exit``), never a traceback. Inspecting commands never create a store: a mistyped
+``--store`` is an error, not an empty listing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import json
+import logging
+import math
+import os
+import shlex
+import shutil
+import sys
+import textwrap
+from collections import Counter
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from typing import Any, NoReturn
+
+from . import _owner, _run
+from ._engine import Policy, abandoned_reason
+from ._errors import (
+    AlreadyRunning,
+    DeadlineExceeded,
+    FingerprintMismatch,
+    Halted,
+    IdempotencyError,
+    OwnershipLost,
+    StoreError,
+)
+from ._outcome import load
+from ._record import Entry, Status
+from ._stores import ENV_VAR, Store, open_store, store_directory
+from ._stores.disk import default_directory
+
+__all__ = ["Exit", "main"]
+
+PROG = "idemfn"
+
+
+class Exit(enum.IntEnum):
+    """The statuses ``idemfn`` exits with (``idemfn run`` also passes on its command's)."""
+
+    OK = 0
+    USAGE = 64  # a bad option or argument
+    MISMATCH = 65  # run: the key was first used with another command line
+    NO_RECORD = 66  # show, forget: the key has no record (or not the --status asked for)
+    NO_STORE = 67  # no store at --store / IDEMFN_STORE / the default directory
+    BAD_STORE = 68  # --store or IDEMFN_STORE is not a store path or URL idemfn knows
+    HALTED = 69  # run: the key halted with no recorded outcome (its runner was killed)
+    INTERNAL = 70  # a bug in idemfn: please report it
+    LOST = 71  # run: the claim was taken over while the command ran; outcome not recorded
+    DEADLINE = 72  # reserved: the deadline passed before the call could start
+    STORE_ERROR = 74  # the store failed (unreadable, locked, full, corrupt record)
+    RUNNING = 75  # run: another run holds the key; forget: refused, the owner is alive
+    CANNOT_EXECUTE = 126  # run: the command was found but could not be executed
+    NOT_FOUND = 127  # run: the command was not found
+    INTERRUPTED = 130  # idemfn itself was interrupted (Ctrl-C) outside `run`
+
+
+EXIT_CODES = """\
+exit status:
+  0    success (run: the command succeeded, now or when it was recorded)
+  1-125, 128+N
+       run: the command's own exit status, now or as recorded (128+N: ended by signal N)
+  64   bad option or argument
+  65   run: the key was first used with another command line (fingerprint mismatch)
+  66   no record for the key (show, forget)
+  67   no store at the given or default location (inspecting commands never create one)
+  68   --store / IDEMFN_STORE is not a store path or URL this idemfn knows
+  69   run: the key halted without a recorded outcome (its runner died): check, then forget
+  70   internal error in idemfn (please report it)
+  71   run: the claim was taken over while the command ran; its outcome was not recorded
+  74   the store failed (unreadable, locked, full, or a corrupt record)
+  75   the key is running: run found a live owner; forget refused without --force
+  126  run: the command could not be executed (nothing recorded)
+  127  run: the command was not found (nothing recorded)
+"""
+
+
+class Failure(Exception):
+    """Ends the command: ``message`` on stderr, exit with ``status``."""
+
+    def __init__(self, message: str, status: Exit) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+_ERROR_STATUS: tuple[tuple[type[IdempotencyError], Exit], ...] = (
+    (FingerprintMismatch, Exit.MISMATCH),
+    (AlreadyRunning, Exit.RUNNING),
+    (Halted, Exit.HALTED),
+    (OwnershipLost, Exit.LOST),
+    (DeadlineExceeded, Exit.DEADLINE),
+    (StoreError, Exit.STORE_ERROR),
+)
+
+
+# ---------------------------------------------------------------------------------- the parser
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise Failure(f"{self.prog}: {message} (see `{self.prog} --help`)", Exit.USAGE)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30)
+
+
+def _seconds(*, allow_none: bool = False) -> Callable[[str], float | None]:
+    def parse(text: str) -> float | None:
+        if allow_none and text.lower() in ("none", "never", "forever"):
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a number of seconds{' or none' if allow_none else ''}, not {text!r}"
+            ) from None
+        if not math.isfinite(value) or value < 0:
+            raise argparse.ArgumentTypeError(
+                f"expected a finite number of seconds >= 0, not {text!r}"
+            )
+        return value
+
+    return parse
+
+
+def _exit_code(text: str) -> int:
+    try:
+        code = int(text)
+    except ValueError:
+        code = -1
+    if not 1 <= code <= 255:
+        raise argparse.ArgumentTypeError(f"expected an exit status from 1 to 255, not {text!r}")
+    return code
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {text!r}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--store",
+        metavar="DIR|URL",
+        default=argparse.SUPPRESS,
+        help=f"the store: a directory or URL (default: ${ENV_VAR}, else {default_directory()})",
+    )
+    as_json = _Parser(add_help=False)
+    as_json.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON"
+    )
+
+    parser = _Parser(
+        prog=PROG,
+        formatter_class=_Formatter,
+        parents=[common],
+        description="Look at and repair idemfn's records, and run a shell command once.",
+        epilog="Each command has its own --help.\n\n" + EXIT_CODES,
+    )
+    commands = parser.add_subparsers(metavar="COMMAND", dest="command", required=True)
+
+    def command(
+        name: str, help: str, description: str, *parents: _Parser, usage: str | None = None
+    ) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            usage=usage,
+            help=help,
+            description=textwrap.fill(description, 88),
+            epilog=EXIT_CODES,
+            formatter_class=_Formatter,
+            parents=[common, *parents],
+        )
+
+    ls = command(
+        "ls",
+        "list records, newest first",
+        "List records, newest first: key, status, age (since the last change), owner, and when"
+        " the record expires (for a running call: when its lease runs out). Expired records"
+        " count as absent and are left out unless --all.",
+        as_json,
+    )
+    ls.add_argument("--status", choices=[s.value for s in Status], help="only this status")
+    ls.add_argument("--prefix", default="", metavar="P", help="only keys starting with P")
+    ls.add_argument("--limit", type=_positive_int, metavar="N", help="at most N records")
+    ls.add_argument("--all", action="store_true", help="include expired records")
+    ls.set_defaults(handler=_ls)
+
+    show = command(
+        "show",
+        "show every field of a record",
+        "Show every field of KEY's record: status, times, owner and whether it still runs,"
+        " lease, attempts, fingerprint, and the recorded value's repr (or the exception's"
+        " type, message and traceback; or a command's exit status and output). Showing a"
+        " value loads it as a replay does, so its classes must be importable here.",
+        as_json,
+    )
+    show.add_argument("key", metavar="KEY", help="the full stored key, as `idemfn ls` lists it")
+    show.set_defaults(handler=_show)
+
+    forget = command(
+        "forget",
+        "delete records",
+        "Delete the records of the KEYs, so that the next call runs again (after a human checked"
+        " what a halted call did, say). A running call's record is only deleted with --force.",
+        as_json,
+    )
+    forget.add_argument("keys", nargs="+", metavar="KEY", help="full stored keys")
+    forget.add_argument(
+        "--status", choices=[s.value for s in Status], help="only delete records in this status"
+    )
+    forget.add_argument(
+        "--force",
+        action="store_true",
+        help="also delete a record whose owner still runs: a second call may then start while"
+        " the first runs, and the first gets OwnershipLost when it finishes",
+    )
+    forget.set_defaults(handler=_forget)
+
+    prune = command(
+        "prune",
+        "remove expired records",
+        "Remove expired records, and claims whose lease ran out more than their ttl ago.",
+        as_json,
+    )
+    prune.set_defaults(handler=_prune)
+
+    stats = command(
+        "stats",
+        "count records per status",
+        "Count records per status; show the store's size and its oldest record.",
+        as_json,
+    )
+    stats.set_defaults(handler=_stats)
+
+    run = command(
+        "run",
+        "run a shell command at most once per key",
+        "Run CMD unless KEY has a record; otherwise replay the recorded outcome: write the"
+        " recorded stdout and stderr to the same streams, in order, and exit with the recorded"
+        " status. CMD's output is streamed live and recorded. Exit status 0 records the key ok;"
+        " any other records it halted (list failed runs with `idemfn ls --status halted`;"
+        " `idemfn forget KEY` allows another run). The command line (and the --fingerprint-env"
+        " variables) is the fingerprint: the same key with another command is an error. SIGINT,"
+        " SIGTERM, SIGHUP and SIGQUIT are passed on to CMD and the key is recorded halted. CMD"
+        " gets IDEMFN_KEY and IDEMFN_ATTEMPT in its environment. Records are kept forever"
+        " unless --ttl.",
+        usage=f"{PROG} run [options] --key KEY -- CMD [ARG ...]",
+    )
+    run.add_argument("--key", required=True, help="the key (stored as given)")
+    run.add_argument(
+        "--ttl",
+        type=_seconds(allow_none=True),
+        default=None,
+        metavar="S",
+        help="seconds to keep the record after CMD finished (default: none, kept forever)",
+    )
+    run.add_argument(
+        "--wait",
+        type=_seconds(),
+        default=0.0,
+        metavar="S",
+        help="seconds to wait for a run of KEY in progress elsewhere (default: 0)",
+    )
+    run.add_argument(
+        "--lease",
+        type=_seconds(),
+        default=30.0,
+        metavar="S",
+        help="seconds a claim stays valid without a heartbeat (default: 30)",
+    )
+    run.add_argument(
+        "--on-abandoned",
+        choices=["halt", "retry"],
+        default="halt",
+        help="when KEY's previous runner died mid-run: record it halted and fail (default), or"
+        " run CMD again",
+    )
+    run.add_argument(
+        "--retry-on-exit",
+        type=_exit_code,
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="CODE",
+        help="exit statuses that release KEY instead of recording it, so a later run tries again",
+    )
+    run.add_argument(
+        "--fingerprint-env",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME",
+        help="environment variables that are part of the fingerprint besides the command line",
+    )
+    run.add_argument(
+        "-v", "--verbose", action="store_true", help="say on stderr whether CMD ran or replayed"
+    )
+    run.add_argument("argv", nargs="*", help=argparse.SUPPRESS)  # after `--`: see _parse
+    run.set_defaults(handler=_run_command)
+    return parser
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    args = list(argv)
+    parser = _parser()
+    # `run ... -- CMD [ARG ...]`: everything after the first `--` is the command, untouched,
+    # whatever it looks like. (Other commands take `--` as argparse does: before keys that
+    # start with "-".)
+    if "--" in args:
+        split = args.index("--")
+        try:
+            head = parser.parse_args(args[:split])
+        except Failure:
+            head = None
+        if head is not None and head.command == "run":
+            if head.argv:
+                raise Failure(
+                    f"{PROG} run: unexpected {head.argv[0]!r} before `--`"
+                    f" (write `{PROG} run --key KEY -- CMD [ARG ...]`)",
+                    Exit.USAGE,
+                )
+            head.argv = args[split + 1 :]
+            if not head.argv:
+                raise Failure(f"{PROG} run: no command after `--`", Exit.USAGE)
+            return head
+    namespace = parser.parse_args(args)
+    if namespace.command == "run":
+        raise Failure(
+            f"{PROG} run: put the command after `--`: `{PROG} run --key KEY -- CMD [ARG ...]`",
+            Exit.USAGE,
+        )
+    return namespace
+
+
+# ----------------------------------------------------------------------------------- the store
+
+
+def _store(args: argparse.Namespace, *, create: bool = False) -> Store:
+    """The store of ``--store``, ``IDEMFN_STORE`` or the default directory.
+
+    Unless ``create``, a directory without a store is an error: looking must not create one.
+    """
+    given = getattr(args, "store", None)
+    configured = os.environ.get(ENV_VAR, "").strip()
+    if given is not None:
+        text, source = given, "--store"
+    elif configured:
+        text, source = configured, ENV_VAR
+    else:
+        text, source = str(default_directory()), "the default store"
+    try:
+        directory = store_directory(text)
+    except (TypeError, ValueError) as exc:
+        raise Failure(f"{source}: {exc}", Exit.BAD_STORE) from None
+    if directory is not None and not create:
+        if not directory.is_dir():
+            raise Failure(
+                f"no store at {directory} ({source}): the directory does not exist",
+                Exit.NO_STORE,
+            )
+        if not (directory / "cache.db").is_file():
+            raise Failure(
+                f"no store at {directory} ({source}): the directory holds no idemfn store",
+                Exit.NO_STORE,
+            )
+    return open_store(text)
+
+
+# ------------------------------------------------------------------------------------ records
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _span(seconds: float) -> str:
+    """A duration for people: 42s, 5m, 3h, 12d."""
+    seconds = abs(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def _state(entry: Entry, now: float) -> str:
+    """The status, with what the store alone does not say: expired, or abandoned."""
+    if entry.is_expired(now):
+        return "expired"
+    if entry.status == Status.PROCESSING and abandoned_reason(entry, now) is not None:
+        return "abandoned"
+    return entry.status
+
+
+def _why_gone(entry: Entry, now: float) -> str | None:
+    """Why a processing record's owner is known to be gone (None while it may run)."""
+    if abandoned_reason(entry, now) is None:
+        return None
+    return _owner.gone_reason(entry.owner) or f"its lease ran out at {_iso(entry.lease_until)}"
+
+
+def _owner_short(owner: str) -> str:
+    parsed = _owner.parse(owner)
+    return f"{parsed[0]}:{parsed[2]}" if parsed else owner
+
+
+def _changed_at(entry: Entry) -> float:
+    return entry.finished_at if entry.finished_at is not None else entry.started_at
+
+
+def record_json(entry: Entry, now: float) -> dict[str, Any]:
+    """Every field of a record, as JSON values (times as ISO 8601 UTC)."""
+    processing = entry.status == Status.PROCESSING
+    return {
+        "key": entry.key,
+        "status": entry.status,
+        "state": _state(entry, now),
+        "fingerprint": entry.fingerprint,
+        "owner": entry.owner,
+        "owner_gone": _why_gone(entry, now) if processing else None,
+        "token": entry.token,
+        "attempt": entry.attempt,
+        "started_at": _iso(entry.started_at),
+        "finished_at": _iso(entry.finished_at),
+        "expires_at": _iso(entry.expires_at),
+        "lease_expires_at": _iso(entry.lease_until) if processing else None,
+        "ttl": entry.ttl,
+        "reason": entry.reason,
+        "exc_type": entry.exc_type,
+        "message": entry.message,
+        "traceback": entry.traceback,
+    }
+
+
+def _expiry(entry: Entry, now: float) -> str:
+    if entry.status == Status.PROCESSING:
+        if abandoned_reason(entry, now) is not None:
+            return "owner gone"
+        if entry.lease_until is None:
+            return "-"
+        return f"lease {_span(entry.lease_until - now)}"
+    if entry.expires_at is None:
+        return "never"
+    if entry.expires_at <= now:
+        return f"expired {_span(now - entry.expires_at)} ago"
+    return f"in {_span(entry.expires_at - now)}"
+
+
+def _print_json(value: object) -> None:
+    json.dump(value, sys.stdout, indent=2, ensure_ascii=False)
+    sys.stdout.write("\n")
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    if sys.stdout.isatty():  # keep each row on one line: shorten the key column
+        room = shutil.get_terminal_size().columns - sum(widths[1:]) - 2 * (len(widths) - 1)
+        widths[0] = max(min(widths[0], room), 12)
+    for row in [header, *rows]:
+        cells = [
+            cell if len(cell) <= width else cell[: width - 1] + "…"
+            for cell, width in zip(row, widths, strict=True)
+        ]
+        line = "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True))
+        print(line.rstrip())
+
+
+def _ls(args: argparse.Namespace) -> Exit:
+    store = _store(args)
+    now = store.time()
+    entries = [
+        e
+        for e in store.scan(args.prefix)
+        if (args.all or not e.is_expired(now)) and (args.status is None or e.status == args.status)
+    ]
+    entries.sort(key=_changed_at, reverse=True)
+    if args.limit is not None:
+        entries = entries[: args.limit]
+    if getattr(args, "json", False):
+        _print_json([record_json(e, now) for e in entries])
+        return Exit.OK
+    rows = [
+        [e.key, _state(e, now), _span(now - _changed_at(e)), _owner_short(e.owner),
+         _expiry(e, now)]
+        for e in entries
+    ]  # fmt: skip
+    if rows:
+        _table(rows, ["KEY", "STATUS", "AGE", "OWNER", "EXPIRES"])
+    else:
+        where = f" starting with {args.prefix!r}" if args.prefix else ""
+        print(f"no records in {store!r}{where}", file=sys.stderr)
+    return Exit.OK
+
+
+def _find(store: Store, key: str, now: float) -> Entry:
+    """``key``'s record, expired or not; ``Failure`` naming close keys when there is none."""
+    for entry in store.scan(key):
+        if entry.key == key:
+            return entry
+    raise _no_record(store, key)
+
+
+def _no_record(store: Store, key: str) -> Failure:
+    similar = sorted(e.key for e in store.scan() if e.key.endswith(key) or key in e.key)[:5]
+    hint = f"; keys like it: {', '.join(similar)}" if similar else ""
+    return Failure(f"no record for key {key!r} in {store!r}{hint}", Exit.NO_RECORD)
+
+
+def _value(entry: Entry) -> dict[str, Any]:
+    """What ``show`` says of a record's payload."""
+    command = _run.outcome_of(entry.payload)
+    if command is not None:
+        streams: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
+        for fd, data in command["output"]:
+            streams[fd].extend(data)
+        return {
+            "command": {
+                "argv": command["argv"],
+                "exit_status": _run.exit_status(command["returncode"]),
+                "ended": _run.ending(command),
+                "interrupted_by": command["interrupted_by"],
+                "stdout": streams[1].decode("utf-8", "backslashreplace"),
+                "stderr": streams[2].decode("utf-8", "backslashreplace"),
+            }
+        }
+    if entry.status != Status.OK or entry.payload is None:
+        return {}
+    try:
+        value = load(entry.payload)
+    except Exception as exc:
+        return {
+            "value_error": f"{type(exc).__name__}: {exc} (run idemfn where the value's classes"
+            " import: from your project's directory, or with PYTHONPATH set)"
+        }
+    try:
+        text = repr(value)
+    except Exception as exc:
+        text = f"<repr() failed: {type(exc).__name__}: {exc}>"
+    return {"value_repr": text}
+
+
+def _show(args: argparse.Namespace) -> Exit:
+    store = _store(args)
+    now = store.time()
+    entry = _find(store, args.key, now)
+    fields = record_json(entry, now) | _value(entry)
+    if getattr(args, "json", False):
+        _print_json(fields)
+        return Exit.OK
+    since = f" ({_span(now - entry.started_at)} ago)"
+    state = fields["state"]
+    status = state if state == entry.status else f"{entry.status} ({state})"
+    lines = [
+        ("key", entry.key),
+        ("status", status),
+        ("attempt", str(entry.attempt)),
+        ("started", f"{fields['started_at']}{since}"),
+    ]
+    if entry.finished_at is not None:
+        ago = _span(now - entry.finished_at)
+        lines.append(("finished", f"{fields['finished_at']} ({ago} ago)"))
+        expires = "never" if entry.expires_at is None else f"{fields['expires_at']}"
+        lines.append(("expires", expires if entry.expires_at is None
+                      else f"{expires} ({_expiry(entry, now)})"))  # fmt: skip
+    owner = f"{entry.owner}"
+    if entry.status == Status.PROCESSING:
+        gone = fields["owner_gone"]
+        owner += f" (gone: {gone})" if gone else " (running)"
+        lines.append(("lease until", f"{fields['lease_expires_at']} ({_expiry(entry, now)})"))
+    lines += [("owner", owner), ("ttl", "forever" if entry.ttl is None else f"{entry.ttl:g}s"),
+              ("fingerprint", entry.fingerprint or "-"), ("token", entry.token)]  # fmt: skip
+    command = fields.get("command")
+    if entry.reason and command is None:  # a command's ending says it better
+        lines.append(("reason", entry.reason))
+    if entry.exc_type and command is None:
+        lines.append(("exception", f"{entry.exc_type}: {entry.message}"))
+    if "value_repr" in fields:
+        lines.append(("value", fields["value_repr"]))
+    if "value_error" in fields:
+        lines.append(("value", f"(cannot load it: {fields['value_error']})"))
+    if command is not None:
+        lines += [("command", shlex.join(command["argv"])),
+                  ("exit status", f"{command['exit_status']} ({command['ended']})")]  # fmt: skip
+    for name, text in lines:
+        print(f"{name + ':':<13}{text}")
+    blocks = [("stdout", command["stdout"]), ("stderr", command["stderr"])] if command else []
+    if entry.traceback and not command:
+        blocks.append(("traceback", entry.traceback))
+    for name, text in blocks:
+        print(f"{name}:" + ("" if text else " (empty)"))
+        for line in text.splitlines():
+            print(f"  {line}")
+    return Exit.OK
+
+
+def _forget(args: argparse.Namespace) -> Exit:
+    store = _store(args)
+    removed: list[dict[str, Any]] = []
+    problems: list[Failure] = []
+    for key in dict.fromkeys(args.keys):  # each key once, in the order given
+        try:
+            removed.append(_forget_one(store, key, args.status, args.force))
+        except Failure as failure:
+            problems.append(failure)
+    if getattr(args, "json", False):
+        _print_json({
+            "removed": removed,
+            "not_removed": [{"error": str(p), "exit_status": int(p.status)} for p in problems],
+        })  # fmt: skip
+    else:
+        for record in removed:
+            print(f"forgot {record['key']} (was {record['state']})")
+    for problem in problems:
+        _say(str(problem))
+    return problems[0].status if problems else Exit.OK
+
+
+def _forget_one(store: Store, key: str, status: str | None, force: bool) -> dict[str, Any]:
+    for _ in range(5):  # the record may change between the look and the delete: look again
+        entry = store.get(key)
+        if entry is None:
+            raise _no_record(store, key)
+        now = store.time()
+        if status is not None and entry.status != status:
+            raise Failure(
+                f"key {key!r} is {entry.status}, not {status}: left alone", Exit.NO_RECORD
+            )
+        state = _state(entry, now)
+        if state == Status.PROCESSING and not force:
+            raise Failure(
+                f"key {key!r} is running: its owner {entry.owner} started it at"
+                f" {_iso(entry.started_at)} and is alive. Forgetting it would let a second call"
+                " start while it runs; wait for it, or pass --force",
+                Exit.RUNNING,
+            )
+        if store.delete(key, entry.token):
+            return record_json(entry, now)
+    raise Failure(f"key {key!r} kept changing while being forgotten: try again", Exit.RUNNING)
+
+
+def _prune(args: argparse.Namespace) -> Exit:
+    store = _store(args)
+    removed = store.prune()
+    if getattr(args, "json", False):
+        _print_json({"removed": removed})
+    else:
+        print(f"removed {removed} expired record{'' if removed == 1 else 's'} from {store!r}")
+    return Exit.OK
+
+
+def _stats(args: argparse.Namespace) -> Exit:
+    store = _store(args)
+    now = store.time()
+    counts: Counter[str] = Counter()
+    oldest: Entry | None = None
+    newest: Entry | None = None
+    for entry in store.scan():
+        counts[_state(entry, now)] += 1
+        if entry.is_expired(now):
+            continue
+        if oldest is None or entry.started_at < oldest.started_at:
+            oldest = entry
+        if newest is None or entry.started_at > newest.started_at:
+            newest = entry
+    states = ["ok", "halted", "processing", "abandoned", "expired"]
+    size = store.bytes_used()
+    summary: dict[str, Any] = {
+        "store": repr(store),
+        "records": sum(counts[s] for s in states if s != "expired"),
+        "by_state": {s: counts[s] for s in states},
+        "bytes": size,
+        "oldest": None if oldest is None else {"key": oldest.key,
+                                               "started_at": _iso(oldest.started_at)},
+        "newest": None if newest is None else {"key": newest.key,
+                                               "started_at": _iso(newest.started_at)},
+    }  # fmt: skip
+    if getattr(args, "json", False):
+        _print_json(summary)
+        return Exit.OK
+    detail = ", ".join(f"{s} {counts[s]}" for s in states)
+    print(f"{'store:':<9}{store!r}")
+    print(f"{'records:':<9}{summary['records']} ({detail})")
+    print(f"{'size:':<9}{'unknown' if size is None else _bytes(size)}")
+    for name, record in (("oldest", oldest), ("newest", newest)):
+        if record is not None:
+            ago = _span(now - record.started_at)
+            print(f"{name + ':':<9}{record.key} (started {_iso(record.started_at)}, {ago} ago)")
+    return Exit.OK
+
+
+def _bytes(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    key = args.key
+    if not key.strip():
+        raise Failure(f"{PROG} run: --key must not be empty", Exit.USAGE)
+    try:
+        policy = Policy(
+            ttl=args.ttl, wait=args.wait, lease=args.lease, on_abandoned=args.on_abandoned
+        )
+    except (TypeError, ValueError) as exc:
+        raise Failure(f"{PROG} run: {exc}", Exit.USAGE) from None
+    store = _store(args, create=True)
+    fingerprint = _run.fingerprint(args.argv, args.fingerprint_env)
+    try:
+        outcome, ran = _run.run_once(
+            store, key, args.argv, policy=policy, fingerprint=fingerprint,
+            retry_on_exit=frozenset(args.retry_on_exit),
+        )  # fmt: skip
+    except _run.CannotStart as exc:
+        raise Failure(f"{exc} (key {key!r} released: nothing ran)", Exit(exc.status)) from None
+    except FingerprintMismatch:
+        raise Failure(
+            f"key {key!r} was first used with another command line"
+            f"{' or environment' if args.fingerprint_env else ''}: use another key, or"
+            f" `{PROG} show {key}` to see the recorded one",
+            Exit.MISMATCH,
+        ) from None
+    except AlreadyRunning as exc:
+        raise Failure(
+            f"key {key!r} is being run by {exc.owner} since {exc.started_at:%Y-%m-%d %H:%M:%S}Z;"
+            " retry later, or pass --wait S to wait for its outcome",
+            Exit.RUNNING,
+        ) from None
+    except Halted as exc:
+        raise Failure(
+            f"key {key!r} halted: {exc.reason}. A side effect may have happened: check it, then"
+            f" `{PROG} forget {key}` to allow another run",
+            Exit.HALTED,
+        ) from None
+    if ran:
+        if args.verbose:
+            _say(f"ran {key!r}: {_run.describe(outcome)}")
+        return _run.exit_status(outcome["returncode"])
+    status = _run.replay(outcome)
+    if args.verbose:
+        _say(f"replayed {key!r} from its record: {_run.describe(outcome)}; the command did not run")
+    return status
+
+
+# ---------------------------------------------------------------------------------- the driver
+
+
+def _say(message: str) -> None:
+    if not message.startswith(f"{PROG} "):  # usage errors name the command already
+        message = f"{PROG}: {message}"
+    print(message, file=sys.stderr, flush=True)
+
+
+class _LogFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if message.startswith(f"{PROG}: ") else f"{PROG}: {message}"
+
+
+def _log_to_stderr(verbose: bool) -> None:
+    """idemfn's log on stderr: errors only, warnings too with ``--verbose``. (An abandoned
+    key's warning would otherwise repeat the error line the command prints.)"""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogFormatter("%(message)s"))
+    logger = logging.getLogger(PROG)
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if verbose else logging.ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``idemfn`` command with ``argv`` (default: ``sys.argv[1:]``); return its status."""
+    try:
+        args = _parse(sys.argv[1:] if argv is None else argv)
+        if argv is None:  # the real command, not a call from Python code
+            _log_to_stderr(getattr(args, "verbose", False))
+        handler: Callable[[argparse.Namespace], int] = args.handler
+        return int(handler(args))
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else Exit.USAGE
+    except Failure as failure:
+        _say(str(failure))
+        return failure.status
+    except IdempotencyError as exc:
+        _say(str(exc))
+        return next(status for kind, status in _ERROR_STATUS if isinstance(exc, kind))
+    except KeyboardInterrupt:
+        return Exit.INTERRUPTED
+    except BrokenPipeError:  # `idemfn ls | head`: the reader has what it wanted
+        _silence_stdout()
+        return Exit.OK
+    except Exception as exc:
+        _say(
+            f"internal error: {type(exc).__name__}: {exc}. Please report it, with the command"
+            " you ran (IDEMFN_DEBUG=1 prints the traceback)"
+        )
+        if os.environ.get("IDEMFN_DEBUG"):
+            raise
+        return Exit.INTERNAL
+
+
+def _silence_stdout() -> None:
+    # Python would otherwise report the broken pipe again when it flushes stdout at exit.
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def entry_point() -> NoReturn:
+    """The console script."""
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""``idemfn run``: run a shell command at most once per key, and replay its outcome after.
+
+The command's output is streamed live to this process's stdout and stderr and recorded, in
+order, with its exit status. Exit 0 records the key ``ok``; any other status (or a signal)
+records it ``halted`` with a ``CommandFailed`` carrying the same outcome, so ``idemfn ls
+--status halted`` lists failed steps and ``idemfn forget`` releases one after a human checked
+it. A later run with the key writes the recorded bytes to the same streams and exits with the
+recorded status. The claim, its heartbeat, the fencing and abandoned owners are the engine's,
+exactly as for a Python caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from types import FrameType
+from typing import BinaryIO, Final, TypedDict
+
+from ._engine import Claim, Finished, Policy, begin
+from ._errors import Halted
+from ._fingerprint import fingerprint_value
+from ._outcome import load
+from ._stores import Store
+
+__all__ = ["CommandFailed", "CommandOutcome", "exit_status", "is_outcome", "replay", "run_once"]
+
+#: Marks a recorded value as the outcome of ``idemfn run`` (and its layout's version).
+MARK: Final = "idemfn.run"
+
+# Signals the runner passes on to the command instead of dying of them. SIGINT and SIGQUIT
+# come from the keyboard too: see _Forwarder.
+FORWARDED: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+_KEYBOARD: Final = (signal.SIGINT, signal.SIGQUIT)
+
+_CHUNK = 65536
+_LINGER = 0.1  # seconds without output after which the runner checks the command
+_DRAIN = 1.0  # seconds the runner keeps reading, after the command exited, from what it left
+
+
+class CommandOutcome(TypedDict):
+    """What ``idemfn run`` records: plain values only, so a record never depends on a class."""
+
+    # The key is "idemfn.run", which is not an identifier: hence the functional syntax below.
+    argv: list[str]
+    returncode: int  # as subprocess reports it: -N when a signal N ended the command
+    output: list[tuple[int, bytes]]  # (1 = stdout, 2 = stderr, bytes), in the order written
+    interrupted_by: str | None  # the signal the runner received and passed on, if any
+
+
+class CommandFailed(Exception):
+    """The recorded failure of a command run by ``idemfn run``: it exited with a non-zero
+    status, was ended by a signal, or the runner was interrupted.
+
+    Records refer to this class by its import path (``idemfn._run.CommandFailed``): keep it.
+    """
+
+    def __init__(self, outcome: CommandOutcome) -> None:
+        super().__init__(describe(outcome))
+        self.outcome = outcome
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (CommandFailed, (self.outcome,))
+
+
+def describe(outcome: CommandOutcome) -> str:
+    """One line saying which command ran and how it ended."""
+    return f"command `{shlex.join(outcome['argv'])}` {ending(outcome)}"
+
+
+def ending(outcome: CommandOutcome) -> str:
+    """How the command ended: "exited with code 3", "was ended by SIGKILL", ..."""
+    code = outcome["returncode"]
+    ended = f"was ended by {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
+    if outcome["interrupted_by"]:
+        ended += f" after the runner passed on {outcome['interrupted_by']}"
+    return ended
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def exit_status(returncode: int) -> int:
+    """The status a shell reports for a command that ended with ``returncode``."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def is_outcome(value: object) -> bool:
+    return isinstance(value, dict) and value.get(MARK) == 1
+
+
+def fingerprint(argv: Sequence[str], env_names: Sequence[str]) -> str:
+    """What identifies a run: the command line and the named environment variables (an unset
+    variable and an empty one differ)."""
+    env = {name: os.environ.get(name) for name in env_names}
+    return fingerprint_value([MARK, list(argv), env], where="the command line")
+
+
+class _Forwarder:
+    """Passes the signals in ``FORWARDED`` on to the command, and remembers the first one.
+
+    The command runs in the runner's process group, so that a terminal works with it as with
+    any command (it may read the terminal; Ctrl-Z stops both). The price: a key pressed on
+    the terminal sends SIGINT or SIGQUIT to both processes, so those two are only passed on
+    when the runner is not in the terminal's foreground group (a ``kill -INT`` from elsewhere).
+    """
+
+    def __init__(self) -> None:
+        self.child: subprocess.Popen[bytes] | None = None
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, object] = {}
+
+    def __enter__(self) -> _Forwarder:
+        for signum in FORWARDED:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        sig = signal.Signals(signum)
+        if self.received is None:
+            self.received = sig
+        child = self.child
+        if child is None or child.returncode is not None:
+            return  # not started yet (it is sent on start) or already gone
+        if sig in _KEYBOARD and _terminal_delivers_to_us():
+            return  # the terminal sent it to the command as well
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(sig)
+
+    def started(self, child: subprocess.Popen[bytes]) -> None:
+        self.child = child
+        if self.received is not None:  # arrived while the command was being started
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(self.received)
+
+
+def _terminal_delivers_to_us() -> bool:
+    """Whether this process is in its terminal's foreground process group."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return False  # no controlling terminal
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+class _Streams:
+    """This process's stdout and stderr, written as raw bytes; a closed reader (``| head``)
+    stops the copying to that stream, never the command or the recording."""
+
+    def __init__(self) -> None:
+        self._out: dict[int, BinaryIO | None] = {1: sys.stdout.buffer, 2: sys.stderr.buffer}
+
+    def write(self, fd: int, data: bytes) -> None:
+        stream = self._out[fd]
+        if stream is None:
+            return
+        try:
+            stream.write(data)
+            stream.flush()
+        except (BrokenPipeError, ValueError):  # reader gone, or stream closed
+            self._out[fd] = None
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), fd)  # no error at interpreter exit
+
+
+def _pump(child: subprocess.Popen[bytes], streams: _Streams) -> Iterator[tuple[int, bytes]]:
+    """Copy the command's output to ``streams`` as it comes, yielding each chunk.
+
+    Ends when both pipes are closed, or, once the command has exited, when nothing more comes
+    for a moment: a process it left in the background may hold the pipes open for ever.
+    """
+    assert child.stdout is not None
+    assert child.stderr is not None
+    pipes = {child.stdout.fileno(): 1, child.stderr.fileno(): 2}
+    exited_at: float | None = None
+    with selectors.DefaultSelector() as selector:
+        for pipe in pipes:
+            os.set_blocking(pipe, False)
+            selector.register(pipe, selectors.EVENT_READ)
+        while selector.get_map():
+            ready = selector.select(timeout=_LINGER)
+            for key, _ in ready:
+                pipe = int(key.fd)
+                data = _read(pipe)
+                if data == b"":
+                    selector.unregister(pipe)
+                elif data is not None:
+                    streams.write(pipes[pipe], data)
+                    yield pipes[pipe], data
+            if exited_at is None:
+                if child.poll() is not None:
+                    exited_at = time.monotonic()
+            elif not ready or time.monotonic() - exited_at > _DRAIN:
+                break
+
+
+def _read(pipe: int) -> bytes | None:
+    """Up to a chunk from a non-blocking pipe: b"" at its end, None when nothing is there."""
+    try:
+        return os.read(pipe, _CHUNK)
+    except BlockingIOError:
+        return None
+
+
+def _merge(chunks: Iterator[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+    """The chunks, with neighbours from the same stream joined."""
+    merged: list[tuple[int, bytearray]] = []
+    for fd, data in chunks:
+        if merged and merged[-1][0] == fd:
+            merged[-1][1].extend(data)
+        else:
+            merged.append((fd, bytearray(data)))
+    return [(fd, bytes(data)) for fd, data in merged]
+
+
+class CannotStart(Exception):
+    """The command could not be started (not found, not executable); nothing ran."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _execute(claim: Claim, argv: list[str]) -> CommandOutcome:
+    env = dict(os.environ, IDEMFN_KEY=claim.key, IDEMFN_ATTEMPT=str(claim.attempt))
+    with _Forwarder() as forwarder:
+        try:
+            child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise CannotStart(f"cannot run {argv[0]!r}: {exc.strerror}", 127) from exc
+        except OSError as exc:  # permission denied, exec format error, ...
+            raise CannotStart(f"cannot run {argv[0]!r}: {exc.strerror or exc}", 126) from exc
+        with child:
+            forwarder.started(child)
+            output = _merge(_pump(child, _Streams()))
+            returncode = child.wait()
+        received = forwarder.received
+    return {  # type: ignore[typeddict-unknown-key]
+        MARK: 1,
+        "argv": argv,
+        "returncode": returncode,
+        "output": output,
+        "interrupted_by": received.name if received is not None else None,
+    }
+
+
+def run_once(
+    store: Store,
+    key: str,
+    argv: list[str],
+    *,
+    policy: Policy,
+    fingerprint: str,
+    retry_on_exit: frozenset[int] = frozenset(),
+) -> tuple[CommandOutcome, bool]:
+    """Run ``argv`` unless ``key`` has a record; return its outcome and whether it ran now.
+
+    Raises what ``begin`` raises, ``Halted`` for a halted key with no recorded outcome (its
+    runner was killed), ``CannotStart``, and ``OwnershipLost``/``StoreError`` from recording.
+    """
+    step = begin(key, store=store, fingerprint=fingerprint, policy=policy)
+    if isinstance(step, Finished):
+        return recorded(step), False
+    with step as claim:
+        try:
+            outcome = _execute(claim, argv)
+        except CannotStart:
+            claim.release()  # nothing ran: the next run may try again
+            raise
+        if outcome["interrupted_by"] is None and outcome["returncode"] in retry_on_exit:
+            claim.release()
+        elif outcome["returncode"] == 0 and outcome["interrupted_by"] is None:
+            claim.complete(outcome)
+        else:
+            claim.halt(CommandFailed(outcome))
+    return outcome, True
+
+
+def recorded(finished: Finished) -> CommandOutcome:
+    """The command outcome a finished record holds; ``Halted`` when it holds none."""
+    try:
+        value = finished.replay()
+    except CommandFailed as failed:
+        return failed.outcome
+    if not is_outcome(value):
+        raise Halted(
+            f"the record of key {finished.entry.key!r} was not made by `idemfn run`",
+            key=finished.entry.key,
+            reason="not a command record",
+        )
+    return value  # type: ignore[no-any-return]
+
+
+def replay(outcome: CommandOutcome) -> int:
+    """Write the recorded output to the same streams, in order; return the exit status."""
+    streams = _Streams()
+    for fd, data in outcome["output"]:
+        streams.write(fd, data)
+    return exit_status(outcome["returncode"])
+
+
+def outcome_of(payload: bytes | None) -> CommandOutcome | None:
+    """The command outcome in a record's payload, if it is one (for ``idemfn show``)."""
+    if payload is None:
+        return None
+    try:
+        value = load(payload)
+    except Exception:
+        return None
+    if isinstance(value, CommandFailed):
+        return value.outcome
+    return value if is_outcome(value) else None  # type: ignore[return-value]
