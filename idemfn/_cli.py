@@ -143,6 +143,16 @@ def _exit_code(text: str) -> int:
     return code
 
 
+def _byte_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of bytes >= 0, not {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -308,6 +318,14 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME",
         help="environment variables that are part of the fingerprint besides the command line",
+    )
+    run.add_argument(
+        "--max-output",
+        type=_byte_count,
+        default=_run.MAX_OUTPUT,
+        metavar="BYTES",
+        help="record at most this much output (stdout and stderr together; more is still"
+        f" streamed, and a replay says how much was left out); default {_run.MAX_OUTPUT}",
     )
     run.add_argument(
         "-v", "--verbose", action="store_true", help="say on stderr whether CMD ran or replayed"
@@ -537,6 +555,7 @@ def _value(entry: Entry) -> dict[str, Any]:
                 "exit_status": _run.exit_status(command["returncode"]),
                 "ended": _run.ending(command),
                 "interrupted_by": command["interrupted_by"],
+                "dropped": command["dropped"],
                 "stdout": streams[1].decode("utf-8", "backslashreplace"),
                 "stderr": streams[2].decode("utf-8", "backslashreplace"),
             }
@@ -599,6 +618,8 @@ def _show(args: argparse.Namespace) -> Exit:
     if command is not None:
         lines += [("command", shlex.join(command["argv"])),
                   ("exit status", f"{command['exit_status']} ({command['ended']})")]  # fmt: skip
+        if command["dropped"]:
+            lines.append(("not recorded", f"{command['dropped']} bytes of output (--max-output)"))
     for name, text in lines:
         print(f"{name + ':':<13}{text}")
     blocks = [("stdout", command["stdout"]), ("stderr", command["stderr"])] if command else []
@@ -730,7 +751,7 @@ def _run_command(args: argparse.Namespace) -> int:
     try:
         outcome, ran = _run.run_once(
             store, key, args.argv, policy=policy, fingerprint=fingerprint,
-            retry_on_exit=frozenset(args.retry_on_exit),
+            retry_on_exit=frozenset(args.retry_on_exit), max_output=args.max_output,
         )  # fmt: skip
     except _run.CannotStart as exc:
         raise Failure(f"{exc} (key {key!r} released: nothing ran)", Exit(exc.status)) from None
@@ -754,6 +775,8 @@ def _run_command(args: argparse.Namespace) -> int:
             Exit.HALTED,
         ) from None
     if ran:
+        if outcome["dropped"]:
+            _say(_run.dropped_note(outcome).removeprefix(f"{PROG}: "))
         if args.verbose:
             _say(f"ran {key!r}: {_run.describe(outcome)}")
         return _run.exit_status(outcome["returncode"])

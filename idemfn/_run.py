@@ -31,8 +31,11 @@ from ._stores import Store
 
 __all__ = ["CommandFailed", "CommandOutcome", "exit_status", "is_outcome", "replay", "run_once"]
 
-#: Marks a recorded value as the outcome of ``idemfn run`` (and its layout's version).
-MARK: Final = "idemfn.run"
+#: Marks a recorded value as the outcome of ``idemfn run``, and its layout's version.
+MARK: Final = "idemfn.run/1"
+
+#: How many bytes of output a run records by default (the rest is still streamed).
+MAX_OUTPUT: Final = 16 * 2**20
 
 # Signals the runner passes on to the command instead of dying of them. SIGINT and SIGQUIT
 # come from the keyboard too: see _Forwarder.
@@ -47,10 +50,11 @@ _DRAIN = 1.0  # seconds the runner keeps reading, after the command exited, from
 class CommandOutcome(TypedDict):
     """What ``idemfn run`` records: plain values only, so a record never depends on a class."""
 
-    # The key is "idemfn.run", which is not an identifier: hence the functional syntax below.
+    format: str  # MARK
     argv: list[str]
     returncode: int  # as subprocess reports it: -N when a signal N ended the command
     output: list[tuple[int, bytes]]  # (1 = stdout, 2 = stderr, bytes), in the order written
+    dropped: int  # bytes of output past the recording limit: streamed, not recorded
     interrupted_by: str | None  # the signal the runner received and passed on, if any
 
 
@@ -96,7 +100,7 @@ def exit_status(returncode: int) -> int:
 
 
 def is_outcome(value: object) -> bool:
-    return isinstance(value, dict) and value.get(MARK) == 1
+    return isinstance(value, dict) and value.get("format") == MARK
 
 
 def fingerprint(argv: Sequence[str], env_names: Sequence[str]) -> str:
@@ -109,13 +113,17 @@ def fingerprint(argv: Sequence[str], env_names: Sequence[str]) -> str:
 class _Forwarder:
     """Passes the signals in ``FORWARDED`` on to the command, and remembers the first one.
 
-    The command runs in the runner's process group, so that a terminal works with it as with
-    any command (it may read the terminal; Ctrl-Z stops both). The price: a key pressed on
-    the terminal sends SIGINT or SIGQUIT to both processes, so those two are only passed on
-    when the runner is not in the terminal's foreground group (a ``kill -INT`` from elsewhere).
+    Until the runner holds a claim, such a signal ends it as if it had no handler (nothing
+    ran, nothing is held). Between the claim and the command's start, it is remembered and the
+    command is not started. The command runs in the runner's process group, so that a terminal
+    works with it as with any command (it may read the terminal; Ctrl-Z stops both). The
+    price: a key pressed on the terminal sends SIGINT or SIGQUIT to both processes, so those
+    two are only passed on when the runner is not in the terminal's foreground group (a
+    ``kill -INT`` from elsewhere).
     """
 
     def __init__(self) -> None:
+        self.holding = False  # a claim: from now on, signals are remembered
         self.child: subprocess.Popen[bytes] | None = None
         self.received: signal.Signals | None = None
         self._previous: dict[signal.Signals, object] = {}
@@ -129,23 +137,25 @@ class _Forwarder:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)  # type: ignore[arg-type]
 
+    def first(self) -> signal.Signals | None:
+        """The first signal received since the claim (a handler may set it at any moment)."""
+        return self.received
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         sig = signal.Signals(signum)
+        if not self.holding:  # still looking at the key: die of it, as without a handler
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
+            return
         if self.received is None:
             self.received = sig
         child = self.child
         if child is None or child.returncode is not None:
-            return  # not started yet (it is sent on start) or already gone
+            return  # not started (and it will not be), or already gone
         if sig in _KEYBOARD and _terminal_delivers_to_us():
             return  # the terminal sent it to the command as well
         with contextlib.suppress(ProcessLookupError):
             child.send_signal(sig)
-
-    def started(self, child: subprocess.Popen[bytes]) -> None:
-        self.child = child
-        if self.received is not None:  # arrived while the command was being started
-            with contextlib.suppress(ProcessLookupError):
-                child.send_signal(self.received)
 
 
 def _terminal_delivers_to_us() -> bool:
@@ -221,15 +231,26 @@ def _read(pipe: int) -> bytes | None:
         return None
 
 
-def _merge(chunks: Iterator[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
-    """The chunks, with neighbours from the same stream joined."""
+def _record(
+    chunks: Iterator[tuple[int, bytes]], limit: int
+) -> tuple[list[tuple[int, bytes]], int]:
+    """The first ``limit`` bytes of the chunks, neighbours from one stream joined, and how
+    many bytes were left out."""
     merged: list[tuple[int, bytearray]] = []
+    kept = dropped = 0
     for fd, data in chunks:
+        room = limit - kept
+        if len(data) > room:
+            dropped += len(data) - max(room, 0)
+            data = data[: max(room, 0)]
+            if not data:
+                continue
+        kept += len(data)
         if merged and merged[-1][0] == fd:
             merged[-1][1].extend(data)
         else:
             merged.append((fd, bytearray(data)))
-    return [(fd, bytes(data)) for fd, data in merged]
+    return [(fd, bytes(data)) for fd, data in merged], dropped
 
 
 class CannotStart(Exception):
@@ -240,25 +261,36 @@ class CannotStart(Exception):
         self.status = status
 
 
-def _execute(claim: Claim, argv: list[str]) -> CommandOutcome:
+def _execute(
+    claim: Claim, argv: list[str], forwarder: _Forwarder, max_output: int
+) -> CommandOutcome:
     env = dict(os.environ, IDEMFN_KEY=claim.key, IDEMFN_ATTEMPT=str(claim.attempt))
-    with _Forwarder() as forwarder:
-        try:
-            child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        except (FileNotFoundError, NotADirectoryError) as exc:
-            raise CannotStart(f"cannot run {argv[0]!r}: {exc.strerror}", 127) from exc
-        except OSError as exc:  # permission denied, exec format error, ...
-            raise CannotStart(f"cannot run {argv[0]!r}: {exc.strerror or exc}", 126) from exc
-        with child:
-            forwarder.started(child)
-            output = _merge(_pump(child, _Streams()))
-            returncode = child.wait()
-        received = forwarder.received
-    return {  # type: ignore[typeddict-unknown-key]
-        MARK: 1,
+    early = forwarder.first()
+    if early is not None:
+        raise CannotStart(
+            f"interrupted by {early.name} before {argv[0]!r} started", exit_status(-early)
+        )
+    try:
+        child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise CannotStart(f"cannot run {argv[0]!r}: {exc.strerror}", 127) from exc
+    except OSError as exc:  # permission denied, exec format error, ...
+        raise CannotStart(f"cannot run {argv[0]!r}: {exc.strerror or exc}", 126) from exc
+    with child:
+        forwarder.child = child
+        early = forwarder.first()
+        if early is not None:  # arrived while the command was being started
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(early)
+        output, dropped = _record(_pump(child, _Streams()), max_output)
+        returncode = child.wait()
+    received = forwarder.first()
+    return {
+        "format": MARK,
         "argv": argv,
         "returncode": returncode,
         "output": output,
+        "dropped": dropped,
         "interrupted_by": received.name if received is not None else None,
     }
 
@@ -271,27 +303,30 @@ def run_once(
     policy: Policy,
     fingerprint: str,
     retry_on_exit: frozenset[int] = frozenset(),
+    max_output: int = MAX_OUTPUT,
 ) -> tuple[CommandOutcome, bool]:
     """Run ``argv`` unless ``key`` has a record; return its outcome and whether it ran now.
 
     Raises what ``begin`` raises, ``Halted`` for a halted key with no recorded outcome (its
     runner was killed), ``CannotStart``, and ``OwnershipLost``/``StoreError`` from recording.
     """
-    step = begin(key, store=store, fingerprint=fingerprint, policy=policy)
-    if isinstance(step, Finished):
-        return recorded(step), False
-    with step as claim:
-        try:
-            outcome = _execute(claim, argv)
-        except CannotStart:
-            claim.release()  # nothing ran: the next run may try again
-            raise
-        if outcome["interrupted_by"] is None and outcome["returncode"] in retry_on_exit:
-            claim.release()
-        elif outcome["returncode"] == 0 and outcome["interrupted_by"] is None:
-            claim.complete(outcome)
-        else:
-            claim.halt(CommandFailed(outcome))
+    with _Forwarder() as forwarder:
+        step = begin(key, store=store, fingerprint=fingerprint, policy=policy)
+        if isinstance(step, Finished):
+            return recorded(step), False
+        forwarder.holding = True
+        with step as claim:
+            try:
+                outcome = _execute(claim, argv, forwarder, max_output)
+            except CannotStart:
+                claim.release()  # nothing ran: the next run may try again
+                raise
+            if outcome["interrupted_by"] is None and outcome["returncode"] in retry_on_exit:
+                claim.release()
+            elif outcome["returncode"] == 0 and outcome["interrupted_by"] is None:
+                claim.complete(outcome)
+            else:
+                claim.halt(CommandFailed(outcome))
     return outcome, True
 
 
@@ -315,7 +350,16 @@ def replay(outcome: CommandOutcome) -> int:
     streams = _Streams()
     for fd, data in outcome["output"]:
         streams.write(fd, data)
+    if outcome["dropped"]:
+        streams.write(2, f"{dropped_note(outcome)}\n".encode())
     return exit_status(outcome["returncode"])
+
+
+def dropped_note(outcome: CommandOutcome) -> str:
+    return (
+        f"idemfn: {outcome['dropped']} more bytes of output were not recorded (past the"
+        " --max-output limit)"
+    )
 
 
 def outcome_of(payload: bytes | None) -> CommandOutcome | None:
