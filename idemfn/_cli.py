@@ -8,6 +8,7 @@ wrong (``Exit``), never a traceback. Inspecting commands never create a store: a
 from __future__ import annotations
 
 import argparse
+import base64
 import enum
 import json
 import logging
@@ -22,7 +23,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any, NoReturn
 
-from . import _owner, _run
+from . import __version__, _owner, _run
 from ._engine import Policy, abandoned_reason
 from ._errors import (
     AlreadyRunning,
@@ -80,13 +81,17 @@ exit status:
   75   the key is running: run found a live owner; forget refused without --force
   126  run: the command could not be executed (nothing recorded)
   127  run: the command was not found (nothing recorded)
+  128+N
+       run: a signal N reached the runner after its claim, before the command started
+       (nothing ran, the key is released); or the command was ended by signal N
+  130  idemfn itself was interrupted (Ctrl-C) outside run
 """
 
 
 class Failure(Exception):
     """Ends the command: ``message`` on stderr, exit with ``status``."""
 
-    def __init__(self, message: str, status: Exit) -> None:
+    def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
 
@@ -143,6 +148,16 @@ def _exit_code(text: str) -> int:
     return code
 
 
+def _key(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(
+            f"a key must be valid UTF-8 text, not {text.encode('utf-8', 'surrogateescape')!r}"
+        ) from None
+    return text
+
+
 def _byte_count(text: str) -> int:
     try:
         value = int(text)
@@ -183,6 +198,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Look at and repair idemfn's records, and run a shell command once.",
         epilog="Each command has its own --help.\n\n" + EXIT_CODES,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(metavar="COMMAND", dest="command", required=True)
 
     def command(
@@ -207,7 +223,7 @@ def _parser() -> argparse.ArgumentParser:
         as_json,
     )
     ls.add_argument("--status", choices=[s.value for s in Status], help="only this status")
-    ls.add_argument("--prefix", default="", metavar="P", help="only keys starting with P")
+    ls.add_argument("--prefix", default="", type=_key, metavar="P", help="keys starting with P")
     ls.add_argument("--limit", type=_positive_int, metavar="N", help="at most N records")
     ls.add_argument("--all", action="store_true", help="include expired records")
     ls.set_defaults(handler=_ls)
@@ -221,7 +237,9 @@ def _parser() -> argparse.ArgumentParser:
         " value loads it as a replay does, so its classes must be importable here.",
         as_json,
     )
-    show.add_argument("key", metavar="KEY", help="the full stored key, as `idemfn ls` lists it")
+    show.add_argument(
+        "key", metavar="KEY", type=_key, help="the full stored key, as `idemfn ls` lists it"
+    )
     show.set_defaults(handler=_show)
 
     forget = command(
@@ -231,7 +249,7 @@ def _parser() -> argparse.ArgumentParser:
         " what a halted call did, say). A running call's record is only deleted with --force.",
         as_json,
     )
-    forget.add_argument("keys", nargs="+", metavar="KEY", help="full stored keys")
+    forget.add_argument("keys", nargs="+", metavar="KEY", type=_key, help="full stored keys")
     forget.add_argument(
         "--status", choices=[s.value for s in Status], help="only delete records in this status"
     )
@@ -273,7 +291,7 @@ def _parser() -> argparse.ArgumentParser:
         " unless --ttl.",
         usage=f"{PROG} run [options] --key KEY -- CMD [ARG ...]",
     )
-    run.add_argument("--key", required=True, help="the key (stored as given)")
+    run.add_argument("--key", required=True, type=_key, help="the key (stored as given)")
     run.add_argument(
         "--ttl",
         type=_seconds(allow_none=True),
@@ -387,7 +405,13 @@ def _store(args: argparse.Namespace, *, create: bool = False) -> Store:
         directory = store_directory(text)
     except (TypeError, ValueError) as exc:
         raise Failure(f"{source}: {exc}", Exit.BAD_STORE) from None
-    if directory is not None and not create:
+    if directory is None:
+        raise Failure(
+            f"{source}: {text!r} is a store inside one process, empty in every new one:"
+            f" {PROG} needs a store that outlives it (a directory, or a server URL)",
+            Exit.BAD_STORE,
+        )
+    if not create:
         if not directory.is_dir():
             raise Failure(
                 f"no store at {directory} ({source}): the directory does not exist",
@@ -552,12 +576,15 @@ def _value(entry: Entry) -> dict[str, Any]:
         return {
             "command": {
                 "argv": command["argv"],
-                "exit_status": _run.exit_status(command["returncode"]),
+                "exit_status": _run.status_of(command),
                 "ended": _run.ending(command),
                 "interrupted_by": command["interrupted_by"],
                 "dropped": command["dropped"],
                 "stdout": streams[1].decode("utf-8", "backslashreplace"),
                 "stderr": streams[2].decode("utf-8", "backslashreplace"),
+                # The text above is for people; these are the bytes, unambiguous.
+                "stdout_base64": base64.b64encode(streams[1]).decode("ascii"),
+                "stderr_base64": base64.b64encode(streams[2]).decode("ascii"),
             }
         }
     if entry.status != Status.OK or entry.payload is None:
@@ -632,7 +659,7 @@ def _show(args: argparse.Namespace) -> Exit:
     return Exit.OK
 
 
-def _forget(args: argparse.Namespace) -> Exit:
+def _forget(args: argparse.Namespace) -> int:
     store = _store(args)
     removed: list[dict[str, Any]] = []
     problems: list[Failure] = []
@@ -656,10 +683,21 @@ def _forget(args: argparse.Namespace) -> Exit:
 
 def _forget_one(store: Store, key: str, status: str | None, force: bool) -> dict[str, Any]:
     for _ in range(5):  # the record may change between the look and the delete: look again
-        entry = store.get(key)
-        if entry is None:
-            raise _no_record(store, key)
+        try:
+            entry = store.get(key)
+        except StoreError as exc:  # a record that cannot be read can still be deleted
+            if not force or status is not None:
+                raise Failure(
+                    f"{exc}; `{PROG} forget --force {key}` deletes it unread", Exit.STORE_ERROR
+                ) from None
+            if store.delete(key):
+                return {"key": key, "state": "unreadable", "error": str(exc)}
+            raise _no_record(store, key) from None
         now = store.time()
+        if entry is None:  # absent, or expired: `ls --all` lists those, so tidy them too
+            entry = next((e for e in store.scan(key) if e.key == key), None)
+            if entry is None or (status is not None and entry.status != status):
+                raise _no_record(store, key)
         if status is not None and entry.status != status:
             raise Failure(
                 f"key {key!r} is {entry.status}, not {status}: left alone", Exit.NO_RECORD
@@ -754,7 +792,9 @@ def _run_command(args: argparse.Namespace) -> int:
             retry_on_exit=frozenset(args.retry_on_exit), max_output=args.max_output,
         )  # fmt: skip
     except _run.CannotStart as exc:
-        raise Failure(f"{exc} (key {key!r} released: nothing ran)", Exit(exc.status)) from None
+        raise Failure(f"{exc} (key {key!r} released: nothing ran)", exc.status) from None
+    except _run.ForeignRecord as exc:
+        raise Failure(str(exc), Exit.MISMATCH) from None
     except FingerprintMismatch:
         raise Failure(
             f"key {key!r} was first used with another command line"
@@ -779,7 +819,7 @@ def _run_command(args: argparse.Namespace) -> int:
             _say(_run.dropped_note(outcome).removeprefix(f"{PROG}: "))
         if args.verbose:
             _say(f"ran {key!r}: {_run.describe(outcome)}")
-        return _run.exit_status(outcome["returncode"])
+        return _run.status_of(outcome)
     status = _run.replay(outcome)
     if args.verbose:
         _say(f"replayed {key!r} from its record: {_run.describe(outcome)}; the command did not run")
@@ -790,6 +830,8 @@ def _run_command(args: argparse.Namespace) -> int:
 
 
 def _say(message: str) -> None:
+    if sys.stderr is None:  # closed (`2>&-`): print() would write to stdout instead
+        return
     if not message.startswith(f"{PROG} "):  # usage errors name the command already
         message = f"{PROG}: {message}"
     print(message, file=sys.stderr, flush=True)

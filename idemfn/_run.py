@@ -18,6 +18,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from types import FrameType
@@ -29,7 +30,16 @@ from ._fingerprint import fingerprint_value
 from ._outcome import load
 from ._stores import Store
 
-__all__ = ["CommandFailed", "CommandOutcome", "exit_status", "is_outcome", "replay", "run_once"]
+__all__ = [
+    "CommandFailed",
+    "CommandOutcome",
+    "ForeignRecord",
+    "exit_status",
+    "is_outcome",
+    "recorded",
+    "replay",
+    "run_once",
+]
 
 #: Marks a recorded value as the outcome of ``idemfn run``, and its layout's version.
 MARK: Final = "idemfn.run/1"
@@ -99,6 +109,17 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def status_of(outcome: CommandOutcome) -> int:
+    """The status ``idemfn run`` exits with for ``outcome``, now and on every replay: the
+    command's, except that an interrupted command that still exited 0 gives 128 + the signal
+    (its record is halted: a success status would hide that)."""
+    status = exit_status(outcome["returncode"])
+    interrupted = outcome["interrupted_by"]
+    if status == 0 and interrupted:
+        return 128 + int(signal.Signals[interrupted])
+    return status
+
+
 def is_outcome(value: object) -> bool:
     return isinstance(value, dict) and value.get("format") == MARK
 
@@ -129,8 +150,13 @@ class _Forwarder:
         self._previous: dict[signal.Signals, object] = {}
 
     def __enter__(self) -> _Forwarder:
+        if threading.current_thread() is not threading.main_thread():
+            return self  # only the main thread may handle signals (main() called from a thread)
         for signum in FORWARDED:
-            self._previous[signum] = signal.signal(signum, self._handle)
+            # A signal the runner was started ignoring (nohup, a background job's SIGINT)
+            # stays ignored, by the runner and by the command, which inherits that.
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -177,7 +203,11 @@ class _Streams:
     stops the copying to that stream, never the command or the recording."""
 
     def __init__(self) -> None:
-        self._out: dict[int, BinaryIO | None] = {1: sys.stdout.buffer, 2: sys.stderr.buffer}
+        # A closed stream (`>&-`) is None in sys; its output is still recorded.
+        self._out: dict[int, BinaryIO | None] = {
+            1: getattr(sys.stdout, "buffer", None),
+            2: getattr(sys.stderr, "buffer", None),
+        }
 
     def write(self, fd: int, data: bytes) -> None:
         stream = self._out[fd]
@@ -321,7 +351,8 @@ def run_once(
             except CannotStart:
                 claim.release()  # nothing ran: the next run may try again
                 raise
-            if outcome["interrupted_by"] is None and outcome["returncode"] in retry_on_exit:
+            status = exit_status(outcome["returncode"])
+            if outcome["interrupted_by"] is None and status in retry_on_exit:
                 claim.release()
             elif outcome["returncode"] == 0 and outcome["interrupted_by"] is None:
                 claim.complete(outcome)
@@ -330,19 +361,42 @@ def run_once(
     return outcome, True
 
 
+class ForeignRecord(Exception):
+    """The key's record was made by a Python call, not by ``idemfn run``."""
+
+
 def recorded(finished: Finished) -> CommandOutcome:
-    """The command outcome a finished record holds; ``Halted`` when it holds none."""
+    """The command outcome a finished record holds.
+
+    Raises ``Halted`` when it holds none (its runner died), and ``ForeignRecord`` when a Python
+    call made it (with ``fingerprint=False``, or the check would have refused it first).
+    """
+    key = finished.entry.key
     try:
         value = finished.replay()
     except CommandFailed as failed:
         return failed.outcome
+    except Halted:
+        exc_type = finished.entry.exc_type
+        if exc_type is None:  # abandoned, or interrupted while recording
+            raise
+        if exc_type.endswith(".CommandFailed"):
+            raise Halted(
+                f"the recorded outcome of key {key!r} ({finished.entry.message}) no longer loads"
+                " in this version of idemfn",
+                key=key,
+                reason="the recorded command outcome no longer loads",
+            ) from None
+        raise ForeignRecord(_foreign(key)) from None
+    except Exception:  # a Python call's recorded exception
+        raise ForeignRecord(_foreign(key)) from None
     if not is_outcome(value):
-        raise Halted(
-            f"the record of key {finished.entry.key!r} was not made by `idemfn run`",
-            key=finished.entry.key,
-            reason="not a command record",
-        )
+        raise ForeignRecord(_foreign(key))
     return value  # type: ignore[no-any-return]
+
+
+def _foreign(key: str) -> str:
+    return f"key {key!r} holds the record of a Python call, not of `idemfn run`: use another key"
 
 
 def replay(outcome: CommandOutcome) -> int:
@@ -351,8 +405,10 @@ def replay(outcome: CommandOutcome) -> int:
     for fd, data in outcome["output"]:
         streams.write(fd, data)
     if outcome["dropped"]:
-        streams.write(2, f"{dropped_note(outcome)}\n".encode())
-    return exit_status(outcome["returncode"])
+        errors = [data for fd, data in outcome["output"] if fd == 2]
+        apart = b"\n" if errors and not errors[-1].endswith(b"\n") else b""
+        streams.write(2, apart + f"{dropped_note(outcome)}\n".encode())
+    return status_of(outcome)
 
 
 def dropped_note(outcome: CommandOutcome) -> str:
