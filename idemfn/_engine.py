@@ -26,7 +26,6 @@ This is also the low-level API for framework authors::
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import itertools
 import logging
@@ -566,6 +565,8 @@ async def abegin_with(
         return step
     waiter = _Waiter(policy.wait)
     while isinstance(step, Busy):
+        import asyncio  # here, not at the top: it costs the `idemfn` command 30 ms to start
+
         await asyncio.sleep(waiter.pause(step))
         step = attempt(store, key, fingerprint, policy, deadline)
     return step
