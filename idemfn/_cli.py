@@ -119,7 +119,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, max_help_position=30)
 
 
-def _seconds(*, allow_none: bool = False) -> Callable[[str], float | None]:
+def _seconds(*, allow_none: bool = False, positive: bool = False) -> Callable[[str], float | None]:
     def parse(text: str) -> float | None:
         if allow_none and text.lower() in ("none", "never", "forever"):
             return None
@@ -129,9 +129,10 @@ def _seconds(*, allow_none: bool = False) -> Callable[[str], float | None]:
             raise argparse.ArgumentTypeError(
                 f"expected a number of seconds{' or none' if allow_none else ''}, not {text!r}"
             ) from None
-        if not math.isfinite(value) or value < 0:
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
             raise argparse.ArgumentTypeError(
-                f"expected a finite number of seconds >= 0, not {text!r}"
+                f"expected a finite number of seconds {'> 0' if positive else '>= 0'},"
+                f" not {text!r}"
             )
         return value
 
@@ -163,8 +164,10 @@ def _byte_count(text: str) -> int:
         value = int(text)
     except ValueError:
         value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of bytes >= 0, not {text!r}")
+    if not 0 <= value <= _run.MAX_OUTPUT_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of bytes from 0 to {_run.MAX_OUTPUT_LIMIT}, not {text!r}"
+        )
     return value
 
 
@@ -294,7 +297,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--key", required=True, type=_key, help="the key (stored as given)")
     run.add_argument(
         "--ttl",
-        type=_seconds(allow_none=True),
+        type=_seconds(allow_none=True, positive=True),
         default=None,
         metavar="S",
         help="seconds to keep the record after CMD finished (default: none, kept forever)",
@@ -308,7 +311,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--lease",
-        type=_seconds(),
+        type=_seconds(positive=True),
         default=30.0,
         metavar="S",
         help="seconds a claim stays valid without a heartbeat (default: 30)",
@@ -411,7 +414,16 @@ def _store(args: argparse.Namespace, *, create: bool = False) -> Store:
             f" {PROG} needs a store that outlives it (a directory, or a server URL)",
             Exit.BAD_STORE,
         )
-    if not create:
+    if create:
+        # A store is made on first use, but not its parents: a mistyped path must not become
+        # a new, empty store in which every step runs again.
+        if source != "the default store" and not directory.parent.is_dir():
+            raise Failure(
+                f"no store at {directory} ({source}), and its parent directory does not exist"
+                " either: check the path (idemfn creates a store, not its parents)",
+                Exit.NO_STORE,
+            )
+    else:
         if not directory.is_dir():
             raise Failure(
                 f"no store at {directory} ({source}): the directory does not exist",
@@ -457,6 +469,11 @@ def _why_gone(entry: Entry, now: float) -> str | None:
     if abandoned_reason(entry, now) is None:
         return None
     return _owner.gone_reason(entry.owner) or f"its lease ran out at {_iso(entry.lease_until)}"
+
+
+def _shown(key: str) -> str:
+    """A key as a table cell: control characters escaped, never sent to the terminal."""
+    return key if key.isprintable() else key.encode("unicode_escape").decode("ascii")
 
 
 def _owner_short(owner: str) -> str:
@@ -507,13 +524,14 @@ def _expiry(entry: Entry, now: float) -> str:
 
 
 def _print_json(value: object) -> None:
-    json.dump(value, sys.stdout, indent=2, ensure_ascii=False)
-    sys.stdout.write("\n")
+    if sys.stdout is not None:  # None: closed (`>&-`)
+        json.dump(value, sys.stdout, indent=2, ensure_ascii=False)
+        sys.stdout.write("\n")
 
 
 def _table(rows: list[list[str]], header: list[str]) -> None:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    if sys.stdout.isatty():  # keep each row on one line: shorten the key column
+    if sys.stdout is not None and sys.stdout.isatty():  # one line a row: shorten the keys
         room = shutil.get_terminal_size().columns - sum(widths[1:]) - 2 * (len(widths) - 1)
         widths[0] = max(min(widths[0], room), 12)
     for row in [header, *rows]:
@@ -540,7 +558,7 @@ def _ls(args: argparse.Namespace) -> Exit:
         _print_json([record_json(e, now) for e in entries])
         return Exit.OK
     rows = [
-        [e.key, _state(e, now), _span(now - _changed_at(e)), _owner_short(e.owner),
+        [_shown(e.key), _state(e, now), _span(now - _changed_at(e)), _owner_short(e.owner),
          _expiry(e, now)]
         for e in entries
     ]  # fmt: skip
@@ -562,7 +580,7 @@ def _find(store: Store, key: str, now: float) -> Entry:
 
 def _no_record(store: Store, key: str) -> Failure:
     similar = sorted(e.key for e in store.scan() if e.key.endswith(key) or key in e.key)[:5]
-    hint = f"; keys like it: {', '.join(similar)}" if similar else ""
+    hint = f"; keys like it: {', '.join(map(repr, similar))}" if similar else ""
     return Failure(f"no record for key {key!r} in {store!r}{hint}", Exit.NO_RECORD)
 
 
@@ -615,7 +633,7 @@ def _show(args: argparse.Namespace) -> Exit:
     state = fields["state"]
     status = state if state == entry.status else f"{entry.status} ({state})"
     lines = [
-        ("key", entry.key),
+        ("key", _shown(entry.key)),
         ("status", status),
         ("attempt", str(entry.attempt)),
         ("started", f"{fields['started_at']}{since}"),
@@ -819,6 +837,7 @@ def _run_command(args: argparse.Namespace) -> int:
             _say(_run.dropped_note(outcome).removeprefix(f"{PROG}: "))
         if args.verbose:
             _say(f"ran {key!r}: {_run.describe(outcome)}")
+        _run.die_like_the_command(outcome)
         return _run.status_of(outcome)
     status = _run.replay(outcome)
     if args.verbose:
@@ -832,7 +851,7 @@ def _run_command(args: argparse.Namespace) -> int:
 def _say(message: str) -> None:
     if sys.stderr is None:  # closed (`2>&-`): print() would write to stdout instead
         return
-    if not message.startswith(f"{PROG} "):  # usage errors name the command already
+    if not message.startswith((f"{PROG} ", f"{PROG}:")):  # usage errors name the command
         message = f"{PROG}: {message}"
     print(message, file=sys.stderr, flush=True)
 
@@ -874,6 +893,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `idemfn ls | head`: the reader has what it wanted
         _silence_stdout()
         return Exit.OK
+    except OSError as exc:  # writing the output failed (stores raise StoreError instead)
+        _silence_stdout()
+        _say(f"cannot write the output: {exc}")
+        return Exit.STORE_ERROR
     except Exception as exc:
         _say(
             f"internal error: {type(exc).__name__}: {exc}. Please report it, with the command"

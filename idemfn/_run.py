@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 from typing import BinaryIO, Final, TypedDict
 
@@ -44,8 +44,10 @@ __all__ = [
 #: Marks a recorded value as the outcome of ``idemfn run``, and its layout's version.
 MARK: Final = "idemfn.run/1"
 
-#: How many bytes of output a run records by default (the rest is still streamed).
+#: How many bytes of output a run records by default (the rest is still streamed), and at
+#: most: a record must stay well below SQLite's 1 GB limit on a value, and fit in memory.
 MAX_OUTPUT: Final = 16 * 2**20
+MAX_OUTPUT_LIMIT: Final = 256 * 2**20
 
 # Signals the runner passes on to the command instead of dying of them. SIGINT and SIGQUIT
 # come from the keyboard too: see _Forwarder.
@@ -93,7 +95,7 @@ def ending(outcome: CommandOutcome) -> str:
     code = outcome["returncode"]
     ended = f"was ended by {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
     if outcome["interrupted_by"]:
-        ended += f" after the runner passed on {outcome['interrupted_by']}"
+        ended += f" after the runner received {outcome['interrupted_by']}"
     return ended
 
 
@@ -199,8 +201,9 @@ def _terminal_delivers_to_us() -> bool:
 
 
 class _Streams:
-    """This process's stdout and stderr, written as raw bytes; a closed reader (``| head``)
-    stops the copying to that stream, never the command or the recording."""
+    """This process's stdout and stderr, written as raw bytes. A stream that fails (a reader
+    that left, a full disk, a terminal that hung up, a closed descriptor) stops the copying to
+    that stream, never the command or the recording."""
 
     def __init__(self) -> None:
         # A closed stream (`>&-`) is None in sys; its output is still recorded.
@@ -216,13 +219,19 @@ class _Streams:
         try:
             stream.write(data)
             stream.flush()
-        except (BrokenPipeError, ValueError):  # reader gone, or stream closed
+        except (OSError, ValueError) as exc:  # ValueError: the stream was closed
             self._out[fd] = None
             with contextlib.suppress(OSError):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), fd)  # no error at interpreter exit
+            if not isinstance(exc, (BrokenPipeError, ValueError)):
+                name = "stdout" if fd == 1 else "stderr"
+                self.write(2, f"idemfn: stopped copying the command's {name} ({exc});"
+                              " it is still recorded\n".encode())  # fmt: skip
 
 
-def _pump(child: subprocess.Popen[bytes], streams: _Streams) -> Iterator[tuple[int, bytes]]:
+def _pump(
+    child: subprocess.Popen[bytes], streams: _Streams, on_exit: Callable[[], None]
+) -> Iterator[tuple[int, bytes]]:
     """Copy the command's output to ``streams`` as it comes, yielding each chunk.
 
     Ends when both pipes are closed, or, once the command has exited, when nothing more comes
@@ -249,6 +258,7 @@ def _pump(child: subprocess.Popen[bytes], streams: _Streams) -> Iterator[tuple[i
             if exited_at is None:
                 if child.poll() is not None:
                     exited_at = time.monotonic()
+                    on_exit()
             elif not ready or time.monotonic() - exited_at > _DRAIN:
                 break
 
@@ -301,20 +311,27 @@ def _execute(
             f"interrupted by {early.name} before {argv[0]!r} started", exit_status(-early)
         )
     try:
-        child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        child = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+            preexec_fn=None if _die_with_runner is None else _die_with_runner(os.getpid()),
+        )  # fmt: skip
     except (FileNotFoundError, NotADirectoryError) as exc:
         raise CannotStart(f"cannot run {argv[0]!r}: {exc.strerror}", 127) from exc
     except OSError as exc:  # permission denied, exec format error, ...
         raise CannotStart(f"cannot run {argv[0]!r}: {exc.strerror or exc}", 126) from exc
+    # The signal that interrupted the command: one received before it exited. (One received
+    # while its leftover output drains does not turn a success into a failure.)
+    interrupted: list[signal.Signals | None] = []
     with child:
         forwarder.child = child
         early = forwarder.first()
         if early is not None:  # arrived while the command was being started
             with contextlib.suppress(ProcessLookupError):
                 child.send_signal(early)
-        output, dropped = _record(_pump(child, _Streams()), max_output)
+        chunks = _pump(child, _Streams(), lambda: interrupted.append(forwarder.first()))
+        output, dropped = _record(chunks, max_output)
         returncode = child.wait()
-    received = forwarder.first()
+    received = interrupted[0] if interrupted else forwarder.first()
     return {
         "format": MARK,
         "argv": argv,
@@ -323,6 +340,34 @@ def _execute(
         "dropped": dropped,
         "interrupted_by": received.name if received is not None else None,
     }
+
+
+def _parent_death_signal() -> Callable[[int], Callable[[], None]] | None:
+    """``prctl(PR_SET_PDEATHSIG, SIGKILL)`` for the command, where Linux offers it: a runner
+    killed with SIGKILL takes its command down with it, so that the abandoned claim it leaves
+    never has a command still running behind it (which a retry would run a second time)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def for_runner(runner: int) -> Callable[[], None]:
+        def die_with_runner() -> None:  # in the child, between fork and exec: keep it tiny
+            prctl(pr_set_pdeathsig, signal.SIGKILL)
+            if os.getppid() != runner:  # the runner died before prctl took effect
+                os._exit(128 + signal.SIGKILL)
+
+        return die_with_runner
+
+    return for_runner
+
+
+_die_with_runner = _parent_death_signal()
 
 
 def run_once(
@@ -409,6 +454,21 @@ def replay(outcome: CommandOutcome) -> int:
         apart = b"\n" if errors and not errors[-1].endswith(b"\n") else b""
         streams.write(2, apart + f"{dropped_note(outcome)}\n".encode())
     return status_of(outcome)
+
+
+def die_like_the_command(outcome: CommandOutcome) -> None:
+    """End this process with the signal that ended the command, if the runner received it
+    too (Ctrl-C, a SIGTERM passed on): a shell running a script of ``idemfn run`` lines then
+    stops the script, as it would had it run the command itself ("wait and cooperative exit").
+    A command that caught the signal and exited leaves the runner to exit with its status."""
+    code, received = outcome["returncode"], outcome["interrupted_by"]
+    if code >= 0 or received is None or signal.Signals(-code).name != received:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            stream.flush()
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
 
 
 def dropped_note(outcome: CommandOutcome) -> str:

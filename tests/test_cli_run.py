@@ -14,6 +14,7 @@ import base64
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -199,6 +200,14 @@ while not os.path.exists(release) and time.monotonic() < give_up:
     time.sleep(0.005)
 sys.exit(int(code))
 """
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
 
 
 class Blocker:
@@ -396,12 +405,20 @@ def test_ttl_expires_the_record(store: DiskStore, tmp_path: Path, env: dict[str,
     assert (fields["ttl"], fields["expires_at"]) == (None, None)
 
 
-def test_run_creates_a_missing_store(tmp_path: Path) -> None:
-    store_dir = tmp_path / "deep" / "new" / "store"
+def test_run_creates_a_missing_store_but_not_its_parents(tmp_path: Path) -> None:
+    store_dir = tmp_path / "new-store"
     env = cli_env(store_dir)
     idemfn_cli("run", "--key", "k", "--", "true", env=env)
     assert (store_dir / "cache.db").is_file()
     assert show("k", env)["status"] == "ok"
+    # A mistyped path must not become a new, empty store in which every step runs again.
+    marker = tmp_path / "ran"
+    typo = tmp_path / "nwe" / "store"
+    proc = idemfn_cli("run", "--key", "k", "--", "touch", marker, env=cli_env(typo),
+                      status=Exit.NO_STORE)  # fmt: skip
+    assert str(typo) in one_line(proc.stderr)
+    assert not marker.exists()
+    assert not (tmp_path / "nwe").exists()
 
 
 # -- fingerprints ----------------------------------------------------------------------------
@@ -643,14 +660,17 @@ def test_a_sigkilled_runner_leaves_an_abandoned_key(
     tmp_path: Path, store: DiskStore, env: dict[str, str], on_abandoned: str
 ) -> None:
     block = Blocker(tmp_path)
-    # A session of its own: the orphaned command can be killed with its group afterwards.
+    # A session of its own: were the command to outlive its runner, its group can be killed.
     runner = start("run", "--key", "k", "--", *block.argv, env=env, new_session=True)
     try:
         block.wait_started(runner)
+        command = int(lines(block.log)[0].split()[0])
         runner.kill()
         runner.wait(timeout=TIMEOUT)
+        # The command dies with its runner (PR_SET_PDEATHSIG): no retry can run beside it.
+        poll(lambda: not _alive(command), "the command to die with its runner", timeout=10)
     finally:
-        stop(runner, group=True)  # the command too: it outlived its runner
+        stop(runner, group=True)
     [listed] = json.loads(idemfn_cli("ls", "--json", env=env).stdout)
     assert (listed["key"], listed["status"], listed["state"]) == ("k", "processing", "abandoned")
     assert str(runner.pid) in listed["owner_gone"]
@@ -669,7 +689,7 @@ def test_a_sigkilled_runner_leaves_an_abandoned_key(
         idemfn_cli("run", "--key", "k", "--", *block.argv, env=env, status=Exit.HALTED)
         assert len(lines(block.log)) == 1
         return
-    block.release.touch()
+    block.release.touch()  # the second run's command finishes at once
     proc = idemfn_cli("run", "--key", "k", "--wait", "20", "--on-abandoned", "retry", "--",
                       *block.argv, env=env)  # fmt: skip
     assert [line.split()[1] for line in lines(block.log)] == ["1", "2"]  # IDEMFN_ATTEMPT
@@ -730,7 +750,9 @@ def test_signals_are_forwarded_and_the_key_halts(
         poll(lambda: started.exists() or runner.poll() is not None, "the command to start")
         assert runner.poll() is None, runner.communicate()
         runner.send_signal(sig)
-        first = finish(runner, expected)
+        # A command that died of the signal takes the runner down with the same signal (so
+        # that a shell script stops, as it would had it run the command itself).
+        first = finish(runner, expected if caught else -sig)
     finally:
         stop(runner, group=True)
     assert first.stdout == (b"ready\nbye\n" if caught else b"ready\n")
@@ -811,7 +833,8 @@ def test_max_output_caps_what_is_recorded(env: dict[str, str]) -> None:
     assert replay.stdout == b""
     assert "8" in one_line(replay.stderr)
     # The note starts a line of its own even when the recorded stderr ends mid-line.
-    cmd = ["--", "sh", "-c", "printf 'half a line' >&2; printf 0123456789abcdef"]
+    # (One stream only: across the two, the order the runner reads them in may vary.)
+    cmd = ["--", "sh", "-c", "printf 'half a line' >&2; printf 0123456789abcdef >&2"]
     idemfn_cli("run", "--key", "mid", "--max-output", "11", *cmd, env=env)
     replay = idemfn_cli("run", "--key", "mid", "--max-output", "11", *cmd, env=env)
     note = replay.stderr.decode().splitlines()
@@ -897,9 +920,12 @@ def test_a_signal_while_the_command_starts_is_passed_on(
     assert entry is not None and entry.status == Status.HALTED
     fields = show("starting", env)
     assert fields["command"]["interrupted_by"] == "SIGTERM"
-    # The command got it: before its handler was set (143), or after (5).
-    assert proc.returncode == fields["command"]["exit_status"]
-    assert proc.returncode in (128 + signal.SIGTERM, 5)
+    # The command got it: before its handler was set (it died of it, and so did the runner,
+    # recorded as 143), or after (it exited 5).
+    assert (proc.returncode, fields["command"]["exit_status"]) in (
+        (-signal.SIGTERM, 128 + signal.SIGTERM),
+        (5, 5),
+    )
 
 
 IGNORING = """\
@@ -984,3 +1010,69 @@ def test_a_key_that_is_not_utf8_is_a_usage_error(tmp_path: Path, env: dict[str, 
     assert forget.returncode in (Exit.USAGE, Exit.NO_RECORD), forget
     for proc in results:
         one_line(proc.stderr)
+
+
+# -- from the hostile review -------------------------------------------------------------------
+
+
+def test_the_command_reads_the_runners_stdin_and_a_replay_reads_nothing(
+    env: dict[str, str],
+) -> None:
+    cmd = [PY, "-m", "idemfn", "run", "--key", "cat", "--", "cat"]
+    first = subprocess.run(cmd, input=b"piped in\n", capture_output=True, env=env,
+                           timeout=TIMEOUT, check=True)  # fmt: skip
+    assert first.stdout == b"piped in\n"
+    # A replay leaves stdin alone: the next reader of the pipe gets all of it.
+    script = f"{shlex.join(cmd)} >/dev/null; cat"
+    after = subprocess.run(["sh", "-c", script], input=b"for the next step\n",
+                           capture_output=True, env=env, timeout=TIMEOUT, check=True)  # fmt: skip
+    assert after.stdout == b"for the next step\n"
+
+
+def test_a_script_of_run_lines_stops_when_a_step_dies_of_sigint(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    # Ctrl-C reaches the whole foreground group: here, the shell and the runner get SIGINT
+    # (the runner passes it on). The command dies of it; so must the runner, or the shell
+    # (wait and cooperative exit) would take the step as handled and run the next one.
+    block = Blocker(tmp_path)
+    step = shlex.join([PY, "-m", "idemfn", "run", "--key", "step1", "--", *block.argv])
+    script = f"{step}; echo NEXT STEP RAN"
+    shell = subprocess.Popen(
+        ["bash", "-c", script], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=env, start_new_session=True,
+        preexec_fn=_default_dispositions,
+    )  # fmt: skip
+    try:
+        block.wait_started(shell)
+        os.killpg(shell.pid, signal.SIGINT)
+        out, _ = shell.communicate(timeout=TIMEOUT)
+    finally:
+        stop(shell, group=True)
+    assert b"NEXT STEP RAN" not in out
+    assert shell.returncode == -signal.SIGINT
+    fields = show("step1", env)
+    assert (fields["status"], fields["command"]["exit_status"]) == ("halted", 130)
+
+
+def test_a_failing_stdout_loses_neither_the_outcome_nor_the_status(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    cmd = ["run", "--key", "full", "--", "sh", "-c", "echo out; echo err >&2; exit 3"]
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run([PY, "-m", "idemfn", *cmd], stdin=subprocess.DEVNULL,
+                              stdout=full, stderr=subprocess.PIPE, env=env, timeout=TIMEOUT,
+                              check=False)  # fmt: skip
+    assert proc.returncode == 3
+    assert proc.stderr.startswith(b"idemfn: stopped copying the command's stdout")
+    assert proc.stderr.endswith(b"err\n")
+    assert b"Traceback" not in proc.stderr
+    replay = idemfn_cli(*cmd, env=env, status=3)
+    assert (replay.stdout, replay.stderr) == (b"out\n", b"err\n")
+    # Inspecting into a full disk is an I/O error, not an internal one.
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run([PY, "-m", "idemfn", "ls"], stdin=subprocess.DEVNULL,
+                              stdout=full, stderr=subprocess.PIPE, env=env, timeout=TIMEOUT,
+                              check=False)  # fmt: skip
+    assert proc.returncode == Exit.STORE_ERROR
+    assert b"Traceback" not in proc.stderr and b"internal error" not in proc.stderr
