@@ -21,6 +21,7 @@ import textwrap
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__, _owner, _run
@@ -36,7 +37,7 @@ from ._errors import (
 )
 from ._outcome import load
 from ._record import Entry, Status
-from ._stores import ENV_VAR, Store, open_store, store_directory
+from ._stores import ENV_VAR, Store, locate, open_store
 from ._stores.disk import default_directory
 
 __all__ = ["Exit", "main"]
@@ -405,15 +406,24 @@ def _store(args: argparse.Namespace, *, create: bool = False) -> Store:
     else:
         text, source = str(default_directory()), "the default store"
     try:
-        directory = store_directory(text)
+        kind, where = locate(text)
     except (TypeError, ValueError) as exc:
         raise Failure(f"{source}: {exc}", Exit.BAD_STORE) from None
-    if directory is None:
+    if kind == "memory":
         raise Failure(
             f"{source}: {text!r} is a store inside one process, empty in every new one:"
             f" {PROG} needs a store that outlives it (a directory, or a server URL)",
             Exit.BAD_STORE,
         )
+    if kind == "disk":
+        _check_directory(Path(where), source, create)
+    try:
+        return open_store(text)
+    except (TypeError, ValueError) as exc:  # a bad server URL, or its extra is missing
+        raise Failure(f"{source}: {exc}", Exit.BAD_STORE) from None
+
+
+def _check_directory(directory: Path, source: str, create: bool) -> None:
     if create:
         # A store is made on first use, but not its parents: a mistyped path must not become
         # a new, empty store in which every step runs again.
@@ -423,18 +433,16 @@ def _store(args: argparse.Namespace, *, create: bool = False) -> Store:
                 " either: check the path (idemfn creates a store, not its parents)",
                 Exit.NO_STORE,
             )
-    else:
-        if not directory.is_dir():
-            raise Failure(
-                f"no store at {directory} ({source}): the directory does not exist",
-                Exit.NO_STORE,
-            )
-        if not (directory / "cache.db").is_file():
-            raise Failure(
-                f"no store at {directory} ({source}): the directory holds no idemfn store",
-                Exit.NO_STORE,
-            )
-    return open_store(text)
+        return
+    if not directory.is_dir():
+        raise Failure(
+            f"no store at {directory} ({source}): the directory does not exist", Exit.NO_STORE
+        )
+    if not (directory / "cache.db").is_file():
+        raise Failure(
+            f"no store at {directory} ({source}): the directory holds no idemfn store",
+            Exit.NO_STORE,
+        )
 
 
 # ------------------------------------------------------------------------------------ records

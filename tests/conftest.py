@@ -1,6 +1,7 @@
 """Shared fixtures: every behaviour test runs against each store, sync and async.
 
-- ``store``: a fresh ``MemoryStore`` or ``DiskStore`` (in a temporary directory).
+- ``store``: a fresh ``MemoryStore``, ``DiskStore`` (in a temporary directory) or
+  ``RedisStore`` (on a ``redis-server`` the suite starts, under a prefix of its own).
 - ``make``: decorates a plain function with ``@idempotent(store=store, ...)`` either as it is
   or as an ``async def`` twin, and returns a ``Runner`` that calls it synchronously either way,
   so one test body checks both wrappers.
@@ -14,6 +15,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,9 @@ import pytest
 
 import idemfn
 from idemfn import DiskStore, MemoryStore, Store, idempotent
+from idemfn._stores.redis import RedisStore
+
+from .servers import RedisServer, redis_server
 
 
 @pytest.fixture(autouse=True)
@@ -34,18 +39,29 @@ def _idemfn_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="idemfn")
 
 
-def make_store(kind: str, directory: Path) -> Store:
+STORES = ["memory", "disk", "redis"]
+
+
+def make_store(kind: str, directory: Path, request: pytest.FixtureRequest | None = None) -> Store:
     if kind == "memory":
         return MemoryStore()
     if kind == "disk":
         return DiskStore(directory / "store")
+    if kind == "redis":
+        assert request is not None
+        server: RedisServer = request.getfixturevalue("redis_server")
+        # One server for the session; a prefix of its own keeps each test's records apart.
+        return RedisStore(server.url, prefix=f"test:{uuid.uuid4().hex}:")
     raise AssertionError(kind)
 
 
-@pytest.fixture(params=["memory", "disk"])
+@pytest.fixture(params=STORES)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    s = make_store(request.param, tmp_path)
+    s = make_store(request.param, tmp_path, request)
     yield s
+    if isinstance(s, RedisStore):
+        for name in s.client.scan_iter(match=f"{s.prefix}*"):
+            s.client.delete(name)
     s.close()
 
 
@@ -104,4 +120,4 @@ def counter() -> Callable[..., Any]:
     return body
 
 
-__all__ = ["Make", "Runner", "idemfn", "make_store"]
+__all__ = ["STORES", "Make", "Runner", "idemfn", "make_store", "redis_server"]

@@ -322,16 +322,26 @@ def test_missing_store_directory_is_67_for_every_inspecting_command(tmp_path: Pa
     assert list(empty.iterdir()) == [], "an inspecting command created a store"
 
 
+def test_an_unreachable_server_is_74_naming_it(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    url = f"unix://{tmp_path}/no-redis.sock"
+    for args in (["ls"], ["show", "k"], ["run", "--key", "k", "--", "touch", str(marker)]):
+        proc = idemfn_cli("--store", url, *args, env=cli_env(tmp_path / "s"),
+                          status=Exit.STORE_ERROR)  # fmt: skip
+        assert "no-redis.sock" in one_line(proc.stderr), args
+    assert not marker.exists()
+
+
 def test_bad_store_url_is_68(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     good = cli_env(tmp_path / "s")
     cases: list[tuple[str, list[str], dict[str, str]]] = []
-    for url in ("redis://localhost:6379/0", "postgresql://db/x", "ftp://host/dir"):
+    for url in ("memcached://localhost:11211", "postgresql://db/x", "ftp://host/dir"):
         cases += [
             (url, ["--store", url, "ls"], good),
             (url, ["run", "--key", "k", "--", "touch", str(marker)], cli_env(url)),
         ]
-    url = "rediss://host"
+    url = "sqlite:///tmp/x.db"
     cases += [
         (url, ["show", "k", "--store", url], good),
         (url, ["stats", "--json"], cli_env(url)),
@@ -929,7 +939,7 @@ def test_console_script_is_the_same_command(store: DiskStore, env: dict[str, str
     assert as_json(idemfn_cli("show", "k", "--json", env=env, script=True))["value_repr"] == "1"
     proc = idemfn_cli("show", "nope", env=env, script=True, status=Exit.NO_RECORD)
     assert "'nope'" in one_line(proc.stderr)
-    proc = idemfn_cli("--store", "redis://h", "ls", env=env, script=True, status=Exit.BAD_STORE)
+    proc = idemfn_cli("--store", "ftp://h", "ls", env=env, script=True, status=Exit.BAD_STORE)
     one_line(proc.stderr)
     proc = idemfn_cli(env=env, script=True, status=Exit.USAGE)
     one_line(proc.stderr)

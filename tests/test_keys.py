@@ -256,7 +256,7 @@ def test_unfingerprintable_argument_left_out_by_name() -> None:
         ({"retry_on": (int,)}, TypeError, "retry_on must be an exception type"),
         ({"deadline": "tomorrow"}, TypeError, "deadline must be an aware datetime"),
         ({"store": 42}, TypeError, "store: open_store"),
-        ({"store": "redis://localhost"}, ValueError, "RedisStore"),
+        ({"store": "postgresql://localhost"}, ValueError, "PostgresStore"),
         ({"store": "postgresql://db/x"}, ValueError, "PostgresStore"),
         ({"store": "ftp://x"}, ValueError, "unknown store URL scheme 'ftp'"),
         ({"store": ""}, ValueError, "empty path"),

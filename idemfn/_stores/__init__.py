@@ -15,24 +15,21 @@ __all__ = [
     "MemoryStore",
     "Store",
     "default_store",
+    "locate",
     "open_store",
     "resolve_store",
-    "store_directory",
 ]
 
 ENV_VAR = "IDEMFN_STORE"
 
 # Backends other issues build; until then their URLs are refused with a message saying so.
 _PLANNED = {
-    "redis": "RedisStore",
-    "rediss": "RedisStore",
-    "unix": "RedisStore",
     "postgresql": "PostgresStore",
     "postgres": "PostgresStore",
 }
 
 _lock = threading.Lock()
-_disk_stores: dict[Path, DiskStore] = {}
+_opened: dict[tuple[str, Path | str], Store] = {}
 _memory_store: MemoryStore | None = None
 
 
@@ -40,26 +37,37 @@ def open_store(url_or_path: str | os.PathLike[str] | Store) -> Store:
     """The store a path or URL names.
 
     A directory path (or ``file://`` URL) gives a ``DiskStore``, one per directory in this
-    process; ``memory://`` gives this process's ``MemoryStore``. A ``Store`` is returned as is.
+    process; ``memory://`` gives this process's ``MemoryStore``; ``redis://``, ``rediss://``
+    and ``unix://`` give a ``RedisStore``, one per URL. A ``Store`` is returned as is.
     """
     global _memory_store
     if isinstance(url_or_path, Store):
         return url_or_path
-    directory = store_directory(url_or_path)
-    if directory is None:  # memory://, the only other scheme store_directory lets through
-        with _lock:
+    kind, where = locate(url_or_path)
+    with _lock:
+        if kind == "memory":
             if _memory_store is None:
                 _memory_store = MemoryStore()
             return _memory_store
-    with _lock:
-        store = _disk_stores.get(directory)
+        store = _opened.get((kind, where))
         if store is None:
-            store = _disk_stores[directory] = DiskStore(directory)
+            store = DiskStore(where) if kind == "disk" else _server_store(kind, str(where))
+            _opened[(kind, where)] = store
         return store
 
 
-def store_directory(url_or_path: str | os.PathLike[str]) -> Path | None:
-    """The directory a path or ``file://`` URL names (resolved), or None for ``memory://``.
+def _server_store(kind: str, url: str) -> Store:
+    from .redis import RedisStore  # imports redis-py only when a store needs it
+
+    try:
+        return RedisStore(url)
+    except ImportError:
+        raise ValueError(f"store URL {url!r} needs redis-py: pip install 'idemfn[redis]'") from None
+
+
+def locate(url_or_path: str | os.PathLike[str]) -> tuple[str, Path | str]:
+    """What a path or URL names: ("disk", resolved directory), ("memory", ""), or
+    ("redis", URL).
 
     Raises ``TypeError``/``ValueError`` for anything that names no store this version has.
     """
@@ -75,20 +83,22 @@ def store_directory(url_or_path: str | os.PathLike[str]) -> Path | None:
     if sep and scheme.isidentifier():
         scheme = scheme.lower()
         if scheme == "memory":
-            return None
+            return "memory", ""
+        if scheme in ("redis", "rediss", "unix"):
+            return "redis", text
         if scheme == "file":
             text = rest
         elif scheme in _PLANNED:
             raise ValueError(
                 f"store URL {text!r} needs {_PLANNED[scheme]}, which this version of idemfn does"
-                " not have yet; use a directory path (DiskStore) or memory://"
+                " not have yet; use a directory path (DiskStore) or redis://"
             )
         else:
             raise ValueError(
                 f"unknown store URL scheme {scheme!r} in {text!r}: expected a directory path,"
-                " file://, memory://"
+                " file://, memory://, redis://, rediss:// or unix://"
             )
-    return Path(text).expanduser().resolve()
+    return "disk", Path(text).expanduser().resolve()
 
 
 def default_store() -> Store:

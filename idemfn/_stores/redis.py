@@ -1,0 +1,237 @@
+"""``RedisStore``: records in Redis, shared by every machine that reaches the server.
+
+Each record is a hash under ``prefix + key``:
+
+- ``e``: the encoded entry (what a replay reads: one ``HGET``, one round trip);
+- ``t``: the token of a live claim, ``""`` once finished: the fence of every later write;
+- ``k``: the entry's token, whatever its status (``delete`` on a token compares it);
+- ``x``: when a finished record expires, in server milliseconds (``""``: never).
+
+Every transition is one Lua script, atomic on the server: no read-then-write from the client.
+Expiry is the server's (``PEXPIREAT``), and the store's clock is the server's: ``TIME`` is read
+when the store is first used and then every ``_RESYNC`` seconds, and advanced in between with
+this process's monotonic clock, so neither a skewed nor a jumping client clock moves a lease.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from .._record import Entry, decode, encode
+from .base import Store
+
+if TYPE_CHECKING:
+    import redis
+
+__all__ = ["RedisStore"]
+
+_RESYNC = 30.0  # seconds between reads of the server's clock
+
+# KEYS[1] record; ARGV: token, data, expire-at ms ("" = none), finished-expiry ms ("" = none).
+# Inserts unless a live record is there (one past its "x" counts as absent); returns the live
+# record's entry, or nothing when this claim won.
+_CLAIM = """
+local found = redis.call('HMGET', KEYS[1], 'e', 'x')
+if found[1] then
+  local x = found[2]
+  if x == false or x == '' then return found[1] end
+  local t = redis.call('TIME')
+  if tonumber(x) > tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) then
+    return found[1]
+  end
+  redis.call('DEL', KEYS[1])
+end
+redis.call('HSET', KEYS[1], 'e', ARGV[2], 't', ARGV[1], 'k', ARGV[1], 'x', ARGV[4])
+if ARGV[3] ~= '' then redis.call('PEXPIREAT', KEYS[1], ARGV[3]) end
+return false
+"""
+
+# KEYS[1]; ARGV: fence token, live token of the new entry ("" when finished), its token, data,
+# expire-at ms, finished-expiry ms. Replaces the record only if its live claim is the fence.
+_SWAP = """
+if redis.call('HGET', KEYS[1], 't') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'e', ARGV[4], 't', ARGV[2], 'k', ARGV[3], 'x', ARGV[6])
+if ARGV[5] == '' then redis.call('PERSIST', KEYS[1])
+else redis.call('PEXPIREAT', KEYS[1], ARGV[5]) end
+return 1
+"""
+
+# KEYS[1]; ARGV: fence token. Removes the record only if its live claim is the fence.
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 't') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+# KEYS[1]; ARGV: token ("" = any). Returns 1 if a live record was removed, 2 if an expired one
+# was (tidying, not forgetting), 0 if nothing was.
+_DELETE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local found = redis.call('HMGET', KEYS[1], 'k', 'x')
+if ARGV[1] ~= '' and found[1] ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+local x = found[2]
+if x == false or x == '' then return 1 end
+local t = redis.call('TIME')
+if tonumber(x) > tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) then return 1 end
+return 2
+"""
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+class RedisStore(Store):
+    """Records in Redis (extra ``idemfn[redis]``), shared by every process on every machine
+    that reaches the server.
+
+    ``url_or_client`` is a URL (``redis://``, ``rediss://``, ``unix://``) or a ``redis.Redis``
+    the caller already has (made without ``decode_responses``). Keys are ``prefix + key``.
+    """
+
+    def __init__(self, url_or_client: str | redis.Redis, *, prefix: str = "idemfn:") -> None:
+        try:
+            import redis
+        except ImportError:  # pragma: no cover - the extra is installed in the tests
+            raise ImportError(
+                "RedisStore needs redis-py: pip install 'idemfn[redis]'"
+            ) from None
+        if not isinstance(prefix, str):
+            raise TypeError(f"RedisStore(prefix=...) must be a str, not {type(prefix).__name__}")
+        if isinstance(url_or_client, str):
+            try:
+                client = redis.Redis.from_url(url_or_client)
+            except ValueError as exc:
+                raise ValueError(f"RedisStore: bad URL {url_or_client!r}: {exc}") from None
+        elif isinstance(url_or_client, redis.Redis):
+            client = url_or_client
+            if client.connection_pool.connection_kwargs.get("decode_responses"):
+                raise ValueError(
+                    "RedisStore needs a redis.Redis made without decode_responses=True: records"
+                    " are bytes"
+                )
+        else:
+            raise TypeError(
+                "RedisStore() takes a redis:// URL or a redis.Redis, not"
+                f" {type(url_or_client).__name__}"
+            )
+        self.client = client
+        self.prefix = prefix
+        self.url = _describe(client.connection_pool.connection_kwargs)  # never a password
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError,)
+        self._claim = client.register_script(_CLAIM)
+        self._swap = client.register_script(_SWAP)
+        self._release = client.register_script(_RELEASE)
+        self._delete = client.register_script(_DELETE)
+        self._clock_lock = threading.Lock()
+        self._synced: tuple[float, float] | None = None  # (server seconds, monotonic) at sync
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.url!r}, prefix={self.prefix!r})"
+
+    def _call(self, action: str, key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except self._errors as exc:
+            raise self.error(action, key, f"{type(exc).__name__}: {exc}") from exc
+
+    # The clock: the server's, read now and then, advanced with the monotonic clock.
+    def time(self) -> float:
+        synced = self._synced
+        now = time.monotonic()
+        if synced is None or now - synced[1] > _RESYNC:
+            synced = self._sync()
+        return synced[0] + (now - synced[1])
+
+    def _sync(self) -> tuple[float, float]:
+        with self._clock_lock:
+            before = time.monotonic()
+            seconds, micros = self._call("read the clock for", "TIME", self.client.time)
+            after = time.monotonic()
+            # The server read its clock somewhere in the round trip: assume the middle.
+            self._synced = (seconds + micros / 1e6, (before + after) / 2)
+            return self._synced
+
+    @staticmethod
+    def _expiry(entry: Entry) -> tuple[str, str]:
+        """(when the server may drop the record, when it counts as expired), in ms, or ""."""
+        if entry.expires_at is not None:
+            ms = str(int(entry.expires_at * 1000))
+            return ms, ms
+        if entry.finished_at is None and entry.ttl is not None and entry.lease_until is not None:
+            # An abandoned claim goes when prune would remove it: lease + ttl.
+            return str(int((entry.lease_until + entry.ttl) * 1000) + 1), ""
+        return "", ""
+
+    def _decode(self, key: str, data: object) -> Entry:
+        if not isinstance(data, bytes):
+            raise self.error("read", key, "the stored value is not an idemfn record")
+        try:
+            return decode(data)
+        except ValueError as exc:
+            raise self.error("read", key, f"the record is corrupt: {exc}") from None
+
+    def claim(self, entry: Entry) -> Entry | None:
+        key = entry.key
+        drop_at, expires = self._expiry(entry)
+        token = entry.token if entry.status == "processing" else ""
+        found = self._call(
+            "claim", key, self._claim,
+            keys=[self.prefix + key], args=[token, encode(entry), drop_at, expires],
+        )  # fmt: skip
+        return None if found is None else self._decode(key, found)
+
+    def get(self, key: str) -> Entry | None:
+        data = self._call("read", key, self.client.hget, self.prefix + key, "e")
+        if data is None:
+            return None
+        entry = self._decode(key, data)
+        return None if entry.is_expired(self.time()) else entry
+
+    def swap(self, key: str, token: str, entry: Entry) -> bool:
+        drop_at, expires = self._expiry(entry)
+        live = entry.token if entry.status == "processing" else ""
+        done = self._call(
+            "update", key, self._swap,
+            keys=[self.prefix + key],
+            args=[token, live, entry.token, encode(entry), drop_at, expires],
+        )  # fmt: skip
+        return bool(done)
+
+    def release(self, key: str, token: str) -> bool:
+        done = self._call("release", key, self._release, keys=[self.prefix + key], args=[token])
+        return bool(done)
+
+    def delete(self, key: str, token: str | None = None) -> bool:
+        done = self._call(
+            "delete", key, self._delete, keys=[self.prefix + key], args=[token or ""]
+        )
+        # An expired record counts as absent: removing it is tidying, not forgetting.
+        return done == 1 or (done == 2 and token is not None)
+
+    def scan(self, prefix: str = "") -> Iterator[Entry]:
+        pattern = _glob_escape(self.prefix + prefix) + "*"
+        names = self._call(
+            "list", prefix or "*", lambda: list(self.client.scan_iter(match=pattern, count=1000))
+        )
+        start = len(self.prefix)
+        for name in sorted(names):
+            key = name[start:].decode("utf-8", "surrogateescape")
+            data = self._call("read", key, self.client.hget, name, "e")
+            if data is not None:  # removed since
+                yield self._decode(key, data)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _describe(kwargs: dict[str, Any]) -> str:
+    """A client's server, for messages (never its password)."""
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']}"
+    host, port, db = kwargs.get("host", "localhost"), kwargs.get("port", 6379), kwargs.get("db", 0)
+    return f"redis://{host}:{port}/{db}"
