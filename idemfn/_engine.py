@@ -440,7 +440,11 @@ def attempt(
     store: Store, key: str, fingerprint: str, policy: Policy, deadline: Due | None = None
 ) -> Claim | Finished | Busy:
     """One decision on ``key`` (contract section 5): claim it, replay it, or report it busy."""
-    entry = store.get(key)  # replay first: a finished key costs one read and no write
+    # Replay first: a finished key costs one read and no write. A store whose claim is as
+    # cheap as a read (one round trip that writes nothing over a live record) claims at once:
+    # a first call is then two round trips, claim and complete. Not with a deadline: a
+    # finished record is replayed after it, so it must be looked at before the deadline.
+    entry = None if store.claims_first and deadline is None else store.get(key)
     while True:
         if entry is None:
             now = store.time()

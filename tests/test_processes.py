@@ -29,9 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 import idemfn
-from idemfn import DiskStore, Status, idempotent
+from idemfn import DiskStore, Status, Store, idempotent
+
+from .servers import RedisServer
 
 FORK = multiprocessing.get_context("fork")
 
@@ -63,7 +66,7 @@ def append(path, line):
 @idemfn.idempotent(
     key="{key}",
     name=cfg["name"],
-    store=idemfn.DiskStore(cfg["store"]),
+    store=idemfn.open_store(cfg["store"]),
     lease=cfg["lease"],
     wait=cfg["wait"],
     on_abandoned=cfg["on_abandoned"],
@@ -166,7 +169,7 @@ def _proc_state(pid: int) -> str | None:
 
 
 def _make_work(
-    store: DiskStore,
+    store: Store,
     *,
     name: str,
     label: str,
@@ -199,10 +202,11 @@ def _child_cfg(
     on_abandoned: str = "halt",
     sleep: float = 60.0,
     fail: str = "",
+    store: str | None = None,
 ) -> dict[str, Any]:
     return {
         "fail": fail,
-        "store": str(tmp_path / "store"),
+        "store": store or str(tmp_path / "store"),
         "log": str(tmp_path / "log"),
         "started": str(tmp_path / f"{label}.started"),
         "result": str(tmp_path / f"{label}.json"),
@@ -293,6 +297,17 @@ def _write_json(path: str, obj: object) -> None:
     os.replace(tmp, path)
 
 
+@pytest.fixture(params=["disk", "redis"])
+def where(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A store every process opens with ``idemfn.open_store(where)``: a directory, or the
+    suite's redis-server (emptied first)."""
+    if request.param == "disk":
+        return str(tmp_path / "store")
+    server: RedisServer = request.getfixturevalue("redis_server")
+    redis.Redis(unix_socket_path=str(server.socket)).flushdb()
+    return server.url
+
+
 # -- 1. racing processes x threads on the same keys ---------------------------------------------
 
 N_PROCS, N_THREADS, N_KEYS = 8, 4, 200
@@ -308,7 +323,7 @@ def _race_worker(
         time.sleep(0.001)  # widen the in-flight window so that callers really collide
         return {"i": i, "pid": os.getpid()}
 
-    fn = idempotent(key="k:{i}", name=name, store=DiskStore(store_dir), wait=wait)(body)
+    fn = idempotent(key="k:{i}", name=name, store=idemfn.open_store(store_dir), wait=wait)(body)
     outcomes: list[list[Any]] = []
     lock = threading.Lock()
 
@@ -339,8 +354,10 @@ def _race_worker(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("wait", [0.0, 30.0], ids=["wait0", "wait30"])
-def test_racing_processes_and_threads_run_each_key_once(tmp_path: Path, wait: float) -> None:
-    store_dir = tmp_path / "store"
+def test_racing_processes_and_threads_run_each_key_once(
+    tmp_path: Path, wait: float, where: str
+) -> None:
+    store_dir = where
     log = tmp_path / "bodies.log"
     name = f"procs.race.{int(wait)}"
     barrier = FORK.Barrier(N_PROCS * N_THREADS + 1)
@@ -348,7 +365,7 @@ def test_racing_processes_and_threads_run_each_key_once(tmp_path: Path, wait: fl
     procs = [
         FORK.Process(
             target=_race_worker,
-            args=(str(store_dir), name, wait, str(log), str(results[w]), barrier, w),
+            args=(store_dir, name, wait, str(log), str(results[w]), barrier, w),
             daemon=True,
         )
         for w in range(N_PROCS)
@@ -368,7 +385,7 @@ def test_racing_processes_and_threads_run_each_key_once(tmp_path: Path, wait: fl
     assert {line: n for line, n in counts.items() if n != 1} == {}, "a body ran twice"
     assert sorted(counts, key=int) == [str(i) for i in range(N_KEYS)]
 
-    store = DiskStore(store_dir)
+    store = idemfn.open_store(store_dir)
     parent_log = tmp_path / "parent.log"
 
     def body(i: int) -> dict[str, int]:
@@ -411,11 +428,11 @@ def test_racing_processes_and_threads_run_each_key_once(tmp_path: Path, wait: fl
 
 @pytest.mark.slow
 @pytest.mark.parametrize("reap", [True, False], ids=["reaped", "zombie"])
-def test_killed_owner_halts_the_key_at_once(tmp_path: Path, reap: bool) -> None:
+def test_killed_owner_halts_the_key_at_once(tmp_path: Path, reap: bool, where: str) -> None:
     name, key = "procs.crash_halt", "order-1"
-    cfg = _child_cfg(tmp_path, name=name, key=key, on_abandoned="halt", sleep=60.0)
+    cfg = _child_cfg(tmp_path, name=name, key=key, on_abandoned="halt", sleep=60.0, store=where)
     log = Path(cfg["log"])
-    store = DiskStore(tmp_path / "store")
+    store = idemfn.open_store(where)
     # wait=5: were the dead owner not seen as dead, this call would wait, then AlreadyRunning.
     fn = _make_work(store, name=name, label="parent", log=log, lease=30.0, wait=5.0)
     proc = _start_child(tmp_path, cfg)
@@ -574,7 +591,7 @@ def test_an_exception_recorded_in_a_child_replays_in_the_parent(tmp_path: Path) 
 
 def _retry_worker(store_dir: str, name: str, key: str, log: str, result: str, barrier: Any) -> None:
     fn = _make_work(
-        DiskStore(store_dir), name=name, label="retry", log=Path(log), sleep=0.2,
+        idemfn.open_store(store_dir), name=name, label="retry", log=Path(log), sleep=0.2,
         lease=30.0, wait=30.0, on_abandoned="retry",
     )  # fmt: skip
     barrier.wait(timeout=60)
@@ -586,9 +603,11 @@ def _retry_worker(store_dir: str, name: str, key: str, log: str, result: str, ba
 
 
 @pytest.mark.slow
-def test_killed_owner_is_retried_exactly_once_by_racing_processes(tmp_path: Path) -> None:
+def test_killed_owner_is_retried_exactly_once_by_racing_processes(
+    tmp_path: Path, where: str
+) -> None:
     name, key = "procs.crash_retry", "order-2"
-    cfg = _child_cfg(tmp_path, name=name, key=key, on_abandoned="retry", sleep=60.0)
+    cfg = _child_cfg(tmp_path, name=name, key=key, on_abandoned="retry", sleep=60.0, store=where)
     log = Path(cfg["log"])
     proc = _start_child(tmp_path, cfg)
     try:
@@ -630,7 +649,7 @@ def test_killed_owner_is_retried_exactly_once_by_racing_processes(tmp_path: Path
     assert len(retries) == 1, f"the abandoned key was run again {len(retries)} times"
     assert retries[0].split()[1] == str(values[0]["pid"])
 
-    store = DiskStore(cfg["store"])
+    store = idemfn.open_store(cfg["store"])
     fn = _make_work(store, name=name, label="parent", log=log, on_abandoned="retry")
     try:
         record = fn.status(key)

@@ -16,6 +16,7 @@ import abc
 import time
 from collections.abc import Iterator
 from types import TracebackType
+from typing import ClassVar
 
 from .._errors import StoreError
 from .._record import Entry
@@ -25,6 +26,10 @@ __all__ = ["Store", "prunable"]
 
 class Store(abc.ABC):
     """Where records live. Safe to share between threads; see each store for processes."""
+
+    #: True when ``claim`` costs no more than ``get`` (one round trip that writes nothing
+    #: when a live record is there): the engine then claims at once instead of reading first.
+    claims_first: ClassVar[bool] = False
 
     @abc.abstractmethod
     def claim(self, entry: Entry) -> Entry | None:
