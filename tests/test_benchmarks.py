@@ -22,3 +22,15 @@ def test_core_benchmark_quick_run_finds_no_leak_and_no_thread_per_call() -> None
     for row in ("replay, DiskStore", "first call, DiskStore", "replay, MemoryStore"):
         assert row in out
     assert "memory/threads ok" in out
+
+
+@pytest.mark.slow
+def test_store_benchmark_quick_run_measures_every_store() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_stores.py"), "--quick"],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    for store in ("MemoryStore", "DiskStore", "RedisStore"):
+        for what in ("replay", "first call"):
+            assert f"{store} {what}" in done.stdout
