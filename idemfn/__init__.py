@@ -24,6 +24,7 @@ from ._fingerprint import FINGERPRINT_VERSION, fingerprint_value
 from ._record import Record, Status
 from ._stores import DiskStore, MemoryStore, Store, default_store, open_store
 from ._stores.disk import default_directory
+from ._stores.postgres import PostgresStore
 from ._stores.redis import RedisStore
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "MemoryStore",
     "OwnershipLost",
     "Policy",
+    "PostgresStore",
     "Record",
     "RedisStore",
     "Status",

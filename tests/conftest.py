@@ -1,7 +1,8 @@
 """Shared fixtures: every behaviour test runs against each store, sync and async.
 
 - ``store``: a fresh ``MemoryStore``, ``DiskStore`` (in a temporary directory) or
-  ``RedisStore`` (on a ``redis-server`` the suite starts, under a prefix of its own).
+  ``RedisStore`` (on a ``redis-server`` the suite starts, under a prefix of its own) or
+  ``PostgresStore`` (on a PostgreSQL cluster the suite starts, in a table of its own).
 - ``make``: decorates a plain function with ``@idempotent(store=store, ...)`` either as it is
   or as an ``async def`` twin, and returns a ``Runner`` that calls it synchronously either way,
   so one test body checks both wrappers.
@@ -24,9 +25,10 @@ import pytest
 
 import idemfn
 from idemfn import DiskStore, MemoryStore, Store, idempotent
+from idemfn._stores.postgres import PostgresStore
 from idemfn._stores.redis import RedisStore
 
-from .servers import RedisServer, redis_server
+from .servers import PostgresServer, RedisServer, postgres_server, redis_server
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +41,7 @@ def _idemfn_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="idemfn")
 
 
-STORES = ["memory", "disk", "redis"]
+STORES = ["memory", "disk", "redis", "postgres"]
 
 
 def make_store(kind: str, directory: Path, request: pytest.FixtureRequest | None = None) -> Store:
@@ -52,6 +54,11 @@ def make_store(kind: str, directory: Path, request: pytest.FixtureRequest | None
         server: RedisServer = request.getfixturevalue("redis_server")
         # One server for the session; a prefix of its own keeps each test's records apart.
         return RedisStore(server.url, prefix=f"test:{uuid.uuid4().hex}:")
+    if kind == "postgres":
+        assert request is not None
+        pg: PostgresServer = request.getfixturevalue("postgres_server")
+        # One cluster for the session; a table of its own for each test.
+        return PostgresStore(pg.dsn, table=f"t_{uuid.uuid4().hex}")
     raise AssertionError(kind)
 
 
@@ -62,6 +69,8 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     if isinstance(s, RedisStore):
         for name in s.client.scan_iter(match=f"{s.prefix}*"):
             s.client.delete(name)
+    if isinstance(s, PostgresStore):
+        s._run("drop", s.table, f'DROP TABLE IF EXISTS "{s.table}"', ())
     s.close()
 
 
@@ -120,4 +129,12 @@ def counter() -> Callable[..., Any]:
     return body
 
 
-__all__ = ["STORES", "Make", "Runner", "idemfn", "make_store", "redis_server"]
+__all__ = [
+    "STORES",
+    "Make",
+    "Runner",
+    "idemfn",
+    "make_store",
+    "postgres_server",
+    "redis_server",
+]

@@ -1,22 +1,26 @@
 """Real database servers for the tests, started by the suite itself and stopped after it.
 
-``redis-server`` is Debian's package (the README's test command installs it when missing); it
-listens on a unix socket in a temporary directory only. A missing server fails the tests that
-need it, loudly: a skipped store test would let a broken store land.
+``redis-server`` is Debian's package (the README's test command installs it when missing);
+PostgreSQL is the version 15 binaries on the machine (``initdb``, ``pg_ctl``), run as user
+``postgres`` when the tests run as root. Both listen on unix sockets in temporary directories
+only. A missing server fails the tests that need it, loudly: a skipped store test would let a
+broken store land.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-__all__ = ["RedisServer", "redis_server"]
+__all__ = ["PostgresServer", "RedisServer", "postgres_server", "redis_server"]
 
 
 class RedisServer:
@@ -73,3 +77,65 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     yield server
     server.stop()
+
+
+def _pg_binary(name: str) -> str:
+    found = shutil.which(name) or next(
+        (str(p) for p in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)),
+        None,
+    )
+    if found is None:
+        pytest.fail(f"PostgreSQL's {name} is not installed (the PostgreSQL 15 server binaries)")
+    return found
+
+
+class PostgresServer:
+    """A PostgreSQL cluster of its own on a unix socket; ``dsn`` reaches it."""
+
+    def __init__(self) -> None:
+        # Under /tmp, not pytest's 0700 directories: the server runs as user postgres.
+        self.directory = Path(tempfile.mkdtemp(prefix="idemfn-pg-"))
+        self.data = self.directory / "data"
+        self.socket_dir = self.directory / "sock"
+        self.socket_dir.mkdir()
+        as_root = os.geteuid() == 0
+        if as_root:
+            os.chmod(self.directory, 0o755)
+            shutil.chown(self.directory, "postgres")
+            shutil.chown(self.socket_dir, "postgres")
+        self._prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
+        self._pg_ctl = _pg_binary("pg_ctl")
+        subprocess.run(
+            [*self._prefix, _pg_binary("initdb"), "-D", str(self.data), "-A", "trust",
+             "-U", "postgres", "--no-sync"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        self.dsn = f"host={self.socket_dir} user=postgres dbname=postgres"
+        self.start()
+
+    def _ctl(self, *args: str) -> None:
+        subprocess.run([*self._prefix, self._pg_ctl, "-D", str(self.data), *args], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+
+    def start(self) -> None:
+        options = f"-k {self.socket_dir} -c listen_addresses='' -c fsync=off -c max_connections=200"
+        self._ctl("-o", options, "-l", str(self.directory / "log"), "-w", "start")
+
+    def stop(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self._ctl("-m", "immediate", "-w", "stop")
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    yield server
+    server.remove()

@@ -336,7 +336,7 @@ def test_bad_store_url_is_68(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     good = cli_env(tmp_path / "s")
     cases: list[tuple[str, list[str], dict[str, str]]] = []
-    for url in ("memcached://localhost:11211", "postgresql://db/x", "ftp://host/dir"):
+    for url in ("memcached://localhost:11211", "mysql://db/x", "ftp://host/dir"):
         cases += [
             (url, ["--store", url, "ls"], good),
             (url, ["run", "--key", "k", "--", "touch", str(marker)], cli_env(url)),

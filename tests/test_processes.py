@@ -28,13 +28,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import redis
 
 import idemfn
 from idemfn import DiskStore, Status, Store, idempotent
 
-from .servers import RedisServer
+from .servers import PostgresServer, RedisServer
 
 FORK = multiprocessing.get_context("fork")
 
@@ -297,12 +298,17 @@ def _write_json(path: str, obj: object) -> None:
     os.replace(tmp, path)
 
 
-@pytest.fixture(params=["disk", "redis"])
+@pytest.fixture(params=["disk", "redis", "postgres"])
 def where(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A store every process opens with ``idemfn.open_store(where)``: a directory, or the
-    suite's redis-server (emptied first)."""
+    suite's redis-server or PostgreSQL (emptied first)."""
     if request.param == "disk":
         return str(tmp_path / "store")
+    if request.param == "postgres":
+        pg: PostgresServer = request.getfixturevalue("postgres_server")
+        with psycopg.connect(pg.dsn, autocommit=True) as conn:
+            conn.execute("DROP TABLE IF EXISTS idemfn_records")
+        return f"postgresql://postgres@/postgres?host={pg.socket_dir}"
     server: RedisServer = request.getfixturevalue("redis_server")
     redis.Redis(unix_socket_path=str(server.socket)).flushdb()
     return server.url

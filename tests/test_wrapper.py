@@ -139,8 +139,8 @@ def test_default_store_without_env_is_in_the_state_directory(
 
 
 def test_idemfn_store_with_a_bad_url_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("IDEMFN_STORE", "postgresql://somewhere/db")
-    with pytest.raises(ValueError, match=r"IDEMFN_STORE='postgresql://somewhere/db'.*PostgresStore"):
+    monkeypatch.setenv("IDEMFN_STORE", "mysql://somewhere/db")
+    with pytest.raises(ValueError, match=r"IDEMFN_STORE='mysql://somewhere/db'.*unknown"):
         idempotent(key="k")
     monkeypatch.setenv("IDEMFN_STORE", "gopher://somewhere")
     with pytest.raises(ValueError, match=r"IDEMFN_STORE='gopher://somewhere'.*redis://"):

@@ -22,12 +22,6 @@ __all__ = [
 
 ENV_VAR = "IDEMFN_STORE"
 
-# Backends other issues build; until then their URLs are refused with a message saying so.
-_PLANNED = {
-    "postgresql": "PostgresStore",
-    "postgres": "PostgresStore",
-}
-
 _lock = threading.Lock()
 _opened: dict[tuple[str, Path | str], Store] = {}
 _memory_store: MemoryStore | None = None
@@ -38,7 +32,8 @@ def open_store(url_or_path: str | os.PathLike[str] | Store) -> Store:
 
     A directory path (or ``file://`` URL) gives a ``DiskStore``, one per directory in this
     process; ``memory://`` gives this process's ``MemoryStore``; ``redis://``, ``rediss://``
-    and ``unix://`` give a ``RedisStore``, one per URL. A ``Store`` is returned as is.
+    and ``unix://`` give a ``RedisStore``, ``postgresql://`` and ``postgres://`` a
+    ``PostgresStore``, one per URL. A ``Store`` is returned as is.
     """
     global _memory_store
     if isinstance(url_or_path, Store):
@@ -57,17 +52,29 @@ def open_store(url_or_path: str | os.PathLike[str] | Store) -> Store:
 
 
 def _server_store(kind: str, url: str) -> Store:
-    from .redis import RedisStore  # imports redis-py only when a store needs it
+    # Each imports its client library only when a store needs it.
+    if kind == "redis":
+        from .redis import RedisStore
+
+        try:
+            return RedisStore(url)
+        except ImportError:
+            raise ValueError(
+                f"store URL {url!r} needs redis-py: pip install 'idemfn[redis]'"
+            ) from None
+    from .postgres import PostgresStore
 
     try:
-        return RedisStore(url)
+        return PostgresStore(url)
     except ImportError:
-        raise ValueError(f"store URL {url!r} needs redis-py: pip install 'idemfn[redis]'") from None
+        raise ValueError(
+            f"store URL {url!r} needs psycopg 3: pip install 'idemfn[postgres]'"
+        ) from None
 
 
 def locate(url_or_path: str | os.PathLike[str]) -> tuple[str, Path | str]:
-    """What a path or URL names: ("disk", resolved directory), ("memory", ""), or
-    ("redis", URL).
+    """What a path or URL names: ("disk", resolved directory), ("memory", ""), ("redis", URL)
+    or ("postgres", URL).
 
     Raises ``TypeError``/``ValueError`` for anything that names no store this version has.
     """
@@ -86,17 +93,14 @@ def locate(url_or_path: str | os.PathLike[str]) -> tuple[str, Path | str]:
             return "memory", ""
         if scheme in ("redis", "rediss", "unix"):
             return "redis", text
+        if scheme in ("postgresql", "postgres"):
+            return "postgres", text
         if scheme == "file":
             text = rest
-        elif scheme in _PLANNED:
-            raise ValueError(
-                f"store URL {text!r} needs {_PLANNED[scheme]}, which this version of idemfn does"
-                " not have yet; use a directory path (DiskStore) or redis://"
-            )
         else:
             raise ValueError(
                 f"unknown store URL scheme {scheme!r} in {text!r}: expected a directory path,"
-                " file://, memory://, redis://, rediss:// or unix://"
+                " file://, memory://, redis://, rediss://, unix://, postgresql:// or postgres://"
             )
     return "disk", Path(text).expanduser().resolve()
 

@@ -8,27 +8,23 @@ Each record is a hash under ``prefix + key``:
 - ``x``: when a finished record expires, in server milliseconds (``""``: never).
 
 Every transition is one Lua script, atomic on the server: no read-then-write from the client.
-Expiry is the server's (``PEXPIREAT``), and the store's clock is the server's: ``TIME`` is read
-when the store is first used and then every ``_RESYNC`` seconds, and advanced in between with
-this process's monotonic clock, so neither a skewed nor a jumping client clock moves a lease.
+Expiry is the server's (``PEXPIREAT``), and the store's clock is the server's ``TIME`` (see
+``clock.ServerClock``), so neither a skewed nor a jumping client clock moves a lease.
 """
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .._record import Entry, decode, encode
 from .base import Store
+from .clock import ServerClock
 
 if TYPE_CHECKING:
     import redis
 
 __all__ = ["RedisStore"]
-
-_RESYNC = 30.0  # seconds between reads of the server's clock
 
 # KEYS[1] record; ARGV: token, data, expire-at ms ("" = none), finished-expiry ms ("" = none).
 # Inserts unless a live record is there (one past its "x" counts as absent); returns the live
@@ -132,8 +128,7 @@ class RedisStore(Store):
         self._swap = client.register_script(_SWAP)
         self._release = client.register_script(_RELEASE)
         self._delete = client.register_script(_DELETE)
-        self._clock_lock = threading.Lock()
-        self._synced: tuple[float, float] | None = None  # (server seconds, monotonic) at sync
+        self._clock = ServerClock(self._read_clock)
 
     def __repr__(self) -> str:
         return f"RedisStore({self.url!r}, prefix={self.prefix!r})"
@@ -144,33 +139,22 @@ class RedisStore(Store):
         except self._errors as exc:
             raise self.error(action, key, f"{type(exc).__name__}: {exc}") from exc
 
-    # The clock: the server's, read now and then, advanced with the monotonic clock.
     def time(self) -> float:
-        synced = self._synced
-        now = time.monotonic()
-        if synced is None or now - synced[1] > _RESYNC:
-            synced = self._sync()
-        return synced[0] + (now - synced[1])
+        return self._clock.now()
 
-    def _sync(self) -> tuple[float, float]:
-        with self._clock_lock:
-            first = self._synced is None
-            before = time.monotonic()
-            seconds, micros = self._call("read the clock for", "TIME", self._read_clock, first)
-            after = time.monotonic()
-            # The server read its clock somewhere in the round trip: assume the middle.
-            self._synced = (seconds + micros / 1e6, (before + after) / 2)
-            return self._synced
+    def _read_clock(self, first: bool) -> float:
+        def read() -> tuple[int, int]:
+            if not first:
+                return self.client.time()
+            # First use: load the scripts in the same round trip, so that no call pays for it.
+            pipe = self.client.pipeline(transaction=False)
+            for script in (self._claim, self._swap, self._release, self._delete):
+                pipe.script_load(script.script)
+            pipe.time()
+            return pipe.execute()[-1]  # type: ignore[no-any-return]
 
-    def _read_clock(self, first: bool) -> tuple[int, int]:
-        if not first:
-            return self.client.time()
-        # First use: load the scripts in the same round trip, so that no call pays for it.
-        pipe = self.client.pipeline(transaction=False)
-        for script in (self._claim, self._swap, self._release, self._delete):
-            pipe.script_load(script.script)
-        pipe.time()
-        return pipe.execute()[-1]  # type: ignore[no-any-return]
+        seconds, micros = self._call("read the clock for", "TIME", read)
+        return float(seconds) + float(micros) / 1e6
 
     @staticmethod
     def _expiry(entry: Entry) -> tuple[str, str]:

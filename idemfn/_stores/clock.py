@@ -1,0 +1,46 @@
+"""The clock of a store shared by machines: the server's, without a round trip per reading.
+
+The server's time is read when the store is first used and then every ``RESYNC`` seconds, and
+advanced in between with this process's monotonic clock: a client whose wall clock is skewed,
+or jumps, reads the server's time all the same.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+__all__ = ["RESYNC", "ServerClock"]
+
+RESYNC = 30.0  # seconds between reads of the server's clock
+
+
+class ServerClock:
+    """``now()`` is the server's time in UNIX seconds. ``read(first)`` reads the server's clock
+    (one round trip; ``first`` on the first read, which may do other first-use work)."""
+
+    def __init__(self, read: Callable[[bool], float]) -> None:
+        self._read = read
+        self._lock = threading.Lock()
+        self._synced: tuple[float, float] | None = None  # (server seconds, monotonic) at a read
+
+    def now(self) -> float:
+        synced = self._synced
+        mono = time.monotonic()
+        if synced is None or mono - synced[1] > RESYNC:
+            synced = self._sync()
+        return synced[0] + (time.monotonic() - synced[1])
+
+    def _sync(self) -> tuple[float, float]:
+        with self._lock:
+            before = time.monotonic()
+            server = self._read(self._synced is None)
+            after = time.monotonic()
+            # The server read its clock somewhere in the round trip: assume the middle.
+            self._synced = (server, (before + after) / 2)
+            return self._synced
+
+    def forget(self) -> None:
+        """Read the server's clock again at the next ``now()`` (e.g. after a reconnection)."""
+        self._synced = None

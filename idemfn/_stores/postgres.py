@@ -1,0 +1,257 @@
+"""``PostgresStore``: records in one PostgreSQL table, shared by every machine that reaches it.
+
+    key text PRIMARY KEY   the stored key
+    live text              the token of a live claim, NULL once finished: the fence
+    token text             the entry's token, whatever its status (delete on a token)
+    expires_at float8      when a finished record counts as absent, server UNIX seconds
+    drop_at float8         when prune may remove the row (expiry, or an abandoned claim's
+                           lease + ttl); indexed, so prune is one indexed DELETE
+    entry bytea            the encoded entry
+
+Every transition is one statement: the claim an ``INSERT … ON CONFLICT`` that replaces only
+an expired row and returns the live one in the same statement, every later write an
+``UPDATE``/``DELETE … WHERE key = … AND live = token``. The clock is the server's
+(``clock_timestamp()``, see ``clock.ServerClock``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import zlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from .._record import Entry, decode, encode
+from .base import Store
+from .clock import ServerClock
+
+if TYPE_CHECKING:
+    import psycopg_pool
+
+__all__ = ["PostgresStore"]
+
+_TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+
+
+class PostgresStore(Store):
+    """Records in a PostgreSQL table (extra ``idemfn[postgres]``), created if missing.
+
+    ``dsn_or_pool`` is a connection string or URL (``postgresql://…``) or a
+    ``psycopg_pool.ConnectionPool`` the caller already has.
+    """
+
+    def __init__(
+        self,
+        dsn_or_pool: str | psycopg_pool.ConnectionPool,
+        *,
+        table: str = "idemfn_records",
+    ) -> None:
+        try:
+            import psycopg
+            import psycopg_pool
+        except ImportError:
+            raise ImportError(
+                "PostgresStore needs psycopg 3 and psycopg_pool: pip install 'idemfn[postgres]'"
+            ) from None
+        if not _TABLE_NAME.fullmatch(str(table)):
+            raise ValueError(
+                f"PostgresStore(table=...) must be a plain SQL name (letters, digits, _), not"
+                f" {table!r}"
+            )
+        self.table = table
+        self._psycopg = psycopg
+        if isinstance(dsn_or_pool, str):
+            try:
+                info = psycopg.conninfo.conninfo_to_dict(dsn_or_pool)
+            except psycopg.ProgrammingError as exc:
+                raise ValueError(f"PostgresStore: bad connection string: {exc}") from None
+            self._dsn: str | None = dsn_or_pool
+            self._given_pool: psycopg_pool.ConnectionPool | None = None
+        elif isinstance(dsn_or_pool, psycopg_pool.ConnectionPool):
+            conninfo = dsn_or_pool.conninfo
+            info = psycopg.conninfo.conninfo_to_dict(conninfo if isinstance(conninfo, str) else "")
+            self._dsn = None
+            self._given_pool = dsn_or_pool
+        else:
+            raise TypeError(
+                "PostgresStore() takes a connection string or a psycopg_pool.ConnectionPool,"
+                f" not {type(dsn_or_pool).__name__}"
+            )
+        self.server = _describe(info)  # never a password
+        self._errors: tuple[type[BaseException], ...] = (psycopg.Error, psycopg_pool.PoolTimeout)
+        self._lock = threading.Lock()
+        self._pool: psycopg_pool.ConnectionPool | None = None
+        self._pid = os.getpid()
+        self._clock = ServerClock(self._read_clock)
+        self._sql = _statements(table)
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self.server!r}, table={self.table!r})"
+
+    # Connections: a pool opened on first use, and again in a forked child (a connection must
+    # not be used on both sides of a fork).
+    def _connection(self) -> Any:
+        pool = self._pool
+        if pool is None or self._pid != os.getpid():
+            pool = self._open()
+        return pool.connection()
+
+    def _open(self) -> psycopg_pool.ConnectionPool:
+        with self._lock:
+            if self._pool is not None and self._pid == os.getpid():
+                return self._pool
+            self._pid = os.getpid()
+            if self._given_pool is not None:
+                pool = self._given_pool
+            else:
+                import psycopg_pool
+
+                pool = psycopg_pool.ConnectionPool(
+                    self._dsn or "", min_size=1, max_size=16, open=False,
+                    kwargs={"autocommit": True}, name=f"idemfn {self.server}",
+                )  # fmt: skip
+                pool.open(wait=False)
+            # CREATE … IF NOT EXISTS races with itself in PostgreSQL (a unique violation in
+            # its catalog): processes opening a new table at once take turns.
+            with pool.connection() as conn, conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (zlib.crc32(self.table.encode()),))
+                conn.execute(self._sql["create"])
+                conn.execute(self._sql["index"])
+            self._pool = pool
+            return pool
+
+    def _run(self, action: str, key: str, query: str, params: Any) -> Any:
+        """Run one statement: its rows, or its row count when it returns none."""
+        try:
+            with self._connection() as conn:
+                cur = conn.execute(query, params)
+                if cur.description is None:
+                    return cur.rowcount
+                return cur.fetchall()
+        except self._errors as exc:
+            raise self.error(action, key, f"{type(exc).__name__}: {exc}") from exc
+
+    def _read_clock(self, first: bool) -> float:
+        rows = self._run("read the clock for", "now()", self._sql["now"], ())
+        return float(rows[0][0])
+
+    def time(self) -> float:
+        return self._clock.now()
+
+    @staticmethod
+    def _drop_at(entry: Entry) -> float | None:
+        if entry.expires_at is not None:
+            return entry.expires_at
+        if entry.finished_at is None and entry.ttl is not None and entry.lease_until is not None:
+            return entry.lease_until + entry.ttl  # an abandoned claim: prune's rule
+        return None
+
+    def _decode(self, key: str, data: object) -> Entry:
+        if isinstance(data, memoryview):
+            data = bytes(data)
+        if not isinstance(data, bytes):
+            raise self.error("read", key, "the stored value is not an idemfn record")
+        try:
+            return decode(data)
+        except ValueError as exc:
+            raise self.error("read", key, f"the record is corrupt: {exc}") from None
+
+    def _row(self, entry: Entry) -> dict[str, Any]:
+        live = entry.token if entry.status == "processing" else None
+        return {
+            "key": entry.key, "live": live, "token": entry.token,
+            "expires_at": entry.expires_at, "drop_at": self._drop_at(entry),
+            "entry": encode(entry),
+        }  # fmt: skip
+
+    def claim(self, entry: Entry) -> Entry | None:
+        row = self._row(entry)
+        while True:
+            [(won, found)] = self._run("claim", entry.key, self._sql["claim"], row)
+            if won:
+                return None
+            if found is not None:
+                return self._decode(entry.key, found)
+            # Neither: a row committed by another caller after this statement's snapshot was
+            # taken (or removed since). Look again.
+
+    def get(self, key: str) -> Entry | None:
+        rows = self._run("read", key, self._sql["get"], (key,))
+        if not rows:
+            return None
+        entry = self._decode(key, rows[0][0])
+        return None if entry.is_expired(self.time()) else entry
+
+    def swap(self, key: str, token: str, entry: Entry) -> bool:
+        row = self._row(entry) | {"fence": token}
+        return bool(self._run("update", key, self._sql["swap"], row) == 1)
+
+    def release(self, key: str, token: str) -> bool:
+        return bool(self._run("release", key, self._sql["release"], (key, token)) == 1)
+
+    def delete(self, key: str, token: str | None = None) -> bool:
+        rows = self._run("delete", key, self._sql["delete"], {"key": key, "token": token})
+        if not rows:
+            return False
+        (expires_at,) = rows[0]
+        # An expired record counts as absent: removing it is tidying, not forgetting.
+        return token is not None or expires_at is None or expires_at > self.time()
+
+    def scan(self, prefix: str = "") -> Iterator[Entry]:
+        keys = [k for (k,) in self._run("list", prefix or "*", self._sql["keys"], (prefix,))]
+        for key in keys:  # one row at a time: payloads may be large
+            rows = self._run("read", key, self._sql["get"], (key,))
+            if rows:
+                yield self._decode(key, rows[0][0])
+
+    def prune(self) -> int:
+        """One indexed DELETE: expired rows, and claims whose lease ran out ttl ago."""
+        return int(self._run("prune", self.table, self._sql["prune"], ()))
+
+    def bytes_used(self) -> int | None:
+        rows = self._run("measure", self.table, self._sql["size"], (self.table,))
+        return int(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None and pool is not self._given_pool and self._pid == os.getpid():
+            pool.close()
+
+
+def _statements(table: str) -> dict[str, str]:
+    t = f'"{table}"'  # checked against _TABLE_NAME: a plain name, safe to quote
+    now = "extract(epoch from clock_timestamp())"
+    return {
+        "create": f"CREATE TABLE IF NOT EXISTS {t} (key text PRIMARY KEY, live text, token text"
+        " NOT NULL, expires_at float8, drop_at float8, entry bytea NOT NULL)",
+        "index": f'CREATE INDEX IF NOT EXISTS "{table}_drop_at" ON {t} (drop_at)'
+        " WHERE drop_at IS NOT NULL",
+        "now": f"SELECT {now}",
+        "claim": f"WITH claimed AS (INSERT INTO {t} AS r (key, live, token, expires_at, drop_at,"
+        " entry) VALUES (%(key)s, %(live)s, %(token)s, %(expires_at)s, %(drop_at)s, %(entry)s)"
+        " ON CONFLICT (key) DO UPDATE SET live = EXCLUDED.live, token = EXCLUDED.token,"
+        " expires_at = EXCLUDED.expires_at, drop_at = EXCLUDED.drop_at, entry = EXCLUDED.entry"
+        f" WHERE r.expires_at IS NOT NULL AND r.expires_at <= {now} RETURNING 1)"
+        f" SELECT EXISTS (SELECT 1 FROM claimed), (SELECT entry FROM {t} WHERE key = %(key)s)",
+        "get": f"SELECT entry FROM {t} WHERE key = %s",
+        "swap": f"UPDATE {t} SET live = %(live)s, token = %(token)s, expires_at = %(expires_at)s,"
+        " drop_at = %(drop_at)s, entry = %(entry)s WHERE key = %(key)s AND live = %(fence)s",
+        "release": f"DELETE FROM {t} WHERE key = %s AND live = %s",
+        "delete": f"DELETE FROM {t} WHERE key = %(key)s"
+        " AND (%(token)s::text IS NULL OR token = %(token)s) RETURNING expires_at",
+        "keys": f"SELECT key FROM {t} WHERE starts_with(key, %s) ORDER BY key",
+        "prune": f"DELETE FROM {t} WHERE drop_at IS NOT NULL AND drop_at < {now}",
+        "size": "SELECT pg_total_relation_size(quote_ident(%s))",
+    }
+
+
+def _describe(info: dict[str, Any]) -> str:
+    host = info.get("host") or "localhost"
+    port = info.get("port") or "5432"
+    user = info.get("user") or ""
+    db = info.get("dbname") or user or ""
+    where = f"{host}:{port}" if not str(host).startswith("/") else str(host)
+    return f"postgresql://{user + '@' if user else ''}{where}/{db}"

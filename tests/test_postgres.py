@@ -1,0 +1,124 @@
+"""What only PostgresStore has: a server that can be down or restart, its clock, its table and
+index, connection strings and pools. (Every shared behaviour runs on PostgresStore through the
+``store`` fixture.) All against a real PostgreSQL the suite starts."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import psycopg_pool
+import pytest
+
+import idemfn
+from idemfn import PostgresStore, Status, StoreError, idempotent
+
+from .servers import PostgresServer
+
+
+@pytest.fixture
+def own_server() -> Iterator[PostgresServer]:
+    """A cluster of this test's own, free to be stopped and restarted."""
+    server = PostgresServer()
+    yield server
+    server.remove()
+
+
+def fresh(server: PostgresServer) -> PostgresStore:
+    return PostgresStore(server.dsn, table=f"t_{uuid.uuid4().hex}")
+
+
+def test_the_table_and_its_prune_index_are_created(postgres_server: PostgresServer) -> None:
+    store = fresh(postgres_server)
+    fn = idempotent(key="{x}", store=store, ttl=0.05)(lambda x: x)
+    fn(1)
+    with psycopg.connect(postgres_server.dsn) as conn:
+        indexes = [r[0] for r in conn.execute(
+            "SELECT indexdef FROM pg_indexes WHERE tablename = %s", (store.table,))]  # fmt: skip
+    assert any("drop_at" in i for i in indexes), indexes
+    time.sleep(0.1)
+    assert store.prune() == 1
+    assert store.bytes_used() is not None and store.bytes_used() > 0  # type: ignore[operator]
+    store.close()
+
+
+def test_the_store_clock_is_the_servers(
+    postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = fresh(postgres_server)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)
+    with psycopg.connect(postgres_server.dsn) as conn:
+        server_now = conn.execute("SELECT extract(epoch from clock_timestamp())").fetchone()
+    assert server_now is not None
+    assert abs(store.time() - float(server_now[0])) < 1.0
+    store.close()
+
+
+def test_a_stopped_server_is_a_store_error_naming_it(own_server: PostgresServer) -> None:
+    store = fresh(own_server)
+    fn = idempotent(key="{x}", store=store)(lambda x: x)
+    fn(1)
+    own_server.stop()
+    began = time.monotonic()
+    with pytest.raises(StoreError) as info:
+        fn(2)
+    assert str(own_server.socket_dir) in str(info.value)
+    assert time.monotonic() - began < 15
+    store.close()
+
+
+def test_a_server_restarted_mid_call_never_replays_wrongly(own_server: PostgresServer) -> None:
+    store = fresh(own_server)
+    entered, release = threading.Event(), threading.Event()
+
+    def body(x: int) -> int:
+        entered.set()
+        assert release.wait(30)
+        return x * 10
+
+    fn = idempotent(key="{x}", store=store)(body)
+    outcome: list[object] = []
+
+    def call() -> None:
+        try:
+            outcome.append(fn(1))
+        except StoreError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    assert entered.wait(10)
+    own_server.restart()
+    release.set()
+    thread.join(60)
+    [result] = outcome
+    if isinstance(result, StoreError):  # the dropped connection: said so, naming the server
+        assert str(own_server.socket_dir) in str(result)
+    else:
+        assert result == 10
+        record = fn.status(1)
+        assert record is not None and record.status is Status.OK
+    store.close()
+
+
+def test_an_existing_pool_is_used(postgres_server: PostgresServer) -> None:
+    with psycopg_pool.ConnectionPool(postgres_server.dsn, min_size=1, open=True) as pool:
+        store = PostgresStore(pool, table=f"t_{uuid.uuid4().hex}")
+        fn = idempotent(key="{x}", store=store)(lambda x: [x])
+        assert fn(3) == [3] and fn(3) == [3]
+        store.close()  # the caller's pool stays open
+        assert not pool.closed
+
+
+def test_bad_arguments_name_what_is_wrong() -> None:
+    with pytest.raises(ValueError, match="table="):
+        PostgresStore("host=/nowhere", table="records; DROP TABLE x")
+    with pytest.raises(TypeError, match="connection string"):
+        PostgresStore(42)  # type: ignore[arg-type]
+    store = idemfn.open_store("postgresql://user:s3cret@db.example:5433/app")
+    assert isinstance(store, PostgresStore)
+    assert "s3cret" not in repr(store) and "db.example:5433/app" in repr(store)
