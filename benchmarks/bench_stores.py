@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Replay and first-call latency of every store, side by side, against each backend's floor.
 
-    python benchmarks/bench_stores.py            # starts its own redis-server (Debian's)
+    python benchmarks/bench_stores.py            # starts its own redis-server and PostgreSQL
     python benchmarks/bench_stores.py --quick    # a short run
 
 Each line is the median over rounds of microseconds per call; rounds of a store and of its
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import diskcache
 
-from idemfn import DiskStore, MemoryStore, RedisStore, Store, idempotent
+from idemfn import DiskStore, MemoryStore, PostgresStore, RedisStore, Store, idempotent
 
 
 @contextmanager
@@ -55,6 +55,39 @@ def redis_server(directory: Path) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait()
+
+
+@contextmanager
+def postgres_server() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster (as user postgres when run as root); yields its DSN."""
+    import os
+    import shutil as sh
+
+    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    initdb = sh.which("initdb") or (str(bins[0] / "initdb") if bins else None)
+    pg_ctl = sh.which("pg_ctl") or (str(bins[0] / "pg_ctl") if bins else None)
+    if initdb is None or pg_ctl is None:
+        sys.exit("PostgreSQL's initdb/pg_ctl are not installed")
+    top = Path(tempfile.mkdtemp(prefix="idemfn-bench-pg-"))
+    (top / "sock").mkdir()
+    runas: list[str] = []
+    if os.geteuid() == 0:
+        os.chmod(top, 0o755)
+        sh.chown(top, "postgres")
+        sh.chown(top / "sock", "postgres")
+        runas = ["runuser", "-u", "postgres", "--"]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "check": True}
+    subprocess.run([*runas, initdb, "-D", str(top / "data"), "-A", "trust", "-U", "postgres",
+                    "--no-sync"], **quiet)  # type: ignore[call-overload]  # fmt: skip
+    options = f"-k {top / 'sock'} -c listen_addresses='' -c fsync=off"
+    subprocess.run([*runas, pg_ctl, "-D", str(top / "data"), "-o", options, "-l",
+                    str(top / "log"), "-w", "start"], **quiet)  # type: ignore[call-overload]  # fmt: skip
+    try:
+        yield f"host={top / 'sock'} user=postgres dbname=postgres"
+    finally:
+        subprocess.run([*runas, pg_ctl, "-D", str(top / "data"), "-m", "immediate", "stop"],
+                       **quiet)  # type: ignore[call-overload]  # fmt: skip
+        sh.rmtree(top, ignore_errors=True)
 
 
 def per_call(fn: Callable[[], object], seconds: float) -> float:
@@ -94,14 +127,23 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     rounds, seconds = (3, 0.05) if args.quick else (7, 0.3)
+    import psycopg
     import redis
 
-    with tempfile.TemporaryDirectory() as tmp, redis_server(Path(tmp)) as url:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        redis_server(Path(tmp)) as url,
+        postgres_server() as dsn,
+    ):
         stores: dict[str, Store] = {
             "MemoryStore": MemoryStore(),
             "DiskStore": DiskStore(Path(tmp) / "disk"),
             "RedisStore": RedisStore(url),
+            "PostgresStore": PostgresStore(dsn),
         }
+        pg = psycopg.connect(dsn, autocommit=True)
+        pg.execute("CREATE TABLE raw (key text PRIMARY KEY, value bytea)")
+        pg.execute("INSERT INTO raw VALUES ('k', %s)", (b"x" * 64,))
         cache = diskcache.Cache(str(Path(tmp) / "raw"), eviction_policy="none")
         client = redis.Redis(unix_socket_path=url.removeprefix("unix://"))
         cache.set("k", b"x" * 64)
@@ -111,11 +153,15 @@ def main() -> None:
             "MemoryStore": lambda: None,
             "DiskStore": lambda: cache.get("k"),
             "RedisStore": lambda: client.get("k"),
+            "PostgresStore": lambda: pg.execute("SELECT value FROM raw WHERE key = 'k'").fetchone(),
         }
         floors_first = {
             "MemoryStore": lambda: None,
             "DiskStore": lambda: cache.add(f"f{next(fresh)}", b"x" * 64),
             "RedisStore": lambda: client.set(f"f{next(fresh)}", b"x" * 64, nx=True),
+            "PostgresStore": lambda: pg.execute(
+                "INSERT INTO raw VALUES (%s, %s) ON CONFLICT DO NOTHING", (f"f{next(fresh)}", b"x")
+            ),
         }
         pairs: dict[str, tuple[Callable[[], object], Callable[[], object]]] = {}
         for name, store in stores.items():
@@ -128,6 +174,7 @@ def main() -> None:
         for store in stores.values():
             store.close()
         cache.close()
+        pg.close()
 
 
 if __name__ == "__main__":

@@ -31,6 +31,6 @@ def test_store_benchmark_quick_run_measures_every_store() -> None:
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    for store in ("MemoryStore", "DiskStore", "RedisStore"):
+    for store in ("MemoryStore", "DiskStore", "RedisStore", "PostgresStore"):
         for what in ("replay", "first call"):
             assert f"{store} {what}" in done.stdout
