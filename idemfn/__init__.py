@@ -24,7 +24,7 @@ from ._fingerprint import FINGERPRINT_VERSION, fingerprint_value
 from ._record import Record, Status
 from ._stores import DiskStore, MemoryStore, Store, default_store, open_store
 from ._stores.disk import default_directory
-from ._stores.postgres import PostgresStore
+from ._stores.postgres import PostgresStore, current_connection
 from ._stores.redis import RedisStore
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "StoreError",
     "abegin",
     "begin",
+    "current_connection",
     "default_directory",
     "default_store",
     "fingerprint_value",

@@ -6,6 +6,7 @@ import functools
 import inspect
 import os
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from functools import partial
 from typing import (
@@ -94,6 +95,22 @@ class _Deadline(Generic[P]):
         return deadline_timestamp(value, option="the deadline= callable's result")
 
 
+def _transaction_of(
+    store: Store, transactional: object
+) -> Callable[[str], AbstractContextManager[Any]] | None:
+    if not isinstance(transactional, bool):
+        raise TypeError(f"transactional must be True or False, not {transactional!r}")
+    if not transactional:
+        return None
+    transaction = getattr(store, "transaction", None)
+    if transaction is None:
+        raise TypeError(
+            f"transactional=True needs a store whose records live in the body's database (a"
+            f" PostgresStore), not {store!r}"
+        )
+    return transaction  # type: ignore[no-any-return]
+
+
 def idempotent(
     _misuse: None = None,
     /,
@@ -108,6 +125,7 @@ def idempotent(
     on_abandoned: Literal["halt", "retry"] = "halt",
     retry_on: type[BaseException] | tuple[type[BaseException], ...] = (),
     deadline: datetime | Callable[..., datetime] | None = None,
+    transactional: bool = False,
 ) -> Callable[[Callable[P, R]], IdempotentFunction[P, R]]:
     """Make calls of the decorated function happen once per key.
 
@@ -138,6 +156,7 @@ def idempotent(
         ttl=ttl, lease=lease, wait=wait, on_abandoned=on_abandoned, retry_on=retry_on
     )
     resolved_store = resolve_store(store, option="store")
+    transaction = _transaction_of(resolved_store, transactional)
     deadline_of: _Deadline[Any] | None = None if deadline is None else _Deadline(deadline)
 
     def decorate(fn: Callable[P, R]) -> IdempotentFunction[P, R]:
@@ -160,6 +179,11 @@ def idempotent(
         if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
             getattr(fn, "__call__", None)  # noqa: B004  # not a callable() test
         ):
+            if transaction is not None:
+                raise TypeError(
+                    f"transactional=True needs a sync function ({fn.__qualname__} is async): the"
+                    " body runs on a psycopg (sync) connection"
+                )
             run_async: Callable[P, Any] = fn
 
             @functools.wraps(fn)
@@ -171,6 +195,23 @@ def idempotent(
                     return outcome.replay()
                 with outcome:  # type: ignore[union-attr]
                     value = await run_async(*args, **kwargs)
+                    outcome.complete(value)  # type: ignore[union-attr]
+                return value
+
+        elif transaction is not None:
+            in_transaction = transaction
+
+            @functools.wraps(fn)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                stored_key, fp = call_key(args, kwargs)
+                due = None if deadline_of is None else partial(deadline_of, *args, **kwargs)
+                outcome = begin_with(resolved_store, stored_key, fp, policy, due)
+                if outcome.__class__ is Finished:
+                    return outcome.replay()
+                # The body's writes and the ok record commit together; an exception rolls both
+                # back, then the claim is halted (or released) outside the transaction.
+                with outcome, in_transaction(stored_key):  # type: ignore[union-attr]
+                    value = fn(*args, **kwargs)
                     outcome.complete(value)  # type: ignore[union-attr]
                 return value
 

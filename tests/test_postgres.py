@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import psycopg_pool
@@ -122,3 +123,104 @@ def test_bad_arguments_name_what_is_wrong() -> None:
     store = idemfn.open_store("postgresql://user:s3cret@db.example:5433/app")
     assert isinstance(store, PostgresStore)
     assert "s3cret" not in repr(store) and "db.example:5433/app" in repr(store)
+
+
+# -- transactional mode ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ledger(postgres_server: PostgresServer) -> Iterator[tuple[PostgresStore, str]]:
+    """A store, and a table the bodies write to in the same database."""
+    store = fresh(postgres_server)
+    table = f"ledger_{uuid.uuid4().hex}"
+    with psycopg.connect(postgres_server.dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {table} (order_id text, cents int)")
+    yield store, table
+    store.close()
+
+
+def rows(server: PostgresServer, table: str) -> list[tuple[str, int]]:
+    with psycopg.connect(server.dsn) as conn:
+        return conn.execute(f"SELECT order_id, cents FROM {table} ORDER BY 1").fetchall()
+
+
+def test_the_body_writes_and_the_ok_record_commit_together(
+    postgres_server: PostgresServer, ledger: tuple[PostgresStore, str]
+) -> None:
+    store, table = ledger
+    seen_inside: list[object] = []
+
+    @idempotent(key="{order_id}", store=store, transactional=True)
+    def charge(order_id: str, cents: int) -> int:
+        conn = idemfn.current_connection()
+        conn.execute(f"INSERT INTO {table} VALUES (%s, %s)", (order_id, cents))
+        # Not committed yet: another connection sees neither the row nor the ok record.
+        seen_inside.append((rows(postgres_server, table), store.get(charge.key_for(order_id, 0))))
+        return cents
+
+    assert charge("o-1", 250) == 250
+    [(outside_rows, outside_entry)] = seen_inside
+    assert outside_rows == []
+    assert outside_entry is not None and outside_entry.status == "processing"
+    assert rows(postgres_server, table) == [("o-1", 250)]
+    record = charge.status("o-1", 250)
+    assert record is not None and record.status is Status.OK
+    assert charge("o-1", 250) == 250  # a replay: the body does not run, no second row
+    assert rows(postgres_server, table) == [("o-1", 250)]
+
+
+def test_a_raising_body_rolls_its_writes_back_and_halts(
+    postgres_server: PostgresServer, ledger: tuple[PostgresStore, str]
+) -> None:
+    store, table = ledger
+
+    @idempotent(key="{order_id}", store=store, transactional=True, retry_on=TimeoutError,
+                fingerprint=["order_id"])
+    def charge(order_id: str, error: type[Exception]) -> None:
+        idemfn.current_connection().execute(f"INSERT INTO {table} VALUES (%s, 1)", (order_id,))
+        raise error("the provider said no")
+
+    with pytest.raises(ValueError, match="said no"):
+        charge("o-2", ValueError)
+    assert rows(postgres_server, table) == []  # rolled back
+    record = charge.status("o-2", ValueError)
+    assert record is not None and record.status is Status.HALTED  # recorded all the same
+    with pytest.raises(ValueError, match="said no"):
+        charge("o-2", ValueError)  # replayed
+    with pytest.raises(TimeoutError):
+        charge("o-3", TimeoutError)
+    assert charge.status("o-3", TimeoutError) is None  # retry_on: released
+    assert rows(postgres_server, table) == []
+
+
+def test_a_lost_claim_rolls_the_body_back(
+    postgres_server: PostgresServer, ledger: tuple[PostgresStore, str]
+) -> None:
+    store, table = ledger
+
+    @idempotent(key="{order_id}", store=store, transactional=True)
+    def charge(order_id: str) -> None:
+        idemfn.current_connection().execute(f"INSERT INTO {table} VALUES (%s, 1)", (order_id,))
+        assert store.delete(charge.key_for(order_id))  # `idemfn forget --force` meanwhile
+
+    with pytest.raises(idemfn.OwnershipLost):
+        charge("o-4")
+    assert rows(postgres_server, table) == []
+
+
+def test_transactional_is_refused_where_it_cannot_hold(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="PostgresStore"):
+        idempotent(key="k", store=idemfn.DiskStore(tmp_path / "s"), transactional=True)
+    with pytest.raises(TypeError, match="True or False"):
+        idempotent(key="k", store=idemfn.MemoryStore(), transactional="yes")  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="transactional=True"):
+        idemfn.current_connection()
+
+
+def test_an_async_body_cannot_be_transactional(postgres_server: PostgresServer) -> None:
+    store = fresh(postgres_server)
+
+    async def body() -> None: ...
+
+    with pytest.raises(TypeError, match="sync function"):
+        idempotent(key="k", store=store, transactional=True)(body)

@@ -16,6 +16,8 @@ an expired row and returns the live one in the same statement, every later write
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import re
 import threading
@@ -28,9 +30,30 @@ from .base import Store
 from .clock import ServerClock
 
 if TYPE_CHECKING:
+    import psycopg
     import psycopg_pool
 
-__all__ = ["PostgresStore"]
+__all__ = ["PostgresStore", "current_connection"]
+
+# The transaction of the transactional call running in this context: (store, key, connection).
+_transaction: contextvars.ContextVar[tuple[PostgresStore, str, Any] | None] = (
+    contextvars.ContextVar("idemfn_transaction", default=None)
+)
+
+
+def current_connection() -> psycopg.Connection[Any]:
+    """The connection of the transaction a ``transactional=True`` body runs in.
+
+    The body's writes on it commit together with the key's ``ok`` record, or roll back
+    together when the body raises. Raises ``RuntimeError`` outside such a body.
+    """
+    current = _transaction.get()
+    if current is None:
+        raise RuntimeError(
+            "idemfn.current_connection() is only available inside the body of a function"
+            " decorated with @idempotent(..., store=<PostgresStore>, transactional=True)"
+        )
+    return current[2]  # type: ignore[no-any-return]
 
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
@@ -122,16 +145,35 @@ class PostgresStore(Store):
             self._pool = pool
             return pool
 
-    def _run(self, action: str, key: str, query: str, params: Any) -> Any:
-        """Run one statement: its rows, or its row count when it returns none."""
+    def _run(
+        self, action: str, key: str, query: str, params: Any, *, conn: Any = None
+    ) -> Any:
+        """Run one statement (on ``conn``, else a pooled connection in autocommit): its rows,
+        or its row count when it returns none."""
         try:
-            with self._connection() as conn:
-                cur = conn.execute(query, params)
+            with contextlib.nullcontext(conn) if conn is not None else self._connection() as c:
+                cur = c.execute(query, params)
                 if cur.description is None:
                     return cur.rowcount
                 return cur.fetchall()
         except self._errors as exc:
             raise self.error(action, key, f"{type(exc).__name__}: {exc}") from exc
+
+    @contextlib.contextmanager
+    def transaction(self, key: str) -> Iterator[psycopg.Connection[Any]]:
+        """A transaction for the body of ``key``'s claim: ``current_connection()`` inside, and
+        the claim's ``ok`` record written in it, so that both commit, or roll back, together.
+        (A halted record is written outside it: it must stay when the body's writes go.)"""
+        try:
+            with self._connection() as conn, conn.transaction():
+                token = _transaction.set((self, key, conn))
+                try:
+                    yield conn
+                finally:
+                    _transaction.reset(token)
+        except self._errors as exc:  # BEGIN or COMMIT failed
+            raise self.error("commit the transaction of", key, f"{type(exc).__name__}: {exc}"
+                             ) from exc  # fmt: skip
 
     def _read_clock(self, first: bool) -> float:
         rows = self._run("read the clock for", "now()", self._sql["now"], ())
@@ -186,7 +228,11 @@ class PostgresStore(Store):
 
     def swap(self, key: str, token: str, entry: Entry) -> bool:
         row = self._row(entry) | {"fence": token}
-        return bool(self._run("update", key, self._sql["swap"], row) == 1)
+        current = _transaction.get()
+        conn = None
+        if current is not None and current[:2] == (self, key) and entry.status == "ok":
+            conn = current[2]  # the ok record commits with the body's writes
+        return bool(self._run("update", key, self._sql["swap"], row, conn=conn) == 1)
 
     def release(self, key: str, token: str) -> bool:
         return bool(self._run("release", key, self._sql["release"], (key, token)) == 1)
