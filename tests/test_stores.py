@@ -1,4 +1,9 @@
-"""The store primitives (contract section 6), held to one behaviour on every store."""
+"""The store primitives (contract section 6), held to one behaviour on every store.
+
+The conformance suite itself is ``idemfn.testing.StoreContract`` (shipped for third-party
+stores too); here it runs on every store of conftest's ``store`` fixture, beside tests of what
+only one store has.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from idemfn import DiskStore, Store, StoreError
+from idemfn import DiskStore, StoreError
 from idemfn._record import Entry, decode, encode
+from idemfn.testing import StoreContract
+
+
+class TestStoreContract(StoreContract):
+    """Memory, disk, Redis and PostgreSQL: the ``store`` fixture of conftest.py."""
 
 
 def processing(key: str, token: str = "t1", **fields: object) -> Entry:
@@ -25,86 +35,6 @@ def finished(key: str, token: str = "t1", *, expires_in: float | None = 60.0) ->
         key, "ok", "fp", "me/m/1/1", token, 1, now - 1, ttl=expires_in, finished_at=now,
         expires_at=None if expires_in is None else now + expires_in, payload=b"v",
     )  # fmt: skip
-
-
-def test_claim_inserts_once_and_returns_the_live_entry(store: Store) -> None:
-    first = processing("k", "a")
-    assert store.claim(first) is None
-    found = store.claim(processing("k", "b"))
-    assert found == first
-    assert store.get("k") == first
-
-
-def test_claim_replaces_an_expired_entry(store: Store) -> None:
-    store.claim(finished("k", "old", expires_in=0.05))
-    time.sleep(0.1)
-    assert store.get("k") is None
-    assert store.claim(processing("k", "new")) is None
-    entry = store.get("k")
-    assert entry is not None and entry.token == "new"
-
-
-def test_claim_race_between_threads_has_one_winner(store: Store) -> None:
-    barrier = threading.Barrier(16)
-    wins: list[str] = []
-
-    def racer(i: int) -> None:
-        barrier.wait()
-        if store.claim(processing("race", f"t{i}")) is None:
-            wins.append(f"t{i}")
-
-    threads = [threading.Thread(target=racer, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(wins) == 1
-    entry = store.get("race")
-    assert entry is not None and entry.token == wins[0]
-
-
-def test_swap_is_fenced_on_the_token(store: Store) -> None:
-    store.claim(processing("k", "a"))
-    assert store.swap("k", "wrong", finished("k", "x")) is False
-    entry = store.get("k")
-    assert entry is not None and entry.status == "processing"
-    assert store.swap("k", "a", finished("k", "a")) is True
-    entry = store.get("k")
-    assert entry is not None and entry.status == "ok"
-
-
-def test_swap_never_replaces_a_finished_entry(store: Store) -> None:
-    store.claim(finished("k", "a"))
-    assert store.swap("k", "a", processing("k", "a")) is False
-    entry = store.get("k")
-    assert entry is not None and entry.status == "ok"
-
-
-def test_swap_on_a_missing_key_writes_nothing(store: Store) -> None:
-    assert store.swap("ghost", "a", finished("ghost", "a")) is False
-    assert store.get("ghost") is None
-
-
-def test_delete_with_and_without_token(store: Store) -> None:
-    store.claim(processing("k", "a"))
-    assert store.delete("k", "b") is False
-    assert store.get("k") is not None
-    assert store.delete("k", "a") is True
-    assert store.delete("k") is False
-    store.claim(processing("k", "c"))
-    assert store.delete("k") is True
-    assert store.get("k") is None
-
-
-def test_scan_by_prefix(store: Store) -> None:
-    for key in ("app.a:1", "app.a:2", "app.b:1"):
-        store.claim(finished(key))
-    assert sorted(e.key for e in store.scan("app.a:")) == ["app.a:1", "app.a:2"]
-    assert len(list(store.scan())) == 3
-
-
-def test_time_is_unix_seconds(store: Store) -> None:
-    assert abs(store.time() - time.time()) < 5
 
 
 def test_record_codec_round_trips_every_field() -> None:
@@ -157,19 +87,6 @@ def test_disk_store_reopens_after_close(tmp_path: Path) -> None:
     assert store.get("k") is not None
     with store as s:
         assert s is store
-
-
-def test_release_is_fenced_on_a_live_claim(store: Store) -> None:
-    store.claim(processing("k", "a"))
-    assert store.release("k", "b") is False
-    assert store.release("k", "a") is True
-    assert store.get("k") is None
-    # A finished (e.g. halted-as-abandoned) record keeps its claim's token: a late owner's
-    # release must not remove it.
-    store.claim(finished("done", "a"))
-    assert store.release("done", "a") is False
-    assert store.get("done") is not None
-    assert store.release("ghost", "a") is False
 
 
 # -- found in review (2026-11-22) ---------------------------------------------------------------

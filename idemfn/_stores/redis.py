@@ -208,8 +208,10 @@ class RedisStore(Store):
         """A claim's record is gone: forgotten, pruned, or lost by a server that restarted
         without persistence. The last is not the owner's loss of a race: say so."""
         info = self._call("read the uptime for", key, self.client.info, "server")
+        # Uptime is in whole seconds: this estimate of the server's start is up to 1 s late,
+        # so a server that started less than a second before the claim is taken for a restart.
         started = self.time() - float(info.get("uptime_in_seconds", 0))
-        if started > since - 1:  # the server is younger than the claim (to the second)
+        if started > since:
             raise self.error(
                 "update",
                 key,

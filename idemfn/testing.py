@@ -1,0 +1,302 @@
+"""The store conformance suite: what every ``Store`` must do, as pytest tests (needs pytest).
+
+idemfn runs it on ``MemoryStore``, ``DiskStore``, ``RedisStore`` and ``PostgresStore``. To
+hold your own store to it, subclass ``StoreContract`` in a test module and give it a ``store``
+fixture that yields a fresh, empty store::
+
+    import pytest
+    from idemfn.testing import StoreContract
+
+    class TestMyStore(StoreContract):
+        @pytest.fixture
+        def store(self):
+            store = MyStore(...)
+            yield store
+            store.close()
+
+The tests cover the primitives (atomic claim, fenced swap and release, delete on a token,
+expiry counting as absence, scan, prune) and the contract's behaviours through
+``@idempotent`` on top of them (replay of fresh copies and falsy values, halted and
+``retry_on`` outcomes, mismatches, abandoned owners halted or retried exactly once, fencing
+with ``OwnershipLost``, ttl, deadlines, racing threads, coroutines).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+from . import (
+    DeadlineExceeded,
+    FingerprintMismatch,
+    Halted,
+    OwnershipLost,
+    Status,
+    Store,
+    idempotent,
+)
+from ._record import Entry
+
+__all__ = ["StoreContract"]
+
+# An owner on another machine: only its lease says whether it still runs.
+_REMOTE_OWNER = "elsewhere/0000000000000000.0/1/1"
+
+
+def _processing(store: Store, key: str, token: str, *, lease: float = 30.0) -> Entry:
+    now = store.time()
+    return Entry(key, "processing", "", _REMOTE_OWNER, token, 1, now, lease_until=now + lease,
+                 ttl=60.0)  # fmt: skip
+
+
+def _finished(store: Store, key: str, token: str, *, expires_in: float | None = 60.0) -> Entry:
+    now = store.time()
+    return Entry(
+        key, "ok", "", _REMOTE_OWNER, token, 1, now - 60, ttl=expires_in, finished_at=now,
+        expires_at=None if expires_in is None else now + expires_in, payload=b"v",
+    )  # fmt: skip
+
+
+class StoreContract:
+    """Subclass it with a ``store`` fixture yielding a fresh, empty store."""
+
+    # -- the primitives ----------------------------------------------------------------------
+
+    def test_claim_inserts_once_and_returns_the_live_entry(self, store: Store) -> None:
+        first = _processing(store, "k", "a")
+        assert store.claim(first) is None
+        assert store.claim(_processing(store, "k", "b")) == first
+        assert store.get("k") == first
+
+    def test_an_expired_entry_counts_as_absent_and_is_replaced(self, store: Store) -> None:
+        store.claim(_finished(store, "k", "old", expires_in=0.05))
+        time.sleep(0.1)
+        assert store.get("k") is None
+        assert store.claim(_processing(store, "k", "new")) is None
+        entry = store.get("k")
+        assert entry is not None and entry.token == "new"
+
+    def test_claims_racing_in_threads_have_one_winner(self, store: Store) -> None:
+        barrier = threading.Barrier(12)
+        wins: list[str] = []
+
+        def racer(i: int) -> None:
+            barrier.wait()
+            if store.claim(_processing(store, "race", f"t{i}")) is None:
+                wins.append(f"t{i}")
+
+        threads = [threading.Thread(target=racer, args=(i,)) for i in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(wins) == 1
+        entry = store.get("race")
+        assert entry is not None and entry.token == wins[0]
+
+    def test_swap_and_release_are_fenced_on_the_live_claim(self, store: Store) -> None:
+        store.claim(_processing(store, "k", "a"))
+        assert store.swap("k", "wrong", _finished(store, "k", "x")) is False
+        assert store.release("k", "wrong") is False
+        assert store.swap("k", "a", _finished(store, "k", "a")) is True
+        # Finished: neither its own token nor any other may write it again.
+        assert store.swap("k", "a", _processing(store, "k", "a")) is False
+        assert store.release("k", "a") is False
+        entry = store.get("k")
+        assert entry is not None and entry.status == "ok"
+        # (A claim just made: a store may tell a record lost by a restarted server, for a
+        # claim older than the server, from one never there; see RedisStore.)
+        assert store.swap("ghost", "a", _processing(store, "ghost", "a")) is False
+        assert store.release("ghost", "a") is False
+        assert store.get("ghost") is None
+        store.claim(_processing(store, "r", "b"))
+        assert store.release("r", "b") is True
+        assert store.get("r") is None
+
+    def test_delete_with_and_without_a_token(self, store: Store) -> None:
+        store.claim(_processing(store, "k", "a"))
+        assert store.delete("k", "b") is False
+        assert store.get("k") is not None
+        assert store.delete("k", "a") is True
+        assert store.delete("k") is False
+        store.claim(_finished(store, "k", "c", expires_in=None))
+        assert store.delete("k") is True
+        assert store.get("k") is None
+
+    def test_scan_by_prefix_and_entries_round_trip(self, store: Store) -> None:
+        entries = [_finished(store, key, "t") for key in ("app.a:1", "app.a:2", "app.b:1")]
+        for entry in entries:
+            store.claim(entry)
+        assert sorted(e.key for e in store.scan("app.a:")) == ["app.a:1", "app.a:2"]
+        assert sorted(store.scan(), key=lambda e: e.key) == entries
+
+    def test_time_is_unix_seconds(self, store: Store) -> None:
+        assert abs(store.time() - time.time()) < 60
+
+    def test_prune_removes_what_is_expired_and_keeps_the_rest(self, store: Store) -> None:
+        store.claim(_finished(store, "gone", "a", expires_in=0.05))
+        store.claim(_finished(store, "kept", "b", expires_in=None))
+        store.claim(_processing(store, "running", "c"))
+        time.sleep(0.1)
+        store.prune()
+        assert sorted(e.key for e in store.scan()) == ["kept", "running"]
+
+    # -- the behaviours, through @idempotent -------------------------------------------------
+
+    def test_the_body_runs_once_and_later_calls_replay_fresh_copies(self, store: Store) -> None:
+        runs: list[object] = []
+
+        @idempotent(key="v:{x}", store=store, name="contract.once")
+        def fn(x: object) -> object:
+            runs.append(x)
+            return x
+
+        values: list[object] = [None, 0, "", [], False, {"a": [1]}]
+        for value in values:
+            first = fn(value)
+            again = fn(value)
+            assert again == value and type(again) is type(value)
+            if isinstance(value, (list, dict)):
+                assert again is not first  # a fresh copy
+        assert len(runs) == 6
+
+    def test_exceptions_halt_or_release_and_arguments_are_fingerprinted(
+        self, store: Store
+    ) -> None:
+        runs: list[str] = []
+
+        @idempotent(key="{what}", store=store, name="contract.fail", retry_on=TimeoutError,
+                    fingerprint=["what"])  # fmt: skip
+        def fn(what: str, error: Any = ValueError) -> None:
+            runs.append(what)
+            raise error(what)
+
+        for _ in range(2):
+            with pytest.raises(ValueError, match="bad"):
+                fn("bad")
+        record = fn.status("bad")
+        assert record is not None and record.status is Status.HALTED
+        for _ in range(2):
+            with pytest.raises(TimeoutError):
+                fn("slow", TimeoutError)
+        assert fn.status("slow", TimeoutError) is None
+        assert runs == ["bad", "slow", "slow"]
+
+        @idempotent(key="k", store=store, name="contract.fp")
+        def same_key(x: int) -> int:
+            return x
+
+        same_key(1)
+        with pytest.raises(FingerprintMismatch):
+            same_key(2)
+
+    @pytest.mark.parametrize("on_abandoned", ["halt", "retry"])
+    def test_an_abandoned_claim_is_halted_or_taken_over_once(
+        self, store: Store, on_abandoned: str
+    ) -> None:
+        runs: list[int] = []
+
+        @idempotent(key="{x}", store=store, name="contract.abandoned", wait=5,
+                    on_abandoned=on_abandoned)  # type: ignore[arg-type]  # fmt: skip
+        def fn(x: int) -> int:
+            runs.append(x)
+            return x
+
+        key = fn.key_for(1)
+        # A claim whose owner (on another machine) stopped renewing its lease.
+        store.claim(_processing(store, key, "dead", lease=-1.0))
+        if on_abandoned == "halt":
+            with pytest.raises(Halted, match="lease"):
+                fn(1)
+            with pytest.raises(Halted):
+                fn(1)
+            assert runs == []
+            return
+        results: list[int] = []
+        threads = [threading.Thread(target=lambda: results.append(fn(1))) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert results == [1] * 6
+        assert runs == [1]
+        record = fn.status(1)
+        assert record is not None and (record.status, record.attempt) == (Status.OK, 2)
+
+    def test_a_claim_lost_while_running_writes_nothing(self, store: Store) -> None:
+        @idempotent(key="{x}", store=store, name="contract.lost")
+        def fn(x: int) -> int:
+            assert store.delete(fn.key_for(x))  # forgotten (by an operator) meanwhile
+            return x
+
+        with pytest.raises(OwnershipLost):
+            fn(1)
+        assert fn.status(1) is None
+
+    def test_ttl_and_deadline(self, store: Store) -> None:
+        runs: list[int] = []
+
+        @idempotent(key="{x}", store=store, name="contract.ttl", ttl=0.1)
+        def fn(x: int) -> int:
+            runs.append(x)
+            return x
+
+        fn(1)
+        fn(1)
+        time.sleep(0.2)
+        fn(1)  # expired: absent, so it runs again
+        assert runs == [1, 1]
+        past = datetime.now(timezone.utc) - timedelta(seconds=1)
+
+        @idempotent(key="{x}", store=store, name="contract.deadline", deadline=past)
+        def late(x: int) -> int:
+            runs.append(x)
+            return x
+
+        with pytest.raises(DeadlineExceeded):
+            late(2)
+        assert late.status(2) is None
+        assert runs == [1, 1]
+
+    def test_racing_threads_run_each_body_once(self, store: Store) -> None:
+        runs: list[int] = []
+
+        @idempotent(key="{x}", store=store, name="contract.race", wait=30)
+        def fn(x: int) -> int:
+            runs.append(x)
+            time.sleep(0.01)
+            return x
+
+        barrier = threading.Barrier(8)
+
+        def caller() -> None:
+            barrier.wait()
+            for x in range(20):
+                assert fn(x) == x
+
+        threads = [threading.Thread(target=caller) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(runs) == list(range(20))
+
+    def test_coroutines_behave_the_same(self, store: Store) -> None:
+        runs: list[int] = []
+
+        @idempotent(key="{x}", store=store, name="contract.async")
+        async def fn(x: int) -> int:
+            runs.append(x)
+            await asyncio.sleep(0)
+            return x
+
+        async def main() -> list[int]:
+            return [await fn(1), await fn(1)]
+
+        assert asyncio.run(main()) == [1, 1]
+        assert runs == [1]
