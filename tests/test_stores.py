@@ -7,6 +7,8 @@ only one store has.
 
 from __future__ import annotations
 
+import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -150,3 +152,20 @@ def test_claims_cull_expired_rows_as_they_go(tmp_path: Path) -> None:
     assert not any(key.startswith("old") for key in left)
     assert len(left) == 130
     assert len(store.cache) == 130  # diskcache's own count stayed right
+
+
+@pytest.mark.parametrize(
+    ("url", "module", "extra"),
+    [("redis://nowhere.invalid:1/0", "redis", "idemfn[redis]"),
+     ("postgresql://nowhere.invalid/db", "psycopg", "idemfn[postgres]")],
+)  # fmt: skip
+def test_a_url_whose_extra_is_missing_names_the_extra(
+    url: str, module: str, extra: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import idemfn
+
+    monkeypatch.setitem(sys.modules, module, None)  # `import redis` now raises ImportError
+    with pytest.raises(ValueError, match=re.escape(f"pip install '{extra}'")):
+        idemfn.open_store(url)
+    with pytest.raises(ValueError, match=re.escape(extra)):
+        idemfn.idempotent(key="k", store=url)
