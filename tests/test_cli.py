@@ -14,12 +14,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,71 +29,7 @@ import idemfn
 from idemfn import DiskStore, Policy, Status, idempotent
 from idemfn._cli import EXIT_CODES, Exit
 
-TIMEOUT = 60.0
-
-
-def _installed_script() -> str | None:
-    """The ``idemfn`` console script of this interpreter's environment, if installed."""
-    beside = Path(sys.executable).with_name("idemfn")
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    return shutil.which("idemfn")
-
-
-SCRIPT = _installed_script()
-needs_script = pytest.mark.skipif(SCRIPT is None, reason="the idemfn console script is absent")
-
-
-def cli_env(store: Path | str, **extra: str | None) -> dict[str, str]:
-    """This environment with ``IDEMFN_STORE=store`` (and ``extra``; None unsets a variable)."""
-    env = {k: v for k, v in os.environ.items() if k != "IDEMFN_DEBUG"}
-    env["IDEMFN_STORE"] = str(store)
-    for name, value in extra.items():
-        if value is None:
-            env.pop(name, None)
-        else:
-            env[name] = value
-    return env
-
-
-def _argv(args: Sequence[str | Path], script: bool) -> list[str]:
-    if script:
-        assert SCRIPT is not None
-        return [SCRIPT, *map(str, args)]
-    return [sys.executable, "-m", "idemfn", *map(str, args)]
-
-
-def _checked(
-    proc: subprocess.CompletedProcess[bytes], status: int | None
-) -> subprocess.CompletedProcess[bytes]:
-    what = (
-        f"idemfn {subprocess.list2cmdline(proc.args[3:])} exited {proc.returncode}\n"
-        f"stdout: {proc.stdout[-2000:]!r}\nstderr: {proc.stderr[-2000:]!r}"
-    )
-    assert b"Traceback" not in proc.stderr, what
-    if status is not None:
-        assert proc.returncode == status, what
-    return proc
-
-
-def idemfn_cli(
-    *args: str | Path,
-    env: Mapping[str, str],
-    status: int | None = 0,
-    script: bool = False,
-    cwd: Path | None = None,
-) -> subprocess.CompletedProcess[bytes]:
-    """Run the command; check its exit status (unless None) and that it printed no traceback."""
-    proc = subprocess.run(
-        _argv(args, script),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        env=dict(env),
-        cwd=cwd,
-        timeout=TIMEOUT,
-        check=False,
-    )
-    return _checked(proc, status)
+from .cli import TIMEOUT, argv_of, checked, cli_env, idemfn_cli, needs_script, one_line, poll
 
 
 def idemfn_many(
@@ -108,7 +43,7 @@ def idemfn_many(
     assert len(envs) == len(argvs)
     procs = [
         subprocess.Popen(
-            _argv(args, script=False),
+            argv_of(args),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -127,15 +62,8 @@ def idemfn_many(
                 proc.kill()
                 proc.wait()
     for result in done:
-        _checked(result, None)
+        checked(result, None)
     return done
-
-
-def one_line(stderr: bytes) -> str:
-    """The one line an error prints on stderr."""
-    text = stderr.decode()
-    assert text.endswith("\n") and text.count("\n") == 1, text
-    return text
 
 
 def shown_fields(text: bytes) -> dict[str, str]:
@@ -154,14 +82,6 @@ def as_json(proc: subprocess.CompletedProcess[bytes]) -> Any:
 
 def iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.isoformat(timespec="milliseconds")
-
-
-def poll(condition: Callable[[], object], what: str, timeout: float = 20.0) -> None:
-    give_up = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > give_up:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 # -- records made with the Python API --------------------------------------------------------
@@ -581,7 +501,7 @@ def test_ls_into_a_closed_pipe_exits_quietly(store: DiskStore, env: dict[str, st
         finish(store, f"long:{i:03}:" + "x" * 600, i)
     for args in (["ls"], ["ls", "--json"], ["ls", "--all", "--json"]):
         proc = subprocess.Popen(
-            _argv(args, script=False),
+            argv_of(args),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

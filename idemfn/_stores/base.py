@@ -7,7 +7,9 @@ primitive atomic. That is what lets one conformance suite hold every store to on
 Writing a store: subclass ``Store`` and implement ``claim``, ``get``, ``swap``, ``release``,
 ``delete`` and ``scan``; override ``prune``, ``time`` and ``close`` where the backend does
 better. Translate the backend's own errors to ``StoreError`` (``self.error(...)`` builds one that
-names the store and the key), and raise ``StoreError`` for bytes that do not decode.
+names the store and the key), and read stored bytes with ``self.decode(key, data)``, which
+raises ``StoreError`` for bytes that are not a record. Hold the store to
+``idemfn.testing.StoreContract``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from types import TracebackType
 from typing import ClassVar
 
 from .._errors import StoreError
-from .._record import Entry
+from .._record import Entry, decode
 
 __all__ = ["Store", "prunable"]
 
@@ -92,6 +94,18 @@ class Store(abc.ABC):
 
     def close(self) -> None:  # noqa: B027  # optional hook: most stores hold nothing to close
         """Release connections and files. The store reopens them if used again."""
+
+    def decode(self, key: str, data: object) -> Entry:
+        """The entry stored as ``data`` (bytes) for ``key``; ``StoreError`` naming the key when
+        it is not a record this idemfn reads."""
+        if isinstance(data, memoryview):
+            data = bytes(data)
+        if not isinstance(data, bytes):
+            raise self.error("read", key, "the stored value is not an idemfn record")
+        try:
+            return decode(data)
+        except ValueError as exc:
+            raise self.error("read", key, f"the record is corrupt: {exc}") from None
 
     def error(self, action: str, key: str, cause: BaseException | str) -> StoreError:
         """A ``StoreError`` that names this store, the action and the key."""

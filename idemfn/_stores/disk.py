@@ -16,7 +16,7 @@ import diskcache
 import platformdirs
 
 from .._errors import StoreError
-from .._record import Entry, decode, encode
+from .._record import Entry, encode
 from .base import Store, prunable
 
 __all__ = ["DiskStore", "default_directory"]
@@ -195,14 +195,6 @@ class DiskStore(Store):
             )
         return cache
 
-    def _decode(self, key: str, data: object) -> Entry:
-        if not isinstance(data, bytes):
-            raise self.error("read", key, "the stored value is not an idemfn record")
-        try:
-            return decode(data)
-        except ValueError as exc:
-            raise self.error("read", key, f"the record is corrupt: {exc}") from None
-
     def _expire_time(self, entry: Entry, now: float) -> float | None:
         """When diskcache may drop the row, on its (real) clock; expires_at still decides."""
         if entry.expires_at is None:
@@ -226,7 +218,7 @@ class DiskStore(Store):
                     row = sql(_GET, (key,)).fetchone()
                     if row is None:
                         continue  # removed since: try again
-                    found = self._decode(key, row[0])
+                    found = self.decode(key, row[0])
                     if not found.is_expired(self.time()):
                         return found
                     sql(_DELETE, (key,))  # expired by its own clock, not yet by diskcache's
@@ -241,7 +233,7 @@ class DiskStore(Store):
                 raise self.error("read", key, exc) from exc
         if row is None:
             return None
-        entry = self._decode(key, row[0])
+        entry = self.decode(key, row[0])
         return None if entry.is_expired(self.time()) else entry
 
     def swap(self, key: str, token: str, entry: Entry) -> bool:
@@ -270,7 +262,7 @@ class DiskStore(Store):
                     if row is None:
                         return False
                     try:
-                        entry: Entry | None = self._decode(key, row[0])
+                        entry: Entry | None = self.decode(key, row[0])
                     except StoreError:
                         entry = None  # a corrupt record can still be forgotten
                     if token is not None and (entry is None or entry.token != token):
@@ -297,7 +289,7 @@ class DiskStore(Store):
                 except _BACKEND_ERRORS as exc:
                     raise self.error("read", key, exc) from exc
             if row is not None:
-                yield self._decode(key, row[0])
+                yield self.decode(key, row[0])
 
     def scan(self, prefix: str = "") -> Iterator[Entry]:
         # str keys, raw = 1; ordered by key. The prefix test is done here, not in SQL, so that

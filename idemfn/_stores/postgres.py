@@ -25,7 +25,7 @@ import zlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .._record import Entry, decode, encode
+from .._record import Entry, encode
 from .base import Store
 from .clock import ServerClock
 
@@ -190,16 +190,6 @@ class PostgresStore(Store):
             return entry.lease_until + entry.ttl  # an abandoned claim: prune's rule
         return None
 
-    def _decode(self, key: str, data: object) -> Entry:
-        if isinstance(data, memoryview):
-            data = bytes(data)
-        if not isinstance(data, bytes):
-            raise self.error("read", key, "the stored value is not an idemfn record")
-        try:
-            return decode(data)
-        except ValueError as exc:
-            raise self.error("read", key, f"the record is corrupt: {exc}") from None
-
     def _row(self, entry: Entry) -> dict[str, Any]:
         live = entry.token if entry.status == "processing" else None
         return {
@@ -215,7 +205,7 @@ class PostgresStore(Store):
             if won:
                 return None
             if found is not None:
-                return self._decode(entry.key, found)
+                return self.decode(entry.key, found)
             # Neither: a row committed by another caller after this statement's snapshot was
             # taken (or removed since). Look again.
 
@@ -223,7 +213,7 @@ class PostgresStore(Store):
         rows = self._run("read", key, self._sql["get"], (key,))
         if not rows:
             return None
-        entry = self._decode(key, rows[0][0])
+        entry = self.decode(key, rows[0][0])
         return None if entry.is_expired(self.time()) else entry
 
     def swap(self, key: str, token: str, entry: Entry) -> bool:
@@ -250,7 +240,7 @@ class PostgresStore(Store):
         for key in keys:  # one row at a time: payloads may be large
             rows = self._run("read", key, self._sql["get"], (key,))
             if rows:
-                yield self._decode(key, rows[0][0])
+                yield self.decode(key, rows[0][0])
 
     def prune(self) -> int:
         """One indexed DELETE: expired rows, and claims whose lease ran out ttl ago."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .._record import Entry, decode, encode
+from .._record import Entry, encode
 from .base import Store
 from .clock import ServerClock
 
@@ -167,14 +167,6 @@ class RedisStore(Store):
             return str(int((entry.lease_until + entry.ttl) * 1000) + 1), ""
         return "", ""
 
-    def _decode(self, key: str, data: object) -> Entry:
-        if not isinstance(data, bytes):
-            raise self.error("read", key, "the stored value is not an idemfn record")
-        try:
-            return decode(data)
-        except ValueError as exc:
-            raise self.error("read", key, f"the record is corrupt: {exc}") from None
-
     def claim(self, entry: Entry) -> Entry | None:
         key = entry.key
         drop_at, expires = self._expiry(entry)
@@ -183,13 +175,13 @@ class RedisStore(Store):
             "claim", key, self._claim,
             keys=[self.prefix + key], args=[token, encode(entry), drop_at, expires],
         )  # fmt: skip
-        return None if found is None else self._decode(key, found)
+        return None if found is None else self.decode(key, found)
 
     def get(self, key: str) -> Entry | None:
         data = self._call("read", key, self.client.hget, self.prefix + key, "e")
         if data is None:
             return None
-        entry = self._decode(key, data)
+        entry = self.decode(key, data)
         return None if entry.is_expired(self.time()) else entry
 
     def swap(self, key: str, token: str, entry: Entry) -> bool:
@@ -240,7 +232,7 @@ class RedisStore(Store):
             key = name[start:].decode("utf-8", "surrogateescape")
             data = self._call("read", key, self.client.hget, name, "e")
             if data is not None:  # removed since
-                yield self._decode(key, data)
+                yield self.decode(key, data)
 
     def close(self) -> None:
         self.client.close()
