@@ -140,14 +140,26 @@ def _seconds(*, allow_none: bool = False, positive: bool = False) -> Callable[[s
     return parse
 
 
-def _exit_code(text: str) -> int:
-    try:
-        code = int(text)
-    except ValueError:
-        code = -1
-    if not 1 <= code <= 255:
-        raise argparse.ArgumentTypeError(f"expected an exit status from 1 to 255, not {text!r}")
-    return code
+def _whole(low: int, high: int | None, expected: str) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high``, else "expected …"."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, not {text!r}")
+        return value
+
+    return parse
+
+
+_exit_code = _whole(1, 255, "an exit status from 1 to 255")
+_byte_count = _whole(
+    0, _run.MAX_OUTPUT_LIMIT, f"a number of bytes from 0 to {_run.MAX_OUTPUT_LIMIT}"
+)
+_positive_int = _whole(1, None, "a whole number >= 1")
 
 
 def _key(text: str) -> str:
@@ -158,28 +170,6 @@ def _key(text: str) -> str:
             f"a key must be valid UTF-8 text, not {text.encode('utf-8', 'surrogateescape')!r}"
         ) from None
     return text
-
-
-def _byte_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= _run.MAX_OUTPUT_LIMIT:
-        raise argparse.ArgumentTypeError(
-            f"expected a number of bytes from 0 to {_run.MAX_OUTPUT_LIMIT}, not {text!r}"
-        )
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {text!r}")
-    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -578,7 +568,7 @@ def _ls(args: argparse.Namespace) -> Exit:
     return Exit.OK
 
 
-def _find(store: Store, key: str, now: float) -> Entry:
+def _find(store: Store, key: str) -> Entry:
     """``key``'s record, expired or not; ``Failure`` naming close keys when there is none."""
     for entry in store.scan(key):
         if entry.key == key:
@@ -593,8 +583,19 @@ def _no_record(store: Store, key: str) -> Failure:
 
 
 def _value(entry: Entry) -> dict[str, Any]:
-    """What ``show`` says of a record's payload."""
-    command = _run.outcome_of(entry.payload)
+    """What ``show`` says of a record's payload (loaded once, as a replay loads it)."""
+    if entry.payload is None:
+        return {}
+    try:
+        value = load(entry.payload)
+    except Exception as exc:
+        if entry.status != Status.OK:
+            return {}  # an exception that no longer loads: its type and message are shown
+        return {
+            "value_error": f"{type(exc).__name__}: {exc} (run idemfn where the value's classes"
+            " import: from your project's directory, or with PYTHONPATH set)"
+        }
+    command = _run.outcome_in(value)
     if command is not None:
         streams: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
         for fd, data in command["output"]:
@@ -613,15 +614,8 @@ def _value(entry: Entry) -> dict[str, Any]:
                 "stderr_base64": base64.b64encode(streams[2]).decode("ascii"),
             }
         }
-    if entry.status != Status.OK or entry.payload is None:
+    if entry.status != Status.OK:
         return {}
-    try:
-        value = load(entry.payload)
-    except Exception as exc:
-        return {
-            "value_error": f"{type(exc).__name__}: {exc} (run idemfn where the value's classes"
-            " import: from your project's directory, or with PYTHONPATH set)"
-        }
     try:
         text = repr(value)
     except Exception as exc:
@@ -632,7 +626,7 @@ def _value(entry: Entry) -> dict[str, Any]:
 def _show(args: argparse.Namespace) -> Exit:
     store = _store(args)
     now = store.time()
-    entry = _find(store, args.key, now)
+    entry = _find(store, args.key)
     fields = record_json(entry, now) | _value(entry)
     if getattr(args, "json", False):
         _print_json(fields)

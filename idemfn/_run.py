@@ -27,7 +27,6 @@ from typing import BinaryIO, Final, TypedDict
 from ._engine import Claim, Finished, Policy, begin
 from ._errors import Halted
 from ._fingerprint import fingerprint_value
-from ._outcome import load
 from ._stores import Store
 
 __all__ = [
@@ -35,7 +34,7 @@ __all__ = [
     "CommandOutcome",
     "ForeignRecord",
     "exit_status",
-    "is_outcome",
+    "outcome_in",
     "recorded",
     "replay",
     "run_once",
@@ -120,10 +119,6 @@ def status_of(outcome: CommandOutcome) -> int:
     if status == 0 and interrupted:
         return 128 + int(signal.Signals[interrupted])
     return status
-
-
-def is_outcome(value: object) -> bool:
-    return isinstance(value, dict) and value.get("format") == MARK
 
 
 def fingerprint(argv: Sequence[str], env_names: Sequence[str]) -> str:
@@ -435,9 +430,10 @@ def recorded(finished: Finished) -> CommandOutcome:
         raise ForeignRecord(_foreign(key)) from None
     except Exception:  # a Python call's recorded exception
         raise ForeignRecord(_foreign(key)) from None
-    if not is_outcome(value):
+    outcome = outcome_in(value)
+    if outcome is None:
         raise ForeignRecord(_foreign(key))
-    return value  # type: ignore[no-any-return]
+    return outcome
 
 
 def _foreign(key: str) -> str:
@@ -478,14 +474,10 @@ def dropped_note(outcome: CommandOutcome) -> str:
     )
 
 
-def outcome_of(payload: bytes | None) -> CommandOutcome | None:
-    """The command outcome in a record's payload, if it is one (for ``idemfn show``)."""
-    if payload is None:
-        return None
-    try:
-        value = load(payload)
-    except Exception:
-        return None
+def outcome_in(value: object) -> CommandOutcome | None:
+    """The command outcome a record's loaded value or exception is, if it is one."""
     if isinstance(value, CommandFailed):
         return value.outcome
-    return value if is_outcome(value) else None  # type: ignore[return-value]
+    if isinstance(value, dict) and value.get("format") == MARK:
+        return value  # type: ignore[return-value]
+    return None

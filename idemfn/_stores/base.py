@@ -23,7 +23,7 @@ from typing import ClassVar
 from .._errors import StoreError
 from .._record import Entry, decode
 
-__all__ = ["Store", "prunable"]
+__all__ = ["Store", "prunable", "removable_at"]
 
 
 class Store(abc.ABC):
@@ -123,11 +123,20 @@ class Store(abc.ABC):
         self.close()
 
 
+def removable_at(entry: Entry) -> float | None:
+    """When prune may remove ``entry`` (None: never): when it expires, or for a claim, when
+    its lease ran out ``ttl`` ago. Server stores hand this to the server's own expiry."""
+    if entry.expires_at is not None:
+        return entry.expires_at
+    if entry.finished_at is None and entry.ttl is not None and entry.lease_until is not None:
+        return entry.lease_until + entry.ttl
+    return None
+
+
 def prunable(entry: Entry, now: float) -> bool:
     """Whether prune removes ``entry``: expired, or a claim whose lease ran out more than its
     ttl ago."""
     if entry.is_expired(now):
         return True
-    if entry.finished_at is None and entry.ttl is not None and entry.lease_until is not None:
-        return entry.lease_until + entry.ttl < now
-    return False
+    at = removable_at(entry)
+    return entry.expires_at is None and at is not None and at < now

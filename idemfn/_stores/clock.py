@@ -40,7 +40,3 @@ class ServerClock:
             # The server read its clock somewhere in the round trip: assume the middle.
             self._synced = (server, (before + after) / 2)
             return self._synced
-
-    def forget(self) -> None:
-        """Read the server's clock again at the next ``now()`` (e.g. after a reconnection)."""
-        self._synced = None

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .._record import Entry, encode
-from .base import Store
+from .base import Store, removable_at
 from .clock import ServerClock
 
 if TYPE_CHECKING:
@@ -84,7 +84,6 @@ class PostgresStore(Store):
                 f" {table!r}"
             )
         self.table = table
-        self._psycopg = psycopg
         if isinstance(dsn_or_pool, str):
             try:
                 info = psycopg.conninfo.conninfo_to_dict(dsn_or_pool)
@@ -182,19 +181,11 @@ class PostgresStore(Store):
     def time(self) -> float:
         return self._clock.now()
 
-    @staticmethod
-    def _drop_at(entry: Entry) -> float | None:
-        if entry.expires_at is not None:
-            return entry.expires_at
-        if entry.finished_at is None and entry.ttl is not None and entry.lease_until is not None:
-            return entry.lease_until + entry.ttl  # an abandoned claim: prune's rule
-        return None
-
     def _row(self, entry: Entry) -> dict[str, Any]:
         live = entry.token if entry.status == "processing" else None
         return {
             "key": entry.key, "live": live, "token": entry.token,
-            "expires_at": entry.expires_at, "drop_at": self._drop_at(entry),
+            "expires_at": entry.expires_at, "drop_at": removable_at(entry),
             "entry": encode(entry),
         }  # fmt: skip
 

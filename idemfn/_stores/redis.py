@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .._record import Entry, encode
-from .base import Store
+from .base import Store, removable_at
 from .clock import ServerClock
 
 if TYPE_CHECKING:
@@ -159,13 +159,13 @@ class RedisStore(Store):
     @staticmethod
     def _expiry(entry: Entry) -> tuple[str, str]:
         """(when the server may drop the record, when it counts as expired), in ms, or ""."""
+        at = removable_at(entry)
+        if at is None:
+            return "", ""
         if entry.expires_at is not None:
-            ms = str(int(entry.expires_at * 1000))
+            ms = str(int(at * 1000))
             return ms, ms
-        if entry.finished_at is None and entry.ttl is not None and entry.lease_until is not None:
-            # An abandoned claim goes when prune would remove it: lease + ttl.
-            return str(int((entry.lease_until + entry.ttl) * 1000) + 1), ""
-        return "", ""
+        return str(int(at * 1000) + 1), ""  # an abandoned claim: strictly after lease + ttl
 
     def claim(self, entry: Entry) -> Entry | None:
         key = entry.key
