@@ -111,6 +111,20 @@ def _transaction_of(
     return transaction  # type: ignore[no-any-return]
 
 
+def _refuse_task_object(fn: object) -> None:
+    # A Celery task's worker calls the task's own run(), never this wrapper: over @app.task the
+    # decorator would only wrap local calls and guard nothing. (app.task returns a lazy proxy:
+    # look at types only, which does not evaluate it.)
+    kind = type(fn)
+    if kind.__module__.partition(".")[0] == "celery" or hasattr(kind, "apply_async"):
+        raise TypeError(
+            "@idempotent must go under @app.task, not over it: it was given a Celery task"
+            f" ({kind.__name__}), whose worker would run the body without idempotency. Write"
+            " @app.task(...) first, then @idempotent(...) (or idemfn.celery.idempotent_task(...))"
+            " on the next line"
+        )
+
+
 def idempotent(
     _misuse: None = None,
     /,
@@ -166,6 +180,7 @@ def idempotent(
             fn = fn.__func__
         if not callable(fn):
             raise TypeError(f"@idempotent decorates functions, not {type(fn).__name__}")
+        _refuse_task_object(fn)
         if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
             raise TypeError(
                 f"@idempotent cannot decorate the generator function {fn.__qualname__}: its body"

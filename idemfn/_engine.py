@@ -2,7 +2,7 @@
 
     (absent) --claim--> processing --complete--> ok
                             |------ halt ------> halted
-                            |---- release ----> (absent)           retry_on exceptions
+                            |---- release ----> (absent)           retry_on, a task queue's retry
                             |-- owner gone, on_abandoned="halt" --> halted
                             '-- owner gone, on_abandoned="retry" -> processing (attempt + 1)
     ok, halted --expiry, forget, prune--> (absent)
@@ -48,6 +48,7 @@ from ._errors import (
 from ._heartbeat import heartbeat
 from ._outcome import Failure, describe_failure, dump_value, load, replay_note, type_name
 from ._record import Entry, Record
+from ._rerun import raised_for_rerun, returned_for_rerun
 from ._stores import Store, resolve_store
 
 __all__ = ["Busy", "Claim", "Finished", "Policy", "abegin", "attempt", "begin"]
@@ -100,9 +101,9 @@ class Policy:
         on_abandoned: Literal["halt", "retry"] = "halt",
         retry_on: type[BaseException] | tuple[type[BaseException], ...] = (),
     ) -> None:
-        self.ttl = None if ttl is None else _seconds("ttl", ttl, positive=True)
-        self.lease = _seconds("lease", lease, positive=True)
-        self.wait = _seconds("wait", wait, positive=False)
+        self.ttl = None if ttl is None else seconds_option("ttl", ttl, positive=True)
+        self.lease = seconds_option("lease", lease, positive=True)
+        self.wait = seconds_option("wait", wait, positive=False)
         if on_abandoned not in ("halt", "retry"):
             raise ValueError(f"on_abandoned must be 'halt' or 'retry', not {on_abandoned!r}")
         self.on_abandoned = on_abandoned
@@ -122,7 +123,8 @@ class Policy:
         )
 
 
-def _seconds(option: str, value: object, *, positive: bool) -> float:
+def seconds_option(option: str, value: object, *, positive: bool) -> float:
+    """``option`` (a number of seconds or a timedelta) as float seconds; errors name it."""
     if isinstance(value, timedelta):
         value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -322,8 +324,12 @@ class Claim:
         """Record ``value`` as the key's outcome (``ok``).
 
         Raises ``OwnershipLost`` if the claim was lost, and ``Halted`` (after recording the key
-        as halted) if the value cannot be serialised.
+        as halted) if the value cannot be serialised. An ``rq.Retry`` is not an outcome: the
+        key is released, so that the retried job runs the body again.
         """
+        if returned_for_rerun(value):
+            self.release()
+            return
         self._settle()
         try:
             payload = dump_value(value)
@@ -347,9 +353,10 @@ class Claim:
 
     def fail(self, exc: BaseException) -> None:
         """Settle the claim for a call that raised ``exc``: release the key if ``exc`` is in
-        ``retry_on``, else record it ``halted``. Raises ``OwnershipLost`` (from ``exc``) if
+        ``retry_on`` or a task queue will run the body again after it (see ``_rerun``), else
+        record it ``halted``. Raises ``OwnershipLost`` (from ``exc``) if
         the claim was lost. The caller re-raises ``exc``."""
-        if isinstance(exc, self.policy.retry_on):
+        if isinstance(exc, self.policy.retry_on) or raised_for_rerun(exc):
             self.release(exc)
         else:
             self.halt(exc)

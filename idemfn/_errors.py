@@ -27,9 +27,13 @@ __all__ = [
 
 
 class IdempotencyError(Exception):
-    """Base class of every idemfn error; ``.key`` is the stored key concerned."""
+    """Base class of every idemfn error; ``.key`` is the stored key concerned.
 
-    def __init__(self, message: str, *, key: str) -> None:
+    Every error can also be built from its message alone (the other fields then empty), as
+    Celery's result backends rebuild an exception from ``type(exc)(*exc.args)``.
+    """
+
+    def __init__(self, message: str, *, key: str = "") -> None:
         super().__init__(message)
         self.key = key
 
@@ -52,7 +56,7 @@ class AlreadyRunning(IdempotencyError):
     """A live call owns the key: retry later, or pass ``wait=`` to wait for its outcome."""
 
     def __init__(
-        self, message: str, *, key: str, owner: str, started_at: datetime | None
+        self, message: str, *, key: str = "", owner: str = "", started_at: datetime | None = None
     ) -> None:
         super().__init__(message, key=key)
         self.owner = owner
@@ -62,7 +66,7 @@ class AlreadyRunning(IdempotencyError):
 class FingerprintMismatch(IdempotencyError):
     """The key was first used with other arguments (``.stored`` and ``.given`` fingerprints)."""
 
-    def __init__(self, message: str, *, key: str, stored: str, given: str) -> None:
+    def __init__(self, message: str, *, key: str = "", stored: str = "", given: str = "") -> None:
         super().__init__(message, key=key)
         self.stored = stored
         self.given = given
@@ -79,8 +83,8 @@ class Halted(IdempotencyError):
         self,
         message: str,
         *,
-        key: str,
-        reason: str,
+        key: str = "",
+        reason: str = "",
         exc_type: str | None = None,
         traceback: str | None = None,
     ) -> None:

@@ -1,0 +1,170 @@
+"""Celery task bodies that run once, however often their message is delivered.
+
+Celery delivers at least once: with ``acks_late`` a task whose worker died is delivered again,
+a Redis broker redelivers after its ``visibility_timeout``, and producers publish duplicates.
+``idempotent_task`` guards the *execution*, keyed by default on the task's id::
+
+    from celery import Celery
+    from idemfn.celery import idempotent_task
+
+    app = Celery("shop", broker="redis://localhost:6379/0")
+
+    @app.task(acks_late=True, task_reject_on_worker_lost=True)
+    @idempotent_task()                  # UNDER @app.task; the key is the task's id
+    def charge(order_id: str, amount: int) -> str:
+        ...
+
+What it adds to ``idemfn.idempotent``, whose options it takes:
+
+- ``key`` defaults to the task's id (``task_id``), which redeliveries and ``self.retry()`` keep.
+  Pass ``key="charge:{order_id}"`` to key on business arguments instead, so that two messages
+  with different ids but the same order still charge once.
+- ``AlreadyRunning`` (another worker is running the same key) retries the task with
+  ``self.retry(countdown=countdown)`` until that call has finished, and then replays its
+  outcome, instead of failing the task; ``on_running="raise"`` fails it.
+- Coroutine functions are refused: Celery calls task bodies synchronously.
+
+Celery's own retries work with the plain decorator too: ``self.retry()``, a requeued ``Reject``
+and the task's ``autoretry_for`` exceptions release the key (see the README).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any, Literal, ParamSpec, TypeVar
+
+try:
+    from celery import current_task
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "idemfn.celery needs Celery: pip install 'idemfn[celery]'"
+    ) from exc
+
+from ._decorator import IdempotentFunction, idempotent
+from ._engine import seconds_option
+from ._errors import AlreadyRunning
+from ._stores import Store
+
+__all__ = ["idempotent_task", "task_id"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+logger = logging.getLogger("idemfn")
+
+
+def task_id(*args: object, **kwargs: object) -> str:
+    """The id of the Celery task running this call; as ``key=``, it ignores the arguments.
+
+    A message published twice with the same id, redelivered after a crash, or retried with
+    ``self.retry()`` keeps its id. Raises ``ValueError`` outside a worker: a task function
+    called directly has no id.
+    """
+    request_id = current_task.request.id if current_task else None
+    if not isinstance(request_id, str) or not request_id:
+        raise ValueError(
+            "idemfn.celery.task_id: no Celery task is running here (a task function called"
+            " directly has no id): run it through .delay()/.apply_async(), or pass key= to"
+            " key the call on its arguments"
+        )
+    return request_id
+
+
+def idempotent_task(
+    *,
+    key: str | Callable[..., str] | None = None,
+    name: str | None = None,
+    store: Store | str | os.PathLike[str] | None = None,
+    ttl: float | timedelta | None = 86400.0,
+    fingerprint: Sequence[str] | Callable[..., object] | bool | None = None,
+    wait: float | timedelta = 0.0,
+    lease: float | timedelta = 30.0,
+    on_abandoned: Literal["halt", "retry"] = "halt",
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] = (),
+    deadline: datetime | Callable[..., datetime] | None = None,
+    transactional: bool = False,
+    on_running: Literal["retry", "raise"] = "retry",
+    countdown: float | timedelta = 5.0,
+    max_retries: int | None = None,
+) -> Callable[[Callable[P, R]], IdempotentFunction[P, R]]:
+    """``idemfn.idempotent`` for a Celery task body; goes under ``@app.task``.
+
+    ``key`` defaults to the task's id. When another worker is running the same key, the task is
+    retried every ``countdown`` seconds (``on_running="retry"``, the default) until that call
+    has finished (then it replays its outcome) or is found gone (then ``on_abandoned`` decides).
+    ``max_retries`` caps those retries (``None``: no cap, whatever the task's own
+    ``max_retries``), after which the task fails with ``AlreadyRunning``;
+    ``on_running="raise"`` fails it at once. Every other option is ``idempotent``'s.
+    """
+    if on_running not in ("retry", "raise"):
+        raise ValueError(f"on_running must be 'retry' or 'raise', not {on_running!r}")
+    delay = seconds_option("countdown", countdown, positive=False)
+    if max_retries is not None and (
+        isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0
+    ):
+        raise ValueError(f"max_retries must be None or a whole number >= 0, not {max_retries!r}")
+    decorate_core = idempotent(
+        key=task_id if key is None else key,
+        name=name,
+        store=store,
+        ttl=ttl,
+        fingerprint=fingerprint,
+        wait=wait,
+        lease=lease,
+        on_abandoned=on_abandoned,
+        retry_on=retry_on,
+        deadline=deadline,
+        transactional=transactional,
+    )
+
+    def decorate(fn: Callable[P, R]) -> IdempotentFunction[P, R]:
+        if inspect.iscoroutinefunction(fn):
+            raise TypeError(
+                f"idempotent_task cannot decorate the coroutine function {fn.__qualname__}:"
+                " Celery calls task bodies synchronously"
+            )
+        if not inspect.isfunction(fn):
+            raise TypeError(
+                "idempotent_task decorates a task's function, not"
+                f" {type(fn).__name__}; put it directly above the def, under @app.task"
+            )
+        once = decorate_core(fn)
+        if on_running == "raise":
+            return once
+
+        @functools.wraps(fn)
+        def run_once(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return once(*args, **kwargs)
+            except AlreadyRunning as busy:
+                task = current_task._get_current_object() if current_task else None
+                if task is None or task.request.called_directly:
+                    raise
+                logger.info(
+                    "idemfn: %s is running elsewhere (owner %s); task %s retries in %.3g s",
+                    busy.key, busy.owner, task.request.id, delay,
+                )
+                # The owner either finishes or is found gone (its lease bounds that), so by
+                # default this retries until then, apart from the task's own max_retries.
+                limit = task.request.retries + 1 if max_retries is None else max_retries
+                try:
+                    # Raises Retry, or `busy` itself once `limit` is reached.
+                    raise task.retry(countdown=delay, max_retries=limit, exc=busy) from None
+                finally:
+                    # retry() leaves its limit on the task (a per-process singleton), where
+                    # Celery's autoretry of a later call would take it up.
+                    task.__dict__.pop("override_max_retries", None)
+
+        copy: Any = run_once
+        copy.key_for = once.key_for
+        copy.status = once.status
+        copy.forget = once.forget
+        copy.store = once.store
+        return copy  # type: ignore[no-any-return]
+
+    return decorate

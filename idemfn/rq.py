@@ -1,0 +1,161 @@
+"""RQ job functions that run once, however often the job is enqueued or run again.
+
+RQ runs a job again when it is re-queued after its worker died, when its ``Retry`` has retries
+left, or when a producer enqueues the same work twice. ``idempotent_job`` guards the
+*execution*, keyed by default on the job's id::
+
+    from idemfn.rq import idempotent_job
+
+    @idempotent_job(key="charge:{order_id}")   # two jobs for one order charge once
+    def charge(order_id: str, amount: int) -> str:
+        ...
+
+    queue.enqueue(charge, "A-17", 4200)
+
+What it adds to ``idemfn.idempotent``, whose options it takes:
+
+- ``key`` defaults to the job's id (``job_id``), which a re-queued or retried job keeps.
+- ``AlreadyRunning`` (another worker is running the same key) asks RQ to run the job again
+  later: the function returns ``rq.Retry(max=max_retries, interval=interval)``. RQ schedules a
+  retry with an interval, so the worker needs ``--with-scheduler``. ``on_running="raise"`` fails
+  the job instead.
+
+The plain decorator works on RQ job functions too, in either order with ``rq.decorators.job``:
+RQ enqueues a function by its import path, which names the decorated function.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any, Literal, ParamSpec, TypeVar
+
+try:
+    from rq import Retry, get_current_job
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("idemfn.rq needs RQ: pip install 'idemfn[rq]'") from exc
+
+from ._decorator import IdempotentFunction, idempotent
+from ._errors import AlreadyRunning
+from ._stores import Store
+
+__all__ = ["idempotent_job", "job_id"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+logger = logging.getLogger("idemfn")
+
+
+def job_id(*args: object, **kwargs: object) -> str:
+    """The id of the RQ job running this call; as ``key=``, it ignores the arguments.
+
+    A job re-queued after its worker died, or retried, keeps its id. Raises ``ValueError``
+    outside a worker.
+    """
+    job = get_current_job()
+    if job is None:
+        raise ValueError(
+            "idemfn.rq.job_id: no RQ job is running here (the function was called directly):"
+            " enqueue it, or pass key= to key the call on its arguments"
+        )
+    return job.id
+
+
+def _whole(option: str, value: object, *, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{option} must be a whole number >= {least}, not {value!r}")
+    return value
+
+
+def idempotent_job(
+    *,
+    key: str | Callable[..., str] | None = None,
+    name: str | None = None,
+    store: Store | str | os.PathLike[str] | None = None,
+    ttl: float | timedelta | None = 86400.0,
+    fingerprint: Sequence[str] | Callable[..., object] | bool | None = None,
+    wait: float | timedelta = 0.0,
+    lease: float | timedelta = 30.0,
+    on_abandoned: Literal["halt", "retry"] = "halt",
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] = (),
+    deadline: datetime | Callable[..., datetime] | None = None,
+    transactional: bool = False,
+    on_running: Literal["retry", "raise"] = "retry",
+    interval: int = 5,
+    max_retries: int = 12,
+) -> Callable[[Callable[P, R]], IdempotentFunction[P, R | Retry]]:
+    """``idemfn.idempotent`` for an RQ job function.
+
+    ``key`` defaults to the job's id. When another worker is running the same key, the function
+    returns ``rq.Retry(max=max_retries, interval=interval)`` (``on_running="retry"``, the
+    default): RQ runs the job again after ``interval`` whole seconds (0: re-queued at once), and
+    fails it once the job has been retried ``max_retries`` times. ``on_running="raise"`` fails
+    it with ``AlreadyRunning`` at once. Every other option is ``idempotent``'s.
+    """
+    if on_running not in ("retry", "raise"):
+        raise ValueError(f"on_running must be 'retry' or 'raise', not {on_running!r}")
+    retry = Retry(
+        max=_whole("max_retries", max_retries, least=1),
+        interval=_whole("interval", interval, least=0),
+    )
+    decorate_core = idempotent(
+        key=job_id if key is None else key,
+        name=name,
+        store=store,
+        ttl=ttl,
+        fingerprint=fingerprint,
+        wait=wait,
+        lease=lease,
+        on_abandoned=on_abandoned,
+        retry_on=retry_on,
+        deadline=deadline,
+        transactional=transactional,
+    )
+
+    def retry_later(busy: AlreadyRunning) -> Retry:
+        job = get_current_job()
+        if job is None:  # called directly, not by a worker: nothing can retry it
+            raise busy
+        logger.info(
+            "idemfn: %s is running elsewhere (owner %s); job %s will run again in %d s",
+            busy.key, busy.owner, job.id, retry.intervals[0],
+        )
+        return retry
+
+    def decorate(fn: Callable[P, R]) -> IdempotentFunction[P, R | Retry]:
+        if isinstance(fn, (staticmethod, classmethod)) or not callable(fn):
+            raise TypeError(f"idempotent_job decorates a job's function, not {type(fn).__name__}")
+        once: Any = decorate_core(fn)
+        if on_running == "raise":
+            return once  # type: ignore[no-any-return]
+        run_once: Any
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def run_once(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return await once(*args, **kwargs)
+                except AlreadyRunning as busy:
+                    return retry_later(busy)
+
+        else:
+
+            @functools.wraps(fn)
+            def run_once(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return once(*args, **kwargs)
+                except AlreadyRunning as busy:
+                    return retry_later(busy)
+
+        run_once.key_for = once.key_for
+        run_once.status = once.status
+        run_once.forget = once.forget
+        run_once.store = once.store
+        return run_once  # type: ignore[no-any-return]
+
+    return decorate

@@ -1,0 +1,51 @@
+"""The RQ job functions that ``tests/test_rq.py`` enqueues for real ``rq worker`` processes.
+
+Configured by the environment the test gives the worker: ``IDEMFN_STORE`` (the store the jobs
+share) and ``IDEMFN_TEST_EFFECTS`` (where bodies append their side effects).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+from idemfn import idempotent
+from idemfn.rq import idempotent_job
+
+from .workers import crash_on_first_run, effect
+
+
+# Two jobs for one order pay once; a duplicate that finds the first running comes back later.
+@idempotent_job(key="pay:{order}", interval=1)
+def pay(order: str, pause: float = 0.0) -> str:
+    effect(f"pay-{order}", str(os.getpid()))
+    time.sleep(pause)
+    return f"paid {order}: {uuid.uuid4().hex}"  # differs per run: replays must match
+
+
+# The plain decorator is enough when duplicates don't overlap (or with wait=).
+@idempotent(key="refund:{order}")
+def refund(order: str) -> str:
+    effect(f"refund-{order}", str(os.getpid()))
+    return f"refunded {order}: {uuid.uuid4().hex}"
+
+
+@idempotent_job(interval=1)  # keyed on the job's id
+def crash_halt(name: str) -> str:
+    return crash_on_first_run(name)
+
+
+@idempotent_job(on_abandoned="retry", interval=1)
+def crash_retry(name: str) -> str:
+    return crash_on_first_run(name)
+
+
+# The plain decorator in a job enqueued with retry=Retry(max=2): failures release the key while
+# RQ will run the job again; the last one is recorded.
+@idempotent(key=lambda name, failures: f"flaky:{name}")
+def flaky(name: str, failures: int) -> str:
+    runs = effect(name, str(os.getpid()))
+    if runs <= failures:
+        raise ConnectionError(f"run {runs} failed")
+    return f"ok on run {runs}"
