@@ -141,6 +141,13 @@ def seconds_option(option: str, value: object, *, positive: bool) -> float:
     return seconds
 
 
+def whole_option(option: str, value: object, *, least: int) -> int:
+    """``option`` (a whole number, at least ``least``) checked; errors name it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{option} must be a whole number >= {least}, not {value!r}")
+    return value
+
+
 def deadline_timestamp(deadline: object, *, option: str = "deadline") -> float:
     """A deadline as UNIX seconds; it must be an aware datetime."""
     if not isinstance(deadline, datetime):

@@ -46,7 +46,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from ._decorator import IdempotentFunction, idempotent
-from ._engine import seconds_option
+from ._engine import seconds_option, whole_option
 from ._errors import AlreadyRunning
 from ._stores import Store
 
@@ -104,10 +104,8 @@ def idempotent_task(
     if on_running not in ("retry", "raise"):
         raise ValueError(f"on_running must be 'retry' or 'raise', not {on_running!r}")
     delay = seconds_option("countdown", countdown, positive=False)
-    if max_retries is not None and (
-        isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0
-    ):
-        raise ValueError(f"max_retries must be None or a whole number >= 0, not {max_retries!r}")
+    if max_retries is not None:
+        whole_option("max_retries", max_retries, least=0)
     decorate_core = idempotent(
         key=task_id if key is None else key,
         name=name,
@@ -133,7 +131,7 @@ def idempotent_task(
                 "idempotent_task decorates a task's function, not"
                 f" {type(fn).__name__}; put it directly above the def, under @app.task"
             )
-        once = decorate_core(fn)
+        once: IdempotentFunction[P, R] = decorate_core(fn)
         if on_running == "raise":
             return once
 

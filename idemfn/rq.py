@@ -40,6 +40,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("idemfn.rq needs RQ: pip install 'idemfn[rq]'") from exc
 
 from ._decorator import IdempotentFunction, idempotent
+from ._engine import whole_option
 from ._errors import AlreadyRunning
 from ._stores import Store
 
@@ -64,12 +65,6 @@ def job_id(*args: object, **kwargs: object) -> str:
             " enqueue it, or pass key= to key the call on its arguments"
         )
     return job.id
-
-
-def _whole(option: str, value: object, *, least: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f"{option} must be a whole number >= {least}, not {value!r}")
-    return value
 
 
 def idempotent_job(
@@ -100,8 +95,8 @@ def idempotent_job(
     if on_running not in ("retry", "raise"):
         raise ValueError(f"on_running must be 'retry' or 'raise', not {on_running!r}")
     retry = Retry(
-        max=_whole("max_retries", max_retries, least=1),
-        interval=_whole("interval", interval, least=0),
+        max=whole_option("max_retries", max_retries, least=1),
+        interval=whole_option("interval", interval, least=0),
     )
     decorate_core = idempotent(
         key=job_id if key is None else key,

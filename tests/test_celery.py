@@ -270,8 +270,8 @@ def test_apply_runs_the_body_once_per_task_id() -> None:
         ({"on_running": "wait"}, "on_running must be 'retry' or 'raise'"),
         ({"countdown": -1}, "countdown must be >= 0"),
         ({"countdown": "5"}, "countdown must be a number of seconds"),
-        ({"max_retries": -1}, "max_retries must be None or a whole number"),
-        ({"max_retries": True}, "max_retries must be None or a whole number"),
+        ({"max_retries": -1}, "max_retries must be a whole number >= 0"),
+        ({"max_retries": True}, "max_retries must be a whole number >= 0"),
         ({"ttl": 0}, "ttl must be > 0"),
     ],
 )
@@ -288,3 +288,58 @@ def test_coroutine_functions_and_methods_are_refused() -> None:
 
     with pytest.raises(TypeError, match="decorates a task's function, not staticmethod"):
         idempotent_task(store=MemoryStore())(staticmethod(lambda: None))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        idemfn.Halted("key 'k' halted: its owner died", key="k", reason="its owner died"),
+        idemfn.AlreadyRunning("key 'k' is being run", key="k", owner="o", started_at=None),
+        idemfn.FingerprintMismatch("key 'k' was used with other arguments", key="k",
+                                   stored="a", given="b"),  # fmt: skip
+        idemfn.OwnershipLost("the claim on key 'k' was taken over", key="k"),
+        idemfn.StoreError("the store failed", key="k"),
+        idemfn.DeadlineExceeded("the deadline has passed", key="k"),
+    ],
+)
+def test_errors_keep_their_type_through_a_json_result_backend(error: Exception) -> None:
+    backend = Celery("results", broker="memory://", backend="cache+memory://").backend
+
+    rebuilt = backend.exception_to_python(backend.prepare_exception(error))
+
+    assert type(rebuilt) is type(error) and str(rebuilt) == str(error)
+
+
+def test_eager_self_retry_in_a_plain_body_releases_the_key() -> None:
+    app = Celery("eager-retry", broker="memory://", backend="cache+memory://")
+    store = MemoryStore()
+    runs: list[int] = []
+
+    @app.task(bind=True, max_retries=3)
+    @idempotent(key=task_id, store=store)
+    def flaky(self: Any) -> str:
+        runs.append(self.request.retries)
+        if len(runs) < 3:
+            raise self.retry(countdown=0)
+        return "ok"
+
+    result = flaky.apply(task_id="t-9")
+    assert result.get() == "ok"
+    assert runs == [0, 1, 2]  # Retry released the key each time: the body ran again
+    entry = store.get(f"{flaky.run.__module__}.{flaky.run.__qualname__}:t-9")
+    assert entry is not None and entry.record().status is Status.OK
+
+
+@pytest.mark.parametrize(("requeue", "recorded"), [(True, False), (False, True)])
+def test_a_requeued_reject_releases_the_key(requeue: bool, recorded: bool) -> None:
+    from celery.exceptions import Reject
+
+    store = MemoryStore()
+
+    @idempotent(key="k", store=store)
+    def body() -> None:
+        raise Reject("not now", requeue=requeue)
+
+    with pytest.raises(Reject):
+        body()
+    assert (body.status() is not None) is recorded

@@ -75,7 +75,9 @@ class Rq:
 
 
 @pytest.fixture(params=["disk", "redis"])
-def store_location(request: pytest.FixtureRequest, tmp_path: Path, redis_server: RedisServer) -> str:
+def store_location(
+    request: pytest.FixtureRequest, tmp_path: Path, redis_server: RedisServer
+) -> str:
     # Keys are unique to each test, so the tests can share the Redis store.
     return str(tmp_path / "store") if request.param == "disk" else redis_server.url
 
@@ -230,3 +232,20 @@ def test_a_direct_call_that_finds_its_key_running_raises() -> None:
 def test_bad_options_are_refused_naming_the_option(options: dict[str, Any], error: str) -> None:
     with pytest.raises((TypeError, ValueError), match=error):
         idempotent_job(store=MemoryStore(), **options)
+
+
+def test_a_plain_body_returning_rq_retry_releases_the_key() -> None:
+    from idemfn import idempotent
+
+    store = MemoryStore()
+    runs: list[int] = []
+
+    @idempotent(key="again", store=store)
+    def job() -> Retry | str:
+        runs.append(1)
+        return Retry(max=3) if len(runs) == 1 else "done"
+
+    assert isinstance(job(), Retry)
+    assert job.status() is None  # released, not recorded: RQ's retry runs the body again
+    assert job() == "done"
+    assert job() == "done" and len(runs) == 2

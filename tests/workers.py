@@ -117,7 +117,8 @@ class Worker:
 def celery_worker(tmp_path: Path, env: dict[str, str], name: str, **options: Any) -> Worker:
     """A Celery worker of ``tests.celery_tasks``: prefork pool, concurrency 2."""
     argv = [
-        sys.executable, "-m", "celery", "-A", "tests.celery_tasks", "worker",
+        sys.executable, "-m", "celery", "--workdir", str(options.get("workdir", ROOT)),
+        "-A", str(options.get("app", "tests.celery_tasks")), "worker",
         "--pool", str(options.get("pool", "prefork")),
         "--concurrency", str(options.get("concurrency", 2)),
         "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
@@ -127,11 +128,19 @@ def celery_worker(tmp_path: Path, env: dict[str, str], name: str, **options: Any
 
 
 def rq_worker(
-    tmp_path: Path, env: dict[str, str], name: str, url: str, queue: str, worker_class: str
+    tmp_path: Path,
+    env: dict[str, str],
+    name: str,
+    url: str,
+    queue: str,
+    worker_class: str,
+    path: Path = ROOT,
 ) -> Worker:
-    """An ``rq worker`` of ``queue`` with its scheduler, of class ``worker_class``."""
+    """An ``rq worker`` of ``queue`` with its scheduler, of class ``worker_class``, importing
+    jobs from ``path``."""
     argv = [
         sys.executable, "-m", "rq.cli", "worker", "--url", url, "--name", name,
+        "--path", str(path),
         "--worker-class", worker_class, "--with-scheduler", "--logging_level", "DEBUG",
         queue,
     ]  # fmt: skip

@@ -44,3 +44,28 @@ def check_methods(m: Mailer) -> None:
     assert_type(m.welcome(7), str)
     assert_type(Mailer.welcome.key_for(m, 7), str)
     m.welcome("7")  # type: ignore[arg-type]
+
+
+# The integrations keep the signature too; an RQ job function may return rq.Retry.
+from rq import Retry  # noqa: E402
+
+from idemfn.celery import idempotent_task  # noqa: E402
+from idemfn.rq import idempotent_job  # noqa: E402
+
+
+@idempotent_task(key="refund:{order_id}", store=MemoryStore())
+def refund(order_id: str, amount: int) -> int:
+    return amount
+
+
+@idempotent_job(key="ship:{order_id}", store=MemoryStore())
+def ship(order_id: str) -> str:
+    return order_id
+
+
+def check_integrations() -> None:
+    assert_type(refund("o1", 5), int)
+    assert_type(refund.key_for("o1", amount=5), str)
+    assert_type(ship("o1"), str | Retry)
+    refund("o1", "5")  # type: ignore[arg-type]
+    ship(1)  # type: ignore[arg-type]
