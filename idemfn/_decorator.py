@@ -21,7 +21,15 @@ from typing import (
     overload,
 )
 
-from ._engine import Finished, Policy, abegin_with, begin_with, deadline_timestamp
+from ._engine import (
+    Finished,
+    Policy,
+    abegin_with,
+    begin_with,
+    deadline_timestamp,
+    reentered,
+)
+from ._errors import AlreadyRunning
 from ._keys import CallKey
 from ._record import Record
 from ._stores import Store, resolve_store
@@ -166,6 +174,34 @@ def idempotent(
         raise TypeError(
             "idempotent takes keyword options only: write @idempotent() or @idempotent(key=...)"
         )
+    return decorator(
+        key=key, name=name, store=store, ttl=ttl, fingerprint=fingerprint, wait=wait,
+        lease=lease, on_abandoned=on_abandoned, retry_on=retry_on, deadline=deadline,
+        transactional=transactional, on_busy=None,
+    )  # fmt: skip
+
+
+OnBusy = Callable[[AlreadyRunning], Any]
+
+
+def decorator(
+    *,
+    key: str | Callable[..., str] | None,
+    name: str | None,
+    store: Store | str | os.PathLike[str] | None,
+    ttl: float | timedelta | None,
+    fingerprint: Sequence[str] | Callable[..., object] | bool | None,
+    wait: float | timedelta,
+    lease: float | timedelta,
+    on_abandoned: Literal["halt", "retry"],
+    retry_on: type[BaseException] | tuple[type[BaseException], ...],
+    deadline: datetime | Callable[..., datetime] | None,
+    transactional: bool,
+    on_busy: OnBusy | None,
+) -> Callable[[Callable[P, R]], IdempotentFunction[P, R]]:
+    """``idempotent``'s decorator, for the integrations: ``on_busy``, when given, is called
+    with the ``AlreadyRunning`` of a call that found its own key running (not one raised or
+    replayed by the body), and what it returns is the call's result."""
     policy = Policy(
         ttl=ttl, lease=lease, wait=wait, on_abandoned=on_abandoned, retry_on=retry_on
     )
@@ -205,9 +241,15 @@ def idempotent(
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
                 stored_key, fp = call_key(args, kwargs)
                 due = None if deadline_of is None else partial(deadline_of, *args, **kwargs)
-                outcome = await abegin_with(resolved_store, stored_key, fp, policy, due)
+                try:
+                    outcome = await abegin_with(resolved_store, stored_key, fp, policy, due)
+                except AlreadyRunning as busy:
+                    if on_busy is None or reentered(busy):
+                        raise
+                    return on_busy(busy)
                 if outcome.__class__ is Finished:
                     return outcome.replay()
+                outcome.function = wrapper  # type: ignore[union-attr]
                 with outcome:  # type: ignore[union-attr]
                     value = await run_async(*args, **kwargs)
                     outcome.complete(value)  # type: ignore[union-attr]
@@ -220,9 +262,15 @@ def idempotent(
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 stored_key, fp = call_key(args, kwargs)
                 due = None if deadline_of is None else partial(deadline_of, *args, **kwargs)
-                outcome = begin_with(resolved_store, stored_key, fp, policy, due)
+                try:
+                    outcome = begin_with(resolved_store, stored_key, fp, policy, due)
+                except AlreadyRunning as busy:
+                    if on_busy is None or reentered(busy):
+                        raise
+                    return on_busy(busy)
                 if outcome.__class__ is Finished:
                     return outcome.replay()
+                outcome.function = wrapper  # type: ignore[union-attr]
                 # The body's writes and the ok record commit together; an exception rolls both
                 # back, then the claim is halted (or released) outside the transaction.
                 with outcome, in_transaction(stored_key):  # type: ignore[union-attr]
@@ -236,9 +284,15 @@ def idempotent(
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 stored_key, fp = call_key(args, kwargs)
                 due = None if deadline_of is None else partial(deadline_of, *args, **kwargs)
-                outcome = begin_with(resolved_store, stored_key, fp, policy, due)
+                try:
+                    outcome = begin_with(resolved_store, stored_key, fp, policy, due)
+                except AlreadyRunning as busy:
+                    if on_busy is None or reentered(busy):
+                        raise
+                    return on_busy(busy)
                 if outcome.__class__ is Finished:
                     return outcome.replay()
+                outcome.function = wrapper  # type: ignore[union-attr]
                 with outcome:  # type: ignore[union-attr]
                     value = fn(*args, **kwargs)
                     outcome.complete(value)  # type: ignore[union-attr]

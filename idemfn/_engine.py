@@ -253,13 +253,16 @@ class Claim:
     ``AlreadyRunning`` at once).
     """
 
-    __slots__ = ("__weakref__", "_context_token", "_lost", "_settled", "entry", "policy",
-                 "renew_at", "store")  # fmt: skip
+    __slots__ = ("__weakref__", "_context_token", "_lost", "_settled", "entry", "function",
+                 "policy", "renew_at", "store")  # fmt: skip
 
     def __init__(self, store: Store, entry: Entry, policy: Policy) -> None:
         self.store = store
         self.entry = entry
         self.policy = policy
+        # The decorated function this is a call of (set by @idempotent): a task queue retries
+        # an exception only when it escapes the task's own function (see _rerun).
+        self.function: object = None
         self._settled = False
         self._lost = False
         self._context_token: contextvars.Token[frozenset[str]] | None = None
@@ -363,7 +366,7 @@ class Claim:
         ``retry_on`` or a task queue will run the body again after it (see ``_rerun``), else
         record it ``halted``. Raises ``OwnershipLost`` (from ``exc``) if
         the claim was lost. The caller re-raises ``exc``."""
-        if isinstance(exc, self.policy.retry_on) or raised_for_rerun(exc):
+        if isinstance(exc, self.policy.retry_on) or raised_for_rerun(exc, self.function):
             self.release(exc)
         else:
             self.halt(exc)
@@ -417,6 +420,11 @@ class Claim:
             return
         logger.warning("idemfn: the claim block for %r ended without complete()", self.key)
         self.halt(RuntimeError("the claim's block ended without complete() or fail()"))
+
+
+def reentered(busy: AlreadyRunning) -> bool:
+    """Whether ``busy`` was raised for a call that re-entered its own key from its body."""
+    return busy.key in _running.get()
 
 
 def abandoned_reason(entry: Entry, now: float) -> str | None:

@@ -1,12 +1,17 @@
 """When a task queue will run the body again, an exception is not an outcome to record.
 
 Celery's ``self.retry()`` raises ``celery.exceptions.Retry``; ``Reject(requeue=True)`` puts the
-message back; a task's ``autoretry_for`` exceptions are retried by Celery itself; an RQ job whose
-``Retry`` has retries left is run again after an exception, and a job may *return* ``rq.Retry``.
-Each means "run me again". Recorded ``halted``, every later attempt would replay the failure
-instead of running, and the queue's retries would be wasted. So the key is released, as for
-``retry_on``. On the last attempt, when the queue will not retry, the failure is recorded as
-usual.
+message back; an exception of a type in the task's ``autoretry_for`` is retried by Celery; an
+exception escaping an RQ job whose ``Retry`` has retries left is run again by RQ, and a job may
+*return* ``rq.Retry``. Each means "run me again". Recorded ``halted``, every later attempt would
+replay the failure instead of running, and the queue's retries would be wasted. So the key is
+released, as for ``retry_on``.
+
+``Retry``, ``Reject`` and a returned ``rq.Retry`` are requests made on purpose, so they release
+wherever they are raised. An ordinary exception releases only the key of the task's own
+function, and only while the queue has retries left: the last attempt's failure is recorded, and
+a nested idempotent call (whose exception the task may catch) records its failure as usual, so
+a caught failure never lets the side effect run twice.
 
 Nothing is imported here: the checks are one dict look-up when the queue library is not loaded,
 and they run only on the paths that end a claim with an exception or a returned ``rq.Retry``.
@@ -20,9 +25,12 @@ from typing import Any
 __all__ = ["raised_for_rerun", "returned_for_rerun"]
 
 
-def raised_for_rerun(exc: BaseException) -> bool:
-    """Whether the running task queue will run the body again after ``exc``."""
-    return _celery_reruns(exc) or _rq_reruns()
+def raised_for_rerun(exc: BaseException, function: object) -> bool:
+    """Whether the running task queue will run ``function``'s call again after ``exc``.
+
+    ``function`` is the decorated function whose claim ``exc`` ends (None: unknown).
+    """
+    return _celery_reruns(exc, function) or _rq_reruns(function)
 
 
 def returned_for_rerun(value: object) -> bool:
@@ -31,7 +39,19 @@ def returned_for_rerun(value: object) -> bool:
     return rq_job is not None and isinstance(value, rq_job.Retry)
 
 
-def _celery_reruns(exc: BaseException) -> bool:
+def _is(candidate: object, function: object) -> bool:
+    """Whether ``candidate`` (a task's run, maybe bound or wrapped by Celery) is ``function``."""
+    for _ in range(8):  # a short chain of wrappers; never loop on a cyclic __wrapped__
+        candidate = getattr(candidate, "__func__", candidate)
+        if candidate is function:
+            return True
+        candidate = getattr(candidate, "__wrapped__", None)
+        if candidate is None:
+            return False
+    return False
+
+
+def _celery_reruns(exc: BaseException, function: object) -> bool:
     exceptions = sys.modules.get("celery.exceptions")
     if exceptions is None:
         return False
@@ -40,21 +60,32 @@ def _celery_reruns(exc: BaseException) -> bool:
     if isinstance(exc, exceptions.Reject):
         return bool(getattr(exc, "requeue", False))
     task: Any = sys.modules["celery"].current_task
-    if not task or task.request.called_directly:
+    if function is None or not task or task.request.called_directly:
         return False
     autoretry = tuple(getattr(task, "autoretry_for", ()))
     if not autoretry or not isinstance(exc, autoretry):
         return False
     if isinstance(exc, (exceptions.Ignore, *getattr(task, "dont_autoretry_for", ()))):
         return False
-    # Celery's autoretry gives up (raising exc) once request.retries reaches max_retries.
-    limit = getattr(task, "retry_kwargs", {}).get("max_retries", task.max_retries)
+    # Celery's autoretry wraps run and keeps the original as _orig_run.
+    if not _is(getattr(task, "_orig_run", task.run), function):
+        return False
+    # Autoretry gives up (raising exc) once request.retries reaches its limit; a limit of None
+    # in retry_kwargs means the task's own max_retries, as in Task.retry.
+    limit = getattr(task, "retry_kwargs", {}).get("max_retries")
+    if limit is None:
+        limit = task.max_retries
     return limit is None or task.request.retries < limit
 
 
-def _rq_reruns() -> bool:
+def _rq_reruns(function: object) -> bool:
     rq_job = sys.modules.get("rq.job")
-    if rq_job is None:
+    if rq_job is None or function is None:
         return False
     job = rq_job.get_current_job()
-    return job is not None and bool(job.retries_left)
+    if job is None or not job.retries_left:
+        return False
+    try:
+        return _is(job.func, function)
+    except Exception:  # the job's function cannot be resolved here: don't guess
+        return False

@@ -30,13 +30,12 @@ and the task's ``autoretry_for`` exceptions release the key (see the README).
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import os
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import Literal, NoReturn, ParamSpec, TypeVar
 
 try:
     from celery import current_task
@@ -45,7 +44,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "idemfn.celery needs Celery: pip install 'idemfn[celery]'"
     ) from exc
 
-from ._decorator import IdempotentFunction, idempotent
+from ._decorator import IdempotentFunction, decorator
 from ._engine import seconds_option, whole_option
 from ._errors import AlreadyRunning
 from ._stores import Store
@@ -98,27 +97,44 @@ def idempotent_task(
     retried every ``countdown`` seconds (``on_running="retry"``, the default) until that call
     has finished (then it replays its outcome) or is found gone (then ``on_abandoned`` decides).
     ``max_retries`` caps those retries (``None``: no cap, whatever the task's own
-    ``max_retries``), after which the task fails with ``AlreadyRunning``;
-    ``on_running="raise"`` fails it at once. Every other option is ``idempotent``'s.
+    ``max_retries``; Celery counts them with the task's other retries in
+    ``request.retries``), after which the task fails with ``AlreadyRunning``. Eagerly
+    (``apply()``, ``task_always_eager``) and when called directly, the task fails at once, as
+    with ``on_running="raise"``. Every other option is ``idempotent``'s.
     """
     if on_running not in ("retry", "raise"):
         raise ValueError(f"on_running must be 'retry' or 'raise', not {on_running!r}")
     delay = seconds_option("countdown", countdown, positive=False)
     if max_retries is not None:
-        whole_option("max_retries", max_retries, least=0)
-    decorate_core = idempotent(
-        key=task_id if key is None else key,
-        name=name,
-        store=store,
-        ttl=ttl,
-        fingerprint=fingerprint,
-        wait=wait,
-        lease=lease,
-        on_abandoned=on_abandoned,
-        retry_on=retry_on,
-        deadline=deadline,
-        transactional=transactional,
-    )
+        whole_option("max_retries", max_retries, least=1)
+
+    def retry_later(busy: AlreadyRunning) -> NoReturn:
+        task = current_task._get_current_object() if current_task else None
+        # Called directly there is nothing to retry; eagerly (apply(), task_always_eager),
+        # Celery would run the retry at once, recursively, while the owner still runs.
+        if task is None or task.request.called_directly or task.request.is_eager:
+            raise busy
+        logger.info(
+            "idemfn: %s is running elsewhere (owner %s); task %s retries in %.3g s",
+            busy.key, busy.owner, task.request.id, delay,
+        )
+        # The owner either finishes or is found gone (its lease bounds that), so by default
+        # this retries until then, apart from the task's own max_retries.
+        limit = task.request.retries + 1 if max_retries is None else max_retries
+        try:
+            # Raises Retry, or `busy` itself once `limit` is reached.
+            raise task.retry(countdown=delay, max_retries=limit, exc=busy)
+        finally:
+            # retry() leaves its limit on the task (a per-process singleton), where Celery's
+            # autoretry of a later call would take it up.
+            task.__dict__.pop("override_max_retries", None)
+
+    decorate_once = decorator(
+        key=task_id if key is None else key, name=name, store=store, ttl=ttl,
+        fingerprint=fingerprint, wait=wait, lease=lease, on_abandoned=on_abandoned,
+        retry_on=retry_on, deadline=deadline, transactional=transactional,
+        on_busy=retry_later if on_running == "retry" else None,
+    )  # fmt: skip
 
     def decorate(fn: Callable[P, R]) -> IdempotentFunction[P, R]:
         if inspect.iscoroutinefunction(fn):
@@ -131,38 +147,6 @@ def idempotent_task(
                 "idempotent_task decorates a task's function, not"
                 f" {type(fn).__name__}; put it directly above the def, under @app.task"
             )
-        once: IdempotentFunction[P, R] = decorate_core(fn)
-        if on_running == "raise":
-            return once
-
-        @functools.wraps(fn)
-        def run_once(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return once(*args, **kwargs)
-            except AlreadyRunning as busy:
-                task = current_task._get_current_object() if current_task else None
-                if task is None or task.request.called_directly:
-                    raise
-                logger.info(
-                    "idemfn: %s is running elsewhere (owner %s); task %s retries in %.3g s",
-                    busy.key, busy.owner, task.request.id, delay,
-                )
-                # The owner either finishes or is found gone (its lease bounds that), so by
-                # default this retries until then, apart from the task's own max_retries.
-                limit = task.request.retries + 1 if max_retries is None else max_retries
-                try:
-                    # Raises Retry, or `busy` itself once `limit` is reached.
-                    raise task.retry(countdown=delay, max_retries=limit, exc=busy) from None
-                finally:
-                    # retry() leaves its limit on the task (a per-process singleton), where
-                    # Celery's autoretry of a later call would take it up.
-                    task.__dict__.pop("override_max_retries", None)
-
-        copy: Any = run_once
-        copy.key_for = once.key_for
-        copy.status = once.status
-        copy.forget = once.forget
-        copy.store = once.store
-        return copy  # type: ignore[no-any-return]
+        return decorate_once(fn)
 
     return decorate

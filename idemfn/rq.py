@@ -26,20 +26,18 @@ RQ enqueues a function by its import path, which names the decorated function.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import os
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import Literal, ParamSpec, TypeVar
 
 try:
     from rq import Retry, get_current_job
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("idemfn.rq needs RQ: pip install 'idemfn[rq]'") from exc
 
-from ._decorator import IdempotentFunction, idempotent
+from ._decorator import IdempotentFunction, decorator
 from ._engine import whole_option
 from ._errors import AlreadyRunning
 from ._stores import Store
@@ -98,20 +96,6 @@ def idempotent_job(
         max=whole_option("max_retries", max_retries, least=1),
         interval=whole_option("interval", interval, least=0),
     )
-    decorate_core = idempotent(
-        key=job_id if key is None else key,
-        name=name,
-        store=store,
-        ttl=ttl,
-        fingerprint=fingerprint,
-        wait=wait,
-        lease=lease,
-        on_abandoned=on_abandoned,
-        retry_on=retry_on,
-        deadline=deadline,
-        transactional=transactional,
-    )
-
     def retry_later(busy: AlreadyRunning) -> Retry:
         job = get_current_job()
         if job is None:  # called directly, not by a worker: nothing can retry it
@@ -122,35 +106,16 @@ def idempotent_job(
         )
         return retry
 
+    decorate_once = decorator(
+        key=job_id if key is None else key, name=name, store=store, ttl=ttl,
+        fingerprint=fingerprint, wait=wait, lease=lease, on_abandoned=on_abandoned,
+        retry_on=retry_on, deadline=deadline, transactional=transactional,
+        on_busy=retry_later if on_running == "retry" else None,
+    )  # fmt: skip
+
     def decorate(fn: Callable[P, R]) -> IdempotentFunction[P, R | Retry]:
         if isinstance(fn, (staticmethod, classmethod)) or not callable(fn):
             raise TypeError(f"idempotent_job decorates a job's function, not {type(fn).__name__}")
-        once: Any = decorate_core(fn)
-        if on_running == "raise":
-            return once  # type: ignore[no-any-return]
-        run_once: Any
-        if inspect.iscoroutinefunction(fn):
-
-            @functools.wraps(fn)
-            async def run_once(*args: Any, **kwargs: Any) -> Any:
-                try:
-                    return await once(*args, **kwargs)
-                except AlreadyRunning as busy:
-                    return retry_later(busy)
-
-        else:
-
-            @functools.wraps(fn)
-            def run_once(*args: Any, **kwargs: Any) -> Any:
-                try:
-                    return once(*args, **kwargs)
-                except AlreadyRunning as busy:
-                    return retry_later(busy)
-
-        run_once.key_for = once.key_for
-        run_once.status = once.status
-        run_once.forget = once.forget
-        run_once.store = once.store
-        return run_once  # type: ignore[no-any-return]
+        return decorate_once(fn)
 
     return decorate

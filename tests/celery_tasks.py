@@ -21,7 +21,7 @@ from typing import Any
 from celery import Celery, Task
 from celery.signals import task_postrun
 
-from idemfn import idempotent
+from idemfn import AlreadyRunning, idempotent
 from idemfn.celery import idempotent_task, task_id
 
 from .workers import crash_on_first_run, effect
@@ -47,6 +47,8 @@ app.conf.update(
 
 @task_postrun.connect
 def _log_delivery(task_id: str, task: Task, retval: Any, state: str, **_: Any) -> None:
+    if "IDEMFN_TEST_EFFECTS" not in os.environ:  # eager tasks in the test process
+        return
     effect("deliveries", json.dumps([task.name, task_id, state, repr(retval)]))
 
 
@@ -64,8 +66,9 @@ def charge(self: Task, order: str, pause: float = 0.0) -> str:
 # fail with AlreadyRunning).
 @app.task
 @idempotent(key="ship:{order}", wait=30)
-def ship(order: str) -> str:
+def ship(order: str, pause: float = 0.0) -> str:
     effect(f"ship-{order}", str(os.getpid()))
+    time.sleep(pause)
     return f"shipped {order}: {uuid.uuid4().hex}"
 
 
@@ -110,3 +113,23 @@ def flaky_autoretry(self: Task, name: str, failures: int) -> str:
     if runs <= failures:
         raise ConnectionError(f"run {runs} failed")
     return f"ok on run {runs}"
+
+
+# A nested idempotent call whose own key is busy: the task's key is not the busy one.
+@idempotent(key="inner:{name}", fingerprint=["name"])
+def inner(name: str, pause: float) -> str:
+    effect(f"inner-{name}", str(os.getpid()))
+    time.sleep(pause)
+    return "inner done"
+
+
+@app.task
+def hold_inner(name: str, pause: float) -> str:
+    return inner(name, pause)
+
+
+@app.task(bind=True, autoretry_for=(AlreadyRunning,), max_retries=20, default_retry_delay=0.2)
+@idempotent_task(countdown=0.2, retry_on=AlreadyRunning)
+def outer(self: Task, name: str) -> str:
+    effect(f"outer-{name}", str(os.getpid()))
+    return inner(name, 0.0)

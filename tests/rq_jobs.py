@@ -49,3 +49,22 @@ def flaky(name: str, failures: int) -> str:
     if runs <= failures:
         raise ConnectionError(f"run {runs} failed")
     return f"ok on run {runs}"
+
+
+class Declined(Exception):
+    """A payment provider's refusal, which the job handles."""
+
+
+@idempotent(key="charge:{order}")
+def charge(order: str) -> None:
+    effect(f"charge-{order}", str(os.getpid()))
+    raise Declined(order)
+
+
+def checkout(order: str) -> str:
+    """A job (enqueued with retries) that catches its nested call's failure."""
+    try:
+        charge(order)
+    except Declined:
+        return "declined"
+    return "charged"

@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from celery.result import AsyncResult
 
 import idemfn
 from idemfn import Halted, MemoryStore, Status, Store, idempotent, open_store
@@ -73,6 +72,10 @@ class Celeryd:
         self.worker = celery_worker(self.tmp_path, self.env, name)
 
 
+def _result(tid: str) -> Any:
+    return celery_tasks.app.AsyncResult(tid)
+
+
 @pytest.fixture(scope="module")
 def celery_app(redis_server: RedisServer) -> Celery:
     # The workers read the socket from their environment; this process publishes through it.
@@ -110,24 +113,27 @@ def celeryd(
 
 def test_one_task_id_published_three_times_runs_the_body_once(celeryd: Celeryd) -> None:
     tid = uuid.uuid4().hex
-    for _ in range(3):
-        # A 1 s body: with two pool processes, a duplicate runs while the first still does.
-        celeryd.publish(celery_tasks.charge, "A-1", 1.0, task_id=tid)
+    celeryd.publish(celery_tasks.charge, "A-1", 1.5, task_id=tid)
+    poll(lambda: celeryd.runs("charge-A-1"), "the first delivery's body to start")
+    for _ in range(2):  # the second pool process takes a duplicate while the body runs
+        celeryd.publish(celery_tasks.charge, "A-1", 1.5, task_id=tid)
 
     values = celeryd.wait_deliveries(tid, "SUCCESS", 3)
     assert len(celeryd.runs("charge-A-1")) == 1
     assert len(set(values)) == 1, values
     assert celeryd.deliveries(tid, "RETRY"), "no duplicate ever found the first one running"
-    assert AsyncResult(tid).get(timeout=10) == eval(values[0])  # the backend has the same
+    assert repr(_result(tid).get(timeout=10)) == values[0]  # the backend has the same
     record = celeryd.record(celery_tasks.charge, tid)
     assert record is not None and record.status is Status.OK
 
 
 def test_messages_with_one_business_key_run_the_body_once(celeryd: Celeryd) -> None:
     order = uuid.uuid4().hex
-    tids = [celeryd.publish(celery_tasks.ship, order) for _ in range(3)]
+    tids = [celeryd.publish(celery_tasks.ship, order, 1.0)]
+    poll(lambda: celeryd.runs(f"ship-{order}"), "the first message's body to start")
+    tids += [celeryd.publish(celery_tasks.ship, order, 1.0) for _ in range(2)]  # they wait
 
-    values = [AsyncResult(tid).get(timeout=60) for tid in tids]
+    values = [_result(tid).get(timeout=60) for tid in tids]
     assert len(celeryd.runs(f"ship-{order}")) == 1
     assert len(set(values)) == 1
 
@@ -146,7 +152,7 @@ def test_a_worker_killed_mid_body_halts_the_redelivered_task(
 
     celeryd.wait_deliveries(tid, "FAILURE", 1)
     assert celeryd.runs(name) == [str(pid)], "the body ran again"
-    error = AsyncResult(tid).get(timeout=10, propagate=False)
+    error = _result(tid).get(timeout=10, propagate=False)
     assert isinstance(error, Halted), repr(error)
     assert f"/{pid}/" in str(error) and " died: " in str(error), str(error)  # the owner
     assert "Halted" in celeryd.worker.output()
@@ -166,7 +172,7 @@ def test_a_worker_killed_mid_body_runs_it_once_more_with_on_abandoned_retry(
     else:
         celeryd.restart()
 
-    assert AsyncResult(tid).get(timeout=60) == "finished on run 2"
+    assert _result(tid).get(timeout=60) == "finished on run 2"
     runs = celeryd.runs(name)
     assert len(runs) == 2 and runs[0] != runs[1] and not process_alive(pid)
     record = celeryd.record(celery_tasks.crash_retry, tid)
@@ -179,7 +185,7 @@ def test_a_retried_task_keeps_its_key_and_records_ok_once(celeryd: Celeryd, task
     flaky = getattr(celery_tasks, task)
     tid = celeryd.publish(flaky, name, 2)
 
-    value = AsyncResult(tid).get(timeout=60)
+    value = _result(tid).get(timeout=60)
     assert value.startswith("ok on run 3: ")
     assert celeryd.runs(name) == ["0", "1", "2"]  # request.retries of each run
     record = celeryd.record(flaky, tid)
@@ -197,7 +203,7 @@ def test_autoretry_releases_the_key_until_the_last_attempt_which_records_halted(
     tid = celeryd.publish(celery_tasks.flaky_autoretry, name, 10)
 
     error = poll(
-        lambda: (r := AsyncResult(tid)).ready() and r.get(propagate=False),
+        lambda: (r := _result(tid)).ready() and r.get(propagate=False),
         "the task to fail",
         timeout=60,
     )
@@ -214,8 +220,13 @@ def test_autoretry_releases_the_key_until_the_last_attempt_which_records_halted(
 # --- in-process: no worker needed --------------------------------------------------------
 
 
+def _app(name: str, backend: str | None = "cache+memory://") -> Celery:
+    """An app of one test's own, which never becomes Celery's current app."""
+    return Celery(name, broker="memory://", backend=backend, set_as_current=False)
+
+
 def test_idempotent_over_app_task_is_refused() -> None:
-    app = Celery("refused", broker="memory://")
+    app = _app("refused", backend=None)
 
     with pytest.raises(TypeError, match=r"must go under @app\.task, not over it"):
 
@@ -236,7 +247,7 @@ def test_task_id_outside_a_worker_says_what_to_do() -> None:
     with pytest.raises(ValueError, match=r"no Celery task is running here.*pass key="):
         task_id()
 
-    app = Celery("direct", broker="memory://")
+    app = _app("direct", backend=None)
 
     @app.task
     @idempotent_task(store=MemoryStore())
@@ -248,7 +259,7 @@ def test_task_id_outside_a_worker_says_what_to_do() -> None:
 
 
 def test_apply_runs_the_body_once_per_task_id() -> None:
-    app = Celery("eager", broker="memory://", backend="cache+memory://")
+    app = _app("eager")
     runs: list[int] = []
 
     @app.task
@@ -270,8 +281,8 @@ def test_apply_runs_the_body_once_per_task_id() -> None:
         ({"on_running": "wait"}, "on_running must be 'retry' or 'raise'"),
         ({"countdown": -1}, "countdown must be >= 0"),
         ({"countdown": "5"}, "countdown must be a number of seconds"),
-        ({"max_retries": -1}, "max_retries must be a whole number >= 0"),
-        ({"max_retries": True}, "max_retries must be a whole number >= 0"),
+        ({"max_retries": 0}, "max_retries must be a whole number >= 1"),
+        ({"max_retries": True}, "max_retries must be a whole number >= 1"),
         ({"ttl": 0}, "ttl must be > 0"),
     ],
 )
@@ -295,15 +306,14 @@ def test_coroutine_functions_and_methods_are_refused() -> None:
     [
         idemfn.Halted("key 'k' halted: its owner died", key="k", reason="its owner died"),
         idemfn.AlreadyRunning("key 'k' is being run", key="k", owner="o", started_at=None),
-        idemfn.FingerprintMismatch("key 'k' was used with other arguments", key="k",
-                                   stored="a", given="b"),  # fmt: skip
+        idemfn.FingerprintMismatch("key 'k' has other arguments", key="k", stored="a", given="b"),
         idemfn.OwnershipLost("the claim on key 'k' was taken over", key="k"),
         idemfn.StoreError("the store failed", key="k"),
         idemfn.DeadlineExceeded("the deadline has passed", key="k"),
     ],
 )
 def test_errors_keep_their_type_through_a_json_result_backend(error: Exception) -> None:
-    backend = Celery("results", broker="memory://", backend="cache+memory://").backend
+    backend = _app("results").backend
 
     rebuilt = backend.exception_to_python(backend.prepare_exception(error))
 
@@ -311,7 +321,7 @@ def test_errors_keep_their_type_through_a_json_result_backend(error: Exception) 
 
 
 def test_eager_self_retry_in_a_plain_body_releases_the_key() -> None:
-    app = Celery("eager-retry", broker="memory://", backend="cache+memory://")
+    app = _app("eager-retry")
     store = MemoryStore()
     runs: list[int] = []
 
@@ -343,3 +353,20 @@ def test_a_requeued_reject_releases_the_key(requeue: bool, recorded: bool) -> No
     with pytest.raises(Reject):
         body()
     assert (body.status() is not None) is recorded
+
+
+def test_a_nested_call_that_finds_its_key_busy_is_not_the_tasks_own_busy_key(
+    celeryd: Celeryd,
+) -> None:
+    # The task's own key is free: the inner key's AlreadyRunning is the body's exception,
+    # which the task handles as it says (here: retry_on + autoretry_for), never as "busy".
+    name = uuid.uuid4().hex
+    celeryd.publish(celery_tasks.hold_inner, name, 1.5)
+    poll(lambda: celeryd.runs(f"inner-{name}"), "the inner call to start")
+    tid = celeryd.publish(celery_tasks.outer, name)
+
+    assert _result(tid).get(timeout=60) == "inner done"
+    assert len(celeryd.runs(f"inner-{name}")) == 1
+    assert len(celeryd.runs(f"outer-{name}")) >= 2  # released each time, then replayed inner
+    record = celeryd.record(celery_tasks.outer, tid)
+    assert record is not None and record.status is Status.OK

@@ -81,7 +81,11 @@ class Worker:
             stdin=subprocess.DEVNULL, stdout=self._out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
-        self.wait_for_log(ready, timeout=60)
+        try:
+            self.wait_for_log(ready, timeout=60)
+        except BaseException:
+            self.kill()  # never leave a worker that was not handed to the test running
+            raise
 
     @property
     def pid(self) -> int:
