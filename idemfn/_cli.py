@@ -43,6 +43,8 @@ from ._stores.disk import default_directory
 __all__ = ["Exit", "main"]
 
 PROG = "idemfn"
+#: The state ls and stats show for a record that cannot be read (corrupt, or tampered with).
+CORRUPT = "corrupt"
 
 
 class Exit(enum.IntEnum):
@@ -216,7 +218,11 @@ def _parser() -> argparse.ArgumentParser:
         " count as absent and are left out unless --all.",
         as_json,
     )
-    ls.add_argument("--status", choices=[s.value for s in Status], help="only this status")
+    ls.add_argument(
+        "--status",
+        choices=[*(s.value for s in Status), CORRUPT],
+        help=f"only this status ({CORRUPT}: records that cannot be read)",
+    )
     ls.add_argument("--prefix", default="", type=_key, metavar="P", help="keys starting with P")
     ls.add_argument("--limit", type=_positive_int, metavar="N", help="at most N records")
     ls.add_argument("--all", action="store_true", help="include expired records")
@@ -544,40 +550,63 @@ def _table(rows: list[list[str]], header: list[str]) -> None:
 def _ls(args: argparse.Namespace) -> Exit:
     store = _store(args)
     now = store.time()
+    broken: list[tuple[str, StoreError]] = []
     entries = [
         e
-        for e in store.scan(args.prefix)
+        for e in store.scan(args.prefix, corrupt=lambda key, error: broken.append((key, error)))
         if (args.all or not e.is_expired(now)) and (args.status is None or e.status == args.status)
     ]
     entries.sort(key=_changed_at, reverse=True)
+    if args.status not in (None, CORRUPT):
+        broken = []
     if args.limit is not None:
         entries = entries[: args.limit]
+        broken = broken[: max(0, args.limit - len(entries))]
     if getattr(args, "json", False):
-        _print_json([record_json(e, now) for e in entries])
+        _print_json(
+            [record_json(e, now) for e in entries]
+            + [{"key": key, "status": CORRUPT, "error": str(error)} for key, error in broken]
+        )
         return Exit.OK
     rows = [
         [_shown(e.key), _state(e, now), _span(now - _changed_at(e)), _owner_short(e.owner),
          _expiry(e, now)]
         for e in entries
-    ]  # fmt: skip
+    ] + [[_shown(key), CORRUPT, "-", "-", "-"] for key, _ in broken]  # fmt: skip
     if rows:
         _table(rows, ["KEY", "STATUS", "AGE", "OWNER", "EXPIRES"])
     else:
         where = f" starting with {args.prefix!r}" if args.prefix else ""
         print(f"no records in {store!r}{where}", file=sys.stderr)
+    if broken:
+        _say(
+            f"{len(broken)} record{'' if len(broken) == 1 else 's'} cannot be read: `{PROG} show"
+            f" KEY` says why, `{PROG} forget --force KEY` deletes one unread"
+        )
     return Exit.OK
 
 
+def _ignore(key: str, error: StoreError) -> None:
+    """A ``corrupt=`` for look-ups that only need the readable records."""
+
+
 def _find(store: Store, key: str) -> Entry:
-    """``key``'s record, expired or not; ``Failure`` naming close keys when there is none."""
-    for entry in store.scan(key):
+    """``key``'s record, expired or not; ``Failure`` naming close keys when there is none, or
+    saying why it cannot be read."""
+    broken: dict[str, StoreError] = {}
+    for entry in store.scan(key, corrupt=broken.__setitem__):
         if entry.key == key:
             return entry
+    if key in broken:
+        raise Failure(
+            f"{broken[key]}; `{PROG} forget --force {key}` deletes it unread", Exit.STORE_ERROR
+        )
     raise _no_record(store, key)
 
 
 def _no_record(store: Store, key: str) -> Failure:
-    similar = sorted(e.key for e in store.scan() if e.key.endswith(key) or key in e.key)[:5]
+    keys = [e.key for e in store.scan(corrupt=_ignore)]
+    similar = sorted(k for k in keys if k.endswith(key) or key in k)[:5]
     hint = f"; keys like it: {', '.join(map(repr, similar))}" if similar else ""
     return Failure(f"no record for key {key!r} in {store!r}{hint}", Exit.NO_RECORD)
 
@@ -715,7 +744,7 @@ def _forget_one(store: Store, key: str, status: str | None, force: bool) -> dict
             raise _no_record(store, key) from None
         now = store.time()
         if entry is None:  # absent, or expired: `ls --all` lists those, so tidy them too
-            entry = next((e for e in store.scan(key) if e.key == key), None)
+            entry = next((e for e in store.scan(key, corrupt=_ignore) if e.key == key), None)
             if entry is None or (status is not None and entry.status != status):
                 raise _no_record(store, key)
         if status is not None and entry.status != status:
@@ -751,7 +780,7 @@ def _stats(args: argparse.Namespace) -> Exit:
     counts: Counter[str] = Counter()
     oldest: Entry | None = None
     newest: Entry | None = None
-    for entry in store.scan():
+    for entry in store.scan(corrupt=lambda key, error: counts.update([CORRUPT])):
         counts[_state(entry, now)] += 1
         if entry.is_expired(now):
             continue
@@ -759,7 +788,7 @@ def _stats(args: argparse.Namespace) -> Exit:
             oldest = entry
         if newest is None or entry.started_at > newest.started_at:
             newest = entry
-    states = ["ok", "halted", "processing", "abandoned", "expired"]
+    states = ["ok", "halted", "processing", "abandoned", "expired", CORRUPT]
     size = store.bytes_used()
     summary: dict[str, Any] = {
         "store": repr(store),

@@ -134,6 +134,10 @@ class StoreContract:
             store.claim(entry)
         assert sorted(e.key for e in store.scan("app.a:")) == ["app.a:1", "app.a:2"]
         assert sorted(store.scan(), key=lambda e: e.key) == entries
+        # `corrupt=` receives the records that cannot be decoded (here: none).
+        reported: list[str] = []
+        scanned = store.scan("app.b:", corrupt=lambda key, error: reported.append(key))
+        assert [e.key for e in scanned] == ["app.b:1"] and reported == []
 
     def test_time_is_unix_seconds(self, store: Store) -> None:
         assert abs(store.time() - time.time()) < 60

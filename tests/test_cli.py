@@ -294,7 +294,8 @@ def test_forget_force_removes_a_corrupt_record(
 ) -> None:
     finish(store, "good", 1)
     store.cache.set("bad", b"\x00garbage")
-    assert idemfn_cli("ls", env=env, status=None).returncode == Exit.STORE_ERROR
+    listed = as_json(idemfn_cli("ls", "--json", env=env))  # listed, not fatal (issue 6)
+    assert {e["key"]: e["status"] for e in listed} == {"good": "ok", "bad": "corrupt"}
     proc = idemfn_cli("forget", "bad", env=env, status=Exit.STORE_ERROR)  # not unread, unforced
     assert "'bad'" in one_line(proc.stderr)
     idemfn_cli("forget", "--force", "bad", env=env)
@@ -820,7 +821,7 @@ def test_stats_counts_each_state(store: DiskStore, store_dir: Path, env: dict[st
     first = store.get("first")
     summary = as_json(raw)
     assert summary["by_state"] == {
-        "ok": 2, "halted": 1, "processing": 1, "abandoned": 1, "expired": 1
+        "ok": 2, "halted": 1, "processing": 1, "abandoned": 1, "expired": 1, "corrupt": 0
     }  # fmt: skip
     assert summary["records"] == 5
     assert summary["store"] == repr(store)
@@ -831,8 +832,8 @@ def test_stats_counts_each_state(store: DiskStore, store_dir: Path, env: dict[st
     assert summary["newest"]["key"] == "zz:live"
     out = text.stdout.decode()
     assert text.returncode == 0 and text.stderr == b""
-    assert re.search(r"^records:\s+5 \(ok 2, halted 1, processing 1, abandoned 1, expired 1\)$",
-                     out, re.MULTILINE), out  # fmt: skip
+    states = r"\(ok 2, halted 1, processing 1, abandoned 1, expired 1, corrupt 0\)"
+    assert re.search(rf"^records:\s+5 {states}$", out, re.MULTILINE), out
     assert re.search(r"^size:\s+[\d.]+ (B|KiB|MiB)$", out, re.MULTILINE), out
     assert re.search(r"^oldest:\s+first ", out, re.MULTILINE), out
 

@@ -8,22 +8,34 @@ Writing a store: subclass ``Store`` and implement ``claim``, ``get``, ``swap``, 
 ``delete`` and ``scan``; override ``prune``, ``time`` and ``close`` where the backend does
 better. Translate the backend's own errors to ``StoreError`` (``self.error(...)`` builds one that
 names the store and the key), and read stored bytes with ``self.decode(key, data)``, which
-raises ``StoreError`` for bytes that are not a record. Hold the store to
+raises ``StoreError`` for bytes that are not a record (``self.decoded`` in ``scan``, which
+passes them to its ``corrupt`` callback instead). Hold the store to
 ``idemfn.testing.StoreContract``.
 """
 
 from __future__ import annotations
 
 import abc
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import ClassVar
 
 from .._errors import StoreError
 from .._record import Entry, decode
 
-__all__ = ["Store", "prunable", "removable_at"]
+__all__ = ["Corrupt", "Store", "prunable", "removable_at", "skip_corrupt"]
+
+#: What ``Store.scan(corrupt=...)`` calls with each record it cannot decode: (key, error).
+Corrupt = Callable[[str, StoreError], None]
+
+logger = logging.getLogger("idemfn")
+
+
+def skip_corrupt(key: str, error: StoreError) -> None:
+    """A ``corrupt=`` for sweeps (prune): log the record and go on."""
+    logger.warning("idemfn: skipping a record that cannot be read: %s", error)
 
 
 class Store(abc.ABC):
@@ -69,8 +81,13 @@ class Store(abc.ABC):
         removed. This is ``forget``, never a write of a claim's owner."""
 
     @abc.abstractmethod
-    def scan(self, prefix: str = "") -> Iterator[Entry]:
-        """Every stored entry whose key starts with ``prefix``, expired ones included."""
+    def scan(self, prefix: str = "", *, corrupt: Corrupt | None = None) -> Iterator[Entry]:
+        """Every stored entry whose key starts with ``prefix``, expired ones included.
+
+        A record that cannot be decoded raises ``StoreError`` naming its key; with ``corrupt``,
+        it is passed to ``corrupt(key, error)`` and skipped instead, so that one bad record
+        does not hide the others (``decoded`` does this for a store's loop).
+        """
 
     def time(self) -> float:
         """The store's clock, in UNIX seconds. Stores shared by machines use the server's."""
@@ -83,7 +100,7 @@ class Store(abc.ABC):
         """
         now = self.time()
         removed = 0
-        for entry in self.scan():  # one at a time: payloads may be large
+        for entry in self.scan(corrupt=skip_corrupt):  # one at a time: payloads may be large
             if prunable(entry, now) and self.delete(entry.key, entry.token):
                 removed += 1
         return removed
@@ -106,6 +123,17 @@ class Store(abc.ABC):
             return decode(data)
         except ValueError as exc:
             raise self.error("read", key, f"the record is corrupt: {exc}") from None
+
+    def decoded(self, key: str, data: object, corrupt: Corrupt | None) -> Entry | None:
+        """``decode``, for ``scan``: a corrupt record goes to ``corrupt`` (None is returned),
+        or raises ``StoreError`` when ``corrupt`` is None."""
+        try:
+            return self.decode(key, data)
+        except StoreError as exc:
+            if corrupt is None:
+                raise
+            corrupt(key, exc)
+            return None
 
     def error(self, action: str, key: str, cause: BaseException | str) -> StoreError:
         """A ``StoreError`` that names this store, the action and the key."""

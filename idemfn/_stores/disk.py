@@ -17,7 +17,7 @@ import platformdirs
 
 from .._errors import StoreError
 from .._record import Entry, encode
-from .base import Store, prunable
+from .base import Corrupt, Store, prunable, skip_corrupt
 
 __all__ = ["DiskStore", "default_directory"]
 
@@ -281,21 +281,21 @@ class DiskStore(Store):
             except _BACKEND_ERRORS as exc:
                 raise self.error("list", what, exc) from exc
 
-    def _entries(self, keys: list[str]) -> Iterator[Entry]:
+    def _entries(self, keys: list[str], corrupt: Corrupt | None) -> Iterator[Entry]:
         for key in keys:  # one row at a time: payloads may be large
             with _gate:
                 try:
                     row = self._sql(_GET, (key,)).fetchone()
                 except _BACKEND_ERRORS as exc:
                     raise self.error("read", key, exc) from exc
-            if row is not None:
-                yield self.decode(key, row[0])
+            if row is not None and (entry := self.decoded(key, row[0], corrupt)) is not None:
+                yield entry
 
-    def scan(self, prefix: str = "") -> Iterator[Entry]:
+    def scan(self, prefix: str = "", *, corrupt: Corrupt | None = None) -> Iterator[Entry]:
         # str keys, raw = 1; ordered by key. The prefix test is done here, not in SQL, so that
         # no character of the prefix is a LIKE/GLOB wildcard.
         keys = self._keys("SELECT key FROM Cache WHERE raw = 1 ORDER BY key", (), prefix or "*")
-        yield from self._entries([key for key in keys if key.startswith(prefix)])
+        yield from self._entries([key for key in keys if key.startswith(prefix)], corrupt)
 
     def prune(self) -> int:
         """Remove expired records (without reading them) and stale claims."""
@@ -314,7 +314,7 @@ class DiskStore(Store):
             "finished records",
         )
         removed = 0
-        for entry in self._entries(candidates):
+        for entry in self._entries(candidates, skip_corrupt):
             if prunable(entry, now) and self.delete(entry.key, entry.token):
                 removed += 1
         return expired + removed

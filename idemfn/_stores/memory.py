@@ -8,7 +8,7 @@ import weakref
 from collections.abc import Iterator
 
 from .._record import Entry
-from .base import Store
+from .base import Corrupt, Store
 
 __all__ = ["MemoryStore"]
 
@@ -72,7 +72,8 @@ class MemoryStore(Store):
             # An expired record counts as absent: removing it is tidying, not forgetting.
             return token is not None or not current.is_expired(self.time())
 
-    def scan(self, prefix: str = "") -> Iterator[Entry]:
+    def scan(self, prefix: str = "", *, corrupt: Corrupt | None = None) -> Iterator[Entry]:
+        # Entries are kept as objects here: none can be corrupt.
         with self._lock:
             entries = [e for k, e in self._entries.items() if k.startswith(prefix)]
         yield from entries

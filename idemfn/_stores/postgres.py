@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .._record import Entry, encode
-from .base import Store, removable_at
+from .base import Corrupt, Store, removable_at
 from .clock import ServerClock
 
 if TYPE_CHECKING:
@@ -226,12 +226,12 @@ class PostgresStore(Store):
         # An expired record counts as absent: removing it is tidying, not forgetting.
         return token is not None or expires_at is None or expires_at > self.time()
 
-    def scan(self, prefix: str = "") -> Iterator[Entry]:
+    def scan(self, prefix: str = "", *, corrupt: Corrupt | None = None) -> Iterator[Entry]:
         keys = [k for (k,) in self._run("list", prefix or "*", self._sql["keys"], (prefix,))]
         for key in keys:  # one row at a time: payloads may be large
             rows = self._run("read", key, self._sql["get"], (key,))
-            if rows:
-                yield self.decode(key, rows[0][0])
+            if rows and (entry := self.decoded(key, rows[0][0], corrupt)) is not None:
+                yield entry
 
     def prune(self) -> int:
         """One indexed DELETE: expired rows, and claims whose lease ran out ttl ago."""

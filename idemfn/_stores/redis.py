@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .._record import Entry, encode
-from .base import Store, removable_at
+from .base import Corrupt, Store, removable_at
 from .clock import ServerClock
 
 if TYPE_CHECKING:
@@ -222,7 +222,7 @@ class RedisStore(Store):
         # An expired record counts as absent: removing it is tidying, not forgetting.
         return done == 1 or (done == 2 and token is not None)
 
-    def scan(self, prefix: str = "") -> Iterator[Entry]:
+    def scan(self, prefix: str = "", *, corrupt: Corrupt | None = None) -> Iterator[Entry]:
         pattern = _glob_escape(self.prefix + prefix) + "*"
         names = self._call(
             "list", prefix or "*", lambda: list(self.client.scan_iter(match=pattern, count=1000))
@@ -231,8 +231,8 @@ class RedisStore(Store):
         for name in sorted(names):
             key = name[start:].decode("utf-8", "surrogateescape")
             data = self._call("read", key, self.client.hget, name, "e")
-            if data is not None:  # removed since
-                yield self.decode(key, data)
+            if data is not None and (entry := self.decoded(key, data, corrupt)) is not None:
+                yield entry  # (None: removed since, or corrupt)
 
     def close(self) -> None:
         self.client.close()
