@@ -154,7 +154,7 @@ def test_prune_leaves_a_record_claimed_again_since_it_looked(
 ) -> None:
     stale = finished("k", "old")._replace(expires_at=time.time() - 1)  # what prune's scan saw
     assert store.claim(processing("k", "new")) is None  # then the key was claimed again
-    monkeypatch.setattr(store, "scan", lambda prefix="": iter([stale]))
+    monkeypatch.setattr(store, "scan", lambda prefix="", corrupt=None: iter([stale]))
     store.prune()
     entry = store.get("k")
     assert entry is not None and entry.token == "new"

@@ -45,6 +45,9 @@ _SWAP = (
     " mode = 1, filename = NULL, value = ? WHERE key = ? AND raw = 1 AND tag = ?"
 )
 _RELEASE = "DELETE FROM Cache WHERE key = ? AND raw = 1 AND tag = ?"
+#: Set to 1 to trust store directories that fail the ownership check (see DiskStore).
+TRUST_ENV_VAR = "IDEMFN_TRUST_DIRECTORY"
+
 _GET = "SELECT value FROM Cache WHERE key = ? AND raw = 1"
 _DELETE = "DELETE FROM Cache WHERE key = ? AND raw = 1"
 _PROCESSING = "SELECT key FROM Cache WHERE raw = 1 AND tag IS NOT NULL"
@@ -125,9 +128,20 @@ class DiskStore(Store):
     them. The directory is created with mode ``0700`` and the database files are ``0600``.
     Nothing touches the disk until the first use. ``~`` and relative paths are resolved when
     the store is made.
+
+    Records hold pickles, so whoever can write the directory can run code in every process
+    that replays from it. A directory (or database file) owned by another user, or writable by
+    its group or others, is refused with ``StoreError`` unless ``trust_directory=True`` (or
+    ``IDEMFN_TRUST_DIRECTORY=1``), for stores shared on purpose.
     """
 
-    def __init__(self, directory: str | os.PathLike[str] | None = None, *, timeout: float = 60.0):
+    def __init__(
+        self,
+        directory: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float = 60.0,
+        trust_directory: bool | None = None,
+    ):
         if directory is not None and not isinstance(directory, (str, os.PathLike)):
             raise TypeError(
                 f"DiskStore(directory=...) takes a path, not {type(directory).__name__}"
@@ -137,6 +151,13 @@ class DiskStore(Store):
         path = default_directory() if directory is None else Path(directory).expanduser()
         self.directory = path.absolute()
         self.timeout = timeout
+        if trust_directory is None:
+            trust_directory = os.environ.get(TRUST_ENV_VAR, "") == "1"
+        if not isinstance(trust_directory, bool):
+            raise TypeError(
+                f"DiskStore(trust_directory=...) must be True or False, not {trust_directory!r}"
+            )
+        self.trust_directory = trust_directory
         self._cache: diskcache.Cache | None = None
         self._lock = threading.Lock()
         self._local = threading.local()  # this thread's connection.execute, once looked up
@@ -171,6 +192,10 @@ class DiskStore(Store):
     def _open(self) -> diskcache.Cache:
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not self.trust_directory:
+                self._check_ownership()
+            # Created 0600 before SQLite opens it: its -wal and -shm files copy the mode.
+            os.close(os.open(self.directory / "cache.db", os.O_CREAT | os.O_RDWR, 0o600))
             cache = diskcache.Cache(
                 str(self.directory),
                 timeout=self.timeout,
@@ -181,7 +206,10 @@ class DiskStore(Store):
                 disk_min_file_size=2**62,
             )
             for database in self.directory.glob("cache.db*"):
-                database.chmod(0o600)
+                try:
+                    database.chmod(0o600)
+                except FileNotFoundError:  # another process's transient -journal
+                    pass
             columns = {row[1] for row in cache._sql("PRAGMA table_info(Cache)")}
         except _BACKEND_ERRORS as exc:
             raise self.error("open the store for", str(self.directory), exc) from exc
@@ -194,6 +222,28 @@ class DiskStore(Store):
                 f"diskcache {diskcache.__version__} has a table layout this idemfn does not know",
             )
         return cache
+
+    def _check_ownership(self) -> None:
+        me = os.geteuid()
+        for path in [self.directory, *sorted(self.directory.glob("cache.db*"))]:
+            try:
+                info = path.stat()  # through symbolic links: what they point to is what is read
+            except FileNotFoundError:  # another process's transient -journal, gone already
+                continue
+            problem = None
+            if info.st_uid != me:
+                problem = f"is owned by uid {info.st_uid}, not this process's uid {me}"
+            elif info.st_mode & 0o022:
+                problem = f"is writable by its group or others (mode {info.st_mode & 0o777:04o})"
+            if problem is not None:
+                raise self.error(
+                    "open the store for",
+                    str(self.directory),
+                    f"{path} {problem}: whoever can write there can make this process unpickle"
+                    f" what they like. Fix it (chown, chmod 700 the directory and 600 its"
+                    f" files), or trust it: DiskStore(..., trust_directory=True) or"
+                    f" {TRUST_ENV_VAR}=1",
+                )
 
     def _expire_time(self, entry: Entry, now: float) -> float | None:
         """When diskcache may drop the row, on its (real) clock; expires_at still decides."""

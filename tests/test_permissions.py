@@ -1,0 +1,107 @@
+"""A DiskStore's directory is private: created 0700 with 0600 files, and a directory that
+another user owns or others may write to is refused (records are pickles: whoever writes them
+runs code in the processes that replay them), unless the store is trusted on purpose."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from idemfn import DiskStore, StoreError, idempotent
+
+from .cli import cli_env, idemfn_cli
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _used(directory: Path, **options: bool) -> DiskStore:
+    store = DiskStore(directory, **options)  # type: ignore[arg-type]
+
+    @idempotent(key="k", store=store)
+    def body() -> int:
+        return 1
+
+    assert body() == 1
+    return store
+
+
+def test_a_new_store_is_private(tmp_path: Path) -> None:
+    old = os.umask(0)  # even with a permissive umask
+    try:
+        store = _used(tmp_path / "store")
+    finally:
+        os.umask(old)
+    assert _mode(store.directory) == 0o700
+    files = sorted(store.directory.glob("cache.db*"))
+    assert [f.name for f in files][:1] == ["cache.db"] and len(files) == 3  # -shm, -wal
+    assert {f.name: _mode(f) for f in files} == {f.name: 0o600 for f in files}
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o702])
+def test_a_directory_others_may_write_is_refused(tmp_path: Path, mode: int) -> None:
+    directory = tmp_path / "shared"
+    directory.mkdir()
+    directory.chmod(mode)
+    runs: list[int] = []
+
+    @idempotent(key="k", store=DiskStore(directory))
+    def body() -> None:
+        runs.append(1)
+
+    with pytest.raises(StoreError, match=r"writable by its group or others") as caught:
+        body()
+    message = str(caught.value)
+    assert str(directory) in message and f"{mode:04o}" in message
+    assert "trust_directory=True" in message and "IDEMFN_TRUST_DIRECTORY=1" in message
+    assert runs == [] and list(directory.iterdir()) == []  # nothing ran, nothing was created
+
+
+def test_a_database_file_others_may_write_is_refused(tmp_path: Path) -> None:
+    store = _used(tmp_path / "store")
+    store.close()
+    (store.directory / "cache.db").chmod(0o666)
+    with pytest.raises(StoreError, match=r"cache\.db is writable by its group or others"):
+        _used(store.directory)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root (CI is root)")
+def test_a_directory_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    directory = tmp_path / "theirs"
+    directory.mkdir(mode=0o700)
+    os.chown(directory, 65534, 65534)  # nobody
+    with pytest.raises(StoreError, match=r"is owned by uid 65534, not this process's uid 0"):
+        _used(directory)
+
+
+def test_a_trusted_directory_is_used_as_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "shared"
+    directory.mkdir()
+    directory.chmod(0o775)
+    _used(directory, trust_directory=True)
+    assert _mode(directory) == 0o775  # left as it was: sharing it was the point
+
+    monkeypatch.setenv("IDEMFN_TRUST_DIRECTORY", "1")
+    _used(directory)
+    with pytest.raises(StoreError, match="writable"):
+        _used(directory, trust_directory=False)  # the keyword wins over the environment
+    with pytest.raises(TypeError, match=r"trust_directory=\.\.\.\) must be True or False"):
+        DiskStore(directory, trust_directory="yes")  # type: ignore[arg-type]
+
+
+def test_the_command_refuses_and_trusts_the_same_way(tmp_path: Path) -> None:
+    store = _used(tmp_path / "store")
+    store.close()
+    store.directory.chmod(0o777)
+    env = cli_env(store.directory)
+
+    refused = idemfn_cli("ls", env=env, status=74)
+    assert b"writable by its group or others" in refused.stderr
+    trusted = idemfn_cli("ls", env={**env, "IDEMFN_TRUST_DIRECTORY": "1"})
+    assert b":k  ok" in trusted.stdout
