@@ -83,6 +83,11 @@ def _reseed_tokens() -> None:
 
 os.register_at_fork(after_in_child=_reseed_tokens)
 
+# The clock of same-machine leases (Entry.lease_mono): CLOCK_MONOTONIC, shared by every process
+# of a machine until it reboots, and never set by anyone. A name of its own so that a model
+# with a fake clock (tests/test_state_machine.py) can drive it.
+_lease_clock = time.monotonic
+
 _FIRST_POLL = 0.005  # seconds between looks at a busy key, doubling up to _MAX_POLL
 _MAX_POLL = 0.25
 
@@ -291,7 +296,10 @@ class Claim:
         if self._settled:
             return False
         e = self.entry
-        renewed = e._replace(lease_until=self.store.time() + self.policy.lease)
+        lease = self.policy.lease
+        renewed = e._replace(
+            lease_until=self.store.time() + lease, lease_mono=_lease_clock() + lease
+        )
         try:
             kept = self.store.swap(e.key, e.token, renewed)
         except StoreError as exc:
@@ -432,7 +440,15 @@ def abandoned_reason(entry: Entry, now: float) -> str | None:
     dead = _owner.gone_reason(entry.owner)
     if dead is not None:
         return f"its owner {entry.owner} died: {dead}"
-    if entry.lease_until is not None and entry.lease_until <= now:
+    if entry.lease_until is None:
+        return None
+    if entry.lease_mono is not None and _owner.same_boot(entry.owner):
+        # On the owner's machine the monotonic clock decides: a wall clock set forwards (or
+        # back, in the owner) by an hour must not hand a live claim to a second caller.
+        ran_out = entry.lease_mono <= _lease_clock()
+    else:
+        ran_out = entry.lease_until <= now
+    if ran_out:
         return (
             f"its owner {entry.owner} stopped renewing its lease, which ran out at"
             f" {_iso(entry.lease_until)}"
@@ -443,7 +459,7 @@ def abandoned_reason(entry: Entry, now: float) -> str | None:
 def _new_claim(key: str, fingerprint: str, attempt: int, now: float, policy: Policy) -> Entry:
     return Entry(
         key, PROCESSING, fingerprint, _owner.current(), _new_token(), attempt, now,
-        lease_until=now + policy.lease, ttl=policy.ttl,
+        lease_until=now + policy.lease, ttl=policy.ttl, lease_mono=_lease_clock() + policy.lease,
     )  # fmt: skip
 
 

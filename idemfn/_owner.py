@@ -79,6 +79,14 @@ def parse(owner: str) -> tuple[str, str, int, str] | None:
     return parts[0], parts[1], int(parts[2]), parts[3]
 
 
+def same_boot(owner: str) -> bool:
+    """Whether ``owner`` runs on this machine, since its last boot (so that its monotonic clock
+    is this process's)."""
+    mine = parse(_current)
+    theirs = parse(owner)
+    return mine is not None and theirs is not None and bool(mine[1]) and theirs[:2] == mine[:2]
+
+
 def gone_reason(owner: str) -> str | None:
     """Why ``owner`` is known to be gone, or None when it may still run.
 

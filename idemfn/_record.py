@@ -15,8 +15,9 @@ from typing import NamedTuple
 
 __all__ = ["FORMAT_VERSION", "Entry", "Record", "Status", "decode", "encode"]
 
-#: Version of the stored record layout; a record from another version is refused, never guessed.
-FORMAT_VERSION = 1
+#: Version of the stored record layout; a record from another version is refused, never guessed
+#: (version 1, which lacks ``lease_mono``, is still read).
+FORMAT_VERSION = 2
 
 
 class Status(str, enum.Enum):
@@ -83,6 +84,10 @@ class Entry(NamedTuple):
     exc_type: str | None = None
     message: str | None = None
     traceback: str | None = None
+    # When the lease runs out on the owner's CLOCK_MONOTONIC, which every process of its
+    # machine shares until reboot: judged there instead of lease_until, no wall-clock jump can
+    # make a live claim look abandoned. None in version 1 records.
+    lease_mono: float | None = None
 
     def is_expired(self, now: float) -> bool:
         """A finished entry past its expiry is treated as absent, before prune removes it."""
@@ -127,12 +132,17 @@ def decode(data: bytes) -> Entry:
         fields = marshal.loads(data)
     except (EOFError, ValueError, TypeError) as exc:
         raise ValueError(f"not an idemfn record ({exc})") from None
-    if type(fields) is not tuple or len(fields) != _FIELDS + 1:
+    if type(fields) is not tuple or not fields:
         raise ValueError("not an idemfn record (wrong layout)")
-    if fields[0] != FORMAT_VERSION:
+    if fields[0] == 1 and len(fields) == _FIELDS:  # version 1: no lease_mono
+        fields = (*fields, None)
+    elif fields[0] != FORMAT_VERSION:
         raise ValueError(
-            f"record format version {fields[0]!r}; this idemfn reads version {FORMAT_VERSION}"
+            f"record format version {fields[0]!r}; this idemfn reads versions 1 to"
+            f" {FORMAT_VERSION}"
         )
+    if len(fields) != _FIELDS + 1:
+        raise ValueError("not an idemfn record (wrong layout)")
     entry = Entry._make(fields[1:])
     if entry.status not in _STATUSES or type(entry.key) is not str or type(entry.token) is not str:
         raise ValueError("not an idemfn record (bad status or key)")

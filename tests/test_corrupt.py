@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from idemfn import DiskStore, PostgresStore, RedisStore, Store, StoreError, idempotent
-from idemfn._record import encode
+from idemfn._record import FORMAT_VERSION, encode
 
 from .cli import cli_env, idemfn_cli
 from .conftest import make_store
@@ -24,7 +24,9 @@ from .conftest import make_store
 BROKEN: dict[str, Callable[[bytes], bytes]] = {
     "garbage": lambda good: b"\x00not a record\xff",
     "truncated": lambda good: good[: len(good) // 2],
-    "future version": lambda good: marshal.dumps((2, *marshal.loads(good)[1:]), 4),
+    "future version": lambda good: marshal.dumps(
+        (FORMAT_VERSION + 1, *marshal.loads(good)[1:]), 4
+    ),
 }
 
 

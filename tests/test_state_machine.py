@@ -6,7 +6,8 @@ model (key -> ``Rec`` or None) predicts every outcome; after every step the stor
 it, a terminal record must not have changed, and ``attempt`` must not have gone down.
 
 Time is a fake clock read through ``store.time()``, which the engine and both stores use for every
-record time and expiry check. ``LEASE`` is large in real seconds too, so the heartbeat (which
+record time and expiry check, and through ``_engine._lease_clock``, which times the leases of
+this machine's owners. ``LEASE`` is large in real seconds too, so the heartbeat (which
 schedules renewals on the real monotonic clock, every ``lease / 3``) never renews a lease during a
 test: leases only run out when the model moves the clock.
 
@@ -46,6 +47,7 @@ from idemfn import (
     MemoryStore,
     OwnershipLost,
     Store,
+    _engine,
     _owner,
 )
 from idemfn._engine import Claim, Finished, Policy, begin_with
@@ -162,6 +164,9 @@ class IdempotencyMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.clock = FakeClock()
+        # Same-machine leases are judged on the monotonic clock: drive it with the model's.
+        self._lease_clock = _engine._lease_clock
+        _engine._lease_clock = lambda: self.clock.now
         self.store = self.make_store()
         self.model: dict[str, Rec | None] = dict.fromkeys(KEYS)
         self.open: list[Claim] = []  # unsettled claims, for the invariants and teardown
@@ -171,6 +176,7 @@ class IdempotencyMachine(RuleBasedStateMachine):
         raise NotImplementedError
 
     def teardown(self) -> None:
+        _engine._lease_clock = self._lease_clock
         for claim in self.open:  # never let the heartbeat renew a finished test's claims
             heartbeat.discard(claim)
 

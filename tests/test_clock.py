@@ -1,0 +1,88 @@
+"""Wall-clock jumps: on one machine a live claim's lease is timed on the monotonic clock, so a
+clock set forwards or back by an hour never lets a second caller take it over."""
+
+from __future__ import annotations
+
+import marshal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from idemfn import AlreadyRunning, DiskStore, idempotent
+from idemfn._record import FORMAT_VERSION, decode, encode
+
+HOUR = 3600.0
+
+# A process that claims "clock:k" (lease 1 s, renewed every 1/3 s) and holds it, its wall
+# clock shifted by argv[2] seconds.
+HOLDER = textwrap.dedent("""
+    import sys, time
+    shift = float(sys.argv[2])
+    real = time.time
+    time.time = lambda: real() + shift
+    from idemfn import DiskStore, idempotent
+
+    @idempotent(key="k", name="clock", store=DiskStore(sys.argv[1]), lease=1.0)
+    def hold():
+        print("holding", flush=True)
+        time.sleep(60)
+
+    hold()
+""")
+
+
+@pytest.fixture
+def holder(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    store = tmp_path / "store"
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(store), str(request.param)],
+        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"holding\n"
+        yield store
+    finally:
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.parametrize(
+    ("holder", "shift"), [(0.0, HOUR), (0.0, -HOUR), (-HOUR, 0.0), (HOUR, 0.0)], indirect=["holder"]
+)
+def test_a_clock_jump_never_hands_a_live_claim_to_a_second_caller(
+    holder: Path, shift: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs: list[int] = []
+
+    @idempotent(key="k", name="clock", store=DiskStore(holder), lease=1.0, on_abandoned="retry")
+    def hold() -> None:
+        runs.append(1)
+
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + shift)  # this caller's clock jumped
+    deadline = time.monotonic() + 2.5  # past the 1 s lease several times over
+    while time.monotonic() < deadline:
+        with pytest.raises(AlreadyRunning):
+            hold()
+        time.sleep(0.1)
+    assert runs == []
+
+
+def test_a_version_1_record_is_still_read(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path / "store")
+
+    @idempotent(key="k", name="old", store=store)
+    def body() -> str:
+        return "recorded"
+
+    body()
+    entry = store.get("old:k")
+    assert entry is not None and FORMAT_VERSION == 2
+    fields = marshal.loads(encode(entry))
+    version_1 = marshal.dumps((1, *fields[1:-1]), 4)  # as idemfn wrote it before lease_mono
+    assert decode(version_1) == entry._replace(lease_mono=None)
