@@ -8,6 +8,7 @@ frozen view with aware UTC datetimes, built only when a user asks for it.
 from __future__ import annotations
 
 import enum
+import itertools
 import marshal
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -121,6 +122,24 @@ _FIELDS = len(Entry._fields)
 _STATUSES = frozenset(s.value for s in Status)
 
 
+def _field_types() -> frozenset[tuple[type, ...]]:
+    """Every tuple of field types a well-formed entry can have (1,024 of them): one set
+    look-up then checks a decoded record's 17 types at once (about 0.7 µs)."""
+    text, number, none = (str,), (float,), type(None)
+    optional = {str: (str, none), float: (float, none), bytes: (bytes, none)}
+    per_field = [
+        text, text, text, text, text, (int,), number,  # key, status, ..., attempt, started_at
+        optional[float], optional[float], optional[float], optional[float],  # lease .. expires
+        optional[bytes], optional[str], optional[str], optional[str], optional[str],  # payload..
+        optional[float],  # lease_mono
+    ]  # fmt: skip
+    assert len(per_field) == _FIELDS
+    return frozenset(itertools.product(*per_field))
+
+
+_TYPES = _field_types()
+
+
 def encode(entry: Entry) -> bytes:
     """Serialise an entry. marshal only builds plain values: decoding runs no user code."""
     return marshal.dumps((FORMAT_VERSION, *entry), 4)
@@ -144,6 +163,8 @@ def decode(data: bytes) -> Entry:
     if len(fields) != _FIELDS + 1:
         raise ValueError("not an idemfn record (wrong layout)")
     entry = Entry._make(fields[1:])
-    if entry.status not in _STATUSES or type(entry.key) is not str or type(entry.token) is not str:
-        raise ValueError("not an idemfn record (bad status or key)")
+    if tuple(map(type, entry)) not in _TYPES:
+        raise ValueError("not an idemfn record (a field of the wrong type)")
+    if entry.status not in _STATUSES:
+        raise ValueError(f"not an idemfn record (status {entry.status!r})")
     return entry
