@@ -192,10 +192,12 @@ class DiskStore(Store):
     def _open(self) -> diskcache.Cache:
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if not self.trust_directory:
+            # A trusted directory is shared on purpose: its modes are its owner's to set.
+            private = not self.trust_directory
+            if private:
                 self._check_ownership()
-            # Created 0600 before SQLite opens it: its -wal and -shm files copy the mode.
-            os.close(os.open(self.directory / "cache.db", os.O_CREAT | os.O_RDWR, 0o600))
+                # Created 0600 before SQLite opens it: its -wal and -shm files copy the mode.
+                os.close(os.open(self.directory / "cache.db", os.O_CREAT | os.O_RDWR, 0o600))
             cache = diskcache.Cache(
                 str(self.directory),
                 timeout=self.timeout,
@@ -205,9 +207,9 @@ class DiskStore(Store):
                 # Every record is a row, never a side file (see _CLAIM).
                 disk_min_file_size=2**62,
             )
-            for database in self.directory.glob("cache.db*"):
+            for database in self.directory.glob("cache.db*") if private else ():
                 try:
-                    database.chmod(0o600)
+                    database.chmod(0o600)  # files an older idemfn left readable by others
                 except FileNotFoundError:  # another process's transient -journal
                     pass
             columns = {row[1] for row in cache._sql("PRAGMA table_info(Cache)")}
