@@ -37,14 +37,22 @@ from ._errors import (
 )
 from ._outcome import load
 from ._record import Entry, Status
+from ._signing import ENV_VAR as SIGNING_ENV_VAR
 from ._stores import ENV_VAR, Store, locate, open_store
+from ._stores.base import TamperedRecord
 from ._stores.disk import default_directory
 
 __all__ = ["Exit", "main"]
 
 PROG = "idemfn"
-#: The state ls and stats show for a record that cannot be read (corrupt, or tampered with).
+#: The states ls and stats show for a record that cannot be read: its bytes are not a record,
+#: or it failed its signature check.
 CORRUPT = "corrupt"
+TAMPERED = "tampered"
+
+
+def _unreadable(error: StoreError) -> str:
+    return TAMPERED if isinstance(error, TamperedRecord) else CORRUPT
 
 
 class Exit(enum.IntEnum):
@@ -60,7 +68,7 @@ class Exit(enum.IntEnum):
     INTERNAL = 70  # a bug in idemfn: please report it
     LOST = 71  # run: the claim was taken over while the command ran; outcome not recorded
     DEADLINE = 72  # reserved: the deadline passed before the call could start
-    STORE_ERROR = 74  # the store failed (unreadable, locked, full, corrupt record)
+    STORE_ERROR = 74  # the store failed (unreadable, locked, full, corrupt/tampered record)
     RUNNING = 75  # run: another run holds the key; forget: refused, the owner is alive
     CANNOT_EXECUTE = 126  # run: the command was found but could not be executed
     NOT_FOUND = 127  # run: the command was not found
@@ -80,7 +88,7 @@ exit status:
   69   run: the key halted without a recorded outcome (its runner died): check, then forget
   70   internal error in idemfn (please report it)
   71   run: the claim was taken over while the command ran; its outcome was not recorded
-  74   the store failed (unreadable, locked, full, or a corrupt record)
+  74   the store failed (unreadable, locked, full, or a corrupt or tampered record)
   75   the key is running: run found a live owner; forget refused without --force
   126  run: the command could not be executed (nothing recorded)
   127  run: the command was not found (nothing recorded)
@@ -182,6 +190,13 @@ def _parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help=f"the store: a directory or URL (default: ${ENV_VAR}, else {default_directory()})",
     )
+    common.add_argument(
+        "--signing-key-file",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help=f"sign and verify records with the keys in FILE, one per line, the first signing"
+        f" (default: ${SIGNING_ENV_VAR}, comma-separated, if set)",
+    )
     as_json = _Parser(add_help=False)
     as_json.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON"
@@ -220,8 +235,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     ls.add_argument(
         "--status",
-        choices=[*(s.value for s in Status), CORRUPT],
-        help=f"only this status ({CORRUPT}: records that cannot be read)",
+        choices=[*(s.value for s in Status), CORRUPT, TAMPERED],
+        help=f"only this status ({CORRUPT}, {TAMPERED}: records that cannot be read)",
     )
     ls.add_argument("--prefix", default="", type=_key, metavar="P", help="keys starting with P")
     ls.add_argument("--limit", type=_positive_int, metavar="N", help="at most N records")
@@ -413,10 +428,27 @@ def _store(args: argparse.Namespace, *, create: bool = False) -> Store:
         )
     if kind == "disk":
         _check_directory(Path(where), source, create)
+    keys = _signing_keys(args)
     try:
-        return open_store(text)
-    except (TypeError, ValueError) as exc:  # a bad server URL, or its extra is missing
+        return open_store(text, signing_key=keys)
+    except (TypeError, ValueError) as exc:  # a bad server URL or key, or an extra is missing
         raise Failure(f"{source}: {exc}", Exit.BAD_STORE) from None
+
+
+def _signing_keys(args: argparse.Namespace) -> list[str] | None:
+    """The keys of ``--signing-key-file`` (None: the store reads ``IDEMFN_SIGNING_KEY``)."""
+    path = getattr(args, "signing_key_file", None)
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Failure(f"--signing-key-file: cannot read {path}: {exc}", Exit.USAGE) from None
+    keys = [line.strip() for line in text.splitlines()]
+    keys = [key for key in keys if key and not key.startswith("#")]
+    if not keys:
+        raise Failure(f"--signing-key-file: {path} holds no key", Exit.USAGE)
+    return keys
 
 
 def _check_directory(directory: Path, source: str, create: bool) -> None:
@@ -557,22 +589,25 @@ def _ls(args: argparse.Namespace) -> Exit:
         if (args.all or not e.is_expired(now)) and (args.status is None or e.status == args.status)
     ]
     entries.sort(key=_changed_at, reverse=True)
-    if args.status not in (None, CORRUPT):
-        broken = []
+    if args.status is not None:
+        broken = [(key, error) for key, error in broken if _unreadable(error) == args.status]
     if args.limit is not None:
         entries = entries[: args.limit]
         broken = broken[: max(0, args.limit - len(entries))]
     if getattr(args, "json", False):
         _print_json(
             [record_json(e, now) for e in entries]
-            + [{"key": key, "status": CORRUPT, "error": str(error)} for key, error in broken]
+            + [
+                {"key": key, "status": _unreadable(error), "error": str(error)}
+                for key, error in broken
+            ]
         )
         return Exit.OK
     rows = [
         [_shown(e.key), _state(e, now), _span(now - _changed_at(e)), _owner_short(e.owner),
          _expiry(e, now)]
         for e in entries
-    ] + [[_shown(key), CORRUPT, "-", "-", "-"] for key, _ in broken]  # fmt: skip
+    ] + [[_shown(key), _unreadable(error), "-", "-", "-"] for key, error in broken]  # fmt: skip
     if rows:
         _table(rows, ["KEY", "STATUS", "AGE", "OWNER", "EXPIRES"])
     else:
@@ -780,7 +815,7 @@ def _stats(args: argparse.Namespace) -> Exit:
     counts: Counter[str] = Counter()
     oldest: Entry | None = None
     newest: Entry | None = None
-    for entry in store.scan(corrupt=lambda key, error: counts.update([CORRUPT])):
+    for entry in store.scan(corrupt=lambda key, error: counts.update([_unreadable(error)])):
         counts[_state(entry, now)] += 1
         if entry.is_expired(now):
             continue
@@ -788,7 +823,7 @@ def _stats(args: argparse.Namespace) -> Exit:
             oldest = entry
         if newest is None or entry.started_at > newest.started_at:
             newest = entry
-    states = ["ok", "halted", "processing", "abandoned", "expired", CORRUPT]
+    states = ["ok", "halted", "processing", "abandoned", "expired", CORRUPT, TAMPERED]
     size = store.bytes_used()
     summary: dict[str, Any] = {
         "store": repr(store),

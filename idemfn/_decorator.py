@@ -32,6 +32,7 @@ from ._engine import (
 from ._errors import AlreadyRunning
 from ._keys import CallKey
 from ._record import Record
+from ._signing import SigningKey
 from ._stores import Store, resolve_store
 
 __all__ = ["IdempotentFunction", "idempotent"]
@@ -148,6 +149,7 @@ def idempotent(
     retry_on: type[BaseException] | tuple[type[BaseException], ...] = (),
     deadline: datetime | Callable[..., datetime] | None = None,
     transactional: bool = False,
+    signing_key: SigningKey | None = None,
 ) -> Callable[[Callable[P, R]], IdempotentFunction[P, R]]:
     """Make calls of the decorated function happen once per key.
 
@@ -177,7 +179,7 @@ def idempotent(
     return decorator(
         key=key, name=name, store=store, ttl=ttl, fingerprint=fingerprint, wait=wait,
         lease=lease, on_abandoned=on_abandoned, retry_on=retry_on, deadline=deadline,
-        transactional=transactional, on_busy=None,
+        transactional=transactional, signing_key=signing_key, on_busy=None,
     )  # fmt: skip
 
 
@@ -197,6 +199,7 @@ def decorator(
     retry_on: type[BaseException] | tuple[type[BaseException], ...],
     deadline: datetime | Callable[..., datetime] | None,
     transactional: bool,
+    signing_key: SigningKey | None,
     on_busy: OnBusy | None,
 ) -> Callable[[Callable[P, R]], IdempotentFunction[P, R]]:
     """``idempotent``'s decorator, for the integrations: ``on_busy``, when given, is called
@@ -205,7 +208,7 @@ def decorator(
     policy = Policy(
         ttl=ttl, lease=lease, wait=wait, on_abandoned=on_abandoned, retry_on=retry_on
     )
-    resolved_store = resolve_store(store, option="store")
+    resolved_store = resolve_store(store, option="store", signing_key=signing_key)
     transaction = _transaction_of(resolved_store, transactional)
     deadline_of: _Deadline[Any] | None = None if deadline is None else _Deadline(deadline)
 

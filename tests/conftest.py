@@ -13,9 +13,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
+import sqlite3
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,22 +46,56 @@ def _idemfn_logs(caplog: pytest.LogCaptureFixture) -> None:
 STORES = ["memory", "disk", "redis", "postgres"]
 
 
-def make_store(kind: str, directory: Path, request: pytest.FixtureRequest | None = None) -> Store:
+def make_store(
+    kind: str, directory: Path, request: pytest.FixtureRequest | None = None, **options: Any
+) -> Store:
+    """A new, empty store of ``kind``; ``options`` go to its constructor (not memory's)."""
     if kind == "memory":
         return MemoryStore()
     if kind == "disk":
-        return DiskStore(directory / "store")
+        return DiskStore(directory / "store", **options)
     if kind == "redis":
         assert request is not None
         server: RedisServer = request.getfixturevalue("redis_server")
         # One server for the session; a prefix of its own keeps each test's records apart.
-        return RedisStore(server.url, prefix=f"test:{uuid.uuid4().hex}:")
+        return RedisStore(server.url, prefix=f"test:{uuid.uuid4().hex}:", **options)
     if kind == "postgres":
         assert request is not None
         pg: PostgresServer = request.getfixturevalue("postgres_server")
         # One cluster for the session; a table of its own for each test.
-        return PostgresStore(pg.dsn, table=f"t_{uuid.uuid4().hex}")
+        return PostgresStore(pg.dsn, table=f"t_{uuid.uuid4().hex}", **options)
     raise AssertionError(kind)
+
+
+def stored_bytes(store: Store, key: str) -> bytes:
+    """``key``'s bytes as the backend holds them, read behind the store's back."""
+    if isinstance(store, DiskStore):
+        with contextlib.closing(sqlite3.connect(store.directory / "cache.db")) as db:
+            row = db.execute("SELECT value FROM Cache WHERE key = ?", (key,)).fetchone()
+    elif isinstance(store, RedisStore):
+        row = (store.client.hget(store.prefix + key, "e"),)
+    elif isinstance(store, PostgresStore):
+        query = f'SELECT entry FROM "{store.table}" WHERE key = %s'
+        row = store._run("read", key, query, (key,))[0]
+    else:
+        raise AssertionError(f"cannot read {store!r}'s bytes")
+    assert row is not None and row[0] is not None, key
+    return bytes(row[0])
+
+
+def overwrite(store: Store, key: str, data: bytes) -> None:
+    """Store ``data`` as ``key``'s record behind the store's back (the record must exist)."""
+    if isinstance(store, DiskStore):
+        with contextlib.closing(sqlite3.connect(store.directory / "cache.db")) as db, db:
+            assert db.execute("UPDATE Cache SET value = ? WHERE key = ?", (data, key)).rowcount
+    elif isinstance(store, RedisStore):
+        assert store.client.exists(store.prefix + key)
+        store.client.hset(store.prefix + key, "e", data)
+    elif isinstance(store, PostgresStore):
+        store._run("overwrite", key, f'UPDATE "{store.table}" SET entry = %s WHERE key = %s',
+                   (data, key))  # fmt: skip
+    else:
+        raise AssertionError(f"cannot overwrite {store!r}'s bytes")
 
 
 @pytest.fixture(params=STORES)

@@ -821,7 +821,8 @@ def test_stats_counts_each_state(store: DiskStore, store_dir: Path, env: dict[st
     first = store.get("first")
     summary = as_json(raw)
     assert summary["by_state"] == {
-        "ok": 2, "halted": 1, "processing": 1, "abandoned": 1, "expired": 1, "corrupt": 0
+        "ok": 2, "halted": 1, "processing": 1, "abandoned": 1, "expired": 1, "corrupt": 0,
+        "tampered": 0,
     }  # fmt: skip
     assert summary["records"] == 5
     assert summary["store"] == repr(store)

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import json
 import marshal
-import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from idemfn import DiskStore, PostgresStore, RedisStore, Store, StoreError, idempotent
+from idemfn import DiskStore, RedisStore, Store, StoreError, idempotent
 from idemfn._record import FORMAT_VERSION, encode
 
 from .cli import cli_env, idemfn_cli
-from .conftest import make_store
+from .conftest import make_store, overwrite
 
 BROKEN: dict[str, Callable[[bytes], bytes]] = {
     "garbage": lambda good: b"\x00not a record\xff",
@@ -34,17 +33,7 @@ def corrupt(store: Store, key: str, how: str) -> None:
     """Replace ``key``'s stored bytes as ``how`` says, behind the store's back."""
     entry = store.get(key)
     assert entry is not None
-    data = BROKEN[how](encode(entry))
-    if isinstance(store, DiskStore):
-        with sqlite3.connect(store.directory / "cache.db") as db:
-            assert db.execute("UPDATE Cache SET value = ? WHERE key = ?", (data, key)).rowcount
-    elif isinstance(store, RedisStore):
-        store.client.hset(store.prefix + key, "e", data)
-    elif isinstance(store, PostgresStore):
-        store._run("corrupt", key, f'UPDATE "{store.table}" SET entry = %s WHERE key = %s',
-                   (data, key))  # fmt: skip
-    else:
-        raise AssertionError(f"cannot corrupt {store!r}")
+    overwrite(store, key, BROKEN[how](encode(entry)))
 
 
 @pytest.fixture(params=["disk", "redis", "postgres"])
@@ -95,7 +84,9 @@ def test_scan_reports_corrupt_records_and_goes_on(store: Store) -> None:
     keys = [e.key for e in store.scan(corrupt=lambda key, error: seen.append(key))]
     assert sorted(keys) == ["app:1", "keep:0", "keep:2"] and seen == ["keep:1"]
 
-    assert store.prune() == 1  # the expired record; the corrupt one is left for an operator
+    # The expired record (Redis may have dropped it itself by now); the corrupt one is left
+    # for an operator.
+    assert store.prune() == 1 or (isinstance(store, RedisStore) and store.prune() == 0)
     assert store.delete("keep:1") is True  # and it can be forgotten
     assert sorted(e.key for e in store.scan()) == ["keep:0", "keep:2"]
 

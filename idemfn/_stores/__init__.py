@@ -6,6 +6,7 @@ import os
 import threading
 from pathlib import Path
 
+from .._signing import Signer, SigningKey, signer_for
 from .base import Store
 from .disk import DiskStore, default_directory
 from .memory import MemoryStore
@@ -23,41 +24,56 @@ __all__ = [
 ENV_VAR = "IDEMFN_STORE"
 
 _lock = threading.Lock()
-_opened: dict[tuple[str, Path | str], Store] = {}
+_opened: dict[tuple[str, Path | str, Signer | None], Store] = {}
 _memory_store: MemoryStore | None = None
 
 
-def open_store(url_or_path: str | os.PathLike[str] | Store) -> Store:
+def open_store(
+    url_or_path: str | os.PathLike[str] | Store, *, signing_key: SigningKey | None = None
+) -> Store:
     """The store a path or URL names.
 
     A directory path (or ``file://`` URL) gives a ``DiskStore``, one per directory in this
     process; ``memory://`` gives this process's ``MemoryStore``; ``redis://``, ``rediss://``
     and ``unix://`` give a ``RedisStore``, ``postgresql://`` and ``postgres://`` a
-    ``PostgresStore``, one per URL. A ``Store`` is returned as is.
+    ``PostgresStore``, one per URL. A ``Store`` is returned as is. ``signing_key`` (default:
+    ``IDEMFN_SIGNING_KEY``) signs the records of the store opened, one store per set of keys.
     """
     global _memory_store
     if isinstance(url_or_path, Store):
+        if signing_key is not None:
+            _check_signer(url_or_path, signing_key, option="open_store(signing_key=...)")
         return url_or_path
     kind, where = locate(url_or_path)
-    with _lock:
-        if kind == "memory":
+    if kind == "memory":
+        if signing_key is not None:
+            raise ValueError(
+                "signing_key: a memory:// store keeps records in this process: there is"
+                " nothing to sign"
+            )
+        with _lock:
             if _memory_store is None:
                 _memory_store = MemoryStore()
             return _memory_store
-        store = _opened.get((kind, where))
+    signer = signer_for(signing_key, option="signing_key")
+    with _lock:
+        store = _opened.get((kind, where, signer))
         if store is None:
-            store = DiskStore(where) if kind == "disk" else _server_store(kind, str(where))
-            _opened[(kind, where)] = store
+            store = _open(kind, where, signing_key)
+            _opened[(kind, where, signer)] = store
         return store
 
 
-def _server_store(kind: str, url: str) -> Store:
+def _open(kind: str, where: Path | str, signing_key: SigningKey | None) -> Store:
+    if kind == "disk":
+        return DiskStore(where, signing_key=signing_key)
     # Each imports its client library only when a store needs it.
+    url = str(where)
     if kind == "redis":
         from .redis import RedisStore
 
         try:
-            return RedisStore(url)
+            return RedisStore(url, signing_key=signing_key)
         except ImportError:
             raise ValueError(
                 f"store URL {url!r} needs redis-py: pip install 'idemfn[redis]'"
@@ -65,7 +81,7 @@ def _server_store(kind: str, url: str) -> Store:
     from .postgres import PostgresStore
 
     try:
-        return PostgresStore(url)
+        return PostgresStore(url, signing_key=signing_key)
     except ImportError:
         raise ValueError(
             f"store URL {url!r} needs psycopg 3: pip install 'idemfn[postgres]'"
@@ -115,11 +131,36 @@ def default_store() -> Store:
         raise ValueError(f"{ENV_VAR}={configured!r}: {exc}") from None
 
 
-def resolve_store(store: Store | str | os.PathLike[str] | None, *, option: str) -> Store:
-    """``store=`` as the decorator and ``begin`` take it; errors name ``option``."""
+def _check_signer(store: Store, signing_key: SigningKey, *, option: str) -> None:
+    if store.signer != signer_for(signing_key, option=option):
+        raise ValueError(
+            f"{option} signs the records of a store opened from a path or URL, but {store!r}"
+            f" is a store already made, with {'other' if store.signer else 'no'} signing keys:"
+            f" give signing_key= to the store itself, e.g. {type(store).__name__}(...,"
+            " signing_key=...)"
+        )
+
+
+def resolve_store(
+    store: Store | str | os.PathLike[str] | None,
+    *,
+    option: str,
+    signing_key: SigningKey | None = None,
+) -> Store:
+    """``store=`` (and ``signing_key=``) as the decorator and ``begin`` take them; errors name
+    ``option``."""
+    if isinstance(store, Store):
+        if signing_key is not None:
+            _check_signer(store, signing_key, option="signing_key")
+        return store
     if store is None:
-        return default_store()
+        configured = os.environ.get(ENV_VAR, "").strip()
+        try:
+            return open_store(configured or default_directory(), signing_key=signing_key)
+        except (TypeError, ValueError) as exc:
+            where = f"{ENV_VAR}={configured!r}" if configured else "the default store"
+            raise type(exc)(f"{where}: {exc}") from None
     try:
-        return open_store(store)
+        return open_store(store, signing_key=signing_key)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{option}: {exc}") from None

@@ -7,10 +7,11 @@ primitive atomic. That is what lets one conformance suite hold every store to on
 Writing a store: subclass ``Store`` and implement ``claim``, ``get``, ``swap``, ``release``,
 ``delete`` and ``scan``; override ``prune``, ``time`` and ``close`` where the backend does
 better. Translate the backend's own errors to ``StoreError`` (``self.error(...)`` builds one that
-names the store and the key), and read stored bytes with ``self.decode(key, data)``, which
-raises ``StoreError`` for bytes that are not a record (``self.decoded`` in ``scan``, which
-passes them to its ``corrupt`` callback instead). Hold the store to
-``idemfn.testing.StoreContract``.
+names the store and the key). Write an entry as ``self.encode(entry)`` and read stored bytes
+with ``self.decode(key, data)``: they sign and verify records when the store has signing keys
+(``self.sign_with(signing_key)`` in ``__init__``), and ``decode`` raises ``StoreError`` for
+bytes that are not a record (``self.decoded`` in ``scan``, which passes them to its ``corrupt``
+callback instead). Hold the store to ``idemfn.testing.StoreContract``.
 """
 
 from __future__ import annotations
@@ -23,14 +24,26 @@ from types import TracebackType
 from typing import ClassVar
 
 from .._errors import StoreError
-from .._record import Entry, decode
+from .._record import Entry, decode, encode
+from .._signing import MAGIC, Signer, SigningKey, signer_for, unsigned
 
-__all__ = ["Corrupt", "Store", "prunable", "removable_at", "skip_corrupt"]
+__all__ = [
+    "Corrupt",
+    "Store",
+    "TamperedRecord",
+    "prunable",
+    "removable_at",
+    "skip_corrupt",
+]
 
 #: What ``Store.scan(corrupt=...)`` calls with each record it cannot decode: (key, error).
 Corrupt = Callable[[str, StoreError], None]
 
 logger = logging.getLogger("idemfn")
+
+
+class TamperedRecord(StoreError):
+    """A record failed its signature check: it was never unpickled."""
 
 
 def skip_corrupt(key: str, error: StoreError) -> None:
@@ -44,6 +57,15 @@ class Store(abc.ABC):
     #: True when ``claim`` costs no more than ``get`` (one round trip that writes nothing
     #: when a live record is there): the engine then claims at once instead of reading first.
     claims_first: ClassVar[bool] = False
+
+    #: Signs the records this store writes and verifies those it reads (None: records are not
+    #: signed, and signatures are not checked).
+    signer: Signer | None = None
+
+    def sign_with(self, signing_key: SigningKey | None) -> None:
+        """Sign and verify records with ``signing_key`` (one key, or a list whose first key
+        signs), or with ``IDEMFN_SIGNING_KEY`` when it is None and that is set."""
+        self.signer = signer_for(signing_key, option=f"{type(self).__name__}(signing_key=...)")
 
     @abc.abstractmethod
     def claim(self, entry: Entry) -> Entry | None:
@@ -112,17 +134,48 @@ class Store(abc.ABC):
     def close(self) -> None:  # noqa: B027  # optional hook: most stores hold nothing to close
         """Release connections and files. The store reopens them if used again."""
 
+    def encode(self, entry: Entry) -> bytes:
+        """The bytes to store for ``entry``: signed when the store has signing keys."""
+        data = encode(entry)
+        signer = self.signer
+        return data if signer is None else signer.sign(data)
+
     def decode(self, key: str, data: object) -> Entry:
         """The entry stored as ``data`` (bytes) for ``key``; ``StoreError`` naming the key when
-        it is not a record this idemfn reads."""
+        it is not a record this idemfn reads, ``TamperedRecord`` when it fails its signature
+        check (nothing in it is loaded)."""
         if isinstance(data, memoryview):
             data = bytes(data)
         if not isinstance(data, bytes):
             raise self.error("read", key, "the stored value is not an idemfn record")
+        signer = self.signer
+        if signer is not None:
+            try:
+                data = signer.verify(data)
+            except ValueError as exc:
+                raise TamperedRecord(
+                    f"{self!r}: the record for {key!r} failed its signature check ({exc}). It"
+                    " was written without this store's signing key, or changed since, and is"
+                    " not loaded: find out who can write to the store, then delete the record"
+                    " (`idemfn forget --force KEY`)",
+                    key=key,
+                ) from None
+        elif data.startswith(MAGIC):
+            data = unsigned(data)  # no keys here: nothing to verify it with
         try:
-            return decode(data)
+            entry = decode(data)
         except ValueError as exc:
             raise self.error("read", key, f"the record is corrupt: {exc}") from None
+        if entry.key != key:  # a record copied from another key (signed, it still verifies)
+            if signer is not None:
+                raise TamperedRecord(
+                    f"{self!r}: the record for {key!r} failed its signature check: it is a copy"
+                    f" of {entry.key!r}'s record. It is not loaded: find out who can write to"
+                    " the store, then delete the record (`idemfn forget --force KEY`)",
+                    key=key,
+                )
+            raise self.error("read", key, f"the record is corrupt: it is {entry.key!r}'s record")
+        return entry
 
     def decoded(self, key: str, data: object, corrupt: Corrupt | None) -> Entry | None:
         """``decode``, for ``scan``: a corrupt record goes to ``corrupt`` (None is returned),

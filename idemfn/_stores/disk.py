@@ -16,7 +16,8 @@ import diskcache
 import platformdirs
 
 from .._errors import StoreError
-from .._record import Entry, encode
+from .._record import Entry
+from .._signing import SigningKey
 from .base import Corrupt, Store, prunable, skip_corrupt
 
 __all__ = ["DiskStore", "default_directory"]
@@ -132,7 +133,8 @@ class DiskStore(Store):
     Records hold pickles, so whoever can write the directory can run code in every process
     that replays from it. A directory (or database file) owned by another user, or writable by
     its group or others, is refused with ``StoreError`` unless ``trust_directory=True`` (or
-    ``IDEMFN_TRUST_DIRECTORY=1``), for stores shared on purpose.
+    ``IDEMFN_TRUST_DIRECTORY=1``), for stores shared on purpose. With ``signing_key`` (or
+    ``IDEMFN_SIGNING_KEY``), records are signed, and one that fails its check is never loaded.
     """
 
     def __init__(
@@ -141,6 +143,7 @@ class DiskStore(Store):
         *,
         timeout: float = 60.0,
         trust_directory: bool | None = None,
+        signing_key: SigningKey | None = None,
     ):
         if directory is not None and not isinstance(directory, (str, os.PathLike)):
             raise TypeError(
@@ -158,6 +161,7 @@ class DiskStore(Store):
                 f"DiskStore(trust_directory=...) must be True or False, not {trust_directory!r}"
             )
         self.trust_directory = trust_directory
+        self.sign_with(signing_key)
         self._cache: diskcache.Cache | None = None
         self._lock = threading.Lock()
         self._local = threading.local()  # this thread's connection.execute, once looked up
@@ -255,7 +259,7 @@ class DiskStore(Store):
 
     def claim(self, entry: Entry) -> Entry | None:
         key = entry.key
-        data = encode(entry)
+        data = self.encode(entry)
         tag = entry.token if entry.status == "processing" else None
         with _gate:
             try:
@@ -291,7 +295,7 @@ class DiskStore(Store):
     def swap(self, key: str, token: str, entry: Entry) -> bool:
         now = time.time()
         tag = entry.token if entry.status == "processing" else None
-        params = (now, self._expire_time(entry, now), now, tag, encode(entry), key, token)
+        params = (now, self._expire_time(entry, now), now, tag, self.encode(entry), key, token)
         with _gate:
             try:
                 return bool(self._sql(_SWAP, params).rowcount == 1)

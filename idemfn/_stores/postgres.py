@@ -25,7 +25,8 @@ import zlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .._record import Entry, encode
+from .._record import Entry
+from .._signing import SigningKey
 from .base import Corrupt, Store, removable_at
 from .clock import ServerClock
 
@@ -62,7 +63,8 @@ class PostgresStore(Store):
     """Records in a PostgreSQL table (extra ``idemfn[postgres]``), created if missing.
 
     ``dsn_or_pool`` is a connection string or URL (``postgresql://…``) or a
-    ``psycopg_pool.ConnectionPool`` the caller already has.
+    ``psycopg_pool.ConnectionPool`` the caller already has. With ``signing_key`` (or
+    ``IDEMFN_SIGNING_KEY``), records are signed, and one that fails its check is never loaded.
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class PostgresStore(Store):
         dsn_or_pool: str | psycopg_pool.ConnectionPool,
         *,
         table: str = "idemfn_records",
+        signing_key: SigningKey | None = None,
     ) -> None:
         try:
             import psycopg
@@ -84,6 +87,7 @@ class PostgresStore(Store):
                 f" {table!r}"
             )
         self.table = table
+        self.sign_with(signing_key)
         if isinstance(dsn_or_pool, str):
             try:
                 info = psycopg.conninfo.conninfo_to_dict(dsn_or_pool)
@@ -186,7 +190,7 @@ class PostgresStore(Store):
         return {
             "key": entry.key, "live": live, "token": entry.token,
             "expires_at": entry.expires_at, "drop_at": removable_at(entry),
-            "entry": encode(entry),
+            "entry": self.encode(entry),
         }  # fmt: skip
 
     def claim(self, entry: Entry) -> Entry | None:

@@ -17,7 +17,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .._record import Entry, encode
+from .._record import Entry
+from .._signing import SigningKey
 from .base import Corrupt, Store, removable_at
 from .clock import ServerClock
 
@@ -90,11 +91,19 @@ class RedisStore(Store):
 
     ``url_or_client`` is a URL (``redis://``, ``rediss://``, ``unix://``) or a ``redis.Redis``
     the caller already has (made without ``decode_responses``). Keys are ``prefix + key``.
+    With ``signing_key`` (or ``IDEMFN_SIGNING_KEY``), records are signed, and one that fails
+    its check is never loaded.
     """
 
     claims_first = True  # the claim script returns a live record as cheaply as a read
 
-    def __init__(self, url_or_client: str | redis.Redis, *, prefix: str = "idemfn:") -> None:
+    def __init__(
+        self,
+        url_or_client: str | redis.Redis,
+        *,
+        prefix: str = "idemfn:",
+        signing_key: SigningKey | None = None,
+    ) -> None:
         try:
             import redis
         except ImportError:  # pragma: no cover - the extra is installed in the tests
@@ -122,6 +131,7 @@ class RedisStore(Store):
             )
         self.client = client
         self.prefix = prefix
+        self.sign_with(signing_key)
         self.url = _describe(client.connection_pool.connection_kwargs)  # never a password
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError,)
         self._claim = client.register_script(_CLAIM)
@@ -173,7 +183,7 @@ class RedisStore(Store):
         token = entry.token if entry.status == "processing" else ""
         found = self._call(
             "claim", key, self._claim,
-            keys=[self.prefix + key], args=[token, encode(entry), drop_at, expires],
+            keys=[self.prefix + key], args=[token, self.encode(entry), drop_at, expires],
         )  # fmt: skip
         return None if found is None else self.decode(key, found)
 
@@ -190,7 +200,7 @@ class RedisStore(Store):
         done = self._call(
             "update", key, self._swap,
             keys=[self.prefix + key],
-            args=[token, live, entry.token, encode(entry), drop_at, expires],
+            args=[token, live, entry.token, self.encode(entry), drop_at, expires],
         )  # fmt: skip
         if done == -1:
             self._check_not_restarted(key, entry.started_at)
