@@ -31,6 +31,7 @@ from ._engine import (
 )
 from ._errors import AlreadyRunning
 from ._keys import CallKey
+from ._outcome import SerializerOption
 from ._record import Record
 from ._signing import SigningKey
 from ._stores import Store, resolve_store
@@ -150,6 +151,7 @@ def idempotent(
     deadline: datetime | Callable[..., datetime] | None = None,
     transactional: bool = False,
     signing_key: SigningKey | None = None,
+    serializer: SerializerOption = "pickle",
 ) -> Callable[[Callable[P, R]], IdempotentFunction[P, R]]:
     """Make calls of the decorated function happen once per key.
 
@@ -179,7 +181,8 @@ def idempotent(
     return decorator(
         key=key, name=name, store=store, ttl=ttl, fingerprint=fingerprint, wait=wait,
         lease=lease, on_abandoned=on_abandoned, retry_on=retry_on, deadline=deadline,
-        transactional=transactional, signing_key=signing_key, on_busy=None,
+        transactional=transactional, signing_key=signing_key,
+        serializer=serializer, on_busy=None,
     )  # fmt: skip
 
 
@@ -200,14 +203,16 @@ def decorator(
     deadline: datetime | Callable[..., datetime] | None,
     transactional: bool,
     signing_key: SigningKey | None,
+    serializer: SerializerOption,
     on_busy: OnBusy | None,
 ) -> Callable[[Callable[P, R]], IdempotentFunction[P, R]]:
     """``idempotent``'s decorator, for the integrations: ``on_busy``, when given, is called
     with the ``AlreadyRunning`` of a call that found its own key running (not one raised or
     replayed by the body), and what it returns is the call's result."""
     policy = Policy(
-        ttl=ttl, lease=lease, wait=wait, on_abandoned=on_abandoned, retry_on=retry_on
-    )
+        ttl=ttl, lease=lease, wait=wait, on_abandoned=on_abandoned, retry_on=retry_on,
+        serializer=serializer,
+    )  # fmt: skip
     resolved_store = resolve_store(store, option="store", signing_key=signing_key)
     transaction = _transaction_of(resolved_store, transactional)
     deadline_of: _Deadline[Any] | None = None if deadline is None else _Deadline(deadline)

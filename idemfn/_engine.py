@@ -46,7 +46,16 @@ from ._errors import (
     StoreError,
 )
 from ._heartbeat import heartbeat
-from ._outcome import Failure, describe_failure, dump_value, load, replay_note, type_name
+from ._outcome import (
+    PICKLE,
+    Failure,
+    Serializer,
+    SerializerOption,
+    describe_failure,
+    replay_note,
+    serializer_of,
+    type_name,
+)
 from ._record import Entry, Record
 from ._rerun import raised_for_rerun, returned_for_rerun
 from ._stores import Store, resolve_store
@@ -95,7 +104,7 @@ _MAX_POLL = 0.25
 class Policy:
     """The validated options that govern a key's calls. Errors name the option."""
 
-    __slots__ = ("lease", "on_abandoned", "retry_on", "ttl", "wait")
+    __slots__ = ("lease", "on_abandoned", "retry_on", "serializer", "ttl", "wait")
 
     def __init__(
         self,
@@ -105,7 +114,9 @@ class Policy:
         wait: float | timedelta = 0.0,
         on_abandoned: Literal["halt", "retry"] = "halt",
         retry_on: type[BaseException] | tuple[type[BaseException], ...] = (),
+        serializer: SerializerOption = "pickle",
     ) -> None:
+        self.serializer: Serializer = serializer_of(serializer)
         self.ttl = None if ttl is None else seconds_option("ttl", ttl, positive=True)
         self.lease = seconds_option("lease", lease, positive=True)
         self.wait = seconds_option("wait", wait, positive=False)
@@ -124,7 +135,8 @@ class Policy:
     def __repr__(self) -> str:
         return (
             f"Policy(ttl={self.ttl!r}, lease={self.lease!r}, wait={self.wait!r},"
-            f" on_abandoned={self.on_abandoned!r}, retry_on={self.retry_on!r})"
+            f" on_abandoned={self.on_abandoned!r}, retry_on={self.retry_on!r},"
+            f" serializer={self.serializer!r})"
         )
 
 
@@ -172,10 +184,11 @@ def _iso(ts: float) -> str:
 class Finished:
     """A key's finished record: ``replay()`` returns its value or raises its exception."""
 
-    __slots__ = ("entry",)
+    __slots__ = ("entry", "serializer")
 
-    def __init__(self, entry: Entry) -> None:
+    def __init__(self, entry: Entry, serializer: Serializer = PICKLE) -> None:
         self.entry = entry
+        self.serializer = serializer
 
     @property
     def record(self) -> Record:
@@ -186,16 +199,16 @@ class Finished:
         entry = self.entry
         if entry.status == OK:
             try:
-                return load(entry.payload)  # type: ignore[arg-type]
+                return self.serializer.load(entry.payload)  # type: ignore[arg-type]
             except Exception as exc:
                 raise StoreError(
                     f"the recorded value of key {entry.key!r} could not be loaded"
-                    f" ({type(exc).__name__}: {exc})",
+                    f" ({type(exc).__name__}: {exc}); forget the key to run the call again",
                     key=entry.key,
                 ) from exc
         if entry.payload is not None:
             try:
-                recorded = load(entry.payload)
+                recorded = self.serializer.load(entry.payload)
             except Exception:  # its class moved or changed since: replay it as Halted
                 logger.warning("idemfn: the exception recorded for %r no longer loads", entry.key)
             else:
@@ -350,7 +363,7 @@ class Claim:
             return
         self._settle()
         try:
-            payload = dump_value(value)
+            payload = self.policy.serializer.dump_value(value)
         except BaseException as problem:
             # Never leave the record processing: record why there is no value, then raise.
             kind = type_name(type(value))
@@ -383,7 +396,7 @@ class Claim:
         """Record the key ``halted`` with ``exc``."""
         self._settle()
         try:
-            failure: Failure = describe_failure(exc)
+            failure: Failure = describe_failure(exc, self.policy.serializer)
         except BaseException as problem:  # e.g. KeyboardInterrupt while pickling it
             reason = f"the call raised {type_name(type(exc))}, interrupted while storing it"
             self._write(self._finished(HALTED, reason=reason, exc_type=type_name(type(exc))))
@@ -504,7 +517,7 @@ def attempt(
                 given=fingerprint,
             )
         if entry.status != PROCESSING:
-            return Finished(entry)
+            return Finished(entry, policy.serializer)
         if key in _running.get():
             raise Busy(entry).error(" (this call re-entered its own key from inside its body)")
         now = store.time()
@@ -533,7 +546,7 @@ def attempt(
             )  # fmt: skip
             if store.swap(key, entry.token, halted):
                 logger.warning("idemfn: key %r was abandoned and is now halted: %s", key, reason)
-                return Finished(halted)
+                return Finished(halted, policy.serializer)
         entry = store.get(key)  # another caller settled it first: look again
 
 

@@ -1,22 +1,45 @@
 """Outcomes as bytes: the returned value, or the raised exception with what describes it.
 
-Values and exceptions are written with pickle, or cloudpickle where pickle cannot do as well
-(lambdas, local classes, objects of the running script's ``__main__``, which cloudpickle stores
-by value so that other processes can load them), and read back with plain ``pickle``: every
+A ``Serializer`` turns them into a record's payload. The default, ``"pickle"``, writes values
+and exceptions with pickle, or cloudpickle where pickle cannot do as well (lambdas, local
+classes, objects of the running script's ``__main__``, which cloudpickle stores by value so that
+other processes can load them), and reads them back with plain ``pickle``. ``"json"`` and a
+user's object with ``dumps``/``loads`` never unpickle anything: they store values their way and
+only builtin exceptions (type and arguments, as JSON), so others replay as ``Halted``. Every
 replay builds a fresh copy.
+
+Payloads say how they were written: a pickle starts with its protocol byte (0x80); the others
+start with a zero byte and a tag, so that a serializer that must not unpickle can refuse a
+pickle, and ``idemfn show`` can read a JSON value.
 """
 
 from __future__ import annotations
 
+import builtins
+import json
 import pickle
 import traceback as tb_module
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Any, Literal, Protocol
 
 import cloudpickle
 
-__all__ = ["Failure", "describe_failure", "dump_value", "load", "replay_note", "type_name"]
+__all__ = [
+    "Failure",
+    "Serializer",
+    "describe_failure",
+    "dump_value",
+    "load",
+    "replay_note",
+    "serializer_of",
+    "type_name",
+]
+
+_JSON_VALUE = b"\x00j"  # JSON text of a value (serializer "json")
+_JSON_ERROR = b"\x00e"  # JSON of a builtin exception's type name and arguments
+_CUSTOM = b"\x00c"  # what a user's serializer's dumps() returned
 
 
 _PROTOCOL = 5  # readable by every supported Python (3.8+)
@@ -36,7 +59,8 @@ def dump_value(value: object) -> bytes:
 
 
 def load(payload: bytes) -> object:
-    return pickle.loads(payload)
+    """A payload of any serializer but a user's, pickles included (for ``idemfn show``)."""
+    return PICKLE.load(payload)
 
 
 def type_name(kind: type) -> str:
@@ -63,7 +87,7 @@ def _text(describe: Callable[[], str], what: str) -> str:
         return f"<{what} failed: {type(problem).__name__}: {problem}>"
 
 
-def describe_failure(exc: BaseException) -> Failure:
+def describe_failure(exc: BaseException, serializer: Serializer | None = None) -> Failure:
     """Describe ``exc`` for a halted record, keeping a payload only if it can be rebuilt."""
     kind = type_name(type(exc))
     message = _text(lambda: str(exc), "str()")
@@ -74,6 +98,8 @@ def describe_failure(exc: BaseException) -> Failure:
     if not isinstance(exc, Exception):
         # KeyboardInterrupt, SystemExit, CancelledError: never replayed as themselves.
         return Failure(kind, message, text, None, f"the call was interrupted by {kind}")
+    if serializer is not None and not serializer.unpickles:
+        return _as_json_failure(exc, kind, message, text, serializer.name)
     try:
         payload = dump_value(exc)
         # Many exception classes pickle but cannot be rebuilt (an __init__ with required
@@ -88,6 +114,138 @@ def describe_failure(exc: BaseException) -> Failure:
         )
         return Failure(kind, message, text, None, reason)
     return Failure(kind, message, text, payload, f"the call raised {kind}")
+
+
+def _as_json_failure(
+    exc: BaseException, kind: str, message: str, text: str, serializer: str
+) -> Failure:
+    """A builtin exception as JSON, rebuilt here to be sure it comes back as itself."""
+    problem = f"serializer {serializer!r} replays only builtin exceptions as themselves"
+    if type(exc).__module__ == "builtins":
+        try:
+            payload = _JSON_ERROR + json.dumps([kind, list(exc.args)]).encode()
+            rebuilt = _builtin_exception(payload)
+            problem = "its arguments could not be stored as JSON"
+            if type(rebuilt) is type(exc) and rebuilt.args == exc.args:
+                return Failure(kind, message, text, payload, f"the call raised {kind}")
+        except (TypeError, ValueError):
+            problem = "its arguments could not be stored as JSON"
+    reason = f"the call raised {kind}, which is replayed as Halted: {problem}"
+    return Failure(kind, message, text, None, reason)
+
+
+def _check_keys(value: object) -> None:
+    """Refuse a dict key JSON would silently turn into a str: the replay would differ."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key in item:
+                if not isinstance(key, str):
+                    kind = type(key).__name__
+                    try:
+                        shown = next(iter(json.loads(json.dumps({key: 0}))))
+                    except TypeError:
+                        raise TypeError(f"a dict key {key!r} is a {kind}, not a str") from None
+                    raise TypeError(
+                        f"a dict key {key!r} is a {kind}: JSON would replay it as {shown!r}; use"
+                        " str keys"
+                    )
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+
+
+def _builtin_exception(payload: bytes) -> BaseException:
+    name, args = json.loads(payload[len(_JSON_ERROR) :])
+    kind = getattr(builtins, name, None) if isinstance(name, str) else None
+    if not (isinstance(kind, type) and issubclass(kind, Exception)) or not isinstance(args, list):
+        raise ValueError(f"{name!r} is not a builtin exception")
+    return kind(*args)
+
+
+class Codec(Protocol):
+    """What ``serializer=`` accepts besides "pickle" and "json"."""
+
+    def dumps(self, value: Any, /) -> bytes | str: ...
+    def loads(self, data: bytes, /) -> Any: ...
+
+
+class Serializer:
+    """How a key's outcomes become payloads and come back (``serializer=``)."""
+
+    __slots__ = ("_codec", "name", "unpickles")
+
+    def __init__(self, name: str, codec: Codec | None, *, unpickles: bool) -> None:
+        self.name = name
+        self._codec = codec
+        self.unpickles = unpickles
+
+    def __repr__(self) -> str:
+        return repr(self.name) if self._codec is None or self.name == "json" else self.name
+
+    def dump_value(self, value: object) -> bytes:
+        """``value`` as a payload; raises what the serializer raised when it cannot."""
+        codec = self._codec
+        if codec is None:
+            return dump_value(value)
+        if codec is json:
+            _check_keys(value)
+            return _JSON_VALUE + json.dumps(value, ensure_ascii=False).encode()
+        data = codec.dumps(value)
+        if isinstance(data, str):
+            data = data.encode()
+        if not isinstance(data, bytes):
+            raise TypeError(f"{self.name}.dumps() returned {type(data).__name__}, not bytes or str")
+        return _CUSTOM + data
+
+    def load(self, payload: bytes) -> object:
+        """A fresh copy of what ``payload`` holds (a value, or an exception to raise).
+
+        Raises ``ValueError`` for a pickle when this serializer must not unpickle, and for a
+        user serializer's payload that this one cannot read.
+        """
+        if payload[:1] == b"\x80":
+            if not self.unpickles:
+                raise ValueError(
+                    f"it holds a pickle, and serializer {self.name!r} never unpickles: it was"
+                    " recorded with serializer='pickle'"
+                )
+            return pickle.loads(payload)
+        tag = payload[:2]
+        if tag == _JSON_VALUE:
+            return json.loads(payload[2:])
+        if tag == _JSON_ERROR:
+            return _builtin_exception(payload)
+        if tag == _CUSTOM and self._codec is not None and self._codec is not json:
+            return self._codec.loads(payload[2:])
+        if tag == _CUSTOM:
+            raise ValueError(f"it was recorded with a custom serializer, not {self.name!r}")
+        raise ValueError("it is not a payload this idemfn knows")
+
+
+PICKLE = Serializer("pickle", None, unpickles=True)
+JSON = Serializer("json", json, unpickles=False)
+
+
+def serializer_of(given: object) -> Serializer:
+    """``serializer=``: "pickle", "json", or an object with ``dumps`` and ``loads``."""
+    if given == "pickle":
+        return PICKLE
+    if given == "json":
+        return JSON
+    if isinstance(given, str) or not (
+        callable(getattr(given, "dumps", None)) and callable(getattr(given, "loads", None))
+    ):
+        raise TypeError(
+            "serializer must be 'pickle', 'json', or an object with dumps(value) -> bytes and"
+            f" loads(bytes) -> value, not {given!r}"
+        )
+    name = getattr(given, "__name__", None) or type(given).__qualname__
+    return Serializer(str(name), given, unpickles=False)  # type: ignore[arg-type]
+
+
+SerializerOption = Literal["pickle", "json"] | Codec
 
 
 def replay_note(key: str, finished_at: float | None) -> str:

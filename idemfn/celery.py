@@ -47,6 +47,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ._decorator import IdempotentFunction, decorator
 from ._engine import seconds_option, whole_option
 from ._errors import AlreadyRunning
+from ._outcome import SerializerOption
 from ._signing import SigningKey
 from ._stores import Store
 
@@ -89,6 +90,7 @@ def idempotent_task(
     deadline: datetime | Callable[..., datetime] | None = None,
     transactional: bool = False,
     signing_key: SigningKey | None = None,
+    serializer: SerializerOption = "pickle",
     on_running: Literal["retry", "raise"] = "retry",
     countdown: float | timedelta = 5.0,
     max_retries: int | None = None,
@@ -135,7 +137,7 @@ def idempotent_task(
         key=task_id if key is None else key, name=name, store=store, ttl=ttl,
         fingerprint=fingerprint, wait=wait, lease=lease, on_abandoned=on_abandoned,
         retry_on=retry_on, deadline=deadline, transactional=transactional,
-        signing_key=signing_key,
+        signing_key=signing_key, serializer=serializer,
         on_busy=retry_later if on_running == "retry" else None,
     )  # fmt: skip
 

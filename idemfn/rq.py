@@ -40,6 +40,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ._decorator import IdempotentFunction, decorator
 from ._engine import whole_option
 from ._errors import AlreadyRunning
+from ._outcome import SerializerOption
 from ._signing import SigningKey
 from ._stores import Store
 
@@ -80,6 +81,7 @@ def idempotent_job(
     deadline: datetime | Callable[..., datetime] | None = None,
     transactional: bool = False,
     signing_key: SigningKey | None = None,
+    serializer: SerializerOption = "pickle",
     on_running: Literal["retry", "raise"] = "retry",
     interval: int = 5,
     max_retries: int = 12,
@@ -112,7 +114,7 @@ def idempotent_job(
         key=job_id if key is None else key, name=name, store=store, ttl=ttl,
         fingerprint=fingerprint, wait=wait, lease=lease, on_abandoned=on_abandoned,
         retry_on=retry_on, deadline=deadline, transactional=transactional,
-        signing_key=signing_key,
+        signing_key=signing_key, serializer=serializer,
         on_busy=retry_later if on_running == "retry" else None,
     )  # fmt: skip
 

@@ -833,7 +833,7 @@ def test_stats_counts_each_state(store: DiskStore, store_dir: Path, env: dict[st
     assert summary["newest"]["key"] == "zz:live"
     out = text.stdout.decode()
     assert text.returncode == 0 and text.stderr == b""
-    states = r"\(ok 2, halted 1, processing 1, abandoned 1, expired 1, corrupt 0\)"
+    states = r"\(ok 2, halted 1, processing 1, abandoned 1, expired 1, corrupt 0, tampered 0\)"
     assert re.search(rf"^records:\s+5 {states}$", out, re.MULTILINE), out
     assert re.search(r"^size:\s+[\d.]+ (B|KiB|MiB)$", out, re.MULTILINE), out
     assert re.search(r"^oldest:\s+first ", out, re.MULTILINE), out

@@ -363,7 +363,7 @@ def test_the_helpers_forward_every_option_of_idempotent(
         "key": "k:{x}", "name": "custom.name", "store": MemoryStore(), "ttl": 12.0,
         "fingerprint": ["x"], "wait": 3.0, "lease": 9.0, "on_abandoned": "retry",
         "retry_on": KeyError, "deadline": datetime(2100, 1, 1, tzinfo=timezone.utc),
-        "transactional": False, "signing_key": "s" * 32,
+        "transactional": False, "signing_key": "s" * 32, "serializer": "json",
     }  # fmt: skip
     core = set(inspect.signature(idempotent).parameters) - {"_misuse"}
     assert set(options) == core  # this test lists every option of idempotent

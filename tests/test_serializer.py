@@ -1,0 +1,258 @@
+"""``serializer=``: "json" (or a user's dumps/loads) stores outcomes without pickle, and a
+replay under it never unpickles anything, whatever the store holds."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from idemfn import DiskStore, Halted, MemoryStore, Policy, StoreError, begin, idempotent
+
+from .cli import cli_env, idemfn_cli
+from .conftest import Make
+
+
+class Unpickled:
+    """Creates a file when unpickled: proof that a payload was loaded with pickle."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.marker), "w"))
+
+
+VALUES = [
+    {"id": 7, "lines": [{"sku": "a", "qty": 2}], "note": "naïve ✓", "paid": True, "x": None},
+    [1, 2.5, "three", None, [], {}], "text", 0, 0.0, "", [], {}, False, None, 10**30,
+]
+
+
+@pytest.mark.parametrize("value", VALUES, ids=repr)
+def test_json_replays_every_json_value_and_runs_once(make: Make, value: object) -> None:
+    runs: list[object] = []
+
+    def body(x: int) -> object:
+        runs.append(x)
+        return value
+
+    fn = make(body, serializer="json")
+    assert fn(1) == value
+    replayed = fn(1)
+    assert replayed == value and type(replayed) is type(value) and runs == [1]
+    if isinstance(value, (dict, list)) and value:
+        assert replayed is not fn(1)  # a fresh copy each time
+
+
+def test_json_replays_tuples_as_lists(make: Make) -> None:
+    fn = make(lambda x: {"pair": (1, 2)}, serializer="json")
+    assert fn(1) == {"pair": (1, 2)}  # the first call returns the value itself
+    assert fn(1) == {"pair": [1, 2]}  # JSON has no tuples (documented)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({1: "a"}, r"a dict key 1 is a int: JSON would replay it as '1'; use str keys"),
+        ([{"ok": {None: 1}}], r"a dict key None is a NoneType: JSON would replay it as 'null'"),
+        ({(1, 2): "a"}, r"a dict key \(1, 2\) is a tuple, not a str"),
+        ({"when": {1, 2}}, r"Object of type set is not JSON serializable"),
+        (Path("/tmp"), r"Object of type PosixPath is not JSON serializable"),
+    ],
+    ids=["int key", "nested None key", "tuple key", "set", "path"],
+)
+def test_a_value_json_cannot_replay_exactly_halts_the_key(
+    make: Make, value: object, message: str
+) -> None:
+    runs: list[int] = []
+
+    def body(x: int) -> object:
+        runs.append(x)
+        return value
+
+    fn = make(body, serializer="json")
+    with pytest.raises(Halted, match=message):
+        fn(1)
+    with pytest.raises(Halted, match=message):
+        fn(1)
+    assert runs == [1]
+    record = fn.status(1)
+    assert record is not None and record.status == "halted"  # never left processing
+
+
+def test_json_replays_builtin_exceptions_as_themselves(make: Make) -> None:
+    errors: dict[int, Exception] = {
+        1: ValueError("bad amount", 3),
+        2: KeyError("sku"),
+        3: FileNotFoundError(2, "No such file", "/x"),
+        4: ZeroDivisionError("division by zero"),
+    }
+    runs: list[int] = []
+
+    def body(n: int) -> None:
+        runs.append(n)
+        raise errors[n]
+
+    fn = make(body, serializer="json")
+    for n, error in errors.items():
+        with pytest.raises(type(error)) as first:
+            fn(n)
+        with pytest.raises(type(error)) as replayed:
+            fn(n)
+        assert type(replayed.value) is type(error) and replayed.value.args == error.args
+        assert replayed.value is not first.value
+        assert "replayed from the record" in replayed.value.__notes__[-1]
+    assert runs == [1, 2, 3, 4]
+
+
+class Declined(Exception):
+    pass
+
+
+def test_json_replays_other_exceptions_as_halted_with_type_message_and_traceback(
+    make: Make,
+) -> None:
+    def body(n: int) -> None:
+        if n == 1:
+            raise Declined("card declined")
+        raise ValueError(b"bytes are not JSON")
+
+    fn = make(body, serializer="json")
+    with pytest.raises(Declined):
+        fn(1)
+    with pytest.raises(Halted, match=r"Declined: card declined\): .*replays only builtin") as h:
+        fn(1)
+    assert h.value.exc_type is not None and h.value.exc_type.endswith("test_serializer.Declined")
+    assert h.value.traceback is not None and 'raise Declined("card declined")' in h.value.traceback
+    with pytest.raises(ValueError):
+        fn(2)
+    with pytest.raises(Halted, match="its arguments could not be stored as JSON"):
+        fn(2)
+
+
+def test_a_json_function_never_unpickles_a_record(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path / "s")
+    marker = tmp_path / "unpickled"
+
+    @idempotent(key="{n}", name="shared", store=store)
+    def pickled(n: int) -> object:
+        return Unpickled(marker)
+
+    @idempotent(key="{n}", name="shared", store=store, serializer="json")
+    def as_json(n: int) -> object:
+        raise AssertionError("the body must not run: the key has a record")
+
+    pickled(1)  # recorded with pickle (writing a pickle runs nothing)
+    assert not marker.exists()
+    with pytest.raises(StoreError, match=r"holds a pickle, and serializer 'json' never unpickles"):
+        as_json(1)
+    assert not marker.exists()
+    pickled(1)  # the pickle serializer does load it: the marker proves this test can see that
+    assert marker.exists()
+
+
+def test_records_stay_readable_when_a_function_switches_serializer(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path / "s")
+
+    @idempotent(key="{n}", name="f", store=store, serializer="json")
+    def before(n: int) -> object:
+        if n == 2:
+            raise KeyError("gone")
+        return {"n": n}
+
+    @idempotent(key="{n}", name="f", store=store)
+    def after(n: int) -> object:
+        raise AssertionError("replayed, never run")
+
+    before(1)
+    with pytest.raises(KeyError):
+        before(2)
+    assert after(1) == {"n": 1}  # pickle reads JSON payloads (they are safe to read)
+    with pytest.raises(KeyError):
+        after(2)
+
+
+class Upper:
+    """A user's serializer: JSON text, upper-cased, proving its own dumps/loads ran."""
+
+    calls: ClassVar[list[str]] = []
+
+    @classmethod
+    def dumps(cls, value: Any) -> str:
+        cls.calls.append("dumps")
+        return json.dumps(value).upper()
+
+    @classmethod
+    def loads(cls, data: bytes) -> Any:
+        cls.calls.append("loads")
+        return json.loads(data.lower())
+
+
+def test_any_object_with_dumps_and_loads_is_a_serializer(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path / "s")
+    Upper.calls.clear()
+
+    @idempotent(key="{n}", name="u", store=store, serializer=Upper)
+    def fn(n: int) -> object:
+        return {"word": "abc"}
+
+    assert fn(1) == fn(1) == {"word": "abc"}
+    assert Upper.calls == ["dumps", "loads"]
+    assert b"ABC" in (store.get("u:1").payload or b"")  # type: ignore[union-attr]
+
+    @idempotent(key="{n}", name="u", store=store)
+    def plain(n: int) -> object:
+        return None
+
+    with pytest.raises(StoreError, match="recorded with a custom serializer, not 'pickle'"):
+        plain(1)
+
+    class Broken:
+        def dumps(self, value: Any) -> int:
+            return 42
+
+        def loads(self, data: bytes) -> Any:
+            return None
+
+    @idempotent(key="{n}", store=MemoryStore(), serializer=Broken())  # type: ignore[arg-type]
+    def broken(n: int) -> object:
+        return "x"
+
+    with pytest.raises(Halted, match=r"Broken.dumps\(\) returned int, not bytes or str"):
+        broken(1)
+
+
+@pytest.mark.parametrize("given", ["yaml", "", 42, None, object(), json.dumps])
+def test_a_bad_serializer_is_refused_at_decoration(given: Any) -> None:
+    with pytest.raises(TypeError, match=r"serializer must be 'pickle', 'json', or an object"):
+        idempotent(serializer=given)
+    with pytest.raises(TypeError, match="serializer"):
+        Policy(serializer=given)
+
+
+def test_the_low_level_api_and_the_policy_take_the_serializer(tmp_path: Path) -> None:
+    policy = Policy(serializer="json")
+    assert "serializer='json'" in repr(policy)
+    claim = begin("low:1", store=DiskStore(tmp_path / "s"), policy=policy)
+    with claim:
+        claim.complete([1, "a"])  # type: ignore[union-attr]
+    finished = begin("low:1", store=DiskStore(tmp_path / "s"), policy=policy)
+    assert finished.replay() == [1, "a"]  # type: ignore[union-attr]
+    assert pickle.loads(pickle.dumps(Policy().serializer.name)) == "pickle"
+
+
+def test_the_command_shows_a_json_value(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path / "store")
+
+    @idempotent(key="{n}", name="job", store=store, serializer="json")
+    def job(n: int) -> object:
+        return {"n": n, "done": True}
+
+    job(1)
+    env = cli_env(tmp_path / "store")
+    shown = json.loads(idemfn_cli("show", "job:1", "--json", env=env).stdout)
+    assert shown["status"] == "ok" and shown["value_repr"] == repr({"n": 1, "done": True})
