@@ -27,6 +27,7 @@ from ._engine import (
     abegin_with,
     begin_with,
     deadline_timestamp,
+    finish,
     reentered,
 )
 from ._errors import AlreadyRunning
@@ -260,7 +261,7 @@ def decorator(
                 outcome.function = wrapper  # type: ignore[union-attr]
                 with outcome:  # type: ignore[union-attr]
                     value = await run_async(*args, **kwargs)
-                    outcome.complete(value)  # type: ignore[union-attr]
+                    finish(outcome, value)  # type: ignore[arg-type]
                 return value
 
         elif transaction is not None:
@@ -283,7 +284,7 @@ def decorator(
                 # back, then the claim is halted (or released) outside the transaction.
                 with outcome, in_transaction(stored_key):  # type: ignore[union-attr]
                     value = fn(*args, **kwargs)
-                    outcome.complete(value)  # type: ignore[union-attr]
+                    finish(outcome, value)  # type: ignore[arg-type]
                 return value
 
         else:
@@ -303,7 +304,7 @@ def decorator(
                 outcome.function = wrapper  # type: ignore[union-attr]
                 with outcome:  # type: ignore[union-attr]
                     value = fn(*args, **kwargs)
-                    outcome.complete(value)  # type: ignore[union-attr]
+                    finish(outcome, value)  # type: ignore[arg-type]
                 return value
 
         def key_for(*args: Any, **kwargs: Any) -> str:

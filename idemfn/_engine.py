@@ -60,7 +60,7 @@ from ._record import Entry, Record
 from ._rerun import raised_for_rerun, returned_for_rerun
 from ._stores import Store, resolve_store
 
-__all__ = ["Busy", "Claim", "Finished", "Policy", "abegin", "attempt", "begin"]
+__all__ = ["Busy", "Claim", "Finished", "Policy", "abegin", "attempt", "begin", "finish"]
 
 logger = logging.getLogger("idemfn")
 
@@ -437,10 +437,35 @@ class Claim:
         if self._settled:
             return
         if exc is not None:
-            self.fail(exc)
+            try:
+                self.fail(exc)
+            except StoreError as problem:
+                # The body's own exception says what happened: raise that, not the store's.
+                _not_recorded(self.key, problem, exc)
             return
         logger.warning("idemfn: the claim block for %r ended without complete()", self.key)
         self.halt(RuntimeError("the claim's block ended without complete() or fail()"))
+
+
+def finish(claim: Claim, value: object) -> None:
+    """``claim.complete(value)``, for the decorator: when the store fails to record the outcome
+    of a body that ran, the caller still gets its value, and the failure is logged."""
+    try:
+        claim.complete(value)
+    except StoreError as problem:
+        _not_recorded(claim.key, problem, None)
+
+
+def _not_recorded(key: str, problem: StoreError, exc: BaseException | None) -> None:
+    what = "the value is returned" if exc is None else f"its {type(exc).__name__} is raised"
+    message = (
+        f"idemfn: the outcome of key {key!r} could not be recorded ({problem}); {what}, and"
+        " the key stays processing until its lease runs out, then halts (or, with"
+        ' on_abandoned="retry", runs again)'
+    )
+    logger.error("%s", message)
+    if exc is not None:
+        _add_note(exc, message)
 
 
 def reentered(busy: AlreadyRunning) -> bool:
