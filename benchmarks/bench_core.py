@@ -181,6 +181,7 @@ class Fixture:
 
     def __init__(self, root: Path) -> None:
         self.disk = DiskStore(root / "idemfn")
+        self.signed = DiskStore(root / "signed", signing_key="bench-signing-key-0123456789")
         self.raw = diskcache.Cache(str(root / "raw"), **CACHE_SETTINGS)
         self.memory = MemoryStore()
         self.body_calls = 0
@@ -193,6 +194,7 @@ class Fixture:
 
     def close(self) -> None:
         self.disk.close()
+        self.signed.close()
         self.raw.close()
 
 
@@ -276,6 +278,43 @@ def disk_pairs(fx: Fixture) -> list[Pair]:
         Pair("replay, DiskStore", idemfn_replay, raw_get, "Cache.get", 1.5),
         Pair("first call, DiskStore", idemfn_first, raw_add_set, "Cache.add+set", 1.3),
     ]
+
+
+def variant_pairs(fx: Fixture) -> list[Pair]:
+    """Replays with signed records and with the JSON serializer, against the same raw get of
+    the same keys' bytes: what each option costs (no target)."""
+    raw = fx.raw
+
+    @idempotent(key="replay:{i}", store=fx.signed, name="bench.signed.replay_small")
+    def signed(i: int) -> dict[str, int]:
+        fx.body_calls += 1
+        return dict(SMALL_RESULT)
+
+    @idempotent(key="replay:{i}", store=fx.disk, name="bench.json.replay_small", serializer="json")
+    def as_json(i: int) -> dict[str, int]:
+        fx.body_calls += 1
+        return dict(SMALL_RESULT)
+
+    pairs = []
+    for label, fn, store in (("signed", signed, fx.signed), ("json", as_json, fx.disk)):
+        keys = []
+        for i in range(POOL):
+            assert fn(i) == SMALL_RESULT
+            key = fn.key_for(i)
+            raw.set(key, store.cache.get(key), expire=TTL)
+            keys.append(key)
+
+        def replay(n: int, fn: Any = fn) -> int:
+            before = fx.body_calls
+            elapsed = _timed_calls(fn, [i % POOL for i in range(n)])
+            assert fx.body_calls == before, "a replay ran the body"
+            return elapsed
+
+        def raw_get(n: int, keys: list[str] = keys) -> int:
+            return _timed_calls(raw.get, [keys[i % POOL] for i in range(n)])
+
+        pairs.append(Pair(f"replay, DiskStore {label}", replay, raw_get, "Cache.get", None))
+    return pairs
 
 
 def memory_pairs(fx: Fixture) -> list[Pair]:
@@ -739,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         fx = Fixture(root)
         try:
-            pairs = disk_pairs(fx) + memory_pairs(fx)
+            pairs = disk_pairs(fx) + variant_pairs(fx) + memory_pairs(fx)
             for p in pairs:
                 p.measure(rounds, round_ns)
             print_table(pairs, rounds)
