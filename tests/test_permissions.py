@@ -105,3 +105,37 @@ def test_the_command_refuses_and_trusts_the_same_way(tmp_path: Path) -> None:
     assert b"writable by its group or others" in refused.stderr
     trusted = idemfn_cli("ls", env={**env, "IDEMFN_TRUST_DIRECTORY": "1"})
     assert b":k  ok" in trusted.stdout
+
+
+def test_a_second_store_on_an_open_directory_leaves_the_first_ones_locks_alone(
+    tmp_path: Path,
+) -> None:
+    """Closing any descriptor of an open SQLite file drops every POSIX lock the process holds
+    on it: creating cache.db 0600 must never open a database that already exists. Without
+    the locks, another process's close deletes the WAL under the first store (found by the
+    crash-storm harness: "database disk image is malformed")."""
+    import subprocess
+    import sys
+
+    directory = tmp_path / "store"
+
+    @idempotent(key="{n}", store=DiskStore(directory))
+    def charge(n: int) -> int:
+        return n
+
+    @idempotent(key="{n}", store=str(directory))  # another DiskStore object, same directory
+    def refund(n: int) -> int:
+        return n
+
+    for n in range(100):
+        charge(n)
+    refund(1)  # its store opens now, beside charge's open connection
+    code = (
+        "import sys, idemfn\n"
+        "s = idemfn.DiskStore(sys.argv[1])\n"
+        "other = idemfn.idempotent(key='{n}', name='other', store=s)(lambda n: n)\n"
+        "for n in range(100): other(n)\n"
+        "s.close()\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(directory)], check=True, timeout=60)
+    assert charge(1) == 1 and refund(1) == 1 and charge(200) == 200

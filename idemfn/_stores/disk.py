@@ -201,7 +201,15 @@ class DiskStore(Store):
             if private:
                 self._check_ownership()
                 # Created 0600 before SQLite opens it: its -wal and -shm files copy the mode.
-                os.close(os.open(self.directory / "cache.db", os.O_CREAT | os.O_RDWR, 0o600))
+                # Only when missing: closing any descriptor of an open database drops every
+                # POSIX lock this process holds on it, those of its other connections too.
+                try:
+                    os.close(
+                        os.open(self.directory / "cache.db", os.O_CREAT | os.O_EXCL | os.O_RDWR,
+                                0o600)
+                    )  # fmt: skip
+                except FileExistsError:
+                    pass
             cache = diskcache.Cache(
                 str(self.directory),
                 timeout=self.timeout,
