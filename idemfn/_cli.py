@@ -38,6 +38,7 @@ from ._errors import (
 from ._outcome import load
 from ._record import Entry, Status
 from ._signing import ENV_VAR as SIGNING_ENV_VAR
+from ._signing import signer_for
 from ._stores import ENV_VAR, Store, locate, open_store
 from ._stores.base import TamperedRecord
 from ._stores.disk import default_directory
@@ -448,6 +449,10 @@ def _signing_keys(args: argparse.Namespace) -> list[str] | None:
     keys = [key for key in keys if key and not key.startswith("#")]
     if not keys:
         raise Failure(f"--signing-key-file: {path} holds no key", Exit.USAGE)
+    try:
+        signer_for(keys, option=f"--signing-key-file {path}")
+    except (TypeError, ValueError) as exc:
+        raise Failure(str(exc), Exit.USAGE) from None
     return keys
 
 
@@ -621,6 +626,13 @@ def _ls(args: argparse.Namespace) -> Exit:
     return Exit.OK
 
 
+def _forget_hint(error: StoreError, key: str) -> str:
+    """How to delete an unreadable record, unless the error says so already."""
+    if isinstance(error, TamperedRecord):
+        return ""
+    return f"; `{PROG} forget --force {key}` deletes it unread"
+
+
 def _ignore(key: str, error: StoreError) -> None:
     """A ``corrupt=`` for look-ups that only need the readable records."""
 
@@ -634,7 +646,7 @@ def _find(store: Store, key: str) -> Entry:
             return entry
     if key in broken:
         raise Failure(
-            f"{broken[key]}; `{PROG} forget --force {key}` deletes it unread", Exit.STORE_ERROR
+            f"{broken[key]}{_forget_hint(broken[key], key)}", Exit.STORE_ERROR
         )
     raise _no_record(store, key)
 
@@ -772,7 +784,7 @@ def _forget_one(store: Store, key: str, status: str | None, force: bool) -> dict
         except StoreError as exc:  # a record that cannot be read can still be deleted
             if not force or status is not None:
                 raise Failure(
-                    f"{exc}; `{PROG} forget --force {key}` deletes it unread", Exit.STORE_ERROR
+                    f"{exc}{_forget_hint(exc, key)}", Exit.STORE_ERROR
                 ) from None
             if store.delete(key):
                 return {"key": key, "state": "unreadable", "error": str(exc)}

@@ -282,9 +282,11 @@ def decorator(
                 outcome.function = wrapper  # type: ignore[union-attr]
                 # The body's writes and the ok record commit together; an exception rolls both
                 # back, then the claim is halted (or released) outside the transaction.
+                # Here a failure to record ok is raised, never only logged: it aborted the
+                # transaction, so the body's writes are rolled back with it.
                 with outcome, in_transaction(stored_key):  # type: ignore[union-attr]
                     value = fn(*args, **kwargs)
-                    finish(outcome, value)  # type: ignore[arg-type]
+                    outcome.complete(value)  # type: ignore[union-attr]
                 return value
 
         else:

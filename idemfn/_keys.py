@@ -320,7 +320,9 @@ def _resolver(
         if format_key is not None:
             try:
                 key = format_key(bound)
-            except (AttributeError, LookupError, ValueError, TypeError) as exc:
+            # RecursionError: repr() of an argument nested too deeply (one that is not
+            # fingerprinted, or the fingerprint would have said so first).
+            except (AttributeError, LookupError, ValueError, TypeError, RecursionError) as exc:
                 raise ValueError(
                     f"key={template!r} could not be formatted for this call:"
                     f" {type(exc).__name__}: {exc}"

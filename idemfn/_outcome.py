@@ -119,47 +119,76 @@ def describe_failure(exc: BaseException, serializer: Serializer | None = None) -
 def _as_json_failure(
     exc: BaseException, kind: str, message: str, text: str, serializer: str
 ) -> Failure:
-    """A builtin exception as JSON, rebuilt here to be sure it comes back as itself."""
+    """A builtin exception as JSON, rebuilt here to be sure it comes back as itself: same
+    type, arguments, message and attributes."""
     problem = f"serializer {serializer!r} replays only builtin exceptions as themselves"
-    if type(exc).__module__ == "builtins":
+    if _BUILTIN_EXCEPTIONS.get(type(exc).__name__) is type(exc):
+        problem = "it could not be stored as JSON exactly (its arguments or attributes)"
         try:
             payload = _JSON_ERROR + json.dumps([kind, list(exc.args)]).encode()
             rebuilt = _builtin_exception(payload)
-            problem = "its arguments could not be stored as JSON"
-            if type(rebuilt) is type(exc) and rebuilt.args == exc.args:
-                return Failure(kind, message, text, payload, f"the call raised {kind}")
         except (TypeError, ValueError):
-            problem = "its arguments could not be stored as JSON"
+            pass
+        else:
+            if (
+                type(rebuilt) is type(exc)
+                and rebuilt.args == exc.args
+                and str(rebuilt) == message
+                and _attributes(rebuilt) == _attributes(exc)
+            ):
+                return Failure(kind, message, text, payload, f"the call raised {kind}")
     reason = f"the call raised {kind}, which is replayed as Halted: {problem}"
     return Failure(kind, message, text, None, reason)
 
 
-def _check_keys(value: object) -> None:
-    """Refuse a dict key JSON would silently turn into a str: the replay would differ."""
+# Attributes builtin exceptions keep outside their args (ImportError.name, OSError.filename...)
+_NAMED = ("name", "path", "obj", "filename", "filename2", "characters_written")
+
+
+def _attributes(exc: BaseException) -> tuple[object, ...]:
+    return (getattr(exc, "__dict__", None), *(getattr(exc, a, None) for a in _NAMED))
+
+
+# Only the interpreter's own exception types: never whatever a library put in builtins.
+_BUILTIN_EXCEPTIONS: dict[str, type[Exception]] = {
+    name: kind
+    for name, kind in vars(builtins).items()
+    if isinstance(kind, type) and issubclass(kind, Exception) and kind.__module__ == "builtins"
+}
+
+_JSON_TYPES = frozenset({dict, list, tuple, str, int, float, bool, type(None)})
+
+
+def _check_exact(value: object) -> None:
+    """Refuse what JSON would replay as something else: a subclass of a JSON type (an IntEnum,
+    an OrderedDict) or a dict key that is not a str. Run after ``json.dumps`` succeeded, so
+    the value holds no cycle."""
     stack = [value]
     while stack:
         item = stack.pop()
-        if isinstance(item, dict):
-            for key in item:
-                if not isinstance(key, str):
-                    kind = type(key).__name__
-                    try:
-                        shown = next(iter(json.loads(json.dumps({key: 0}))))
-                    except TypeError:
-                        raise TypeError(f"a dict key {key!r} is a {kind}, not a str") from None
+        kind = type(item)
+        if kind not in _JSON_TYPES:
+            base = next(t for t in kind.__mro__ if t in _JSON_TYPES)
+            raise TypeError(
+                f"a {type_name(kind)} would replay as a plain {base.__name__}: convert it first"
+            )
+        if kind is dict:
+            for key in item:  # type: ignore[attr-defined]
+                if type(key) is not str:
+                    shown = next(iter(json.loads(json.dumps({key: 0}))))
                     raise TypeError(
-                        f"a dict key {key!r} is a {kind}: JSON would replay it as {shown!r}; use"
-                        " str keys"
+                        f"the dict key {key!r} ({type_name(type(key))}) would replay as"
+                        f" {shown!r}: use str keys"
                     )
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            stack.extend(item)
+            stack.extend(item.values())  # type: ignore[attr-defined]
+        elif kind is list or kind is tuple:
+            stack.extend(item)  # type: ignore[arg-type]
 
 
 def _builtin_exception(payload: bytes) -> BaseException:
     name, args = json.loads(payload[len(_JSON_ERROR) :])
-    kind = getattr(builtins, name, None) if isinstance(name, str) else None
-    if not (isinstance(kind, type) and issubclass(kind, Exception)) or not isinstance(args, list):
+    kind = _BUILTIN_EXCEPTIONS.get(name) if isinstance(name, str) else None
+    if kind is None or not isinstance(args, list):
         raise ValueError(f"{name!r} is not a builtin exception")
     return kind(*args)
 
@@ -190,8 +219,15 @@ class Serializer:
         if codec is None:
             return dump_value(value)
         if codec is json:
-            _check_keys(value)
-            return _JSON_VALUE + json.dumps(value, ensure_ascii=False).encode()
+            try:
+                text = json.dumps(value, ensure_ascii=False)  # raises on a cycle, a set...
+                _check_exact(value)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(
+                    f"serializer='json' cannot store it exactly: {exc}. Return plain JSON"
+                    " types, or use serializer='pickle'"
+                ) from None
+            return _JSON_VALUE + text.encode()
         data = codec.dumps(value)
         if isinstance(data, str):
             data = data.encode()

@@ -70,7 +70,10 @@ def signer_for(signing_key: SigningKey | None, *, option: str) -> Signer | None:
         configured = os.environ.get(ENV_VAR, "")
         if not configured.strip():
             return None
-        return Signer(_keys([k.strip() for k in configured.split(",")], ENV_VAR))
+        entries = [k.strip() for k in configured.split(",")]
+        if "" in entries:
+            raise ValueError(f"{ENV_VAR} has an empty entry (a stray comma?)")
+        return Signer(_keys(entries, ENV_VAR))
     if isinstance(signing_key, (str, bytes)):
         return Signer(_keys([signing_key], option))
     if not isinstance(signing_key, Sequence):
@@ -81,14 +84,16 @@ def signer_for(signing_key: SigningKey | None, *, option: str) -> Signer | None:
     return Signer(_keys(list(signing_key), option))  # type: ignore[arg-type]  # not bytes
 
 
-def _keys(given: list[str | bytes], option: str) -> tuple[bytes, ...]:
+def _keys(given: Sequence[str | bytes], option: str) -> tuple[bytes, ...]:
     if not given:
         raise ValueError(f"{option} must name at least one key")
     keys = []
     for number, key in enumerate(given, 1):
         which = f"{option}: key {number}" if len(given) > 1 else option
         if isinstance(key, str):
-            key = key.encode("utf-8")
+            # Stripped, as the environment's and a key file's are: a key read from a file
+            # with its newline is the same key.
+            key = key.strip().encode("utf-8")
         elif not isinstance(key, bytes):
             raise TypeError(f"{which} must be a str or bytes, not {type(key).__name__}")
         if len(key) < MIN_KEY_BYTES:

@@ -3,6 +3,8 @@ replay under it never unpickles anything, whatever the store holds."""
 
 from __future__ import annotations
 
+import collections
+import enum
 import json
 import pickle
 from pathlib import Path
@@ -57,9 +59,9 @@ def test_json_replays_tuples_as_lists(make: Make) -> None:
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ({1: "a"}, r"a dict key 1 is a int: JSON would replay it as '1'; use str keys"),
-        ([{"ok": {None: 1}}], r"a dict key None is a NoneType: JSON would replay it as 'null'"),
-        ({(1, 2): "a"}, r"a dict key \(1, 2\) is a tuple, not a str"),
+        ({1: "a"}, r"the dict key 1 \(int\) would replay as '1': use str keys"),
+        ([{"ok": {None: 1}}], r"the dict key None \(NoneType\) would replay as 'null'"),
+        ({(1, 2): "a"}, r"keys must be str, int, float, bool or None, not tuple"),
         ({"when": {1, 2}}, r"Object of type set is not JSON serializable"),
         (Path("/tmp"), r"Object of type PosixPath is not JSON serializable"),
     ],
@@ -88,7 +90,7 @@ def test_json_replays_builtin_exceptions_as_themselves(make: Make) -> None:
     errors: dict[int, Exception] = {
         1: ValueError("bad amount", 3),
         2: KeyError("sku"),
-        3: FileNotFoundError(2, "No such file", "/x"),
+        3: FileNotFoundError(2, "No such file"),
         4: ZeroDivisionError("division by zero"),
     }
     runs: list[int] = []
@@ -130,7 +132,7 @@ def test_json_replays_other_exceptions_as_halted_with_type_message_and_traceback
     assert h.value.traceback is not None and 'raise Declined("card declined")' in h.value.traceback
     with pytest.raises(ValueError):
         fn(2)
-    with pytest.raises(Halted, match="its arguments could not be stored as JSON"):
+    with pytest.raises(Halted, match="could not be stored as JSON exactly"):
         fn(2)
 
 
@@ -256,3 +258,70 @@ def test_the_command_shows_a_json_value(tmp_path: Path) -> None:
     env = cli_env(tmp_path / "store")
     shown = json.loads(idemfn_cli("show", "job:1", "--json", env=env).stdout)
     assert shown["status"] == "ok" and shown["value_repr"] == repr({"n": 1, "done": True})
+
+
+@pytest.mark.parametrize(
+    "error",
+    [FileNotFoundError(2, "No such file", "/x"), ImportError("no module", name="m"),
+     AttributeError("no attribute", name="x")],
+    ids=["filename", "import name", "attribute name"],
+)
+def test_a_builtin_exception_json_cannot_rebuild_exactly_replays_as_halted(
+    make: Make, error: Exception
+) -> None:
+    def body(n: int) -> None:
+        raise error
+
+    fn = make(body, serializer="json")
+    with pytest.raises(type(error)):
+        fn(1)
+    with pytest.raises(Halted, match=r"could not be stored as JSON exactly") as halted:
+        fn(1)
+    assert str(error) in str(halted.value)  # its message is still there, as text
+
+
+def test_a_class_a_library_put_in_builtins_is_never_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    from idemfn._outcome import JSON
+
+    built: list[object] = []
+
+    class Planted(Exception):
+        def __init__(self, *args: object) -> None:
+            built.append(args)
+
+    monkeypatch.setattr(builtins, "Planted", Planted, raising=False)
+    with pytest.raises(ValueError, match="not a builtin exception"):
+        JSON.load(b'\x00e["Planted", ["x"]]')
+    assert built == []
+    assert type(JSON.load(b'\x00e["KeyError", ["x"]]')) is KeyError
+
+
+class Level(enum.IntEnum):
+    HIGH = 1
+
+
+def cycle() -> object:
+    loop: list[object] = []
+    loop.append(loop)
+    return {"loop": loop}
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (Level.HIGH, r"a tests\.test_serializer\.Level would replay as a plain int"),
+        ({"level": collections.OrderedDict(a=1)}, r"OrderedDict would replay as a plain dict"),
+        (cycle(), r"Circular reference"),
+    ],
+    ids=["IntEnum", "OrderedDict", "cycle"],
+)
+def test_json_halts_a_subclass_or_a_cycle_instead_of_replaying_it_wrong(
+    make: Make, value: object, message: str
+) -> None:
+    fn = make(lambda n: value, serializer="json")
+    for _ in range(2):
+        with pytest.raises(Halted, match=message) as halted:
+            fn(1)
+        assert "serializer='json' cannot store it exactly" in str(halted.value)

@@ -132,6 +132,11 @@ def default_store() -> Store:
 
 
 def _check_signer(store: Store, signing_key: SigningKey, *, option: str) -> None:
+    if isinstance(store, MemoryStore):
+        raise ValueError(
+            f"{option}: a MemoryStore keeps records in this process's memory, where nobody else"
+            " can write them: there is nothing to sign, drop signing_key="
+        )
     if store.signer != signer_for(signing_key, option=option):
         raise ValueError(
             f"{option} signs the records of a store opened from a path or URL, but {store!r}"

@@ -154,10 +154,11 @@ class Store(abc.ABC):
                 data = signer.verify(data)
             except ValueError as exc:
                 raise TamperedRecord(
-                    f"{self!r}: the record for {key!r} failed its signature check ({exc}). It"
-                    " was written without this store's signing key, or changed since, and is"
-                    " not loaded: find out who can write to the store, then delete the record"
-                    " (`idemfn forget --force KEY`)",
+                    f"{self!r}: the record for {key!r} failed its signature check ({exc}) and"
+                    " is not loaded. Either it was written without the signing keys this store"
+                    " has (signing_key= or IDEMFN_SIGNING_KEY; records from before signing was"
+                    " turned on are unsigned), or someone changed it: find out who can write"
+                    f" to the store, then delete it (`idemfn forget --force {key}`)",
                     key=key,
                 ) from None
         elif data.startswith(MAGIC):
@@ -171,7 +172,7 @@ class Store(abc.ABC):
                 raise TamperedRecord(
                     f"{self!r}: the record for {key!r} failed its signature check: it is a copy"
                     f" of {entry.key!r}'s record. It is not loaded: find out who can write to"
-                    " the store, then delete the record (`idemfn forget --force KEY`)",
+                    f" the store, then delete the record (`idemfn forget --force {key}`)",
                     key=key,
                 )
             raise self.error("read", key, f"the record is corrupt: it is {entry.key!r}'s record")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import sqlite3
 import threading
@@ -21,6 +22,8 @@ from .._signing import SigningKey
 from .base import Corrupt, Store, prunable, skip_corrupt
 
 __all__ = ["DiskStore", "default_directory"]
+
+logger = logging.getLogger("idemfn")
 
 # Errors the backend may raise for a broken, locked, full or unreadable store.
 _BACKEND_ERRORS = (sqlite3.Error, OSError, diskcache.Timeout)
@@ -58,6 +61,7 @@ _CULL = (
     " AND expire_time <= ? ORDER BY expire_time LIMIT 100)"
 )
 _CULL_EVERY = 64  # claims
+_EXPIRE = "DELETE FROM Cache WHERE raw = 1 AND expire_time IS NOT NULL AND expire_time <= ?"
 
 
 def default_directory() -> Path:
@@ -277,7 +281,7 @@ class DiskStore(Store):
                     params = (key, now, self._expire_time(entry, now), now, tag, data)
                     if sql(_CLAIM, params).rowcount == 1:
                         if next(self._claims) % _CULL_EVERY == 0:
-                            sql(_CULL, (now,))
+                            self._cull(now)
                         return None
                     row = sql(_GET, (key,)).fetchone()
                     if row is None:
@@ -288,6 +292,13 @@ class DiskStore(Store):
                     sql(_DELETE, (key,))  # expired by its own clock, not yet by diskcache's
             except _BACKEND_ERRORS as exc:
                 raise self.error("claim", key, exc) from exc
+
+    def _cull(self, now: float) -> None:
+        # Tidying after a claim that is won: a failure here must not fail the claim.
+        try:
+            self._sql(_CULL, (now,))
+        except _BACKEND_ERRORS as exc:
+            logger.warning("idemfn: could not remove expired records from %r: %s", self, exc)
 
     def get(self, key: str) -> Entry | None:
         with _gate:
@@ -365,7 +376,9 @@ class DiskStore(Store):
         """Remove expired records (without reading them) and stale claims."""
         with _gate:
             try:
-                expired = int(self.cache.expire(retry=True))  # rows diskcache knows are expired
+                # Never diskcache's expire(): it removes the file a row's ``filename`` names,
+                # a column no signature covers (idemfn never writes side files).
+                expired = self._sql(_EXPIRE, (time.time(),)).rowcount
             except _BACKEND_ERRORS as exc:
                 raise self.error("prune", str(self.directory), exc) from exc
         # What is left to judge: claims, and rows expired by the store's clock only.

@@ -20,11 +20,13 @@ import contextlib
 import contextvars
 import os
 import re
+import reprlib
 import threading
 import zlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from .._errors import StoreError
 from .._record import Entry
 from .._signing import SigningKey
 from .base import Corrupt, Store, removable_at
@@ -155,7 +157,7 @@ class PostgresStore(Store):
         or its row count when it returns none."""
         try:
             with contextlib.nullcontext(conn) if conn is not None else self._connection() as c:
-                cur = c.execute(query, params)
+                cur = c.execute(query, params, binary=True)  # bytea as bytes, not hex text
                 if cur.description is None:
                     return cur.rowcount
                 return cur.fetchall()
@@ -196,7 +198,18 @@ class PostgresStore(Store):
     def claim(self, entry: Entry) -> Entry | None:
         row = self._row(entry)
         while True:
-            [(won, found)] = self._run("claim", entry.key, self._sql["claim"], row)
+            try:
+                [(won, found)] = self._run("claim", entry.key, self._sql["claim"], row)
+            except StoreError as exc:
+                if _too_long_for_the_index(exc):
+                    size = len(entry.key.encode("utf-8", "surrogatepass"))
+                    raise ValueError(
+                        f"{self!r} cannot hold the key {reprlib.repr(entry.key)} ({size:,}"
+                        " bytes): its index holds keys of at most ~2,700 bytes once compressed."
+                        " Use a shorter key, e.g. a key template over an id, or a hash of the"
+                        " long part"
+                    ) from None
+                raise
             if won:
                 return None
             if found is not None:
@@ -277,6 +290,14 @@ def _statements(table: str) -> dict[str, str]:
         "prune": f"DELETE FROM {t} WHERE drop_at IS NOT NULL AND drop_at < {now}",
         "size": "SELECT pg_total_relation_size(quote_ident(%s))",
     }
+
+
+def _too_long_for_the_index(exc: StoreError) -> bool:
+    """Whether ``exc`` is PostgreSQL refusing a key too long for the primary key's btree."""
+    import psycopg
+
+    cause = exc.__cause__
+    return isinstance(cause, psycopg.errors.ProgramLimitExceeded) and "index row" in str(cause)
 
 
 def _describe(info: dict[str, Any]) -> str:
