@@ -403,7 +403,10 @@ class Evidence:
         if lines and lines[-1] == "":
             lines.pop()
         elif lines:
-            self.torn += 1  # a kill mid-write: the last line may be cut short
+            # A kill mid-write cut the last line short: it is no evidence of anything (a cut
+            # start line was written before the body's side effect, which never happened).
+            self.torn += 1
+            lines.pop()
         started: dict[tuple[str, str], Run] = {}
         for line in lines:
             kind, _, rest = line.partition(" ")
