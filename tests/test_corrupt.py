@@ -82,7 +82,11 @@ def test_scan_reports_corrupt_records_and_goes_on(store: Store) -> None:
         list(store.scan())
     seen: list[str] = []
     keys = [e.key for e in store.scan(corrupt=lambda key, error: seen.append(key))]
-    assert sorted(keys) == ["app:1", "keep:0", "keep:2"] and seen == ["keep:1"]
+    if isinstance(store, RedisStore):  # the server drops an expired record itself, any time
+        keys = [key for key in keys if key != "app:1"]
+        assert sorted(keys) == ["keep:0", "keep:2"] and seen == ["keep:1"]
+    else:
+        assert sorted(keys) == ["app:1", "keep:0", "keep:2"] and seen == ["keep:1"]
 
     # The expired record (Redis may have dropped it itself by now); the corrupt one is left
     # for an operator.
