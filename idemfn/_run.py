@@ -25,7 +25,7 @@ from types import FrameType
 from typing import BinaryIO, Final, TypedDict
 
 from ._engine import Claim, Finished, Policy, begin
-from ._errors import Halted
+from ._errors import Halted, StoreError
 from ._fingerprint import fingerprint_value
 from ._stores import Store
 
@@ -378,7 +378,9 @@ def run_once(
     """Run ``argv`` unless ``key`` has a record; return its outcome and whether it ran now.
 
     Raises what ``begin`` raises, ``Halted`` for a halted key with no recorded outcome (its
-    runner was killed), ``CannotStart``, and ``OwnershipLost``/``StoreError`` from recording.
+    runner was killed), ``CannotStart``, and ``OwnershipLost`` from recording. A store that
+    fails to record the outcome of a command that ran is reported on stderr, and the command's
+    own outcome is returned: its exit status is what the runner exits with.
     """
     with _Forwarder() as forwarder:
         step = begin(key, store=store, fingerprint=fingerprint, policy=policy)
@@ -392,12 +394,20 @@ def run_once(
                 claim.release()  # nothing ran: the next run may try again
                 raise
             status = exit_status(outcome["returncode"])
-            if outcome["interrupted_by"] is None and status in retry_on_exit:
-                claim.release()
-            elif outcome["returncode"] == 0 and outcome["interrupted_by"] is None:
-                claim.complete(outcome)
-            else:
-                claim.halt(CommandFailed(outcome))
+            try:
+                if outcome["interrupted_by"] is None and status in retry_on_exit:
+                    claim.release()
+                elif outcome["returncode"] == 0 and outcome["interrupted_by"] is None:
+                    claim.complete(outcome)
+                else:
+                    claim.halt(CommandFailed(outcome))
+            except StoreError as exc:
+                sys.stderr.write(
+                    f"idemfn run: {shlex.join(argv)} ran and exited {status}, but its outcome"
+                    f" could not be recorded: {exc}. The key is left processing: the next run"
+                    " finds it abandoned and halts it (with --on-abandoned retry, runs it"
+                    " again)\n"
+                )
     return outcome, True
 
 

@@ -350,3 +350,26 @@ def test_a_failing_cull_after_a_won_claim_does_not_fail_the_claim(
 
     assert job(1) == 1 and job(1) == 1 and runs == [1]
     assert "could not remove expired records" in caplog.text
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs util-linux's prlimit")
+def test_idemfn_run_says_the_command_ran_when_its_outcome_cannot_be_recorded(
+    store_dir: Path,
+) -> None:
+    """The command lowers its runner's file size limit (prlimit on $PPID): the disk is full
+    for the runner from then on. Its output goes through pipes, which no limit touches."""
+    command = "prlimit --pid $PPID --fsize=1: && echo charged && exit 3"
+    done = subprocess.run(
+        [sys.executable, "-m", "idemfn", "--store", str(store_dir), "run", "--key", "pay:1",
+         "--", "sh", "-c", command],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 3 and done.stdout == "charged\n"  # the command's own status
+    assert "ran and exited 3, but its outcome could not be recorded" in done.stderr
+    assert "DiskStore(" in done.stderr and "'pay:1'" in done.stderr
+    again = subprocess.run(
+        [sys.executable, "-m", "idemfn", "--store", str(store_dir), "run", "--key", "pay:1",
+         "--", "sh", "-c", command],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert again.stdout == "" and again.returncode == 69  # halted, never run again
