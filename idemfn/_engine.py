@@ -30,6 +30,7 @@ import contextvars
 import itertools
 import logging
 import os
+import pickle
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -198,8 +199,11 @@ class Finished:
         """A fresh copy of the recorded value, or the recorded exception raised again."""
         entry = self.entry
         if entry.status == OK:
+            payload: bytes = entry.payload  # type: ignore[assignment]  # ok: never None
             try:
-                return self.serializer.load(entry.payload)  # type: ignore[arg-type]
+                if payload[:1] == b"\x80" and self.serializer.unpickles:  # the common case
+                    return pickle.loads(payload)
+                return self.serializer.load(payload)
             except Exception as exc:
                 raise StoreError(
                     f"the recorded value of key {entry.key!r} could not be loaded"

@@ -42,6 +42,9 @@ Corrupt = Callable[[str, StoreError], None]
 logger = logging.getLogger("idemfn")
 
 
+_SIGNED = MAGIC[:1]  # the first byte of every signed record, and of no unsigned one
+
+
 class TamperedRecord(StoreError):
     """A record failed its signature check: it was never unpickled."""
 
@@ -144,10 +147,10 @@ class Store(abc.ABC):
         """The entry stored as ``data`` (bytes) for ``key``; ``StoreError`` naming the key when
         it is not a record this idemfn reads, ``TamperedRecord`` when it fails its signature
         check (nothing in it is loaded)."""
-        if isinstance(data, memoryview):
+        if type(data) is not bytes:  # (the replay path: one check when it is)
+            if not isinstance(data, (bytes, memoryview)):
+                raise self.error("read", key, "the stored value is not an idemfn record")
             data = bytes(data)
-        if not isinstance(data, bytes):
-            raise self.error("read", key, "the stored value is not an idemfn record")
         signer = self.signer
         if signer is not None:
             try:
@@ -161,7 +164,7 @@ class Store(abc.ABC):
                     f" to the store, then delete it (`idemfn forget --force {key}`)",
                     key=key,
                 ) from None
-        elif data.startswith(MAGIC):
+        elif data[:1] == _SIGNED:
             data = unsigned(data)  # no keys here: nothing to verify it with
         try:
             entry = decode(data)
