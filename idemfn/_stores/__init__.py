@@ -121,14 +121,15 @@ def locate(url_or_path: str | os.PathLike[str]) -> tuple[str, Path | str]:
     return "disk", Path(text).expanduser().resolve()
 
 
-def default_store() -> Store:
+def default_store(*, signing_key: SigningKey | None = None) -> Store:
     """``IDEMFN_STORE`` (a directory or URL) if set, else a ``DiskStore`` in the user's state
-    directory (see ``default_directory()``)."""
+    directory (see ``default_directory()``); ``signing_key`` as ``open_store`` takes it."""
     configured = os.environ.get(ENV_VAR, "").strip()
     try:
-        return open_store(configured or default_directory())
+        return open_store(configured or default_directory(), signing_key=signing_key)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{ENV_VAR}={configured!r}: {exc}") from None
+        where = f"{ENV_VAR}={configured!r}" if configured else "the default store"
+        raise type(exc)(f"{where}: {exc}") from None
 
 
 def _check_signer(store: Store, signing_key: SigningKey, *, option: str) -> None:
@@ -159,12 +160,7 @@ def resolve_store(
             _check_signer(store, signing_key, option="signing_key")
         return store
     if store is None:
-        configured = os.environ.get(ENV_VAR, "").strip()
-        try:
-            return open_store(configured or default_directory(), signing_key=signing_key)
-        except (TypeError, ValueError) as exc:
-            where = f"{ENV_VAR}={configured!r}" if configured else "the default store"
-            raise type(exc)(f"{where}: {exc}") from None
+        return default_store(signing_key=signing_key)
     try:
         return open_store(store, signing_key=signing_key)
     except (TypeError, ValueError) as exc:

@@ -156,13 +156,12 @@ class Store(abc.ABC):
             try:
                 data = signer.verify(data)
             except ValueError as exc:
-                raise TamperedRecord(
-                    f"{self!r}: the record for {key!r} failed its signature check ({exc}) and"
-                    " is not loaded. Either it was written without the signing keys this store"
-                    " has (signing_key= or IDEMFN_SIGNING_KEY; records from before signing was"
-                    " turned on are unsigned), or someone changed it: find out who can write"
-                    f" to the store, then delete it (`idemfn forget --force {key}`)",
-                    key=key,
+                raise self._tampered(
+                    key,
+                    str(exc),
+                    "Either it was written without the signing keys this store has (signing_key="
+                    " or IDEMFN_SIGNING_KEY; records from before signing was turned on are"
+                    " unsigned), or someone changed it: ",
                 ) from None
         elif data[:1] == _SIGNED:
             data = unsigned(data)  # no keys here: nothing to verify it with
@@ -172,14 +171,17 @@ class Store(abc.ABC):
             raise self.error("read", key, f"the record is corrupt: {exc}") from None
         if entry.key != key:  # a record copied from another key (signed, it still verifies)
             if signer is not None:
-                raise TamperedRecord(
-                    f"{self!r}: the record for {key!r} failed its signature check: it is a copy"
-                    f" of {entry.key!r}'s record. It is not loaded: find out who can write to"
-                    f" the store, then delete the record (`idemfn forget --force {key}`)",
-                    key=key,
-                )
+                raise self._tampered(key, f"it is a copy of {entry.key!r}'s record", "")
             raise self.error("read", key, f"the record is corrupt: it is {entry.key!r}'s record")
         return entry
+
+    def _tampered(self, key: str, why: str, cause: str) -> TamperedRecord:
+        return TamperedRecord(
+            f"{self!r}: the record for {key!r} failed its signature check ({why}) and is not"
+            f" loaded. {cause}find out who can write to the store, then delete it"
+            f" (`idemfn forget --force {key}`)",
+            key=key,
+        )
 
     def decoded(self, key: str, data: object, corrupt: Corrupt | None) -> Entry | None:
         """``decode``, for ``scan``: a corrupt record goes to ``corrupt`` (None is returned),
