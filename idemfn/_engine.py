@@ -37,7 +37,7 @@ from datetime import datetime, timedelta, timezone
 from types import TracebackType
 from typing import Any, Final, Literal
 
-from . import _owner
+from . import _lease, _owner
 from ._errors import (
     AlreadyRunning,
     DeadlineExceeded,
@@ -47,6 +47,7 @@ from ._errors import (
     StoreError,
 )
 from ._heartbeat import heartbeat
+from ._lease import abandoned_reason
 from ._outcome import (
     PICKLE,
     Failure,
@@ -85,18 +86,19 @@ def _new_token() -> str:
     return f"{_token_prefix}-{next(_token_counter)}"
 
 
+# How many forks separate this process from the first: a Claim remembers the value of the
+# process that claimed, so that a forked child can tell its parent's claims from its own.
+_fork_generation = 0
+
+
 def _reseed_tokens() -> None:
-    global _token_prefix, _token_counter
+    global _token_prefix, _token_counter, _fork_generation
     _token_prefix = os.urandom(8).hex()
     _token_counter = itertools.count(1)
+    _fork_generation += 1
 
 
 os.register_at_fork(after_in_child=_reseed_tokens)
-
-# The clock of same-machine leases (Entry.lease_mono): CLOCK_MONOTONIC, shared by every process
-# of a machine until it reboots, and never set by anyone. A name of its own so that a model
-# with a fake clock (tests/test_state_machine.py) can drive it.
-_lease_clock = time.monotonic
 
 _FIRST_POLL = 0.005  # seconds between looks at a busy key, doubling up to _MAX_POLL
 _MAX_POLL = 0.25
@@ -275,8 +277,8 @@ class Claim:
     ``AlreadyRunning`` at once).
     """
 
-    __slots__ = ("__weakref__", "_context_token", "_lost", "_settled", "entry", "function",
-                 "policy", "renew_at", "store")  # fmt: skip
+    __slots__ = ("__weakref__", "_context_token", "_generation", "_lost", "_settled", "entry",
+                 "function", "policy", "renew_at", "store")  # fmt: skip
 
     def __init__(self, store: Store, entry: Entry, policy: Policy) -> None:
         self.store = store
@@ -287,6 +289,7 @@ class Claim:
         self.function: object = None
         self._settled = False
         self._lost = False
+        self._generation = _fork_generation  # a forked child's copy is not its own
         self._context_token: contextvars.Token[frozenset[str]] | None = None
         self.renew_at = time.monotonic() + policy.lease / 3
         heartbeat.add(self)
@@ -307,15 +310,14 @@ class Claim:
         state = "settled" if self._settled else ("lost" if self._lost else "live")
         return f"<Claim {self.key!r} attempt={self.attempt} {state}>"
 
-    # Called by the heartbeat thread.
+    # Called by the heartbeat thread, until the outcome is written: serialising a large value
+    # can outlast the lease, and a lapsed lease would hand a live claim to another caller.
     def renew(self) -> bool:
         self.renew_at = time.monotonic() + self.policy.lease / 3
-        if self._settled:
-            return False
         e = self.entry
         lease = self.policy.lease
         renewed = e._replace(
-            lease_until=self.store.time() + lease, lease_mono=_lease_clock() + lease
+            lease_until=self.store.time() + lease, lease_mono=_lease.clock() + lease
         )
         try:
             kept = self.store.swap(e.key, e.token, renewed)
@@ -325,21 +327,31 @@ class Claim:
             return True
         if kept:
             self.entry = renewed
-        elif not self._settled:
+        elif not self._settled:  # (once settling, a failed renewal is the outcome written)
             self._lost = True
             logger.warning(
                 "idemfn: the claim on %r was taken over or halted while its body ran", e.key
             )
         return kept
 
-    def _settle(self) -> None:
+    def _settling(self) -> bool:
+        """Start settling the claim; False (settle nothing) in a forked child of its owner."""
+        if self._generation != _fork_generation:
+            # A child forked inside the body, unwinding (sys.exit) or returning: only the
+            # process that claimed may settle the claim, or its parent would lose it.
+            logger.debug("idemfn: a forked child leaves its parent's claim on %r", self.key)
+            return False
         if self._settled:
             raise RuntimeError(f"the claim on {self.key!r} is already settled")
         self._settled = True
-        heartbeat.discard(self)
+        return True
 
     def _write(self, entry: Entry, cause: BaseException | None = None) -> None:
-        if not self.store.swap(entry.key, self.entry.token, entry):
+        try:
+            written = self.store.swap(entry.key, self.entry.token, entry)
+        finally:
+            heartbeat.discard(self)
+        if not written:
             raise OwnershipLost(
                 f"the claim on key {entry.key!r} was taken over or halted by another caller"
                 " before this call finished; its outcome is not recorded",
@@ -360,12 +372,14 @@ class Claim:
 
         Raises ``OwnershipLost`` if the claim was lost, and ``Halted`` (after recording the key
         as halted) if the value cannot be serialised. An ``rq.Retry`` is not an outcome: the
-        key is released, so that the retried job runs the body again.
+        key is released, so that the retried job runs the body again. In a child process
+        forked by the body, this records nothing: the claim is its parent's.
         """
         if returned_for_rerun(value):
             self.release()
             return
-        self._settle()
+        if not self._settling():
+            return
         try:
             payload = self.policy.serializer.dump_value(value)
         except BaseException as problem:
@@ -398,7 +412,8 @@ class Claim:
 
     def halt(self, exc: BaseException) -> None:
         """Record the key ``halted`` with ``exc``."""
-        self._settle()
+        if not self._settling():
+            return
         try:
             failure: Failure = describe_failure(exc, self.policy.serializer)
         except BaseException as problem:  # e.g. KeyboardInterrupt while pickling it
@@ -417,8 +432,13 @@ class Claim:
 
     def release(self, cause: BaseException | None = None) -> None:
         """Delete the claim, so that the next call runs the body again."""
-        self._settle()
-        if not self.store.release(self.key, self.entry.token):
+        if not self._settling():
+            return
+        try:
+            released = self.store.release(self.key, self.entry.token)
+        finally:
+            heartbeat.discard(self)
+        if not released:
             raise OwnershipLost(
                 f"the claim on key {self.key!r} was taken over or halted by another caller"
                 " before this call could release it",
@@ -438,8 +458,8 @@ class Claim:
         if self._context_token is not None:
             _running.reset(self._context_token)
             self._context_token = None
-        if self._settled:
-            return
+        if self._settled or self._generation != _fork_generation:
+            return  # settled in the block, or a forked child's copy (see _settling)
         if exc is not None:
             try:
                 self.fail(exc)
@@ -477,31 +497,10 @@ def reentered(busy: AlreadyRunning) -> bool:
     return busy.key in _running.get()
 
 
-def abandoned_reason(entry: Entry, now: float) -> str | None:
-    """Why a processing entry's owner is known to be gone, or None while it may run."""
-    dead = _owner.gone_reason(entry.owner)
-    if dead is not None:
-        return f"its owner {entry.owner} died: {dead}"
-    if entry.lease_until is None:
-        return None
-    if entry.lease_mono is not None and _owner.same_boot(entry.owner):
-        # On the owner's machine the monotonic clock decides: a wall clock set forwards (or
-        # back, in the owner) by an hour must not hand a live claim to a second caller.
-        ran_out = entry.lease_mono <= _lease_clock()
-    else:
-        ran_out = entry.lease_until <= now
-    if ran_out:
-        return (
-            f"its owner {entry.owner} stopped renewing its lease, which ran out at"
-            f" {_iso(entry.lease_until)}"
-        )
-    return None
-
-
 def _new_claim(key: str, fingerprint: str, attempt: int, now: float, policy: Policy) -> Entry:
     return Entry(
         key, PROCESSING, fingerprint, _owner.current(), _new_token(), attempt, now,
-        lease_until=now + policy.lease, ttl=policy.ttl, lease_mono=_lease_clock() + policy.lease,
+        lease_until=now + policy.lease, ttl=policy.ttl, lease_mono=_lease.clock() + policy.lease,
     )  # fmt: skip
 
 

@@ -6,7 +6,7 @@ model (key -> ``Rec`` or None) predicts every outcome; after every step the stor
 it, a terminal record must not have changed, and ``attempt`` must not have gone down.
 
 Time is a fake clock read through ``store.time()``, which the engine and both stores use for every
-record time and expiry check, and through ``_engine._lease_clock``, which times the leases of
+record time and expiry check, and through ``_lease.clock``, which times the leases of
 this machine's owners. ``LEASE`` is large in real seconds too, so the heartbeat (which
 schedules renewals on the real monotonic clock, every ``lease / 3``) never renews a lease during a
 test: leases only run out when the model moves the clock.
@@ -47,7 +47,7 @@ from idemfn import (
     MemoryStore,
     OwnershipLost,
     Store,
-    _engine,
+    _lease,
     _owner,
 )
 from idemfn._engine import Claim, Finished, Policy, begin_with
@@ -165,8 +165,8 @@ class IdempotencyMachine(RuleBasedStateMachine):
         super().__init__()
         self.clock = FakeClock()
         # Same-machine leases are judged on the monotonic clock: drive it with the model's.
-        self._lease_clock = _engine._lease_clock
-        _engine._lease_clock = lambda: self.clock.now
+        self._lease_clock = _lease.clock
+        _lease.clock = lambda: self.clock.now
         self.store = self.make_store()
         self.model: dict[str, Rec | None] = dict.fromkeys(KEYS)
         self.open: list[Claim] = []  # unsettled claims, for the invariants and teardown
@@ -176,7 +176,7 @@ class IdempotencyMachine(RuleBasedStateMachine):
         raise NotImplementedError
 
     def teardown(self) -> None:
-        _engine._lease_clock = self._lease_clock
+        _lease.clock = self._lease_clock
         for claim in self.open:  # never let the heartbeat renew a finished test's claims
             heartbeat.discard(claim)
 

@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import ClassVar
 
 from .._errors import StoreError
+from .._lease import prunable_claim
 from .._record import Entry, decode, encode
 from .._signing import MAGIC, Signer, SigningKey, signer_for, unsigned
 
@@ -221,9 +222,8 @@ def removable_at(entry: Entry) -> float | None:
 
 
 def prunable(entry: Entry, now: float) -> bool:
-    """Whether prune removes ``entry``: expired, or a claim whose lease ran out more than its
-    ttl ago."""
+    """Whether prune removes ``entry``: expired, or a claim whose owner is gone (by the
+    engine's rule: ``idemfn._lease``) and whose lease ran out more than its ttl ago."""
     if entry.is_expired(now):
         return True
-    at = removable_at(entry)
-    return entry.expires_at is None and at is not None and at < now
+    return entry.finished_at is None and prunable_claim(entry, now)

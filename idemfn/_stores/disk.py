@@ -54,6 +54,7 @@ TRUST_ENV_VAR = "IDEMFN_TRUST_DIRECTORY"
 
 _GET = "SELECT value FROM Cache WHERE key = ? AND raw = 1"
 _DELETE = "DELETE FROM Cache WHERE key = ? AND raw = 1"
+_DELETE_ROW = "DELETE FROM Cache WHERE key = ? AND raw = 1 AND value = ?"
 _PROCESSING = "SELECT key FROM Cache WHERE raw = 1 AND tag IS NOT NULL"
 # diskcache's add() removed up to 10 expired rows each time; claims do it in batches instead.
 _CULL = (
@@ -194,12 +195,23 @@ class DiskStore(Store):
         try:
             return self._local.execute  # type: ignore[no-any-return]
         except AttributeError:
-            execute = self._local.execute = self.cache._con.execute
-            return execute  # type: ignore[no-any-return]
+            pass  # opened below, outside the handler: an error opening it chains nothing
+        execute = self._local.execute = self.cache._con.execute
+        return execute  # type: ignore[no-any-return]
 
     def _open(self) -> diskcache.Cache:
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            # The usual first-hour mistake (a path this user cannot create): one clear line,
+            # with no traceback from inside pathlib chained to it.
+            raise self.error(
+                "create the directory of",
+                str(self.directory),
+                f"{exc.strerror or exc} ({type(exc).__name__}). Pass store= a directory this"
+                " user can create, or set IDEMFN_STORE",
+            ) from None
+        try:
             # A trusted directory is shared on purpose: its modes are its owner's to set.
             private = not self.trust_directory
             if private:
@@ -289,7 +301,10 @@ class DiskStore(Store):
                     found = self.decode(key, row[0])
                     if not found.is_expired(self.time()):
                         return found
-                    sql(_DELETE, (key,))  # expired by its own clock, not yet by diskcache's
+                    # Expired by its own clock, not yet by diskcache's: remove it, but only
+                    # the row looked at. Another caller that read it too may have removed it
+                    # and claimed since: deleting that claim would let two callers run.
+                    sql(_DELETE_ROW, (key, row[0]))
             except _BACKEND_ERRORS as exc:
                 raise self.error("claim", key, exc) from exc
 

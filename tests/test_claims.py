@@ -1,0 +1,306 @@
+"""A claim has one owner, from the claim until its outcome is written, whatever happens meanwhile.
+
+Regression tests of issue 13, part A: an expired row removed under a racing claim (1), a lease
+that lapsed while a live owner serialised its result (2), a forked child settling its parent's
+claim (3), and prune removing a live claim after the wall clock jumped (4). Each interleaving is
+forced, not hoped for: the tests do not depend on how fast the machine is.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from idemfn import (
+    AlreadyRunning,
+    DiskStore,
+    Status,
+    Store,
+    StoreError,
+    _lease,
+    idempotent,
+)
+from idemfn._engine import Claim, Policy, begin
+from idemfn._record import Entry
+
+from .conftest import make_store
+
+PATIENCE = 60.0  # seconds a test waits for a condition before it fails: generous on purpose
+
+
+def wait_for(condition: Any, what: str) -> None:
+    give_up = time.monotonic() + PATIENCE
+    while not condition():
+        if time.monotonic() > give_up:
+            raise AssertionError(f"gave up after {PATIENCE} s waiting for {what}")
+        time.sleep(0.01)
+
+
+# 1. DiskStore: a claim deletes only the expired row it looked at.
+
+
+def _expired_by_idemfn_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[DiskStore]:
+    """Two DiskStores on one directory (two connections, as two processes have) whose key "k"
+    holds an ok record expired by idemfn's clock (an hour ahead) but not by diskcache's."""
+    stores = [DiskStore(tmp_path / "store"), DiskStore(tmp_path / "store")]
+    now = time.time()
+    old = Entry("k", "ok", "", "someone", "t0", 1, now, ttl=60.0, finished_at=now,
+                expires_at=now + 60.0, payload=b"\x80\x05K\x01.")  # fmt: skip
+    assert stores[0].claim(old) is None
+    for store in stores:
+        monkeypatch.setattr(store, "time", lambda: time.time() + 3600)
+    return stores
+
+
+def in_another_thread(fn: Any) -> Any:
+    """``fn()`` run to its end in another thread (as another process would, between two
+    statements of this one), its result returned or its exception raised here."""
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(_call(fn)))
+    thread.start()
+    thread.join(PATIENCE)
+    [value] = result
+    if isinstance(value, BaseException):
+        raise value
+    return value
+
+
+def _claim_entry(store: Store, token: str) -> Entry:
+    now = store.time()
+    return Entry("k", "processing", "", "someone", token, 1, now, lease_until=now + 30,
+                 ttl=60.0)  # fmt: skip
+
+
+def test_a_racing_claim_never_deletes_the_claim_another_caller_just_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = _expired_by_idemfn_only(tmp_path, monkeypatch)
+    # `second` reads the expired row; before it removes it, `first` removes it and claims.
+    decode = second.decode
+
+    def decode_then_let_first_claim(key: str, data: object) -> Entry:
+        monkeypatch.setattr(second, "decode", decode)
+        assert in_another_thread(lambda: first.claim(_claim_entry(first, "t-first"))) is None
+        return decode(key, data)
+
+    monkeypatch.setattr(second, "decode", decode_then_let_first_claim)
+    found = second.claim(_claim_entry(second, "t-second"))
+    # Before the fix: None (a second claim, so two bodies ran) and first's claim deleted.
+    assert found is not None and found.token == "t-first"
+    kept = first.get("k")
+    assert kept is not None and kept.token == "t-first"
+    first.close()
+    second.close()
+
+
+def test_a_racing_claim_never_deletes_a_fresh_ok_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = _expired_by_idemfn_only(tmp_path, monkeypatch)
+    decode = second.decode
+
+    def decode_then_let_first_run(key: str, data: object) -> Entry:
+        monkeypatch.setattr(second, "decode", decode)
+
+        def run_first() -> None:
+            claim = begin("k", store=first, policy=Policy(ttl=7200.0, lease=30.0))
+            assert isinstance(claim, Claim)
+            claim.complete("first")
+
+        in_another_thread(run_first)
+        return decode(key, data)
+
+    monkeypatch.setattr(second, "decode", decode_then_let_first_run)
+    found = second.claim(_claim_entry(second, "t-second"))
+    # Before the fix: None, the fresh ok record deleted and the key claimed again.
+    assert found is not None and found.status == "ok"
+    outcome = begin("k", store=second, policy=Policy(ttl=7200.0))
+    assert not isinstance(outcome, Claim)
+    assert outcome.replay() == "first"
+    first.close()
+    second.close()
+
+
+# 2. The lease is renewed until the outcome is written.
+
+
+class _Clocks:
+    """A fake lease clock (monotonic) and store clock, moved by the test."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, store: Store) -> None:
+        self.offset = 0.0
+        real_time = store.time
+        monkeypatch.setattr(_lease, "clock", lambda: 1000.0 + self.offset)
+        monkeypatch.setattr(store, "time", lambda: real_time() + self.offset)
+
+    def jump(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+@pytest.fixture(params=["memory", "disk", "redis", "postgres"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    store = make_store(request.param, tmp_path, request)
+    yield store
+    store.close()
+
+
+@pytest.mark.parametrize("on_abandoned", ["halt", "retry"])
+def test_the_lease_is_renewed_while_a_large_result_is_serialised(
+    any_store: Store, monkeypatch: pytest.MonkeyPatch, on_abandoned: str
+) -> None:
+    store = any_store
+    clocks = _Clocks(monkeypatch, store)
+    lease = 0.3  # renewed every 0.1 s of real time; judged only on the fake clocks
+    runs: list[int] = []
+    other: list[BaseException | object] = []
+
+    @idempotent(key="big", store=store, lease=lease, on_abandoned=on_abandoned)  # type: ignore[arg-type]
+    def produce() -> Slow:
+        runs.append(1)
+        return Slow()
+
+    class Slow:
+        """Takes "longer than the lease" to pickle: the clocks jump past it meanwhile."""
+
+        def __reduce__(self) -> Any:
+            if not other:
+                clocks.jump(10 * lease)  # the lease ran out, unless renewed from here on
+                wait_for(
+                    lambda: (e := _only_entry(store)) is not None
+                    and (e.lease_mono or 0) > 1000.0 + clocks.offset,
+                    "the heartbeat to renew the lease while the result is serialised",
+                )
+                # Another caller (another thread: a context of its own) sees a live owner.
+                thread = threading.Thread(target=lambda: other.append(_call(produce)))
+                thread.start()
+                thread.join(PATIENCE)
+            return (tuple, ())
+
+    assert produce() is not None  # before the fix: OwnershipLost (halt) or a second run
+    assert runs == [1]
+    [seen] = other
+    assert isinstance(seen, AlreadyRunning), seen
+    entry = _only_entry(store)
+    assert entry is not None and entry.status == "ok"
+
+
+def _call(fn: Any) -> BaseException | object:
+    try:
+        return fn()
+    except BaseException as exc:
+        return exc
+
+
+def _only_entry(store: Store) -> Entry | None:
+    entries = list(store.scan())
+    assert len(entries) <= 1
+    return entries[0] if entries else None
+
+
+# 3. Only the process that claimed may settle a claim.
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork")
+@pytest.mark.parametrize("child_ends", ["sys.exit", "return", "raise"])
+@pytest.mark.parametrize("kind", ["disk", "redis", "postgres"])
+def test_a_forked_child_never_settles_its_parents_claim(
+    kind: str, child_ends: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    store = make_store(kind, tmp_path, request)
+    parent = os.getpid()
+
+    @idempotent(key="k", store=store)
+    def body() -> str:
+        pid = os.fork()
+        if pid == 0:  # the child unwinds through the wrapper, as a forking body's child does
+            if child_ends == "sys.exit":
+                sys.exit(0)
+            if child_ends == "raise":
+                raise RuntimeError("the child failed")
+            return "child"
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        return "parent"
+
+    try:
+        result = body()
+    except BaseException:
+        if os.getpid() != parent:
+            os._exit(0)
+        raise
+    if os.getpid() != parent:
+        os._exit(0 if result == "child" else 3)
+    assert result == "parent"  # before the fix: OwnershipLost, the child having settled it
+    record = body.status()
+    assert record is not None and record.status is Status.OK
+    assert body() == "parent"
+    store.close()
+
+
+# 4. prune never removes a claim whose owner is alive by the engine's rule.
+
+
+@pytest.mark.parametrize("kind", ["memory", "disk"])
+def test_prune_keeps_a_live_claim_after_the_wall_clock_jumps_forward(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = make_store(kind, tmp_path)
+    claim = begin("k", store=store, policy=Policy(ttl=60.0, lease=30.0))
+    assert isinstance(claim, Claim)
+    real_time = store.time
+    monkeypatch.setattr(store, "time", lambda: real_time() + 3600)  # an hour ahead
+    assert store.prune() == 0  # before the fix: the live claim was removed
+    claim.complete("done")
+    record = store.get("k")
+    assert record is not None and record.status == "ok"
+
+
+@pytest.mark.parametrize("kind", ["memory", "disk"])
+def test_prune_removes_a_claim_abandoned_longer_than_its_ttl(kind: str, tmp_path: Path) -> None:
+    store = make_store(kind, tmp_path)
+    now = store.time()
+    for key, owner in [("remote", "elsewhere/x/1/1"), ("dead", _dead_owner())]:
+        abandoned = Entry(key, "processing", "", owner, "t-" + key, 1, now - 100,
+                          lease_until=now - 90, ttl=10.0)  # fmt: skip
+        assert store.claim(abandoned) is None
+    fresh = Entry("fresh", "processing", "", "elsewhere/x/1/1", "t-fresh", 1, now,
+                  lease_until=now + 30, ttl=10.0)  # fmt: skip
+    assert store.claim(fresh) is None
+    assert store.prune() == 2
+    assert [e.key for e in store.scan()] == ["fresh"]
+
+
+def _dead_owner() -> str:
+    """The owner string of a process of this machine that has exited."""
+    import subprocess
+
+    code = "from idemfn import _owner; print(_owner.current())"
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+# What a new user meets first: a store directory that cannot be created.
+
+
+def test_a_store_directory_that_cannot_be_created_is_one_clear_store_error(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "file").write_text("")
+    store = DiskStore(tmp_path / "file" / "store")
+
+    @idempotent(store=store)
+    def f(x: int) -> int:
+        return x
+
+    with pytest.raises(StoreError, match=r"could not create the directory of .*file/store") as e:
+        f(1)
+    assert e.value.__cause__ is None and e.value.__suppress_context__  # no internal chain
+    assert "IDEMFN_STORE" in str(e.value)
