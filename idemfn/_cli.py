@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import base64
 import enum
+import errno
 import json
 import logging
 import math
 import os
 import shlex
 import shutil
+import stat
 import sys
 import textwrap
 from collections import Counter
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__, _owner, _run
-from ._engine import Policy, abandoned_reason
+from ._engine import Policy
 from ._errors import (
     AlreadyRunning,
     DeadlineExceeded,
@@ -35,6 +37,7 @@ from ._errors import (
     OwnershipLost,
     StoreError,
 )
+from ._lease import abandoned_reason
 from ._outcome import load
 from ._record import Entry, Status
 from ._signing import ENV_VAR as SIGNING_ENV_VAR
@@ -50,6 +53,10 @@ PROG = "idemfn"
 #: or it failed its signature check.
 CORRUPT = "corrupt"
 TAMPERED = "tampered"
+#: Every state the STATUS column of ls (and stats) can show; ``ls --status`` takes each.
+STATES = ("ok", "halted", "processing", "abandoned", "expired", CORRUPT, TAMPERED)
+#: The widest KEY column of ls when stdout is not a terminal (one that is: its width).
+KEY_WIDTH = 80
 
 
 def _unreadable(error: StoreError) -> str:
@@ -186,6 +193,7 @@ def _key(text: str) -> str:
 def _parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument(
+        "-s",
         "--store",
         metavar="DIR|URL",
         default=argparse.SUPPRESS,
@@ -235,13 +243,25 @@ def _parser() -> argparse.ArgumentParser:
         as_json,
     )
     ls.add_argument(
+        "-S",
         "--status",
-        choices=[*(s.value for s in Status), CORRUPT, TAMPERED],
-        help=f"only this status ({CORRUPT}, {TAMPERED}: records that cannot be read)",
+        choices=STATES,
+        metavar="STATUS",
+        help="only records whose STATUS column says this: ok, halted, processing (its owner"
+        " runs), abandoned (processing, its owner gone), expired (implies --all), corrupt or"
+        " tampered (records that cannot be read)",
     )
-    ls.add_argument("--prefix", default="", type=_key, metavar="P", help="keys starting with P")
-    ls.add_argument("--limit", type=_positive_int, metavar="N", help="at most N records")
-    ls.add_argument("--all", action="store_true", help="include expired records")
+    ls.add_argument(
+        "-p", "--prefix", default="", type=_key, metavar="P", help="keys starting with P"
+    )
+    ls.add_argument("-n", "--limit", type=_positive_int, metavar="N", help="at most N records")
+    ls.add_argument("-a", "--all", action="store_true", help="include expired records")
+    ls.add_argument(
+        "--wide",
+        action="store_true",
+        help=f"never shorten keys (by default a key wider than the terminal, or than"
+        f" {KEY_WIDTH} characters when not writing to one, is shortened with …)",
+    )
     ls.set_defaults(handler=_ls)
 
     show = command(
@@ -267,9 +287,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     forget.add_argument("keys", nargs="+", metavar="KEY", type=_key, help="full stored keys")
     forget.add_argument(
-        "--status", choices=[s.value for s in Status], help="only delete records in this status"
+        "-S",
+        "--status",
+        choices=[s.value for s in Status],
+        help="only delete records in this status",
     )
     forget.add_argument(
+        "-f",
         "--force",
         action="store_true",
         help="also delete a record whose owner still runs: a second call may then start while"
@@ -305,10 +329,11 @@ def _parser() -> argparse.ArgumentParser:
         " SIGTERM, SIGHUP and SIGQUIT are passed on to CMD and the key is recorded halted. CMD"
         " gets IDEMFN_KEY and IDEMFN_ATTEMPT in its environment. Records are kept forever"
         " unless --ttl.",
-        usage=f"{PROG} run [options] --key KEY -- CMD [ARG ...]",
+        usage=f"{PROG} run [options] -k KEY -- CMD [ARG ...]",
     )
-    run.add_argument("--key", required=True, type=_key, help="the key (stored as given)")
+    run.add_argument("-k", "--key", required=True, type=_key, help="the key (stored as given)")
     run.add_argument(
+        "-t",
         "--ttl",
         type=_seconds(allow_none=True, positive=True),
         default=None,
@@ -316,6 +341,7 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds to keep the record after CMD finished (default: none, kept forever)",
     )
     run.add_argument(
+        "-w",
         "--wait",
         type=_seconds(),
         default=0.0,
@@ -428,7 +454,15 @@ def _store(args: argparse.Namespace, *, create: bool = False) -> Store:
             Exit.BAD_STORE,
         )
     if kind == "disk":
-        _check_directory(Path(where), source, create)
+        try:
+            _check_directory(Path(where), source, create)
+        except Failure as failure:
+            if source == "--store" and text in STATES:  # `ls -s halted`: -S was meant
+                raise Failure(
+                    f"{failure} (-s is --store; for a status, write -S {text} or --status {text})",
+                    failure.status,
+                ) from None
+            raise
     keys = _signing_keys(args)
     try:
         return open_store(text, signing_key=keys)
@@ -457,25 +491,77 @@ def _signing_keys(args: argparse.Namespace) -> list[str] | None:
 
 
 def _check_directory(directory: Path, source: str, create: bool) -> None:
+    """``Failure`` unless ``directory`` holds a store (with ``create``: unless one can be made
+    there), saying what is in the way: a missing directory, a file, or a permission."""
     if create:
         # A store is made on first use, but not its parents: a mistyped path must not become
         # a new, empty store in which every step runs again.
-        if source != "the default store" and not directory.parent.is_dir():
-            raise Failure(
-                f"no store at {directory} ({source}), and its parent directory does not exist"
-                " either: check the path (idemfn creates a store, not its parents)",
-                Exit.NO_STORE,
-            )
+        if source != "the default store":
+            problem = _not_a_directory(directory.parent)
+            if problem is _MISSING:
+                raise Failure(
+                    f"no store at {directory} ({source}), and its parent directory does not exist"
+                    " either: check the path (idemfn creates a store, not its parents)",
+                    Exit.NO_STORE,
+                )
+            if problem is None:
+                problem = _not_a_directory(directory)
+            if problem is not None and problem is not _MISSING:
+                raise _no_store(directory, source, problem)
         return
-    if not directory.is_dir():
+    problem = _not_a_directory(directory)
+    if problem is _MISSING:
         raise Failure(
             f"no store at {directory} ({source}): the directory does not exist", Exit.NO_STORE
         )
-    if not (directory / "cache.db").is_file():
+    if problem is not None:
+        raise _no_store(directory, source, problem)
+    try:
+        found = (directory / "cache.db").is_file()
+    except OSError as exc:  # is_file() only answers False for a missing file
+        raise _no_store(directory, source, exc) from None
+    if not found:
         raise Failure(
             f"no store at {directory} ({source}): the directory holds no idemfn store",
             Exit.NO_STORE,
         )
+
+
+_MISSING = FileNotFoundError()
+
+
+def _not_a_directory(path: Path) -> OSError | None:
+    """None if ``path`` is a directory; ``_MISSING`` if nothing is there; else what is in the
+    way (a ``NotADirectoryError`` naming the file, or the ``OSError`` that stat raised)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return _MISSING
+    except NotADirectoryError:  # a file where the path needs a directory: name it
+        blocking = next((p for p in path.parents if _is_file(p)), path)
+        return NotADirectoryError(errno.ENOTDIR, "a file, not a directory", str(blocking))
+    except OSError as exc:  # permission denied, a name too long, …
+        return exc
+    if stat.S_ISDIR(mode):
+        return None
+    return NotADirectoryError(errno.ENOTDIR, "a file, not a directory", str(path))
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return not stat.S_ISDIR(path.stat().st_mode)
+    except OSError:
+        return False
+
+
+def _no_store(directory: Path, source: str, problem: OSError) -> Failure:
+    """The one line for a store directory that cannot be reached: its path, and why."""
+    what = f"{problem.filename}: {problem.strerror}" if problem.filename else str(problem)
+    if isinstance(problem, NotADirectoryError):
+        return Failure(f"no store at {directory} ({source}): {what}", Exit.NO_STORE)
+    return Failure(
+        f"cannot use the store at {directory} ({source}): {what}", Exit.STORE_ERROR
+    )
 
 
 # ------------------------------------------------------------------------------------ records
@@ -570,41 +656,64 @@ def _print_json(value: object) -> None:
         sys.stdout.write("\n")
 
 
-def _table(rows: list[list[str]], header: list[str]) -> None:
+def _table(rows: list[list[str]], header: list[str], *, key_width: int | None) -> int:
+    """Print ``rows`` in columns under ``header``, the first column (the keys) at most
+    ``key_width`` wide (None: as wide as the widest key); return how many keys were shortened."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    if sys.stdout is not None and sys.stdout.isatty():  # one line a row: shorten the keys
-        room = shutil.get_terminal_size().columns - sum(widths[1:]) - 2 * (len(widths) - 1)
-        widths[0] = max(min(widths[0], room), 12)
+    if key_width is not None:
+        widths[0] = max(min(widths[0], key_width), len(header[0]))
+    shortened = 0
     for row in [header, *rows]:
-        cells = [
-            cell if len(cell) <= width else cell[: width - 1] + "…"
-            for cell, width in zip(row, widths, strict=True)
-        ]
+        key = row[0]
+        if len(key) > widths[0]:
+            key = _shorten(key, widths[0])
+            shortened += 1
+        cells = [key, *row[1:]]
         line = "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True))
         print(line.rstrip())
+    return shortened
+
+
+def _shorten(key: str, width: int) -> str:
+    """``key`` in ``width`` characters: its start and its end, with "…" for the middle (keys
+    that share a function's name differ at the end)."""
+    tail = (width - 1) // 3
+    return key[: width - 1 - tail] + "…" + key[len(key) - tail :]
+
+
+def _key_width(rows: list[list[str]], wide: bool) -> int | None:
+    """The widest the KEY column may be: the terminal's room beside the other columns when
+    stdout is one (at least 12), else ``KEY_WIDTH``; no limit with --wide. (``rows[0]``: the
+    header.)"""
+    if wide:
+        return None
+    if sys.stdout is not None and sys.stdout.isatty():
+        others = [max(len(r[i]) for r in rows) for i in range(1, len(rows[0]))]
+        room = shutil.get_terminal_size().columns - sum(others) - 2 * len(others)
+        return max(room, 12)
+    return KEY_WIDTH
 
 
 def _ls(args: argparse.Namespace) -> Exit:
     store = _store(args)
     now = store.time()
+    status: str | None = args.status
     broken: list[tuple[str, StoreError]] = []
-    entries = [
-        e
-        for e in store.scan(args.prefix, corrupt=lambda key, error: broken.append((key, error)))
-        if (args.all or not e.is_expired(now)) and (args.status is None or e.status == args.status)
-    ]
+    found = list(store.scan(args.prefix, corrupt=lambda key, error: broken.append((key, error))))
+    scanned = [e for e in found if args.all or status == "expired" or not e.is_expired(now)]
+    # The filter is on what the STATUS column shows (abandoned, expired), not the stored status.
+    entries = [e for e in scanned if status is None or _state(e, now) == status]
     entries.sort(key=_changed_at, reverse=True)
-    if args.status is not None:
-        broken = [(key, error) for key, error in broken if _unreadable(error) == args.status]
+    listed_broken = [b for b in broken if status is None or _unreadable(b[1]) == status]
     if args.limit is not None:
         entries = entries[: args.limit]
-        broken = broken[: max(0, args.limit - len(entries))]
+        listed_broken = listed_broken[: max(0, args.limit - len(entries))]
     if getattr(args, "json", False):
         _print_json(
             [record_json(e, now) for e in entries]
             + [
                 {"key": key, "status": _unreadable(error), "error": str(error)}
-                for key, error in broken
+                for key, error in listed_broken
             ]
         )
         return Exit.OK
@@ -612,18 +721,39 @@ def _ls(args: argparse.Namespace) -> Exit:
         [_shown(e.key), _state(e, now), _span(now - _changed_at(e)), _owner_short(e.owner),
          _expiry(e, now)]
         for e in entries
-    ] + [[_shown(key), _unreadable(error), "-", "-", "-"] for key, error in broken]  # fmt: skip
-    if rows:
-        _table(rows, ["KEY", "STATUS", "AGE", "OWNER", "EXPIRES"])
-    else:
-        where = f" starting with {args.prefix!r}" if args.prefix else ""
-        print(f"no records in {store!r}{where}", file=sys.stderr)
-    if broken:
+    ] + [[_shown(key), _unreadable(err), "-", "-", "-"] for key, err in listed_broken]  # fmt: skip
+    if not rows:
+        hidden = len(found) - len(scanned)
+        print(_nothing_listed(args, store, len(scanned) + len(broken), hidden), file=sys.stderr)
+        return Exit.OK
+    header = ["KEY", "STATUS", "AGE", "OWNER", "EXPIRES"]
+    shortened = _table(rows, header, key_width=_key_width([header, *rows], args.wide))
+    if listed_broken:
         _say(
-            f"{len(broken)} record{'' if len(broken) == 1 else 's'} cannot be read: `{PROG} show"
-            f" KEY` says why, `{PROG} forget --force KEY` deletes one unread"
+            f"{len(listed_broken)} record{'' if len(listed_broken) == 1 else 's'} cannot be"
+            f" read: `{PROG} show KEY` says why, `{PROG} forget --force KEY` deletes one unread"
+        )
+    if shortened:
+        _say(
+            f"{shortened} key{' was' if shortened == 1 else 's were'} shortened with …:"
+            f" `{PROG} ls --wide` or `--json` shows keys whole"
         )
     return Exit.OK
+
+
+def _nothing_listed(args: argparse.Namespace, store: Store, scanned: int, hidden: int) -> str:
+    """Why ls lists nothing: no records (of the prefix), or a --status that matches none of
+    them; never "no records" for a store that has some."""
+    where = f" starting with {args.prefix!r}" if args.prefix else ""
+    expired = f"{hidden} expired record{'' if hidden == 1 else 's'}"
+    if args.status is None or scanned == 0:
+        also = f" but {expired}: `{PROG} ls --all` lists them" if hidden else ""
+        return f"no records in {store!r}{where}{also}"
+    also = f", and {expired}" if hidden else ""
+    return (
+        f"no records match --status {args.status} in {store!r}, which holds {scanned}"
+        f" record{'' if scanned == 1 else 's'}{where}{also}: `{PROG} stats` counts them by status"
+    )
 
 
 def _forget_hint(error: StoreError, key: str) -> str:
@@ -948,6 +1078,9 @@ def _log_to_stderr(verbose: bool) -> None:
     logger = logging.getLogger(PROG)
     logger.addHandler(handler)
     logger.setLevel(logging.WARNING if verbose else logging.ERROR)
+    # psycopg_pool logs each failed connection attempt; the store's error says why it failed,
+    # on one line (without this, Python's last-resort handler would print each attempt).
+    logging.getLogger("psycopg.pool").addHandler(logging.NullHandler())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -972,6 +1105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_stdout()
         return Exit.OK
     except OSError as exc:  # writing the output failed (stores raise StoreError instead)
+        if exc.filename is not None:  # a file, not the output: say which, and not that
+            _say(f"{exc.filename}: {exc.strerror or exc}")
+            return Exit.STORE_ERROR
         _silence_stdout()
         _say(f"cannot write the output: {exc}")
         return Exit.STORE_ERROR

@@ -14,9 +14,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
@@ -27,7 +29,7 @@ import pytest
 
 import idemfn
 from idemfn import DiskStore, Policy, Status, idempotent
-from idemfn._cli import EXIT_CODES, Exit
+from idemfn._cli import EXIT_CODES, STATES, Exit
 
 from .cli import TIMEOUT, argv_of, checked, cli_env, idemfn_cli, needs_script, one_line, poll
 
@@ -181,7 +183,9 @@ USAGE_ERRORS = [
     ["nope"],
     ["ls", "--bogus"],
     ["ls", "--limit", "0"],
-    ["ls", "--status", "abandoned"],
+    ["ls", "--status", "stuck"],
+    ["ls", "-S", "running"],
+    ["forget", "k", "-S", "abandoned"],
     ["show"],
     ["forget"],
     ["forget", "k", "--status", "weird"],
@@ -249,6 +253,91 @@ def test_an_unreachable_server_is_74_naming_it(tmp_path: Path) -> None:
         proc = idemfn_cli("--store", url, *args, env=cli_env(tmp_path / "s"),
                           status=Exit.STORE_ERROR)  # fmt: skip
         assert "no-redis.sock" in one_line(proc.stderr), args
+    assert not marker.exists()
+
+
+def test_an_unreachable_postgresql_is_one_line_within_its_connect_timeout(tmp_path: Path) -> None:
+    # issue 13: 30 s, then the pool's retries and libpq's hints on many lines.
+    directory = Path(tempfile.mkdtemp(prefix="idemfn-refuse-"))
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(directory / ".s.PGSQL.5432"))  # bound, never listening: refused
+        url = f"postgresql:///nothing?host={directory}&user=nobody"
+        marker = tmp_path / "ran"
+        argvs = [["ls"], ["run", "-k", "k", "--", "touch", str(marker)],
+                 ["stats", "--store", f"{url}&connect_timeout=1"]]  # fmt: skip
+        began = time.monotonic()
+        results = idemfn_many(argvs, env=cli_env(url))
+        took = time.monotonic() - began
+    finally:
+        sock.close()
+        shutil.rmtree(directory, ignore_errors=True)
+    assert took < 20, took
+    for args, proc in zip(argvs, results, strict=True):
+        assert proc.returncode == Exit.STORE_ERROR, (args, proc.returncode, proc.stderr)
+        line = one_line(proc.stderr)
+        assert f"PostgresStore('postgresql://nobody@{directory}/nothing'" in line, line
+        assert "could not connect within" in line and "Connection refused" in line, line
+    assert "within 1 s" in one_line(results[2].stderr)
+    assert "'k'" in one_line(results[1].stderr)
+    assert not marker.exists()
+
+
+def test_a_store_path_blocked_by_a_file_is_one_line_naming_it(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    marker = tmp_path / "ran"
+    cases = [
+        (["ls", "--store", blocker / "store"], Exit.NO_STORE),
+        (["stats", "--store", blocker], Exit.NO_STORE),
+        (["run", "--store", blocker / "a" / "store", "-k", "k", "--", "touch", marker],
+         Exit.NO_STORE),
+        (["run", "--store", blocker, "-k", "k", "--", "touch", marker], Exit.NO_STORE),
+    ]  # fmt: skip
+    results = idemfn_many([args for args, _ in cases], env=cli_env(tmp_path / "s"))
+    for (args, status), proc in zip(cases, results, strict=True):
+        assert proc.returncode == status, (args, proc.returncode, proc.stderr)
+        line = one_line(proc.stderr)
+        assert f"{blocker}: a file, not a directory" in line, (args, line)
+    assert not marker.exists()
+
+
+def _without_file_permissions() -> list[str]:
+    """A command prefix that makes root obey file permissions (it drops the capabilities that
+    override them); nothing for other users, who obey them anyway."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("root ignores file permissions, and setpriv is absent to make it obey them")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def test_a_store_path_without_permission_is_one_line_naming_it(tmp_path: Path) -> None:
+    # issue 13: `ls` said "cannot write the output: … Permission denied" (exit 74, as if stdout
+    # had failed); a permission error must name the store path, as a store error.
+    prefix = _without_file_permissions()
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if os.geteuid() == 0:
+        shutil.chown(locked, "nobody")
+        locked.chmod(0o700)
+    else:
+        locked.chmod(0o000)
+    marker = tmp_path / "ran"
+    try:
+        for args in (["ls"], ["stats", "--json"], ["show", "k"], ["forget", "k"],
+                     ["run", "-k", "k", "--", "touch", str(marker)]):  # fmt: skip
+            proc = checked(subprocess.run(
+                [*prefix, *argv_of(["--store", locked / "store", *args])],
+                stdin=subprocess.DEVNULL, capture_output=True, env=cli_env(tmp_path / "s"),
+                timeout=TIMEOUT, check=False,
+            ), Exit.STORE_ERROR)  # fmt: skip
+            line = one_line(proc.stderr)
+            assert line.startswith(f"idemfn: cannot use the store at {locked / 'store'} (--store)")
+            assert "Permission denied" in line and "output" not in line, (args, line)
+    finally:
+        locked.chmod(0o700)
     assert not marker.exists()
 
 
@@ -353,6 +442,42 @@ def test_memory_url_is_refused_it_would_be_empty_in_every_process(tmp_path: Path
     assert not marker.exists()
 
 
+def test_short_options_for_the_common_options(tmp_path: Path) -> None:
+    # issue 13: `idemfn run -k KEY -- cmd` was refused.
+    store_dir = tmp_path / "store"
+    env = cli_env(tmp_path / "elsewhere")  # -s must win
+    marker = tmp_path / "ran"
+    proc = idemfn_cli("run", "-s", store_dir, "-k", "job:1", "-t", "3600", "-w", "0", "--",
+                      "sh", "-c", f"echo once >> {marker}", env=env)  # fmt: skip
+    assert proc.stdout == b"" and marker.read_text() == "once\n"
+    idemfn_cli("run", "-s", store_dir, "-k", "job:1", "-t", "3600", "--", "sh", "-c",
+               f"echo once >> {marker}", env=env)  # fmt: skip
+    assert marker.read_text() == "once\n"  # replayed
+    idemfn_cli("-s", store_dir, "run", "-k", "job:2", "--", "sh", "-c", "exit 3", env=env,
+               status=3)  # fmt: skip
+    listed = as_json(idemfn_cli("ls", "-s", store_dir, "-S", "ok", "-p", "job:", "-n", "5", "-a",
+                                "--json", env=env))  # fmt: skip
+    assert [(e["key"], e["ttl"]) for e in listed] == [("job:1", 3600.0)]
+    proc = idemfn_cli("forget", "-s", store_dir, "-S", "halted", "-f", "job:2", env=env)
+    assert proc.stdout.decode() == "forgot job:2 (was halted)\n"
+    assert not (tmp_path / "elsewhere").exists()
+    # --help shows them.
+    helps = {c: idemfn_cli(c, "--help", env=env).stdout.decode() for c in ("run", "ls", "forget")}
+    for command, flags in {
+        "run": ["-s DIR|URL, --store DIR|URL", "-k KEY, --key KEY", "-t S, --ttl S",
+                "-w S, --wait S", "-v, --verbose"],
+        "ls": ["-S STATUS, --status STATUS", "-p P, --prefix P", "-n N, --limit N", "-a, --all",
+               "--wide"],
+        "forget": ["-S {processing,ok,halted}, --status {processing,ok,halted}", "-f, --force"],
+    }.items():  # fmt: skip
+        for flag in flags:
+            assert flag in helps[command], (command, flag)
+    # -s is --store: a status given to it by mistake gets a hint.
+    line = one_line(idemfn_cli("ls", "-s", "halted", env=env, cwd=tmp_path,
+                               status=Exit.NO_STORE).stderr)  # fmt: skip
+    assert "-S" in line and "--status" in line, line
+
+
 def test_version(tmp_path: Path) -> None:
     import idemfn
 
@@ -417,6 +542,8 @@ def test_ls_filters_and_limit(store: DiskStore, store_dir: Path, env: dict[str, 
         ["ls", "--json", "--status", "ok"],
         ["ls", "--json", "--status", "halted"],
         ["ls", "--json", "--status", "processing"],
+        ["ls", "--json", "--status", "abandoned"],
+        ["ls", "--json", "--status", "expired"],
         ["ls", "--json", "--prefix", "job:"],
         ["ls", "--json", "--prefix", "job:", "--limit", "2"],
         ["ls", "--json", "--limit", "1", "--status", "ok"],
@@ -430,7 +557,9 @@ def test_ls_filters_and_limit(store: DiskStore, store_dir: Path, env: dict[str, 
         ["job:stuck", "job:4", "other:3", "job:2", "job:1"],
         ["job:4", "other:3", "job:1"],
         ["job:2"],
+        [],  # job:stuck's owner is gone: abandoned, as its STATUS column says
         ["job:stuck"],
+        ["job:gone"],  # --status expired needs no --all
         ["job:stuck", "job:4", "job:2", "job:1"],
         ["job:stuck", "job:4"],
         ["job:4"],
@@ -500,7 +629,7 @@ def test_ls_into_a_closed_pipe_exits_quietly(store: DiskStore, env: dict[str, st
     # Enough output to fill the pipe: the command is still writing when the reader leaves.
     for i in range(200):
         finish(store, f"long:{i:03}:" + "x" * 600, i)
-    for args in (["ls"], ["ls", "--json"], ["ls", "--all", "--json"]):
+    for args in (["ls", "--wide"], ["ls", "--json"], ["ls", "--all", "--json"]):
         proc = subprocess.Popen(
             argv_of(args),
             stdin=subprocess.DEVNULL,
@@ -520,6 +649,114 @@ def test_ls_into_a_closed_pipe_exits_quietly(store: DiskStore, env: dict[str, st
                 proc.wait()
         assert first.strip(), args
         assert (status, err) == (0, b""), args
+
+
+def test_ls_status_takes_every_state_its_status_column_shows(
+    store: DiskStore, store_dir: Path, env: dict[str, str]
+) -> None:
+    # issue 13: `ls --status abandoned` was refused, though the column says abandoned.
+    finish(store, "s:ok", 1)
+    finish(store, "s:halted", error=ValueError("no"))
+    abandon(store_dir, "s:abandoned")
+    finish(store, "s:expired", 2, ttl=0.01)
+    store.cache.set("s:corrupt", b"\x00garbage")
+    poll(lambda: store.get("s:expired") is None, "s:expired to expire")
+    live = idemfn.begin("s:processing", store=store, fingerprint="fp")
+    assert isinstance(live, idemfn.Claim)
+    try:
+        listing = idemfn_cli("ls", "--all", env=env, status=0).stdout.decode()
+        column = {line.split()[0]: line.split()[1] for line in listing.splitlines()[1:]}
+        assert set(column.values()) == set(STATES) - {"tampered"}  # needs signing keys
+        states = list(STATES)
+        argvs = [["ls", "--status", state] for state in states]
+        argvs += [["ls", "--json", "-S", state] for state in states]
+        results = idemfn_many(argvs, env=env)
+    finally:
+        live.release()
+    for state, proc in zip(states, results[: len(states)], strict=True):
+        assert proc.returncode == 0, (state, proc.stderr)
+        rows = [line.split() for line in proc.stdout.decode().splitlines()[1:]]
+        assert [(r[0], r[1]) for r in rows] == [(f"s:{state}", state)] * (state != "tampered")
+    for state, proc in zip(states, results[len(states) :], strict=True):
+        assert proc.returncode == 0, (state, proc.stderr)
+        keys = [e["key"] for e in as_json(proc)]
+        assert keys == [f"s:{state}"] * (state != "tampered"), (state, keys)
+
+
+def test_ls_that_matches_nothing_does_not_call_the_store_empty(
+    store: DiskStore, store_dir: Path, env: dict[str, str]
+) -> None:
+    finish(store, "job:1", 1)
+    finish(store, "job:2", 2)
+    finish(store, "old:1", 3, ttl=0.01)
+    poll(lambda: store.get("old:1") is None, "old:1 to expire")
+    proc = idemfn_cli("ls", "--status", "abandoned", env=env)
+    line = one_line(proc.stderr)
+    assert proc.stdout == b""
+    assert "no records match --status abandoned" in line, line
+    assert "which holds 2 records" in line and "1 expired record" in line, line
+    assert "no records in" not in line, line
+    line = one_line(idemfn_cli("ls", "-S", "halted", "-p", "job:", env=env).stderr)
+    assert "no records match --status halted" in line and "2 records starting with 'job:'" in line
+    # Only expired records: not "empty" either, and the way to see them.
+    line = one_line(idemfn_cli("ls", "--prefix", "old:", env=env).stderr)
+    assert "but 1 expired record" in line and "--all" in line, line
+    # A store that has nothing is said to be empty.
+    with DiskStore(store_dir.parent / "empty") as empty:
+        finish(empty, "x", 1)
+        assert empty.delete("x")
+    line = one_line(idemfn_cli("ls", "-S", "ok", env=cli_env(store_dir.parent / "empty")).stderr)
+    assert line.startswith("no records in DiskStore("), line
+
+
+def test_ls_shortens_a_long_key_instead_of_padding_every_row(
+    store: DiskStore, env: dict[str, str]
+) -> None:
+    long_key = "big:" + "x" * 100_000 + ":tail"
+    finish(store, long_key, 1)
+    finish(store, "small:1", 2)
+    proc = idemfn_cli("ls", env=env)
+    lines = proc.stdout.decode().splitlines()
+    assert max(map(len, lines)) < 200, [len(line) for line in lines]
+    rows = {line.split()[0]: line.split()[1] for line in lines[1:]}
+    [shortened] = [key for key in rows if "…" in key]
+    assert shortened.startswith("big:xxx") and shortened.endswith("xxx:tail")
+    assert rows["small:1"] == "ok" and rows[shortened] == "ok"
+    assert "--wide" in one_line(proc.stderr)  # says how to see it whole
+    # Whole with --wide and --json; `show` takes the whole key.
+    wide = idemfn_cli("ls", "--wide", env=env)
+    assert long_key in wide.stdout.decode().split() and wide.stderr == b""
+    [listed] = [e["key"] for e in as_json(idemfn_cli("ls", "--json", env=env)) if len(e["key"]) > 9]
+    assert listed == long_key
+    assert shown_fields(idemfn_cli("show", long_key, env=env).stdout)["status"] == "ok"
+
+
+def test_ls_on_a_terminal_fits_its_width(store: DiskStore, env: dict[str, str]) -> None:
+    import pty
+
+    finish(store, "big:" + "y" * 5000, 1)
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run(
+            argv_of(["ls"]), stdin=subprocess.DEVNULL, stdout=follower, stderr=subprocess.PIPE,
+            env={**env, "COLUMNS": "100"}, timeout=TIMEOUT, check=False,
+        )  # fmt: skip  (2 short lines: they fit in the terminal's buffer until read)
+        os.close(follower)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the terminal's other side is closed and drained
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(leader)
+    checked(subprocess.CompletedProcess(proc.args, proc.returncode, out, proc.stderr), 0)
+    lines = out.decode().splitlines()
+    assert len(lines) == 2 and all(len(line) <= 100 for line in lines), lines
+    assert "…" in lines[1]
 
 
 # -- show ------------------------------------------------------------------------------------

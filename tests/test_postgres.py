@@ -4,6 +4,10 @@ index, connection strings and pools. (Every shared behaviour runs on PostgresSto
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -71,6 +75,120 @@ def test_a_stopped_server_is_a_store_error_naming_it(own_server: PostgresServer)
         fn(2)
     assert str(own_server.socket_dir) in str(info.value)
     assert time.monotonic() - began < 15
+    store.close()
+
+
+# -- an unreachable server: StoreError within connect_timeout (issue 13) ----------------------
+
+
+@pytest.fixture
+def refusing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A connection string whose server refuses at once: its socket is bound, never listened
+    on (a short directory: socket paths have a length limit)."""
+    directory = Path(tempfile.mkdtemp(prefix="idemfn-refuse-"))
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(directory / ".s.PGSQL.5432"))
+    yield f"host={directory} user=nobody dbname=nothing"
+    sock.close()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def silent() -> Iterator[str]:
+    """A URL whose server never answers: a loopback port that listens, and never accepts
+    (the kernel completes the handshake; no startup reply ever comes)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    yield f"postgresql://nobody@127.0.0.1:{sock.getsockname()[1]}/nothing"
+    sock.close()
+
+
+def _fails_within(store: PostgresStore, seconds: float) -> str:
+    """The ``StoreError`` of a first call on ``store``, which must come within ``seconds``
+    (generous: what matters is well under psycopg_pool's 30 s)."""
+    fn = idempotent(key="order:{x}", name="shop.charge", store=store)(lambda x: x)
+    began = time.monotonic()
+    with pytest.raises(StoreError) as info:
+        fn(7)
+    took = time.monotonic() - began
+    assert took < seconds, f"StoreError after {took:.1f} s: {info.value}"
+    message = str(info.value)
+    assert repr(store) in message and "'shop.charge:order:7'" in message, message
+    assert "\n" not in message, message
+    return message
+
+
+def test_a_refusing_server_fails_the_call_within_the_default_connect_timeout(
+    refusing: str,
+) -> None:
+    store = PostgresStore(refusing, table=f"t_{uuid.uuid4().hex}")
+    assert store.connect_timeout == 5.0
+    message = _fails_within(store, 20)
+    assert "could not connect within 5 s" in message and "Connection refused" in message
+    # A later call waits as long again (the pool is kept: no pool, and threads, per call).
+    _fails_within(store, 20)
+    store.close()
+
+
+def test_a_silent_server_fails_within_connect_timeout_from_the_option_or_the_url(
+    silent: str,
+) -> None:
+    by_option = PostgresStore(silent, table="t", connect_timeout=1.5)
+    by_url = idemfn.open_store(f"{silent}?connect_timeout=2")
+    assert isinstance(by_url, PostgresStore) and by_url.connect_timeout == 2.0
+    assert "could not connect within 1.5 s" in _fails_within(by_option, 15)
+    assert "could not connect within 2 s" in _fails_within(by_url, 15)
+    # The option wins over the URL's parameter.
+    assert PostgresStore(f"{silent}?connect_timeout=9", connect_timeout=3).connect_timeout == 3
+    by_option.close()
+    by_url.close()
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf"), True, "5"])
+def test_connect_timeout_must_be_a_positive_number(bad: object) -> None:
+    with pytest.raises(ValueError, match=r"PostgresStore\(connect_timeout=\.\.\.\) must be"):
+        PostgresStore("host=/nowhere", connect_timeout=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="connect_timeout parameter of the connection string"):
+        PostgresStore("postgresql://db.example/app?connect_timeout=0")
+
+
+def test_a_pool_of_your_own_keeps_its_timeout_unless_connect_timeout(
+    postgres_server: PostgresServer,
+) -> None:
+    with psycopg_pool.ConnectionPool(postgres_server.dsn, min_size=1, open=False,
+                                     timeout=12.0) as pool:  # fmt: skip
+        assert PostgresStore(pool).connect_timeout == 12.0
+        assert PostgresStore(pool, connect_timeout=2).connect_timeout == 2.0
+
+
+def test_a_busy_pool_waits_for_a_free_connection_past_connect_timeout(
+    postgres_server: PostgresServer,
+) -> None:
+    # Every connection of the pool held by a transactional body, the server answering: a
+    # call waits for one to be free (load), it does not fail as if the server were down.
+    store = PostgresStore(postgres_server.dsn, table=f"t_{uuid.uuid4().hex}", connect_timeout=1)
+    with contextlib.ExitStack() as held:
+        for i in range(16):
+            held.enter_context(store.transaction(f"held:{i}"))
+        outcome: list[object] = []
+
+        def call() -> None:
+            try:
+                outcome.append(store.get("k"))
+            except StoreError as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        pool = store._pool
+        assert pool is not None
+        poll(lambda: pool.get_stats().get("requests_waiting"), "the call to wait for a connection")
+        # A lower bound, not a race: past the moment a down server would have failed the call.
+        time.sleep(1.5)
+        assert outcome == []
+    thread.join(30)
+    assert outcome == [None]
     store.close()
 
 

@@ -36,7 +36,8 @@ def open_store(
     A directory path (or ``file://`` URL) gives a ``DiskStore``, one per directory in this
     process; ``memory://`` gives this process's ``MemoryStore``; ``redis://``, ``rediss://``
     and ``unix://`` give a ``RedisStore``, ``postgresql://`` and ``postgres://`` a
-    ``PostgresStore``, one per URL. A ``Store`` is returned as is. ``signing_key`` (default:
+    ``PostgresStore``, one per URL (``?connect_timeout=S`` bounds how long a call waits for an
+    unreachable server; default 5 s). A ``Store`` is returned as is. ``signing_key`` (default:
     ``IDEMFN_SIGNING_KEY``) signs the records of the store opened, one store per set of keys.
     """
     global _memory_store

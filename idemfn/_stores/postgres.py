@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import os
 import re
 import reprlib
@@ -60,6 +61,63 @@ def current_connection() -> psycopg.Connection[Any]:
 
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
+#: How long a call waits for a connection to a server that gives none (refuses, or never
+#: answers) before ``StoreError``, unless ``connect_timeout=`` or the connection string says.
+#: psycopg_pool's own default is 30 s, which an unreachable server made every call wait (issue 13).
+DEFAULT_CONNECT_TIMEOUT = 5.0
+#: How long a call waits for a free connection when the server answers but every connection of
+#: the pool is in use (transactional bodies hold one each): psycopg_pool's default, as before.
+BUSY_POOL_WAIT = 30.0
+_MAX_CONNECTIONS = 16
+
+
+class _NoConnection(Exception):
+    """No connection in time; the message says why, for ``StoreError``."""
+
+
+class _Attempts:
+    """What the pool's latest connection attempt gave. The pool connects in its own threads and
+    only logs why it failed; a call that gives up waiting says why, from here."""
+
+    __slots__ = ("connected", "error")
+
+    def __init__(self) -> None:
+        self.connected = False
+        self.error: BaseException | None = None
+
+
+def _recording(attempts: _Attempts) -> type[psycopg.Connection[Any]]:
+    """A connection class that notes in ``attempts`` how each connection attempt ended."""
+    import psycopg
+
+    class Connection(psycopg.Connection[Any]):
+        @classmethod
+        def connect(cls, *args: Any, **kwargs: Any) -> Connection:
+            try:
+                conn = super().connect(*args, **kwargs)
+            except Exception as exc:
+                attempts.error = exc
+                raise
+            attempts.connected, attempts.error = True, None
+            return conn
+
+    return Connection
+
+
+def _timeout(value: object, where: str, *, text: bool = False) -> float:
+    """``value`` (a number, or with ``text`` a connection string's text) as a number of
+    seconds > 0, else ``ValueError`` naming ``where``."""
+    seconds = math.nan
+    if isinstance(value, str if text else (int, float)) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError):
+            seconds = float(value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(
+            f"{where} must be a number of seconds > 0, not {value!r}: how long a call waits for"
+            f" a server that does not answer (default {DEFAULT_CONNECT_TIMEOUT:g})"
+        )
+    return seconds
+
 
 class PostgresStore(Store):
     """Records in a PostgreSQL table (extra ``idemfn[postgres]``), created if missing.
@@ -67,6 +125,12 @@ class PostgresStore(Store):
     ``dsn_or_pool`` is a connection string or URL (``postgresql://…``) or a
     ``psycopg_pool.ConnectionPool`` the caller already has. With ``signing_key`` (or
     ``IDEMFN_SIGNING_KEY``), records are signed, and one that fails its check is never loaded.
+
+    ``connect_timeout`` is how many seconds a call waits for a connection from a server that
+    gives none (down, refusing, or not answering) before it raises ``StoreError`` saying so;
+    default: the connection string's ``connect_timeout`` parameter, else the given pool's
+    ``timeout``, else 5. (A pool whose every connection is in use, the server answering, waits
+    up to 30 s for a free one.)
     """
 
     def __init__(
@@ -75,6 +139,7 @@ class PostgresStore(Store):
         *,
         table: str = "idemfn_records",
         signing_key: SigningKey | None = None,
+        connect_timeout: float | None = None,
     ) -> None:
         try:
             import psycopg
@@ -108,9 +173,26 @@ class PostgresStore(Store):
                 f" not {type(dsn_or_pool).__name__}"
             )
         self.server = _describe(info)  # never a password
-        self._errors: tuple[type[BaseException], ...] = (psycopg.Error, psycopg_pool.PoolTimeout)
+        if connect_timeout is not None:
+            self.connect_timeout = _timeout(connect_timeout, "PostgresStore(connect_timeout=...)")
+        elif info.get("connect_timeout") is not None:
+            self.connect_timeout = _timeout(
+                info["connect_timeout"],
+                "the connect_timeout parameter of the connection string",
+                text=True,
+            )
+        elif self._given_pool is not None:
+            self.connect_timeout = self._given_pool.timeout
+        else:
+            self.connect_timeout = DEFAULT_CONNECT_TIMEOUT
+        self._pool_timeout = psycopg_pool.PoolTimeout
+        self._errors: tuple[type[BaseException], ...] = (
+            psycopg.Error, psycopg_pool.PoolTimeout, _NoConnection,
+        )  # fmt: skip
         self._lock = threading.Lock()
         self._pool: psycopg_pool.ConnectionPool | None = None
+        self._ready = False  # the pool is this process's, and the table exists
+        self._attempts: _Attempts | None = None  # of the pool this store made
         self._pid = os.getpid()
         self._clock = ServerClock(self._read_clock)
         self._sql = _statements(table)
@@ -120,41 +202,89 @@ class PostgresStore(Store):
 
     # Connections: a pool opened on first use, and again in a forked child (a connection must
     # not be used on both sides of a fork).
-    def _connection(self) -> Any:
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[Any]:
         pool = self._pool
-        if pool is None or self._pid != os.getpid():
+        if pool is None or not self._ready or self._pid != os.getpid():
             pool = self._open()
-        return pool.connection()
+        conn = self._getconn(pool)
+        try:
+            with conn:  # commit, or roll back on an error, as pool.connection() does
+                yield conn
+        finally:
+            pool.putconn(conn)
+
+    def _getconn(self, pool: psycopg_pool.ConnectionPool) -> Any:
+        """A connection within ``connect_timeout``, or ``_NoConnection`` saying why not. A pool
+        that answers but has every connection in use gets longer: that is load, not an outage."""
+        try:
+            return pool.getconn(timeout=self.connect_timeout)
+        except self._pool_timeout:
+            attempts = self._attempts
+            answering = attempts is None or (attempts.connected and attempts.error is None)
+            busy = answering and pool.get_stats().get("pool_size", 0) >= pool.max_size
+            rest = pool.timeout - self.connect_timeout  # ours: BUSY_POOL_WAIT
+            if not busy or rest <= 0:
+                why = (
+                    "the server did not answer" if attempts is None or attempts.error is None
+                    else _cause(attempts.error)
+                )
+                raise _NoConnection(
+                    f"could not connect within {self.connect_timeout:g} s (connect_timeout="
+                    f"{self.connect_timeout:g}): {why}"
+                ) from None
+        try:
+            return pool.getconn(timeout=rest)
+        except self._pool_timeout:
+            raise _NoConnection(
+                f"found no free connection within {self.connect_timeout + rest:g} s: all"
+                f" {pool.max_size} connections of the pool were in use (give PostgresStore a"
+                " psycopg_pool.ConnectionPool with a larger max_size)"
+            ) from None
 
     def _open(self) -> psycopg_pool.ConnectionPool:
         with self._lock:
-            if self._pool is not None and self._pid == os.getpid():
-                return self._pool
-            self._pid = os.getpid()
-            if self._given_pool is not None:
-                pool = self._given_pool
-            else:
-                import psycopg_pool
+            if self._pool is None or self._pid != os.getpid():
+                # Kept even when the table cannot be made yet: a pool per failed call would
+                # leave a thread pool behind each, retrying.
+                self._pid, self._ready = os.getpid(), False
+                if self._given_pool is not None:
+                    self._pool = self._given_pool
+                else:
+                    import psycopg_pool
 
-                pool = psycopg_pool.ConnectionPool(
-                    self._dsn or "", min_size=1, max_size=16, open=False,
-                    kwargs={"autocommit": True}, name=f"idemfn {self.server}",
-                )  # fmt: skip
-                pool.open(wait=False)
-            # CREATE … IF NOT EXISTS races with itself in PostgreSQL (a unique violation in
-            # its catalog): processes opening a new table at once take turns.
-            with pool.connection() as conn, conn.transaction():
+                    self._attempts = _Attempts()
+                    self._pool = psycopg_pool.ConnectionPool(
+                        self._dsn or "", min_size=1, max_size=_MAX_CONNECTIONS, open=False,
+                        connection_class=_recording(self._attempts), timeout=BUSY_POOL_WAIT,
+                        # libpq's own limit (whole seconds, at least 2) frees the pool's
+                        # thread from an attempt the caller stopped waiting for.
+                        kwargs={"autocommit": True,
+                                "connect_timeout": max(2, math.ceil(self.connect_timeout))},
+                        name=f"idemfn {self.server}",
+                    )  # fmt: skip
+                    self._pool.open(wait=False)
+            pool = self._pool
+        # Outside the lock, so that each thread waits connect_timeout at most, not in turn.
+        # CREATE … IF NOT EXISTS races with itself in PostgreSQL (a unique violation in its
+        # catalog): callers opening a new table at once take turns on an advisory lock.
+        conn = self._getconn(pool)
+        try:
+            with conn, conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (zlib.crc32(self.table.encode()),))
                 conn.execute(self._sql["create"])
                 conn.execute(self._sql["index"])
-            self._pool = pool
-            return pool
+        finally:
+            pool.putconn(conn)
+        self._ready = True
+        return pool
 
     def _run(
-        self, action: str, key: str, query: str, params: Any, *, conn: Any = None
+        self, action: str, key: str | None, query: str, params: Any, *, conn: Any = None
     ) -> Any:
         """Run one statement (on ``conn``, else a pooled connection in autocommit): its rows,
-        or its row count when it returns none."""
+        or its row count when it returns none. Errors name ``key`` (None: a statement of no
+        key's)."""
         try:
             with contextlib.nullcontext(conn) if conn is not None else self._connection() as c:
                 cur = c.execute(query, params, binary=True)  # bytea as bytes, not hex text
@@ -162,7 +292,9 @@ class PostgresStore(Store):
                     return cur.rowcount
                 return cur.fetchall()
         except self._errors as exc:
-            raise self.error(action, key, f"{type(exc).__name__}: {exc}") from exc
+            if key is None:
+                raise StoreError(f"{self!r} could not {action}: {_cause(exc)}") from exc
+            raise self.error(action, key, _cause(exc)) from exc
 
     @contextlib.contextmanager
     def transaction(self, key: str) -> Iterator[psycopg.Connection[Any]]:
@@ -176,12 +308,12 @@ class PostgresStore(Store):
                     yield conn
                 finally:
                     _transaction.reset(token)
-        except self._errors as exc:  # BEGIN or COMMIT failed
-            raise self.error("commit the transaction of", key, f"{type(exc).__name__}: {exc}"
-                             ) from exc  # fmt: skip
+        except self._errors as exc:  # no connection, or BEGIN or COMMIT failed
+            action = "start" if isinstance(exc, _NoConnection) else "commit"
+            raise self.error(f"{action} the transaction of", key, _cause(exc)) from exc
 
     def _read_clock(self, first: bool) -> float:
-        rows = self._run("read the clock for", "now()", self._sql["now"], ())
+        rows = self._run("read the server's clock", None, self._sql["now"], ())
         return float(rows[0][0])
 
     def time(self) -> float:
@@ -260,7 +392,7 @@ class PostgresStore(Store):
 
     def close(self) -> None:
         with self._lock:
-            pool, self._pool = self._pool, None
+            pool, self._pool, self._ready = self._pool, None, False
         if pool is not None and pool is not self._given_pool and self._pid == os.getpid():
             pool.close()
 
@@ -290,6 +422,12 @@ def _statements(table: str) -> dict[str, str]:
         "prune": f"DELETE FROM {t} WHERE drop_at IS NOT NULL AND drop_at < {now}",
         "size": "SELECT pg_total_relation_size(quote_ident(%s))",
     }
+
+
+def _cause(exc: BaseException) -> str:
+    """What a ``StoreError`` says of ``exc``, on one line (libpq adds hints on more)."""
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, _NoConnection) else f"{type(exc).__name__}: {text}"
 
 
 def _too_long_for_the_index(exc: StoreError) -> bool:
