@@ -661,7 +661,7 @@ def test_ls_status_takes_every_state_its_status_column_shows(
     finish(store, "s:expired", 2, ttl=0.01)
     store.cache.set("s:corrupt", b"\x00garbage")
     poll(lambda: store.get("s:expired") is None, "s:expired to expire")
-    live = idemfn.begin("s:processing", store=store, fingerprint="fp")
+    live = idemfn.begin("s:processing", store=store, fingerprint="fp", policy=Policy(lease=3600))
     assert isinstance(live, idemfn.Claim)
     try:
         listing = idemfn_cli("ls", "--all", env=env, status=0).stdout.decode()
