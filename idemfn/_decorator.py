@@ -15,6 +15,7 @@ from typing import (
     Concatenate,
     Generic,
     Literal,
+    NoReturn,
     ParamSpec,
     Protocol,
     TypeVar,
@@ -31,13 +32,13 @@ from ._engine import (
     reentered,
 )
 from ._errors import AlreadyRunning
-from ._keys import CallKey
+from ._keys import CallKey, callable_call_error, check_callable_option, describe
 from ._outcome import SerializerOption
 from ._record import Record
 from ._signing import SigningKey
-from ._stores import Store, resolve_store
+from ._stores import MemoryStore, Store, resolve_store
 
-__all__ = ["IdempotentFunction", "idempotent"]
+__all__ = ["BoundIdempotentFunction", "IdempotentFunction", "idempotent"]
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -69,14 +70,139 @@ class IdempotentFunction(Protocol[P, R_co]):
         """Delete the record of these arguments' key; True if there was one."""
         ...
 
-    # Methods: looked up on an instance, the wrapper binds like any function.
+    # Methods: looked up on an instance, the wrapper binds like any function, and so do
+    # key_for, status and forget.
     @overload
     def __get__(self, instance: None, owner: type[Any], /) -> Self: ...
     @overload
     def __get__(
         self: IdempotentFunction[Concatenate[S, P2], R2], instance: S, owner: type[Any], /
-    ) -> Callable[P2, R2]: ...
+    ) -> BoundIdempotentFunction[P2, R2]: ...
     def __get__(self, instance: Any, owner: type[Any], /) -> Any: ...
+
+
+class BoundIdempotentFunction(Protocol[P, R_co]):
+    """An idempotent method looked up on an instance (``mailer.welcome``): the call, and
+    ``key_for``, ``status`` and ``forget``, take the instance as ``self``."""
+
+    store: Store
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
+
+    def key_for(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """The stored key these arguments map to."""
+        ...
+
+    def status(self, *args: P.args, **kwargs: P.kwargs) -> Record | None:
+        """The record of these arguments' key, or None."""
+        ...
+
+    def forget(self, *args: P.args, **kwargs: P.kwargs) -> bool:
+        """Delete the record of these arguments' key; True if there was one."""
+        ...
+
+
+class _BoundMethod(functools.partial):  # type: ignore[type-arg]
+    # ``instance.method`` for a method decorated in a class body, or the class for a
+    # classmethod: a partial of the decorated function and the instance (its call runs in C,
+    # and inspect sees the signature without self, and a coroutine function through it), whose
+    # key_for, status and forget pass the instance too. A plain bound method cannot: its
+    # attributes are the function's own, which know nothing of the instance (issue 13).
+    __slots__ = ()
+
+    @property
+    def __self__(self) -> Any:
+        return self.args[0]
+
+    @property
+    def __func__(self) -> Any:
+        return self.func
+
+    @property  # the function's, as a bound method's is
+    def __doc__(self) -> str | None:  # type: ignore[override]
+        return self.func.__doc__
+
+    @property
+    def store(self) -> Store:
+        function: Any = self.func
+        return function.store  # type: ignore[no-any-return]
+
+    def key_for(self, *args: Any, **kwargs: Any) -> str:
+        function: Any = self.func
+        return function.key_for(*self.args, *args, **kwargs)  # type: ignore[no-any-return]
+
+    def status(self, *args: Any, **kwargs: Any) -> Record | None:
+        function: Any = self.func
+        return function.status(*self.args, *args, **kwargs)  # type: ignore[no-any-return]
+
+    def forget(self, *args: Any, **kwargs: Any) -> bool:
+        function: Any = self.func
+        return function.forget(*self.args, *args, **kwargs)  # type: ignore[no-any-return]
+
+    def __getattr__(self, name: str) -> Any:  # policy, __name__, what wraps copied, ...
+        # No other dunder: inspect would follow __wrapped__ to the unbound function, or take
+        # __code__ for the partial's own, and show self in the signature.
+        if name.startswith("__") and name not in ("__name__", "__qualname__"):
+            raise AttributeError(name)
+        return getattr(self.func, name)
+
+    def __eq__(self, other: object) -> bool:  # as bound methods compare
+        return (
+            isinstance(other, _BoundMethod)
+            and self.func is other.func
+            and self.args[0] is other.args[0]
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.func, id(self.args[0])))
+
+    def __repr__(self) -> str:
+        return f"<bound idempotent method {self.func.__qualname__} of {self.args[0]!r}>"
+
+
+class _Method:
+    # A function decorated in a class body, as the class holds it: on an instance it gives a
+    # _BoundMethod; on the class, the decorated function itself (so Mailer.welcome(m, 7) and
+    # Mailer.welcome.key_for(m, 7) work as before). Held as it is (under @staticmethod, or
+    # taken from the class dict) it calls and looks like the function, down to __code__, so
+    # inspect.iscoroutinefunction still sees an async one.
+    __slots__ = ("__func__",)
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        self.__func__ = function
+
+    def __get__(self, instance: object, owner: type[Any] | None = None) -> Any:
+        if instance is None:
+            return self.__func__
+        return _BoundMethod(self.__func__, instance)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__func__(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "__func__":  # not set yet (while unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.__func__, name)
+
+    def __repr__(self) -> str:
+        return f"<idempotent method {self.__func__.__qualname__}>"
+
+
+class _ClassMethod(classmethod):  # type: ignore[type-arg]
+    # @idempotent over @classmethod: binds the class, to the call and to key_for & co.
+    def __get__(self, instance: object, owner: type[Any] | None = None) -> Any:
+        if owner is None:
+            owner = type(instance)
+        return _BoundMethod(self.__func__, owner)
+
+
+def _defined_in_class(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` is a function written in a class body (``Mailer.welcome``), as its
+    qualified name tells (a function nested in a function is ``outer.<locals>.inner``)."""
+    if not inspect.isfunction(fn):
+        return False
+    owner, dot, _ = fn.__qualname__.rpartition(".")
+    return bool(dot) and not owner.endswith("<locals>")
 
 
 class _Deadline(Generic[P]):
@@ -102,7 +228,13 @@ class _Deadline(Generic[P]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> float | None:
         if self._hook is None:
             return self._fixed
-        value = self._hook(*args, **kwargs)
+        try:
+            value = self._hook(*args, **kwargs)
+        except TypeError:
+            error = callable_call_error("deadline=", self._hook, args, kwargs)
+            if error is None:  # raised inside the callable: its own error
+                raise
+            raise error from None
         return deadline_timestamp(value, option="the deadline= callable's result")
 
 
@@ -136,9 +268,35 @@ def _refuse_task_object(fn: object) -> None:
         )
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _keyword_options_only(factory: F) -> F:
+    """``factory``, refusing positional arguments with the way out.
+
+    ``@idempotent`` without parentheses passes the function itself. A guard around the real
+    function, rather than a private positional parameter, keeps the signature that
+    ``inspect.signature``, ``help()`` and type checkers show to the public options alone.
+    """
+
+    @functools.wraps(factory)
+    def guarded(*args: Any, **options: Any) -> Any:
+        if args:
+            _refuse_positional(args)
+        return factory(**options)
+
+    return guarded  # type: ignore[return-value]
+
+
+def _refuse_positional(args: tuple[Any, ...]) -> NoReturn:
+    hint = "write @idempotent() or @idempotent(key=...)"
+    if len(args) == 1 and isinstance(args[0], str):
+        hint = f"write @idempotent(key={args[0]!r})"
+    raise TypeError(f"idempotent takes keyword options only: {hint}")
+
+
+@_keyword_options_only
 def idempotent(
-    _misuse: None = None,
-    /,
     *,
     key: str | Callable[..., str] | None = None,
     name: str | None = None,
@@ -158,7 +316,50 @@ def idempotent(
 
     The first call with a key runs the body and records its outcome; later calls with that key
     return a fresh copy of the recorded value or re-raise the recorded exception, without
-    running the body. See the README for each option; errors in options are raised here.
+    running the body, for ``ttl`` (a day by default). Options are keyword-only.
+
+    Args:
+        key: What identifies a call: a ``str.format`` template over the bound arguments
+            (``"charge:{order_id}"``), a callable taking the function's arguments and
+            returning a non-empty str, or None to key on the fingerprint of every argument.
+        name: The namespace of the keys; the stored key is ``name:key``, so it must not hold
+            ``":"``. Default ``module.qualname`` (a script's functions: the script's path, or
+            its module under ``python -m``); give one that survives renames and moves.
+        store: Where records live: a ``Store``, a directory, a URL (``redis://``,
+            ``postgresql://``, ``memory://``), or None for ``IDEMFN_STORE`` or the default
+            ``DiskStore``.
+        ttl: Seconds (or a ``timedelta``) a finished record is kept, counted from when it
+            finished; None keeps it forever.
+        fingerprint: What a key's record is checked against (``FingerprintMismatch`` when it
+            differs): None for every argument but ``self``/``cls``, a list of argument names,
+            a callable of the arguments returning the value to fingerprint, or False for no
+            check.
+        wait: Seconds (or a ``timedelta``) to wait for a live call holding the key to finish
+            (then its outcome is replayed) before raising ``AlreadyRunning``.
+        lease: Seconds (or a ``timedelta``) a claim stays valid without its heartbeat, which
+            renews it while the body runs; an owner on another machine is gone after it.
+        on_abandoned: What happens to a claim whose owner is gone: ``"halt"`` records it
+            halted (the caller gets ``Halted``); ``"retry"`` runs the body again, in one caller.
+        retry_on: Exception types that are not recorded: the key is released, so the next call
+            runs the body again.
+        deadline: An aware ``datetime``, or a callable of the arguments returning one: with no
+            finished record after it, the call raises ``DeadlineExceeded`` and never starts.
+        transactional: Run a sync body in the ``PostgresStore`` transaction that records its
+            ``ok`` outcome, so the body's writes and the record commit or roll back together.
+        signing_key: A key (str or bytes, 16 bytes or more) or a list of keys (the first signs,
+            all verify) to sign records with HMAC-SHA256; default ``IDEMFN_SIGNING_KEY``.
+        serializer: How outcomes are stored: ``"pickle"`` (cloudpickle), ``"json"`` (a replay
+            never unpickles), or an object with ``dumps`` and ``loads``.
+
+    Returns:
+        A decorator. The function it returns keeps the signature, and adds ``key_for()``,
+        ``status()`` and ``forget()`` (taking the function's arguments) and ``store``.
+
+    Raises:
+        TypeError: An option of the wrong type, or given positionally (``@idempotent`` without
+            parentheses); when decorating, a function it cannot guard (a generator function).
+        ValueError: An option with a bad value (``ttl=0``, a ``name`` holding ``":"``); when
+            decorating, a ``key`` template field that names no parameter.
 
     >>> from idemfn import idempotent, MemoryStore
     >>> @idempotent(key="greet:{who}", store=MemoryStore())
@@ -175,10 +376,6 @@ def idempotent(
     Traceback (most recent call last):
     TypeError: idempotent takes keyword options only: write @idempotent() or @idempotent(key=...)
     """
-    if _misuse is not None:
-        raise TypeError(
-            "idempotent takes keyword options only: write @idempotent() or @idempotent(key=...)"
-        )
     return decorator(
         key=key, name=name, store=store, ttl=ttl, fingerprint=fingerprint, wait=wait,
         lease=lease, on_abandoned=on_abandoned, retry_on=retry_on, deadline=deadline,
@@ -232,7 +429,12 @@ def decorator(
                 " runs lazily, after the call returns. Return a list (or other value) instead"
             )
         signature = inspect.signature(fn)
-        call_key = CallKey(fn, signature, key=key, name=name, fingerprint=fingerprint).resolve
+        call_key = CallKey(
+            fn, signature, key=key, name=name, fingerprint=fingerprint,
+            process_local=isinstance(resolved_store, MemoryStore),
+        ).resolve  # fmt: skip
+        if deadline is not None and not isinstance(deadline, datetime):
+            check_callable_option("deadline=", deadline, signature, describe(fn, signature))
         wrapper: Any
 
         # A callable object whose __call__ is a coroutine function is async too.
@@ -324,8 +526,14 @@ def decorator(
         wrapper.forget = forget
         wrapper.store = resolved_store
         wrapper.policy = policy
+        # Methods: key_for, status and forget must bind the instance (or class) as the call
+        # does, which a plain function's bound method cannot do (see _BoundMethod).
+        if rewrap is classmethod:
+            return _ClassMethod(wrapper)  # type: ignore[return-value]
         if rewrap is not None:
             return rewrap(wrapper)  # type: ignore[no-any-return]
+        if _defined_in_class(fn):
+            return _Method(wrapper)
         return wrapper  # type: ignore[no-any-return]
 
     return decorate

@@ -665,6 +665,12 @@ def _prepare(
         raise TypeError(f"begin(key=...) must be a str, not {type(key).__name__}")
     if not key:
         raise ValueError("begin(key=...) must not be empty")
+    if "\x00" in key or not key.isascii():  # rare: look closer (NUL, lone surrogates)
+        from ._keys import unstorable_key_error
+
+        bad = unstorable_key_error(key, "begin(key=...)")
+        if bad is not None:
+            raise bad
     resolved = resolve_store(store, option="store")
     if policy is None:
         policy = Policy()

@@ -16,7 +16,17 @@ from typing import Any
 
 from ._fingerprint import ArgumentsFingerprint, fingerprint_value
 
-__all__ = ["CallKey", "default_name", "make_binder"]
+__all__ = [
+    "SEPARATOR",
+    "CallKey",
+    "callable_call_error",
+    "check_callable_option",
+    "check_name",
+    "default_name",
+    "make_binder",
+    "unstorable",
+    "unstorable_key_error",
+]
 
 _P = inspect.Parameter
 _FIELD_ROOT = re.compile(r"[^.\[]*")
@@ -79,10 +89,90 @@ def make_binder(signature: inspect.Signature, name: str) -> Bind:
     return bind
 
 
-def default_name(fn: Callable[..., Any]) -> str:
-    """``module.qualname``; a script's functions use the script's file name instead of
-    ``__main__``, so two scripts never share keys."""
-    module = getattr(fn, "__module__", None) or "__main__"
+SEPARATOR = ":"  # the stored key is f"{name}{SEPARATOR}{key}"; no name holds one (issue 13)
+
+# A script's module: __main__, or __mp_main__ when multiprocessing re-runs the script in a
+# spawned child (whose functions must keep the parent's keys).
+_MAIN_MODULES = frozenset({"__main__", "__mp_main__"})
+_PATH_ESCAPES = re.compile(r"[%:\ud800-\udfff]")
+
+
+def unstorable(key: str) -> str | None:
+    """Why no store can hold ``key`` (a NUL character, a lone surrogate), or None.
+
+    PostgreSQL text cannot hold NUL, and a lone surrogate (text decoded with
+    ``errors="surrogateescape"``, such as an undecodable file name) is not valid Unicode, so
+    encoding it for SQLite, Redis or PostgreSQL fails. Callers test ``"\\x00" in key or not
+    key.isascii()`` first: an ASCII key without NUL, the common case, needs no closer look.
+    """
+    nul = key.find("\x00")
+    if nul >= 0:
+        return f"it holds a NUL character ('\\x00') at index {nul}"
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (
+            f"it holds a lone surrogate ({key[exc.start]!r}) at index {exc.start}, which is not"
+            " valid Unicode (text decoded with errors='surrogateescape', such as an undecodable"
+            " file name, holds them)"
+        )
+    return None
+
+
+def unstorable_key_error(key: str, source: str) -> ValueError | None:
+    """The ``ValueError`` for a ``key`` no store can hold, or None when the key is fine.
+
+    ``source`` names where the key came from, e.g. ``"begin(key=...)"``.
+    """
+    problem = unstorable(key)
+    if problem is None:
+        return None
+    return ValueError(
+        f"{source} cannot be stored: {problem}. Leave the character out of the key, or key on"
+        " an encoded form of the value (e.g. with a key= callable returning"
+        " value.encode('utf-8', 'surrogateescape').hex())"
+    )
+
+
+def check_name(name: object, what: str) -> str:
+    """``name=`` as given, checked: a non-empty str without the separator, NUL or surrogates."""
+    if not isinstance(name, str):
+        raise TypeError(f"name= for {what} must be a str, not {type(name).__name__}")
+    if not name.strip():
+        raise ValueError(f"name= for {what} must not be empty")
+    if SEPARATOR in name:
+        # Allowed, "shop:orders" + "refund" and "shop" + "orders:refund" would share the stored
+        # key "shop:orders:refund", and one function would replay the other's result.
+        raise ValueError(
+            f"name={name!r} for {what} must not contain {SEPARATOR!r}: the stored key is"
+            f" name{SEPARATOR}key, split at the first {SEPARATOR!r}, so a {SEPARATOR!r} in the"
+            " name would let two functions share records. Use '.' or '/' instead, e.g."
+            f" name={name.replace(SEPARATOR, '.')!r}"
+        )
+    problem = unstorable(name)
+    if problem is not None:
+        raise ValueError(f"name={name!r} for {what} cannot be stored: {problem}")
+    return name
+
+
+def default_name(fn: Callable[..., Any], *, process_local: bool = False) -> str:
+    """The name of ``fn``'s keys when ``name=`` is not given: ``module.qualname``.
+
+    A script's functions (module ``__main__``, or ``__mp_main__`` in a process that
+    multiprocessing spawned) are named after the script, so that two scripts never share keys
+    and one script keeps its keys from run to run, from any working directory:
+
+    - run as ``python -m pkg.mod``: the module's name, as if imported (``pkg.mod.step``);
+    - run from a file: the file's real path (absolute, symlinks resolved, ``%`` and ``:``
+      escaped as ``%25`` and ``%3A``), a ``/``, then the qualname (``/srv/app1/deploy.py/step``);
+    - with no file (an interactive session, ``python -c``, a notebook): refused (``TypeError``
+      asking for ``name=``), unless ``process_local`` (the store is a ``MemoryStore``, which no
+      other process sees): then ``__main__.qualname``.
+
+    A default name never holds the separator ``:``; one that would is refused asking for
+    ``name=``.
+    """
+    module = getattr(fn, "__module__", None)
     qualname = getattr(fn, "__qualname__", None)
     if not isinstance(qualname, str):
         # A partial or a callable object: a name from its repr would hold a memory address,
@@ -91,15 +181,61 @@ def default_name(fn: Callable[..., Any]) -> str:
             f"@idempotent needs name= to decorate a {type(fn).__name__}: it has no qualified"
             " name that stays the same from one process to the next"
         )
-    if module == "__main__":
-        main = sys.modules.get("__main__")
-        spec = getattr(main, "__spec__", None)
-        path = getattr(main, "__file__", None)
-        if spec is not None and getattr(spec, "name", None):
-            module = spec.name.removesuffix(".__main__")
-        elif path:
-            module = os.path.splitext(os.path.basename(path))[0]
-    return f"{module}.{qualname}"
+    if module is None or module in _MAIN_MODULES:
+        name = _script_name(fn, module, qualname, process_local)
+    else:
+        name = f"{module}.{qualname}"
+    problem = (
+        f"it holds {SEPARATOR!r}, the separator of the stored key" if SEPARATOR in name
+        else unstorable(name)
+    )  # fmt: skip
+    if problem is not None:
+        raise TypeError(
+            f"@idempotent needs name= for {qualname}: its default name {name!r} cannot be used"
+            f" ({problem}). Pass a name that identifies it, e.g. name='myapp.{qualname}'"
+        )
+    return name
+
+
+def _script_name(
+    fn: Callable[..., Any], module: str | None, qualname: str, process_local: bool
+) -> str:
+    # The namespace the function was defined in: its globals, not sys.modules["__main__"],
+    # which is the runner's own module under `python -m cProfile script.py` and the like.
+    # (A decorator's wrapper has its own module's globals: look through __wrapped__.)
+    try:
+        target = inspect.unwrap(fn)
+    except ValueError:  # a cycle of __wrapped__
+        target = fn
+    namespace = getattr(target, "__globals__", None)
+    if not isinstance(namespace, dict):
+        namespace = getattr(sys.modules.get(module or "__main__"), "__dict__", {})
+    spec_name = getattr(namespace.get("__spec__"), "name", None)
+    # "__main__" is the spec of a directory or zip file run as a script: named by its path.
+    if isinstance(spec_name, str) and spec_name and spec_name not in _MAIN_MODULES:
+        return f"{spec_name.removesuffix('.__main__')}.{qualname}"
+    path = namespace.get("__file__")
+    if isinstance(path, str) and path and not (path.startswith("<") and path.endswith(">")):
+        # Since Python 3.9 a script's __file__ is absolute, whatever the working directory;
+        # realpath also makes a script run through a symlink the script it points to.
+        # Escaping '%' keeps the escape of ':' (Windows drives) and of surrogates
+        # (undecodable bytes) reversible, so two paths never give one name.
+        real = _PATH_ESCAPES.sub(_escape, os.path.realpath(path))
+        return f"{real}/{qualname}"  # a qualname holds no '/': the last one ends the path
+    if process_local:
+        return f"__main__.{qualname}"
+    raise TypeError(
+        f"@idempotent needs name= for {qualname}, defined in __main__ with no script file (an"
+        " interactive session, python -c, a notebook or exec()): a default name would be the"
+        " same in every such session, and they would share keys and replay each other's"
+        f" results. Pass a name that identifies it, e.g. name='myapp.{qualname}' (with a"
+        " MemoryStore, which no other process sees, no name is needed)"
+    )
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return f"%{ord(char):02X}" if char in "%:" else f"%u{ord(char):04X}"
 
 
 def _template_fields(template: str) -> list[str]:
@@ -138,6 +274,72 @@ def _check_template(template: str, signature: inspect.Signature, what: str) -> N
             )
 
 
+def _label(hook: Callable[..., object]) -> str:
+    return getattr(hook, "__name__", None) or type(hook).__name__
+
+
+def check_callable_option(
+    option: str, hook: Callable[..., object], signature: inspect.Signature, what: str
+) -> None:
+    """Refuse a callable option (``key=``, ``fingerprint=``, ``deadline=``) whose parameters
+    cannot take the function's arguments, which is what it is called with on every call.
+
+    Two calls are tried, with every parameter and with the required ones only, each passed
+    positionally or else by keyword; a callable that takes neither form of one of them fails
+    every call of that shape. Callables without a signature are left to the call.
+    """
+    try:
+        hook_signature = inspect.signature(hook)
+    except (TypeError, ValueError):
+        return
+    variadic = (_P.VAR_POSITIONAL, _P.VAR_KEYWORD)
+    params = [p for p in signature.parameters.values() if p.kind not in variadic]
+    for given in (params, [p for p in params if p.default is _P.empty]):
+        errors = []
+        for by_keyword in (False, True):
+            args = [
+                p.name for p in given
+                if p.kind is _P.POSITIONAL_ONLY
+                or (p.kind is _P.POSITIONAL_OR_KEYWORD and not by_keyword)
+            ]  # fmt: skip
+            kwargs = {p.name: p.name for p in given if p.name not in args}
+            try:
+                hook_signature.bind(*args, **kwargs)
+            except TypeError as exc:
+                errors.append(exc)
+            else:
+                break
+        else:
+            bare = signature.replace(
+                parameters=[p.replace(annotation=_P.empty) for p in signature.parameters.values()],
+                return_annotation=_P.empty,
+            )
+            raise TypeError(
+                f"{option}{_label(hook)}{hook_signature} for {what} cannot take the function's"
+                f" arguments ({errors[0]}): it is called with the arguments of each call. Give"
+                f" it the function's parameters, e.g. {option}lambda {str(bare)[1:-1]}: ...,"
+                " or take those it ignores with *args, **kwargs"
+            )
+
+
+def callable_call_error(
+    option: str, hook: Callable[..., object], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> TypeError | None:
+    """The ``TypeError`` naming ``option`` when ``hook`` cannot take ``args`` and ``kwargs``,
+    or None when it can (a ``TypeError`` it raised came from inside it)."""
+    try:
+        inspect.signature(hook).bind(*args, **kwargs)
+    except TypeError as exc:
+        return TypeError(
+            f"{option}{_label(hook)} cannot take this call's arguments ({exc}): it is called"
+            " with the function's arguments. Give it the function's parameters, or take those"
+            " it ignores with *args, **kwargs"
+        )
+    except ValueError:  # no signature to bind to
+        return None
+    return None
+
+
 class CallKey:
     """Turns a call's arguments into its stored key and fingerprint, per the decorator options.
 
@@ -155,14 +357,13 @@ class CallKey:
         key: str | Callable[..., str] | None,
         name: str | None,
         fingerprint: Sequence[str] | Callable[..., object] | bool | None,
+        process_local: bool = False,
     ) -> None:
         what = describe(fn, signature)
         if name is None:
-            name = default_name(fn)
-        elif not isinstance(name, str):
-            raise TypeError(f"name= for {what} must be a str, not {type(name).__name__}")
-        elif not name.strip():
-            raise ValueError(f"name= for {what} must not be empty")
+            name = default_name(fn, process_local=process_local)
+        else:
+            name = check_name(name, what)
 
         params = list(signature.parameters)
         implicit = params[:1] if params[:1] in (["self"], ["cls"]) else []
@@ -190,6 +391,7 @@ class CallKey:
                     )
             of_bound = ArgumentsFingerprint(p for p in params if p in names)
         elif callable(fingerprint):
+            check_callable_option("fingerprint=", fingerprint, signature, what)
             of_call = fingerprint
         else:
             raise TypeError(
@@ -211,6 +413,7 @@ class CallKey:
             template = key
             _check_template(key, signature, what)
         elif callable(key):
+            check_callable_option("key=", key, signature, what)
             key_call = key
         else:
             raise TypeError(
@@ -218,7 +421,7 @@ class CallKey:
                 f" {type(key).__name__}"
             )
         resolve = _resolver(
-            f"{name}:",
+            f"{name}{SEPARATOR}",
             make_binder(signature, getattr(fn, "__qualname__", "function")),
             everything,
             of_bound,
@@ -312,9 +515,14 @@ def _resolver(
         if fingerprint_bound is not None:
             fingerprint = fingerprint_bound(bound)
         elif of_call is not None:
-            fingerprint = fingerprint_value(
-                of_call(*args, **kwargs), where="the value returned by fingerprint="
-            )
+            try:
+                value = of_call(*args, **kwargs)
+            except TypeError:
+                error = callable_call_error("fingerprint=", of_call, args, kwargs)
+                if error is None:
+                    raise
+                raise error from None
+            fingerprint = fingerprint_value(value, where="the value returned by fingerprint=")
         else:
             fingerprint = ""
         if format_key is not None:
@@ -329,12 +537,26 @@ def _resolver(
                 ) from None
             if not key:
                 raise ValueError(f"key={template!r} resolved to an empty key for this call")
+            if "\x00" in key or not key.isascii():  # rare: look closer
+                bad = unstorable_key_error(key, f"the key that key={template!r} gave for this call")
+                if bad is not None:
+                    raise bad
         elif key_call is not None:
-            key = key_call(*args, **kwargs)
+            try:
+                key = key_call(*args, **kwargs)
+            except TypeError:
+                error = callable_call_error("key=", key_call, args, kwargs)
+                if error is None:  # raised inside the callable: its own error
+                    raise
+                raise error from None
             if not isinstance(key, str):
                 raise TypeError(f"key= callable returned {type(key).__name__}, not a str")
             if not key:
                 raise ValueError("key= callable returned an empty key")
+            if "\x00" in key or not key.isascii():
+                bad = unstorable_key_error(key, "the key returned by the key= callable")
+                if bad is not None:
+                    raise bad
         return prefix + key, fingerprint
 
     return resolve

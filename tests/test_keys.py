@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -9,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from idemfn import MemoryStore, idempotent
+from idemfn import MemoryStore, Store, idempotent
 
 STORE = MemoryStore()
 
@@ -96,18 +99,188 @@ def test_methods_leave_self_out_of_the_fingerprint() -> None:
     assert Charger.charge.key_for(a, "o1").endswith(":t:o1")
 
 
-def test_script_functions_are_named_after_the_script(tmp_path: Path) -> None:
-    script = tmp_path / "nightly_job.py"
-    script.write_text(
-        "from idemfn import idempotent, MemoryStore\n"
-        "@idempotent(key='k', store=MemoryStore())\n"
+# -- a script's default name (issue 13, A6) ------------------------------------------------------
+
+SCRIPT = """\
+import sys
+from idemfn import idempotent
+
+@idempotent(key="k", store=sys.argv[1])
+def step() -> str:
+    return __file__
+
+print(step.key_for())
+print(step())
+"""
+
+
+def _run_script(*argv: str, cwd: Path) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_scripts_with_one_file_name_keep_apart_and_each_keeps_its_keys(tmp_path: Path) -> None:
+    """Two deploy.py share a store but not keys; one script keeps its keys however it is run."""
+    store = str(tmp_path / "store")
+    for app in ("app1", "app2"):
+        (tmp_path / app).mkdir()
+        (tmp_path / app / "deploy.py").write_text(SCRIPT)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "deploy").symlink_to(tmp_path / "app1" / "deploy.py")
+    first = os.path.realpath(tmp_path / "app1" / "deploy.py")
+    second = os.path.realpath(tmp_path / "app2" / "deploy.py")
+
+    assert _run_script("deploy.py", store, cwd=tmp_path / "app1") == [f"{first}/step:k", first]
+    # The other script of the same name runs its own body, not a replay of the first's.
+    assert _run_script("app2/deploy.py", store, cwd=tmp_path) == [f"{second}/step:k", second]
+    # The first, run again from elsewhere, by absolute path, through a symlink or a runner
+    # (whose own module is __main__), keeps its key and replays its record.
+    for argv, cwd in [
+        (["app1/deploy.py"], tmp_path),
+        ([first], tmp_path / "app2"),
+        (["bin/deploy"], tmp_path),
+        (["-m", "cProfile", "-o", os.devnull, "app1/deploy.py"], tmp_path),
+    ]:
+        assert _run_script(*argv, store, cwd=cwd) == [f"{first}/step:k", first], argv
+
+
+SPAWNS = """\
+import multiprocessing, sys
+from idemfn import idempotent
+
+@idempotent(key="k", store=sys.argv[1])
+def step() -> None: ...
+
+def child(queue) -> None:
+    queue.put(step.key_for())
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=child, args=(queue,))
+    process.start()
+    print(step.key_for())
+    print(queue.get(timeout=120))
+    process.join(120)
+"""
+
+
+def test_a_spawned_child_keeps_the_scripts_keys(tmp_path: Path) -> None:
+    """multiprocessing re-runs the script as __mp_main__ in a spawned child: same names."""
+    (tmp_path / "job.py").write_text(SPAWNS)
+    parent, child = _run_script("job.py", str(tmp_path / "store"), cwd=tmp_path)
+    assert parent == child == f"{os.path.realpath(tmp_path / 'job.py')}/step:k"
+
+
+def test_a_function_without_a_script_file_needs_a_name(tmp_path: Path) -> None:
+    """python -c (like a REPL or a notebook) has no file: every session would share its keys."""
+    code = (
+        "import sys\n"
+        "from idemfn import idempotent\n"
+        "@idempotent(key='k', store=sys.argv[1])\n"
         "def step(): ...\n"
         "print(step.key_for())\n"
     )
-    out = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, check=True
-    ).stdout
-    assert out.strip() == "nightly_job.step:k"
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "store")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "TypeError: @idempotent needs name= for step" in done.stderr
+    assert "no script file" in done.stderr and "name='myapp.step'" in done.stderr
+    # A MemoryStore is seen by no other process: no name needed.
+    assert _run_script("-c", code, "memory://", cwd=tmp_path) == ["__main__.step:k"]
+    # And name= gives a prefix that survives everything: moves, renames, sessions.
+    named = code.replace("key='k',", "key='k', name='ops.step',")
+    assert _run_script("-c", named, str(tmp_path / "store"), cwd=tmp_path) == ["ops.step:k"]
+
+
+def test_a_script_path_with_the_separator_is_escaped(tmp_path: Path) -> None:
+    """A default name never holds ':' (the separator): a path's ':' and '%' are escaped."""
+    odd = tmp_path / "we:ird%dir"
+    odd.mkdir()
+    (odd / "deploy.py").write_text(SCRIPT)
+    real = os.path.realpath(odd / "deploy.py")
+    escaped = real.replace("%", "%25").replace(":", "%3A")
+    key, _ = _run_script("deploy.py", str(tmp_path / "store"), cwd=odd)
+    assert key == f"{escaped}/step:k"
+    assert key.partition(":")[0] == f"{escaped}/step"
+
+
+def test_a_default_name_that_would_hold_the_separator_asks_for_name() -> None:
+    def step() -> None: ...
+
+    step.__qualname__ = "odd:name"
+    with pytest.raises(TypeError, match=r"needs name= for odd:name.*':'"):
+        deco(key="k")(step)
+    assert deco(key="k", name="ops.step")(step).key_for() == "ops.step:k"
+
+
+# -- the stored key is unambiguous (issue 13, A7) -------------------------------------------------
+
+
+def test_a_name_holding_the_separator_is_refused() -> None:
+    """name='shop:orders', key='refund' and name='shop', key='orders:refund' would share."""
+
+    @deco(name="shop", key="orders:refund")
+    def refund_order() -> str:
+        return "order refunded"
+
+    refused = r"name='shop:orders'.*must not contain ':'.*'shop.orders'"
+    with pytest.raises(ValueError, match=refused):
+
+        @deco(name="shop:orders", key="refund")
+        def refund_shop() -> str:
+            return "shop refunded"
+
+    assert refund_order.key_for() == "shop:orders:refund"
+
+
+@given(name=st.text(min_size=1, max_size=12), key=st.text(min_size=1, max_size=12))
+@settings(max_examples=300, deadline=None)
+def test_the_stored_key_gives_back_its_name_and_key(name: str, key: str) -> None:
+    """name:key split at the first ':' is (name, key): no two pairs share a stored key."""
+    try:
+        fn = deco(key=lambda: key, name=name)(lambda: None)
+    except ValueError:
+        assert ":" in name or not name.strip() or "\x00" in name or not _encodes(name)
+        return
+    try:
+        stored = fn.key_for()
+    except ValueError:
+        assert "\x00" in key or not _encodes(key)
+        return
+    assert stored.partition(":")[::2] == (name, key)
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def test_a_default_name_holds_no_separator() -> None:
+    class Outer:
+        def method(self) -> None: ...
+
+    def make() -> Any:
+        def inner() -> None: ...
+
+        return inner
+
+    keys = [
+        deco(key="k")(Outer.method).key_for(Outer()),
+        deco(key="k")(make()).key_for(),
+        deco(key="k")(lambda: None).key_for(),
+    ]
+    for key in keys:
+        name = key.removesuffix(":k")
+        assert ":" not in name and name.startswith(__name__ + "."), name
 
 
 # -- bad keys at decoration time -----------------------------------------------------------------
@@ -285,7 +458,7 @@ def test_naive_deadline_is_refused() -> None:
 def test_bare_decorator_is_refused_with_the_way_out() -> None:
     with pytest.raises(TypeError, match=r"write @idempotent\(\)"):
 
-        @idempotent  # type: ignore[arg-type]
+        @idempotent  # type: ignore[call-arg]
         def fn() -> None: ...
 
 
@@ -341,3 +514,177 @@ def test_memoiser_mode_error_points_to_key() -> None:
 
     with pytest.raises(TypeError, match=r"argument 'conn'.*with key=None the key is made of every"):
         fn(1, object())
+
+
+# -- keys no store can hold: ValueError on every store, before anything runs (issue 13, B4) -------
+
+UNSTORABLE = [
+    pytest.param("a\x00b", "NUL character", id="nul"),
+    pytest.param("a\udc80b", "lone surrogate", id="surrogateescape"),
+    pytest.param("\ud800", "lone surrogate", id="high-surrogate"),
+]
+
+
+@pytest.mark.parametrize(("bad", "why"), UNSTORABLE)
+def test_unstorable_keys_are_refused_on_every_store(store: Store, bad: str, why: str) -> None:
+    """PostgreSQL raised StoreError for NUL, the others a bare UnicodeEncodeError or nothing."""
+    runs = []
+
+    def body(x: str) -> str:
+        runs.append(x)
+        return x
+
+    by_template = idempotent(key="{x}", name="bad.template", store=store)(body)
+    by_callable = idempotent(key=lambda x: x, name="bad.callable", store=store)(body)
+    for fn, source in [(by_template, r"key='\{x\}'"), (by_callable, "key= callable")]:
+        for use in (fn, fn.key_for, fn.status, fn.forget):
+            refused = rf"{source}.*cannot be stored: .*{why} .*at index"
+            with pytest.raises(ValueError, match=refused):
+                use(bad)
+    assert runs == [] and list(store.scan()) == []
+
+
+def test_non_ascii_keys_are_fine_on_every_store(store: Store) -> None:
+    runs = []
+
+    @idempotent(key="{x}", name="unicode", store=store)
+    def fn(x: str) -> str:
+        runs.append(x)
+        return x
+
+    text = "café-日本-😀"
+    assert fn(text) == fn(text) == text
+    assert runs == [text]
+    record = fn.status(text)
+    assert record is not None and record.key == f"unicode:{text}"
+
+
+@pytest.mark.parametrize(("bad", "why"), UNSTORABLE)
+def test_unstorable_names_are_refused_when_decorating(bad: str, why: str) -> None:
+    with pytest.raises(ValueError, match=rf"name=.*cannot be stored: .*{why}"):
+        deco(key="k", name=bad)(lambda: None)
+
+
+# -- callable options that cannot take the arguments name the option (issue 13, D) ---------------
+
+
+@pytest.mark.parametrize(
+    ("key", "why"),
+    [
+        (lambda order_id: order_id, "too many positional arguments"),
+        (lambda order_id, amount, extra: order_id, "missing a required argument: 'extra'"),
+        (lambda order_id, amount=0: order_id, "got an unexpected keyword argument 'currency'"),
+        # Takes every argument, but not a call that leaves amount to its default.
+        (lambda order_id, amount, *, currency: order_id, "missing a required argument: 'amount'"),
+    ],
+)
+def test_a_key_callable_that_cannot_take_the_arguments_is_refused_when_decorating(
+    key: Any, why: str
+) -> None:
+    """Was a raw TypeError from inside the lambda on the first call."""
+    refused = rf"key=<lambda>\(.*\) for .*charge\(.*cannot take .*arguments \({why}\)"
+    with pytest.raises(TypeError, match=refused):
+
+        @deco(key=key)
+        def charge(order_id: str, amount: int = 0, *, currency: str = "EUR") -> None: ...
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        lambda order_id, amount=0, *, currency="EUR": order_id,
+        lambda order_id, amount=0, currency="EUR": order_id,
+        lambda *args, **kwargs: "k",
+        lambda order_id, *_, **__: order_id,
+        str.format,  # no signature: left to the call
+    ],
+)
+def test_key_callables_that_can_take_the_arguments_are_accepted(key: Any) -> None:
+    @deco(key=key, fingerprint=False)
+    def charge(order_id: str, amount: int = 0, *, currency: str = "EUR") -> None: ...
+
+
+def test_a_callable_option_failing_to_bind_at_call_time_names_the_option() -> None:
+    runs = []
+
+    # Accepted when decorating (the arguments bind by keyword), but called positionally.
+    @deco(key=lambda *, order_id, **_: order_id, fingerprint=False)
+    def charge(order_id: str, amount: int) -> None:
+        runs.append(order_id)
+
+    assert charge.key_for(order_id="o1", amount=5).endswith(":o1")
+    with pytest.raises(TypeError, match=r"^key=<lambda> cannot take this call's arguments"):
+        charge("o1", 5)
+
+    @deco(key="k:{order_id}", fingerprint=lambda *, order_id, **_: order_id)
+    def refund(order_id: str, amount: int) -> None:
+        runs.append(order_id)
+
+    with pytest.raises(TypeError, match=r"^fingerprint=<lambda> cannot take this call's"):
+        refund("o1", 5)
+
+    from datetime import datetime, timezone
+
+    store = MemoryStore()
+    later = datetime(2100, 1, 1, tzinfo=timezone.utc)
+
+    @idempotent(key="s:{order_id}", deadline=lambda *, order_id, **_: later, store=store)
+    def ship(order_id: str, amount: int) -> None:
+        runs.append(order_id)
+
+    with pytest.raises(TypeError, match=r"^deadline=<lambda> cannot take this call's"):
+        ship("o1", 5)
+    assert runs == [] and list(store.scan()) == []
+
+
+def test_a_type_error_inside_the_key_callable_is_its_own() -> None:
+    @deco(key=lambda n: "k" + n)
+    def fn(n: int) -> None: ...
+
+    with pytest.raises(TypeError, match=r'can only concatenate str \(not "int"\) to str'):
+        fn(1)
+
+
+def test_fingerprint_and_deadline_callables_are_checked_when_decorating() -> None:
+    with pytest.raises(TypeError, match=r"fingerprint=<lambda>\(\) for .*\(a\) cannot take"):
+        deco(key="k", fingerprint=lambda: 1)(lambda a: None)
+    with pytest.raises(TypeError, match=r"deadline=<lambda>\(a, b\) for .*\(a\) cannot take"):
+        deco(key="k", deadline=lambda a, b: None)(lambda a: None)
+
+
+# -- what help(idempotent) shows (issue 13, D) ----------------------------------------------------
+
+OPTIONS = [
+    "key", "name", "store", "ttl", "fingerprint", "wait", "lease", "on_abandoned", "retry_on",
+    "deadline", "transactional", "signing_key", "serializer",
+]  # fmt: skip
+
+
+def test_the_signature_shows_the_public_options_only() -> None:
+    """A private positional _misuse parameter showed in help() and inspect.signature()."""
+    import inspect
+
+    import idemfn
+
+    parameters = inspect.signature(idemfn.idempotent).parameters
+    assert list(parameters) == OPTIONS
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters.values())
+
+
+def test_the_docstring_describes_every_option() -> None:
+    import pydoc
+    import re
+
+    import idemfn
+
+    doc = idemfn.idempotent.__doc__ or ""
+    args = doc.partition("\n    Args:\n")[2].partition("\n    Returns:\n")[0]
+    described = re.findall(r"^        (\w+): \S", args, flags=re.M)
+    assert described == OPTIONS
+    assert "\n    Raises:\n        TypeError:" in doc and "See the README" not in doc
+    assert "_misuse" not in pydoc.render_doc(idemfn.idempotent)
+
+
+def test_options_given_positionally_are_refused_with_the_way_out() -> None:
+    with pytest.raises(TypeError, match=r"keyword options only: write @idempotent\(key='k:\{x\}'"):
+        idempotent("k:{x}")  # type: ignore[call-arg]

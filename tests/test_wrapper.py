@@ -196,7 +196,7 @@ def test_disk_store_that_cannot_be_created_raises_store_error(tmp_path: Path) ->
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     store = DiskStore(blocker / "store")
-    with pytest.raises(idemfn.StoreError, match=r"DiskStore\(.*could not open"):
+    with pytest.raises(idemfn.StoreError, match=r"DiskStore\(.*could not create the directory"):
         store.get("k")
 
 
@@ -343,3 +343,166 @@ def test_begin_takes_a_deadline_as_datetime_or_timestamp() -> None:
     assert store.get("late") is None
     with pytest.raises(ValueError, match="timezone-aware"):
         idemfn.begin("late", store=store, deadline=datetime(2030, 1, 1))
+
+
+# -- key_for, status and forget bind like the method (issue 13, D) ------------------------------
+
+
+class Account:
+    """At module level, so that its bound methods pickle by reference."""
+
+    def __init__(self, id: int) -> None:
+        self.id = id
+
+    @idempotent(key="close:{self.id}:{reason}", store="memory://")
+    def close(self, reason: str) -> str:
+        """Close the account."""
+        return f"closed {self.id}: {reason}"
+
+
+def test_key_helpers_on_an_instance_bind_like_the_method() -> None:
+    """`obj.method.key_for(7)` said "missing a required argument" although 7 was passed."""
+    account = Account(7)
+    bound = account.close
+    assert bound.key_for("fraud") == Account.close.key_for(account, "fraud")
+    assert bound.key_for("fraud").endswith(":close:7:fraud")
+    assert bound.status("fraud") is None
+    assert bound("fraud") == "closed 7: fraud"
+    record = bound.status("fraud")
+    assert record is not None and record.status is idemfn.Status.OK
+    assert bound.forget("fraud") is True and bound.forget("fraud") is False
+    assert bound.store is Account.close.store
+    # The rest of what a bound method gives.
+    assert inspect.signature(bound) == inspect.signature(lambda reason: None).replace(
+        parameters=[inspect.Parameter("reason", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                      annotation="str")],
+        return_annotation="str",
+    )  # fmt: skip
+    assert bound.__name__ == "close" and bound.__doc__ == "Close the account."
+    assert bound.__self__ is account and bound.__func__ is Account.close
+    assert bound == account.close and hash(bound) == hash(account.close)
+    assert bound != Account(7).close
+    assert "close" in repr(bound)
+    import pickle
+
+    again = pickle.loads(pickle.dumps(bound))
+    assert again.key_for("x") == Account(7).close.key_for("x")
+
+
+def test_key_helpers_bind_through_super_and_subclasses() -> None:
+    store = MemoryStore()
+
+    class Base:
+        @idempotent(key="{self.tag}:{n}", store=store)
+        def run(self, n: int) -> str:
+            return f"{self.tag}{n}"
+
+        tag = "base"
+
+    class Child(Base):
+        tag = "child"
+
+        def run(self, n: int) -> str:
+            return "via super " + super().run(n)
+
+        def key(self, n: int) -> str:
+            return super().run.key_for(n)
+
+    child = Child()
+    assert child.run(1) == "via super child1"
+    assert child.key(1).endswith(":child:1")
+    assert Base().run.key_for(1).endswith(":base:1")
+
+
+@pytest.mark.parametrize("order", ["outside", "inside"])
+def test_key_helpers_of_classmethods_and_staticmethods_bind_like_the_call(order: str) -> None:
+    store = MemoryStore()
+
+    if order == "outside":
+
+        class Billing:
+            @idempotent(key="c:{cls.__name__}:{x}", store=store)
+            @classmethod
+            def by_class(cls, x: int) -> str:
+                return f"{cls.__name__}{x}"
+
+            @idempotent(key="s:{x}", store=store)
+            @staticmethod
+            def by_static(x: int) -> str:
+                return f"s{x}"
+
+    else:
+
+        class Billing:  # type: ignore[no-redef]
+            @classmethod
+            @idempotent(key="c:{cls.__name__}:{x}", store=store)
+            def by_class(cls, x: int) -> str:
+                return f"{cls.__name__}{x}"
+
+            @staticmethod
+            @idempotent(key="s:{x}", store=store)
+            def by_static(x: int) -> str:
+                return f"s{x}"
+
+    class Sub(Billing):
+        pass
+
+    for owner in (Billing, Billing(), Sub, Sub()):
+        name = "Sub" if isinstance(owner, Sub) or owner is Sub else "Billing"
+        assert owner.by_class.key_for(1).endswith(f":c:{name}:1")
+        assert owner.by_class(1) == f"{name}1"
+        record = owner.by_class.status(1)
+        assert record is not None and record.status is idemfn.Status.OK
+        assert owner.by_static.key_for(2).endswith(":s:2")
+        assert owner.by_static(2) == "s2"
+        assert owner.by_static.status(2) is not None
+    assert Billing().by_class.forget(1) is True and Sub.by_class.forget(1) is True
+    assert Billing.by_static.forget(2) is True
+
+
+def test_async_methods_stay_coroutine_functions_when_bound() -> None:
+    store = MemoryStore()
+
+    class Fetcher:
+        @idempotent(key="f:{url}", store=store)
+        async def fetch(self, url: str) -> str:
+            return url.upper()
+
+        @staticmethod
+        @idempotent(key="g:{url}", store=store)
+        async def fetch_static(url: str) -> str:
+            return url.upper()
+
+        @idempotent(key="h:{url}", store=store)
+        @classmethod
+        async def fetch_class(cls, url: str) -> str:
+            return url.upper()
+
+    fetcher = Fetcher()
+    for fn in (Fetcher.fetch, fetcher.fetch, Fetcher.fetch_static, fetcher.fetch_class):
+        assert inspect.iscoroutinefunction(fn), fn
+    assert asyncio.run(fetcher.fetch("a")) == "A"
+    assert fetcher.fetch.key_for("a").endswith(":f:a")
+    assert asyncio.run(Fetcher.fetch_static("b")) == "B"
+    assert asyncio.run(fetcher.fetch_class("c")) == "C"
+    assert fetcher.fetch_class.key_for("c").endswith(":h:c")
+
+
+# -- keys no store can hold, in the low-level API (issue 13, B4) -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [("a\x00b", "NUL character"), ("a\udc80b", "lone surrogate"), ("\udfff", "lone surrogate")],
+)
+def test_begin_refuses_unstorable_keys_on_every_store(store: Store, bad: str, why: str) -> None:
+    """PostgreSQL raised StoreError for NUL, the others a bare UnicodeEncodeError or nothing."""
+    refused = rf"^begin\(key=...\) cannot be stored: it holds a {why}"
+    with pytest.raises(ValueError, match=refused):
+        idemfn.begin(bad, store=store)
+    with pytest.raises(ValueError, match=refused):
+        asyncio.run(idemfn.abegin(bad, store=store))
+    assert list(store.scan()) == []
+    claim = idemfn.begin("café-日本", store=store)  # non-ASCII text is fine
+    assert isinstance(claim, idemfn.Claim)
+    claim.complete(1)

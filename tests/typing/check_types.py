@@ -44,6 +44,16 @@ def check_methods(m: Mailer) -> None:
     assert_type(m.welcome(7), str)
     assert_type(Mailer.welcome.key_for(m, 7), str)
     m.welcome("7")  # type: ignore[arg-type]
+    # On an instance, key_for, status and forget bind self like the call.
+    assert_type(m.welcome.key_for(7), str)
+    assert_type(m.welcome.status(user_id=7), Record | None)
+    assert_type(m.welcome.forget(7), bool)
+    m.welcome.key_for("7")  # type: ignore[arg-type]
+    m.welcome.key_for(m, 7)  # type: ignore[arg-type, call-arg]
+
+
+def check_options_are_keyword_only() -> None:
+    idempotent("charge:{order_id}")  # type: ignore[call-arg]
 
 
 # The integrations keep the signature too; an RQ job function may return rq.Retry.
