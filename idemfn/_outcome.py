@@ -2,11 +2,26 @@
 
 A ``Serializer`` turns them into a record's payload. The default, ``"pickle"``, writes values
 and exceptions with pickle, or cloudpickle where pickle cannot do as well (lambdas, local
-classes, objects of the running script's ``__main__``, which cloudpickle stores by value so that
-other processes can load them), and reads them back with plain ``pickle``. ``"json"`` and a
-user's object with ``dumps``/``loads`` never unpickle anything: they store values their way and
-only builtin exceptions (type and arguments, as JSON), so others replay as ``Halted``. Every
-replay builds a fresh copy.
+classes, objects of the running script's ``__main__``), and reads them back with plain
+``pickle``. ``"json"`` and a user's object with ``dumps``/``loads`` never unpickle anything:
+they store values their way and only builtin exceptions (type and arguments, as JSON), so
+others replay as ``Halted``. Every replay builds a fresh copy.
+
+What is written must load back, as the same types (issue 13):
+
+- A class of the script's ``__main__`` is written by name, with a copy of it by value: a replay
+  gets the class of the running ``__main__`` when it defines one of that name, so that the
+  script's next run catches its own exceptions and compares its own dataclasses; any other
+  program (``idemfn show``) loads the copy, as cloudpickle alone would.
+- An exception that is wholly its ``args`` and ``__dict__`` (no ``__slots__``, no state of a
+  builtin base such as ``OSError.errno``, no ``__reduce__``/``__setstate__``/``__new__`` of its
+  own) is rebuilt without calling ``__init__``, whose signature often differs from ``args``
+  (``__init__(self, code, detail)`` passing one message to ``Exception``). Raised exceptions are
+  always written so; exceptions inside a returned value when the default way does not load back.
+- A value is loaded back once before it is recorded ``ok`` unless its pickle refers to no class
+  or function at all (then it is builtin containers and scalars, which always load).
+  ``NotLoadable`` says why it did not, for the engine to halt the key instead of recording
+  something that every replay would fail to load.
 
 Payloads say how they were written: a pickle starts with its protocol byte (0x80); the others
 start with a zero byte and a tag, so that a serializer that must not unpickle can refuse a
@@ -16,9 +31,14 @@ pickle, and ``idemfn show`` can read a JSON value.
 from __future__ import annotations
 
 import builtins
+import copyreg
+import io
 import json
 import pickle
+import re
+import sys
 import traceback as tb_module
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,8 +46,11 @@ from typing import Any, Literal, Protocol
 
 import cloudpickle
 
+from ._errors import IdempotencyError
+
 __all__ = [
     "Failure",
+    "NotLoadable",
     "Serializer",
     "describe_failure",
     "dump_value",
@@ -44,18 +67,222 @@ _CUSTOM = b"\x00c"  # what a user's serializer's dumps() returned
 
 _PROTOCOL = 5  # readable by every supported Python (3.8+)
 
+# A pickle refers to a class or function only through STACK_GLOBAL (protocol 5 never writes
+# GLOBAL), or EXT1/2/4 for what copyreg.add_extension registered (the same dict pickle reads).
+# A pickle without them holds only builtin containers and scalars, which always load back. The
+# bytes may also occur inside data (binary floats, non-ASCII text): then the check below loads
+# back for nothing, never the other way round.
+_STACK_GLOBAL = b"\x93"
+_EXT = re.compile(b"[\x82-\x84]")
+_EXTENSIONS: dict[object, object] = copyreg._extension_registry  # type: ignore[attr-defined]
+# Above this size, finding out exactly whether the value holds any object besides builtin
+# containers and scalars (one more pickling, stopped at the first such object) is cheaper than
+# loading back a payload that only looks as if it does (e.g. a long list of floats).
+_LARGE = 16 * 1024
+
+
+class NotLoadable(Exception):
+    """A value pickled, but its bytes do not load back: every replay would fail.
+
+    Raised by ``Serializer.dump_value``; ``str()`` is the reason to record (the failing type and
+    how to fix it). The engine halts the key with it and still returns the value to the caller.
+    """
+
 
 def dump_value(value: object) -> bytes:
-    """The value as bytes; raises whatever pickling raised when it cannot be stored."""
+    """``value`` as a pickle that loads back.
+
+    Raises ``NotLoadable`` when the bytes do not load back, else whatever pickling raised.
+    """
     try:
         data = pickle.dumps(value, protocol=_PROTOCOL)
     except Exception:
         data = b"__main__"  # let cloudpickle try, and raise its error if it cannot either
     # pickle wrote the same bytes cloudpickle would, unless it referred to the script itself.
     # (It is 5-10x faster, on every first call.)
-    if b"__main__" in data:
-        data = cloudpickle.dumps(value, protocol=_PROTOCOL)
+    cloud = b"__main__" in data
+    if not cloud:
+        if _STACK_GLOBAL not in data and not (_EXTENSIONS and _EXT.search(data)):
+            return data  # builtin containers and scalars: nothing to load back
+        if len(data) > _LARGE and _only_builtins(value):
+            return data
+        try:
+            pickle.loads(data)
+        except Exception:
+            pass  # e.g. an exception inside whose __init__ takes other arguments: write it exactly
+        else:
+            return data
+    data = _exact_dumps(value, cloud=cloud)
+    try:
+        pickle.loads(data)
+    except Exception as problem:
+        raise NotLoadable(_not_loadable(value, problem)) from None
     return data
+
+
+class _Found(Exception):
+    pass
+
+
+class _Sink:
+    """Where ``_Finder`` writes: nowhere (pickle writes a frame at a time)."""
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+class _Finder(pickle.Pickler):
+    """Raises ``_Found`` at the first object that is not a builtin container or scalar (the
+    only objects for which pickle calls ``reducer_override``)."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        raise _Found
+
+
+def _only_builtins(value: object) -> bool:
+    try:
+        _Finder(_Sink(), protocol=_PROTOCOL).dump(value)
+    except _Found:
+        return False
+    return True
+
+
+def _not_loadable(value: object, problem: Exception) -> str:
+    # Where a Python-level rebuild (an __init__, a __setstate__) failed, when it was one.
+    where = ""
+    tb = problem.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is not None and tb.tb_frame.f_code.co_filename != __file__:
+        code = tb.tb_frame.f_code
+        name = code.co_name
+        owner = tb.tb_frame.f_locals.get("self")
+        if owner is not None:
+            name = f"{type(owner).__qualname__}.{name}"  # co_qualname is 3.11+
+        where = f", raised in {name} at {code.co_filename}:{tb.tb_lineno}"
+    return (
+        f"the call returned a {type_name(type(value))}, which pickles but does not load back"
+        f" ({type(problem).__name__}: {problem}{where}), so no replay could return it. Make the"
+        " type that fails rebuildable from its pickle: a __reduce__ (or __getnewargs__) that"
+        " returns what its __init__ takes, an __init__ that accepts the arguments it is rebuilt"
+        " with, or a __setstate__ that accepts its state; or return other types, or pass"
+        " serializer= with a codec that stores it"
+    )
+
+
+def _exact_dumps(value: object, *, cloud: bool = False) -> bytes:
+    """``value`` pickled with exceptions rebuilt without ``__init__`` where that is exact, and
+    the script's own classes by name; with cloudpickle when ``cloud`` or where pickle cannot
+    do as well (lambdas, local classes, the script's ``__main__``)."""
+    if not cloud:
+        buffer = io.BytesIO()
+        try:
+            _ExactPickler(buffer, protocol=_PROTOCOL).dump(value)
+        except Exception:
+            pass
+        else:
+            data = buffer.getvalue()
+            if b"__main__" not in data:
+                return data
+    buffer = io.BytesIO()
+    _CloudPickler(buffer, protocol=_PROTOCOL).dump(value)  # raises if it cannot either
+    return buffer.getvalue()
+
+
+# State that a builtin exception keeps outside args and __dict__ is a member or getset
+# descriptor of its class (OSError.errno, StopIteration.value); so are a class's __slots__.
+_STATE = (types.MemberDescriptorType, types.GetSetDescriptorType)
+_OWN_PICKLING = ("__reduce__", "__reduce_ex__", "__setstate__")
+
+
+def _args_and_dict_only(kind: type[BaseException]) -> bool:
+    """Whether an exception of ``kind`` is wholly its ``args`` and ``__dict__``: then building
+    it with ``__new__(kind, *args)`` and setting its ``__dict__`` gives it back exactly, without
+    ``__init__``."""
+    for base in kind.__mro__:
+        if base is BaseException:
+            return True
+        attrs = vars(base)
+        if any(name in attrs for name in _OWN_PICKLING):
+            return False  # its own way to pickle (OSError, ImportError, a user's): keep it
+        new = attrs.get("__new__")
+        if new is not None and not isinstance(new, types.BuiltinFunctionType):
+            return False  # a __new__ in Python may want other arguments
+        for name, attr in attrs.items():
+            if isinstance(attr, _STATE) and name not in ("__dict__", "__weakref__"):
+                return False
+    return False
+
+
+def _reduce_exception(exc: BaseException) -> tuple[Any, ...] | None:
+    kind = type(exc)
+    if not _args_and_dict_only(kind):
+        return None
+    # copyreg.__newobj__ is pickle's NEWOBJ: kind.__new__(kind, *args), then __setstate__ with
+    # the __dict__, exactly as BaseException.__reduce__ would but for the __init__ call. Any
+    # pickle reader loads it, idemfn or not.
+    newobj = copyreg.__newobj__  # type: ignore[attr-defined]  # not in typeshed
+    return (newobj, (kind, *exc.args), exc.__dict__ or None)
+
+
+class _ExactPickler(pickle.Pickler):
+    """pickle, but exceptions are rebuilt without ``__init__`` where that is exact."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if issubclass(type(obj), BaseException):
+            reduced = _reduce_exception(obj)
+            if reduced is not None:
+                return reduced
+        return NotImplemented
+
+
+class _CloudPickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle, with exceptions as ``_ExactPickler`` writes them, and the classes of the
+    script's ``__main__`` by name with a copy by value (see ``_main_class``)."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        kind = type(obj)
+        if issubclass(kind, BaseException):
+            reduced = _reduce_exception(obj)
+            if reduced is not None:
+                return reduced
+        elif issubclass(kind, type) and obj.__module__ == "__main__":
+            qualname: str = obj.__qualname__
+            if "<locals>" not in qualname:  # else it cannot be looked up: by value only
+                try:
+                    copy: bytes | None = cloudpickle.dumps(obj, protocol=_PROTOCOL)
+                except Exception:  # a class attribute that does not pickle: by name only
+                    copy = None
+                return (_main_class, (qualname, copy))
+        return super().reducer_override(obj)
+
+
+def _main_class(qualname: str, copy: bytes | None) -> type:
+    """A class of the writer's ``__main__``: the running ``__main__``'s class of that name when
+    it has one (the script's next run, which must catch its own exceptions and compare its own
+    dataclasses), else the copy stored by value (any other program).
+
+    Pickles call this by reference: keep its name and arguments.
+    """
+    found: object = sys.modules.get("__main__")
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    if (
+        isinstance(found, type)
+        and found.__qualname__ == qualname
+        # __mp_main__: the script's module in a multiprocessing "spawn" child
+        and found.__module__ in ("__main__", "__mp_main__")
+    ):
+        return found
+    if copy is None:
+        raise pickle.UnpicklingError(
+            f"the class {qualname} of the recording script's __main__ is not defined in this"
+            " program, and had no copy stored by value (a class attribute did not pickle)"
+        )
+    cls = pickle.loads(copy)
+    if not isinstance(cls, type):
+        raise pickle.UnpicklingError(f"the stored copy of {qualname} is not a class")
+    return cls
 
 
 def load(payload: bytes) -> object:
@@ -98,12 +325,27 @@ def describe_failure(exc: BaseException, serializer: Serializer | None = None) -
     if not isinstance(exc, Exception):
         # KeyboardInterrupt, SystemExit, CancelledError: never replayed as themselves.
         return Failure(kind, message, text, None, f"the call was interrupted by {kind}")
+    if isinstance(exc, IdempotencyError):
+        # idemfn's own error from a call inside the body (its key busy elsewhere, halted,
+        # other arguments...) is about that call, not this key's outcome: replayed as itself
+        # for the whole ttl, AlreadyRunning would tell this key's callers to retry when
+        # retrying can only replay it. Not released either: the body may have had side
+        # effects before the inner call, and at-most-once is the default (retry_on= releases).
+        about = f" about key {exc.key!r}" if exc.key else ""
+        reason = (
+            f"its body raised idemfn's {type(exc).__name__}{about}, which is replayed as"
+            " Halted: retrying this key cannot run the body again. Forget this key to run it"
+            f" again, or pass retry_on=idemfn.{type(exc).__name__} to release it instead"
+        )
+        return Failure(kind, message, text, None, reason)
     if serializer is not None and not serializer.unpickles:
         return _as_json_failure(exc, kind, message, text, serializer.name)
     try:
-        payload = dump_value(exc)
-        # Many exception classes pickle but cannot be rebuilt (an __init__ with required
-        # arguments it does not pass to Exception): find out now, not at replay time.
+        # Raised exceptions are always written exactly (without __init__ where that is
+        # exact): a message and attributes as they were raised, not as __init__ remakes them.
+        payload = _exact_dumps(exc)
+        # Some exceptions still pickle but cannot be rebuilt (an OSError subclass whose
+        # __init__ takes other arguments): find out now, not at replay time.
         rebuilt = pickle.loads(payload)
         if type(rebuilt) is not type(exc):
             raise TypeError(f"it came back as {type(rebuilt).__name__}")
@@ -214,7 +456,8 @@ class Serializer:
         return repr(self.name) if self._codec is None or self.name == "json" else self.name
 
     def dump_value(self, value: object) -> bytes:
-        """``value`` as a payload; raises what the serializer raised when it cannot."""
+        """``value`` as a payload; raises what the serializer raised when it cannot, and
+        ``NotLoadable`` when what it wrote does not load back."""
         codec = self._codec
         if codec is None:
             return dump_value(value)
@@ -233,6 +476,15 @@ class Serializer:
             data = data.encode()
         if not isinstance(data, bytes):
             raise TypeError(f"{self.name}.dumps() returned {type(data).__name__}, not bytes or str")
+        try:
+            codec.loads(data)
+        except Exception as problem:
+            raise NotLoadable(
+                f"the call returned a {type_name(type(value))}, which {self.name}.loads() cannot"
+                f" read back from what {self.name}.dumps() wrote ({type(problem).__name__}:"
+                f" {problem}), so no replay could return it. Make the serializer read what it"
+                " writes, or return other types"
+            ) from None
         return _CUSTOM + data
 
     def load(self, payload: bytes) -> object:
