@@ -51,6 +51,7 @@ from ._lease import abandoned_reason
 from ._outcome import (
     PICKLE,
     Failure,
+    NotLoadable,
     Serializer,
     SerializerOption,
     describe_failure,
@@ -371,7 +372,9 @@ class Claim:
         """Record ``value`` as the key's outcome (``ok``).
 
         Raises ``OwnershipLost`` if the claim was lost, and ``Halted`` (after recording the key
-        as halted) if the value cannot be serialised. An ``rq.Retry`` is not an outcome: the
+        as halted) if the value cannot be serialised. A value that serialises but would not load
+        back is not recorded ``ok`` (every replay would fail): the key is halted with the reason,
+        and this returns, so the caller still gets its value. An ``rq.Retry`` is not an outcome: the
         key is released, so that the retried job runs the body again. In a child process
         forked by the body, this records nothing: the claim is its parent's.
         """
@@ -382,6 +385,13 @@ class Claim:
             return
         try:
             payload = self.policy.serializer.dump_value(value)
+        except NotLoadable as problem:
+            # It serialises but does not load back: recorded ok, every replay for the whole
+            # ttl would fail. The body ran: halt with how to fix the type, return its value.
+            entry = self._finished(HALTED, reason=str(problem), exc_type=None, message=None)
+            self._write(entry, problem)
+            logger.error("idemfn: key %r halted: %s", self.key, problem)
+            return
         except BaseException as problem:
             # Never leave the record processing: record why there is no value, then raise.
             kind = type_name(type(value))
