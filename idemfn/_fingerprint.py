@@ -7,21 +7,36 @@ variable-length part is length-prefixed (so no two values share an encoding), an
 are sorted by their encoded members (so order never matters). Pickle output is never hashed: it is
 not deterministic.
 
+Unequal values never share an encoding: where Python's ``==`` is finer than the value's obvious
+fields (aware times and datetimes, ``OrderedDict``), the encoding follows ``==``. Where ``==``
+equates values that behave differently, the encoding keeps them apart instead (two different
+instants that Python calls equal; every type tag): a fingerprint that differs costs a mismatch
+or a rerun, one that is shared replays the wrong result.
+
+numpy values are encoded by dtype, shape and values (never by memory layout), without importing
+numpy: a numpy value can only exist once numpy is in ``sys.modules``.
+
 The layout is versioned by ``FINGERPRINT_VERSION``; golden vectors in the tests pin it. Changing a
 single byte here changes every user's fingerprints and turns their replays into mismatches.
+Version 2 (issue 13) changed how aware times, aware datetimes and Decimal NaNs are encoded, and
+added ``OrderedDict`` and numpy.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime as dt
 import enum
 import hashlib
 import reprlib
+import sys
+import types
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
 from pathlib import PurePath, PureWindowsPath
+from typing import Any
 
 __all__ = [
     "FINGERPRINT_VERSION",
@@ -31,8 +46,8 @@ __all__ = [
     "fingerprint_value",
 ]
 
-FINGERPRINT_VERSION = 1
-_PREFIX = b"idemfn-fp/1\n"
+FINGERPRINT_VERSION = 2
+_PREFIX = b"idemfn-fp/%d\n" % FINGERPRINT_VERSION
 
 
 class Unsupported(TypeError):
@@ -43,10 +58,6 @@ class Unsupported(TypeError):
         self.obj = obj
         self.why = why
         self.path: list[str] = []
-
-
-def _len(n: int) -> bytes:
-    return b"%d:" % n
 
 
 def _str(s: str) -> bytes:
@@ -70,6 +81,8 @@ def _int(i: int) -> bytes:
 
 
 def _float(x: float) -> bytes:
+    # One encoding for every NaN: its sign and payload depend on the CPU that made it (inf - inf
+    # is -nan on x86, nan on ARM), and no NaN equals anything, itself included.
     if x != x:
         return b"fnan;"
     if x == 0.0:
@@ -100,7 +113,7 @@ def _unordered(tag: bytes, items: Iterable[object]) -> bytes:
     return b"%s%d:%s" % (tag, len(parts), b"".join(parts))
 
 
-def _mapping(tag: bytes, items: Iterable[tuple[object, object]]) -> bytes:
+def _mapping(tag: bytes, items: Iterable[tuple[object, object]], ordered: bool = False) -> bytes:
     parts = []
     for k, v in items:
         try:
@@ -113,8 +126,9 @@ def _mapping(tag: bytes, items: Iterable[tuple[object, object]]) -> bytes:
         except Unsupported as exc:
             exc.path.append(f"[{reprlib.repr(k)}]")
             raise
-    # Key encodings are prefix-free and distinct, so sorting the pairs sorts by key.
-    parts.sort()
+    if not ordered:  # an OrderedDict equals another only with its items in the same order
+        # Key encodings are prefix-free and distinct, so sorting the pairs sorts by key.
+        parts.sort()
     return b"%s%d:%s" % (tag, len(parts), b"".join(parts))
 
 
@@ -130,40 +144,68 @@ def _named(tag: bytes, cls: type, fields: Iterable[tuple[str, object]]) -> bytes
     return b"%s%s%d:%s" % (tag, _str(cls.__qualname__), len(parts), b"".join(parts))
 
 
+def _micros(d: dt.datetime) -> int:
+    """Microseconds from 0001-01-01 00:00 to ``d``'s wall time (its tzinfo left aside)."""
+    seconds = d.hour * 3600 + d.minute * 60 + d.second
+    return (dt.date.toordinal(d) * 86400 + seconds) * 1_000_000 + d.microsecond
+
+
+def _offset_micros(offset: dt.timedelta) -> int:
+    return (offset.days * 86400 + offset.seconds) * 1_000_000 + offset.microseconds
+
+
 def _datetime(d: dt.datetime) -> bytes:
     offset = d.utcoffset()
     if offset is None:
-        return b"W" + _str(d.isoformat())
-    # Aware datetimes that are equal compare equal across zones: encode them in UTC.
-    try:
-        return b"A" + _str((d - offset).replace(tzinfo=None).isoformat())
-    except OverflowError:
-        # The UTC instant lies outside datetime's range (e.g. datetime.max at -01:00); every
-        # datetime equal to it overflows too, so this form is still one per instant.
-        since = d.replace(tzinfo=None) - dt.datetime.min - offset
-        return b"a%d,%d,%d;" % (since.days, since.seconds, since.microseconds)
+        return b"W" + _str(dt.datetime.isoformat(d))  # naive: its wall time; fold never counts
+    wall = _micros(d)
+    instant = wall - _offset_micros(offset)  # exact, and no datetime range to overflow
+    tz = d.tzinfo
+    if type(tz) is not dt.timezone:
+        # A wall time in a DST fold or gap has an offset that depends on fold. Python then calls
+        # it unequal to every datetime of another tzinfo, even at the same instant, and compares
+        # it by wall time within its own tzinfo (NY 02:30 in the spring gap != NY 03:30, though
+        # both are 07:30 UTC): the encoding adds the wall time and the zone.
+        flipped = dt.datetime(
+            d.year, d.month, d.day, d.hour, d.minute, d.second, d.microsecond, tz,
+            fold=1 - d.fold,
+        )  # fmt: skip
+        if flipped.utcoffset() != offset:
+            key = getattr(tz, "key", None)  # zoneinfo.ZoneInfo's IANA name
+            zone = f"{type(tz).__qualname__}:{key if isinstance(key, str) else ''}"
+            return b"G%d,%d;%s" % (instant, wall, _str(zone))
+    # Elsewhere aware datetimes that are equal are the same instant, whatever their zone.
+    return b"A%d;" % instant
 
 
 def _time(t: dt.time) -> bytes:
     offset = t.utcoffset()
     if offset is None:
-        return b"H" + _str(t.isoformat())
-    # Python compares aware times by minutes past midnight minus the offset, without wrapping.
-    minutes = t.hour * 60 + t.minute - offset // dt.timedelta(minutes=1)
-    return b"h%d,%d,%d;" % (minutes, t.second, t.microsecond)
+        return b"H" + _str(dt.time.isoformat(t))
+    # CPython compares aware times by seconds past midnight minus the offset's whole seconds
+    # (no wrapping at midnight), then by microseconds; the offset's own microseconds are
+    # written too, so that two times Python calls equal but that lie apart still differ.
+    seconds = t.hour * 3600 + t.minute * 60 + t.second - offset.days * 86400 - offset.seconds
+    return b"h%d,%d,%d;" % (seconds, t.microsecond, offset.microseconds)
 
 
 def _decimal(d: Decimal) -> bytes:
-    if not d.is_finite():
-        return b"M" + _str("nan" if d.is_nan() else ("-inf" if d.is_signed() else "inf"))
     sign, digits, exponent = d.as_tuple()
-    assert isinstance(exponent, int)
+    minus = "-" if sign else ""
+    if not isinstance(exponent, int):
+        if exponent == "F":
+            return b"M" + _str(f"{minus}inf")
+        # A NaN equals nothing, but a signalling one raises where a quiet one propagates, and
+        # sign and payload show in str(): every NaN is written exactly (Decimal is the same
+        # software everywhere, unlike a float NaN).
+        payload = "".join(map(str, digits)).lstrip("0")
+        return b"M" + _str(f"{minus}{'snan' if exponent == 'N' else 'nan'}{payload}")
     text = "".join(map(str, digits)).lstrip("0")
     if not text:
         return b"M" + _str("0")  # every zero, whatever its sign and exponent
     stripped = text.rstrip("0")
     exponent += len(text) - len(stripped)
-    return b"M" + _str(f"{'-' if sign else ''}{stripped}e{exponent}")
+    return b"M" + _str(f"{minus}{stripped}e{exponent}")
 
 
 def _path(p: PurePath) -> bytes:
@@ -173,26 +215,38 @@ def _path(p: PurePath) -> bytes:
     return b"Pp" + _str(str(p))
 
 
-_EXACT: dict[type, Callable[[object], bytes]] = {
+_EXACT: dict[type, Callable[[Any], bytes]] = {
     type(None): lambda _: b"N",
     bool: lambda b: b"T" if b else b"F",
-    int: _int,  # type: ignore[dict-item]
-    float: _float,  # type: ignore[dict-item]
-    str: _str,  # type: ignore[dict-item]
-    bytes: lambda b: _bytes(b"b", b),  # type: ignore[arg-type]
-    bytearray: lambda b: _bytes(b"y", bytes(b)),  # type: ignore[call-overload]
-    list: lambda v: _seq(b"l", v),  # type: ignore[arg-type]
-    tuple: lambda v: _seq(b"t", v),  # type: ignore[arg-type]
-    dict: lambda v: _mapping(b"d", v.items()),  # type: ignore[attr-defined]
-    set: lambda v: _unordered(b"S", v),  # type: ignore[arg-type]
-    frozenset: lambda v: _unordered(b"Z", v),  # type: ignore[arg-type]
-    dt.datetime: _datetime,  # type: ignore[dict-item]
-    dt.date: lambda d: b"D" + _str(d.isoformat()),  # type: ignore[attr-defined]
-    dt.time: _time,  # type: ignore[dict-item]
-    dt.timedelta: lambda t: b"R%d,%d,%d;" % (t.days, t.seconds, t.microseconds),  # type: ignore[attr-defined]
-    Decimal: _decimal,  # type: ignore[dict-item]
-    uuid.UUID: lambda u: _bytes(b"U", u.bytes),  # type: ignore[attr-defined]
+    int: _int,
+    float: _float,
+    str: _str,
+    bytes: lambda b: _bytes(b"b", b),
+    bytearray: lambda b: _bytes(b"y", bytes(b)),
+    list: lambda v: _seq(b"l", v),
+    tuple: lambda v: _seq(b"t", v),
+    dict: lambda v: _mapping(b"d", v.items()),
+    set: lambda v: _unordered(b"S", v),
+    frozenset: lambda v: _unordered(b"Z", v),
+    dt.datetime: _datetime,
+    dt.date: lambda d: b"D" + _str(dt.date.isoformat(d)),
+    dt.time: _time,
+    dt.timedelta: lambda t: b"R%d,%d,%d;" % (t.days, t.seconds, t.microseconds),
+    Decimal: _decimal,
+    uuid.UUID: lambda u: _bytes(b"U", u.bytes),
 }
+
+# Subclasses of these encode as the base (a str subclass equals its str value), in this order
+# (datetime before its base date), as long as they compare like the base: the equality each
+# one may have instead.
+_BASES: tuple[type, ...] = (
+    bool, int, float, str, bytes, bytearray, list, tuple, dict, set, frozenset,
+    dt.datetime, dt.date, dt.time, dt.timedelta, Decimal, uuid.UUID,
+)  # fmt: skip
+_BASE_EQUALITY: dict[type, tuple[object, ...]] = {base: (base.__eq__,) for base in _BASES}
+# Counter calls a missing key and a zero count equal; treated as a dict, Counters that differ
+# still never agree (Counter(a=0) and Counter() differ: the safe side).
+_BASE_EQUALITY[dict] += (collections.Counter.__eq__,)
 
 
 def _enc(value: object) -> bytes:
@@ -204,41 +258,144 @@ def _enc(value: object) -> bytes:
 
 def _enc_other(value: object) -> bytes:
     """Everything that is not one of the exact builtin types: hooks, then subclasses."""
-    hook = getattr(type(value), "__idemfn_fingerprint__", None)
+    cls = type(value)
+    hook = getattr(cls, "__idemfn_fingerprint__", None)
     if hook is not None:
         try:
-            return b"X" + _str(type(value).__qualname__) + _enc(hook(value))
+            return b"X" + _str(cls.__qualname__) + _enc(hook(value))
         except Unsupported as exc:
             exc.path.append(".__idemfn_fingerprint__()")
             raise
+    np = sys.modules.get("numpy")  # no numpy value exists before numpy is imported
+    if np is not None and isinstance(value, (np.ndarray, np.generic)):
+        return _numpy(value, np)
     if isinstance(value, enum.Enum):
         try:
-            return b"E" + _str(type(value).__qualname__) + _enc(value.value)
+            return b"E" + _str(cls.__qualname__) + _enc(value.value)
         except Unsupported as exc:
             exc.path.append(".value")
             raise
-    fields = getattr(type(value), "_fields", None)
-    if isinstance(value, tuple) and isinstance(fields, tuple):
-        return _named(b"Q", type(value), zip(fields, value, strict=False))
+    fields = getattr(cls, "_fields", None)
+    # A tuple subclass whose _fields name fewer items than it holds is no namedtuple: zipping
+    # would drop the rest, so it encodes as the tuple it compares as (below).
+    if isinstance(value, tuple) and isinstance(fields, tuple) and len(fields) == len(value):
+        return _named(b"Q", cls, zip(fields, value, strict=True))
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         # Fields with compare=False don't take part in equality, so not in the fingerprint.
         compared = [f.name for f in dataclasses.fields(value) if f.compare]
         missing = [name for name in compared if not hasattr(value, name)]
         if missing:
             raise Unsupported(value, f"its dataclass field {missing[0]!r} is not set")
-        return _named(b"C", type(value), ((name, getattr(value, name)) for name in compared))
+        return _named(b"C", cls, ((name, getattr(value, name)) for name in compared))
     if isinstance(value, PurePath):
         return _path(value)
-    # Subclasses of builtin types encode as their base: a str subclass equals its str value.
-    if isinstance(value, dt.datetime):
-        return _datetime(value)
-    for base in (bool, int, float, str, bytes, bytearray, list, tuple, dict, set, frozenset,
-                 dt.date, dt.time, dt.timedelta, Decimal, uuid.UUID):  # fmt: skip
+    if isinstance(value, collections.OrderedDict) and cls.__eq__ is collections.OrderedDict.__eq__:
+        return _mapping(b"O", value.items(), ordered=True)
+    for base in _BASES:
         if isinstance(value, base):
+            if cls.__eq__ not in _BASE_EQUALITY[base]:
+                # Its own == may tell apart values its base encoding would merge (extra state,
+                # order, precision): refuse rather than replay one for the other.
+                raise Unsupported(
+                    value,
+                    f"it subclasses {base.__qualname__} but defines its own ==, so its"
+                    f" {base.__qualname__} value alone may not identify it",
+                )
             return _EXACT[base](value)
+    if isinstance(value, types.MappingProxyType):
+        try:  # it compares like the mapping it shows (an OrderedDict's order included)
+            return _enc(value.copy())
+        except AttributeError:
+            pass
     if isinstance(value, Mapping):
         return _mapping(b"d", value.items())
     raise Unsupported(value)
+
+
+# --------------------------------------------------------------------------------------------
+# numpy. ``np`` is the numpy module, taken from sys.modules: this file never imports it.
+
+def _numpy(value: Any, np: Any) -> bytes:
+    cls = type(value)
+    if isinstance(value, np.generic):
+        if cls.__module__ == "numpy":
+            # A scalar: tagged by its dtype, so np.float32(1) != np.float64(1) != 1.0.
+            return b"nS" + _array(np.asarray(value), np)
+    elif cls is np.ndarray or cls is np.memmap:  # a memmap is an ndarray on a file
+        return b"nA" + _array(value, np)
+    elif cls is np.matrix or cls is np.recarray:
+        return b"n%s%s" % (b"M" if cls is np.matrix else b"R", _array(value.view(np.ndarray), np))
+    else:
+        ma = sys.modules.get("numpy.ma")
+        if ma is not None and cls is ma.core.MaskedConstant:
+            return b"nm"  # numpy.ma.masked, the one masked value (it has no fill value to read)
+        if ma is not None and cls is ma.MaskedArray:
+            # The data (masked entries included), the mask (nomask and all-False agree) and the
+            # fill value: a masked array never agrees with its data alone.
+            data = _array(np.asarray(value.data), np) + _array(ma.getmaskarray(value), np)
+            return b"nK" + data + _enc(value.fill_value)
+    # A subclass from elsewhere may hold more than its elements (units, a mask, metadata).
+    base = "generic" if isinstance(value, np.generic) else "ndarray"
+    raise Unsupported(
+        value, f"it is a subclass of numpy.{base} that idemfn does not know; its elements may"
+        " not be all that identifies it",
+    )
+
+
+def _shape(a: Any) -> bytes:
+    return b"(%s)" % b",".join(b"%d" % n for n in a.shape)
+
+
+def _array(a: Any, np: Any) -> bytes:
+    """A plain ndarray's dtype, shape and elements; never its strides, order or byte order."""
+    dtype = a.dtype
+    kind = dtype.kind
+    if dtype.names is not None:
+        # Structured: field by field, each as an array of its own (names and values only, so
+        # padding bytes, offsets and byte order never count).
+        fields = []
+        for name in dtype.names:
+            try:
+                fields.append(_str(name) + _array(a[name], np))
+            except Unsupported as exc:
+                exc.path.append(f"[{name!r}]")
+                raise
+        return b"r%s%d:%s" % (_shape(a), len(fields), b"".join(fields))
+    if kind == "O" or kind == "T":
+        # Python objects (or numpy 2's variable-width strings, which hold pointers): element by
+        # element, in C order, with the encoding of the objects themselves.
+        tag = b"o" if kind == "O" else b"T" + _str(str(dtype))
+        parts = []
+        for index, item in enumerate(a.astype(object, copy=False).flat):
+            try:
+                parts.append(_enc(item))
+            except Unsupported as exc:
+                where = np.unravel_index(index, a.shape)
+                exc.path.append("[" + ", ".join(str(int(i)) for i in where) + "]")
+                raise
+        return b"%s%s%s" % (tag, _shape(a), b"".join(parts))
+    if kind not in "biufcmMSUV":
+        raise Unsupported(a, f"numpy dtype {dtype} has no canonical form")
+    if (kind == "f" and dtype.itemsize > 8) or (kind == "c" and dtype.itemsize > 16):
+        raise Unsupported(
+            a,
+            f"numpy {dtype} (long double) has padding bytes and a size that differ between"
+            " machines; convert it with .astype(numpy.float64) first",
+        )
+    little = dtype.newbyteorder("<")  # a no-op for one-byte and already little-endian dtypes
+    data = np.ascontiguousarray(a, dtype=little).reshape(-1)  # C order; a copy only if needed
+    if kind == "b":
+        data = data.view(np.uint8) != 0  # a bool's byte may hold any nonzero value
+    elif kind in "fc":
+        # As for Python floats: -0.0 and 0.0 agree, and every NaN is one NaN.
+        real = data.view(np.dtype(f"<f{dtype.itemsize // (2 if kind == 'c' else 1)}"))
+        with np.errstate(all="ignore"):
+            real = real + real.dtype.type(0)  # -0.0 + 0.0 is 0.0; a copy, never the caller's
+            real[np.isnan(real)] = np.nan
+        data = real
+    # A digest of the elements rather than the elements: a large array is hashed where it lies.
+    digest = hashlib.sha256(data.view(np.uint8)).digest()
+    return b"=%s%s%s" % (_str(little.str), _shape(a), digest)
 
 
 def canonical(value: object) -> bytes:

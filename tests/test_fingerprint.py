@@ -1,11 +1,13 @@
 """Tests for ``idemfn._fingerprint``: the canonical encoding behind every argument fingerprint.
 
-The golden vectors below (``GOLDEN``, ``CANONICAL_BYTES``, ``ARGUMENTS_GOLDEN``) are literal
-copies of what the implementation produced when the format was fixed. Fingerprints are stored by
+The golden vectors below (``VECTORS``, ``ARGUMENTS_GOLDEN``) are written out: each value's
+canonical bytes by hand from the layout, and the sha256 of those bytes under the version prefix
+(a test checks the two columns agree without the code under test). Fingerprints are stored by
 users alongside their records: changing any of these vectors breaks every user's stored
 fingerprints (replays turn into mismatches). Never edit a vector to make a test pass; if the
 encoding really has to change, bump ``FINGERPRINT_VERSION`` (and the prefix it drives) instead,
-and add a new table for the new version.
+and add a new table for the new version. Version 2 (issue 13) replaced version 1, whose table
+``GOLDEN_V1`` still pins every encoding version 2 did not change.
 
 The classes used by the golden vectors live at module level on purpose: their ``__qualname__``
 is part of the encoding, so moving them into a function would change their vectors.
@@ -13,6 +15,7 @@ is part of the encoding, so moving them into a function would change their vecto
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime as dt
 import enum
@@ -44,7 +47,7 @@ if TYPE_CHECKING:
     import random
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PREFIX = b"idemfn-fp/1\n"
+PREFIX = b"idemfn-fp/2\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,13 +93,307 @@ class Str(str):
     __slots__ = ()
 
 
+class ToyZone(dt.tzinfo):
+    """A zone with daylight saving time, fold-aware (PEP 495) and independent of the system's
+    tz database: UTC+1, and UTC+2 from 2024-03-31 02:00 (clocks jump to 03:00: a gap) to
+    2024-10-27 03:00 (clocks go back to 02:00: a fold). ``key`` names it as zoneinfo would."""
+
+    key = "Toy/Zone"
+    SPRING = dt.datetime(2024, 3, 31, 2)
+    AUTUMN = dt.datetime(2024, 10, 27, 2)
+    HOUR = dt.timedelta(hours=1)
+
+    def utcoffset(self, when: dt.datetime | None) -> dt.timedelta | None:
+        if when is None:
+            return None  # like zoneinfo: a time of day alone has no offset
+        wall = when.replace(tzinfo=None, fold=0)
+        if self.SPRING <= wall < self.SPRING + self.HOUR:
+            summer = when.fold == 1  # in the gap, fold=0 takes the offset from before it
+        elif self.AUTUMN <= wall < self.AUTUMN + self.HOUR:
+            summer = when.fold == 0  # in the fold, fold=0 is the first (summer) pass
+        else:
+            summer = self.SPRING <= wall < self.AUTUMN
+        return self.HOUR * (2 if summer else 1)
+
+    def dst(self, when: dt.datetime | None) -> dt.timedelta | None:
+        offset = self.utcoffset(when)
+        return None if offset is None else offset - self.HOUR
+
+    def tzname(self, when: dt.datetime | None) -> str:
+        return "TST" if self.dst(when) else "TWT"
+
+
 # --------------------------------------------------------------------------------------------
 # 1. Golden vectors
 # --------------------------------------------------------------------------------------------
 
 IST = dt.timezone(dt.timedelta(hours=5, minutes=30))
+UTC = dt.timezone.utc
 
-GOLDEN: list[tuple[str, object, str]] = [
+
+def _offset(**kwargs: float) -> dt.timezone:
+    return dt.timezone(dt.timedelta(**kwargs))
+
+
+TOY = ToyZone()
+
+# Version 2: each value, its canonical encoding written out by hand from the layout (so a reader
+# can check it without running anything), and the fingerprint users store. Numbers worth
+# checking: 2024-03-01 is day 738946 (date.toordinal), 2024-03-31 day 738976; an aware
+# datetime is microseconds from 0001-01-01 00:00 UTC to its instant, a time in a fold or gap of
+# its zone also its wall time and zone; an aware time is seconds past midnight minus the
+# offset's whole seconds, its microseconds, the offset's microseconds.
+VECTORS: list[tuple[str, object, bytes, str]] = [
+    ("none", None, b"N", "c592a7b4a7ea0f6ac9c52bd5c2900743bec07a492eccb001c8242a8ac0434633"),
+    ("true", True, b"T", "218d945a8d6aae0262a4fa15140e357118140892016a2d6094780528ec5e9b70"),
+    ("false", False, b"F", "56279dee89e0e21af307b0c997d59122b273e14f02ec71b55cf49e3c51eb7d9e"),
+    ("zero", 0, b"i0;", "f30572d3b49f9e0a8590146addc219ef3617bb5a7732d651105af29ce01a4d5d"),
+    (
+        "negative_int",
+        -5,
+        b"i-5;",
+        "0274b43ed595b98c84bda6584036be6a94498929efd78c6a55b69de11917c23d",
+    ),
+    (
+        "big_int",
+        2**100,
+        b"i1267650600228229401496703205376;",
+        "5fe7059c98300b80be8c152d119ebcd584b552a0a986723ad0bf9eed956258f0",
+    ),
+    (
+        "huge_int",
+        2**2000,
+        b"I1" + b"0" * 500 + b";",
+        "d828c845de64931bc9c8eb89477aa71e36b4adad34a7c89537216e48d329a248",
+    ),
+    (
+        "float",
+        1.5,
+        b"f0x1.8000000000000p+0;",
+        "848604faa9518c4a4baf866f0a54a31277debb726e07e903fc23fb7e5d8a95d6",
+    ),
+    (
+        "negative_zero",
+        -0.0,
+        b"f0;",
+        "8ec23d2c6fbdf15f44c58f2a77a5a6b70308ecddab62068eb1e0d1b12ecc3d4a",
+    ),
+    (
+        "nan",
+        float("nan"),
+        b"fnan;",
+        "9278aff1ee8652e5e981eea3f55c84f9fda4b11ba609aa618e11914d74702d8a",
+    ),
+    (
+        "inf",
+        float("inf"),
+        b"finf;",
+        "0a0efad4f5e76f6bcd30d6ff3151561dd4e0e853e6fc4f9c085b00e3033601f5",
+    ),
+    (
+        "negative_inf",
+        float("-inf"),
+        b"f-inf;",
+        "3b0c11910af4e5d0e74da7c0dd5943ad65ee1c6a68ce4b7679f51d5b4f9e6460",
+    ),
+    ("empty_str", "", b"s0:", "7abf64d6b7a9babbd6d1d047ac255b13e5b400eb588e701eb43c87aaa36e61d4"),
+    (
+        "unicode_str",
+        "h\u00e9llo",
+        b"s6:h\xc3\xa9llo",
+        "b6c5f07122b3a5c390091fa22afda79062a07064d887ecd07e504d4e381a1bab",
+    ),
+    (
+        "lone_surrogate",
+        "\ud800",
+        b"s3:\xed\xa0\x80",
+        "73a8d70d27fff16a0fe50928a64a6ede9548cb204b94cfe4a0f231ef228f5345",
+    ),
+    (
+        "bytes",
+        b"\x00\xff",
+        b"b2:\x00\xff",
+        "53896674f0a89d46f5961090a041843e5b35e3b0b50df6017f4d4a8795bc3d82",
+    ),
+    (
+        "bytearray",
+        bytearray(b"\x00\xff"),
+        b"y2:\x00\xff",
+        "800c5bef76a99f7f3323aba8c42c11ef7dc6cb388061c1e0008692c579cb3405",
+    ),
+    (
+        "list",
+        [1, "a", None],
+        b"l3:i1;s1:aN",
+        "03d471df240e1770f6b0125e298997f5525911fb376baecad220b094c9b78199",
+    ),
+    (
+        "tuple",
+        (1, 2.5),
+        b"t2:i1;f0x1.4000000000000p+1;",
+        "da526b9fecc5faeeafea2d8dbc7f893ea6140574f99d251165708b996cc41a56",
+    ),
+    (
+        "nested_dict",
+        {"b": [1, {"c": (True,)}], "a": {"x": b"y"}},
+        b"d2:s1:ad1:s1:xb1:ys1:bl2:i1;d1:s1:ct1:T",
+        "740baf542eaaa3239543441ceed3fd01994e098244b7b2e39b36da1cf3b2754b",
+    ),
+    (
+        "set",
+        {3, 1, 2},
+        b"S3:i1;i2;i3;",
+        "c081cc6daf50316ccf371f703aba496404f45da1b4f363245b17b646a8270306",
+    ),
+    (
+        "frozenset",
+        frozenset({"x", "y"}),
+        b"Z2:s1:xs1:y",
+        "692a621da0bd593738db3b5a1d7f5adc50a8f59742695b9c032ee4286d75e951",
+    ),
+    (
+        "ordered_dict",
+        collections.OrderedDict([("b", 1), ("a", 2)]),
+        b"O2:s1:bi1;s1:ai2;",
+        "e608e8ef1aa52eba7fd004ca6534e45a3cb7d6dce7dae0c01b199c58aab5077e",
+    ),
+    (
+        "aware_datetime",
+        dt.datetime(2024, 3, 1, 12, 30, 15, 123456, tzinfo=IST),  # 07:00:15.123456 UTC
+        b"A63844959615123456;",
+        "8db094db47b97b42ffb600aad5bab77981ff05ffcc67b9575d5facd8d3263c5a",
+    ),
+    (
+        "aware_datetime_in_a_gap",  # 02:30 does not exist in TOY that day; fold=0: UTC+1
+        dt.datetime(2024, 3, 31, 2, 30, tzinfo=TOY),
+        b"G63847531800000000,63847535400000000;s16:ToyZone:Toy/Zone",
+        "b09a0d1808f9fe4401cd933ced351cf6ded2f4ea46218b4de317e4c6cbf8deb3",
+    ),
+    (
+        "naive_datetime",
+        dt.datetime(2024, 3, 1, 12, 30),
+        b"Ws19:2024-03-01T12:30:00",
+        "40913f1fcd1622dc8256eeec75c4e8a7058ce4533b94d5357c25c28bd908e553",
+    ),
+    (
+        "date",
+        dt.date(2024, 2, 29),
+        b"Ds10:2024-02-29",
+        "acf65ef76125eb4c7721fa85976170743e49950daef1472c1ce7c4eccde237f9",
+    ),
+    (
+        "time",
+        dt.time(23, 59, 58, 1),
+        b"Hs15:23:59:58.000001",
+        "e416302f6e6780a3515fe2948519fe2baadb082e86a10b04090a30525fcaf18b",
+    ),
+    (
+        "aware_time",
+        dt.time(10, 0, tzinfo=UTC),
+        b"h36000,0,0;",
+        "1753b840205bccec23072ac0c10b8c500f01a094f62bfb13e68aa66a085519d6",
+    ),
+    (
+        "aware_time_30s_offset",
+        dt.time(10, 0, tzinfo=_offset(seconds=30)),
+        b"h35970,0,0;",
+        "5f7aff16875de2eca805591a4435e5a8f629d2a3fb73b1da9008febe2c5e3dda",
+    ),
+    (
+        "aware_time_half_second_offset",  # offset = -1 day + 86399.5 s
+        dt.time(10, 0, 0, 5, tzinfo=_offset(microseconds=-500_000)),
+        b"h36001,5,500000;",
+        "3023e3c11e619bfe8e60bf2b6454f1d4c9ea3899d2fb699422afb485aabbb5e4",
+    ),
+    (
+        "timedelta",
+        dt.timedelta(days=-1, seconds=5, microseconds=7),
+        b"R-1,5,7;",
+        "b48cf27e9dbd79fc1b0a4e2726f1287d3464f8dfd64e0bedf388340a6c128ae5",
+    ),
+    (
+        "decimal",
+        Decimal("1.10"),
+        b"Ms5:11e-1",
+        "d04303e076042f6b01a05fd8a130f83f5d280e16832c2e8c7c88a7bed43dfbe3",
+    ),
+    (
+        "decimal_nan",
+        Decimal("NaN"),
+        b"Ms3:nan",
+        "93c904e3d9c161e7d3147d5fc17e4087f1a6172ea2e8168316b2dd799bb8af24",
+    ),
+    (
+        "decimal_signalling_nan",
+        Decimal("-sNaN12"),
+        b"Ms7:-snan12",
+        "f2be7bb34ed2fd1bafdd77d3b57530444c23d00b478d2c52b203c1cb63151009",
+    ),
+    (
+        "decimal_infinity",
+        Decimal("-Infinity"),
+        b"Ms4:-inf",
+        "b91463b63b3ed421205ac6af8f8269da10bcf77fc93d5f0f1c4170abb34834d5",
+    ),
+    (
+        "uuid",
+        uuid.UUID("12345678-1234-5678-1234-567812345678"),
+        b"U16:\x124Vx\x124Vx\x124Vx\x124Vx",
+        "3a2b4d634c7969bd2a16a30d5b57b90705a4d483af59ccd9a44fa708f6593cc2",
+    ),
+    (
+        "enum",
+        Color.RED,
+        b"Es5:Colors3:red",
+        "9f94e0b03fc1e89f0bd603d37993e14e5ce1d1a8c187e00f2881c91792f9bf17",
+    ),
+    (
+        "int_enum",
+        Level.HIGH,
+        b"Es5:Leveli3;",
+        "89bbe372a5a23005bcf5d82bdc6f80dd0bb04f25c0571c97e3ce74d4105878d9",
+    ),
+    (
+        "pure_posix_path",
+        PurePosixPath("/srv/data/file.txt"),
+        b"Pps18:/srv/data/file.txt",
+        "9ef5cc99af9680cacdb16070448e4822a6927473c5c105e6f5434c271feaa215",
+    ),
+    (
+        "pure_windows_path",
+        PureWindowsPath("C:/Users/data.txt"),
+        b"Pws17:c:\\users\\data.txt",
+        "b2c2b6a50288dfcf6def5942b675abb22df76fc2f48cb9e1893f00e7fd4a4069",
+    ),
+    (
+        "dataclass",
+        Point(1, 2),
+        b"Cs5:Point2:s1:xi1;s1:yi2;",
+        "ce7a251f10c57afbe814e8ce6a0f8150fbca3a4d0594960975f9a17cda442dfd",
+    ),
+    (
+        "namedtuple",
+        Pair("k", 9),
+        b"Qs4:Pair2:s3:keys1:ks4:sizei9;",
+        "543d729fb8ec5208d28759707ceae07d64ea4931595e0964c9699de53d6ea4aa",
+    ),
+    (
+        "hook",
+        Money("12.50", "EUR"),
+        b"Xs5:Moneyt2:s3:EURMs6:125e-1",
+        "ec923fada68cebcbd6c859f19caaf7f219c1e22ebf46caa2555baae4524bb360",
+    ),
+]
+
+# f(order_id="o-1", amount=100): the arguments in signature order, each name then its value.
+ARGUMENTS_BYTES = b"a2:s8:order_ids3:o-1s6:amounti100;"
+ARGUMENTS_GOLDEN = "e5424d1bb20cfb1a912999d9ec94982e13dd49540de6a0e8ccbcccd2089ff695"
+
+# Version 1, kept for what it still proves: every value whose encoding version 2 did not change
+# still encodes as it did (only the prefix moved). Never edit; version 1 is frozen.
+V1_PREFIX = b"idemfn-fp/1\n"
+V1_CHANGED = {"aware_datetime"}  # version 2 writes aware datetimes as a count of microseconds
+GOLDEN_V1: list[tuple[str, object, str]] = [
     ("none", None, "38cf3247f1c69ca478323be25a4b7628387f9edca7b57936edf313198110c8af"),
     ("true", True, "287d40f130be419d4360f541d21cd31728dff70710d6a3183afe203a5b3bc1b1"),
     ("false", False, "18d0f29618f215d674374780a649696723bb01fc63c1da9e02d2207d0a5ddb50"),
@@ -198,50 +495,58 @@ GOLDEN: list[tuple[str, object, str]] = [
     ),
 ]
 
-CANONICAL_BYTES: list[tuple[object, bytes]] = [
-    (None, b"N"),
-    (True, b"T"),
-    (7, b"i7;"),
-    ("ab", b"s2:ab"),
-    ([1, "a"], b"l2:i1;s1:a"),
-    ({"b": 1, "a": 2}, b"d2:s1:ai2;s1:bi1;"),
-]
-
-ARGUMENTS_GOLDEN = "1677eef6755f96d4e114db7528c352ad3a73ca3d1d74fca53a1c138e55349b9b"
 
 
 def test_fingerprint_version_is_pinned() -> None:
-    # The golden vectors below belong to version 1; a new version needs new vectors.
-    assert FINGERPRINT_VERSION == 1
+    # VECTORS belong to version 2; a new version needs new vectors (and keeps these).
+    assert FINGERPRINT_VERSION == 2
 
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [pytest.param(value, digest, id=name) for name, value, digest in GOLDEN],
+    [pytest.param(value, digest, id=name) for name, value, _, digest in VECTORS],
 )
 def test_golden_vectors(value: object, expected: str) -> None:
     assert fingerprint_value(value) == expected
 
 
-def test_golden_vectors_are_pairwise_distinct() -> None:
-    digests = [digest for _, _, digest in GOLDEN]
-    assert len(set(digests)) == len(digests)
-
-
-@pytest.mark.parametrize(("value", "expected"), CANONICAL_BYTES, ids=repr)
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [pytest.param(value, encoded, id=name) for name, value, encoded, _ in VECTORS],
+)
 def test_canonical_bytes_are_pinned(value: object, expected: bytes) -> None:
     assert canonical(value) == expected
 
 
-@pytest.mark.parametrize(("value", "expected"), CANONICAL_BYTES, ids=repr)
-def test_fingerprint_is_sha256_of_prefixed_canonical(value: object, expected: bytes) -> None:
-    assert fingerprint_value(value) == hashlib.sha256(PREFIX + expected).hexdigest()
+@pytest.mark.parametrize(("name", "encoded", "digest"), [(n, e, d) for n, _, e, d in VECTORS])
+def test_golden_digests_are_sha256_of_the_written_bytes(
+    name: str, encoded: bytes, digest: str
+) -> None:
+    # The table checks itself, without the code under test: the two columns say the same.
+    assert hashlib.sha256(PREFIX + encoded).hexdigest() == digest, name
+
+
+def test_golden_vectors_are_pairwise_distinct() -> None:
+    digests = [digest for _, _, _, digest in VECTORS]
+    assert len(set(digests)) == len(digests)
+    encodings = [encoded for _, _, encoded, _ in VECTORS]
+    for a, b in itertools.permutations(encodings, 2):
+        assert not b.startswith(a)  # no encoding is a prefix of another
 
 
 def test_arguments_golden_vector() -> None:
     names = ("order_id", "amount")
+    assert hashlib.sha256(PREFIX + ARGUMENTS_BYTES).hexdigest() == ARGUMENTS_GOLDEN
     assert fingerprint_arguments(names, {"order_id": "o-1", "amount": 100}) == ARGUMENTS_GOLDEN
     assert ArgumentsFingerprint(names)({"amount": 100, "order_id": "o-1"}) == ARGUMENTS_GOLDEN
+
+
+@pytest.mark.parametrize(
+    ("value", "v1_digest"),
+    [pytest.param(v, d, id=n) for n, v, d in GOLDEN_V1 if n not in V1_CHANGED],
+)
+def test_version_2_changed_nothing_else(value: object, v1_digest: str) -> None:
+    assert hashlib.sha256(V1_PREFIX + canonical(value)).hexdigest() == v1_digest
 
 
 # --------------------------------------------------------------------------------------------
@@ -961,3 +1266,520 @@ def test_error_path_for_keys_and_members_is_readable() -> None:
     with pytest.raises(TypeError) as info:
         fingerprint_value([Widget()], where="payload")
     assert "(at payload[0])" in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Issue 13 (A9): no lossy encodings. Each unequal pair below shared a fingerprint in version 1
+# --------------------------------------------------------------------------------------------
+
+
+def _zone(name: str) -> dt.tzinfo:
+    zoneinfo = pytest.importorskip("zoneinfo")
+    try:
+        return zoneinfo.ZoneInfo(name)  # type: ignore[no-any-return]
+    except zoneinfo.ZoneInfoNotFoundError:
+        pytest.skip(f"no tz database entry for {name}")
+
+
+def test_aware_times_whose_offsets_differ_by_seconds_differ() -> None:
+    plus_30s = dt.time(10, 0, tzinfo=_offset(seconds=30))
+    utc = dt.time(10, 0, tzinfo=UTC)
+    assert plus_30s != utc
+    assert fingerprint_value(plus_30s) != fingerprint_value(utc)
+    minus_30s = dt.time(10, 0, tzinfo=_offset(seconds=-30))
+    assert len({fingerprint_value(t) for t in (plus_30s, utc, minus_30s)}) == 3
+    # Equal times still agree, offsets in seconds included.
+    same_instant = dt.time(10, 0, 30, tzinfo=_offset(seconds=30))
+    assert same_instant == utc
+    assert fingerprint_value(same_instant) == fingerprint_value(utc)
+    assert fingerprint_value(dt.time(11, 1, 1, 7, tzinfo=_offset(hours=1, minutes=1, seconds=1)))\
+        == fingerprint_value(dt.time(10, 0, 0, 7, tzinfo=UTC))  # fmt: skip
+
+
+def test_aware_times_python_calls_equal_but_that_lie_apart_differ() -> None:
+    # CPython ignores an offset's microseconds when comparing times: these two are "equal"
+    # although half a second apart. A shared fingerprint would replay one for the other.
+    half = dt.time(10, 0, tzinfo=_offset(microseconds=500_000))
+    utc = dt.time(10, 0, tzinfo=UTC)
+    assert half == utc
+    assert fingerprint_value(half) != fingerprint_value(utc)
+    # The time at the same instant is unequal by ==: it differs too.
+    same_instant = dt.time(10, 0, 0, 500_000, tzinfo=_offset(microseconds=500_000))
+    assert same_instant != utc
+    assert fingerprint_value(same_instant) != fingerprint_value(utc)
+
+
+def test_memoiser_mode_never_replays_another_times_result() -> None:
+    from idemfn import MemoryStore, idempotent
+
+    @idempotent(store=MemoryStore())
+    def describe(at: dt.time) -> str:
+        return at.isoformat()
+
+    assert describe(dt.time(10, 0, tzinfo=UTC)) == "10:00:00+00:00"
+    assert describe(dt.time(10, 0, tzinfo=_offset(seconds=30))) == "10:00:00+00:00:30"
+    assert describe(dt.time(10, 0, 30, tzinfo=_offset(seconds=30))) == "10:00:00+00:00"  # replay
+
+
+@pytest.mark.parametrize("zone", ["toy", "America/New_York"])
+def test_wall_times_in_a_dst_gap_differ_from_the_same_instant(zone: str) -> None:
+    tz = TOY if zone == "toy" else _zone(zone)
+    day = (2024, 3, 31) if zone == "toy" else (2024, 3, 10)
+    in_gap = dt.datetime(*day, 2, 30, tzinfo=tz)  # does not exist: fold=0 reads it as winter
+    after_gap = dt.datetime(*day, 3, 30, tzinfo=tz)
+    # One tzinfo, so Python compares wall times: unequal, at the same instant.
+    assert in_gap != after_gap
+    assert in_gap.astimezone(UTC) == after_gap.astimezone(UTC)
+    assert fingerprint_value(in_gap) != fingerprint_value(after_gap)
+    # Nor does the gap time agree with its instant in UTC: Python calls them unequal.
+    assert in_gap != in_gap.astimezone(UTC)
+    assert fingerprint_value(in_gap) != fingerprint_value(in_gap.astimezone(UTC))
+    assert fingerprint_value(in_gap) == fingerprint_value(dt.datetime(*day, 2, 30, tzinfo=tz))
+
+
+@pytest.mark.parametrize("zone", ["toy", "America/New_York"])
+def test_wall_times_in_a_dst_fold_differ_from_the_same_instant_elsewhere(zone: str) -> None:
+    tz = TOY if zone == "toy" else _zone(zone)
+    day = (2024, 10, 27) if zone == "toy" else (2024, 11, 3)
+    hour = 2 if zone == "toy" else 1
+    first = dt.datetime(*day, hour, 30, tzinfo=tz)  # the first pass through the repeated hour
+    second = first.replace(fold=1)
+    in_utc = first.astimezone(UTC)
+    # An ambiguous wall time is unequal to every datetime of another tzinfo, same instant or not.
+    assert first != in_utc
+    assert fingerprint_value(first) != fingerprint_value(in_utc)
+    # Python calls the two passes equal (one tzinfo: wall times), though an hour apart. They
+    # are different instants, so they keep different fingerprints: the safe side.
+    assert first == second
+    assert first.astimezone(UTC) != second.astimezone(UTC)
+    assert fingerprint_value(first) != fingerprint_value(second)
+
+
+def test_regular_aware_datetimes_agree_across_zones() -> None:
+    summer = dt.datetime(2024, 7, 1, 14, tzinfo=TOY)  # UTC+2: no fold, no gap
+    assert summer == dt.datetime(2024, 7, 1, 12, tzinfo=UTC)
+    assert fingerprint_value(summer) == fingerprint_value(dt.datetime(2024, 7, 1, 12, tzinfo=UTC))
+    assert fingerprint_value(summer) == fingerprint_value(summer.astimezone(_offset(hours=-7)))
+    # Sub-second offsets are exact.
+    odd = dt.datetime(2024, 7, 1, 12, 0, 0, 250_000, tzinfo=_offset(microseconds=250_000))
+    assert odd == dt.datetime(2024, 7, 1, 12, tzinfo=UTC)
+    assert fingerprint_value(odd) == fingerprint_value(dt.datetime(2024, 7, 1, 12, tzinfo=UTC))
+    assert fingerprint_value(odd) != fingerprint_value(odd.replace(tzinfo=UTC))
+
+
+def test_naive_datetimes_ignore_fold_as_equality_does() -> None:
+    naive = dt.datetime(2024, 10, 27, 2, 30)
+    assert naive == naive.replace(fold=1)
+    assert fingerprint_value(naive) == fingerprint_value(naive.replace(fold=1))
+
+
+def test_decimal_nans_are_written_exactly() -> None:
+    nans = [Decimal(text) for text in ("NaN", "-NaN", "NaN7", "sNaN", "-sNaN", "sNaN7")]
+    assert len({fingerprint_value(d) for d in nans}) == len(nans)
+    # Every NaN still has one fingerprint: a payload's leading zeros are not part of it.
+    assert fingerprint_value(Decimal("NaN007")) == fingerprint_value(Decimal("NaN7"))
+    assert fingerprint_value(Decimal("NaN0")) == fingerprint_value(Decimal("NaN"))
+    assert fingerprint_value(Decimal("sNaN")) != fingerprint_value(Decimal("Infinity"))
+
+
+def test_ordered_dicts_in_another_order_differ() -> None:
+    ab = collections.OrderedDict([("a", 1), ("b", 2)])
+    ba = collections.OrderedDict([("b", 2), ("a", 1)])
+    assert ab != ba
+    assert fingerprint_value(ab) != fingerprint_value(ba)
+    assert fingerprint_value(ab) == fingerprint_value(collections.OrderedDict(ab))
+    assert fingerprint_value(ab) != fingerprint_value(dict(ab))  # types are tagged
+    # Other dict subclasses compare as dicts, and fingerprint as them.
+    counts = collections.Counter(a=1, b=2)
+    assert fingerprint_value(counts) == fingerprint_value({"b": 2, "a": 1})
+    assert fingerprint_value(collections.defaultdict(int, a=1)) == fingerprint_value({"a": 1})
+
+
+def test_a_mapping_proxy_compares_like_the_mapping_it_shows() -> None:
+    import types
+
+    ab = types.MappingProxyType(collections.OrderedDict([("a", 1), ("b", 2)]))
+    ba = types.MappingProxyType(collections.OrderedDict([("b", 2), ("a", 1)]))
+    assert ab != ba
+    assert fingerprint_value(ab) != fingerprint_value(ba)
+    assert fingerprint_value(types.MappingProxyType({"a": 1})) == fingerprint_value({"a": 1})
+
+
+class Word(str):
+    """A str subclass whose == also compares a language: 'gift' in English != 'gift' in
+    German. Encoding it as its str would give those one fingerprint."""
+
+    lang: str
+
+    def __new__(cls, text: str, lang: str) -> Word:
+        word = super().__new__(cls, text)
+        word.lang = lang
+        return word
+
+    def __eq__(self, other: object) -> bool:
+        same_text = isinstance(other, str) and str.__eq__(self, other)
+        return same_text and getattr(other, "lang", None) == self.lang
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = str.__hash__
+
+
+class Stamp(dt.datetime):
+    """A datetime subclass with its own == (as pandas.Timestamp, which adds nanoseconds)."""
+
+    nanosecond = 0
+
+    def __eq__(self, other: object) -> bool:
+        return super().__eq__(other) and self.nanosecond == getattr(other, "nanosecond", 0)
+
+    __hash__ = dt.datetime.__hash__
+
+
+def test_a_builtin_subclass_with_its_own_equality_is_refused() -> None:
+    english, german = Word("gift", "en"), Word("gift", "de")
+    assert english != german
+    with pytest.raises(TypeError) as info:
+        fingerprint_arguments(["word"], {"word": english})
+    message = str(info.value)
+    assert "argument 'word'" in message
+    assert "Word" in message and "defines its own ==" in message
+    _assert_ways_out(message)
+    with pytest.raises(TypeError, match="subclasses datetime but defines its own =="):
+        fingerprint_value([Stamp(2024, 1, 1)])
+
+
+def test_a_builtin_subclass_with_its_own_equality_may_use_the_hook() -> None:
+    class Tagged(Word):
+        def __idemfn_fingerprint__(self) -> object:
+            return (str(self), self.lang)
+
+    assert fingerprint_value(Tagged("gift", "en")) != fingerprint_value(Tagged("gift", "de"))
+
+
+class Pairish(tuple):  # type: ignore[type-arg]
+    """A tuple subclass with a ``_fields`` that names fewer items than it holds."""
+
+    __slots__ = ()
+    _fields = ("first",)
+
+
+def test_a_tuple_whose_fields_name_fewer_items_keeps_every_item() -> None:
+    assert Pairish((1, 2)) != Pairish((1, 3))
+    assert fingerprint_value(Pairish((1, 2))) != fingerprint_value(Pairish((1, 3)))
+    assert fingerprint_value(Pairish((1, 2))) == fingerprint_value((1, 2))  # it compares as one
+
+
+def test_equal_values_that_are_tagged_apart() -> None:
+    # The other direction, by design: these compare equal yet differ, because their types do
+    # (a fingerprint that differs costs a mismatch or a rerun, never a wrong replay).
+    pairs: list[tuple[object, object]] = [
+        (1, True),
+        (1, 1.0),
+        (Decimal(1), 1),
+        (b"x", bytearray(b"x")),
+        ({1}, frozenset({1})),
+        (Pair("k", 9), ("k", 9)),
+        (Level.LOW, 1),
+        (collections.OrderedDict(a=1), {"a": 1}),
+    ]
+    for a, b in pairs:
+        assert a == b
+        assert fingerprint_value(a) != fingerprint_value(b), (a, b)
+
+
+def test_same_named_classes_share_fingerprints_by_design() -> None:
+    # Classes are named by qualified name, without their module, so that moving a class keeps
+    # its fingerprints: two classes with one qualname in two modules are not told apart.
+    def make() -> type[enum.Enum]:
+        class Mode(enum.Enum):
+            ON = 1
+
+        return Mode
+
+    first, second = make()["ON"], make()["ON"]  # two classes, one qualname
+    assert first != second
+    assert fingerprint_value(first) == fingerprint_value(second)
+    assert fingerprint_value(first) != fingerprint_value(Level.LOW)  # another qualname
+
+
+def test_boundaries_between_items_are_unambiguous() -> None:
+    groups: list[list[object]] = [
+        [("ab", "c"), ("a", "bc"), ("abc",), ("a", "b", "c")],
+        [[b"ab", b"c"], [b"a", b"bc"], [b"abc"]],
+        [{"a": "bc"}, {"ab": "c"}],
+        [(1, 23), (12, 3), (123,)],
+        [[[1], 2], [[1, 2]], [1, [2]]],
+        [Point(12, 3), Point(1, 23)],
+    ]
+    for group in groups:
+        assert len({fingerprint_value(v) for v in group}) == len(group), group
+
+
+# --------------------------------------------------------------------------------------------
+# 8. numpy (issue 13, B): dtype, shape and values, never the memory layout
+# --------------------------------------------------------------------------------------------
+
+
+def _sha(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def test_fingerprinting_plain_values_never_imports_numpy() -> None:
+    pytest.importorskip("numpy")  # only meaningful where numpy could be imported
+    code = """
+import datetime as dt, sys, uuid
+from decimal import Decimal
+from pathlib import PurePosixPath
+import idemfn
+from idemfn._fingerprint import fingerprint_arguments
+
+class Unknown:
+    pass
+
+values = [1, "a", 2.5, None, b"x", [1, (2, {3})], {"k": frozenset({1})}, Decimal("1.1"),
+          dt.datetime.now(dt.timezone.utc), dt.time(1), uuid.UUID(int=1), PurePosixPath("/")]
+idemfn.fingerprint_value(values)
+fingerprint_arguments(["a", "b"], {"a": "x", "b": values})
+try:
+    idemfn.fingerprint_value(Unknown())
+except TypeError:
+    pass
+print("numpy" in sys.modules)
+"""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_numpy_canonical_bytes() -> None:
+    np = pytest.importorskip("numpy")
+    # Each expected encoding is written out: the elements' little-endian bytes are hashed here
+    # with hashlib, not by the code under test.
+    cases: list[tuple[object, bytes]] = [
+        (
+            np.array([[1, 2], [3, 4]], dtype=">i2"),
+            b"nA=s3:<i2(2,2)" + _sha(b"\x01\x00\x02\x00\x03\x00\x04\x00"),
+        ),
+        (np.float64(1.5), b"nS=s3:<f8()" + _sha(struct.pack("<d", 1.5))),
+        (np.float32(-0.0), b"nS=s3:<f4()" + _sha(struct.pack("<f", 0.0))),
+        (np.bool_(True), b"nS=s3:|b1()" + _sha(b"\x01")),
+        (np.str_("ab"), b"nS=s3:<U2()" + _sha("ab".encode("utf-32-le"))),
+        (np.array([1, "a", None], dtype=object), b"nAo(3)i1;s1:aN"),
+        (
+            np.array(["2024-01-01", "NaT"], dtype="M8[D]"),  # day 19723 since 1970
+            b"nA=s6:<M8[D](2)" + _sha(struct.pack("<qq", 19723, -(2**63))),
+        ),
+        (
+            np.array([(1, 2.0)], dtype=[("a", ">i4"), ("b", "<f8")]),
+            b"nAr(1)2:s1:a=s3:<i4(1)"
+            + _sha(struct.pack("<i", 1))
+            + b"s1:b=s3:<f8(1)"
+            + _sha(struct.pack("<d", 2.0)),
+        ),
+        (
+            np.ma.masked_array(np.array([1, 2], dtype="<i8"), mask=[False, True]),
+            b"nK=s3:<i8(2)"
+            + _sha(struct.pack("<qq", 1, 2))
+            + b"=s3:|b1(2)"
+            + _sha(b"\x00\x01")
+            + b"nS=s3:<i8()"
+            + _sha(struct.pack("<q", 999999)),  # numpy's default fill value for ints
+        ),
+        (np.matrix([[1]], dtype="<i1"), b"nM=s3:|i1(1,1)" + _sha(b"\x01")),
+    ]
+    for value, expected in cases:
+        assert canonical(value) == expected, value
+
+
+def test_numpy_golden_vectors() -> None:
+    np = pytest.importorskip("numpy")
+    # sha256 of the prefix and the bytes test_numpy_canonical_bytes writes out for these.
+    golden = [
+        (
+            np.arange(6, dtype="<i8").reshape(2, 3),
+            "5e3612d30375cb3972a54bbd5c146d9764d98c1020d135b3a3398458c67eb8d4",
+        ),
+        (np.float64(1.5), "00a4ced6c1209ac028952f772343aa71faa059d00e45601fb00476be3a44e7aa"),
+        (
+            np.array([1, "a", None], dtype=object),
+            "1ba4b91754e1c6a081d7a0768eae3ea68cb4cbeedcaa87941fb183310d168805",
+        ),
+    ]
+    for value, digest in golden:
+        assert fingerprint_value(value) == digest, value
+
+
+def test_equal_arrays_agree_whatever_their_layout() -> None:
+    np = pytest.importorskip("numpy")
+    base = np.arange(24, dtype="<f8").reshape(4, 6) - 11.5
+    layouts = [
+        np.asfortranarray(base),  # F order
+        base.astype(">f8"),  # big-endian
+        np.asfortranarray(base.astype(">f8")),
+        np.arange(48, dtype="<f8").reshape(4, 12)[:, ::2] * 0 + base,  # a strided view
+        base.T.copy().T,  # transposed twice: F-ordered memory
+        base[::-1][::-1],  # negative strides
+        np.array(base, copy=True),
+    ]
+    readonly = base.copy()
+    readonly.flags.writeable = False
+    layouts.append(readonly)
+    for layout in layouts:
+        assert np.array_equal(layout, base)
+        assert fingerprint_value(layout) == fingerprint_value(base)
+    # A view of part of an array is that part.
+    assert fingerprint_value(base[1:3, ::2]) == fingerprint_value(base[1:3, ::2].copy())
+
+
+def test_arrays_differ_by_dtype_shape_or_any_element() -> None:
+    np = pytest.importorskip("numpy")
+    base = np.arange(6, dtype="<i4")
+    changed = base.copy()
+    changed[5] = 6
+    variants = [
+        base,
+        changed,
+        base.astype("<i8"),
+        base.astype("<u4"),
+        base.astype("<f8"),
+        base.reshape(2, 3),
+        base.reshape(3, 2),
+        base.reshape(1, 6),
+        base[:5],
+        base.tolist(),
+        np.zeros((0, 3)),
+        np.zeros((3, 0)),
+        np.zeros(0),
+    ]
+    assert len({fingerprint_value(v) for v in variants}) == len(variants)
+    # A 0-d array is not its scalar, nor the scalar of another dtype.
+    scalars = [np.array(1.5), np.float64(1.5), np.float32(1.5), 1.5, np.int64(1), 1, np.bool_(1)]
+    assert len({fingerprint_value(v) for v in scalars}) == len(scalars)
+
+
+def test_float_arrays_zero_and_nan_follow_python_floats() -> None:
+    np = pytest.importorskip("numpy")
+    a = np.array([0.0, 1.0, np.nan])
+    b = np.array([-0.0, 1.0, -np.nan])
+    payload = np.array([0x7FF8_0000_0000_1234], dtype="<u8").view("<f8")
+    assert fingerprint_value(a) == fingerprint_value(b)
+    assert fingerprint_value(np.array([np.nan])) == fingerprint_value(payload)
+    assert fingerprint_value(np.float64(-0.0)) == fingerprint_value(np.float64(0.0))
+    assert fingerprint_value(np.array([complex(-0.0, np.nan)])) == fingerprint_value(
+        np.array([complex(0.0, -np.nan)])
+    )
+    assert fingerprint_value(np.array([complex(np.nan, 1)])) != fingerprint_value(
+        np.array([complex(np.nan, 2)])
+    )
+    # The caller's array is left as it was.
+    assert np.signbit(b[0]) and np.isnan(b[2])
+    with np.errstate(all="raise"):  # a caller's strict float settings don't break hashing
+        assert fingerprint_value(b) == fingerprint_value(a)
+
+
+def test_object_arrays_are_encoded_element_by_element() -> None:
+    np = pytest.importorskip("numpy")
+    a = np.array([{"k": 1}, Decimal("1.0"), (1, 2)], dtype=object)
+    b = np.array([{"k": 1}, Decimal("1.00"), (1, 2)], dtype=object)
+    assert fingerprint_value(a) == fingerprint_value(b)
+    assert fingerprint_value(a) != fingerprint_value(np.array([{"k": 2}, 1, 2], dtype=object))
+    # The F-ordered copy holds the same elements in the same (C) order.
+    grid = np.array([[1, "x"], [None, 2.5]], dtype=object)
+    assert fingerprint_value(np.asfortranarray(grid)) == fingerprint_value(grid)
+    assert fingerprint_value(grid) != fingerprint_value(grid.T)
+    bad = np.array([[1, 2], [3, Widget()]], dtype=object)
+    with pytest.raises(TypeError) as info:
+        fingerprint_arguments(["grid"], {"grid": bad})
+    assert "(at grid[1, 1])" in str(info.value)
+    assert "Widget" in str(info.value)
+
+
+def test_structured_arrays_compare_field_by_field() -> None:
+    np = pytest.importorskip("numpy")
+    packed = np.array([(1, 2.5), (3, -0.0)], dtype=[("id", "<i4"), ("x", "<f8")])
+    aligned = packed.astype(np.dtype([("id", ">i4"), ("x", ">f8")], align=True))
+    assert aligned.dtype.itemsize != packed.dtype.itemsize  # padding bytes between fields
+    assert fingerprint_value(aligned) == fingerprint_value(packed)
+    renamed = packed.astype([("key", "<i4"), ("x", "<f8")])
+    assert fingerprint_value(renamed) != fingerprint_value(packed)
+    assert fingerprint_value(packed[0]) == fingerprint_value(aligned[0])  # np.void scalars
+    assert fingerprint_value(packed[0]) != fingerprint_value(packed[1])
+    assert fingerprint_value(packed.view(np.recarray)) != fingerprint_value(packed)
+
+
+def test_datetime64_values_keep_their_unit() -> None:
+    np = pytest.importorskip("numpy")
+    day = np.array(["2024-01-01"], dtype="M8[D]")
+    hour = day.astype("M8[h]")
+    assert (day == hour).all()
+    assert fingerprint_value(day) != fingerprint_value(hour)  # the dtype is part of the value
+    assert fingerprint_value(day) == fingerprint_value(day.astype(">M8[D]"))
+    assert fingerprint_value(np.datetime64("NaT")) == fingerprint_value(np.datetime64("NaT"))
+    assert fingerprint_value(np.timedelta64(1, "s")) != fingerprint_value(np.timedelta64(1, "ms"))
+
+
+def test_masked_arrays_keep_their_mask() -> None:
+    np = pytest.importorskip("numpy")
+    data = np.array([1.0, 2.0, 3.0])
+    none_masked = np.ma.masked_array(data)
+    one_masked = np.ma.masked_array(data, mask=[False, True, False])
+    assert fingerprint_value(one_masked) != fingerprint_value(none_masked)
+    assert fingerprint_value(one_masked) != fingerprint_value(data)
+    assert fingerprint_value(none_masked) != fingerprint_value(data)
+    # nomask and an all-False mask are the same mask.
+    all_false = np.ma.masked_array(data, mask=[False, False, False])
+    assert fingerprint_value(all_false) == fingerprint_value(none_masked)
+    other_fill = np.ma.masked_array(data, mask=[False, True, False], fill_value=-1.0)
+    assert fingerprint_value(other_fill) != fingerprint_value(one_masked)
+    assert fingerprint_value(np.ma.masked) == fingerprint_value(np.ma.masked)
+
+
+def test_unknown_numpy_subclasses_and_long_doubles_are_refused() -> None:
+    np = pytest.importorskip("numpy")
+
+    quantity = type("Quantity", (np.ndarray,), {})  # like astropy's: a unit no element shows
+    meters = np.array([1.0]).view(quantity)
+    with pytest.raises(TypeError) as info:
+        fingerprint_arguments(["q"], {"q": meters})
+    assert "argument 'q'" in str(info.value) and "subclass of numpy.ndarray" in str(info.value)
+    _assert_ways_out(str(info.value))
+    if np.dtype(np.longdouble).itemsize > 8:  # where long double is wider than a double
+        with pytest.raises(TypeError, match=r"astype\(numpy.float64\)"):
+            fingerprint_value(np.array([1.0], dtype=np.longdouble))
+
+
+def test_numpy_variable_width_strings() -> None:
+    np = pytest.importorskip("numpy")
+    dtypes = pytest.importorskip("numpy.dtypes")
+    if not hasattr(dtypes, "StringDType"):
+        pytest.skip("numpy < 2 has no StringDType")
+    a = np.array(["a", "bb"], dtype=dtypes.StringDType())
+    b = np.array(["a", "bb"], dtype=dtypes.StringDType())
+    assert fingerprint_value(a) == fingerprint_value(b)  # its buffer holds pointers: not hashed
+    assert fingerprint_value(a) != fingerprint_value(np.array(["a", "bc"], dtype=a.dtype))
+    assert fingerprint_value(a) != fingerprint_value(a.astype("<U2"))
+
+
+def test_memoiser_mode_on_numpy_arguments() -> None:
+    np = pytest.importorskip("numpy")
+    from idemfn import MemoryStore, idempotent
+
+    calls: list[object] = []
+
+    @idempotent(store=MemoryStore())
+    def total(values: object) -> float:
+        calls.append(values)
+        return float(np.sum(values))
+
+    assert total(np.array([1.0, 2.0])) == 3.0
+    assert total(np.array([1.0, 2.0]).astype(">f8")) == 3.0  # equal: replayed
+    assert total(np.array([1.0, 5.0])) == 6.0
+    assert total(np.array([1.0, 2.0], dtype="<f4")) == 3.0  # another dtype: its own call
+    assert len(calls) == 3
