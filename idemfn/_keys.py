@@ -158,11 +158,13 @@ def check_name(name: object, what: str) -> str:
 def default_name(fn: Callable[..., Any], *, process_local: bool = False) -> str:
     """The name of ``fn``'s keys when ``name=`` is not given: ``module.qualname``.
 
-    A script's functions (module ``__main__``, or ``__mp_main__`` in a process that
-    multiprocessing spawned) are named after the script, so that two scripts never share keys
-    and one script keeps its keys from run to run, from any working directory:
+    A script's functions (module ``__main__``, ``__mp_main__`` in a process that
+    multiprocessing spawned, or ``<run_path>`` under ``runpy.run_path``) are named after the
+    script, so that two scripts never share keys and one script keeps its keys from run to run,
+    from any working directory:
 
-    - run as ``python -m pkg.mod``: the module's name, as if imported (``pkg.mod.step``);
+    - run as ``python -m pkg.mod``: the module's name, as if imported (``pkg.mod.step``;
+      ``pkg.__main__.step`` for ``python -m pkg``);
     - run from a file: the file's real path (absolute, symlinks resolved, ``%`` and ``:``
       escaped as ``%25`` and ``%3A``), a ``/``, then the qualname (``/srv/app1/deploy.py/step``);
     - with no file (an interactive session, ``python -c``, a notebook): refused (``TypeError``
@@ -181,7 +183,7 @@ def default_name(fn: Callable[..., Any], *, process_local: bool = False) -> str:
             f"@idempotent needs name= to decorate a {type(fn).__name__}: it has no qualified"
             " name that stays the same from one process to the next"
         )
-    if module is None or module in _MAIN_MODULES:
+    if module is None or module in _MAIN_MODULES or _is_placeholder(module):
         name = _script_name(fn, module, qualname, process_local)
     else:
         name = f"{module}.{qualname}"
@@ -195,6 +197,12 @@ def default_name(fn: Callable[..., Any], *, process_local: bool = False) -> str:
             f" ({problem}). Pass a name that identifies it, e.g. name='myapp.{qualname}'"
         )
     return name
+
+
+def _is_placeholder(module: str) -> bool:
+    # A module name that no import gives, such as runpy.run_path's "<run_path>": every file run
+    # that way would share it, so its functions are named after their file, as a script's.
+    return module.startswith("<") and module.endswith(">")
 
 
 def _script_name(
@@ -212,8 +220,10 @@ def _script_name(
         namespace = getattr(sys.modules.get(module or "__main__"), "__dict__", {})
     spec_name = getattr(namespace.get("__spec__"), "name", None)
     # "__main__" is the spec of a directory or zip file run as a script: named by its path.
+    # "pkg.__main__" (python -m pkg) keeps its last part, as when imported: "pkg.step" is
+    # pkg/__init__.py's step.
     if isinstance(spec_name, str) and spec_name and spec_name not in _MAIN_MODULES:
-        return f"{spec_name.removesuffix('.__main__')}.{qualname}"
+        return f"{spec_name}.{qualname}"
     path = namespace.get("__file__")
     if isinstance(path, str) and path and not (path.startswith("<") and path.endswith(">")):
         # Since Python 3.9 a script's __file__ is absolute, whatever the working directory;

@@ -175,6 +175,56 @@ def test_a_spawned_child_keeps_the_scripts_keys(tmp_path: Path) -> None:
     assert parent == child == f"{os.path.realpath(tmp_path / 'job.py')}/step:k"
 
 
+def test_a_packages_main_module_keeps_apart_from_the_package(tmp_path: Path) -> None:
+    """python -m shop runs shop/__main__.py: its step is not shop/__init__.py's step."""
+    (tmp_path / "shop").mkdir()
+    (tmp_path / "shop" / "__init__.py").write_text(
+        "import sys\n"
+        "from idemfn import idempotent\n"
+        "@idempotent(key='k', store=sys.argv[1])\n"
+        "def step() -> str:\n"
+        "    return 'package'\n"
+    )
+    (tmp_path / "shop" / "__main__.py").write_text(
+        "import sys\n"
+        "import shop\n"
+        "from idemfn import idempotent\n"
+        "@idempotent(key='k', store=sys.argv[1])\n"
+        "def step() -> str:\n"
+        "    return 'main'\n"
+        "print(shop.step.key_for())\n"
+        "print(step.key_for())\n"
+        "print(shop.step(), step())\n"
+    )
+    store = str(tmp_path / "store")
+    # As if imported: the module shop.__main__, not shop.
+    assert _run_script("-m", "shop", store, cwd=tmp_path) == [
+        "shop.step:k", "shop.__main__.step:k", "package main"
+    ]  # fmt: skip
+
+
+def test_runpy_run_path_names_functions_after_the_file(tmp_path: Path) -> None:
+    """runpy.run_path runs a file as module '<run_path>': named after the file, as a script."""
+    store = str(tmp_path / "store")
+    for app in ("app1", "app2"):
+        (tmp_path / app).mkdir()
+        (tmp_path / app / "deploy.py").write_text(SCRIPT)
+    first = os.path.realpath(tmp_path / "app1" / "deploy.py")
+    second = os.path.realpath(tmp_path / "app2" / "deploy.py")
+    runner = "import runpy, sys; runpy.run_path(sys.argv[2])"
+    # (run_path leaves __file__ as given: the body returns the relative path.)
+    assert _run_script("-c", runner, store, "app1/deploy.py", cwd=tmp_path) == [
+        f"{first}/step:k", "app1/deploy.py"
+    ]  # fmt: skip
+    # Not a replay of app1's record, and the same name as when app2 runs as a script.
+    assert _run_script("-c", runner, store, "app2/deploy.py", cwd=tmp_path) == [
+        f"{second}/step:k", "app2/deploy.py"
+    ]  # fmt: skip
+    assert _run_script("app2/deploy.py", store, cwd=tmp_path) == [
+        f"{second}/step:k", "app2/deploy.py"
+    ]  # fmt: skip
+
+
 def test_a_function_without_a_script_file_needs_a_name(tmp_path: Path) -> None:
     """python -c (like a REPL or a notebook) has no file: every session would share its keys."""
     code = (
