@@ -304,3 +304,68 @@ def test_a_store_directory_that_cannot_be_created_is_one_clear_store_error(
         f(1)
     assert e.value.__cause__ is None and e.value.__suppress_context__  # no internal chain
     assert "IDEMFN_STORE" in str(e.value)
+
+
+# prune writes only over the record it judged: a claim halted (same token) since it looked stays.
+
+
+# (Redis drops such a claim itself, at lease + ttl on its clock: prune never sees it there.)
+@pytest.mark.parametrize("kind", ["memory", "disk"])
+def test_prune_never_removes_a_halted_record_that_replaced_the_claim_it_judged(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from idemfn._stores import base, disk
+
+    store = make_store(kind, tmp_path, request)
+    now = store.time()
+    abandoned = Entry("k", "processing", "", _dead_owner(), "t-k", 1, now - 100,
+                      lease_until=now - 90, ttl=60.0)  # fmt: skip
+    assert store.claim(abandoned) is None
+    judged: list[Entry] = []
+
+    def judge_then_let_a_caller_halt_it(entry: Entry, now: float) -> bool:
+        verdict = real_prunable(entry, now)
+        if entry.key == "k" and not judged:
+            judged.append(entry)
+            # Between prune's read and its write, a caller finds the owner gone and halts
+            # the claim: the halted record keeps the claim's token.
+            halted = begin("k", store=store, policy=Policy(ttl=60.0))
+            assert not isinstance(halted, Claim) and halted.entry.status == "halted"
+        return verdict
+
+    real_prunable = base.prunable
+    monkeypatch.setattr(base, "prunable", judge_then_let_a_caller_halt_it)
+    monkeypatch.setattr(disk, "prunable", judge_then_let_a_caller_halt_it)
+    store.prune()
+    assert [e.status for e in judged] == ["processing"]
+    # Before the fix: prune deleted the fresh halted record on the token alone, and the next
+    # call ran the body again although its first run may have had its side effect.
+    kept = store.get("k")
+    assert kept is not None and kept.status == "halted"
+    store.close()
+
+
+def test_postgres_prune_keeps_a_claim_whose_owner_is_alive_by_the_engines_rule(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    store = make_store("postgres", tmp_path, request)
+    now = store.time()
+    # This process's claim, alive on the monotonic clock, whose wall-clock lease and ttl ran
+    # out long ago by the server's clock (a server clock set forwards): the engine sees a
+    # live owner, so prune must not remove it.
+    live = Entry("live", "processing", "", _owner_here(), "t-live", 1, now - 7200,
+                 lease_until=now - 3600, ttl=60.0, lease_mono=_lease.clock() + 3600)  # fmt: skip
+    gone = Entry("gone", "processing", "", _dead_owner(), "t-gone", 1, now - 7200,
+                 lease_until=now - 3600, ttl=60.0)  # fmt: skip
+    for entry in (live, gone):
+        assert store.claim(entry) is None
+    assert _lease.abandoned_reason(store.get("live"), now) is None  # type: ignore[arg-type]
+    assert store.prune() == 1  # before the fix: 2, the live claim removed by its drop_at
+    assert [e.key for e in store.scan()] == ["live"]
+    store.close()
+
+
+def _owner_here() -> str:
+    from idemfn import _owner
+
+    return _owner.current()

@@ -34,6 +34,7 @@ __all__ = [
     "TamperedRecord",
     "prunable",
     "removable_at",
+    "remove_judged",
     "skip_corrupt",
 ]
 
@@ -127,7 +128,7 @@ class Store(abc.ABC):
         now = self.time()
         removed = 0
         for entry in self.scan(corrupt=skip_corrupt):  # one at a time: payloads may be large
-            if prunable(entry, now) and self.delete(entry.key, entry.token):
+            if prunable(entry, now) and remove_judged(self, entry):
                 removed += 1
         return removed
 
@@ -219,6 +220,16 @@ def removable_at(entry: Entry) -> float | None:
     if entry.finished_at is None and entry.ttl is not None and entry.lease_until is not None:
         return entry.lease_until + entry.ttl
     return None
+
+
+def remove_judged(store: Store, entry: Entry) -> bool:
+    """Remove ``entry``, which prune read and judged, only if the key still holds it: a claim
+    through ``release`` (fenced on it still being processing with its token), since a caller
+    that halted it meanwhile kept the token, and removing that fresh halted record would let
+    the body run again. A finished record is never rewritten under its token: ``delete``."""
+    if entry.status == "processing":
+        return store.release(entry.key, entry.token)
+    return store.delete(entry.key, entry.token)
 
 
 def prunable(entry: Entry, now: float) -> bool:

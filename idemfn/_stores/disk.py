@@ -19,7 +19,7 @@ import platformdirs
 from .._errors import StoreError
 from .._record import Entry
 from .._signing import SigningKey
-from .base import Corrupt, Store, prunable, skip_corrupt
+from .base import Corrupt, Store, prunable, remove_judged, skip_corrupt
 
 __all__ = ["DiskStore", "default_directory"]
 
@@ -407,7 +407,7 @@ class DiskStore(Store):
         )
         removed = 0
         for entry in self._entries(candidates, skip_corrupt):
-            if prunable(entry, now) and self.delete(entry.key, entry.token):
+            if prunable(entry, now) and remove_judged(self, entry):
                 removed += 1
         return expired + removed
 

@@ -6,6 +6,7 @@
     expires_at float8      when a finished record counts as absent, server UNIX seconds
     drop_at float8         when prune may remove the row (expiry, or an abandoned claim's
                            lease + ttl); indexed, so prune is one indexed DELETE
+                           (and a look at each stale claim: is its owner gone?)
     entry bytea            the encoded entry
 
 Every transition is one statement: the claim an ``INSERT … ON CONFLICT`` that replaces only
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from .._errors import StoreError
 from .._record import Entry
 from .._signing import SigningKey
-from .base import Corrupt, Store, removable_at
+from .base import Corrupt, Store, prunable, removable_at, remove_judged, skip_corrupt
 from .clock import ServerClock
 
 if TYPE_CHECKING:
@@ -383,8 +384,17 @@ class PostgresStore(Store):
                 yield entry
 
     def prune(self) -> int:
-        """One indexed DELETE: expired rows, and claims whose lease ran out ttl ago."""
-        return int(self._run("prune", self.table, self._sql["prune"], ()))
+        """One indexed DELETE of expired records; then each claim whose lease ran out ttl ago
+        by the server's clock is judged by the engine's rule (``prunable``): one whose owner
+        is alive on its machine's monotonic clock stays, whatever the wall clocks say."""
+        removed = int(self._run("prune", self.table, self._sql["prune"], ()))
+        now = self.time()
+        for key in [k for (k,) in self._run("prune", self.table, self._sql["stale"], ())]:
+            rows = self._run("read", key, self._sql["get"], (key,))
+            entry = self.decoded(key, rows[0][0], skip_corrupt) if rows else None
+            if entry is not None and prunable(entry, now) and remove_judged(self, entry):
+                removed += 1
+        return removed
 
     def bytes_used(self) -> int | None:
         rows = self._run("measure", self.table, self._sql["size"], (self.table,))
@@ -419,7 +429,10 @@ def _statements(table: str) -> dict[str, str]:
         "delete": f"DELETE FROM {t} WHERE key = %(key)s"
         " AND (%(token)s::text IS NULL OR token = %(token)s) RETURNING expires_at",
         "keys": f"SELECT key FROM {t} WHERE starts_with(key, %s) ORDER BY key",
-        "prune": f"DELETE FROM {t} WHERE drop_at IS NOT NULL AND drop_at < {now}",
+        "prune": f"DELETE FROM {t} WHERE drop_at IS NOT NULL AND drop_at < {now}"
+        " AND live IS NULL",
+        "stale": f"SELECT key FROM {t} WHERE drop_at IS NOT NULL AND drop_at < {now}"
+        " AND live IS NOT NULL",
         "size": "SELECT pg_total_relation_size(quote_ident(%s))",
     }
 
