@@ -184,6 +184,21 @@ class _Method:
             raise AttributeError(name)
         return getattr(self.__func__, name)
 
+    # Decorators above this one mark the function (@abstractmethod sets __isabstractmethod__,
+    # @deprecated __deprecated__, pytest marks pytestmark): they go on the function, where
+    # __getattr__ reads them back, as they did before methods got this holder.
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "__func__":
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.__func__, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name == "__func__":
+            object.__delattr__(self, name)
+        else:
+            delattr(self.__func__, name)
+
     def __repr__(self) -> str:
         return f"<idempotent method {self.__func__.__qualname__}>"
 

@@ -488,6 +488,37 @@ def test_async_methods_stay_coroutine_functions_when_bound() -> None:
     assert fetcher.fetch_class.key_for("c").endswith(":h:c")
 
 
+def test_decorators_above_a_method_can_mark_it() -> None:
+    """@abstractmethod (or @deprecated, a pytest mark) over @idempotent sets an attribute on what
+    the class body holds: it must take it, and give it back, as the function did."""
+    import abc
+
+    store = MemoryStore()
+
+    class Base(abc.ABC):
+        @abc.abstractmethod
+        @idempotent(key="{self.name}:{x}", store=store)
+        def send(self, x: int) -> str:
+            return f"{self.name}:{x}"
+
+    class Mailer(Base):
+        name = "m"
+
+        @idempotent(key="{self.name}:{x}", name="mailer.send", store=store)
+        def send(self, x: int) -> str:
+            return f"{self.name}:{x}"
+
+    assert Base.__abstractmethods__ == frozenset({"send"})
+    with pytest.raises(TypeError, match="abstract"):
+        Base()  # type: ignore[abstract]
+    assert Mailer().send(1) == "m:1" and Mailer().send.key_for(1) == "mailer.send:m:1"
+    holder = vars(Base)["send"]
+    holder.marked = True
+    assert holder.marked is Base.send.marked is True  # type: ignore[attr-defined]
+    del holder.marked
+    assert not hasattr(Base.send, "marked")
+
+
 # -- keys no store can hold, in the low-level API (issue 13, B4) -----------------------------------
 
 
