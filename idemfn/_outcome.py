@@ -31,15 +31,17 @@ pickle, and ``idemfn show`` can read a JSON value.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import copyreg
 import io
 import json
 import pickle
 import re
 import sys
+import threading
 import traceback as tb_module
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal, Protocol
@@ -100,7 +102,7 @@ def dump_value(value: object) -> bytes:
         data = b"__main__"  # let cloudpickle try, and raise its error if it cannot either
     # pickle wrote the same bytes cloudpickle would, unless it referred to the script itself.
     # (It is 5-10x faster, on every first call.)
-    cloud = b"__main__" in data
+    cloud = _mentions_main(data)
     if not cloud:
         if _STACK_GLOBAL not in data and not (_EXTENSIONS and _EXT.search(data)):
             return data  # builtin containers and scalars: nothing to load back
@@ -182,11 +184,43 @@ def _exact_dumps(value: object, *, cloud: bool = False) -> bytes:
             pass
         else:
             data = buffer.getvalue()
-            if b"__main__" not in data:
+            if not _mentions_main(data):
                 return data
     buffer = io.BytesIO()
-    _CloudPickler(buffer, protocol=_PROTOCOL).dump(value)  # raises if it cannot either
+    with _script_by_value():
+        _CloudPickler(buffer, protocol=_PROTOCOL).dump(value)  # raises if it cannot either
     return buffer.getvalue()
+
+
+# The script's module: __main__, or __mp_main__ in a multiprocessing "spawn"/"forkserver"
+# child, which runs the script under that name. A pickle naming __mp_main__ only loads in a
+# process that imported multiprocessing (which aliases it to its __main__): never in the
+# script's next run without it, nor in another program.
+_SCRIPT_MODULES = ("__main__", "__mp_main__")
+_by_value_lock = threading.RLock()  # reentrant: a dump inside a dump finds it registered
+
+
+def _mentions_main(data: bytes) -> bool:
+    return b"__main__" in data or b"__mp_main__" in data
+
+
+@contextlib.contextmanager
+def _script_by_value() -> Iterator[None]:
+    """In a child where the script runs as ``__mp_main__``, cloudpickle writes its functions
+    and classes by value, as it does those of ``__main__`` (it only knows that name)."""
+    module = sys.modules.get("__mp_main__")
+    if module is None or getattr(module, "__name__", None) != "__mp_main__":
+        yield  # the usual case: the script is __main__ (its alias, after multiprocessing)
+        return
+    with _by_value_lock:
+        if "__mp_main__" in cloudpickle.list_registry_pickle_by_value():
+            yield  # registered by someone else: theirs to keep
+            return
+        cloudpickle.register_pickle_by_value(module)
+        try:
+            yield
+        finally:
+            cloudpickle.unregister_pickle_by_value(module)
 
 
 # State that a builtin exception keeps outside args and __dict__ is a member or getset
@@ -246,7 +280,7 @@ class _CloudPickler(cloudpickle.Pickler):  # type: ignore[misc]
             reduced = _reduce_exception(obj)
             if reduced is not None:
                 return reduced
-        elif issubclass(kind, type) and obj.__module__ == "__main__":
+        elif issubclass(kind, type) and obj.__module__ in _SCRIPT_MODULES:
             qualname: str = obj.__qualname__
             if "<locals>" not in qualname:  # else it cannot be looked up: by value only
                 try:
@@ -271,7 +305,7 @@ def _main_class(qualname: str, copy: bytes | None) -> type:
         isinstance(found, type)
         and found.__qualname__ == qualname
         # __mp_main__: the script's module in a multiprocessing "spawn" child
-        and found.__module__ in ("__main__", "__mp_main__")
+        and found.__module__ in _SCRIPT_MODULES
     ):
         return found
     if copy is None:

@@ -176,3 +176,101 @@ def test_a_program_without_the_scripts_classes_loads_their_stored_copies(
     assert "Holder of the recording script's __main__ is not defined" in seen["holder"]
     shown = idemfn_cli("show", "script.charge:o-1", "--json", env=cli_env(store)).stdout
     assert json.loads(shown)["value_repr"] == "Receipt(order='o-1', cents=250)"
+
+
+# A script's classes seen from a multiprocessing "spawn" (or forkserver) child: there the script
+# runs as __mp_main__, and plain pickle wrote its classes by reference to that module, which
+# only a process that imported multiprocessing has. The record was ok, and every replay in the
+# script's next run (without multiprocessing) or in another program failed with StoreError.
+SPAWNING = """
+import sys
+from dataclasses import dataclass
+from idemfn import DiskStore, idempotent
+
+@dataclass(frozen=True)
+class Receipt:
+    order: str
+
+class Declined(Exception):
+    def __init__(self, order, why):
+        super().__init__(f"{order}: {why}")
+        self.order, self.why = order, why
+
+store = DiskStore(sys.argv[1])
+
+@idempotent(key="{order}", name="spawned.charge", store=store)
+def charge(order):
+    return {"receipt": Receipt(order), "note": "charged"}
+
+@idempotent(key="{order}", name="spawned.pay", store=store)
+def pay(order):
+    raise Declined(order, "card")
+
+def both(order):
+    out = [charge(order)["receipt"].order]
+    try:
+        pay(order)
+    except Declined as exc:
+        out.append(exc.why)
+    return out
+
+if __name__ == "__main__":
+    if sys.argv[2] == "spawn":
+        import multiprocessing
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            print(pool.apply(both, ("o-1",)))
+    else:
+        import json
+        out = {"multiprocessing": "multiprocessing" in sys.modules}
+        receipt = charge("o-1")["receipt"]
+        out["receipt"] = [isinstance(receipt, Receipt), receipt == Receipt("o-1")]
+        try:
+            pay("o-1")
+        except Declined as exc:
+            out["declined"] = [exc.order, exc.why]
+        except Exception as exc:
+            out["declined"] = f"missed {type(exc).__module__}.{type(exc).__name__}: {exc}"
+        print(json.dumps(out))
+"""
+
+OTHER_SPAWNED = """
+import json, sys
+from idemfn import DiskStore, idempotent
+
+store = DiskStore(sys.argv[1])
+
+@idempotent(key="{order}", name="spawned.charge", store=store)
+def never(order):
+    raise AssertionError("the record exists: replayed, never run")
+
+receipt = never("o-1")["receipt"]
+print(json.dumps([type(receipt).__name__, receipt.order]))
+"""
+
+
+def test_classes_recorded_in_a_spawned_child_replay_in_the_scripts_next_run(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "spawning.py"
+    script.write_text(SPAWNING)
+    store = tmp_path / "store"
+    done = subprocess.run(
+        [sys.executable, str(script), str(store), "spawn"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["['o-1',", "'card']"]
+    # The next run replays, in a process that never imported multiprocessing.
+    done = subprocess.run(
+        [sys.executable, str(script), str(store), "replay"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr  # before the fix: StoreError, No module '__mp_main__'
+    assert json.loads(done.stdout) == {
+        "multiprocessing": False,
+        "receipt": [True, True],
+        "declined": ["o-1", "card"],
+    }
+    other = tmp_path / "other.py"
+    other.write_text(OTHER_SPAWNED)
+    assert run_script(other, store) == ["Receipt", "o-1"]  # its copy, by value
