@@ -13,9 +13,9 @@ What is written must load back, as the same types (issue 13):
   gets the class of the running ``__main__`` when it defines one of that name, so that the
   script's next run catches its own exceptions and compares its own dataclasses; any other
   program (``idemfn show``) loads the copy, as cloudpickle alone would.
-- An exception that is wholly its ``args`` and ``__dict__`` (no ``__slots__``, no state of a
-  builtin base such as ``OSError.errno``, no ``__reduce__``/``__setstate__``/``__new__`` of its
-  own) is rebuilt without calling ``__init__``, whose signature often differs from ``args``
+- An exception that is wholly its ``args``, ``__dict__`` and its classes' own ``__slots__`` (no
+  state of a builtin base such as ``OSError.errno``, no ``__reduce__``/``__setstate__``/``__new__``
+  of its own) is rebuilt without calling ``__init__``, whose signature often differs from ``args``
   (``__init__(self, code, detail)`` passing one message to ``Exception``). Raised exceptions are
   always written so; exceptions inside a returned value when the default way does not load back.
 - A value is loaded back once before it is recorded ``ok`` unless its pickle refers to no class
@@ -229,34 +229,64 @@ _STATE = (types.MemberDescriptorType, types.GetSetDescriptorType)
 _OWN_PICKLING = ("__reduce__", "__reduce_ex__", "__setstate__")
 
 
-def _args_and_dict_only(kind: type[BaseException]) -> bool:
-    """Whether an exception of ``kind`` is wholly its ``args`` and ``__dict__``: then building
-    it with ``__new__(kind, *args)`` and setting its ``__dict__`` gives it back exactly, without
-    ``__init__``."""
+_HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class made by a class statement
+
+
+def _declared_slots(base: type) -> set[str]:
+    """The (mangled) attribute names of the ``__slots__`` a Python class declares itself."""
+    if not base.__flags__ & _HEAPTYPE or "__slots__" not in vars(base):
+        return set()
+    declared = vars(base)["__slots__"]
+    names = [declared] if isinstance(declared, str) else list(declared)
+    prefix = "_" + base.__name__.lstrip("_")
+    return {
+        prefix + name if name.startswith("__") and not name.endswith("__") else name
+        for name in names
+    }
+
+
+def _exact_state(kind: type[BaseException]) -> list[tuple[str, Any]] | None:
+    """The ``__slots__`` (name, descriptor) of ``kind``'s Python classes when an exception of
+    ``kind`` is wholly its ``args``, ``__dict__`` and those slots: then building it with
+    ``__new__(kind, *args)`` and setting them gives it back exactly, without ``__init__``.
+    None when it is not (state of a builtin base, its own way to pickle, a ``__new__``)."""
+    slots: list[tuple[str, Any]] = []
     for base in kind.__mro__:
         if base is BaseException:
-            return True
+            return slots
         attrs = vars(base)
         if any(name in attrs for name in _OWN_PICKLING):
-            return False  # its own way to pickle (OSError, ImportError, a user's): keep it
+            return None  # its own way to pickle (OSError, ImportError, a user's): keep it
         new = attrs.get("__new__")
         if new is not None and not isinstance(new, types.BuiltinFunctionType):
-            return False  # a __new__ in Python may want other arguments
+            return None  # a __new__ in Python may want other arguments
+        own = None
         for name, attr in attrs.items():
             if isinstance(attr, _STATE) and name not in ("__dict__", "__weakref__"):
-                return False
-    return False
+                if own is None:
+                    own = _declared_slots(base)
+                if name not in own:
+                    return None  # a builtin base's state (OSError.errno)
+                slots.append((name, attr))
+    return None
 
 
 def _reduce_exception(exc: BaseException) -> tuple[Any, ...] | None:
     kind = type(exc)
-    if not _args_and_dict_only(kind):
+    slots = _exact_state(kind)
+    if slots is None:
         return None
+    state = dict(exc.__dict__)
+    for name, descriptor in slots:  # BaseException.__setstate__ sets each with setattr
+        try:
+            state[name] = descriptor.__get__(exc, kind)
+        except AttributeError:
+            pass  # never set
     # copyreg.__newobj__ is pickle's NEWOBJ: kind.__new__(kind, *args), then __setstate__ with
     # the __dict__, exactly as BaseException.__reduce__ would but for the __init__ call. Any
     # pickle reader loads it, idemfn or not.
     newobj = copyreg.__newobj__  # type: ignore[attr-defined]  # not in typeshed
-    return (newobj, (kind, *exc.args), exc.__dict__ or None)
+    return (newobj, (kind, *exc.args), state or None)
 
 
 class _ExactPickler(pickle.Pickler):

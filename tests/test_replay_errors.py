@@ -286,3 +286,34 @@ def test_any_idemfn_error_from_a_body_replays_as_halted(make: Make, store: Store
 def test_json_replays_an_idemfn_error_as_halted_with_the_same_reason() -> None:
     failure = describe_failure(AlreadyRunning("busy", key="k"), JSON)
     assert failure.payload is None and "idemfn's AlreadyRunning about key 'k'" in failure.reason
+
+
+class Slotted(Exception):
+    """Keeps its fields in ``__slots__`` (private ones too); ``__init__`` takes one argument,
+    so ``cls(*args)`` succeeds: rebuilt that way, ``code`` silently became the message."""
+
+    __slots__ = ("__secret", "code")
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"failed with {code}")
+        self.code = code
+        self.__secret = code * 2
+
+    @property
+    def secret(self) -> int:
+        return self.__secret
+
+
+@two_stores
+def test_an_exception_with_slots_replays_with_its_slots(make: Make) -> None:
+    def body(n: int) -> None:
+        raise Slotted(n)
+
+    fn = make(body)
+    with pytest.raises(Slotted) as first:
+        fn(3)
+    with pytest.raises(Slotted) as replayed:
+        fn(3)
+    same_exception(replayed.value, first.value)
+    # Before the fix: code == "failed with 3" (its __init__ rerun with the message).
+    assert (replayed.value.code, replayed.value.secret) == (3, 6)
