@@ -160,16 +160,17 @@ class _BoundMethod(functools.partial):  # type: ignore[type-arg]
         return f"<bound idempotent method {self.func.__qualname__} of {self.args[0]!r}>"
 
 
-class _Method:
+class _Method(classmethod):  # type: ignore[type-arg]
     # A function decorated in a class body, as the class holds it: on an instance it gives a
     # _BoundMethod; on the class, the decorated function itself (so Mailer.welcome(m, 7) and
     # Mailer.welcome.key_for(m, 7) work as before). Held as it is (under @staticmethod, or
     # taken from the class dict) it calls and looks like the function, down to __code__, so
     # inspect.iscoroutinefunction still sees an async one.
-    __slots__ = ("__func__",)
-
-    def __init__(self, function: Callable[..., Any]) -> None:
-        self.__func__ = function
+    # A classmethod only in type, so that what inspects a class's namespace takes it for a
+    # method: pydantic's models refuse any value that is not a function, property,
+    # classmethod or staticmethod, and unittest.mock's autospec leaves out the first
+    # parameter of a classmethod, as the call on an instance does. __get__ decides how it binds.
+    __slots__ = ()
 
     def __get__(self, instance: object, owner: type[Any] | None = None) -> Any:
         if instance is None:
@@ -180,24 +181,26 @@ class _Method:
         return self.__func__(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
-        if name == "__func__":  # not set yet (while unpickling): no recursion
-            raise AttributeError(name)
         return getattr(self.__func__, name)
 
     # Decorators above this one mark the function (@abstractmethod sets __isabstractmethod__,
     # @deprecated __deprecated__, pytest marks pytestmark): they go on the function, where
-    # __getattr__ reads them back, as they did before methods got this holder.
+    # __getattr__ reads them back, as they did before methods got this holder. (classmethod's
+    # own __init__ copies __name__ & co. this way too: onto the function they came from.)
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "__func__":
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self.__func__, name, value)
+        setattr(self.__func__, name, value)
 
     def __delattr__(self, name: str) -> None:
-        if name == "__func__":
-            object.__delattr__(self, name)
-        else:
-            delattr(self.__func__, name)
+        delattr(self.__func__, name)
+
+    @property  # the function's, as the function's own would be
+    def __doc__(self) -> str | None:  # type: ignore[override]
+        return self.__func__.__doc__
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # cloudpickle copies a script's classes by value, this holder with them; a classmethod's
+        # own pickling (by its type alone) would lose the function.
+        return (_Method, (self.__func__,))
 
     def __repr__(self) -> str:
         return f"<idempotent method {self.__func__.__qualname__}>"

@@ -519,6 +519,40 @@ def test_decorators_above_a_method_can_mark_it() -> None:
     assert not hasattr(Base.send, "marked")
 
 
+def test_a_method_is_a_method_to_what_inspects_the_class() -> None:
+    """pydantic's models refuse a class attribute that is not a function, property, classmethod
+    or staticmethod (its inspect_namespace): "A non-annotated attribute was detected" for every
+    model with an idempotent method. unittest.mock's autospec must check the call as on the
+    instance."""
+    import types
+    from unittest import mock
+
+    methods = (types.FunctionType, property, classmethod, staticmethod)
+
+    class LikePydantic(type):
+        def __new__(mcs, name: str, bases: tuple[type, ...], namespace: dict[str, Any]) -> Any:
+            for attribute, value in namespace.items():
+                if not attribute.startswith("__") and not isinstance(value, methods):
+                    raise TypeError(f"A non-annotated attribute was detected: {attribute}")
+            return super().__new__(mcs, name, bases, namespace)
+
+    class Order(metaclass=LikePydantic):
+        def __init__(self, id: int) -> None:
+            self.id = id
+
+        @idempotent(key="{self.id}:{x}", store=MemoryStore())
+        def charge(self, x: int) -> str:
+            return f"{self.id}:{x}"
+
+    order = Order(3)
+    assert order.charge(1) == "3:1" and order.charge.key_for(1).endswith(":3:1")
+    with mock.patch.object(Order, "charge", autospec=True) as charge:
+        Order(4).charge(2)
+        with pytest.raises(TypeError, match="missing a required argument: 'x'"):
+            Order(4).charge()
+    charge.assert_called_once_with(2)
+
+
 # -- keys no store can hold, in the low-level API (issue 13, B4) -----------------------------------
 
 
