@@ -55,11 +55,45 @@ def _processing(store: Store, key: str, token: str, *, lease: float = 30.0) -> E
 
 
 def _finished(store: Store, key: str, token: str, *, expires_in: float | None = 60.0) -> Entry:
+    """A finished entry (ttl 60 s) that expires in ``expires_in`` seconds: with a negative
+    ``expires_in``, one that expired that long ago; with None, one kept forever."""
     now = store.time()
+    if expires_in is None:
+        ttl, finished_at, expires_at = None, now, None
+    else:
+        ttl, expires_at = 60.0, now + expires_in
+        finished_at = expires_at - ttl
     return Entry(
-        key, "ok", "", _REMOTE_OWNER, token, 1, now - 60, ttl=expires_in, finished_at=now,
-        expires_at=None if expires_in is None else now + expires_in, payload=b"v",
+        key, "ok", "", _REMOTE_OWNER, token, 1, finished_at - 60, ttl=ttl,
+        finished_at=finished_at, expires_at=expires_at, payload=b"v",
     )  # fmt: skip
+
+
+def _age(store: Store, key: str, seconds: float) -> Entry:
+    """Rewrite ``key``'s live record as it will stand ``seconds`` from now: every time in it
+    moved back by ``seconds``, as if the clocks had moved on. Returns the rewritten entry.
+
+    The tests' way to let time pass without waiting for it (a server store's clock is the
+    server's, which no test can move). It goes through the store's own primitives, so the store
+    applies its expiry its own way: Redis drops a record that is now expired at once.
+    """
+    entry = store.get(key)
+    assert entry is not None, f"{key!r} has no live record to age"
+
+    def back(at: float | None) -> float | None:
+        return None if at is None else at - seconds
+
+    aged = entry._replace(
+        started_at=entry.started_at - seconds, lease_until=back(entry.lease_until),
+        finished_at=back(entry.finished_at), expires_at=back(entry.expires_at),
+        lease_mono=back(entry.lease_mono),
+    )  # fmt: skip
+    if entry.status == "processing":
+        assert store.swap(key, entry.token, aged)
+    else:  # a finished record is never replaced: written again
+        assert store.delete(key, entry.token)
+        assert store.claim(aged) is None
+    return aged
 
 
 class StoreContract:
@@ -74,8 +108,8 @@ class StoreContract:
         assert store.get("k") == first
 
     def test_an_expired_entry_counts_as_absent_and_is_replaced(self, store: Store) -> None:
-        store.claim(_finished(store, "k", "old", expires_in=0.05))
-        time.sleep(0.1)
+        # Expired a minute ago: no test waits for a clock (a busy machine makes any wait short).
+        store.claim(_finished(store, "k", "old", expires_in=-60))
         assert store.get("k") is None
         assert store.claim(_processing(store, "k", "new")) is None
         entry = store.get("k")
@@ -143,10 +177,9 @@ class StoreContract:
         assert abs(store.time() - time.time()) < 60
 
     def test_prune_removes_what_is_expired_and_keeps_the_rest(self, store: Store) -> None:
-        store.claim(_finished(store, "gone", "a", expires_in=0.05))
+        store.claim(_finished(store, "gone", "a", expires_in=-60))
         store.claim(_finished(store, "kept", "b", expires_in=None))
         store.claim(_processing(store, "running", "c"))
-        time.sleep(0.1)
         store.prune()
         assert sorted(e.key for e in store.scan()) == ["kept", "running"]
 
@@ -205,7 +238,7 @@ class StoreContract:
     ) -> None:
         runs: list[int] = []
 
-        @idempotent(key="{x}", store=store, name="contract.abandoned", wait=5,
+        @idempotent(key="{x}", store=store, name="contract.abandoned", wait=60,
                     on_abandoned=on_abandoned)  # type: ignore[arg-type]  # fmt: skip
         def fn(x: int) -> int:
             runs.append(x)
@@ -213,7 +246,7 @@ class StoreContract:
 
         key = fn.key_for(1)
         # A claim whose owner (on another machine) stopped renewing its lease.
-        store.claim(_processing(store, key, "dead", lease=-1.0))
+        store.claim(_processing(store, key, "dead", lease=-10.0))
         if on_abandoned == "halt":
             with pytest.raises(Halted, match="lease"):
                 fn(1)
@@ -245,17 +278,23 @@ class StoreContract:
     def test_ttl_and_deadline(self, store: Store) -> None:
         runs: list[int] = []
 
-        @idempotent(key="{x}", store=store, name="contract.ttl", ttl=0.1)
+        @idempotent(key="{x}", store=store, name="contract.ttl", ttl=60)
         def fn(x: int) -> int:
             runs.append(x)
             return x
 
         fn(1)
         fn(1)
-        time.sleep(0.2)
+        record = fn.status(1)
+        assert record is not None and record.expires_at is not None
+        assert record.finished_at is not None
+        ttl = (record.expires_at - record.finished_at).total_seconds()
+        assert abs(ttl - 60) < 0.001
+        _age(store, fn.key_for(1), 120)  # its ttl ran out a minute ago
+        assert fn.status(1) is None
         fn(1)  # expired: absent, so it runs again
         assert runs == [1, 1]
-        past = datetime.now(timezone.utc) - timedelta(seconds=1)
+        past = datetime.now(timezone.utc) - timedelta(hours=1)
 
         @idempotent(key="{x}", store=store, name="contract.deadline", deadline=past)
         def late(x: int) -> int:

@@ -106,7 +106,7 @@ def one_line(stderr: bytes) -> str:
     return text
 
 
-def poll(condition: Callable[[], object], what: str, timeout: float = 20.0) -> None:
+def poll(condition: Callable[[], object], what: str, timeout: float = 60.0) -> None:
     give_up = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > give_up:

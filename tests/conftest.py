@@ -8,6 +8,10 @@
   so one test body checks both wrappers.
 - The default store is redirected to a temporary directory for every test (autouse): no test
   ever touches the user's real state directory.
+
+No test waits for time to pass (a busy machine makes any such wait too short): ``age`` rewrites a
+record as it will stand later, ``store_clock`` moves a store's clock on, and processes and
+threads wait on conditions with generous timeouts.
 """
 
 from __future__ import annotations
@@ -24,13 +28,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 import idemfn
 from idemfn import DiskStore, MemoryStore, Store, idempotent
 from idemfn._stores.postgres import PostgresStore
 from idemfn._stores.redis import RedisStore
+from idemfn.testing import _age as age
 
 from .servers import PostgresServer, RedisServer, postgres_server, redis_server
+
+# Hypothesis's defaults time each example (200 ms deadline) and fail a test whose data is slow
+# to generate: both measure the machine, not idemfn. Tests that set their own settings keep
+# these for what they leave out.
+settings.register_profile(
+    "idemfn", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("idemfn")
 
 
 @pytest.fixture(autouse=True)
@@ -129,6 +143,26 @@ class Runner:
 Make = Callable[..., Runner]
 
 
+class StoreClock:
+    """Moves ``store.time()`` on, and with it the engine's clock for the store: record times,
+    expiry checks, deadlines and the leases of owners on other machines. (A server store's own
+    expiry, on the server's clock, does not move: ``age`` a record for that.)"""
+
+    def __init__(self, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.offset = 0.0
+        real = store.time
+        monkeypatch.setattr(store, "time", lambda: real() + self.offset)
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+@pytest.fixture
+def store_clock(store: Store, monkeypatch: pytest.MonkeyPatch) -> StoreClock:
+    """The ``store``'s clock, which the test moves on with ``store_clock.advance(seconds)``."""
+    return StoreClock(store, monkeypatch)
+
+
 @pytest.fixture(params=["sync", "async"])
 def mode(request: pytest.FixtureRequest) -> str:
     return str(request.param)
@@ -169,6 +203,8 @@ __all__ = [
     "STORES",
     "Make",
     "Runner",
+    "StoreClock",
+    "age",
     "idemfn",
     "make_store",
     "postgres_server",

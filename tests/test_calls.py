@@ -24,7 +24,7 @@ from idemfn._record import Entry
 from idemfn._stores.base import prunable
 from idemfn._stores.redis import RedisStore
 
-from .conftest import Make
+from .conftest import Make, StoreClock, age
 
 
 class Boom(Exception):
@@ -317,7 +317,7 @@ def test_remote_owner_with_expired_lease_is_abandoned_and_halted(
     make: Make, store: Store, counter: Any
 ) -> None:
     fn = make(counter, key="k:{x}", fingerprint=False)
-    store.claim(_foreign_entry(fn.key_for(1), "", lease_until=time.time() - 1))
+    store.claim(_foreign_entry(fn.key_for(1), "", lease_until=time.time() - 60))
     with pytest.raises(Halted) as info:
         fn(1)
     assert "lease" in info.value.reason and "elsewhere" in info.value.reason
@@ -330,7 +330,7 @@ def test_remote_owner_with_expired_lease_is_abandoned_and_halted(
 
 def test_remote_owner_with_expired_lease_is_retried(make: Make, store: Store, counter: Any) -> None:
     fn = make(counter, key="k:{x}", fingerprint=False, on_abandoned="retry")
-    store.claim(_foreign_entry(fn.key_for(1), "", lease_until=time.time() - 1))
+    store.claim(_foreign_entry(fn.key_for(1), "", lease_until=time.time() - 60))
     assert fn(1) == {"x": 1, "y": None}
     assert counter.runs == 1
     record = fn.status(1)
@@ -338,18 +338,39 @@ def test_remote_owner_with_expired_lease_is_retried(make: Make, store: Store, co
 
 
 def test_remote_owner_becomes_abandoned_when_its_lease_runs_out(
-    make: Make, store: Store, counter: Any
+    make: Make, store: Store, store_clock: StoreClock, counter: Any
 ) -> None:
     fn = make(counter, key="k:{x}", fingerprint=False)
-    store.claim(_foreign_entry(fn.key_for(1), "", lease_until=time.time() + 0.3))
+    store.claim(_foreign_entry(fn.key_for(1), "", lease_until=store.time() + 60))
     with pytest.raises(AlreadyRunning):
         fn(1)
-    time.sleep(0.35)
+    store_clock.advance(61)  # a remote owner's lease is timed on the store's clock
     with pytest.raises(Halted):
         fn(1)
+    assert counter.runs == 0
 
 
-def test_wait_replays_the_outcome_of_a_call_in_flight(make: Make, mode: str) -> None:
+def _seen_busy(store: Store, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """An event set once a caller has read a key in flight (and so is waiting for it)."""
+    seen = threading.Event()
+
+    def watch(read: Callable[..., Entry | None]) -> Callable[..., Entry | None]:
+        def watched(*args: Any) -> Entry | None:
+            entry = read(*args)
+            if entry is not None and entry.status == "processing":
+                seen.set()
+            return entry
+
+        return watched
+
+    monkeypatch.setattr(store, "get", watch(store.get))
+    monkeypatch.setattr(store, "claim", watch(store.claim))  # (claims_first stores read so)
+    return seen
+
+
+def test_wait_replays_the_outcome_of_a_call_in_flight(
+    make: Make, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
     started = threading.Event()
     release = threading.Event()
     runs = []
@@ -357,20 +378,23 @@ def test_wait_replays_the_outcome_of_a_call_in_flight(make: Make, mode: str) -> 
     def body(x: int) -> str:
         runs.append(x)
         started.set()
-        release.wait(10)
+        assert release.wait(60)
         return f"v{x}"
 
-    fn = make(body, key="k:{x}", wait=10)
+    fn = make(body, key="k:{x}", wait=120)
     results: list[object] = []
     owner = threading.Thread(target=lambda: results.append(fn(1)))
     owner.start()
-    assert started.wait(10)
-    threading.Timer(0.2, release.set).start()
+    assert started.wait(60)
+    busy = _seen_busy(store, monkeypatch)
+    # The owner finishes only once this caller has found it running: it really waits.
+    threading.Thread(target=lambda: busy.wait(60) and release.set(), daemon=True).start()
     t0 = time.monotonic()
     assert fn(1) == "v1"
-    assert time.monotonic() - t0 < 5
-    owner.join(10)
-    assert results == ["v1"] and runs == [1]
+    # Polled, not left sleeping until its wait= ran out (120 s: far past any slow machine).
+    assert time.monotonic() - t0 < 60
+    owner.join(60)
+    assert busy.is_set() and results == ["v1"] and runs == [1]
 
 
 def test_wait_gives_up_with_already_running(make: Make) -> None:
@@ -379,22 +403,22 @@ def test_wait_gives_up_with_already_running(make: Make) -> None:
 
     def body(x: int) -> str:
         started.set()
-        release.wait(10)
+        release.wait(120)  # running until this test has seen the waiter give up
         return "late"
 
     fn = make(body, key="k:{x}", wait=0.3)
     owner = threading.Thread(target=lambda: fn(1))
     owner.start()
     try:
-        assert started.wait(10)
+        assert started.wait(60)
         t0 = time.monotonic()
         with pytest.raises(AlreadyRunning):
             fn(1)
         waited = time.monotonic() - t0
-        assert 0.25 <= waited < 3
+        assert waited >= 0.3  # (an upper bound would time this machine, not the wait)
     finally:
         release.set()
-        owner.join(10)
+        owner.join(60)
 
 
 def test_reentering_its_own_key_fails_at_once(make: Make, mode: str) -> None:
@@ -410,11 +434,11 @@ def test_reentering_its_own_key_fails_at_once(make: Make, mode: str) -> None:
             seen.append(exc)
         return "outer"
 
-    fn = make(body, key="k:{x}", wait=30)
+    fn = make(body, key="k:{x}", wait=120)
     holder["fn"] = fn
     t0 = time.monotonic()
     assert fn(1) == "outer"
-    assert time.monotonic() - t0 < 5  # no waiting on itself despite wait=30
+    assert time.monotonic() - t0 < 60  # no waiting on itself despite wait=120
     assert len(seen) == 1 and "re-entered" in str(seen[0])
 
 
@@ -462,21 +486,28 @@ def test_late_owner_that_raised_gets_ownership_lost(make: Make, store: Store) ->
 # -- ttl, forget, prune, deadline ---------------------------------------------------------------
 
 
-def test_ttl_expired_record_counts_as_absent(make: Make, counter: Any) -> None:
-    fn = make(counter, key="k:{x}", ttl=0.2)
+def test_ttl_expired_record_counts_as_absent(make: Make, store: Store, counter: Any) -> None:
+    fn = make(counter, key="k:{x}", ttl=60)
     fn(1)
     fn(1)
     assert counter.runs == 1
-    time.sleep(0.3)
+    record = fn.status(1)
+    assert record is not None and record.finished_at is not None
+    assert record.expires_at is not None
+    ttl = record.expires_at - record.finished_at
+    assert abs(ttl - timedelta(seconds=60)) < timedelta(milliseconds=1)
+    age(store, fn.key_for(1), 120)  # its ttl ran out a minute ago
     assert fn.status(1) is None
     fn(1)
     assert counter.runs == 2
 
 
-def test_expired_record_does_not_cause_a_mismatch(make: Make, counter: Any) -> None:
-    fn = make(counter, key="k:{x}", ttl=timedelta(milliseconds=200))
+def test_expired_record_does_not_cause_a_mismatch(
+    make: Make, store: Store, counter: Any
+) -> None:
+    fn = make(counter, key="k:{x}", ttl=timedelta(minutes=1))
     fn(1, "a")
-    time.sleep(0.3)
+    age(store, fn.key_for(1), 120)
     assert fn(1, "b") == {"x": 1, "y": "b"}
 
 
@@ -497,18 +528,18 @@ def test_forget_allows_another_run(make: Make, counter: Any) -> None:
 
 
 def test_prune_removes_expired_records_and_stale_claims(store: Store, make: Make) -> None:
-    fn = make(lambda x: x, key="k:{x}", ttl=0.1)
+    fn = make(lambda x: x, key="k:{x}", ttl=60)
     keep = make(lambda x: x, key="keep:{x}", ttl=None, name="test.keep")
     for i in range(3):
         fn(i)
+        age(store, fn.key_for(i), 120)  # expired a minute ago
     keep(1)
     # A claim whose lease ran out more than its ttl ago, and one still fresh.
-    now = time.time()
-    stale = _foreign_entry("stale", "", lease_until=now - 10)._replace(ttl=1.0)
-    fresh = _foreign_entry("fresh", "", lease_until=now - 10)
+    now = store.time()
+    stale = _foreign_entry("stale", "", lease_until=now - 100)._replace(ttl=10.0)
+    fresh = _foreign_entry("fresh", "", lease_until=now - 100)
     store.claim(stale)
     store.claim(fresh)
-    time.sleep(0.2)
     # Redis drops expired records by itself (PEXPIREAT): prune counts what is left of them.
     left = sum(prunable(e, store.time()) for e in store.scan())
     assert left == (0 if isinstance(store, RedisStore) else 4)
@@ -517,7 +548,7 @@ def test_prune_removes_expired_records_and_stale_claims(store: Store, make: Make
 
 
 def test_deadline_passed_does_not_start_the_body(make: Make, counter: Any) -> None:
-    past = datetime.now(timezone.utc) - timedelta(seconds=1)
+    past = datetime.now(timezone.utc) - timedelta(hours=1)
     fn = make(counter, key="k:{x}", deadline=past)
     with pytest.raises(DeadlineExceeded) as info:
         fn(1)
@@ -526,11 +557,13 @@ def test_deadline_passed_does_not_start_the_body(make: Make, counter: Any) -> No
     assert fn.status(1) is None  # nothing claimed
 
 
-def test_deadline_still_replays_a_finished_record(make: Make, counter: Any) -> None:
-    soon = datetime.now(timezone.utc) + timedelta(milliseconds=200)
+def test_deadline_still_replays_a_finished_record(
+    make: Make, store_clock: StoreClock, counter: Any
+) -> None:
+    soon = datetime.now(timezone.utc) + timedelta(hours=1)
     fn = make(counter, key="k:{x}", deadline=soon)
     fn(1)
-    time.sleep(0.25)
+    store_clock.advance(2 * 3600)  # the deadline is judged on the store's clock
     assert fn(1) == {"x": 1, "y": None}
     with pytest.raises(DeadlineExceeded):
         fn(2)
@@ -554,7 +587,7 @@ def test_async_reentry_fails_at_once(store: Store) -> None:
 
     seen: list[BaseException] = []
 
-    @idempotent(key="k:{x}", store=store, wait=30)
+    @idempotent(key="k:{x}", store=store, wait=120)
     async def fn(x: int) -> str:
         try:
             await fn(x)
@@ -571,7 +604,7 @@ def test_async_reentry_fails_at_once(store: Store) -> None:
 
     t0 = time.monotonic()
     assert asyncio.run(other_task_waits()) == ("outer", "outer")
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 60  # no waiting on itself despite wait=120
     assert len(seen) == 1
 
 
@@ -622,8 +655,8 @@ def test_deadline_callable_is_not_called_on_replay(make: Make) -> None:
     assert calls == [1]
 
 
-def test_forget_of_an_expired_record_is_false_on_every_store(make: Make) -> None:
-    fn = make(lambda x: x, key="k:{x}", ttl=0.1)
+def test_forget_of_an_expired_record_is_false_on_every_store(make: Make, store: Store) -> None:
+    fn = make(lambda x: x, key="k:{x}", ttl=60)
     fn(1)
-    time.sleep(0.2)
+    age(store, fn.key_for(1), 120)
     assert fn.forget(1) is False

@@ -130,12 +130,27 @@ def test_disk_full_at_halt_raises_the_bodys_exception_with_a_note(store_dir: Pat
 
 def test_disk_full_during_heartbeats_is_logged_and_the_call_goes_on(store_dir: Path) -> None:
     done = child(store_dir, """
+        failed = []
+        class Failures(logging.Handler):
+            def emit(self, record):
+                if "could not renew" in record.getMessage():
+                    failed.append(record)
+        logging.getLogger("idemfn").addHandler(Failures())
+
+        def until(what, condition):
+            give_up = time.monotonic() + 60
+            while not condition():
+                if time.monotonic() > give_up:
+                    sys.exit(f"timed out waiting for {what}")
+                time.sleep(0.01)
+
         @idempotent(key="pay:{n}", name="shop", store=store, lease=0.6)
         def pay(n):
             disk_full()
-            time.sleep(1.0)  # renewals every 0.2 s fail, and are retried
+            until("a renewal to fail", lambda: failed)  # renewals every 0.2 s fail, retried
             disk_back()
-            time.sleep(0.5)  # and succeed again before the lease runs out
+            lease = store.get("shop:pay:3").lease_until
+            until("a renewal to work", lambda: store.get("shop:pay:3").lease_until != lease)
             return n
         print("RETURNED", pay(3))
         print("STATUS", pay.status(3).status.value)
@@ -294,7 +309,7 @@ def test_a_full_server_at_complete_returns_the_value_and_logs(
     caplog.set_level(logging.ERROR)
     from .workers import poll
 
-    poll(lambda: job.status(1) is None or _halts(job), "the abandoned claim to halt", timeout=10)
+    poll(lambda: job.status(1) is None or _halts(job), "the abandoned claim to halt", timeout=60)
 
 
 def _halts(job: Any) -> bool:

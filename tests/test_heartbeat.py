@@ -1,14 +1,20 @@
-"""One heartbeat thread per process keeps live claims' leases fresh."""
+"""One heartbeat thread per process keeps live claims' leases fresh.
+
+The heartbeat renews on the real clock; the tests wait for renewals as conditions (60 s at
+most), never for a time that "should be enough". Whether a caller may take a claim over is
+judged on a lease clock the test moves itself.
+"""
 
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
-from idemfn import AlreadyRunning, MemoryStore, Status, idempotent
+from idemfn import AlreadyRunning, MemoryStore, Status, _lease, idempotent
 from idemfn._heartbeat import heartbeat
+
+from .workers import poll
 
 
 def _heartbeat_threads() -> list[threading.Thread]:
@@ -38,42 +44,59 @@ def test_lease_is_renewed_while_the_body_runs() -> None:
 
     @idempotent(key="k", store=store, lease=0.3)
     def slow() -> str:
-        for _ in range(8):
-            time.sleep(0.1)
+        def renewed_twice() -> bool:
             entry = store.get(slow.key_for())
             assert entry is not None and entry.status == "processing"
             assert entry.lease_until is not None
-            leases.append(entry.lease_until)
+            if not leases or entry.lease_until != leases[-1]:
+                leases.append(entry.lease_until)
+            return len(leases) >= 3
+
+        poll(renewed_twice, "the lease to be renewed twice", timeout=60)
         return "done"
 
     assert slow() == "done"
-    # Run for ~0.8 s, well past the 0.3 s lease: the lease moved forward and never ran out.
-    assert len(set(leases)) >= 3
+    assert leases == sorted(leases)  # each renewal moved the lease forward
     record = slow.status()
     assert record is not None and record.status is Status.OK
 
 
-def test_another_caller_never_takes_a_renewed_claim_over() -> None:
+def test_another_caller_never_takes_a_renewed_claim_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    # This machine's leases are timed on the lease clock, here one that only the test moves: a
+    # caller takes the claim over if and only if the renewals left its lease behind the clock.
+    lease = 0.3
+    now = [1000.0]
+    monkeypatch.setattr(_lease, "clock", lambda: now[0])
     store = MemoryStore()
-    started = threading.Event()
+    started, release = threading.Event(), threading.Event()
     results: list[object] = []
 
-    @idempotent(key="k", store=store, lease=0.3, on_abandoned="retry")
+    @idempotent(key="k", store=store, lease=lease, on_abandoned="retry")
     def slow() -> str:
         started.set()
-        time.sleep(1.0)
+        assert release.wait(60)
         return "owner"
+
+    def lease_end() -> float:
+        entry = store.get(slow.key_for())
+        assert entry is not None and entry.status == "processing"
+        assert entry.lease_mono is not None
+        return entry.lease_mono
 
     owner = threading.Thread(target=lambda: results.append(slow()))
     owner.start()
-    assert started.wait(5)
-    # Callers keep coming past the lease: the heartbeat renewed it, so none may take over.
-    deadline = time.monotonic() + 0.8
-    while time.monotonic() < deadline:
-        with pytest.raises(AlreadyRunning):
-            slow()
-        time.sleep(0.05)
-    owner.join(5)
+    try:
+        assert started.wait(60)
+        for _ in range(3):
+            ends_at = lease_end()
+            now[0] = ends_at - lease / 3  # the lease is two thirds through
+            poll(lambda: lease_end() == now[0] + lease, "the heartbeat to renew", timeout=60)
+            now[0] = ends_at + lease / 3  # past where the lease ended before its renewal
+            with pytest.raises(AlreadyRunning):
+                slow()
+    finally:
+        release.set()
+        owner.join(60)
     assert results == ["owner"]
     assert slow() == "owner"
 
@@ -109,17 +132,19 @@ def test_a_dropped_claim_is_not_renewed_forever(caplog: object) -> None:
     assert isinstance(claim, idemfn.Claim)
     del claim  # the caller gave up without complete() or fail()
     gc.collect()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        entry = store.get("dropped")
-        assert entry is not None and entry.lease_until is not None
-        if entry.lease_until < store.time():
-            break
-        time.sleep(0.05)
-    else:
-        raise AssertionError("the dropped claim's lease kept being renewed")
+
+    def halted() -> idemfn.Finished | None:
+        try:
+            outcome = idemfn.begin("dropped", store=store)
+        except idemfn.AlreadyRunning:
+            return None  # its lease has not run out yet
+        assert isinstance(outcome, idemfn.Finished)
+        return outcome
+
+    # Halted once its lease runs out, 0.3 s after the claim (within 60 s, or it was renewed).
+    finished = poll(halted, "the dropped claim's lease to run out", timeout=60)
     with pytest.raises(idemfn.Halted, match="lease"):
-        idemfn.begin("dropped", store=store).replay()  # type: ignore[union-attr]
+        finished.replay()
     assert "dropped without complete()" in caplog.text  # type: ignore[attr-defined]
 
 
@@ -128,18 +153,21 @@ def test_a_failing_renewal_is_retried_and_logged(caplog: object) -> None:
 
     class Flaky(MemoryStore):
         failures = 2
+        renewed = 0  # renewals that succeeded after the failures
 
         def swap(self, key: str, token: str, entry: object) -> bool:  # type: ignore[override]
-            if entry.status == "processing" and Flaky.failures > 0:  # type: ignore[attr-defined]
-                Flaky.failures -= 1
-                raise self.error("update", key, "disk full")
+            if entry.status == "processing":  # type: ignore[attr-defined]
+                if Flaky.failures > 0:
+                    Flaky.failures -= 1
+                    raise self.error("update", key, "disk full")
+                Flaky.renewed += 1
             return super().swap(key, token, entry)  # type: ignore[arg-type]
 
     store = Flaky()
 
     @idempotent(key="k", store=store, lease=0.3)
     def slow() -> str:
-        time.sleep(0.6)
+        poll(lambda: Flaky.renewed, "two failed renewals, then one that works", timeout=60)
         return "done"
 
     assert slow() == "done"
@@ -162,7 +190,9 @@ def test_a_claim_taken_over_while_running_is_noticed_by_the_heartbeat(caplog: ob
         entry = store.get(key)
         assert entry is not None
         assert store.swap(key, entry.token, entry._replace(token="someone-else"))
-        time.sleep(0.4)  # the heartbeat tries to renew, and finds the claim gone
+        # The heartbeat tries to renew (0.1 s into the call), and finds the claim gone.
+        poll(lambda: "taken over or halted while its body ran" in caplog.text,  # type: ignore[attr-defined]
+             "the heartbeat to notice", timeout=60)  # fmt: skip
         return "late"
 
     with pytest.raises(idemfn.OwnershipLost):

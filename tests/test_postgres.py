@@ -22,6 +22,7 @@ import pytest
 import idemfn
 from idemfn import PostgresStore, Status, StoreError, idempotent
 
+from .conftest import age
 from .servers import PostgresServer
 from .workers import poll
 
@@ -40,13 +41,13 @@ def fresh(server: PostgresServer) -> PostgresStore:
 
 def test_the_table_and_its_prune_index_are_created(postgres_server: PostgresServer) -> None:
     store = fresh(postgres_server)
-    fn = idempotent(key="{x}", store=store, ttl=0.05)(lambda x: x)
+    fn = idempotent(key="{x}", store=store, ttl=60)(lambda x: x)
     fn(1)
     with psycopg.connect(postgres_server.dsn) as conn:
         indexes = [r[0] for r in conn.execute(
             "SELECT indexdef FROM pg_indexes WHERE tablename = %s", (store.table,))]  # fmt: skip
     assert any("drop_at" in i for i in indexes), indexes
-    time.sleep(0.1)
+    age(store, fn.key_for(1), 120)  # expired a minute ago
     assert store.prune() == 1
     assert store.bytes_used() is not None and store.bytes_used() > 0  # type: ignore[operator]
     store.close()
@@ -61,7 +62,7 @@ def test_the_store_clock_is_the_servers(
     with psycopg.connect(postgres_server.dsn) as conn:
         server_now = conn.execute("SELECT extract(epoch from clock_timestamp())").fetchone()
     assert server_now is not None
-    assert abs(store.time() - float(server_now[0])) < 1.0
+    assert abs(store.time() - float(server_now[0])) < 60  # the server's, not this host's
     store.close()
 
 

@@ -77,12 +77,13 @@ def test_the_store_clock_is_the_servers_not_this_process(
     real = time.time
     monkeypatch.setattr(time, "time", lambda: real() + 3600)  # this host's clock is an hour off
     seconds, micros = redis.Redis(unix_socket_path=str(redis_server.socket)).time()
-    assert abs(store.time() - (seconds + micros / 1e6)) < 1.0
+    # (Bounds far from the hour, and far from how slowly a busy machine gets here.)
+    assert abs(store.time() - (seconds + micros / 1e6)) < 60
     fn = idempotent(key="{x}", store=store, ttl=60)(lambda x: x)
     fn(1)
     record = fn.status(1)
     assert record is not None and record.expires_at is not None
-    assert abs(record.expires_at.timestamp() - (seconds + 60)) < 2.0
+    assert abs(record.expires_at.timestamp() - (seconds + 60)) < 60
 
 
 def test_the_server_expires_finished_records(redis_server: RedisServer) -> None:
@@ -91,7 +92,12 @@ def test_the_server_expires_finished_records(redis_server: RedisServer) -> None:
     forever = idempotent(key="{x}", store=store, ttl=None, name="forever")(lambda x: x)
     fn(1)
     forever(1)
-    assert 29_000 < store.client.pttl(store.prefix + fn.key_for(1)) <= 30_000
+    entry = store.get(fn.key_for(1))
+    assert entry is not None and entry.expires_at is not None and entry.finished_at is not None
+    assert entry.expires_at == entry.finished_at + 30
+    # The server drops the record when it expires (PEXPIRETIME: when, in server milliseconds).
+    at = store.client.execute_command("PEXPIRETIME", store.prefix + fn.key_for(1))
+    assert at == int(entry.expires_at * 1000)
     assert store.client.pttl(store.prefix + forever.key_for(1)) == -1  # no expiry
 
 

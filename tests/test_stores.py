@@ -121,31 +121,46 @@ def test_disk_store_files_are_private(tmp_path: Path) -> None:
 def test_a_busy_store_does_not_block_another(tmp_path: Path) -> None:
     import sqlite3
 
-    busy = DiskStore(tmp_path / "busy", timeout=5)
+    from idemfn._stores.disk import _gate
+
+    busy = DiskStore(tmp_path / "busy", timeout=600)
     free = DiskStore(tmp_path / "free")
     busy.get("k")
     free.claim(finished("k"))
     holder = sqlite3.connect(tmp_path / "busy" / "cache.db", isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # another writer holds the busy store's write lock
     waiting = threading.Thread(target=lambda: busy.claim(processing("x")))
+    results: list[object] = []
+
+    def use_the_free_store() -> None:
+        results.append(free.get("k") is not None)
+        results.append(free.swap("k", "t1", finished("k")))
+
+    user = threading.Thread(target=use_the_free_store)
     try:
         waiting.start()
-        time.sleep(0.2)  # the claim is now waiting on SQLite
-        t0 = time.monotonic()
-        assert free.get("k") is not None
-        assert free.swap("k", "t1", finished("k")) is False
-        assert time.monotonic() - t0 < 1.0
+        give_up = time.monotonic() + 60
+        while waiting.ident not in _gate._busy:  # inside the store: waiting on SQLite
+            assert time.monotonic() < give_up, "the claim never started"
+            time.sleep(0.001)
+        user.start()
+        # The free store answers while the busy claim still waits (it would for 10 minutes):
+        # a lock held across the wait would keep the user here until then.
+        user.join(60)
+        assert not user.is_alive(), "a busy store blocked another"
+        assert waiting.is_alive()
+        assert results == [True, False]
     finally:
         holder.execute("ROLLBACK")
         holder.close()
-        waiting.join(10)
+        waiting.join(60)
+        user.join(60)
 
 
 def test_claims_cull_expired_rows_as_they_go(tmp_path: Path) -> None:
     store = DiskStore(tmp_path / "s")
     for i in range(50):
-        store.claim(finished(f"old{i}", expires_in=0.01))
-    time.sleep(0.05)
+        store.claim(finished(f"old{i}", expires_in=-60.0))  # expired a minute ago
     for i in range(130):  # at least two culls' worth of claims
         store.claim(processing(f"new{i}"))
     left = {row[0] for row in store.cache._sql("SELECT key FROM Cache")}
