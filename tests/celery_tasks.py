@@ -7,24 +7,24 @@ environment the test gives it:
 - ``IDEMFN_TEST_QUEUE``: the queue this worker consumes, one per test worker;
 - ``IDEMFN_STORE``: the store the tasks share (a directory, or a Redis URL);
 - ``IDEMFN_TEST_EFFECTS``: where bodies append their side effects, one file per name, and where
-  every delivery's outcome is logged (``deliveries``, by the ``task_postrun`` signal).
+  every delivery's outcome is logged (``deliveries``, by the ``task_postrun`` signal), and
+  every delivery's start (``started``, by ``task_prerun``: the task id).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
 import uuid
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import task_postrun
+from celery.signals import task_postrun, task_prerun
 
 from idemfn import AlreadyRunning, idempotent
 from idemfn.celery import idempotent_task, task_id
 
-from .workers import crash_on_first_run, effect
+from .workers import crash_on_first_run, effect, held
 
 _socket = os.environ.get("IDEMFN_TEST_REDIS", "/nonexistent/redis.sock")
 app = Celery(
@@ -45,6 +45,12 @@ app.conf.update(
     },
 )
 
+@task_prerun.connect
+def _log_start(task_id: str, task: Task, **_: Any) -> None:
+    if "IDEMFN_TEST_EFFECTS" in os.environ:  # (not for eager tasks in the test process)
+        effect("started", task_id)
+
+
 @task_postrun.connect
 def _log_delivery(task_id: str, task: Task, retval: Any, state: str, **_: Any) -> None:
     if "IDEMFN_TEST_EFFECTS" not in os.environ:  # eager tasks in the test process
@@ -52,12 +58,14 @@ def _log_delivery(task_id: str, task: Task, retval: Any, state: str, **_: Any) -
     effect("deliveries", json.dumps([task.name, task_id, state, repr(retval)]))
 
 
-# The key is the task's id: a message published three times with one id charges once.
+# The key is the task's id: a message published three times with one id charges once. With
+# ``hold``, the body runs until the test releases "charge-<order>".
 @app.task(bind=True)
 @idempotent_task(countdown=0.2)
-def charge(self: Task, order: str, pause: float = 0.0) -> str:
+def charge(self: Task, order: str, hold: bool = False) -> str:
     effect(f"charge-{order}", str(os.getpid()))
-    time.sleep(pause)
+    if hold:
+        held(f"charge-{order}")
     return f"receipt for {order}: {uuid.uuid4().hex}"  # differs per run: replays must match
 
 
@@ -66,9 +74,10 @@ def charge(self: Task, order: str, pause: float = 0.0) -> str:
 # fail with AlreadyRunning).
 @app.task
 @idempotent(key="ship:{order}", wait=30)
-def ship(order: str, pause: float = 0.0) -> str:
+def ship(order: str, hold: bool = False) -> str:
     effect(f"ship-{order}", str(os.getpid()))
-    time.sleep(pause)
+    if hold:
+        held(f"ship-{order}")
     return f"shipped {order}: {uuid.uuid4().hex}"
 
 
@@ -117,19 +126,21 @@ def flaky_autoretry(self: Task, name: str, failures: int) -> str:
 
 # A nested idempotent call whose own key is busy: the task's key is not the busy one.
 @idempotent(key="inner:{name}", fingerprint=["name"])
-def inner(name: str, pause: float) -> str:
+def inner(name: str, hold: bool) -> str:
     effect(f"inner-{name}", str(os.getpid()))
-    time.sleep(pause)
+    if hold:
+        held(f"inner-{name}")
     return "inner done"
 
 
 @app.task
-def hold_inner(name: str, pause: float) -> str:
-    return inner(name, pause)
+def hold_inner(name: str) -> str:
+    return inner(name, True)
 
 
-@app.task(bind=True, autoretry_for=(AlreadyRunning,), max_retries=20, default_retry_delay=0.2)
+# Retried every 0.2 s while the inner key is busy, for as long as a test may hold it (120 s).
+@app.task(bind=True, autoretry_for=(AlreadyRunning,), max_retries=600, default_retry_delay=0.2)
 @idempotent_task(countdown=0.2, retry_on=AlreadyRunning)
 def outer(self: Task, name: str) -> str:
     effect(f"outer-{name}", str(os.getpid()))
-    return inner(name, 0.0)
+    return inner(name, False)

@@ -7,20 +7,21 @@ share) and ``IDEMFN_TEST_EFFECTS`` (where bodies append their side effects).
 from __future__ import annotations
 
 import os
-import time
 import uuid
 
 from idemfn import idempotent
 from idemfn.rq import idempotent_job
 
-from .workers import crash_on_first_run, effect
+from .workers import crash_on_first_run, effect, held
 
 
 # Two jobs for one order pay once; a duplicate that finds the first running comes back later.
+# With ``hold``, the body runs until the test releases "pay-<order>".
 @idempotent_job(key="pay:{order}", interval=1)
-def pay(order: str, pause: float = 0.0) -> str:
+def pay(order: str, hold: bool = False) -> str:
     effect(f"pay-{order}", str(os.getpid()))
-    time.sleep(pause)
+    if hold:
+        held(f"pay-{order}")
     return f"paid {order}: {uuid.uuid4().hex}"  # differs per run: replays must match
 
 

@@ -27,7 +27,7 @@ from idemfn.celery import idempotent_task, task_id
 
 from . import celery_tasks
 from .servers import RedisServer
-from .workers import Worker, celery_worker, lines, poll, process_alive
+from .workers import Worker, celery_worker, lines, poll, process_alive, release
 
 pytestmark = pytest.mark.slow
 
@@ -113,25 +113,30 @@ def celeryd(
 
 def test_one_task_id_published_three_times_runs_the_body_once(celeryd: Celeryd) -> None:
     tid = uuid.uuid4().hex
-    celeryd.publish(celery_tasks.charge, "A-1", 1.5, task_id=tid)
+    celeryd.publish(celery_tasks.charge, "A-1", True, task_id=tid)
     poll(lambda: celeryd.runs("charge-A-1"), "the first delivery's body to start")
     for _ in range(2):  # the second pool process takes a duplicate while the body runs
-        celeryd.publish(celery_tasks.charge, "A-1", 1.5, task_id=tid)
+        celeryd.publish(celery_tasks.charge, "A-1", True, task_id=tid)
+    # The body runs until a duplicate has found it running (and is retried later).
+    celeryd.wait_deliveries(tid, "RETRY", 1)
+    release(celeryd.effects, "charge-A-1")
 
     values = celeryd.wait_deliveries(tid, "SUCCESS", 3)
     assert len(celeryd.runs("charge-A-1")) == 1
     assert len(set(values)) == 1, values
-    assert celeryd.deliveries(tid, "RETRY"), "no duplicate ever found the first one running"
-    assert repr(_result(tid).get(timeout=10)) == values[0]  # the backend has the same
+    assert repr(_result(tid).get(timeout=60)) == values[0]  # the backend has the same
     record = celeryd.record(celery_tasks.charge, tid)
     assert record is not None and record.status is Status.OK
 
 
 def test_messages_with_one_business_key_run_the_body_once(celeryd: Celeryd) -> None:
     order = uuid.uuid4().hex
-    tids = [celeryd.publish(celery_tasks.ship, order, 1.0)]
+    tids = [celeryd.publish(celery_tasks.ship, order, True)]
     poll(lambda: celeryd.runs(f"ship-{order}"), "the first message's body to start")
-    tids += [celeryd.publish(celery_tasks.ship, order, 1.0) for _ in range(2)]  # they wait
+    tids += [celeryd.publish(celery_tasks.ship, order, True) for _ in range(2)]  # they wait
+    # The body runs until the second pool process has started a duplicate, which waits.
+    poll(lambda: set(tids) & set(celeryd.runs("started")) - {tids[0]}, "a duplicate to start")
+    release(celeryd.effects, f"ship-{order}")
 
     values = [_result(tid).get(timeout=60) for tid in tids]
     assert len(celeryd.runs(f"ship-{order}")) == 1
@@ -152,7 +157,7 @@ def test_a_worker_killed_mid_body_halts_the_redelivered_task(
 
     celeryd.wait_deliveries(tid, "FAILURE", 1)
     assert celeryd.runs(name) == [str(pid)], "the body ran again"
-    error = _result(tid).get(timeout=10, propagate=False)
+    error = _result(tid).get(timeout=60, propagate=False)
     assert isinstance(error, Halted), repr(error)
     assert f"/{pid}/" in str(error) and " died: " in str(error), str(error)  # the owner
     assert "Halted" in celeryd.worker.output()
@@ -361,9 +366,12 @@ def test_a_nested_call_that_finds_its_key_busy_is_not_the_tasks_own_busy_key(
     # The task's own key is free: the inner key's AlreadyRunning is the body's exception,
     # which the task handles as it says (here: retry_on + autoretry_for), never as "busy".
     name = uuid.uuid4().hex
-    celeryd.publish(celery_tasks.hold_inner, name, 1.5)
+    celeryd.publish(celery_tasks.hold_inner, name)
     poll(lambda: celeryd.runs(f"inner-{name}"), "the inner call to start")
     tid = celeryd.publish(celery_tasks.outer, name)
+    # The inner call runs until the outer task has found it busy and run again.
+    poll(lambda: len(celeryd.runs(f"outer-{name}")) >= 2, "the outer task to be retried")
+    release(celeryd.effects, f"inner-{name}")
 
     assert _result(tid).get(timeout=60) == "inner done"
     assert len(celeryd.runs(f"inner-{name}")) == 1

@@ -26,7 +26,7 @@ from idemfn.rq import idempotent_job, job_id
 
 from . import rq_jobs
 from .servers import RedisServer
-from .workers import Worker, lines, poll, process_alive, rq_worker
+from .workers import Worker, lines, poll, process_alive, release, rq_worker
 
 pytestmark = pytest.mark.slow
 
@@ -128,9 +128,17 @@ def test_a_duplicate_that_finds_the_first_running_comes_back_for_its_value(rq: R
     rq.start_worker()
     rq.start_worker()
     order = uuid.uuid4().hex
-    first = rq.enqueue(rq_jobs.pay, order, 1.5)
+    first = rq.enqueue(rq_jobs.pay, order, True)
     poll(lambda: rq.runs(f"pay-{order}"), "the first job to start")
-    second = rq.enqueue(rq_jobs.pay, order, 1.5)
+    second = rq.enqueue(rq_jobs.pay, order, True)
+
+    def retried() -> bool:
+        second.refresh()
+        return (second.number_of_retries or 0) >= 1
+
+    # The first runs until the duplicate has found it running (and comes back a second later).
+    poll(retried, "the duplicate to find the first running")
+    release(rq.effects, f"pay-{order}")
 
     assert rq.done(second) == rq.done(first) == JobStatus.FINISHED
     assert len(rq.runs(f"pay-{order}")) == 1

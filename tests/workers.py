@@ -30,6 +30,20 @@ def effect(name: str, line: str) -> int:
     return len(path.read_text().splitlines())
 
 
+def held(name: str) -> None:
+    """Block until the test releases ``name`` (``release(effects, name)``), or for 120 s at
+    most: a body that a test must find running runs until the test has seen what it needs."""
+    path = Path(os.environ["IDEMFN_TEST_EFFECTS"]) / f"release-{name}"
+    give_up = time.monotonic() + 120
+    while not path.exists() and time.monotonic() < give_up:
+        time.sleep(0.01)
+
+
+def release(effects: Path, name: str) -> None:
+    """Let the bodies ``held`` on ``name`` go on (``effects``: their $IDEMFN_TEST_EFFECTS)."""
+    (effects / f"release-{name}").touch()
+
+
 def crash_on_first_run(name: str) -> str:
     """A body that hangs on its first run (the test SIGKILLs it there) and returns on others."""
     runs = effect(name, str(os.getpid()))
@@ -38,7 +52,7 @@ def crash_on_first_run(name: str) -> str:
     return f"finished on run {runs}"
 
 
-def poll(condition: Callable[[], T], what: str, timeout: float = 30.0) -> T:
+def poll(condition: Callable[[], T], what: str, timeout: float = 60.0) -> T:
     """Call ``condition`` until it returns something true, and return that; fail after
     ``timeout`` seconds saying ``what`` was awaited."""
     give_up = time.monotonic() + timeout
