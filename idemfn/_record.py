@@ -119,6 +119,7 @@ class Entry(NamedTuple):
 
 
 _FIELDS = len(Entry._fields)
+_SMALL_TUPLE = ord(")")  # marshal's TYPE_SMALL_TUPLE (its 0x80 bit is FLAG_REF)
 _STATUSES = frozenset(s.value for s in Status)
 
 
@@ -147,6 +148,11 @@ def encode(entry: Entry) -> bytes:
 
 def decode(data: bytes) -> Entry:
     """Rebuild an entry; raise ``ValueError`` for bytes that are not a record of this version."""
+    # A record is a tuple of 17 or 18 fields (a one-byte length). Checked before marshal sees
+    # it: five corrupt bytes claiming a tuple of a billion slots make marshal allocate
+    # gigabytes before it notices the data is short (found by fuzzing, issue 13).
+    if len(data) < 2 or data[0] & 0x7F != _SMALL_TUPLE or not _FIELDS <= data[1] <= _FIELDS + 1:
+        raise ValueError("not an idemfn record (wrong layout)")
     try:
         fields = marshal.loads(data)
     except (EOFError, ValueError, TypeError) as exc:

@@ -123,3 +123,25 @@ def test_the_command_lists_shows_counts_and_forgets_a_corrupt_record(tmp_path: P
     idemfn_cli("forget", "--force", "job:1", env=env)
     assert [r["key"] for r in json.loads(idemfn_cli("ls", "--json", env=env).stdout)] == ["job:2"]
     idemfn_cli("prune", env=env)
+
+
+@pytest.mark.parametrize(
+    "data", [b"(\xff\xff\xff\x3f", b"[\xff\xff\xff\x3f", b"\xa8\xff\xff\xff\x3f\x00"]
+)
+def test_a_record_claiming_a_huge_size_fails_without_allocating_it(data: bytes) -> None:
+    # Five bytes made marshal build a tuple of a billion slots (8 GB) before it found them
+    # short: every read of such a record stalled. Under a 1 GB address-space limit it must be
+    # a plain "not an idemfn record", never a MemoryError. (A huge size claimed by a field
+    # inside the record still reaches marshal: the record checksum of issue 14 stops those.)
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, sys\n"
+        "from idemfn._record import decode\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))\n"
+        f"try:\n    decode({data!r})\nexcept ValueError as e:\n    print('refused', e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("refused not an idemfn record"), done.stdout
