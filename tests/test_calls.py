@@ -35,8 +35,9 @@ class Transient(Exception):
     pass
 
 
-class NeedsArgs(Exception):
-    """Pickles, but cannot be rebuilt: __init__ takes two arguments it does not pass on."""
+class NeedsArgs(OSError):
+    """Pickles, but cannot be rebuilt: OSError's own pickling calls __init__, which takes two
+    arguments it does not pass on. (A plain Exception's is rebuilt without __init__.)"""
 
     def __init__(self, code: int, detail: str) -> None:
         super().__init__(f"{code}: {detail}")

@@ -71,8 +71,9 @@ class RetryMe(Exception):
     """The one type in every policy's ``retry_on``."""
 
 
-class Unrebuildable(Exception):
-    """Pickles, but can't be rebuilt (required arguments not passed on): replayed as Halted."""
+class Unrebuildable(OSError):
+    """Pickles, but can't be rebuilt (OSError's own pickling calls __init__, whose required
+    arguments are not passed on): replayed as Halted. (A plain Exception's is rebuilt.)"""
 
     def __init__(self, code: int, detail: str) -> None:
         super().__init__(f"{code}: {detail}")
