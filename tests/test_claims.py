@@ -78,22 +78,32 @@ def _claim_entry(store: Store, token: str) -> Entry:
                  ttl=60.0)  # fmt: skip
 
 
+def _claim_racing(second: DiskStore, meanwhile: Any, monkeypatch: pytest.MonkeyPatch) -> Entry:
+    """``second.claim(...)``, with ``meanwhile()`` run to its end by another thread after
+    ``second`` read the expired row and before it removes it: what it returns."""
+    decode = second.decode
+
+    def decode_then_race(key: str, data: object) -> Entry:
+        monkeypatch.setattr(second, "decode", decode)
+        in_another_thread(meanwhile)
+        return decode(key, data)
+
+    monkeypatch.setattr(second, "decode", decode_then_race)
+    found = second.claim(_claim_entry(second, "t-second"))
+    assert found is not None, "a second claim: two bodies ran at once"  # before the fix
+    return found
+
+
 def test_a_racing_claim_never_deletes_the_claim_another_caller_just_made(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first, second = _expired_by_idemfn_only(tmp_path, monkeypatch)
-    # `second` reads the expired row; before it removes it, `first` removes it and claims.
-    decode = second.decode
 
-    def decode_then_let_first_claim(key: str, data: object) -> Entry:
-        monkeypatch.setattr(second, "decode", decode)
-        assert in_another_thread(lambda: first.claim(_claim_entry(first, "t-first"))) is None
-        return decode(key, data)
+    def first_claims() -> None:
+        assert first.claim(_claim_entry(first, "t-first")) is None
 
-    monkeypatch.setattr(second, "decode", decode_then_let_first_claim)
-    found = second.claim(_claim_entry(second, "t-second"))
-    # Before the fix: None (a second claim, so two bodies ran) and first's claim deleted.
-    assert found is not None and found.token == "t-first"
+    found = _claim_racing(second, first_claims, monkeypatch)
+    assert found.token == "t-first"
     kept = first.get("k")
     assert kept is not None and kept.token == "t-first"
     first.close()
@@ -104,23 +114,14 @@ def test_a_racing_claim_never_deletes_a_fresh_ok_record(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first, second = _expired_by_idemfn_only(tmp_path, monkeypatch)
-    decode = second.decode
 
-    def decode_then_let_first_run(key: str, data: object) -> Entry:
-        monkeypatch.setattr(second, "decode", decode)
+    def first_runs() -> None:
+        claim = begin("k", store=first, policy=Policy(ttl=7200.0, lease=30.0))
+        assert isinstance(claim, Claim)
+        claim.complete("first")
 
-        def run_first() -> None:
-            claim = begin("k", store=first, policy=Policy(ttl=7200.0, lease=30.0))
-            assert isinstance(claim, Claim)
-            claim.complete("first")
-
-        in_another_thread(run_first)
-        return decode(key, data)
-
-    monkeypatch.setattr(second, "decode", decode_then_let_first_run)
-    found = second.claim(_claim_entry(second, "t-second"))
-    # Before the fix: None, the fresh ok record deleted and the key claimed again.
-    assert found is not None and found.status == "ok"
+    found = _claim_racing(second, first_runs, monkeypatch)
+    assert found.status == "ok"
     outcome = begin("k", store=second, policy=Policy(ttl=7200.0))
     assert not isinstance(outcome, Claim)
     assert outcome.replay() == "first"
@@ -191,7 +192,7 @@ def test_the_lease_is_renewed_while_a_large_result_is_serialised(
     assert entry is not None and entry.status == "ok"
 
 
-def _call(fn: Any) -> BaseException | object:
+def _call(fn: Any) -> Any:
     try:
         return fn()
     except BaseException as exc:
