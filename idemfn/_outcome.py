@@ -413,6 +413,8 @@ def describe_failure(exc: BaseException, serializer: Serializer | None = None) -
         rebuilt = pickle.loads(payload)
         if type(rebuilt) is not type(exc):
             raise TypeError(f"it came back as {type(rebuilt).__name__}")
+        if str(rebuilt) != message:  # rebuilt by an __init__ that rewords its arguments
+            raise TypeError(f"it came back with the message {str(rebuilt)!r}")
     except Exception as problem:
         reason = (
             f"the call raised {kind}, which could not be stored to be re-raised as itself"

@@ -317,3 +317,24 @@ def test_an_exception_with_slots_replays_with_its_slots(make: Make) -> None:
     same_exception(replayed.value, first.value)
     # Before the fix: code == "failed with 3" (its __init__ rerun with the message).
     assert (replayed.value.code, replayed.value.secret) == (3, 6)
+
+
+class RewordingOSError(OSError):
+    """Rebuilt by OSError's own pickling, which calls __init__ with the stored args: the
+    message comes back reworded ("[Errno 5] 5 1 2" for "[Errno 5] 1 2")."""
+
+    def __init__(self, a: object, b: object) -> None:
+        super().__init__(5, f"{a} {b}")
+
+
+def test_an_exception_rebuilt_with_another_message_replays_as_halted(make: Make) -> None:
+    def body(x: int) -> None:
+        raise RewordingOSError(1, 2)
+
+    fn = make(body, key="k:{x}")
+    with pytest.raises(RewordingOSError, match=re.escape("[Errno 5] 1 2")):
+        fn(1)
+    # Before the fix: a RewordingOSError whose message was "[Errno 5] 5 1 2", silently.
+    with pytest.raises(Halted, match=re.escape("(tests.test_replay_errors.RewordingOSError:")) as e:
+        fn(1)
+    assert "[Errno 5] 1 2" in str(e.value) and "came back with the message" in str(e.value)
