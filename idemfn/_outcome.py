@@ -91,13 +91,87 @@ class NotLoadable(Exception):
     """
 
 
+# Scalars pickle in one C call, as fast as copying them; anything else may be a container of
+# millions of objects, which pickle.dumps and pickle.loads would walk holding the GIL.
+_ATOMIC = frozenset({type(None), bool, int, float, complex, str, bytes})
+
+
+class _Frames:
+    """Where pickle writes a value a frame (64 KiB) at a time. This Python ``write`` between
+    frames lets other threads run while a large value is pickled: the heartbeat renewing the
+    claim's lease among them (``pickle.dumps`` holds the GIL throughout: a second for 100 MB,
+    long enough for a short lease to lapse under a live owner, issue 13)."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self.parts.append(data)
+        return len(data)
+
+
+def _pickle(value: object) -> bytes:
+    """``pickle.dumps(value)``, the same bytes, yielding the GIL between frames."""
+    if type(value) in _ATOMIC:
+        return pickle.dumps(value, protocol=_PROTOCOL)
+    frames = _Frames()
+    pickle.Pickler(frames, protocol=_PROTOCOL).dump(value)
+    parts = frames.parts
+    if len(parts) == 1 and type(parts[0]) is bytes:
+        return parts[0]
+    return b"".join(parts)
+
+
+class _FrameReader:
+    """What pickle reads a large payload from, a frame at a time: a Python ``read`` between
+    frames lets other threads run while it is loaded back (as ``_Frames`` when dumping)."""
+
+    __slots__ = ("data", "position")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = memoryview(data)
+        self.position = 0
+
+    def read(self, size: int = -1) -> bytes:
+        start = self.position
+        end = len(self.data) if size < 0 else min(start + size, len(self.data))
+        self.position = end
+        return self.data[start:end].tobytes()
+
+    def readinto(self, buffer: memoryview) -> int:
+        start = self.position
+        chunk = self.data[start : start + len(buffer)]
+        buffer[: len(chunk)] = chunk
+        self.position = start + len(chunk)
+        return len(chunk)
+
+    def readline(self) -> bytes:  # protocol 0 only; never written here, but part of the API
+        data, start = self.data, self.position
+        end = bytes(data[start:]).find(b"\n")
+        end = len(data) if end < 0 else start + end + 1
+        self.position = end
+        return data[start:end].tobytes()
+
+
+_YIELDING_LOAD = 1024 * 1024  # bytes: smaller payloads load in a few milliseconds at most
+
+
+def _unpickle(data: bytes) -> object:
+    """``pickle.loads(data)``; a large payload yielding the GIL between frames."""
+    if len(data) < _YIELDING_LOAD:
+        return pickle.loads(data)
+    return pickle.Unpickler(_FrameReader(data)).load()
+
+
 def dump_value(value: object) -> bytes:
     """``value`` as a pickle that loads back.
 
     Raises ``NotLoadable`` when the bytes do not load back, else whatever pickling raised.
     """
     try:
-        data = pickle.dumps(value, protocol=_PROTOCOL)
+        data = _pickle(value)
     except Exception:
         data = b"__main__"  # let cloudpickle try, and raise its error if it cannot either
     # pickle wrote the same bytes cloudpickle would, unless it referred to the script itself.
@@ -109,14 +183,14 @@ def dump_value(value: object) -> bytes:
         if len(data) > _LARGE and _only_builtins(value):
             return data
         try:
-            pickle.loads(data)
+            _unpickle(data)
         except Exception:
             pass  # e.g. an exception inside whose __init__ takes other arguments: write it exactly
         else:
             return data
     data = _exact_dumps(value, cloud=cloud)
     try:
-        pickle.loads(data)
+        _unpickle(data)
     except Exception as problem:
         raise NotLoadable(_not_loadable(value, problem)) from None
     return data

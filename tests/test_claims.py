@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from idemfn import (
     idempotent,
 )
 from idemfn._engine import Claim, Policy, begin
+from idemfn._outcome import PICKLE
 from idemfn._record import Entry
 
 from .conftest import make_store
@@ -190,6 +192,49 @@ def test_the_lease_is_renewed_while_a_large_result_is_serialised(
     assert isinstance(seen, AlreadyRunning), seen
     entry = _only_entry(store)
     assert entry is not None and entry.status == "ok"
+
+
+@dataclass
+class Point:
+    x: int
+    label: str
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        # Text only: its pickle holds no byte that makes dump_value look closer at it.
+        pytest.param(lambda: ["x" * 40 + str(i) for i in range(300_000)], id="builtins"),
+        pytest.param(lambda: [Point(i, str(i)) for i in range(100_000)], id="loaded back"),
+    ],
+)  # fmt: skip
+def test_other_threads_run_while_a_large_result_is_serialised(value: Any) -> None:
+    # pickle.dumps and pickle.loads walk a container holding the GIL: the heartbeat could not
+    # renew the lease while a large result was pickled (and loaded back, to check it loads),
+    # however long that took. Now pickle yields between frames: other threads run meanwhile.
+    big = value()
+    ticks: list[float] = []
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.is_set():
+            ticks.append(time.monotonic())
+            time.sleep(0.001)
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    try:
+        give_up = time.monotonic() + PATIENCE
+        while True:
+            start = time.monotonic()
+            PICKLE.dump_value(big)
+            end = time.monotonic()
+            if sum(start < t < end for t in list(ticks)) >= 3:
+                break  # another thread ran three times while it was serialised
+            assert time.monotonic() < give_up, "no other thread ran while it was serialised"
+    finally:
+        stop.set()
+        ticker.join()
 
 
 def _call(fn: Any) -> Any:
