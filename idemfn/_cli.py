@@ -656,12 +656,20 @@ def _print_json(value: object) -> None:
         sys.stdout.write("\n")
 
 
-def _table(rows: list[list[str]], header: list[str], *, key_width: int | None) -> int:
-    """Print ``rows`` in columns under ``header``, the first column (the keys) at most
-    ``key_width`` wide (None: as wide as the widest key); return how many keys were shortened."""
+def _table(rows: list[list[str]], header: list[str], *, wide: bool) -> int:
+    """Print ``rows`` in columns under ``header``; return how many keys were shortened.
+
+    The first column (the keys) is at most as wide as a terminal leaves beside the others (at
+    least 12), or ``KEY_WIDTH`` when stdout is no terminal; with ``wide``, as wide as its widest.
+    """
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    if key_width is not None:
-        widths[0] = max(min(widths[0], key_width), len(header[0]))
+    if not wide:
+        if sys.stdout is not None and sys.stdout.isatty():
+            room = shutil.get_terminal_size().columns - sum(widths[1:]) - 2 * (len(widths) - 1)
+            limit = max(room, 12)
+        else:
+            limit = KEY_WIDTH
+        widths[0] = max(min(widths[0], limit), len(header[0]))
     shortened = 0
     for row in [header, *rows]:
         key = row[0]
@@ -679,19 +687,6 @@ def _shorten(key: str, width: int) -> str:
     that share a function's name differ at the end)."""
     tail = (width - 1) // 3
     return key[: width - 1 - tail] + "…" + key[len(key) - tail :]
-
-
-def _key_width(rows: list[list[str]], wide: bool) -> int | None:
-    """The widest the KEY column may be: the terminal's room beside the other columns when
-    stdout is one (at least 12), else ``KEY_WIDTH``; no limit with --wide. (``rows[0]``: the
-    header.)"""
-    if wide:
-        return None
-    if sys.stdout is not None and sys.stdout.isatty():
-        others = [max(len(r[i]) for r in rows) for i in range(1, len(rows[0]))]
-        room = shutil.get_terminal_size().columns - sum(others) - 2 * len(others)
-        return max(room, 12)
-    return KEY_WIDTH
 
 
 def _ls(args: argparse.Namespace) -> Exit:
@@ -726,8 +721,7 @@ def _ls(args: argparse.Namespace) -> Exit:
         hidden = len(found) - len(scanned)
         print(_nothing_listed(args, store, len(scanned) + len(broken), hidden), file=sys.stderr)
         return Exit.OK
-    header = ["KEY", "STATUS", "AGE", "OWNER", "EXPIRES"]
-    shortened = _table(rows, header, key_width=_key_width([header, *rows], args.wide))
+    shortened = _table(rows, ["KEY", "STATUS", "AGE", "OWNER", "EXPIRES"], wide=args.wide)
     if listed_broken:
         _say(
             f"{len(listed_broken)} record{'' if len(listed_broken) == 1 else 's'} cannot be"

@@ -32,7 +32,7 @@ from ._engine import (
     reentered,
 )
 from ._errors import AlreadyRunning
-from ._keys import CallKey, callable_call_error, check_callable_option, describe
+from ._keys import CallKey, check_callable_option, describe, refuse_call
 from ._outcome import SerializerOption
 from ._record import Record
 from ._signing import SigningKey
@@ -249,10 +249,8 @@ class _Deadline(Generic[P]):
         try:
             value = self._hook(*args, **kwargs)
         except TypeError:
-            error = callable_call_error("deadline=", self._hook, args, kwargs)
-            if error is None:  # raised inside the callable: its own error
-                raise
-            raise error from None
+            refuse_call("deadline=", self._hook, args, kwargs)
+            raise  # from inside the callable: its own error
         return deadline_timestamp(value, option="the deadline= callable's result")
 
 

@@ -47,7 +47,7 @@ from ._errors import (
     StoreError,
 )
 from ._heartbeat import heartbeat
-from ._lease import abandoned_reason
+from ._lease import abandoned_reason, utc_iso
 from ._outcome import (
     PICKLE,
     Failure,
@@ -181,10 +181,6 @@ def deadline_timestamp(deadline: object, *, option: str = "deadline") -> float:
     return deadline.timestamp()
 
 
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
-
-
 class Finished:
     """A key's finished record: ``replay()`` returns its value or raises its exception."""
 
@@ -262,7 +258,7 @@ class Busy:
     def error(self, note: str = "") -> AlreadyRunning:
         entry = self.entry
         return AlreadyRunning(
-            f"key {entry.key!r} is being run by {entry.owner} since {_iso(entry.started_at)}"
+            f"key {entry.key!r} is being run by {entry.owner} since {utc_iso(entry.started_at)}"
             f"{note}; retry later, or pass wait= to wait for its outcome",
             key=entry.key,
             owner=entry.owner,
@@ -516,7 +512,7 @@ def _new_claim(key: str, fingerprint: str, attempt: int, now: float, policy: Pol
 
 def _past_deadline(key: str, deadline: float, state: str) -> DeadlineExceeded:
     return DeadlineExceeded(
-        f"key {key!r} {state} and its deadline {_iso(deadline)} has passed: the call did not"
+        f"key {key!r} {state} and its deadline {utc_iso(deadline)} has passed: the call did not"
         " start",
         key=key,
     )
@@ -676,11 +672,9 @@ def _prepare(
     if not key:
         raise ValueError("begin(key=...) must not be empty")
     if "\x00" in key or not key.isascii():  # rare: look closer (NUL, lone surrogates)
-        from ._keys import unstorable_key_error
+        from ._keys import refuse_unstorable
 
-        bad = unstorable_key_error(key, "begin(key=...)")
-        if bad is not None:
-            raise bad
+        refuse_unstorable(key, "begin(key=...)")
     resolved = resolve_store(store, option="store")
     if policy is None:
         policy = Policy()

@@ -19,13 +19,13 @@ from ._fingerprint import ArgumentsFingerprint, fingerprint_value
 __all__ = [
     "SEPARATOR",
     "CallKey",
-    "callable_call_error",
     "check_callable_option",
     "check_name",
     "default_name",
     "make_binder",
+    "refuse_call",
+    "refuse_unstorable",
     "unstorable",
-    "unstorable_key_error",
 ]
 
 _P = inspect.Parameter
@@ -119,19 +119,19 @@ def unstorable(key: str) -> str | None:
     return None
 
 
-def unstorable_key_error(key: str, source: str) -> ValueError | None:
-    """The ``ValueError`` for a ``key`` no store can hold, or None when the key is fine.
+def refuse_unstorable(key: str, source: str) -> None:
+    """Raise the ``ValueError`` for a ``key`` no store can hold; return when it is fine.
 
-    ``source`` names where the key came from, e.g. ``"begin(key=...)"``.
+    ``source`` names where the key came from, e.g. ``"begin(key=...)"``. Callers test
+    ``"\\x00" in key or not key.isascii()`` first (see ``unstorable``).
     """
     problem = unstorable(key)
-    if problem is None:
-        return None
-    return ValueError(
-        f"{source} cannot be stored: {problem}. Leave the character out of the key, or key on"
-        " an encoded form of the value (e.g. with a key= callable returning"
-        " value.encode('utf-8', 'surrogateescape').hex())"
-    )
+    if problem is not None:
+        raise ValueError(
+            f"{source} cannot be stored: {problem}. Leave the character out of the key, or key"
+            " on an encoded form of the value (e.g. with a key= callable returning"
+            " value.encode('utf-8', 'surrogateescape').hex())"
+        )
 
 
 def check_name(name: object, what: str) -> str:
@@ -332,22 +332,22 @@ def check_callable_option(
             )
 
 
-def callable_call_error(
+def refuse_call(
     option: str, hook: Callable[..., object], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> TypeError | None:
-    """The ``TypeError`` naming ``option`` when ``hook`` cannot take ``args`` and ``kwargs``,
-    or None when it can (a ``TypeError`` it raised came from inside it)."""
+) -> None:
+    """For a ``TypeError`` out of calling ``hook``: raise the ``TypeError`` naming ``option``
+    when ``hook`` cannot take ``args`` and ``kwargs``; return when it can (the error came from
+    inside it, and the caller re-raises it)."""
     try:
         inspect.signature(hook).bind(*args, **kwargs)
     except TypeError as exc:
-        return TypeError(
+        raise TypeError(
             f"{option}{_label(hook)} cannot take this call's arguments ({exc}): it is called"
             " with the function's arguments. Give it the function's parameters, or take those"
             " it ignores with *args, **kwargs"
-        )
+        ) from None
     except ValueError:  # no signature to bind to
-        return None
-    return None
+        pass
 
 
 class CallKey:
@@ -528,10 +528,8 @@ def _resolver(
             try:
                 value = of_call(*args, **kwargs)
             except TypeError:
-                error = callable_call_error("fingerprint=", of_call, args, kwargs)
-                if error is None:
-                    raise
-                raise error from None
+                refuse_call("fingerprint=", of_call, args, kwargs)
+                raise  # from inside the callable: its own error
             fingerprint = fingerprint_value(value, where="the value returned by fingerprint=")
         else:
             fingerprint = ""
@@ -548,25 +546,19 @@ def _resolver(
             if not key:
                 raise ValueError(f"key={template!r} resolved to an empty key for this call")
             if "\x00" in key or not key.isascii():  # rare: look closer
-                bad = unstorable_key_error(key, f"the key that key={template!r} gave for this call")
-                if bad is not None:
-                    raise bad
+                refuse_unstorable(key, f"the key that key={template!r} gave for this call")
         elif key_call is not None:
             try:
                 key = key_call(*args, **kwargs)
             except TypeError:
-                error = callable_call_error("key=", key_call, args, kwargs)
-                if error is None:  # raised inside the callable: its own error
-                    raise
-                raise error from None
+                refuse_call("key=", key_call, args, kwargs)
+                raise  # from inside the callable: its own error
             if not isinstance(key, str):
                 raise TypeError(f"key= callable returned {type(key).__name__}, not a str")
             if not key:
                 raise ValueError("key= callable returned an empty key")
             if "\x00" in key or not key.isascii():
-                bad = unstorable_key_error(key, "the key returned by the key= callable")
-                if bad is not None:
-                    raise bad
+                refuse_unstorable(key, "the key returned by the key= callable")
         return prefix + key, fingerprint
 
     return resolve

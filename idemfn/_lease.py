@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from . import _owner
 from ._record import Entry
 
-__all__ = ["abandoned_reason", "clock", "prunable_claim"]
+__all__ = ["abandoned_reason", "clock", "prunable_claim", "utc_iso"]
 
 # The clock of same-machine leases (Entry.lease_mono): CLOCK_MONOTONIC, shared by every process
 # of a machine until it reboots, and never set by anyone. Looked up here on every use, so that
@@ -21,7 +21,8 @@ __all__ = ["abandoned_reason", "clock", "prunable_claim"]
 clock = time.monotonic
 
 
-def _iso(ts: float) -> str:
+def utc_iso(ts: float) -> str:
+    """UNIX seconds as an ISO 8601 UTC time to the millisecond, for messages."""
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
 
 
@@ -48,7 +49,7 @@ def abandoned_reason(entry: Entry, now: float) -> str | None:
     if ran_out:
         return (
             f"its owner {entry.owner} stopped renewing its lease, which ran out at"
-            f" {_iso(entry.lease_until)}"
+            f" {utc_iso(entry.lease_until)}"
         )
     return None
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import copyreg
-import io
 import json
 import pickle
 import re
@@ -116,8 +115,13 @@ def _pickle(value: object) -> bytes:
     """``pickle.dumps(value)``, the same bytes, yielding the GIL between frames."""
     if type(value) in _ATOMIC:
         return pickle.dumps(value, protocol=_PROTOCOL)
+    return _dump(pickle.Pickler, value)
+
+
+def _dump(pickler: type[pickle.Pickler], value: object) -> bytes:
+    """``value`` pickled by a ``pickler``, written a frame at a time (see ``_Frames``)."""
     frames = _Frames()
-    pickle.Pickler(frames, protocol=_PROTOCOL).dump(value)
+    pickler(frames, protocol=_PROTOCOL).dump(value)
     parts = frames.parts
     if len(parts) == 1 and type(parts[0]) is bytes:
         return parts[0]
@@ -251,19 +255,15 @@ def _exact_dumps(value: object, *, cloud: bool = False) -> bytes:
     the script's own classes by name; with cloudpickle when ``cloud`` or where pickle cannot
     do as well (lambdas, local classes, the script's ``__main__``)."""
     if not cloud:
-        buffer = io.BytesIO()
         try:
-            _ExactPickler(buffer, protocol=_PROTOCOL).dump(value)
+            data = _dump(_ExactPickler, value)
         except Exception:
             pass
         else:
-            data = buffer.getvalue()
             if not _mentions_main(data):
                 return data
-    buffer = io.BytesIO()
     with _script_by_value():
-        _CloudPickler(buffer, protocol=_PROTOCOL).dump(value)  # raises if it cannot either
-    return buffer.getvalue()
+        return _dump(_CloudPickler, value)  # raises if it cannot either
 
 
 # The script's module: __main__, or __mp_main__ in a multiprocessing "spawn"/"forkserver"

@@ -378,6 +378,9 @@ class PostgresStore(Store):
 
     def scan(self, prefix: str = "", *, corrupt: Corrupt | None = None) -> Iterator[Entry]:
         keys = [k for (k,) in self._run("list", prefix or "*", self._sql["keys"], (prefix,))]
+        yield from self._entries(keys, corrupt)
+
+    def _entries(self, keys: list[str], corrupt: Corrupt | None) -> Iterator[Entry]:
         for key in keys:  # one row at a time: payloads may be large
             rows = self._run("read", key, self._sql["get"], (key,))
             if rows and (entry := self.decoded(key, rows[0][0], corrupt)) is not None:
@@ -389,10 +392,9 @@ class PostgresStore(Store):
         is alive on its machine's monotonic clock stays, whatever the wall clocks say."""
         removed = int(self._run("prune", self.table, self._sql["prune"], ()))
         now = self.time()
-        for key in [k for (k,) in self._run("prune", self.table, self._sql["stale"], ())]:
-            rows = self._run("read", key, self._sql["get"], (key,))
-            entry = self.decoded(key, rows[0][0], skip_corrupt) if rows else None
-            if entry is not None and prunable(entry, now) and remove_judged(self, entry):
+        stale = [k for (k,) in self._run("prune", self.table, self._sql["stale"], ())]
+        for entry in self._entries(stale, skip_corrupt):
+            if prunable(entry, now) and remove_judged(self, entry):
                 removed += 1
         return removed
 
