@@ -1,7 +1,8 @@
 """idemfn with Celery: task bodies that run once, whatever the broker delivers.
 
 Needs a Redis server (`apt-get install redis-server`, or BROKER_URL) and `pip install
-'idemfn[celery]' redis`. From the repository's root, in two terminals:
+'idemfn[celery]'` (which brings Celery's Redis transport). From the repository's root, in two
+terminals:
 
     celery --workdir examples -A celery_app worker --loglevel INFO     # the worker
     python examples/celery_app.py                                       # publishes, prints

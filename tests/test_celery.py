@@ -378,3 +378,15 @@ def test_a_nested_call_that_finds_its_key_busy_is_not_the_tasks_own_busy_key(
     assert len(celeryd.runs(f"outer-{name}")) >= 2  # released each time, then replayed inner
     record = celeryd.record(celery_tasks.outer, tid)
     assert record is not None and record.status is Status.OK
+
+
+def test_the_celery_extra_brings_the_redis_transport_the_examples_use() -> None:
+    # kombu's Redis transport imports modules only its own "redis" extra installs (packaging,
+    # redis): a worker started as the README says failed with "No module named 'packaging'".
+    import tomllib
+    from packaging.requirements import Requirement
+
+    pyproject = Path(__file__).parent.parent / "pyproject.toml"
+    extras = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
+    celery = [Requirement(text) for text in extras["celery"]]
+    assert any(r.name == "celery" and "redis" in r.extras for r in celery), extras["celery"]
