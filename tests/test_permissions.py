@@ -30,16 +30,32 @@ def _used(directory: Path, **options: bool) -> DiskStore:
     return store
 
 
-def test_a_new_store_is_private(tmp_path: Path) -> None:
-    old = os.umask(0)  # even with a permissive umask
+@pytest.mark.parametrize("umask", [0o000, 0o277], ids=["umask 000", "umask 277"])
+def test_a_new_store_is_private(tmp_path: Path, umask: int) -> None:
+    """Whatever the umask: every directory idemfn makes on the way is 0700 (pathlib's
+    mkdir(parents=True) made the missing parents 0777 under umask 000: issue 14), and every
+    database file 0600 (a umask can also take the owner's bits away)."""
+    old = os.umask(umask)
     try:
-        store = _used(tmp_path / "store")
+        store = _used(tmp_path / "state" / "idemfn" / "store")
     finally:
         os.umask(old)
-    assert _mode(store.directory) == 0o700
+    made = [tmp_path / "state", tmp_path / "state" / "idemfn", store.directory]
+    assert {str(d): _mode(d) for d in made} == {str(d): 0o700 for d in made}
     files = sorted(store.directory.glob("cache.db*"))
     assert [f.name for f in files][:1] == ["cache.db"] and len(files) == 3  # -shm, -wal
     assert {f.name: _mode(f) for f in files} == {f.name: 0o600 for f in files}
+    assert [p.name for p in store.directory.iterdir() if p.is_dir()] == []  # no side files
+
+
+def test_a_trusted_store_made_by_idemfn_is_private_too(tmp_path: Path) -> None:
+    """Trusted, its modes are its owner's to set; the directories idemfn makes are 0700."""
+    old = os.umask(0)
+    try:
+        store = _used(tmp_path / "state" / "store", trust_directory=True)
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / "state") == _mode(store.directory) == 0o700
 
 
 @pytest.mark.parametrize("mode", [0o777, 0o770, 0o702])

@@ -33,8 +33,8 @@ def open_store(
 ) -> Store:
     """The store a path or URL names.
 
-    A directory path (or ``file://`` URL) gives a ``DiskStore``, one per directory in this
-    process; ``memory://`` gives this process's ``MemoryStore``; ``redis://``, ``rediss://``
+    A directory path (or ``file://`` URL) gives a ``DiskStore``, one per absolute path in
+    this process; ``memory://`` gives this process's ``MemoryStore``; ``redis://``, ``rediss://``
     and ``unix://`` give a ``RedisStore``, ``postgresql://`` and ``postgres://`` a
     ``PostgresStore``, one per URL (``?connect_timeout=S`` bounds how long a call waits for an
     unreachable server; default 5 s). A ``Store`` is returned as is. ``signing_key`` (default:
@@ -90,7 +90,7 @@ def _open(kind: str, where: Path | str, signing_key: SigningKey | None) -> Store
 
 
 def locate(url_or_path: str | os.PathLike[str]) -> tuple[str, Path | str]:
-    """What a path or URL names: ("disk", resolved directory), ("memory", ""), ("redis", URL)
+    """What a path or URL names: ("disk", absolute directory), ("memory", ""), ("redis", URL)
     or ("postgres", URL).
 
     Raises ``TypeError``/``ValueError`` for anything that names no store this version has.
@@ -119,7 +119,23 @@ def locate(url_or_path: str | os.PathLike[str]) -> tuple[str, Path | str]:
                 f"unknown store URL scheme {scheme!r} in {text!r}: expected a directory path,"
                 " file://, memory://, redis://, rediss://, unix://, postgresql:// or postgres://"
             )
-    return "disk", Path(text).expanduser().resolve()
+    return "disk", _absolute(Path(text).expanduser())
+
+
+def _absolute(path: Path) -> Path:
+    """``path`` made absolute, with its links left in: the ``DiskStore`` resolves them when it
+    opens, checking who may change each one (issue 14: resolved here, a link that another user
+    owns went unseen). A ``..`` is applied here only where that takes no link: after a
+    directory, or a name that does not exist (``~/../x`` without a home directory)."""
+    kept: list[str] = []
+    for part in path.absolute().parts:
+        if part != "..":
+            kept.append(part)
+        elif len(kept) > 1 and kept[-1] != ".." and not os.path.islink(os.path.join(*kept)):
+            kept.pop()
+        elif len(kept) > 1:
+            kept.append(part)  # after a link: the store resolves it
+    return Path(*kept)
 
 
 def default_store(*, signing_key: SigningKey | None = None) -> Store:

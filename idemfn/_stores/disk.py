@@ -6,12 +6,14 @@ import itertools
 import logging
 import os
 import sqlite3
+import stat
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import NoReturn
 
 import diskcache
 import platformdirs
@@ -49,6 +51,7 @@ _SWAP = (
     " mode = 1, filename = NULL, value = ? WHERE key = ? AND raw = 1 AND tag = ?"
 )
 _RELEASE = "DELETE FROM Cache WHERE key = ? AND raw = 1 AND tag = ?"
+_MAX_LINKS = 40  # links followed on the way to a store, as Linux's MAXSYMLINKS
 #: Set to 1 to trust store directories that fail the ownership check (see DiskStore).
 TRUST_ENV_VAR = "IDEMFN_TRUST_DIRECTORY"
 
@@ -131,14 +134,19 @@ class DiskStore(Store):
     Safe across threads, processes and ``fork``: SQLite serialises writers, a forked child opens
     its own connection, and ``fork()`` waits for store operations in flight. Records are never
     evicted by size (``eviction_policy="none"``): only expiry, ``forget`` and ``prune`` remove
-    them. The directory is created with mode ``0700`` and the database files are ``0600``.
-    Nothing touches the disk until the first use. ``~`` and relative paths are resolved when
-    the store is made.
+    them. The directory, and each missing parent, is created with mode ``0700`` and the
+    database files are ``0600``, whatever the umask. Nothing touches the disk until the first
+    use. ``~`` and relative paths are made absolute when the store is made; symbolic links are
+    resolved when it first opens, and every connection (each thread's, a forked child's, a
+    reopened store's) opens the directory they led to then.
 
-    Records hold pickles, so whoever can write the directory can run code in every process
-    that replays from it. A directory (or database file) owned by another user, or writable by
-    its group or others, is refused with ``StoreError`` unless ``trust_directory=True`` (or
-    ``IDEMFN_TRUST_DIRECTORY=1``), for stores shared on purpose. With ``signing_key`` (or
+    Records hold pickles, so whoever can write the directory, or change the way to it, can run
+    code in every process that replays from it. A directory (or database file) owned by
+    another user, or writable by its group or others, a database file that is a link, and a
+    way to the directory that another user could change (a directory on it that they own, or
+    that its group or others may write to without the sticky bit, or an entry of a sticky
+    directory that they own) are refused with ``StoreError`` unless ``trust_directory=True``
+    (or ``IDEMFN_TRUST_DIRECTORY=1``), for stores shared on purpose. With ``signing_key`` (or
     ``IDEMFN_SIGNING_KEY``), records are signed, and one that fails its check is never loaded.
     """
 
@@ -168,6 +176,7 @@ class DiskStore(Store):
         self.trust_directory = trust_directory
         self.sign_with(signing_key)
         self._cache: diskcache.Cache | None = None
+        self._pinned: str | None = None  # the directory the path led to when first opened
         self._lock = threading.Lock()
         self._local = threading.local()  # this thread's connection.execute, once looked up
         self._claims = itertools.count(1)
@@ -200,34 +209,34 @@ class DiskStore(Store):
         return execute  # type: ignore[no-any-return]
 
     def _open(self) -> diskcache.Cache:
-        try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            # The usual first-hour mistake (a path this user cannot create): one clear line,
-            # with no traceback from inside pathlib chained to it.
-            raise self.error(
-                "create the directory of",
-                str(self.directory),
-                f"{exc.strerror or exc} ({type(exc).__name__}). Pass store= a directory this"
-                " user can create, or set IDEMFN_STORE",
-            ) from None
+        # The way to the directory is resolved and checked when the store first opens; every
+        # connection then opens the result. Opened again (after close(), or in a forked child),
+        # the store walks that resolved path, which still leads to the same directory: only
+        # this user or root could have changed it.
+        where = self._pinned = self._resolve(self._pinned or str(self.directory))
         try:
             # A trusted directory is shared on purpose: its modes are its owner's to set.
             private = not self.trust_directory
             if private:
-                self._check_ownership()
+                self._check_files(where)
                 # Created 0600 before SQLite opens it: its -wal and -shm files copy the mode.
                 # Only when missing: closing any descriptor of an open database drops every
                 # POSIX lock this process holds on it, those of its other connections too.
                 try:
-                    os.close(
-                        os.open(self.directory / "cache.db", os.O_CREAT | os.O_EXCL | os.O_RDWR,
-                                0o600)
-                    )  # fmt: skip
+                    fd = os.open(
+                        os.path.join(where, "cache.db"),
+                        os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        0o600,
+                    )
                 except FileExistsError:
                     pass
+                else:
+                    try:
+                        os.fchmod(fd, 0o600)  # whatever the umask took away
+                    finally:
+                        os.close(fd)
             cache = diskcache.Cache(
-                str(self.directory),
+                where,
                 timeout=self.timeout,
                 # The default policy evicts past 1 GiB: a lost record re-runs a side effect.
                 eviction_policy="none",
@@ -235,7 +244,7 @@ class DiskStore(Store):
                 # Every record is a row, never a side file (see _CLAIM).
                 disk_min_file_size=2**62,
             )
-            for database in self.directory.glob("cache.db*") if private else ():
+            for database in Path(where).glob("cache.db*") if private else ():
                 try:
                     database.chmod(0o600)  # files an older idemfn left readable by others
                 except FileNotFoundError:  # another process's transient -journal
@@ -253,27 +262,162 @@ class DiskStore(Store):
             )
         return cache
 
-    def _check_ownership(self) -> None:
+    def _resolve(self, path: str) -> str:
+        """``path`` with every symbolic link resolved and each missing directory created
+        ``0700`` (whatever the umask); unless the store is trusted, checked on the way.
+
+        diskcache opens the database by path again in every new thread (and SQLite its -wal and
+        -shm files), so the store opens the path returned, which holds no link, and the check
+        makes sure that no other user can change where it leads: each directory on the way is
+        owned by this user or root, one that its group or others may write to is sticky and
+        what is next in it is owned by this user or root, and the store's own directory is
+        this user's, written by nobody else. (Issue 14: a link in /tmp that its owner
+        re-pointed after the check made a new thread in another user's process unpickle a
+        record of theirs.) Like ssh's check of ~/.ssh, plus the sticky directories of /tmp.
+        """
+        check = not self.trust_directory
         me = os.geteuid()
-        for path in [self.directory, *sorted(self.directory.glob("cache.db*"))]:
+        try:
+            way = [("/", os.lstat("/"))]  # the directories walked so far, from the root
+        except OSError as exc:
+            raise self.error("open the store for", str(self.directory), exc) from None
+        todo = path.split("/")[::-1]  # the names still to walk, the next one last
+        links = 0
+        while todo:
+            name = todo.pop()
+            if name in ("", "."):
+                continue
+            if name == "..":
+                if len(way) > 1:
+                    way.pop()
+                continue
+            parent, above = way[-1]
+            here = os.path.join(parent, name)
+            shared = above.st_mode & 0o022
+            if check and above.st_uid not in (me, 0):
+                self._refuse_way(
+                    f"{parent} is owned by uid {above.st_uid}, not this process's uid {me}"
+                    + (" nor root" if me else "")
+                    + f", so its owner can put a directory of theirs in place of {name}"
+                )
+            if check and shared and not above.st_mode & stat.S_ISVTX:
+                self._refuse_way(
+                    f"{parent} is writable by its group or others"
+                    f" (mode {stat.S_IMODE(above.st_mode):04o}) and not sticky, so they can put"
+                    f" a directory of theirs in place of {name}"
+                )
+            info = self._lstat(here)
+            if info is None:
+                skip = _left_later(todo)
+                if skip:  # left again by a later "..": not made (as os.path.realpath)
+                    del todo[len(todo) - skip :]
+                    continue
+                info = self._make(here)
+            if check and shared and info.st_uid not in (me, 0):
+                self._refuse_way(
+                    f"{here} is owned by uid {info.st_uid}, in {parent}, which others may"
+                    f" write to (mode {stat.S_IMODE(above.st_mode):04o}), so its owner can"
+                    " replace it"
+                )
+            if stat.S_ISLNK(info.st_mode):
+                links += 1
+                if links > _MAX_LINKS:
+                    self._refuse_way(f"{path} leads through more than {_MAX_LINKS} links")
+                try:
+                    target = os.readlink(here)
+                except OSError as exc:
+                    raise self.error("open the store for", str(self.directory), exc) from None
+                if target.startswith("/"):
+                    del way[1:]
+                todo.extend(target.split("/")[::-1])
+                continue
+            if not stat.S_ISDIR(info.st_mode):
+                raise self.error(
+                    "create the directory of",
+                    str(self.directory),
+                    f"{here} is not a directory (NotADirectoryError). Pass store= a directory"
+                    " this user can create, or set IDEMFN_STORE",
+                ) from None
+            way.append((here, info))
+        where, info = way[-1]
+        if check:
+            self._refuse_unless_private(where, info, me)
+        return where
+
+    def _lstat(self, here: str) -> os.stat_result | None:
+        """``here``, not followed if a link; None if missing."""
+        try:
+            return os.lstat(here)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self.error("open the store for", str(self.directory), exc) from None
+
+    def _make(self, here: str) -> os.stat_result:
+        """``here`` made a directory ``0700``, whatever the umask."""
+        try:
+            os.mkdir(here, 0o700)
+        except FileExistsError:  # made meanwhile (by another process): checked as found
+            pass
+        except OSError as exc:
+            # The usual first-hour mistake (a path this user cannot create): one clear line,
+            # with no traceback from inside the os module chained to it.
+            raise self.error(
+                "create the directory of",
+                str(self.directory),
+                f"{here}: {exc.strerror or exc} ({type(exc).__name__}). Pass store= a"
+                " directory this user can create, or set IDEMFN_STORE",
+            ) from None
+        else:
+            # The umask can only take bits from 0o700: give the owner's back (a umask of 0o277
+            # would leave a directory its owner cannot write).
+            os.chmod(here, 0o700)
+        info = self._lstat(here)
+        if info is None:  # removed as soon as made: nothing sensible to do but say so
+            raise self.error("create the directory of", str(self.directory), f"{here} vanished")
+        return info
+
+    def _refuse_way(self, problem: str) -> NoReturn:
+        raise self.error(
+            "open the store for",
+            str(self.directory),
+            f"{problem}: whoever can change the way to the store can make this process open"
+            " records of theirs and unpickle what they like. Keep the store where only this"
+            " user (or root) can change the way to it, or trust it: DiskStore(...,"
+            f" trust_directory=True) or {TRUST_ENV_VAR}=1",
+        )
+
+    def _refuse_unless_private(self, path: str, info: os.stat_result, me: int) -> None:
+        """Refuse ``path`` (the store's directory, or one of its database files) unless it is
+        this user's and nobody else may write it."""
+        problem = None
+        if stat.S_ISLNK(info.st_mode):
+            problem = "is a symbolic link, which SQLite would follow out of the checked directory"
+        elif info.st_uid != me:
+            problem = f"is owned by uid {info.st_uid}, not this process's uid {me}"
+        elif info.st_mode & 0o022:
+            problem = f"is writable by its group or others (mode {stat.S_IMODE(info.st_mode):04o})"
+        if problem is not None:
+            raise self.error(
+                "open the store for",
+                str(self.directory),
+                f"{path} {problem}: whoever can write there can make this process unpickle"
+                f" what they like. Fix it (chown, chmod 700 the directory and 600 its"
+                f" files, no links), or trust it: DiskStore(..., trust_directory=True) or"
+                f" {TRUST_ENV_VAR}=1",
+            )
+
+    def _check_files(self, where: str) -> None:
+        """The database files in the store's directory: this user's, written by nobody else,
+        and not links. The directory holds nothing else that idemfn reads (records are rows,
+        never diskcache's side files)."""
+        me = os.geteuid()
+        for path in sorted(Path(where).glob("cache.db*")):
             try:
-                info = path.stat()  # through symbolic links: what they point to is what is read
+                info = path.lstat()
             except FileNotFoundError:  # another process's transient -journal, gone already
                 continue
-            problem = None
-            if info.st_uid != me:
-                problem = f"is owned by uid {info.st_uid}, not this process's uid {me}"
-            elif info.st_mode & 0o022:
-                problem = f"is writable by its group or others (mode {info.st_mode & 0o777:04o})"
-            if problem is not None:
-                raise self.error(
-                    "open the store for",
-                    str(self.directory),
-                    f"{path} {problem}: whoever can write there can make this process unpickle"
-                    f" what they like. Fix it (chown, chmod 700 the directory and 600 its"
-                    f" files), or trust it: DiskStore(..., trust_directory=True) or"
-                    f" {TRUST_ENV_VAR}=1",
-                )
+            self._refuse_unless_private(str(path), info, me)
 
     def _expire_time(self, entry: Entry, now: float) -> float | None:
         """When diskcache may drop the row, on its (real) clock; expires_at still decides."""
@@ -414,7 +558,8 @@ class DiskStore(Store):
     def bytes_used(self) -> int | None:
         """The size of the store's database files (the directory holds nothing else of ours)."""
         try:
-            return sum(f.stat().st_size for f in self.directory.glob("cache.db*"))
+            where = Path(self._pinned or self.directory)
+            return sum(f.stat().st_size for f in where.glob("cache.db*"))
         except OSError:
             return None
 
@@ -433,6 +578,21 @@ class DiskStore(Store):
         self._cache = None
         self._lock = threading.Lock()
         self._local = threading.local()
+
+
+def _left_later(todo: list[str]) -> int:
+    """How many of the names still to walk (the next one last) lead out of a directory that
+    does not exist, through a "..", that ".." included; 0 if none does. Nothing below a
+    missing directory exists, so no link can change what a ".." there means."""
+    depth = 1
+    for count, name in enumerate(reversed(todo), 1):
+        if name == "..":
+            depth -= 1
+            if depth == 0:
+                return count
+        elif name not in ("", "."):
+            depth += 1
+    return 0
 
 
 _open_stores: weakref.WeakSet[DiskStore] = weakref.WeakSet()
