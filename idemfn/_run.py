@@ -12,6 +12,7 @@ exactly as for a Python caller.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import selectors
 import shlex
@@ -21,13 +22,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from types import FrameType
-from typing import BinaryIO, Final, TypedDict
+from types import FrameType, TracebackType
+from typing import Any, BinaryIO, Final, TypedDict
 
 from ._engine import Claim, Finished, Policy, begin
 from ._errors import Halted, StoreError
 from ._fingerprint import fingerprint_value
+from ._record import Entry, Status
 from ._stores import Store
+from ._stores.base import Corrupt
 
 __all__ = [
     "CommandFailed",
@@ -56,6 +59,8 @@ _KEYBOARD: Final = (signal.SIGINT, signal.SIGQUIT)
 _CHUNK = 65536
 _LINGER = 0.1  # seconds without output after which the runner checks the command
 _DRAIN = 1.0  # seconds the runner keeps reading, after the command exited, from what it left
+_AWAIT_POLL = 0.01  # seconds between looks at the replaced claim's supervisor (see _await_replaced)
+_SAY_WAITING = 0.5  # seconds of that wait after which the runner says what it waits for
 
 
 class CommandOutcome(TypedDict):
@@ -131,18 +136,21 @@ def fingerprint(argv: Sequence[str], env_names: Sequence[str]) -> str:
 class _Forwarder:
     """Passes the signals in ``FORWARDED`` on to the command, and remembers the first one.
 
-    Until the runner holds a claim, such a signal ends it as if it had no handler (nothing
-    ran, nothing is held). Between the claim and the command's start, it is remembered and the
-    command is not started. The command runs in the runner's process group, so that a terminal
-    works with it as with any command (it may read the terminal; Ctrl-Z stops both). The
-    price: a key pressed on the terminal sends SIGINT or SIGQUIT to both processes, so those
-    two are only passed on when the runner is not in the terminal's foreground group (a
-    ``kill -INT`` from elsewhere).
+    While the runner holds nothing, such a signal ends it as if it had no handler (nothing
+    ran, nothing is held). From the moment a claim may be written (``claiming``: see
+    ``_Watched``) it is remembered instead: a claim that took the key is then released and
+    the command is not started, and one that did not ends the runner at once (``let_go``).
+    Once the command runs, it is passed on. The command runs in the runner's process group, so
+    that a terminal works with it as with any command (it may read the terminal; Ctrl-Z stops
+    both). The price: a key pressed on the terminal sends SIGINT or SIGQUIT to both processes,
+    so those two are only passed on when the runner is not in the terminal's foreground group
+    (a ``kill -INT`` from elsewhere).
     """
 
     def __init__(self) -> None:
         self.holding = False  # a claim: from now on, signals are remembered
-        self.child: subprocess.Popen[bytes] | None = None
+        self.claiming = False  # a claim may have been written, and may be this runner's
+        self.child: _Command | None = None
         self.received: signal.Signals | None = None
         self._previous: dict[signal.Signals, object] = {}
 
@@ -164,11 +172,17 @@ class _Forwarder:
         """The first signal received since the claim (a handler may set it at any moment)."""
         return self.received
 
+    def let_go(self) -> None:
+        """No claim was taken (or none is held any more): end the runner now if a signal came
+        while a claim was being written, as it would have had the runner held nothing."""
+        self.claiming = False
+        if self.received is not None and not self.holding:
+            _die_of(self.received)
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         sig = signal.Signals(signum)
-        if not self.holding:  # still looking at the key: die of it, as without a handler
-            signal.signal(sig, signal.SIG_DFL)
-            os.kill(os.getpid(), sig)
+        if not (self.holding or self.claiming):  # still looking at the key: die of it
+            _die_of(sig)
             return
         if self.received is None:
             self.received = sig
@@ -177,8 +191,96 @@ class _Forwarder:
             return  # not started (and it will not be), or already gone
         if sig in _KEYBOARD and _terminal_delivers_to_us():
             return  # the terminal sent it to the command as well
-        with contextlib.suppress(ProcessLookupError):
-            child.send_signal(sig)
+        child.send_signal(sig)
+
+
+def _die_of(sig: signal.Signals) -> None:
+    """End this process with ``sig``, as if it had no handler for it."""
+    signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)
+
+
+class _Watched(Store):
+    """The store, as ``begin`` sees it in the runner: the same store, except that a write that
+    may take the key (a claim, the takeover of an abandoned claim) puts the forwarder in its
+    ``claiming`` state first. Between that write and ``begin`` returning the claim, the runner
+    holds a key it cannot know of yet: a signal handled then must not kill it (issue 14: the
+    key stayed processing, the command never ran, and the next run exited 69). Records the
+    token of the claim a takeover replaced (``replaced``). The claim it returns is given the
+    store itself (``run_once``)."""
+
+    def __init__(self, store: Store, forwarder: _Forwarder) -> None:
+        self.store = store
+        self.forwarder = forwarder
+        self.replaced: str | None = None
+        self.signer = store.signer
+        self._thread = threading.get_ident()
+
+    @property
+    def claims_first(self) -> bool:  # type: ignore[override]
+        return self.store.claims_first
+
+    def _looking(self) -> bool:
+        # Not the heartbeat's renewals, nor the claim's own writes once it is held.
+        return not self.forwarder.holding and threading.get_ident() == self._thread
+
+    def claim(self, entry: Entry) -> Entry | None:
+        if not self._looking():
+            return self.store.claim(entry)
+        self.forwarder.claiming = True
+        found: Entry | None = entry
+        try:
+            found = self.store.claim(entry)
+        finally:
+            if found is not None:  # not taken (or it raised): nothing is held
+                self.forwarder.let_go()
+        return found
+
+    def swap(self, key: str, token: str, entry: Entry) -> bool:
+        if entry.status != Status.PROCESSING or entry.token == token or not self._looking():
+            return self.store.swap(key, token, entry)  # not a takeover
+        self.forwarder.claiming = True
+        taken = False
+        try:
+            taken = self.store.swap(key, token, entry)
+        finally:
+            if not taken:
+                self.forwarder.let_go()
+        if taken:
+            self.replaced = token
+        return taken
+
+    def get(self, key: str) -> Entry | None:
+        return self.store.get(key)
+
+    def release(self, key: str, token: str) -> bool:
+        return self.store.release(key, token)
+
+    def delete(self, key: str, token: str | None = None) -> bool:
+        return self.store.delete(key, token)
+
+    def scan(self, prefix: str = "", *, corrupt: Corrupt | None = None) -> Iterator[Entry]:
+        return self.store.scan(prefix, corrupt=corrupt)
+
+    def time(self) -> float:
+        return self.store.time()
+
+    def prune(self) -> int:
+        return self.store.prune()
+
+    def bytes_used(self) -> int | None:
+        return self.store.bytes_used()
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __repr__(self) -> str:
+        return repr(self.store)
+
+    def __getattr__(self, name: str) -> Any:  # what stores add beyond the interface
+        if name == "store":  # not set yet (a copy being made)
+            raise AttributeError(name)
+        return getattr(self.store, name)
 
 
 def _terminal_delivers_to_us() -> bool:
@@ -225,15 +327,13 @@ class _Streams:
 
 
 def _pump(
-    child: subprocess.Popen[bytes], streams: _Streams, on_exit: Callable[[], None]
+    child: _Command, streams: _Streams, on_exit: Callable[[], None]
 ) -> Iterator[tuple[int, bytes]]:
     """Copy the command's output to ``streams`` as it comes, yielding each chunk.
 
     Ends when both pipes are closed, or, once the command has exited, when nothing more comes
     for a moment: a process it left in the background may hold the pipes open for ever.
     """
-    assert child.stdout is not None
-    assert child.stderr is not None
     pipes = {child.stdout.fileno(): 1, child.stderr.fileno(): 2}
     exited_at: float | None = None
     with selectors.DefaultSelector() as selector:
@@ -297,35 +397,29 @@ class CannotStart(Exception):
 
 
 def _execute(
-    claim: Claim, argv: list[str], forwarder: _Forwarder, max_output: int
+    claim: Claim,
+    argv: list[str],
+    forwarder: _Forwarder,
+    max_output: int,
+    replaced: str | None = None,
 ) -> CommandOutcome:
     env = dict(os.environ, IDEMFN_KEY=claim.key, IDEMFN_ATTEMPT=str(claim.attempt))
-    early = forwarder.first()
-    if early is not None:
-        raise CannotStart(
-            f"interrupted by {early.name} before {argv[0]!r} started", exit_status(-early)
-        )
-    try:
-        child = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-            preexec_fn=None if _die_with_runner is None else _die_with_runner(os.getpid()),
-        )  # fmt: skip
-    except (FileNotFoundError, NotADirectoryError) as exc:
-        raise CannotStart(f"cannot run {argv[0]!r}: {exc.strerror}", 127) from exc
-    except OSError as exc:  # permission denied, exec format error, ...
-        raise CannotStart(f"cannot run {argv[0]!r}: {exc.strerror or exc}", 126) from exc
+    _not_interrupted(forwarder, argv)
+    if replaced is not None:
+        _await_replaced(replaced, claim.key, argv, forwarder)
+    command = _Command(argv, env, _marker(claim.token))
     # The signal that interrupted the command: one received before it exited. (One received
     # while its leftover output drains does not turn a success into a failure.)
     interrupted: list[signal.Signals | None] = []
-    with child:
-        forwarder.child = child
+    with command:
+        forwarder.child = command
         early = forwarder.first()
-        if early is not None:  # arrived while the command was being started
-            with contextlib.suppress(ProcessLookupError):
-                child.send_signal(early)
-        chunks = _pump(child, _Streams(), lambda: interrupted.append(forwarder.first()))
+        if early is not None:  # arrived while the supervisor (elsewhere: the command) started
+            command.send_signal(early)  # (the supervisor then does not start the command)
+        command.start()
+        chunks = _pump(command, _Streams(), lambda: interrupted.append(forwarder.first()))
         output, dropped = _record(chunks, max_output)
-        returncode = child.wait()
+        returncode = command.wait()
     received = interrupted[0] if interrupted else forwarder.first()
     return {
         "format": MARK,
@@ -337,32 +431,237 @@ def _execute(
     }
 
 
-def _parent_death_signal() -> Callable[[int], Callable[[], None]] | None:
-    """``prctl(PR_SET_PDEATHSIG, SIGKILL)`` for the command, where Linux offers it: a runner
-    killed with SIGKILL takes its command down with it, so that the abandoned claim it leaves
-    never has a command still running behind it (which a retry would run a second time)."""
-    if not sys.platform.startswith("linux"):
-        return None
+def _not_interrupted(forwarder: _Forwarder, argv: list[str]) -> None:
+    """Raise ``CannotStart`` (the key is then released) if a signal came since the claim."""
+    early = forwarder.first()
+    if early is not None:
+        raise _interrupted(early, argv)
+
+
+def _interrupted(sig: signal.Signals, argv: list[str]) -> CannotStart:
+    return CannotStart(f"interrupted by {sig.name} before {argv[0]!r} started", exit_status(-sig))
+
+
+def _supervisor() -> str | None:
+    """The supervising process's script (``_supervise``), where it can run: Linux, with
+    ``/proc`` and an interpreter to run it with."""
+    if not sys.platform.startswith("linux") or not sys.executable or hasattr(sys, "frozen"):
+        return None  # (a frozen application's executable would run itself)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_supervise.py")
+    return script if os.path.isfile(script) and os.path.isdir("/proc/self/task") else None
+
+
+def _marker(token: str) -> str:
+    """What names a claim in the command line of the process supervising its command (a hash:
+    other users can read command lines, and the token fences the claim)."""
+    import hashlib
+
+    return f"idemfn-claim={hashlib.sha256(token.encode()).hexdigest()[:32]}"
+
+
+class _Command:
+    """The running command, as the runner sees it.
+
+    On Linux the runner starts a supervising process (``idemfn/_supervise.py``), which starts
+    the command when told to (``start``) and stands for it: it exits when the command does and
+    reports the command's status, it passes on the signals the runner writes to it, and when
+    the runner dies, even of SIGKILL, it kills every process the command started (issue 14:
+    ``PR_SET_PDEATHSIG`` reached only the command's own process). Elsewhere the command is the
+    runner's own child. Both share the runner's stdin, output pipes and process group.
+    """
+
+    def __init__(self, argv: list[str], env: dict[str, str], marker: str) -> None:
+        self.argv = argv
+        self._ctl: int | None = None  # the control pipe's write end (supervised)
+        self._status: int | None = None  # the status pipe's read end (supervised)
+        self._reported = b""
+        script = _supervisor()
+        self._supervised = script is not None
+        if script is None:
+            self._process = self._popen(argv, env)
+            return
+        ctl_r, self._ctl = map(_above_stdio, os.pipe())
+        self._status, status_w = map(_above_stdio, os.pipe())
+        try:
+            self._process = self._popen(
+                [sys.executable, "-I", "-S", script, str(ctl_r), str(status_w), marker, "--",
+                 *argv], env, pass_fds=(ctl_r, status_w))  # fmt: skip
+        except BaseException:
+            self._close()
+            raise
+        finally:
+            os.close(ctl_r)
+            os.close(status_w)
+        os.set_blocking(self._ctl, False)  # written from a signal handler: never block there
+
+    def _popen(
+        self, argv: list[str], env: dict[str, str], pass_fds: tuple[int, ...] = ()
+    ) -> subprocess.Popen[bytes]:
+        try:
+            return subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, pass_fds=pass_fds
+            )
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise CannotStart(f"cannot run {argv[0]!r}: {exc.strerror}", 127) from exc
+        except OSError as exc:  # permission denied, exec format error, ...
+            raise CannotStart(f"cannot run {argv[0]!r}: {exc.strerror or exc}", 126) from exc
+
+    @property
+    def stdout(self) -> BinaryIO:
+        assert self._process.stdout is not None
+        return self._process.stdout  # type: ignore[return-value]
+
+    @property
+    def stderr(self) -> BinaryIO:
+        assert self._process.stderr is not None
+        return self._process.stderr  # type: ignore[return-value]
+
+    @property
+    def returncode(self) -> int | None:
+        """Not None once the command (or its supervisor, which outlives it) has exited."""
+        return self._process.returncode
+
+    def poll(self) -> int | None:
+        return self._process.poll()
+
+    def send_signal(self, sig: signal.Signals) -> None:
+        if not self._supervised:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.send_signal(sig)
+        elif self._ctl is not None:
+            with contextlib.suppress(OSError):  # the supervisor is gone (or hopelessly behind)
+                os.write(self._ctl, bytes([sig]))
+
+    def start(self) -> None:
+        """Let the supervisor start the command: raise ``CannotStart`` if it could not, or if
+        a signal was passed on before this (then the command is not started)."""
+        if self._ctl is None:
+            return  # started by Popen
+        with contextlib.suppress(OSError):  # (a supervisor that died says nothing: see below)
+            os.write(self._ctl, b"\0")
+        line = self._line()
+        if line == "S":
+            return
+        what, _, number = line.partition(" ")
+        if what == "I":
+            raise _interrupted(signal.Signals(int(number)), self.argv)
+        if what == "E":
+            code = int(number)
+            missing = code in (errno.ENOENT, errno.ENOTDIR)
+            raise CannotStart(
+                f"cannot run {self.argv[0]!r}: {os.strerror(code)}", 127 if missing else 126
+            )
+        self._process.wait()
+        why = self.stderr.read().decode(errors="replace").strip().splitlines()
+        raise CannotStart(
+            f"cannot run {self.argv[0]!r}: its supervising process ({sys.executable}) exited"
+            f" with status {self._process.returncode} before starting it"
+            f"{': ' + why[-1] if why else ''}",
+            126,
+        )
+
+    def _line(self) -> str:
+        """The next line the supervisor reports ("" when it exited without one)."""
+        assert self._status is not None
+        while b"\n" not in self._reported:
+            data = os.read(self._status, 512)
+            if not data:
+                break
+            self._reported += data
+        line, _, self._reported = self._reported.partition(b"\n")
+        return line.decode("ascii", errors="replace")
+
+    def wait(self) -> int:
+        """The command's return code, as subprocess gives it (-N: ended by signal N)."""
+        code = self._process.wait()
+        if self._status is None:
+            return code
+        line = self._line()
+        if line.startswith("X "):
+            return os.waitstatus_to_exitcode(int(line[2:]))
+        # Killed before it could report (the OOM killer, a kill -9 of its pid).
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            sys.stderr.write(
+                f"idemfn run: the process supervising `{shlex.join(self.argv)}` ended"
+                f" ({exit_status(code)}) before reporting how the command ended\n"
+            )
+        return code
+
+    def __enter__(self) -> _Command:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self._process.__exit__(exc_type, exc, tb)  # close the pipes, wait
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        for fd in (self._ctl, self._status):
+            if fd is not None:
+                os.close(fd)
+        self._ctl = self._status = None
+
+
+def _above_stdio(fd: int) -> int:
+    """``fd``, moved above 2 if it is a standard stream's number (one that was closed, as by
+    ``<&-``): there, starting the supervisor or writing to a failed stream would replace it."""
+    if fd > 2:
+        return fd
+    import fcntl
+
     try:
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-
-    def for_runner(runner: int) -> Callable[[], None]:
-        def die_with_runner() -> None:  # in the child, between fork and exec: keep it tiny
-            prctl(pr_set_pdeathsig, signal.SIGKILL)
-            if os.getppid() != runner:  # the runner died before prctl took effect
-                os._exit(128 + signal.SIGKILL)
-
-        return die_with_runner
-
-    return for_runner
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    finally:
+        os.close(fd)
 
 
-_die_with_runner = _parent_death_signal()
+def _await_replaced(replaced: str, key: str, argv: list[str], forwarder: _Forwarder) -> None:
+    """Before a takeover runs the command again: wait until the process that supervised the
+    replaced claim's command on this machine, if one is left, has killed all it started and
+    exited (its runner died: see ``_Command``), so that the two never run side by side."""
+    if _supervisor() is None:
+        return
+    marker = _marker(replaced).encode()
+    waiting = [pid for pid in _own_processes() if _runs(pid, marker)]
+    say_at: float | None = time.monotonic() + _SAY_WAITING
+    while waiting:
+        _not_interrupted(forwarder, argv)
+        if say_at is not None and time.monotonic() >= say_at:
+            say_at = None
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                sys.stderr.write(
+                    f"idemfn run: key {key!r} was abandoned by a runner that died; waiting for"
+                    f" the processes its command started to be killed (by pid {waiting[0]})"
+                    " before running it again\n"
+                )
+                sys.stderr.flush()
+        time.sleep(_AWAIT_POLL)
+        waiting = [pid for pid in waiting if _runs(pid, marker)]
+
+
+def _own_processes() -> Iterator[int]:
+    uid = os.getuid()
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    if entry.stat().st_uid == uid:
+                        yield int(entry.name)
+
+
+def _runs(pid: int, marker: bytes) -> bool:
+    """Whether ``pid`` still runs with ``marker`` in its command line (a zombie has none)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return marker in f.read().split(b"\0")
+    except OSError:
+        return False
 
 
 def run_once(
@@ -383,13 +682,20 @@ def run_once(
     own outcome is returned: its exit status is what the runner exits with.
     """
     with _Forwarder() as forwarder:
-        step = begin(key, store=store, fingerprint=fingerprint, policy=policy)
+        watched = _Watched(store, forwarder)
+        try:
+            step = begin(key, store=watched, fingerprint=fingerprint, policy=policy)
+        except BaseException:
+            forwarder.let_go()
+            raise
         if isinstance(step, Finished):
+            forwarder.let_go()
             return recorded(step), False
-        forwarder.holding = True
+        forwarder.holding = True  # (from claiming: a signal is remembered all along)
+        step.store = store  # its heartbeat and outcome need no watching: the store itself
         with step as claim:
             try:
-                outcome = _execute(claim, argv, forwarder, max_output)
+                outcome = _execute(claim, argv, forwarder, max_output, watched.replaced)
             except CannotStart:
                 claim.release()  # nothing ran: the next run may try again
                 raise

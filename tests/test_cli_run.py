@@ -18,13 +18,13 @@ import shlex
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from idemfn import DiskStore, Status, idempotent
+from idemfn import DiskStore, Status, _run, idempotent
 from idemfn._cli import Exit
 
 from .cli import PY, TIMEOUT, argv_of, checked, cli_env, idemfn_cli, needs_script, one_line, poll
@@ -584,7 +584,7 @@ def test_a_sigkilled_runner_leaves_an_abandoned_key(
         command = int(lines(block.log)[0].split()[0])
         runner.kill()
         runner.wait(timeout=TIMEOUT)
-        # The command dies with its runner (PR_SET_PDEATHSIG): no retry can run beside it.
+        # The command dies with its runner (its supervisor kills it): no retry runs beside it.
         poll(lambda: not _alive(command), "the command to die with its runner", timeout=60)
     finally:
         stop(runner, group=True)
@@ -617,6 +617,139 @@ def test_a_sigkilled_runner_leaves_an_abandoned_key(
                         env=env)  # fmt: skip
     assert replay.stdout == proc.stdout
     assert len(lines(block.log)) == 2
+
+
+# A step of a command: records its pid in DIR/NAME.pid (NAME "daemon" after detaching itself
+# as a daemon does: fork, setsid, fork) and waits for DIR/release (120 s at most). A later
+# attempt (IDEMFN_ATTEMPT 2) only writes to DIR/seen whether the first attempt's "fg" step still
+# ran when it started, and exits.
+STEP = """\
+import os, sys, time
+where, name = sys.argv[1:3]
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+if os.environ.get("IDEMFN_ATTEMPT") != "1":
+    with open(os.path.join(where, "fg.pid")) as f:
+        seen = "alive" if alive(int(f.read())) else "dead"
+    with open(os.path.join(where, "seen"), "w") as f:
+        f.write(seen)
+    sys.exit(0)
+if name == "daemon":
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+path = os.path.join(where, name + ".pid")
+with open(path + ".tmp", "w") as f:
+    f.write(str(os.getpid()))
+os.rename(path + ".tmp", path)
+give_up = time.monotonic() + 120
+while not os.path.exists(os.path.join(where, "release")) and time.monotonic() < give_up:
+    time.sleep(0.01)
+"""
+
+
+def _step(where: Path, *names: str) -> list[str]:
+    """``sh -c`` running STEP for each name in turn ("NAME &" in the background)."""
+    steps = [f'"$0" -c "$1" "$2" {name.rstrip(" &")}{" &" if name.endswith("&") else ";"}'
+             for name in names]  # fmt: skip
+    return ["sh", "-c", " ".join([*steps, "echo done"]), PY, STEP, str(where)]
+
+
+def _pids(where: Path, *names: str) -> dict[str, int]:
+    return {name: int((where / f"{name}.pid").read_text()) for name in names}
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+    except OSError:
+        return []
+
+
+def _kill_all(pids: Iterable[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="Linux only")
+def test_a_sigkilled_runner_takes_everything_its_command_started(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    # Issue 14, item 5: PR_SET_PDEATHSIG took down only the command's own process (sh), and
+    # `step` of `sh -c 'step; echo done'` ran on beside a retry. A background job and a
+    # process that detached itself (a daemon) go too: the command is not finished.
+    where = tmp_path / "steps"
+    where.mkdir()
+    cmd = _step(where, "bg &", "daemon", "fg")
+    runner = start("run", "--key", "k", "--", *cmd, env=env, new_session=True)
+    names = ("bg", "daemon", "fg")
+    try:
+        poll(lambda: all((where / f"{n}.pid").exists() for n in names) or runner.poll() is not None,
+             "the steps to start")  # fmt: skip
+        assert runner.poll() is None, runner.communicate()
+        pids = _pids(where, *names)
+        runner.kill()
+        runner.wait(timeout=TIMEOUT)
+        for name, pid in pids.items():
+            poll(lambda pid=pid: not _alive(pid), f"the {name} step to die with its runner")
+    finally:
+        stop(runner, group=True)
+        _kill_all(_pids(where, *(n for n in names if (where / f"{n}.pid").exists())).values())
+    assert not (where / "release").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="Linux only")
+def test_a_retry_waits_until_the_abandoned_attempt_is_gone(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    # The supervising process that kills what the dead runner's command started is stopped
+    # here (SIGSTOP), so it cannot: the retry must wait for it rather than run beside `fg`.
+    where = tmp_path / "steps"
+    where.mkdir()
+    cmd = ["run", "--key", "k", "--on-abandoned", "retry", "--", *_step(where, "fg")]
+    first = start(*cmd, env=env, new_session=True)
+    err = tmp_path / "retry.err"
+    second: subprocess.Popen[bytes] | None = None
+    stopped: list[int] = []
+    try:
+        poll(lambda: (where / "fg.pid").exists() or first.poll() is not None, "the step to start")
+        assert first.poll() is None, first.communicate()
+        [between] = _children(first.pid)  # the process between the runner and the command
+        os.kill(between, signal.SIGSTOP)
+        stopped.append(between)
+        first.kill()
+        first.wait(timeout=TIMEOUT)
+        with open(err, "wb") as stderr:
+            second = subprocess.Popen(argv_of(cmd), stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.PIPE, stderr=stderr, env=env,
+                                      start_new_session=True)  # fmt: skip
+        poll(lambda: (where / "seen").exists() or b"waiting for" in err.read_bytes()
+             or second.poll() is not None, "the retry to wait, or to run")  # fmt: skip
+        os.kill(between, signal.SIGCONT)
+        out, _ = second.communicate(timeout=TIMEOUT)
+        assert second.returncode == 0, (out, err.read_bytes())
+    finally:
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        stop(first, group=True)
+        if second is not None:
+            stop(second, group=True)
+        if (where / "fg.pid").exists():
+            _kill_all([_pids(where, "fg")["fg"]])
+    assert (where / "seen").read_text() == "dead"
+    assert out == b"done\n"
+    assert b"waiting for" in err.read_bytes()
 
 
 # -- signals sent to the runner --------------------------------------------------------------
@@ -771,8 +904,10 @@ def test_idemfn_errors_never_go_to_stdout_when_stderr_is_closed(env: dict[str, s
 
 # Runs the idemfn command (argv[2:]) after arranging for the runner to send itself SIGTERM at
 # one moment: "begin" (when it calls idemfn.begin to look at the key, before any claim),
-# "_execute" (holding the claim, before the command starts) or "popen" (while the command is
-# being started). A white-box hook: it names functions of idemfn (begin, _run._execute).
+# "_execute" (holding the claim, before the command starts), "popen" (while the command, or
+# the process that supervises it, is being started) or "return:_run.start" (as _run's
+# function start returns: the command has just started). A white-box hook: it names
+# functions of idemfn (begin, _run._execute, _run._Command.start).
 DRIVER = """\
 import os, signal, sys
 when = sys.argv[1]
@@ -783,8 +918,12 @@ if when == "popen":
             os.kill(os.getpid(), signal.SIGTERM)
     sys.addaudithook(hook)
 else:
-    def profile(frame, event, arg):
-        if event == "call" and frame.f_code.co_name == when:
+    event, _, name = when.rpartition(":")
+    module, _, name = name.rpartition(".")
+    def profile(frame, happened, arg):
+        code = frame.f_code
+        if (happened == (event or "call") and code.co_name == name
+                and code.co_filename.endswith(f"{module}.py")):
             sys.setprofile(None)
             os.kill(os.getpid(), signal.SIGTERM)
     sys.setprofile(profile)
@@ -826,12 +965,125 @@ def test_a_signal_after_the_claim_before_the_start_releases_the_key(
     assert "'claimed'" in one_line(proc.stderr)
 
 
-def test_a_signal_while_the_command_starts_is_passed_on(
+# Runs the idemfn command (argv[2:]) with DiskStore's primitive argv[1] ("claim" or "swap")
+# wrapped so that the runner sends itself SIGTERM right after the real one returns, when it
+# took the key: a new claim, or the takeover of an abandoned one. (With "claim-lost", after a
+# claim that found the key taken, the first look at the key having seen it free.) The
+# signal's handler runs before the engine's begin() returns: at the instant after the claim
+# is written and before the runner can know it holds it.
+AT_CLAIM = """\
+import os, signal, sys
+which = sys.argv[1]
+sys.argv = ["idemfn", *sys.argv[2:]]
+from idemfn import DiskStore
+real_claim, real_get, real_swap = DiskStore.claim, DiskStore.get, DiskStore.swap
+looked = []
+def claim(self, entry):
+    found = real_claim(self, entry)
+    if (found is None) == (which == "claim"):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return found
+def get(self, key):
+    if not looked:
+        looked.append(key)
+        return None
+    return real_get(self, key)
+def swap(self, key, token, entry):
+    swapped = real_swap(self, key, token, entry)
+    if swapped and entry.status == "processing" and entry.token != token:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return swapped
+if which == "swap":
+    DiskStore.swap = swap
+else:
+    DiskStore.claim = claim
+if which == "claim-lost":
+    DiskStore.get = get
+from idemfn._cli import entry_point
+entry_point()
+"""
+
+# Claims KEY (argv[2]) for the command line argv[3:] as `idemfn run` would, in the store
+# argv[1], and exits holding it: an abandoned claim.
+ABANDON = """\
+import os, sys
+from idemfn import DiskStore, Policy, begin
+from idemfn._run import fingerprint
+store, key, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+begin(key, store=DiskStore(store), fingerprint=fingerprint(argv, []), policy=Policy(ttl=None))
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("claim", ["claim", "swap"], ids=["new-claim", "takeover"])
+def test_a_signal_at_the_instant_of_the_claim_releases_the_key(
+    tmp_path: Path, store_dir: Path, store: DiskStore, env: dict[str, str], claim: str
+) -> None:
+    # Issue 14, item 6: the runner marked itself holding the key only after begin() returned;
+    # a signal handled in between killed it, the key stayed processing (exit 69 next time).
+    marker = tmp_path / "ran"
+    cmd = ["touch", str(marker)]
+    options = ["--on-abandoned", "retry"]
+    if claim == "swap":
+        subprocess.run([PY, "-c", ABANDON, str(store_dir), "k", *cmd], env=env, check=True,
+                       timeout=TIMEOUT)  # fmt: skip
+        entry = store.get("k")
+        assert entry is not None and entry.status == Status.PROCESSING
+    proc = subprocess.run([PY, "-c", AT_CLAIM, claim, "run", "--key", "k", *options, "--", *cmd],
+                          stdin=subprocess.DEVNULL, capture_output=True, env=env,
+                          timeout=TIMEOUT, check=False)  # fmt: skip
+    checked(proc, None)
+    assert not marker.exists()  # the command never started
+    assert store.get("k") is None, "the key was left claimed"
+    assert proc.returncode == 128 + signal.SIGTERM, proc
+    assert "interrupted by SIGTERM" in one_line(proc.stderr)
+    assert "'k' released" in proc.stderr.decode()
+    idemfn_cli("run", "--key", "k", *options, "--", *cmd, env=env)
+    assert marker.exists()
+
+
+def test_a_signal_at_a_claim_that_finds_the_key_taken_ends_the_runner(
     tmp_path: Path, store: DiskStore, env: dict[str, str]
 ) -> None:
-    cmd = [PY, "-c", CATCH, "SIGTERM", str(tmp_path / "mark"), str(tmp_path / "started"), "5"]
-    proc = drive("popen", "run", "--key", "starting", "--", *cmd, env=env)
+    # The other side of the instant above: a claim that did not take the key leaves the
+    # runner holding nothing, so the signal ends it at once (as before any claim), although
+    # it would otherwise wait 600 s for the key's owner.
+    block = Blocker(tmp_path)
+    owner = start("run", "--key", "k", "--", *block.argv, env=env, new_session=True)
+    try:
+        block.wait_started(owner)
+        proc = subprocess.run(
+            [PY, "-c", AT_CLAIM, "claim-lost", "run", "--key", "k", "--wait", "600", "--",
+             *block.argv], stdin=subprocess.DEVNULL, capture_output=True, env=env,
+            timeout=TIMEOUT, check=False)  # fmt: skip
+        assert proc.returncode == -signal.SIGTERM, proc
+        assert (proc.stdout, proc.stderr) == (b"", b"")
+        entry = store.get("k")
+        assert entry is not None and entry.status == Status.PROCESSING
+        assert entry.owner.rsplit("/", 2)[1] == str(owner.pid)
+        block.release.touch()
+        finish(owner, 0)
+    finally:
+        stop(owner, group=True)
+    assert len(lines(block.log)) == 1
+
+
+@pytest.mark.parametrize("when", ["popen", "return:_run.start"], ids=["starting", "started"])
+def test_a_signal_while_the_command_starts_is_not_lost(
+    tmp_path: Path, store: DiskStore, env: dict[str, str], when: str
+) -> None:
+    started = tmp_path / "started"
+    cmd = [PY, "-c", CATCH, "SIGTERM", str(tmp_path / "mark"), str(started), "5"]
+    proc = drive(when, "run", "--key", "starting", "--", *cmd, env=env)
     entry = store.get("starting")
+    if when == "popen" and _run._supervisor() is not None:
+        # Linux: the runner was starting the process that starts the command, which does not
+        # start it when the runner was interrupted first: the key is released.
+        assert entry is None
+        assert proc.returncode == 128 + signal.SIGTERM, proc
+        assert "interrupted by SIGTERM" in one_line(proc.stderr)
+        assert not started.exists()
+        return
     assert entry is not None and entry.status == Status.HALTED
     fields = show("starting", env)
     assert fields["command"]["interrupted_by"] == "SIGTERM"

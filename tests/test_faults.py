@@ -371,9 +371,10 @@ def test_a_failing_cull_after_a_won_claim_does_not_fail_the_claim(
 def test_idemfn_run_says_the_command_ran_when_its_outcome_cannot_be_recorded(
     store_dir: Path,
 ) -> None:
-    """The command lowers its runner's file size limit (prlimit on $PPID): the disk is full
-    for the runner from then on. Its output goes through pipes, which no limit touches."""
-    command = "prlimit --pid $PPID --fsize=1: && echo charged && exit 3"
+    """The command lowers its runner's file size limit (prlimit on the parent of $PPID, the
+    process supervising it): the disk is full for the runner from then on. Its output goes
+    through pipes, which no limit touches."""
+    command = "prlimit --pid $(ps -o ppid= -p $PPID) --fsize=1: && echo charged && exit 3"
     done = subprocess.run(
         [sys.executable, "-m", "idemfn", "--store", str(store_dir), "run", "--key", "pay:1",
          "--", "sh", "-c", command],

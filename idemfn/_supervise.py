@@ -1,0 +1,225 @@
+"""The process between ``idemfn run`` and its command, on Linux: when the runner dies, even of
+SIGKILL, it kills every process the command started.
+
+Why (issue 14): ``PR_SET_PDEATHSIG`` on the command reached only the command's own process, so
+the ``step`` of ``sh -c 'step; echo done'`` ran on after its runner was killed, beside the
+retry of the abandoned key. This process is a child subreaper (``PR_SET_CHILD_SUBREAPER``):
+every process the command starts that loses its parent (a killed shell's step, a daemon that
+forked twice) becomes its child. When the runner dies, the control pipe, whose only write end
+the runner holds, reads end-of-file: this process kills the command with SIGKILL, then each
+process that comes to it, until it has no child left.
+
+Started by ``idemfn._run`` as ``python -I -S _supervise.py CTL STATUS MARKER -- CMD [ARG ...]``:
+no site, no environment variables, and only modules that cost no time to import (every run
+that starts a command waits for this process to start it). MARKER only names the claim in this
+process's command line, for a runner that takes the key over (see ``_run``).
+
+CTL (read): byte 0 means "start the command", any other byte is a signal for the command.
+A signal that comes before byte 0 means the runner was interrupted before the start: the command
+is not started. STATUS (written), one line each: ``S`` started; ``E errno`` could not start;
+``I signum`` not started, interrupted; ``X status`` the command ended, with this wait status.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal
+    from collections.abc import Callable
+else:
+    import _signal as signal  # `signal` builds its enums at import: 5 ms of every run
+
+# The runner passes these on through CTL (``_run.FORWARDED``): sent to the whole process group
+# (a key pressed on the terminal), they reach the command directly, and must not end this.
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def main(argv: list[str]) -> int:
+    """Start the command when the runner says so, pass on its signals, report how it ended;
+    kill all it started if the runner dies first. ``argv`` is ``sys.argv`` (see above)."""
+    ctl, status = int(argv[1]), int(argv[2])
+    command = argv[5:]  # argv[3] is the marker, argv[4] "--"
+    for fd in (ctl, status):
+        os.set_inheritable(fd, False)  # the command gets neither
+    prctl = _prctl()
+    if prctl is not None:
+        prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    # The command gets the dispositions the runner had: a signal the runner was started
+    # ignoring stays ignored (nohup), the others take their default action, as do SIGPIPE and
+    # SIGXFSZ, which Python ignores (as subprocess restores them).
+    default = [sig for sig in _FORWARDED if signal.getsignal(sig) != signal.SIG_IGN]
+    default += [signal.SIGPIPE, signal.SIGXFSZ]
+    for sig in _FORWARDED:
+        signal.signal(sig, signal.SIG_IGN)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)  # a child that ends wakes the poll below
+    signal.signal(signal.SIGCHLD, _ignore)
+
+    first = os.read(ctl, 1)
+    if not first:
+        return 0  # the runner died before the start: nothing to do
+    if first != b"\0":
+        _tell(status, f"I {first[0]}")
+        return 0
+    try:
+        pid = _spawn(command, default, prctl)
+    except OSError as exc:
+        _tell(status, f"E {exc.errno or 0}")
+        return 0
+    _tell(status, "S")
+    # Let go of the output pipes: the runner reads them until the command's processes close them.
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    os.close(null)
+
+    poller = select.poll()
+    poller.register(ctl, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    while True:
+        ready = {fd for fd, _ in poller.poll()}
+        if wake_r in ready:
+            os.read(wake_r, 512)
+            ended = _reap(pid)
+            if ended is not None:
+                _tell(status, f"X {ended}")
+                return 0
+        if ctl in ready:
+            data = os.read(ctl, 512)
+            if not data:  # the runner died: take down all the command started
+                _kill_all(pid)
+                return 0
+            for signum in data:
+                _kill(pid, signum)  # not reaped yet: still the command's pid
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """SIGCHLD's handler: only there so that the wakeup fd is written."""
+
+
+def _spawn(
+    command: list[str], default: list[signal.Signals], prctl: Callable[..., int] | None
+) -> int:
+    """Start the command with ``default`` signals back to their default action; raise the
+    ``OSError`` of a failed exec. (Not posix_spawn: glibc's leaves its internal signals
+    ignored in the command.) Should this process be killed, the command dies with it."""
+    report_r, report_w = os.pipe()  # close-on-exec: end-of-file means the exec succeeded
+    me = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child, until exec
+        try:
+            os.close(report_r)
+            if prctl is not None:
+                prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+                if os.getppid() != me:  # killed before that took effect
+                    os._exit(128 + signal.SIGKILL)
+            for sig in default:
+                signal.signal(sig, signal.SIG_DFL)
+            os.execvpe(command[0], command, os.environ)
+        except OSError as exc:
+            os.write(report_w, str(exc.errno or 0).encode())
+        finally:
+            os._exit(127)
+    os.close(report_w)
+    with os.fdopen(report_r, "rb") as report:
+        failed = report.read()
+    if failed:
+        os.waitpid(pid, 0)
+        code = int(failed)
+        raise OSError(code, os.strerror(code))
+    return pid
+
+
+def _prctl() -> Callable[..., int] | None:
+    try:
+        import ctypes
+
+        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # pragma: no cover - then only the command is reached
+        return None
+    return prctl
+
+
+def _tell(status: int, line: str) -> None:
+    try:
+        os.write(status, f"{line}\n".encode())
+    except OSError:  # the runner is gone
+        pass
+
+
+def _kill(pid: int, signum: int) -> bool:
+    """Send ``signum`` to ``pid``; False if it may not be signalled (another user's)."""
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        return False
+    return True
+
+
+def _reap(pid: int) -> int | None:
+    """Reap every child that ended; the command's wait status, if it is one of them."""
+    ended = None
+    while True:
+        try:
+            child, wait_status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return ended
+        if child == 0:
+            return ended
+        if child == pid:
+            ended = wait_status
+
+
+def _kill_all(pid: int) -> None:
+    """SIGKILL the command, then every child this process has or gets, until none is left.
+
+    A killed process cannot start another, and what it started comes to this process when it
+    dies (its subreaper), so this ends. A process that cannot be signalled (it runs as another
+    user: sudo) is left alone.
+    """
+    _kill(pid, signal.SIGKILL)
+    spared: set[int] = set()
+    while True:
+        for child in _children() - spared:
+            if not _kill(child, signal.SIGKILL):
+                spared.add(child)
+        if spared and not _children() - spared:
+            return  # only processes out of reach are left: do not wait for them
+        try:
+            os.waitpid(-1, 0)  # one ended: whatever it started is now a child of this process
+        except ChildProcessError:
+            return
+
+
+def _children() -> set[int]:
+    me = os.getpid()
+    try:
+        with open(f"/proc/{me}/task/{me}/children", encoding="ascii") as f:
+            return {int(child) for child in f.read().split()}
+    except OSError:  # a kernel without CONFIG_PROC_CHILDREN: look at every process
+        pass
+    children = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", encoding="ascii", errors="replace") as f:
+                parent = int(f.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if parent == me:
+            children.add(int(name))
+    return children
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
