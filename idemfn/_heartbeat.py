@@ -6,6 +6,12 @@ due. A call shorter than a third of its lease is never renewed at all. Claims ar
 claim dropped without being settled (a low-level ``begin`` whose caller gave up) stops being
 renewed, so its lease runs out and it is handled as abandoned, instead of blocking its key for
 the life of the process.
+
+The renewals themselves run in one lane per store, each store's due claims in turn, on renewal
+threads that wait for work when there is none: a second one starts only while every one is busy
+(so usually there is one). A renewal that blocks (a store that does not answer, a lock) holds up
+only the claims of its own store, never those of the others, nor the heartbeat's schedule
+(issue 14).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import os
 import threading
 import time
 import weakref
+from collections import deque
 from typing import Protocol
 
 __all__ = ["Renewable", "heartbeat"]
@@ -28,6 +35,11 @@ class Renewable(Protocol):
     @property
     def key(self) -> str: ...
 
+    @property
+    def store(self) -> object:
+        """Where the lease is renewed: one store's renewals run in turn, stores' side by side."""
+        ...
+
     def renew(self) -> bool:
         """Renew the lease; False once the claim is lost and needs no more renewals."""
         ...
@@ -35,11 +47,20 @@ class Renewable(Protocol):
 
 class Heartbeat:
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)  # the schedule: the heartbeat thread waits here
+        self._work = threading.Condition(lock)  # renewal threads wait here for a lane
         # id(claim) -> (weak reference, key): settled claims are removed, dropped ones lapse.
         self._claims: dict[int, tuple[weakref.ref[Renewable], str]] = {}
         self._thread: threading.Thread | None = None
         self._wake_at = float("inf")
+        # id(store) -> its claims waiting for renewal, while a renewal thread has (or will
+        # take) that lane; _ready: lanes no thread has taken yet. Claims queued or being
+        # renewed are in _renewing (the schedule skips them until they are back).
+        self._lanes: dict[int, deque[Renewable]] = {}
+        self._ready: deque[int] = deque()
+        self._renewing: set[int] = set()
+        self._idle = 0  # renewal threads waiting for a lane
 
     def add(self, claim: Renewable) -> None:
         with self._cond:
@@ -65,10 +86,10 @@ class Heartbeat:
         return self._thread
 
     def _run(self) -> None:
-        while True:
-            with self._cond:
+        with self._cond:
+            while True:
                 now = time.monotonic()
-                live = []
+                wake_at = float("inf")
                 for ident, (ref, key) in list(self._claims.items()):
                     claim = ref()
                     if claim is None:
@@ -78,25 +99,58 @@ class Heartbeat:
                             " its lease will run out and the key will count as abandoned",
                             key,
                         )
+                    elif ident in self._renewing:
+                        pass  # its lane reports back when renewed
+                    elif claim.renew_at <= now:
+                        self._queue(claim)
                     else:
-                        live.append(claim)
-                due = [c for c in live if c.renew_at <= now]
-                if not due:
-                    self._wake_at = min((c.renew_at for c in live), default=float("inf"))
-                    timeout = None if self._wake_at == float("inf") else self._wake_at - now
-                    del live
-                    self._cond.wait(timeout)
-                    continue
-                self._wake_at = now
-                del live
-            for claim in due:  # store I/O happens outside the lock
-                try:
-                    keep = claim.renew()
-                except Exception:  # the thread must outlive any one failure
-                    logger.exception("idemfn heartbeat: renewing %r failed", claim)
-                    keep = True
-                if not keep:
-                    self.discard(claim)
+                        wake_at = min(wake_at, claim.renew_at)
+                    del claim
+                self._wake_at = wake_at
+                self._cond.wait(None if wake_at == float("inf") else wake_at - now)
+
+    def _queue(self, claim: Renewable) -> None:
+        """Hand ``claim`` to its store's lane (under the lock); a lane no thread has gets an
+        idle renewal thread, or a new one when all are busy."""
+        self._renewing.add(id(claim))
+        lane = id(claim.store)
+        queue = self._lanes.get(lane)
+        if queue is not None:
+            queue.append(claim)
+            return
+        self._lanes[lane] = deque([claim])
+        self._ready.append(lane)
+        if self._idle > len(self._ready) - 1:
+            self._work.notify()
+        else:
+            threading.Thread(target=self._renewals, name="idemfn-renewal", daemon=True).start()
+
+    def _renewals(self) -> None:
+        """A renewal thread: take a lane, renew its claims in turn until it is empty; repeat."""
+        with self._work:
+            while True:
+                while not self._ready:
+                    self._idle += 1
+                    self._work.wait()
+                    self._idle -= 1
+                lane = self._ready.popleft()
+                queue = self._lanes[lane]
+                while queue:
+                    claim = queue.popleft()
+                    self._work.release()  # store I/O happens outside the lock
+                    try:
+                        keep = claim.renew()
+                    except Exception:  # the thread must outlive any one failure
+                        logger.exception("idemfn heartbeat: renewing %r failed", claim)
+                        keep = True
+                    finally:
+                        self._work.acquire()
+                    self._renewing.discard(id(claim))
+                    if not keep:
+                        self._claims.pop(id(claim), None)
+                    del claim
+                    self._cond.notify()  # its next renewal is due at its new renew_at
+                del self._lanes[lane]
 
     def _reset_after_fork(self) -> None:
         # The child has no heartbeat thread, and its parent's claims are not its own.
