@@ -30,6 +30,7 @@ from ._engine import (
     deadline_timestamp,
     finish,
     reentered,
+    run_in_transaction,
 )
 from ._errors import AlreadyRunning
 from ._keys import CallKey, check_callable_option, describe, refuse_call
@@ -498,14 +499,13 @@ def decorator(
                 if outcome.__class__ is Finished:
                     return outcome.replay()
                 outcome.function = wrapper  # type: ignore[union-attr]
-                # The body's writes and the ok record commit together; an exception rolls both
-                # back, then the claim is halted (or released) outside the transaction.
-                # Here a failure to record ok is raised, never only logged: it aborted the
-                # transaction, so the body's writes are rolled back with it.
-                with outcome, in_transaction(stored_key):  # type: ignore[union-attr]
-                    value = fn(*args, **kwargs)
-                    outcome.complete(value)  # type: ignore[union-attr]
-                return value
+                # The body's writes and the ok record commit together, or neither does; then
+                # the claim is halted (or released) outside the transaction (see the engine).
+                return run_in_transaction(
+                    outcome,  # type: ignore[arg-type]
+                    in_transaction(stored_key),
+                    partial(fn, *args, **kwargs),
+                )
 
         else:
 

@@ -26,6 +26,7 @@ This is also the low-level API for framework authors::
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import itertools
 import logging
@@ -33,9 +34,10 @@ import os
 import pickle
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 from . import _lease, _owner
 from ._errors import (
@@ -63,9 +65,21 @@ from ._record import Entry, Record
 from ._rerun import raised_for_rerun, returned_for_rerun
 from ._stores import Store, resolve_store
 
-__all__ = ["Busy", "Claim", "Finished", "Policy", "abegin", "attempt", "begin", "finish"]
+__all__ = [
+    "Busy",
+    "Claim",
+    "Finished",
+    "Policy",
+    "abegin",
+    "attempt",
+    "begin",
+    "finish",
+    "run_in_transaction",
+]
 
 logger = logging.getLogger("idemfn")
+
+R = TypeVar("R")
 
 PROCESSING: Final = "processing"
 OK: Final = "ok"
@@ -274,8 +288,9 @@ class Claim:
     ``AlreadyRunning`` at once).
     """
 
-    __slots__ = ("__weakref__", "_context_token", "_generation", "_lost", "_settled", "entry",
-                 "function", "policy", "renew_at", "store")  # fmt: skip
+    __slots__ = ("__weakref__", "_context_token", "_generation", "_lost", "_settled",
+                 "_transactional", "_uncommitted", "entry", "function", "policy", "renew_at",
+                 "store")  # fmt: skip
 
     def __init__(self, store: Store, entry: Entry, policy: Policy) -> None:
         self.store = store
@@ -286,6 +301,10 @@ class Claim:
         self.function: object = None
         self._settled = False
         self._lost = False
+        # transactional=True: the ok record goes into the body's transaction (run_in_transaction),
+        # and counts only once that commits; _uncommitted while it has not.
+        self._transactional = False
+        self._uncommitted = False
         self._generation = _fork_generation  # a forked child's copy is not its own
         self._context_token: contextvars.Token[frozenset[str]] | None = None
         self.renew_at = time.monotonic() + policy.lease / 3
@@ -344,11 +363,19 @@ class Claim:
         return True
 
     def _write(self, entry: Entry, cause: BaseException | None = None) -> None:
+        # The ok record of a transactional body is written in the body's transaction: until it
+        # commits, the lease stays renewed (a slow COMMIT must not look abandoned), and if it
+        # does not commit the claim is settled again (run_in_transaction).
+        pending = self._transactional and entry.status == OK
+        self._uncommitted = pending
         try:
             written = self.store.swap(entry.key, self.entry.token, entry)
         finally:
-            heartbeat.discard(self)
+            if not pending:
+                heartbeat.discard(self)
         if not written:
+            self._uncommitted = False  # fenced out: nothing of this claim's to settle again
+            heartbeat.discard(self)
             raise OwnershipLost(
                 f"the claim on key {entry.key!r} was taken over or halted by another caller"
                 " before this call finished; its outcome is not recorded",
@@ -475,6 +502,68 @@ class Claim:
             return
         logger.warning("idemfn: the claim block for %r ended without complete()", self.key)
         self.halt(RuntimeError("the claim's block ended without complete() or fail()"))
+
+
+def run_in_transaction(
+    claim: Claim, transaction: AbstractContextManager[object], body: Callable[[], R]
+) -> R:
+    """Run ``body`` for ``claim`` inside ``transaction`` (the store's ``transaction(key)``, which
+    writes the key's ``ok`` record in it), so that the body's database writes and the record
+    commit together, or neither does (``transactional=True``).
+
+    Whatever keeps the transaction from committing is settled as an exception of the body: the
+    body's own exception, a failure to write the record, or an error at COMMIT (a deferred
+    constraint, a serialization failure). Nothing of the transaction was written, but the body
+    ran, and what it did outside the database may have happened: the key is halted with that
+    error, or released when it is in ``retry_on``, at once (issue 14: a failed COMMIT used to
+    leave the key processing until its lease ran out). A transaction that cannot even start
+    releases the key: nothing ran. The error is raised as itself.
+    """
+    claim._transactional = True
+    started = False
+    with claim:
+        try:
+            with transaction:
+                started = True
+                value = body()
+                claim.complete(value)
+        except BaseException as exc:
+            if not started:  # no transaction, no body: the next call runs it
+                try:
+                    claim.release(exc)
+                except StoreError as problem:
+                    _not_recorded(claim.key, problem, exc)
+                raise
+            if claim._uncommitted:  # the ok record went down with the transaction
+                claim._settled = claim._uncommitted = False
+                # It may have committed after all, when only COMMIT's answer was lost: then
+                # the value is returned (an interrupt is still raised; the record stays ok).
+                if _settle_uncommitted(claim, exc) and isinstance(exc, Exception):
+                    return value
+            raise
+        heartbeat.discard(claim)  # committed: the outcome is recorded
+        claim._uncommitted = False
+    return value
+
+
+def _settle_uncommitted(claim: Claim, exc: BaseException) -> bool:
+    """Settle ``claim`` for ``exc``, which kept its ok record from committing; True when the
+    record was committed after all (the connection was lost with COMMIT's answer)."""
+    try:
+        claim.fail(exc)
+    except StoreError as problem:
+        _not_recorded(claim.key, problem, exc)
+    except OwnershipLost:
+        with contextlib.suppress(StoreError):
+            entry = claim.store.get(claim.key)
+            if entry is not None and entry.status == OK and entry.token == claim.token:
+                logger.warning(
+                    "idemfn: the COMMIT of key %r failed (%s), yet its ok record is there: the"
+                    " transaction committed", claim.key, type(exc).__name__,
+                )  # fmt: skip
+                return True
+        raise
+    return False
 
 
 def finish(claim: Claim, value: object) -> None:

@@ -40,9 +40,20 @@ if TYPE_CHECKING:
 
 __all__ = ["PostgresStore", "current_connection"]
 
-# The transaction of the transactional call running in this context: (store, key, connection).
-_transaction: contextvars.ContextVar[tuple[PostgresStore, str, Any] | None] = (
-    contextvars.ContextVar("idemfn_transaction", default=None)
+
+class _Transaction:
+    """The transaction of the transactional call running in this context."""
+
+    __slots__ = ("conn", "key", "store")
+
+    def __init__(self, store: PostgresStore, key: str, conn: Any) -> None:
+        self.store = store
+        self.key = key
+        self.conn = conn
+
+
+_transaction: contextvars.ContextVar[_Transaction | None] = contextvars.ContextVar(
+    "idemfn_transaction", default=None
 )
 
 
@@ -58,7 +69,7 @@ def current_connection() -> psycopg.Connection[Any]:
             "idemfn.current_connection() is only available inside the body of a function"
             " decorated with @idempotent(..., store=<PostgresStore>, transactional=True)"
         )
-    return current[2]  # type: ignore[no-any-return]
+    return current.conn  # type: ignore[no-any-return]
 
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
@@ -190,6 +201,7 @@ class PostgresStore(Store):
         self._errors: tuple[type[BaseException], ...] = (
             psycopg.Error, psycopg_pool.PoolTimeout, _NoConnection,
         )  # fmt: skip
+        self._psycopg_error = psycopg.Error
         self._lock = threading.Lock()
         self._pool: psycopg_pool.ConnectionPool | None = None
         self._ready = False  # the pool is this process's, and the table exists
@@ -203,11 +215,15 @@ class PostgresStore(Store):
 
     # Connections: a pool opened on first use, and again in a forked child (a connection must
     # not be used on both sides of a fork).
-    @contextlib.contextmanager
-    def _connection(self) -> Iterator[Any]:
+    def _usable_pool(self) -> psycopg_pool.ConnectionPool:
         pool = self._pool
         if pool is None or not self._ready or self._pid != os.getpid():
             pool = self._open()
+        return pool
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[Any]:
+        pool = self._usable_pool()
         conn = self._getconn(pool)
         try:
             with conn:  # commit, or roll back on an error, as pool.connection() does
@@ -301,17 +317,46 @@ class PostgresStore(Store):
     def transaction(self, key: str) -> Iterator[psycopg.Connection[Any]]:
         """A transaction for the body of ``key``'s claim: ``current_connection()`` inside, and
         the claim's ``ok`` record written in it, so that both commit, or roll back, together.
-        (A halted record is written outside it: it must stay when the body's writes go.)"""
+        (A halted record is written outside it: it must stay when the body's writes go.)
+
+        Only idemfn's own steps become ``StoreError`` here: getting a connection, BEGIN. What
+        the body raises, its own database errors included, and an error at COMMIT (a deferred
+        constraint, a serialization failure: the body's writes did not commit) are raised as
+        themselves, for the caller and ``retry_on`` (issue 14)."""
         try:
-            with self._connection() as conn, conn.transaction():
-                token = _transaction.set((self, key, conn))
-                try:
-                    yield conn
-                finally:
-                    _transaction.reset(token)
-        except self._errors as exc:  # no connection, or BEGIN or COMMIT failed
-            action = "start" if isinstance(exc, _NoConnection) else "commit"
-            raise self.error(f"{action} the transaction of", key, _cause(exc)) from exc
+            pool = self._usable_pool()
+            conn = self._getconn(pool)
+        except self._errors as exc:
+            raise self.error("start the transaction of", key, _cause(exc)) from exc
+        state = _Transaction(self, key, conn)
+        try:
+            try:
+                block = conn.transaction()
+                block.__enter__()  # BEGIN
+            except self._errors as exc:
+                raise self.error("start the transaction of", key, _cause(exc)) from exc
+            reset = _transaction.set(state)
+            try:
+                yield conn
+            except BaseException as exc:
+                # Rolls back; psycopg logs a failed ROLLBACK instead of hiding the body's error.
+                block.__exit__(type(exc), exc, exc.__traceback__)
+                raise
+            finally:
+                _transaction.reset(reset)
+            try:
+                block.__exit__(None, None, None)  # COMMIT
+            except self._psycopg_error as exc:
+                from .._engine import _add_note  # (the engine imports the stores)
+
+                _add_note(
+                    exc,
+                    f"idemfn: the transaction of key {key!r} did not commit: neither the body's"
+                    " writes nor its ok record were written",
+                )
+                raise
+        finally:
+            pool.putconn(conn)
 
     def _read_clock(self, first: bool) -> float:
         rows = self._run("read the server's clock", None, self._sql["now"], ())
@@ -361,8 +406,10 @@ class PostgresStore(Store):
         row = self._row(entry) | {"fence": token}
         current = _transaction.get()
         conn = None
-        if current is not None and current[:2] == (self, key) and entry.status == "ok":
-            conn = current[2]  # the ok record commits with the body's writes
+        if current is not None and current.store is self and current.key == key and (
+            entry.status == "ok"
+        ):
+            conn = current.conn  # the ok record commits with the body's writes
         return bool(self._run("update", key, self._sql["swap"], row, conn=conn) == 1)
 
     def release(self, key: str, token: str) -> bool:
