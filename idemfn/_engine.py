@@ -331,17 +331,14 @@ class Claim:
     def renew(self) -> bool:
         self.renew_at = time.monotonic() + self.policy.lease / 3
         e = self.entry
-        lease = self.policy.lease
-        renewed = e._replace(
-            lease_until=self.store.time() + lease, lease_mono=_lease.clock() + lease
-        )
         try:
-            kept = self.store.swap(e.key, e.token, renewed)
+            renewed = self.store.renew(e, self.policy.lease)
         except StoreError as exc:
             logger.warning("idemfn: could not renew the lease of %r (will retry): %s", e.key, exc)
             self.renew_at = time.monotonic() + min(1.0, self.policy.lease / 10)
             return True
-        if kept:
+        kept = renewed is not None
+        if renewed is not None:
             self.entry = renewed
         elif not self._settled:  # (once settling, a failed renewal is the outcome written)
             self._lost = True

@@ -4,23 +4,40 @@
   idemfn's own statements become ``StoreError``.
 - A transaction that does not commit (an error at COMMIT) settles the key at once, as the
   body raising that error would: halted with it, or released when it is in ``retry_on``.
+- Lease renewals never touch what the body's transaction writes, so a body that outlives a
+  renewal commits at every isolation level.
+- Renewals never wait for a pooled connection: bodies holding every connection of the pool
+  are still renewed, and another process judging them finds them alive.
+
+Nothing waits for a lease to run out: the heartbeat's renewals are awaited as conditions, and
+the other process judges the leases on a lease clock the test sets.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
+import subprocess
+import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg
+import psycopg_pool
 import pytest
 from psycopg.errors import IntegrityError, UniqueViolation
 
 import idemfn
-from idemfn import PostgresStore, Status, StoreError, idempotent
+from idemfn import Claim, Policy, PostgresStore, Status, StoreError, idempotent
+from idemfn._engine import run_in_transaction
+from idemfn._stores.postgres import _MAX_CONNECTIONS
 
+from .conftest import age
 from .servers import PostgresServer
+from .workers import poll
 
 
 @pytest.fixture
@@ -188,3 +205,239 @@ def test_a_commit_whose_answer_is_lost_but_that_committed_returns_the_value(
     assert record is not None and record.status is Status.OK
     assert _rows(postgres_server, ledger) == [("o-1", 1), ("o-3", 3)]
     assert "yet its ok record is there" in caplog.text
+
+
+# -- 3. A renewal never conflicts with the body's transaction ------------------------------
+
+
+@pytest.mark.parametrize("isolation", ["read committed", "repeatable read", "serializable"])
+def test_a_body_renewed_while_it_runs_commits_at_every_isolation_level(
+    postgres_server: PostgresServer, table: str, isolation: str
+) -> None:
+    dsn = psycopg.conninfo.make_conninfo(
+        postgres_server.dsn,
+        options="-c default_transaction_isolation=" + isolation.replace(" ", "\\ "),
+    )
+    store = PostgresStore(dsn, table=table)
+    ledger = _ledger(postgres_server)
+    renewals: list[float] = []
+
+    # A short lease so that the heartbeat renews it (a third of the way) while the body runs;
+    # nobody else judges the claim, so how punctual the heartbeat is does not matter.
+    @idempotent(key="{order_id}", store=store, transactional=True, lease=0.6)
+    def charge(order_id: str) -> int:
+        conn = idemfn.current_connection()
+        assert conn.execute("SHOW transaction_isolation").fetchone() == (isolation,)
+        conn.execute(f"SELECT count(*) FROM {ledger}")  # the snapshot is taken here
+
+        def renewed() -> bool:
+            entry = store.get(charge.key_for(order_id))
+            assert entry is not None and entry.status == "processing"
+            renewals.append(entry.lease_until)  # type: ignore[arg-type]
+            return renewals[-1] != renewals[0]
+
+        poll(renewed, "the heartbeat to renew the lease")
+        conn.execute(f"INSERT INTO {ledger} VALUES (%s, 5)", (order_id,))
+        return 5
+
+    try:
+        assert charge("o-5") == 5
+        record = charge.status("o-5")
+        assert record is not None and record.status is Status.OK
+        assert _rows(postgres_server, ledger) == [("o-1", 1), ("o-5", 5)]
+    finally:
+        store.close()
+
+
+# -- 4. Renewals never wait behind the bodies they keep alive ------------------------------
+
+JUDGE = """\
+import json, sys
+import idemfn
+from idemfn import _lease
+
+cfg = json.loads(sys.argv[1])
+store = idemfn.PostgresStore(cfg["dsn"], table=cfg["table"])
+verdicts = {}
+for key, at in cfg["judge_at"].items():
+    _lease.clock = lambda at=at: at  # the lease clock of this machine, as the test sets it
+    try:
+        outcome = idemfn.begin(key, store=store, policy=idemfn.Policy(lease=cfg["lease"]))
+    except idemfn.AlreadyRunning:
+        verdicts[key] = "alive"
+    else:
+        verdicts[key] = f"{type(outcome).__name__}: {outcome.record.status.value}"
+print(json.dumps(verdicts))
+"""
+
+
+def _judge(server: PostgresServer, table: str, lease: float, at: dict[str, float]) -> Any:
+    """What another process makes of each key, its machine's lease clock at ``at[key]``."""
+    cfg = {"dsn": server.dsn, "table": table, "lease": lease, "judge_at": at}
+    done = subprocess.run([sys.executable, "-c", JUDGE, json.dumps(cfg)], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def _hold_bodies(
+    store: PostgresStore, n: int, lease: float
+) -> tuple[Any, list[threading.Thread], threading.Event, list[object]]:
+    """``n`` transactional calls on ``store``, each holding its transaction's connection until
+    the event is set."""
+    entered = threading.Semaphore(0)
+    go_on = threading.Event()
+    results: list[object] = []
+
+    @idempotent(key="held:{i}", store=store, transactional=True, lease=lease)
+    def held(i: int) -> int:
+        idemfn.current_connection().execute("SELECT 1")
+        entered.release()
+        assert go_on.wait(120)
+        return i
+
+    threads = [threading.Thread(target=lambda i=i: results.append(held(i))) for i in range(n)]
+    for t in threads:
+        t.start()
+    for _ in range(n):
+        assert entered.acquire(timeout=120), "a body did not start"
+    return held, threads, go_on, results
+
+
+def _renewed_leases(reader: PostgresStore, keys: list[str]) -> dict[str, tuple[float, float]]:
+    """Each key's lease end on the lease clock before and after a renewal seen from outside."""
+    first: dict[str, float] = {}
+    for key in keys:
+        entry = reader.get(key)
+        assert entry is not None and entry.lease_mono is not None
+        first[key] = entry.lease_mono
+    later: dict[str, float] = {}
+
+    def all_renewed() -> bool:
+        for key in keys:
+            entry = reader.get(key)
+            assert entry is not None and entry.status == "processing"
+            if entry.lease_mono != first[key]:
+                later[key] = entry.lease_mono  # type: ignore[assignment]
+        return len(later) == len(keys)
+
+    poll(all_renewed, "every held body's lease to be renewed")
+    return {key: (first[key], later[key]) for key in keys}
+
+
+def test_bodies_holding_every_pooled_connection_are_still_renewed(
+    postgres_server: PostgresServer, store: PostgresStore, table: str
+) -> None:
+    lease = 1.5
+    held, threads, go_on, results = _hold_bodies(store, _MAX_CONNECTIONS, lease)
+    reader = PostgresStore(postgres_server.dsn, table=table)  # a pool of its own
+    try:
+        pool = store._pool
+        assert pool is not None
+        assert pool.get_stats()["pool_size"] == _MAX_CONNECTIONS  # every one held by a body
+        keys = [held.key_for(i) for i in range(_MAX_CONNECTIONS)]
+        leases = _renewed_leases(reader, keys)
+        # Another process, its lease clock past where each lease ran out before its renewal,
+        # finds every owner alive: the renewals it reads are the ones made meanwhile.
+        judge_at = {key: (before + after) / 2 for key, (before, after) in leases.items()}
+        assert _judge(postgres_server, table, lease, judge_at) == dict.fromkeys(keys, "alive")
+    finally:
+        go_on.set()
+        for t in threads:
+            t.join(120)
+        reader.close()
+    assert sorted(results) == list(range(_MAX_CONNECTIONS))  # type: ignore[type-var]
+    for i in range(_MAX_CONNECTIONS):
+        record = held.status(i)
+        assert record is not None and record.status is Status.OK
+
+
+def test_a_body_holding_the_only_connection_of_a_given_pool_is_still_renewed(
+    postgres_server: PostgresServer, table: str
+) -> None:
+    with psycopg_pool.ConnectionPool(postgres_server.dsn, min_size=1, max_size=1,
+                                     kwargs={"autocommit": True}) as pool:  # fmt: skip
+        store = PostgresStore(pool, table=table)
+        reader = PostgresStore(postgres_server.dsn, table=table)
+        held, threads, go_on, results = _hold_bodies(store, 1, lease=1.5)
+        try:
+            _renewed_leases(reader, [held.key_for(0)])
+        finally:
+            go_on.set()
+            threads[0].join(120)
+            reader.close()
+            store.close()
+        assert results == [0]
+
+
+# -- Lease rows --------------------------------------------------------------------------------
+
+
+def _lease_rows(store: PostgresStore) -> list[tuple[str, str]]:
+    query = f'SELECT key, token FROM "{store._leases}" ORDER BY 1, 2'
+    return store._run("read", None, query, ())  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("transactional", [False, True])
+def test_a_renewal_is_read_by_every_judge_and_its_lease_row_ends_with_the_claim(
+    store: PostgresStore, transactional: bool
+) -> None:
+    # A lease the heartbeat does not renew during the test: the test renews it itself.
+    claim = idemfn.begin("k", store=store, policy=Policy(lease=300))
+    assert isinstance(claim, Claim)
+
+    def body() -> int:
+        before = store.get("k")
+        assert claim.renew()
+        after = store.get("k")
+        assert before is not None and after is not None
+        assert after.lease_until >= before.lease_until  # type: ignore[operator]
+        assert after.lease_mono > before.lease_mono  # type: ignore[operator]
+        assert [e for e in store.scan() if e.key == "k"] == [after]  # `idemfn ls`, prune
+        assert store.claim(claim.entry._replace(token="other")) == after  # a racing claim
+        record = after.record()
+        assert record.lease_expires_at is not None
+        assert record.lease_expires_at.timestamp() == after.lease_until
+        assert _lease_rows(store) == [("k", claim.token)]
+        return 1
+
+    if transactional:
+        assert run_in_transaction(claim, store.transaction("k"), body) == 1
+    else:
+        with claim:
+            claim.complete(body())
+    done = store.get("k")
+    assert done is not None and done.status == "ok"
+    assert _lease_rows(store) == []  # the claim ended: its lease row went with it
+
+
+def test_an_aged_renewed_claim_is_judged_on_its_aged_lease(store: PostgresStore) -> None:
+    # idemfn.testing's age rewrites a claim's record; its renewal must not outlive that.
+    claim = idemfn.begin("k", store=store, policy=Policy(lease=300))
+    assert isinstance(claim, Claim) and claim.renew()
+    age(store, "k", 600)
+    assert _lease_rows(store) == []
+    judged = idemfn.begin("k", store=store, policy=Policy(lease=300))
+    assert isinstance(judged, idemfn.Finished) and judged.record.status is Status.HALTED
+    assert "stopped renewing its lease" in (judged.record.reason or "")
+    with pytest.raises(idemfn.OwnershipLost):
+        claim.complete(1)
+
+
+def test_prune_removes_the_lease_rows_no_live_claim_holds(
+    store: PostgresStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="idemfn")
+    live = idemfn.begin("live", store=store, policy=Policy(lease=300))
+    assert isinstance(live, Claim) and live.renew()
+    insert = f'INSERT INTO "{store._leases}" VALUES (%s, %s, %s, NULL)'
+    now = store.time()
+    store._run("write", None, insert, ("live", "ended-before", now - 10))  # run out, not live
+    store._run("write", None, insert, ("gone", "crashed", now - 10))
+    store._run("write", None, insert, ("gone", "just-renewed", now + 300))  # not run out yet
+    # The live claim's own row stays even once run out: its owner is judged, not pruned here.
+    store._run("write", None, f'UPDATE "{store._leases}" SET lease_until = %s WHERE token = %s',
+               (now - 10, live.token))  # fmt: skip
+    store.prune()
+    assert _lease_rows(store) == [("gone", "just-renewed"), ("live", live.token)]
+    live.release()

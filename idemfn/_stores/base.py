@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import ClassVar
 
+from .. import _lease
 from .._errors import StoreError
 from .._lease import prunable_claim
 from .._record import Entry, decode, encode
@@ -115,6 +116,17 @@ class Store(abc.ABC):
         it is passed to ``corrupt(key, error)`` and skipped instead, so that one bad record
         does not hide the others (``decoded`` does this for a store's loop).
         """
+
+    def renew(self, entry: Entry, lease: float) -> Entry | None:
+        """Extend the lease of the live claim ``entry`` to ``lease`` seconds from now (on the
+        store's clock, and on this machine's lease clock); return the renewed entry, or None
+        when the claim is no longer live (fenced as ``swap`` is). The heartbeat thread calls
+        this; a store whose renewals must not wait for, or conflict with, a claim's other work
+        overrides it (``PostgresStore``)."""
+        renewed = entry._replace(
+            lease_until=self.time() + lease, lease_mono=_lease.clock() + lease
+        )
+        return renewed if self.swap(entry.key, entry.token, renewed) else None
 
     def time(self) -> float:
         """The store's clock, in UNIX seconds. Stores shared by machines use the server's."""

@@ -13,6 +13,18 @@ Every transition is one statement: the claim an ``INSERT … ON CONFLICT`` that 
 an expired row and returns the live one in the same statement, every later write an
 ``UPDATE``/``DELETE … WHERE key = … AND live = token``. The clock is the server's
 (``clock_timestamp()``, see ``clock.ServerClock``).
+
+Lease renewals go to a second table, ``<table>_leases`` (key, token, lease_until, lease_mono),
+never to the record's row, and on a connection of their own outside the pool (issue 14). A
+transactional body's ``ok`` record is an ``UPDATE`` of the record's row inside the body's
+transaction: a renewal that updated that row after the transaction's snapshot made the ``ok``
+write fail at REPEATABLE READ and SERIALIZABLE ("could not serialize access"), and renewals
+that waited for a pooled connection starved while the bodies they kept alive held them all.
+A read that finds a claim (``get``, the claim's answer, ``scan``) also reads its lease row, so
+that whoever judges it sees its latest renewal; reads of finished records, and first calls,
+cost what they did. A takeover, ``forget``, and the end of a claim this process renewed remove
+its lease row; ``prune`` removes the ones left behind (a crashed owner's, or a claim another
+process settled).
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ import zlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from .. import _lease
 from .._errors import StoreError
 from .._record import Entry
 from .._signing import SigningKey
@@ -44,12 +57,13 @@ __all__ = ["PostgresStore", "current_connection"]
 class _Transaction:
     """The transaction of the transactional call running in this context."""
 
-    __slots__ = ("conn", "key", "store")
+    __slots__ = ("conn", "fence", "key", "store")
 
     def __init__(self, store: PostgresStore, key: str, conn: Any) -> None:
         self.store = store
         self.key = key
         self.conn = conn
+        self.fence: str | None = None  # the claim token its ok record was written on
 
 
 _transaction: contextvars.ContextVar[_Transaction | None] = contextvars.ContextVar(
@@ -81,6 +95,26 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 #: the pool is in use (transactional bodies hold one each): psycopg_pool's default, as before.
 BUSY_POOL_WAIT = 30.0
 _MAX_CONNECTIONS = 16
+
+
+class _Renewer:
+    """The connection a store renews leases on, outside its pool, in the process that opened it
+    (a connection must not be used on both sides of a fork): a renewal never waits for a
+    pooled connection, which transactional bodies may hold every one of (issue 14)."""
+
+    __slots__ = ("conn", "lock", "pid")
+
+    def __init__(self) -> None:
+        self.conn: psycopg.Connection[Any] | None = None
+        self.lock = threading.Lock()
+        self.pid = os.getpid()
+
+    def drop(self) -> None:
+        """Close the connection after an error: the next renewal connects again."""
+        conn, self.conn = self.conn, None
+        if conn is not None and self.pid == os.getpid():
+            with contextlib.suppress(Exception):
+                conn.close()
 
 
 class _NoConnection(Exception):
@@ -203,12 +237,17 @@ class PostgresStore(Store):
         )  # fmt: skip
         self._psycopg_error = psycopg.Error
         self._lock = threading.Lock()
+        self._renewer = _Renewer()
+        # key -> token of the claims this process renewed: the lease row a transactional
+        # body's commit leaves behind is removed after it.
+        self._leased: dict[str, str] = {}
         self._pool: psycopg_pool.ConnectionPool | None = None
         self._ready = False  # the pool is this process's, and the table exists
         self._attempts: _Attempts | None = None  # of the pool this store made
         self._pid = os.getpid()
         self._clock = ServerClock(self._read_clock)
-        self._sql = _statements(table)
+        self._leases = _leases_table(table)
+        self._sql = _statements(table, self._leases)
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.server!r}, table={self.table!r})"
@@ -291,6 +330,7 @@ class PostgresStore(Store):
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (zlib.crc32(self.table.encode()),))
                 conn.execute(self._sql["create"])
                 conn.execute(self._sql["index"])
+                conn.execute(self._sql["create_leases"])
         finally:
             pool.putconn(conn)
         self._ready = True
@@ -357,6 +397,12 @@ class PostgresStore(Store):
                 raise
         finally:
             pool.putconn(conn)
+        if state.fence is not None and self._leased.get(key) == state.fence:
+            # Renewed while it ran: its lease row could not be removed inside the transaction
+            # (the heartbeat updates it), so it goes now. Left behind, prune removes it.
+            self._leased.pop(key, None)
+            with contextlib.suppress(StoreError):
+                self._run("tidy", key, self._sql["tidy"], (key, state.fence))
 
     def _read_clock(self, first: bool) -> float:
         rows = self._run("read the server's clock", None, self._sql["now"], ())
@@ -372,6 +418,11 @@ class PostgresStore(Store):
             "expires_at": entry.expires_at, "drop_at": removable_at(entry),
             "entry": self.encode(entry),
         }  # fmt: skip
+
+    def _with_lease(self, entry: Entry) -> Entry:
+        """``entry``, a claim, with its latest renewal, from its lease row when it has one."""
+        rows = self._run("read", entry.key, self._sql["lease"], (entry.key, entry.token))
+        return _renewed(entry, *rows[0]) if rows else entry
 
     def claim(self, entry: Entry) -> Entry | None:
         row = self._row(entry)
@@ -391,7 +442,8 @@ class PostgresStore(Store):
             if won:
                 return None
             if found is not None:
-                return self.decode(entry.key, found)
+                live = self.decode(entry.key, found)
+                return self._with_lease(live) if live.status == "processing" else live
             # Neither: a row committed by another caller after this statement's snapshot was
             # taken (or removed since). Look again.
 
@@ -400,22 +452,85 @@ class PostgresStore(Store):
         if not rows:
             return None
         entry = self.decode(key, rows[0][0])
+        if entry.status == "processing":
+            return self._with_lease(entry)
         return None if entry.is_expired(self.time()) else entry
 
     def swap(self, key: str, token: str, entry: Entry) -> bool:
         row = self._row(entry) | {"fence": token}
         current = _transaction.get()
-        conn = None
         if current is not None and current.store is self and current.key == key and (
             entry.status == "ok"
         ):
-            conn = current.conn  # the ok record commits with the body's writes
-        return bool(self._run("update", key, self._sql["swap"], row, conn=conn) == 1)
+            # The ok record commits with the body's writes. Its lease row stays untouched: the
+            # heartbeat may have renewed it after the transaction's snapshot was taken.
+            current.fence = token
+            return bool(self._run("update", key, self._sql["swap"], row, conn=current.conn) == 1)
+        # A claim's lease row goes when the claim is taken over or rewritten (the entry written
+        # holds its lease), or ends after this process renewed it; else the write costs what
+        # it did before lease rows (a claim another process renewed leaves one for prune).
+        tidy = entry.status == "processing" or (
+            bool(self._leased) and self._leased.pop(key, None) is not None
+        )
+        query = self._sql["swap_tidy" if tidy else "swap"]
+        return bool(self._run("update", key, query, row) == 1)
 
     def release(self, key: str, token: str) -> bool:
-        return bool(self._run("release", key, self._sql["release"], (key, token)) == 1)
+        tidy = bool(self._leased) and self._leased.pop(key, None) is not None
+        query = self._sql["release_tidy" if tidy else "release"]
+        return bool(self._run("release", key, query, {"key": key, "token": token}) == 1)
+
+    def renew(self, entry: Entry, lease: float) -> Entry | None:
+        """Renew on this store's renewal connection, in a lease row of its own: never waiting
+        for the pool, never writing the record's row (see the module's docstring). The lease
+        runs out ``lease`` seconds from now by the server's clock, read in the statement."""
+        mono = _lease.clock() + lease
+        params = {"key": entry.key, "token": entry.token, "lease": lease, "mono": mono}
+        self._leased[entry.key] = entry.token
+        renewer = self._renewer
+        if renewer.pid != os.getpid():  # a forked child: its parent's connection is not its own
+            renewer = self._renewer = _Renewer()
+        with renewer.lock:
+            try:
+                conn = renewer.conn
+                if conn is None or conn.closed:
+                    conn = renewer.conn = self._connect_for_renewals()
+                # READ COMMITTED whatever the server's default: a renewal reads the record's
+                # row, and must not take part in a SERIALIZABLE body's conflicts.
+                with conn.transaction():
+                    rows = conn.execute(self._sql["renew"], params).fetchall()
+            except self._errors as exc:
+                renewer.drop()
+                raise self.error("renew the lease of", entry.key, _cause(exc)) from exc
+        if not rows:
+            return None
+        return entry._replace(lease_until=float(rows[0][0]), lease_mono=mono)
+
+    def _connect_for_renewals(self) -> psycopg.Connection[Any]:
+        """A new connection, configured as the pool's, in READ COMMITTED transactions."""
+        import psycopg
+
+        timeout = max(2, math.ceil(self.connect_timeout))  # libpq's: whole seconds, >= 2
+        pool = self._given_pool
+        if pool is None:
+            conn = psycopg.connect(self._dsn or "", connect_timeout=timeout)
+        else:  # the caller's pool: its connection string, arguments and configure callback
+            conninfo = pool.conninfo() if callable(pool.conninfo) else pool.conninfo
+            kwargs = dict((pool.kwargs() if callable(pool.kwargs) else pool.kwargs) or {})
+            kwargs["connect_timeout"] = timeout
+            conn = pool.connection_class.connect(conninfo or "", **kwargs)
+            configure = getattr(pool, "_configure", None)
+            if configure is not None:
+                configure(conn)
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                conn.rollback()
+        conn.autocommit = False
+        conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+        return conn
 
     def delete(self, key: str, token: str | None = None) -> bool:
+        if self._leased:
+            self._leased.pop(key, None)
         rows = self._run("delete", key, self._sql["delete"], {"key": key, "token": token})
         if not rows:
             return False
@@ -431,7 +546,7 @@ class PostgresStore(Store):
         for key in keys:  # one row at a time: payloads may be large
             rows = self._run("read", key, self._sql["get"], (key,))
             if rows and (entry := self.decoded(key, rows[0][0], corrupt)) is not None:
-                yield entry
+                yield self._with_lease(entry) if entry.status == "processing" else entry
 
     def prune(self) -> int:
         """One indexed DELETE of expired records; then each claim whose lease ran out ttl ago
@@ -443,10 +558,13 @@ class PostgresStore(Store):
         for entry in self._entries(stale, skip_corrupt):
             if prunable(entry, now) and remove_judged(self, entry):
                 removed += 1
+        # Lease rows no live claim holds (a transactional commit's, a crashed owner's), once
+        # run out: a row renewed since this statement's snapshot is never removed.
+        self._run("prune", self.table, self._sql["prune_leases"], ())
         return removed
 
     def bytes_used(self) -> int | None:
-        rows = self._run("measure", self.table, self._sql["size"], (self.table,))
+        rows = self._run("measure", self.table, self._sql["size"], (self.table, self._leases))
         return int(rows[0][0]) if rows and rows[0][0] is not None else None
 
     def close(self) -> None:
@@ -454,16 +572,38 @@ class PostgresStore(Store):
             pool, self._pool, self._ready = self._pool, None, False
         if pool is not None and pool is not self._given_pool and self._pid == os.getpid():
             pool.close()
+        with self._renewer.lock:
+            self._renewer.drop()
 
 
-def _statements(table: str) -> dict[str, str]:
+def _leases_table(table: str) -> str:
+    """The name of ``table``'s lease table: ``<table>_leases``, or for a name too long for that
+    (PostgreSQL cuts names at 63 bytes) a cut one made unique by a hash of the whole."""
+    name = f"{table}_leases"
+    return name if len(name) <= 63 else f"{table[:46]}_{zlib.crc32(table.encode()):08x}_leases"
+
+
+def _renewed(entry: Entry, until: float | None, mono: float | None) -> Entry:
+    """``entry`` with the lease of its live claim's lease row (``until``, ``mono``; None: no
+    renewal since the row was written), whichever runs out later."""
+    if until is None or (entry.lease_until is not None and entry.lease_until >= until):
+        return entry
+    if mono is None or (entry.lease_mono is not None and entry.lease_mono > mono):
+        mono = entry.lease_mono
+    return entry._replace(lease_until=until, lease_mono=mono)
+
+
+def _statements(table: str, leases: str) -> dict[str, str]:
     t = f'"{table}"'  # checked against _TABLE_NAME: a plain name, safe to quote
+    lt = f'"{leases}"'
     now = "extract(epoch from clock_timestamp())"
     return {
         "create": f"CREATE TABLE IF NOT EXISTS {t} (key text PRIMARY KEY, live text, token text"
         " NOT NULL, expires_at float8, drop_at float8, entry bytea NOT NULL)",
         "index": f'CREATE INDEX IF NOT EXISTS "{table}_drop_at" ON {t} (drop_at)'
         " WHERE drop_at IS NOT NULL",
+        "create_leases": f"CREATE TABLE IF NOT EXISTS {lt} (key text NOT NULL, token text NOT"
+        " NULL, lease_until float8 NOT NULL, lease_mono float8, PRIMARY KEY (key, token))",
         "now": f"SELECT {now}",
         "claim": f"WITH claimed AS (INSERT INTO {t} AS r (key, live, token, expires_at, drop_at,"
         " entry) VALUES (%(key)s, %(live)s, %(token)s, %(expires_at)s, %(drop_at)s, %(entry)s)"
@@ -472,17 +612,34 @@ def _statements(table: str) -> dict[str, str]:
         f" WHERE r.expires_at IS NOT NULL AND r.expires_at <= {now} RETURNING 1)"
         f" SELECT EXISTS (SELECT 1 FROM claimed), (SELECT entry FROM {t} WHERE key = %(key)s)",
         "get": f"SELECT entry FROM {t} WHERE key = %s",
+        "lease": f"SELECT lease_until, lease_mono FROM {lt} WHERE key = %s AND token = %s",
         "swap": f"UPDATE {t} SET live = %(live)s, token = %(token)s, expires_at = %(expires_at)s,"
         " drop_at = %(drop_at)s, entry = %(entry)s WHERE key = %(key)s AND live = %(fence)s",
-        "release": f"DELETE FROM {t} WHERE key = %s AND live = %s",
-        "delete": f"DELETE FROM {t} WHERE key = %(key)s"
+        "swap_tidy": f"WITH tidied AS (DELETE FROM {lt} WHERE key = %(key)s AND token ="
+        f" %(fence)s) UPDATE {t} SET live = %(live)s, token = %(token)s, expires_at ="
+        " %(expires_at)s, drop_at = %(drop_at)s, entry = %(entry)s WHERE key = %(key)s AND"
+        " live = %(fence)s",
+        "release": f"DELETE FROM {t} WHERE key = %(key)s AND live = %(token)s",
+        "release_tidy": f"WITH tidied AS (DELETE FROM {lt} WHERE key = %(key)s AND token ="
+        f" %(token)s) DELETE FROM {t} WHERE key = %(key)s AND live = %(token)s",
+        "delete": f"WITH tidied AS (DELETE FROM {lt} WHERE key = %(key)s AND (%(token)s::text IS"
+        f" NULL OR token = %(token)s)) DELETE FROM {t} WHERE key = %(key)s"
         " AND (%(token)s::text IS NULL OR token = %(token)s) RETURNING expires_at",
+        "renew": f"INSERT INTO {lt} (key, token, lease_until, lease_mono) SELECT %(key)s::text,"
+        f" %(token)s::text, {now} + %(lease)s::float8, %(mono)s::float8 WHERE EXISTS (SELECT"
+        f" FROM {t} WHERE key = %(key)s AND live = %(token)s) ON CONFLICT (key, token) DO UPDATE"
+        " SET lease_until = EXCLUDED.lease_until, lease_mono = EXCLUDED.lease_mono"
+        " RETURNING lease_until",
+        "tidy": f"DELETE FROM {lt} WHERE key = %s AND token = %s",
         "keys": f"SELECT key FROM {t} WHERE starts_with(key, %s) ORDER BY key",
         "prune": f"DELETE FROM {t} WHERE drop_at IS NOT NULL AND drop_at < {now}"
         " AND live IS NULL",
         "stale": f"SELECT key FROM {t} WHERE drop_at IS NOT NULL AND drop_at < {now}"
         " AND live IS NOT NULL",
-        "size": "SELECT pg_total_relation_size(quote_ident(%s))",
+        "prune_leases": f"DELETE FROM {lt} l WHERE l.lease_until < {now} AND NOT EXISTS"
+        f" (SELECT FROM {t} r WHERE r.key = l.key AND r.live = l.token)",
+        "size": "SELECT pg_total_relation_size(quote_ident(%s))"
+        " + pg_total_relation_size(quote_ident(%s))",
     }
 
 
