@@ -355,13 +355,17 @@ def test_bodies_holding_every_pooled_connection_are_still_renewed(
 def test_a_body_holding_the_only_connection_of_a_given_pool_is_still_renewed(
     postgres_server: PostgresServer, table: str
 ) -> None:
+    configured: list[object] = []
     with psycopg_pool.ConnectionPool(postgres_server.dsn, min_size=1, max_size=1,
-                                     kwargs={"autocommit": True}) as pool:  # fmt: skip
+                                     kwargs={"autocommit": True},
+                                     configure=configured.append) as pool:  # fmt: skip
         store = PostgresStore(pool, table=table)
         reader = PostgresStore(postgres_server.dsn, table=table)
         held, threads, go_on, results = _hold_bodies(store, 1, lease=1.5)
         try:
             _renewed_leases(reader, [held.key_for(0)])
+            # The renewals' connection is configured as the pool's are (search_path, types).
+            assert store._renewer.conn is not None and store._renewer.conn in configured
         finally:
             go_on.set()
             threads[0].join(120)
