@@ -184,6 +184,7 @@ class Fixture:
         self.signed = DiskStore(root / "signed", signing_key="bench-signing-key-0123456789")
         self.raw = diskcache.Cache(str(root / "raw"), **CACHE_SETTINGS)
         self.memory = MemoryStore()
+        self.replay_records: list[bytes] = []  # the stored bytes of the DiskStore replays
         self.body_calls = 0
         self._next = 0  # fresh keys for first calls: never reused, so each is a real first call
 
@@ -232,6 +233,7 @@ def disk_pairs(fx: Fixture) -> list[Pair]:
         key = replay_small.key_for(i)
         raw.set(key, store.cache.get(key), expire=TTL)
         replay_keys.append(key)
+        fx.replay_records.append(store.cache.get(key))
 
     # The bytes a first call writes: its claim (read from inside the body), then its outcome.
     seen: list[bytes] = []
@@ -373,6 +375,40 @@ def memory_pairs(fx: Fixture) -> list[Pair]:
             "first call, MemoryStore", idemfn_first, dict_insert_update, "dict insert+update", None
         ),
     ]
+
+
+def checksum_cost(fx: Fixture, pairs: list[Pair], rounds: int, round_ns: float) -> dict[str, Any]:
+    """What the record checksum (issue 14) costs: the check ``decode`` runs on every record it
+    reads, over the replayed records' bytes and over a 1 MiB record, timed alone in rounds."""
+    import zlib
+
+    from idemfn._record import _RESIDUE, _checksum
+
+    def check(records: list[bytes]) -> Runner:
+        def run(n: int) -> int:
+            batch = [records[i % len(records)] for i in range(n)]
+            crc32, residue = zlib.crc32, _RESIDUE
+            t0 = clock()
+            for data in batch:  # as decode checks it
+                crc32(data) != residue  # noqa: B015
+            return clock() - t0
+
+        return run
+
+    mib = os.urandom(1 << 20)
+    us = {}
+    for name, records in (("replay", fx.replay_records), ("1 MiB", [mib + _checksum(mib)])):
+        run = check(records)
+        n = calibrate(run, round_ns)
+        us[name] = statistics.median(timed_round(run, n) for _ in range(rounds)) / 1000
+    replay = next(p for p in pairs if p.name == "replay, DiskStore").idemfn_us
+    size = statistics.median(len(r) for r in fx.replay_records)
+    print(
+        f"\nRecord checksum (CRC-32, checked before a record is decoded): {us['replay']:.2f} us"
+        f" per replay of a {size:.0f}-byte record ({100 * us['replay'] / replay:.1f}% of the"
+        f" DiskStore replay); {us['1 MiB'] / 1000:.2f} ms per MiB"
+    )
+    return {"replay_us": us["replay"], "record_bytes": size, "per_mib_us": us["1 MiB"]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -782,6 +818,7 @@ def main(argv: list[str] | None = None) -> int:
             for p in pairs:
                 p.measure(rounds, round_ns)
             print_table(pairs, rounds)
+            checksum = checksum_cost(fx, pairs, rounds, round_ns)
             profile = profile_replay(fx, rounds, round_ns) if args.profile else None
 
             memory_started = time.perf_counter()
@@ -812,6 +849,7 @@ def main(argv: list[str] | None = None) -> int:
                 "clock": args.clock,
             },
             "benchmarks": [p.as_json() for p in pairs],
+            "record_checksum": checksum,
             "memory": [m.as_json() for m in memory],
             "threads": {"before": threads_before, "after": threads_after, "names": names},
             "memory_ok": memory_ok,

@@ -83,7 +83,7 @@ def test_a_version_1_record_is_still_read(tmp_path: Path) -> None:
 
     body()
     entry = store.get("old:k")
-    assert entry is not None and FORMAT_VERSION == 2
+    assert entry is not None and FORMAT_VERSION == 3
     fields = marshal.loads(encode(entry))
     version_1 = marshal.dumps((1, *fields[1:-1]), 4)  # as idemfn wrote it before lease_mono
     assert decode(version_1) == entry._replace(lease_mono=None)
