@@ -33,9 +33,11 @@ from __future__ import annotations
 import builtins
 import contextlib
 import copyreg
+import decimal
 import json
 import pickle
 import re
+import secrets
 import sys
 import threading
 import traceback as tb_module
@@ -567,8 +569,67 @@ def _check_exact(value: object) -> None:
             stack.extend(item)  # type: ignore[arg-type]
 
 
+# JSON writes ints as decimal text, and Python limits the digits it converts per process
+# (sys.set_int_max_str_digits, PYTHONINTMAXSTRDIGITS: 4300 by default, 640 at the lowest, 0 for
+# none). A record crosses processes: a 5,000-digit int one process wrote failed to load in
+# another with the default limit (issue 14). So ints are written and read here whatever the
+# limit, through decimal.Decimal, which converts without one; and only when json itself
+# refused, so the usual value keeps json's C path both ways. (The limit guards against text
+# whose conversion takes quadratic time; records are written by idemfn, or by someone who can
+# write the store, who can do worse than make a replay slow.)
+_SHORT_INT_BITS = 2000  # at most 603 digits: under every limit (640 at the lowest)
+
+
+def _json_text(value: object) -> str:
+    """``json.dumps(value)``, with ints of any length whatever this process's digit limit."""
+    try:
+        return json.dumps(value, ensure_ascii=False)  # raises on a cycle, a set...
+    except ValueError:
+        pass  # an int over this process's digit limit (or a cycle: found again below)
+    # Each long int becomes a string no value can hold (a random token), replaced by its
+    # digits once json has written the rest.
+    longs: list[int] = []
+    token = f"idemfn-int-{secrets.token_hex(16)}-"
+    text = json.dumps(_with_tokens(value, longs, token, set()), ensure_ascii=False)
+    return re.sub(f'"{token}([0-9]+)"', lambda m: str(decimal.Decimal(longs[int(m[1])])), text)
+
+
+def _with_tokens(value: object, longs: list[int], token: str, open_: set[int]) -> object:
+    """``value`` with each long int replaced by ``token`` and its index in ``longs``."""
+    if type(value) is int:
+        if value.bit_length() <= _SHORT_INT_BITS:
+            return value
+        longs.append(value)
+        return f"{token}{len(longs) - 1}"
+    if type(value) is not dict and type(value) is not list and type(value) is not tuple:
+        return value  # json writes it, or says why not
+    if id(value) in open_:
+        raise ValueError("Circular reference detected")  # json's own words
+    open_.add(id(value))
+    try:
+        if type(value) is dict:
+            return {k: _with_tokens(v, longs, token, open_) for k, v in value.items()}
+        return [_with_tokens(v, longs, token, open_) for v in value]
+    finally:
+        open_.discard(id(value))
+
+
+def _json_value(text: bytes) -> Any:
+    """``json.loads(text)``, with ints of any length whatever this process's digit limit."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except ValueError:  # an int over this process's digit limit: the only other ValueError
+        return json.loads(text, parse_int=_long_int)
+
+
+def _long_int(digits: str) -> int:
+    return int(decimal.Decimal(digits))
+
+
 def _builtin_exception(payload: bytes) -> BaseException:
-    name, args = json.loads(payload[len(_JSON_ERROR) :])
+    name, args = _json_value(payload[len(_JSON_ERROR) :])
     kind = _BUILTIN_EXCEPTIONS.get(name) if isinstance(name, str) else None
     if kind is None or not isinstance(args, list):
         raise ValueError(f"{name!r} is not a builtin exception")
@@ -603,7 +664,7 @@ class Serializer:
             return dump_value(value)
         if codec is json:
             try:
-                text = json.dumps(value, ensure_ascii=False)  # raises on a cycle, a set...
+                text = _json_text(value)  # raises on a cycle, a set...
                 _check_exact(value)
             except (TypeError, ValueError) as exc:
                 raise TypeError(
@@ -642,7 +703,7 @@ class Serializer:
             return pickle.loads(payload)
         tag = payload[:2]
         if tag == _JSON_VALUE:
-            return json.loads(payload[2:])
+            return _json_value(payload[2:])
         if tag == _JSON_ERROR:
             return _builtin_exception(payload)
         if tag == _CUSTOM and self._codec is not None and self._codec is not json:

@@ -56,6 +56,10 @@ def test_json_replays_tuples_as_lists(make: Make) -> None:
     assert fn(1) == {"pair": [1, 2]}  # JSON has no tuples (documented)
 
 
+_CYCLE: list[object] = []
+_CYCLE.append(_CYCLE)
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [
@@ -64,8 +68,21 @@ def test_json_replays_tuples_as_lists(make: Make) -> None:
         ({(1, 2): "a"}, r"keys must be str, int, float, bool or None, not tuple"),
         ({"when": {1, 2}}, r"Object of type set is not JSON serializable"),
         (Path("/tmp"), r"Object of type PosixPath is not JSON serializable"),
+        # Past the digit limit, ints are written another way, which still refuses the rest.
+        ([7**6000, _CYCLE], r"Circular reference detected"),
+        ([7**6000, {7**6000: 1}], r"cannot store it exactly"),
+        ([7**6000, {"when": {1, 2}}], r"Object of type set is not JSON serializable"),
     ],
-    ids=["int key", "nested None key", "tuple key", "set", "path"],
+    ids=[
+        "int key",
+        "nested None key",
+        "tuple key",
+        "set",
+        "path",
+        "long int and a cycle",
+        "long int key",
+        "long int and a set",
+    ],
 )
 def test_a_value_json_cannot_replay_exactly_halts_the_key(
     make: Make, value: object, message: str
@@ -326,3 +343,72 @@ def test_json_halts_a_subclass_or_a_cycle_instead_of_replaying_it_wrong(
         with pytest.raises(Halted, match=message) as halted:
             fn(1)
         assert "serializer='json' cannot store it exactly" in str(halted.value)
+
+
+# A JSON record crosses processes whose int digit limits differ (issue 14): a 5,000-digit int
+# recorded where PYTHONINTMAXSTRDIGITS=0 was a StoreError where the default (4,300) holds, and
+# a process with the default limit refused to record it at all.
+_LONG_INT_SCRIPT = """
+import sys
+from idemfn import DiskStore, Halted, idempotent
+
+store = DiskStore(sys.argv[1])
+n = 7 ** 6000  # 5,071 digits
+value = {"n": n, "more": [-n, 1, True, None, (n,)], "idemfn-int-0": "idemfn-int-0", "s": 5}
+runs = []
+
+@idempotent(key="v", name="long", store=store, serializer="json")
+def returns():
+    runs.append("value")
+    return value
+
+@idempotent(key="e", name="long", store=store, serializer="json")
+def raises():
+    runs.append("exception")
+    raise ValueError(n, "declined")
+
+got = returns()
+expected = {"n": n, "more": [-n, 1, True, None, [n]], "idemfn-int-0": "idemfn-int-0", "s": 5}
+try:
+    raises()
+except ValueError as exc:
+    raised = "ValueError " + str(exc.args == (n, "declined"))
+except Halted as exc:
+    raised = "Halted"
+print(",".join(runs), got in (value, expected), raised, sys.get_int_max_str_digits())
+"""
+
+
+def _run_with_digit_limit(script: Path, store: Path, limit: str | None) -> list[str]:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env.pop("PYTHONINTMAXSTRDIGITS", None)
+    if limit is not None:
+        env["PYTHONINTMAXSTRDIGITS"] = limit
+    done = subprocess.run(
+        [sys.executable, str(script), str(store)], env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.split()
+
+
+@pytest.mark.parametrize(
+    ("writer", "reader"), [("0", None), (None, "0"), ("0", "640"), (None, "640")]
+)
+def test_a_long_int_recorded_as_json_replays_whatever_each_process_limits(
+    tmp_path: Path, writer: str | None, reader: str | None
+) -> None:
+    script = tmp_path / "long_int.py"
+    script.write_text(_LONG_INT_SCRIPT)
+    default = "4300"
+    wrote = _run_with_digit_limit(script, tmp_path / "store", writer)
+    assert wrote == ["value,exception", "True", "ValueError", "True", writer or default]
+    read = _run_with_digit_limit(script, tmp_path / "store", reader)
+    # A value is recorded whatever the writer's limit. An exception is recorded as itself where
+    # its message can be made (str() of a long int obeys the limit), else it replays as Halted.
+    replayed = ["ValueError", "True"] if writer == "0" else ["Halted"]
+    assert read == ["True", *replayed, reader or default]  # nothing ran: both replayed
