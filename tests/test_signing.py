@@ -135,6 +135,32 @@ def test_one_flipped_byte_or_a_copied_record_fails_the_check(signed: Store) -> N
         same_place(signed).get("shop:a")
 
 
+def test_a_signed_record_is_bound_to_its_key_and_signing_key_not_to_its_store(
+    signed: Store, kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    # Decided in issue 14: a directory moved or restored from a backup, a Redis prefix or a
+    # table renamed, must keep replaying its records, so a record does not name its store.
+    # Stores that must not accept each other's records get a signing key each.
+    runs: list[str] = []
+    charger(signed, runs)("a")
+    record = stored_bytes(signed, "shop:a")
+    elsewhere = {
+        "same key": make_store(kind, tmp_path / "moved", request, signing_key=KEY),
+        "own key": make_store(kind, tmp_path / "apart", request, signing_key=OTHER_KEY),
+    }
+    for store in elsewhere.values():  # the copy goes where a record of the key already is
+        now = store.time()
+        store.claim(Entry("shop:a", "processing", "", "elsewhere/0.0/1/1", "t", 1, now,
+                          lease_until=now + 60, ttl=60.0))  # fmt: skip
+        overwrite(store, "shop:a", record)
+    assert charger(elsewhere["same key"], runs)("a") == "charged a"  # replayed, not run
+    with pytest.raises(TamperedRecord, match="'shop:a' failed its signature check"):
+        charger(elsewhere["own key"], runs)("a")
+    assert runs == ["a"]
+    for store in elsewhere.values():
+        store.close()
+
+
 def test_keys_rotate_the_first_signs_and_every_key_verifies(
     signed: Store, tmp_path: Path
 ) -> None:
