@@ -173,40 +173,30 @@ def encode(entry: Entry) -> bytes:
     return body + _checksum(body)
 
 
+# The first bytes of a record of this version: a tuple of 18 (a one-byte length), then the
+# version, an int (four bytes); marshal may set FLAG_REF on either type code.
+_HEADS = frozenset(
+    bytes((kind, _FIELDS + 1, number)) + FORMAT_VERSION.to_bytes(4, "little")
+    for kind in (_SMALL_TUPLE, _SMALL_TUPLE | 0x80)
+    for number in (_INT, _INT | 0x80)
+)
+
+
 def decode(data: bytes) -> Entry:
     """Rebuild an entry; raise ``ValueError`` for bytes that are not a record of this version,
     or whose checksum does not match (nothing in them is loaded then)."""
-    # A record is a tuple of 17 or 18 fields (a one-byte length) whose first is the version,
-    # an int (marshal's TYPE_INT and 4 bytes). Checked before marshal sees it: five corrupt
-    # bytes claiming a tuple of a billion slots make marshal allocate gigabytes before it
-    # notices the data is short (found by fuzzing, issue 13).
-    if (
-        len(data) < 7
-        or data[0] & 0x7F != _SMALL_TUPLE
-        or not _FIELDS <= data[1] <= _FIELDS + 1
-        or data[2] & 0x7F != _INT
-    ):
-        raise ValueError("not an idemfn record (wrong layout)")
-    version = int.from_bytes(data[3:7], "little", signed=True)
-    if version == FORMAT_VERSION:
+    if data[:7] in _HEADS:
         if zlib.crc32(data) != _RESIDUE:  # (zlib lets other threads run over a large record)
             raise ValueError(
                 "its checksum does not match its bytes: the record was damaged after it was"
                 " written"
             )
-        if data[1] != _FIELDS + 1:  # (a forger can compute a checksum too)
-            raise ValueError("not an idemfn record (wrong layout)")
         try:
             fields = marshal.loads(data)  # it stops at the checksum: no copy of the record
-        except (EOFError, ValueError, TypeError) as exc:
+        except (EOFError, ValueError, TypeError) as exc:  # (a forger can compute a CRC too)
             raise ValueError(f"not an idemfn record ({exc})") from None
-    elif version == 1 or version == 2:
-        fields = _legacy(data, version)
     else:
-        raise ValueError(
-            f"record format version {version}; this idemfn reads versions 1 to {FORMAT_VERSION}"
-            " (a newer idemfn wrote it, or it is damaged)"
-        )
+        fields = _older(data)
     if type(fields) is not tuple or len(fields) != _FIELDS + 1:
         raise ValueError("not an idemfn record (wrong layout)")
     entry = Entry._make(fields[1:])
@@ -224,6 +214,30 @@ def decode(data: bytes) -> Entry:
 # a damaged version 3 record from passing as an old one (a flipped bit turns version 3 into 2
 # or 1, but its checksum still follows the tuple), and keeps nested containers, and so every
 # huge size claimed inside one, away from marshal.
+
+
+def _older(data: bytes) -> object:
+    """The fields of a record that is not of this version: of version 1 or 2, else an error
+    saying what it is."""
+    # Its header is checked before marshal sees it: five corrupt bytes claiming a tuple of a
+    # billion slots made marshal allocate gigabytes before it noticed the data was short
+    # (found by fuzzing, issue 13).
+    if (
+        len(data) < 7
+        or data[0] & 0x7F != _SMALL_TUPLE
+        or not _FIELDS <= data[1] <= _FIELDS + 1
+        or data[2] & 0x7F != _INT
+    ):
+        raise ValueError("not an idemfn record (wrong layout)")
+    version = int.from_bytes(data[3:7], "little", signed=True)
+    if version in (1, 2):
+        return _legacy(data, version)
+    if version == FORMAT_VERSION:  # with the wrong number of fields
+        raise ValueError("not an idemfn record (wrong layout)")
+    raise ValueError(
+        f"record format version {version}; this idemfn reads versions 1 to {FORMAT_VERSION}"
+        " (a newer idemfn wrote it, or it is damaged)"
+    )
 
 
 def _legacy(data: bytes, version: int) -> object:
