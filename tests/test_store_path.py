@@ -139,10 +139,15 @@ def _shell_as(uid: int, gid: int, script: str) -> subprocess.CompletedProcess[st
 
 
 def _attacked(
-    uid: int, gid: int, path: Path, attack: str, attacker: int
+    uid: int,
+    gid: int,
+    path: Path,
+    attack: str,
+    attacker: int,
+    before: Callable[[], object] = lambda: None,
 ) -> tuple[str, str, subprocess.CompletedProcess[str]]:
     """What the victim's two uses of ``path`` give, and how ``attack`` went, run as
-    ``attacker`` between them."""
+    ``attacker`` between them (after ``before``, run as root)."""
     go = FORK.Event()
     answers, out = FORK.Pipe(duplex=False)
     victim = FORK.Process(target=_victim, args=(uid, gid, path, go, out))
@@ -150,6 +155,7 @@ def _attacked(
     try:
         assert answers.poll(TIMEOUT)
         first = answers.recv()
+        before()
         done = _shell_as(attacker, attacker, attack)
         go.set()
         assert answers.poll(TIMEOUT)
@@ -244,6 +250,67 @@ def test_a_path_only_its_user_and_root_can_change_is_used(shared: Path) -> None:
     first, second, done = _attacked(victim, victim_gid, path, attack, attacker)
     assert done.returncode != 0, "the sticky bit: only the link's owner may replace it"
     assert first == second == 'value "the victim\'s own"'
+
+
+@as_root
+def test_a_store_removed_under_a_running_process_is_not_replaced_by_another_users(
+    shared: Path,
+) -> None:
+    """Root's tmp cleaner removes an idle store from a sticky directory while a process still
+    uses it; another user makes a directory of theirs in its place. A new thread of that
+    process opens a new connection by the same path: the way is checked again then, and
+    the directory that is there now refused, as a new store would refuse it."""
+    victim, victim_gid = _account("idemfn-victim")
+    attacker, attacker_gid = _account("idemfn-attacker")
+    marks = _owned(shared / "marks", 0, 0, 0o1777)
+    lair = _owned(shared / "attacker", attacker, attacker_gid, 0o755)
+    forged = _owned(lair / "forged", attacker, attacker_gid)
+    _in_child(_forge, attacker, attacker_gid, forged, marks)
+    sticky = _owned(shared / "sticky", 0, 0, 0o1777)
+    path = sticky / "store"  # made by the victim's first use
+
+    def cleaner() -> None:
+        shutil.rmtree(path)
+
+    attack = f"mv -T {forged} {path}"
+    first, second, done = _attacked(victim, victim_gid, path, attack, attacker, cleaner)
+    assert done.returncode == 0, done.stderr  # the attacker could do it
+    assert first == 'value "the victim\'s own"'
+    assert not (marks / f"ran-as-{victim}").exists(), second
+    assert second.startswith("refused "), second
+    assert f"{path} is owned by uid {attacker}, in {sticky}" in second
+
+
+def test_a_new_thread_opens_the_store_only_where_it_was_checked(tmp_path: Path) -> None:
+    """Each new thread's connection checks the way again: a store directory removed since
+    is not made again behind the store's back, and one that is no longer private is refused."""
+    store = DiskStore(tmp_path / "store")
+    read = idempotent(key="k", name="pinned", store=store)(lambda: "ran")
+    assert read() == "ran"
+
+    def in_thread() -> str:
+        seen: list[str] = []
+
+        def call() -> None:
+            try:
+                seen.append(f"value {read()!r}")
+            except StoreError as exc:
+                seen.append(f"refused {exc}")
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        thread.join(TIMEOUT)
+        return seen[0]
+
+    (tmp_path / "store").chmod(0o777)
+    assert re.search(r"store is writable by its group or others \(mode 0777\)", in_thread())
+    (tmp_path / "store").chmod(0o700)
+    assert in_thread() == "value 'ran'"
+    shutil.rmtree(tmp_path / "store")
+    assert f"{tmp_path}/store was removed since the store opened" in in_thread()
+    assert not (tmp_path / "store").exists()
+    store.close()  # the way out: opened again, and made again
+    assert read() == "ran"
 
 
 # -- the path is resolved once --------------------------------------------------------------------
@@ -423,3 +490,75 @@ def test_dot_dot_means_what_it_means_to_the_system(tmp_path: Path) -> None:
         fn(lambda: 1)()
         assert (tmp_path / f"t{name}" / "cache.db").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real", "t0", "t1"]
+
+
+# -- the directory opened is the directory checked ------------------------------------------------
+
+
+def _victim_once(uid: int, gid: int, path: str, env: dict[str, str], out: Any) -> None:
+    """As the victim, with ``env`` in its environment: one call through ``path``."""
+    _become(uid, gid)
+    os.environ.update(env)
+    charge = idempotent(key="k", name="attack", store=DiskStore(path))(lambda: "the victim's own")
+    try:
+        out.send(f"value {charge()!r}")
+    except StoreError as exc:
+        out.send(f"refused {exc}")
+
+
+@as_root
+def test_a_dollar_in_the_path_does_not_open_another_users_directory(shared: Path) -> None:
+    """diskcache expands ``$NAME`` in the directory it is given (os.path.expandvars): a store
+    named ``/tmp/idemfn-$USER`` was checked as that literal directory (made 0700, ours) and
+    then opened as ``/tmp/idemfn-<user>``, which another user had made, holding their record."""
+    victim, victim_gid = _account("idemfn-victim")
+    attacker, attacker_gid = _account("idemfn-attacker")
+    marks = _owned(shared / "marks", 0, 0, 0o1777)
+    sticky = _owned(shared / "sticky", 0, 0, 0o1777)
+    forged = _owned(sticky / "idemfn-idemfn-victim", attacker, attacker_gid)
+    _in_child(_forge, attacker, attacker_gid, forged, marks)
+
+    answers, out = FORK.Pipe(duplex=False)
+    path = f"{sticky}/idemfn-$USER"
+    _in_child(_victim_once, victim, victim_gid, path, {"USER": "idemfn-victim"}, out)
+    assert answers.poll(TIMEOUT)
+    answer = answers.recv()
+    assert not (marks / f"ran-as-{victim}").exists(), answer
+    assert answer.startswith("refused "), answer
+    assert f"{path} holds $USER" in answer, answer
+    assert not Path(path).exists()  # refused before anything was made
+
+
+def test_the_store_opens_no_directory_but_the_one_it_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``$NAME`` (or ``${NAME}``) of a set environment variable, in the path given or in a
+    link on the way, would make diskcache open (and, under umask 000, make others-writable)
+    directories that were never checked: refused, naming the variable and the way out. One
+    that names no set variable is a name like any other."""
+    monkeypatch.setenv("IDEMFN_TEST_ELSEWHERE", "made/by/diskcache")
+    monkeypatch.delenv("IDEMFN_TEST_UNSET", raising=False)
+    (tmp_path / "link").symlink_to(tmp_path / "${IDEMFN_TEST_ELSEWHERE}")
+    for given, named in [
+        (f"{tmp_path}/$IDEMFN_TEST_ELSEWHERE", "$IDEMFN_TEST_ELSEWHERE"),
+        (f"{tmp_path}/link", "${IDEMFN_TEST_ELSEWHERE}"),
+    ]:
+        for trusted in (False, True):
+            store = DiskStore(given, trust_directory=trusted)
+            old = os.umask(0)
+            try:
+                with pytest.raises(StoreError, match=re.escape(named)) as caught:
+                    _record_in(store)
+            finally:
+                os.umask(old)
+            assert repr(store) in str(caught.value) and "os.path.expandvars" in str(caught.value)
+            assert not (tmp_path / "made").exists()  # nothing made where it was not checked
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link"]
+
+    literal = tmp_path / "$IDEMFN_TEST_UNSET"
+    _record_in(DiskStore(literal))
+    assert (literal / "cache.db").is_file()
+
+
+def _record_in(store: DiskStore) -> None:
+    idempotent(key="k", name="dollar", store=store)(lambda: 1)()

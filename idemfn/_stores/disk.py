@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import sqlite3
 import stat
 import threading
@@ -51,6 +52,8 @@ _SWAP = (
     " mode = 1, filename = NULL, value = ? WHERE key = ? AND raw = 1 AND tag = ?"
 )
 _RELEASE = "DELETE FROM Cache WHERE key = ? AND raw = 1 AND tag = ?"
+# What os.path.expandvars replaces (posixpath's own pattern), when the variable is set.
+_VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})", re.ASCII)
 _MAX_LINKS = 40  # links followed on the way to a store, as Linux's MAXSYMLINKS
 #: Set to 1 to trust store directories that fail the ownership check (see DiskStore).
 TRUST_ENV_VAR = "IDEMFN_TRUST_DIRECTORY"
@@ -205,15 +208,24 @@ class DiskStore(Store):
             return self._local.execute  # type: ignore[no-any-return]
         except AttributeError:
             pass  # opened below, outside the handler: an error opening it chains nothing
-        execute = self._local.execute = self.cache._con.execute
+        cache = self.cache
+        if not self.trust_directory:
+            # A new connection opens the directory by path again: checked again, as when the
+            # store opened. (Issue 14: after a tmp cleaner removed an idle store in /tmp,
+            # another user made one of theirs in its place, and a new thread unpickled it.)
+            where = cache.directory
+            if self._resolve(where, make=False) != where:
+                self._refuse_way(f"{where} now leads elsewhere than when the store opened")
+        execute = self._local.execute = cache._con.execute
         return execute  # type: ignore[no-any-return]
 
     def _open(self) -> diskcache.Cache:
         # The way to the directory is resolved and checked when the store first opens; every
-        # connection then opens the result. Opened again (after close(), or in a forked child),
-        # the store walks that resolved path, which still leads to the same directory: only
-        # this user or root could have changed it.
-        where = self._pinned = self._resolve(self._pinned or str(self.directory))
+        # connection then opens the result, checked again first (see _sql). Opened again
+        # (after close(), or in a forked child), the store walks and checks that resolved path.
+        where = self._resolve(self._pinned or str(self.directory))
+        self._refuse_expansion(where)
+        self._pinned = where
         try:
             # A trusted directory is shared on purpose: its modes are its owner's to set.
             private = not self.trust_directory
@@ -262,7 +274,7 @@ class DiskStore(Store):
             )
         return cache
 
-    def _resolve(self, path: str) -> str:
+    def _resolve(self, path: str, *, make: bool = True) -> str:
         """``path`` with every symbolic link resolved and each missing directory created
         ``0700`` (whatever the umask); unless the store is trusted, checked on the way.
 
@@ -274,6 +286,7 @@ class DiskStore(Store):
         this user's, written by nobody else. (Issue 14: a link in /tmp that its owner
         re-pointed after the check made a new thread in another user's process unpickle a
         record of theirs.) Like ssh's check of ~/.ssh, plus the sticky directories of /tmp.
+        Without ``make``, a missing directory is an error: it was there when the store opened.
         """
         check = not self.trust_directory
         me = os.geteuid()
@@ -312,6 +325,14 @@ class DiskStore(Store):
                 if skip:  # left again by a later "..": not made (as os.path.realpath)
                     del todo[len(todo) - skip :]
                     continue
+                if not make:
+                    raise self.error(
+                        "open the store for",
+                        str(self.directory),
+                        f"{here} was removed since the store opened. close() the store to make"
+                        " it again",
+                    )
+                self._refuse_expansion(here)  # before it is made, not after
                 info = self._make(here)
             if check and shared and info.st_uid not in (me, 0):
                 self._refuse_way(
@@ -343,6 +364,25 @@ class DiskStore(Store):
         if check:
             self._refuse_unless_private(where, info, me)
         return where
+
+    def _refuse_expansion(self, where: str) -> None:
+        """Refuse a directory that diskcache would not open as named: it passes its directory
+        through ``os.path.expandvars``, so a ``$NAME`` or ``${NAME}`` of a variable set in the
+        environment made it open (and create, with the umask's modes) a directory that was
+        never checked (issue 14: ``/tmp/idemfn-$USER``, made and checked as named, then opened
+        as another user's ``/tmp/idemfn-ada``). Trusted stores too: nobody named that one."""
+        if os.path.expandvars(where) == where:
+            return
+        found = [match.group(0) for match in _VARIABLE.finditer(where)]
+        names = [name for name in found if os.path.expandvars(name) != name]
+        raise self.error(
+            "open the store for",
+            str(self.directory),
+            f"{where} holds {', '.join(names)}, which diskcache would replace with the"
+            " environment variable's value, opening another directory than this one. Name the"
+            " store by a path without it (expand it first with os.path.expandvars if that is"
+            " what was meant), or rename the directory",
+        )
 
     def _lstat(self, here: str) -> os.stat_result | None:
         """``here``, not followed if a link; None if missing."""
@@ -490,9 +530,9 @@ class DiskStore(Store):
     def delete(self, key: str, token: str | None = None) -> bool:
         with _gate:
             try:
-                cache = self.cache
-                with cache.transact(retry=True):
-                    row = self._sql(_GET, (key,)).fetchone()
+                sql = self._sql  # before transact: a new thread's connection is checked first
+                with self.cache.transact(retry=True):
+                    row = sql(_GET, (key,)).fetchone()
                     if row is None:
                         return False
                     try:
