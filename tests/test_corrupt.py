@@ -310,7 +310,7 @@ def test_a_damaged_record_never_passes_for_one_from_before_the_checksum() -> Non
         decode(version_2 + b"\x00")
 
 
-def _page_of(db: bytes, records: list[bytes]) -> range:
+def _page_of(db: bytes, records: list[bytes]) -> tuple[range, range]:
     """The bytes of the SQLite b-tree page that holds ``records``: its header and cell pointer
     array, and its cells (the free space between them holds nothing)."""
     page_size = int.from_bytes(db[16:18], "big")
@@ -326,6 +326,9 @@ def _page_of(db: bytes, records: list[bytes]) -> range:
 def test_a_flipped_bit_in_the_sqlite_page_of_the_records_never_replays_a_wrong_value(
     tmp_path: Path,
 ) -> None:
+    # The page that holds the records' rows: every flip there is refused or harmless. (A flip
+    # in the key index, another page, can hide a row: the key then looks unrecorded and runs
+    # again, a lost record, which no check inside the record can see.)
     original = DiskStore(tmp_path / "original")
     runs: list[str] = []
     recorded = {what: outcome() for what, outcome in _recorders(original, runs).items()}
