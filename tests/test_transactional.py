@@ -445,3 +445,27 @@ def test_prune_removes_the_lease_rows_no_live_claim_holds(
     store.prune()
     assert _lease_rows(store) == [("gone", "just-renewed"), ("live", live.token)]
     live.release()
+
+
+def test_a_renewal_keeps_a_claim_alive_on_its_machine_whatever_the_servers_wall_clock(
+    postgres_server: PostgresServer, store: PostgresStore, table: str
+) -> None:
+    # The server's wall clock was set back an hour after this process last read it (every
+    # RESYNC seconds): a renewal ends earlier by the server's clock than the claim's own lease.
+    # A judge on the owner's machine goes by the lease clock, on which the renewal ends later:
+    # the owner is alive. (Each end is the later of the two, each on its own clock.)
+    claim = idemfn.begin("k", store=store, policy=Policy(lease=300))
+    assert isinstance(claim, Claim)
+    claimed = claim.entry
+    assert claimed.lease_mono is not None
+    now = "extract(epoch from clock_timestamp())"
+    store._sql["renew"] = store._sql["renew"].replace(now, f"({now} - 3600)")
+    renewed = store.renew(claimed, 600)
+    assert renewed is not None and renewed.lease_mono is not None
+    assert renewed.lease_until < claimed.lease_until  # type: ignore[operator]
+    at = claimed.lease_mono + 150  # past the claim's own lease, well within its renewal's
+    assert at < renewed.lease_mono
+    seen = store.get("k")
+    assert seen is not None and seen.lease_mono == renewed.lease_mono
+    assert _judge(postgres_server, table, 300, {"k": at}) == {"k": "alive"}
+    claim.release()

@@ -584,13 +584,18 @@ def _leases_table(table: str) -> str:
 
 
 def _renewed(entry: Entry, until: float | None, mono: float | None) -> Entry:
-    """``entry`` with the lease of its live claim's lease row (``until``, ``mono``; None: no
-    renewal since the row was written), whichever runs out later."""
-    if until is None or (entry.lease_until is not None and entry.lease_until >= until):
+    """``entry`` with the lease of its live claim's lease row (``until``, ``mono``): each end the
+    later of the two, each on its own clock. ``until`` (the server's clock) judges the owner
+    from other machines, ``mono`` (its machine's lease clock) on its own: a server clock set
+    back since the claim must not hide a renewal from the judges of the owner's machine."""
+    later_until = until is not None and (entry.lease_until is None or until > entry.lease_until)
+    later_mono = mono is not None and (entry.lease_mono is None or mono > entry.lease_mono)
+    if not (later_until or later_mono):
         return entry
-    if mono is None or (entry.lease_mono is not None and entry.lease_mono > mono):
-        mono = entry.lease_mono
-    return entry._replace(lease_until=until, lease_mono=mono)
+    return entry._replace(
+        lease_until=until if later_until else entry.lease_until,
+        lease_mono=mono if later_mono else entry.lease_mono,
+    )
 
 
 def _statements(table: str, leases: str) -> dict[str, str]:
