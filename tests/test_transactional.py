@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import multiprocessing
 import subprocess
 import sys
 import threading
@@ -468,4 +469,44 @@ def test_a_renewal_keeps_a_claim_alive_on_its_machine_whatever_the_servers_wall_
     seen = store.get("k")
     assert seen is not None and seen.lease_mono == renewed.lease_mono
     assert _judge(postgres_server, table, 300, {"k": at}) == {"k": "alive"}
+    claim.release()
+
+
+def _use_and_close(store: PostgresStore) -> None:
+    """A forked worker's life: one call on the store, then close it."""
+    assert idempotent(key="child", store=store)(lambda: 1)() == 1
+    store.close()
+
+
+def test_a_child_forked_during_a_renewal_can_close_the_store(
+    store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The parent's renewal connection, and the lock a renewal holds on it, are not the child's:
+    # the child's close() waited for a renewal that runs only in its parent, forever.
+    claim = idemfn.begin("k", store=store, policy=Policy(lease=300))
+    assert isinstance(claim, Claim)
+    entered, go_on = threading.Event(), threading.Event()
+    connect = store._connect_for_renewals
+
+    def connecting() -> Any:  # a renewal under way (connecting) when the process forks
+        entered.set()
+        assert go_on.wait(120)
+        return connect()
+
+    monkeypatch.setattr(store, "_connect_for_renewals", connecting)
+    renewal = threading.Thread(target=claim.renew)
+    renewal.start()
+    child = None
+    try:
+        assert entered.wait(60), "the renewal did not start"
+        child = multiprocessing.get_context("fork").Process(target=_use_and_close, args=(store,))
+        child.start()
+        child.join(60)
+        assert child.exitcode == 0, "the forked child did not close the store and exit"
+    finally:
+        if child is not None and child.exitcode is None:
+            child.kill()
+            child.join()
+        go_on.set()
+        renewal.join(60)
     claim.release()

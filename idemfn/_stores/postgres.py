@@ -487,9 +487,7 @@ class PostgresStore(Store):
         mono = _lease.clock() + lease
         params = {"key": entry.key, "token": entry.token, "lease": lease, "mono": mono}
         self._leased[entry.key] = entry.token
-        renewer = self._renewer
-        if renewer.pid != os.getpid():  # a forked child: its parent's connection is not its own
-            renewer = self._renewer = _Renewer()
+        renewer = self._renewer_here()
         with renewer.lock:
             try:
                 conn = renewer.conn
@@ -505,6 +503,15 @@ class PostgresStore(Store):
         if not rows:
             return None
         return entry._replace(lease_until=float(rows[0][0]), lease_mono=mono)
+
+    def _renewer_here(self) -> _Renewer:
+        """This process's renewer. A forked child makes its own: its parent's connection is
+        not its own, and the lock of a renewal its parent had under way when it forked stays
+        held in the child, where no thread will release it (its close() waited forever)."""
+        renewer = self._renewer
+        if renewer.pid != os.getpid():
+            renewer = self._renewer = _Renewer()
+        return renewer
 
     def _connect_for_renewals(self) -> psycopg.Connection[Any]:
         """A new connection, configured as the pool's, in READ COMMITTED transactions."""
@@ -572,8 +579,9 @@ class PostgresStore(Store):
             pool, self._pool, self._ready = self._pool, None, False
         if pool is not None and pool is not self._given_pool and self._pid == os.getpid():
             pool.close()
-        with self._renewer.lock:
-            self._renewer.drop()
+        renewer = self._renewer_here()
+        with renewer.lock:
+            renewer.drop()
 
 
 def _leases_table(table: str) -> str:
