@@ -5,8 +5,12 @@ index, connection strings and pools. (Every shared behaviour runs on PostgresSto
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -144,6 +148,107 @@ def test_a_silent_server_fails_within_connect_timeout_from_the_option_or_the_url
     assert PostgresStore(f"{silent}?connect_timeout=9", connect_timeout=3).connect_timeout == 3
     by_option.close()
     by_url.close()
+
+
+# A network of two namespaces joined by a veth link: this end (the store's), and the server's,
+# where a proxy passes TCP on to the test server's unix socket. Taking the server's end of the
+# link down makes the server vanish from the network: packets are dropped, nothing answers or
+# resets, as when a server's host or address goes away (a half-open connection).
+SERVER_SIDE = """\
+import socket, subprocess, sys, threading
+sockdir = sys.argv[1]
+sys.stdin.readline()  # its end of the link is here
+for cmd in ("ip link set lo up", "ip addr add 10.77.0.2/24 dev idemfn_b",
+            "ip link set idemfn_b up"):
+    subprocess.run(cmd.split(), check=True)
+listener = socket.create_server(("10.77.0.2", 5432))
+print("listening", flush=True)
+
+def pump(a, b):
+    try:
+        while data := a.recv(65536):
+            b.sendall(data)
+    except OSError:
+        pass
+
+while True:
+    conn, _ = listener.accept()
+    server = socket.socket(socket.AF_UNIX)
+    server.connect(sockdir + "/.s.PGSQL.5432")
+    threading.Thread(target=pump, args=(conn, server), daemon=True).start()
+    threading.Thread(target=pump, args=(server, conn), daemon=True).start()
+"""
+
+SILENCED = """\
+import json, os, subprocess, sys, threading, time
+import idemfn
+
+cfg = json.loads(sys.argv[1])
+def run(*cmd):
+    subprocess.run(cmd, check=True, capture_output=True)
+try:
+    run("ip", "link", "set", "lo", "up")
+    run("ip", "link", "add", "idemfn_a", "type", "veth", "peer", "name", "idemfn_b")
+except (OSError, subprocess.CalledProcessError) as exc:
+    print(json.dumps({"skip": f"no veth link: {exc}"}))
+    sys.exit(0)
+side = subprocess.Popen(["unshare", "-n", sys.executable, "-c", cfg["server_side"],
+                         cfg["sockdir"]], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+run("ip", "link", "set", "idemfn_b", "netns", str(side.pid))
+side.stdin.write("go\\n")
+side.stdin.flush()
+run("ip", "addr", "add", "10.77.0.1/24", "dev", "idemfn_a")
+run("ip", "link", "set", "idemfn_a", "up")
+assert side.stdout.readline().strip() == "listening"
+link = ["nsenter", "-t", str(side.pid), "-n", "ip", "link", "set", "idemfn_b"]
+
+store = idemfn.PostgresStore("host=10.77.0.2 port=5432 user=postgres dbname=postgres",
+                             table=cfg["table"])
+claim = idemfn.begin("k", store=store, policy=idemfn.Policy(lease=300))
+assert store.renew(claim.entry, 300) is not None  # the renewals' connection is open
+run(*link, "down")  # the server vanishes
+outcome = []
+def renew():
+    began = time.monotonic()
+    try:
+        store.renew(claim.entry, 300)
+        outcome.append("renewed")
+    except idemfn.StoreError as exc:
+        outcome.append(f"StoreError after {time.monotonic() - began:.0f} s")
+renewal = threading.Thread(target=renew, daemon=True)
+renewal.start()
+renewal.join(cfg["wait"])
+silent = outcome[0] if outcome else f"still waiting after {cfg['wait']} s"
+run(*link, "up")  # it is back: the next renewal connects again
+try:
+    after = "renewed" if store.renew(claim.entry, 300) is not None else "lost"
+except idemfn.StoreError as exc:
+    after = f"StoreError: {exc}"
+print(json.dumps({"silent": silent, "after": after}), flush=True)
+side.kill()
+os._exit(0)
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not all(shutil.which(c) for c in ("unshare", "nsenter", "ip")),
+    reason="needs root, unshare, nsenter and ip, for network namespaces",
+)
+def test_a_renewal_on_a_connection_gone_silent_gives_up_and_the_next_connects_again(
+    postgres_server: PostgresServer,
+) -> None:
+    # TCP alone keeps retransmitting to a vanished server for ~15 minutes, and the renewal
+    # waited as long, holding up every renewal of the store: its live claims' leases ran out.
+    cfg = {"server_side": SERVER_SIDE, "sockdir": str(postgres_server.socket_dir),
+           "table": f"t_{uuid.uuid4().hex}", "wait": 60}  # fmt: skip
+    done = subprocess.run(["unshare", "-n", sys.executable, "-c", SILENCED, json.dumps(cfg)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    if "skip" in result:
+        pytest.skip(result["skip"])
+    assert result["silent"].startswith("StoreError after"), result
+    assert result["after"] == "renewed", result
 
 
 @pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf"), True, "5"])

@@ -95,6 +95,16 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 #: the pool is in use (transactional bodies hold one each): psycopg_pool's default, as before.
 BUSY_POOL_WAIT = 30.0
 _MAX_CONNECTIONS = 16
+#: The renewals' connection gives up on a server that has gone silent (vanished from the
+#: network: its host down, its address moved, a half-open connection) within about 10 s, and
+#: the next renewal connects again: TCP's own retransmissions kept a renewal waiting ~15
+#: minutes, and every claim of the store unrenewed meanwhile. Keepalives find it gone while a
+#: renewal awaits its answer, tcp_user_timeout while its query goes unacknowledged. Each is
+#: libpq's parameter: a connection string (or a given pool's kwargs) that sets one keeps it.
+_RENEWAL_SILENCE = {
+    "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,  # milliseconds
+}  # fmt: skip
 
 
 class _Renewer:
@@ -520,12 +530,19 @@ class PostgresStore(Store):
         timeout = max(2, math.ceil(self.connect_timeout))  # libpq's: whole seconds, >= 2
         pool = self._given_pool
         if pool is None:
-            conn = psycopg.connect(self._dsn or "", connect_timeout=timeout)
+            conninfo, kwargs = self._dsn or "", {}
         else:  # the caller's pool: its connection string, arguments and configure callback
-            conninfo = pool.conninfo() if callable(pool.conninfo) else pool.conninfo
+            conninfo = (pool.conninfo() if callable(pool.conninfo) else pool.conninfo) or ""
             kwargs = dict((pool.kwargs() if callable(pool.kwargs) else pool.kwargs) or {})
-            kwargs["connect_timeout"] = timeout
-            conn = pool.connection_class.connect(conninfo or "", **kwargs)
+        given = psycopg.conninfo.conninfo_to_dict(conninfo).keys() | kwargs.keys()
+        if psycopg.pq.version() < 120000:  # a libpq before 12 refuses tcp_user_timeout
+            given |= {"tcp_user_timeout"}
+        kwargs |= {k: v for k, v in _RENEWAL_SILENCE.items() if k not in given}
+        kwargs["connect_timeout"] = timeout
+        if pool is None:
+            conn = psycopg.connect(conninfo, **kwargs)
+        else:
+            conn = pool.connection_class.connect(conninfo, **kwargs)
             configure = getattr(pool, "_configure", None)
             if configure is not None:
                 configure(conn)
