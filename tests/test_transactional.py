@@ -208,6 +208,43 @@ def test_a_commit_whose_answer_is_lost_but_that_committed_returns_the_value(
     assert "yet its ok record is there" in caplog.text
 
 
+@pytest.mark.parametrize("ending", ["ROLLBACK", "COMMIT", "a caught error"])
+def test_a_body_that_leaves_its_transaction_gets_no_ok_record_outside_it(
+    postgres_server: PostgresServer, store: PostgresStore, ending: str
+) -> None:
+    # The ok record commits with the body's writes or not at all. A body that ended the
+    # transaction (COMMIT or ROLLBACK on its connection) had the record written on its own,
+    # as if its writes had committed with it: after a ROLLBACK, a recorded value whose writes
+    # were gone. One whose transaction a caught error aborted got a StoreError, halted as
+    # idemfn's. Neither gets an ok record; each is told what went wrong, and the key halts.
+    ledger = _ledger(postgres_server, ", UNIQUE (order_id)")
+
+    @idempotent(key="{order_id}", store=store, transactional=True)
+    def charge(order_id: str) -> int:
+        conn = idemfn.current_connection()
+        conn.execute(f"INSERT INTO {ledger} VALUES (%s, 7)", (order_id,))
+        if ending == "a caught error":
+            with contextlib.suppress(UniqueViolation):
+                conn.execute(f"INSERT INTO {ledger} VALUES ('o-1', 7)")
+        else:
+            conn.execute(ending)
+        return 7
+
+    expected = (psycopg.errors.InFailedSqlTransaction if ending == "a caught error"
+                else psycopg.ProgrammingError)  # fmt: skip
+    with pytest.raises(expected) as info:
+        charge("o-7")
+    assert type(info.value) is expected
+    assert "savepoint" in str(info.value)
+    record = charge.status("o-7")
+    assert record is not None and record.status is Status.HALTED
+    assert record.exc_type == f"{expected.__module__}.{expected.__qualname__}"
+    committed = [("o-1", 1), ("o-7", 7)] if ending == "COMMIT" else [("o-1", 1)]
+    assert _rows(postgres_server, ledger) == committed
+    with pytest.raises(expected):  # a replay: the body does not run again
+        charge("o-7")
+
+
 # -- 3. A renewal never conflicts with the body's transaction ------------------------------
 
 

@@ -474,6 +474,7 @@ class PostgresStore(Store):
         ):
             # The ok record commits with the body's writes. Its lease row stays untouched: the
             # heartbeat may have renewed it after the transaction's snapshot was taken.
+            _still_in(current)
             current.fence = token
             return bool(self._run("update", key, self._sql["swap"], row, conn=current.conn) == 1)
         # A claim's lease row goes when the claim is taken over or rewritten (the entry written
@@ -599,6 +600,30 @@ class PostgresStore(Store):
         renewer = self._renewer_here()
         with renewer.lock:
             renewer.drop()
+
+
+def _still_in(current: _Transaction) -> None:
+    """Raise, as a database error of the body's, when the body left the transaction its ok record
+    is to be written in: ended it (COMMIT or ROLLBACK on its connection), or let an error it
+    caught abort it. Written anyway, the record would commit on its own (issue 14)."""
+    import psycopg
+
+    status = current.conn.info.transaction_status
+    status_of = psycopg.pq.TransactionStatus
+    if status == status_of.INERROR:
+        raise psycopg.errors.InFailedSqlTransaction(
+            f"the body of key {current.key!r} returned, but a database error it caught had"
+            " aborted its transaction: none of its writes commit, nor its ok record. To go on"
+            " after a statement that may fail, run it in a savepoint:"
+            " `with idemfn.current_connection().transaction(): ...`"
+        )
+    if status == status_of.IDLE:
+        raise psycopg.ProgrammingError(
+            f"the body of key {current.key!r} ended its transaction itself (COMMIT or ROLLBACK"
+            " on idemfn.current_connection()): its writes did not commit together with its ok"
+            " record, which is not written. idemfn commits the transaction when the body"
+            " returns; inside it, use a savepoint: `with conn.transaction(): ...`"
+        )
 
 
 def _leases_table(table: str) -> str:
