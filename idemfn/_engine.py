@@ -514,7 +514,8 @@ def run_in_transaction(
     ran, and what it did outside the database may have happened: the key is halted with that
     error, or released when it is in ``retry_on``, at once (issue 14: a failed COMMIT used to
     leave the key processing until its lease ran out). A transaction that cannot even start
-    releases the key: nothing ran. The error is raised as itself.
+    releases the key: nothing ran. The error is raised as itself. A body that returns a request
+    to run it again (an ``rq.Retry``) has its transaction rolled back, then its key released.
     """
     claim._transactional = True
     started = False
@@ -523,7 +524,15 @@ def run_in_transaction(
             with transaction:
                 started = True
                 value = body()
+                if returned_for_rerun(value):
+                    raise _RunAgain  # the task runs the body again: its writes must not stay
                 claim.complete(value)
+        except _RunAgain:
+            try:  # rolled back: as for retry_on, the key is released
+                claim.release()
+            except StoreError as problem:
+                _not_recorded(claim.key, problem, None)
+            return value
         except BaseException as exc:
             if not started:  # no transaction, no body: the next call runs it
                 try:
@@ -541,6 +550,11 @@ def run_in_transaction(
         heartbeat.discard(claim)  # committed: the outcome is recorded
         claim._uncommitted = False
     return value
+
+
+class _RunAgain(Exception):
+    """Rolls back the transaction of a body that returned a request to run it again (an
+    ``rq.Retry``): released, its key runs the body again, so its writes must not commit."""
 
 
 def _settle_uncommitted(claim: Claim, exc: BaseException) -> bool:

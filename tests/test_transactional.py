@@ -245,6 +245,28 @@ def test_a_body_that_leaves_its_transaction_gets_no_ok_record_outside_it(
         charge("o-7")
 
 
+def test_a_body_that_returns_rq_retry_rolls_its_writes_back(
+    postgres_server: PostgresServer, store: PostgresStore
+) -> None:
+    # A returned rq.Retry releases the key: the job runs the body again. Its writes committed
+    # all the same, and the next attempt wrote them again.
+    rq_job = pytest.importorskip("rq.job")
+    ledger = _ledger(postgres_server)
+    attempts: list[str] = []
+
+    @idempotent(key="{order_id}", store=store, transactional=True)
+    def job(order_id: str) -> object:
+        idemfn.current_connection().execute(f"INSERT INTO {ledger} VALUES (%s, 8)", (order_id,))
+        attempts.append(order_id)
+        return rq_job.Retry(max=3) if len(attempts) == 1 else 8
+
+    assert isinstance(job("o-8"), rq_job.Retry)
+    assert job.status("o-8") is None  # released: run again
+    assert _rows(postgres_server, ledger) == [("o-1", 1)]  # and nothing of it committed
+    assert job("o-8") == 8
+    assert _rows(postgres_server, ledger) == [("o-1", 1), ("o-8", 8)]
+
+
 # -- 3. A renewal never conflicts with the body's transaction ------------------------------
 
 
