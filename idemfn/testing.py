@@ -183,6 +183,27 @@ class StoreContract:
         store.prune()
         assert sorted(e.key for e in store.scan()) == ["kept", "running"]
 
+    def test_renew_extends_the_live_claim_for_every_reader_and_is_fenced(
+        self, store: Store
+    ) -> None:
+        # The heartbeat's renewal (Store.renew, a store's own where it overrides it): whoever
+        # judges the claim next, by any read, sees its new lease; only the live claim renews.
+        claimed = _processing(store, "k", "a", lease=30)
+        assert store.claim(claimed) is None
+        renewed = store.renew(claimed, 600)
+        assert renewed is not None and (renewed.key, renewed.token) == ("k", "a")
+        assert renewed.lease_until is not None and claimed.lease_until is not None
+        assert renewed.lease_until > claimed.lease_until + 500
+        seen = [store.get("k"), store.claim(_processing(store, "k", "b")), *store.scan("k")]
+        for entry in seen:
+            assert entry is not None and entry.token == "a"
+            assert entry.lease_until == renewed.lease_until
+        assert store.renew(claimed._replace(token="b"), 600) is None
+        assert store.swap("k", "a", _finished(store, "k", "a"))
+        assert store.renew(claimed, 600) is None  # finished: no longer a claim to renew
+        entry = store.get("k")
+        assert entry is not None and entry.status == "ok"
+
     # -- the behaviours, through @idempotent -------------------------------------------------
 
     def test_the_body_runs_once_and_later_calls_replay_fresh_copies(self, store: Store) -> None:
