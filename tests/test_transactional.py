@@ -267,6 +267,33 @@ def test_a_body_that_returns_rq_retry_rolls_its_writes_back(
     assert _rows(postgres_server, ledger) == [("o-1", 1), ("o-8", 8)]
 
 
+def test_a_nested_call_not_in_the_transaction_cannot_write_in_it(
+    postgres_server: PostgresServer, store: PostgresStore
+) -> None:
+    # A non-transactional idempotent call inside a transactional body got the outer body's
+    # connection from current_connection(): its writes rolled back with the outer body, its
+    # ok record (outside the transaction) stayed, and the next attempt replayed it without
+    # writing anything: the reservation was lost for good.
+    ledger = _ledger(postgres_server)
+
+    @idempotent(key="reserve:{order_id}", store=store)
+    def reserve(order_id: str) -> str:
+        with pytest.raises(RuntimeError, match=r"reserve:o-9.* not transactional"):
+            idemfn.current_connection()
+        return "reserved"
+
+    @idempotent(key="order:{order_id}", store=store, transactional=True)
+    def order(order_id: str) -> str:
+        conn = idemfn.current_connection()
+        outcome = reserve(order_id)
+        assert idemfn.current_connection() is conn  # the order's own body again
+        conn.execute(f"INSERT INTO {ledger} VALUES (%s, 9)", (order_id,))
+        return outcome
+
+    assert order("o-9") == "reserved"
+    assert _rows(postgres_server, ledger) == [("o-1", 1), ("o-9", 9)]
+
+
 # -- 3. A renewal never conflicts with the body's transaction ------------------------------
 
 

@@ -57,13 +57,18 @@ __all__ = ["PostgresStore", "current_connection"]
 class _Transaction:
     """The transaction of the transactional call running in this context."""
 
-    __slots__ = ("conn", "fence", "key", "store")
+    __slots__ = ("conn", "fence", "key", "running", "store")
 
     def __init__(self, store: PostgresStore, key: str, conn: Any) -> None:
+        from .._engine import _running  # (the engine imports the stores)
+
         self.store = store
         self.key = key
         self.conn = conn
         self.fence: str | None = None  # the claim token its ok record was written on
+        # The keys whose bodies run in this context as the body starts: one more later is an
+        # idempotent call nested in it, whose record is not written in this transaction.
+        self.running = _running.get()
 
 
 _transaction: contextvars.ContextVar[_Transaction | None] = contextvars.ContextVar(
@@ -82,6 +87,20 @@ def current_connection() -> psycopg.Connection[Any]:
         raise RuntimeError(
             "idemfn.current_connection() is only available inside the body of a function"
             " decorated with @idempotent(..., store=<PostgresStore>, transactional=True)"
+        )
+    from .._engine import _running
+
+    nested = _running.get() - current.running
+    if nested:
+        # Its writes would roll back with the outer body while its own ok record, written
+        # outside the transaction, stays: replayed later, with its writes gone (issue 14).
+        raise RuntimeError(
+            f"idemfn.current_connection() was called in the body of key"
+            f" {', '.join(map(repr, sorted(nested)))}, an idempotent call nested in the"
+            f" transactional body of key {current.key!r} but not transactional itself: its ok"
+            " record would not commit with its writes. Make it transactional=True (it then"
+            " runs in a transaction of its own), or call a plain function (its writes then"
+            " commit with the outer key's record)"
         )
     return current.conn  # type: ignore[no-any-return]
 
