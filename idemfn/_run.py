@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import selectors
 import shlex
 import signal
@@ -401,8 +402,11 @@ def _execute(
     argv: list[str],
     forwarder: _Forwarder,
     max_output: int,
-    replaced: str | None = None,
+    replaced: str | None,
+    settle: Callable[[CommandOutcome], None],
 ) -> CommandOutcome:
+    """Run the command and ``settle`` its outcome (record it) before letting go of it: until
+    then, a runner that dies takes down all the command started (see ``_Command``)."""
     env = dict(os.environ, IDEMFN_KEY=claim.key, IDEMFN_ATTEMPT=str(claim.attempt))
     _not_interrupted(forwarder, argv)
     if replaced is not None:
@@ -420,15 +424,17 @@ def _execute(
         chunks = _pump(command, _Streams(), lambda: interrupted.append(forwarder.first()))
         output, dropped = _record(chunks, max_output)
         returncode = command.wait()
-    received = interrupted[0] if interrupted else forwarder.first()
-    return {
-        "format": MARK,
-        "argv": argv,
-        "returncode": returncode,
-        "output": output,
-        "dropped": dropped,
-        "interrupted_by": received.name if received is not None else None,
-    }
+        received = interrupted[0] if interrupted else forwarder.first()
+        outcome: CommandOutcome = {
+            "format": MARK,
+            "argv": argv,
+            "returncode": returncode,
+            "output": output,
+            "dropped": dropped,
+            "interrupted_by": received.name if received is not None else None,
+        }
+        settle(outcome)
+    return outcome
 
 
 def _not_interrupted(forwarder: _Forwarder, argv: list[str]) -> None:
@@ -463,11 +469,15 @@ class _Command:
     """The running command, as the runner sees it.
 
     On Linux the runner starts a supervising process (``idemfn/_supervise.py``), which starts
-    the command when told to (``start``) and stands for it: it exits when the command does and
-    reports the command's status, it passes on the signals the runner writes to it, and when
-    the runner dies, even of SIGKILL, it kills every process the command started (issue 14:
-    ``PR_SET_PDEATHSIG`` reached only the command's own process). Elsewhere the command is the
-    runner's own child. Both share the runner's stdin, output pipes and process group.
+    the command when told to (``start``), passes on the signals the runner writes to it and
+    reports the command's status; when the runner dies, even of SIGKILL, before it is done
+    with the command (``__exit__``: its outcome recorded), it kills every process the command
+    started (issue 14: ``PR_SET_PDEATHSIG`` reached only the command's own process). It is in
+    a process group of its own, so that SIGKILL for the runner's group does not kill it too
+    (the command stays in the runner's group). The runner is a child subreaper as well:
+    should the supervisor be killed, what the command started comes to the runner, which
+    kills it (``_report``). Elsewhere the command is the runner's own child. Both share the
+    runner's stdin and output pipes.
     """
 
     def __init__(self, argv: list[str], env: dict[str, str], marker: str) -> None:
@@ -475,13 +485,21 @@ class _Command:
         self._ctl: int | None = None  # the control pipe's write end (supervised)
         self._status: int | None = None  # the status pipe's read end (supervised)
         self._reported = b""
+        self._ended: int | None = None  # the command's return code (supervised)
         script = _supervisor()
         self._supervised = script is not None
         if script is None:
             self._process = self._popen(argv, env)
             return
+        from . import _supervise
+
+        _supervise.become_subreaper()
         ctl_r, self._ctl = map(_above_stdio, os.pipe())
         self._status, status_w = map(_above_stdio, os.pipe())
+        # The supervisor starts with these blocked, until it ignores them: one sent to the
+        # runner's group while its interpreter starts killed it (exit 126 for a signal before
+        # the start). This thread's mask only: the runner's handler still sees them.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         try:
             self._process = self._popen(
                 [sys.executable, "-I", "-S", script, str(ctl_r), str(status_w), marker, "--",
@@ -490,6 +508,7 @@ class _Command:
             self._close()
             raise
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(ctl_r)
             os.close(status_w)
         os.set_blocking(self._ctl, False)  # written from a signal handler: never block there
@@ -518,11 +537,16 @@ class _Command:
 
     @property
     def returncode(self) -> int | None:
-        """Not None once the command (or its supervisor, which outlives it) has exited."""
-        return self._process.returncode
+        """Not None once the command is known to have exited (see ``poll``)."""
+        return self._ended if self._supervised else self._process.returncode
 
     def poll(self) -> int | None:
-        return self._process.poll()
+        """The command's return code if it has exited, else None."""
+        if not self._supervised:
+            return self._process.poll()
+        if self._ended is None:
+            self._report(block=False)
+        return self._ended
 
     def send_signal(self, sig: signal.Signals) -> None:
         if not self._supervised:
@@ -539,7 +563,7 @@ class _Command:
             return  # started by Popen
         with contextlib.suppress(OSError):  # (a supervisor that died says nothing: see below)
             os.write(self._ctl, b"\0")
-        line = self._line()
+        line = self._line() or ""
         if line == "S":
             return
         what, _, number = line.partition(" ")
@@ -560,10 +584,13 @@ class _Command:
             126,
         )
 
-    def _line(self) -> str:
-        """The next line the supervisor reports ("" when it exited without one)."""
+    def _line(self, block: bool = True) -> str | None:
+        """The next line the supervisor reports ("" when it exited without one; None when
+        none is there yet and not ``block``)."""
         assert self._status is not None
         while b"\n" not in self._reported:
+            if not block and not select.select([self._status], [], [], 0)[0]:
+                return None
             data = os.read(self._status, 512)
             if not data:
                 break
@@ -572,20 +599,38 @@ class _Command:
         return line.decode("ascii", errors="replace")
 
     def wait(self) -> int:
-        """The command's return code, as subprocess gives it (-N: ended by signal N)."""
-        code = self._process.wait()
-        if self._status is None:
-            return code
-        line = self._line()
+        """The command's return code, as subprocess gives it (-N: ended by signal N). The
+        supervisor stays until ``__exit__``."""
+        if not self._supervised:
+            return self._process.wait()
+        if self._ended is None:
+            self._report(block=True)
+        assert self._ended is not None
+        return self._ended
+
+    def _report(self, block: bool) -> None:
+        """Read the supervisor's report that the command ended, if it is there (``block``:
+        wait for it), into ``_ended``."""
+        line = self._line(block)
+        if line is None:
+            return
         if line.startswith("X "):
-            return os.waitstatus_to_exitcode(int(line[2:]))
-        # Killed before it could report (the OOM killer, a kill -9 of its pid).
+            self._ended = os.waitstatus_to_exitcode(int(line[2:]))
+            return
+        # Killed before it could report (the OOM killer, a kill -9 of its pid): the command
+        # died with it, and what it started came to this process (a subreaper): kill it, or
+        # it would run on behind a key recorded halted.
+        code = self._process.wait()
+        from . import _supervise
+
+        _supervise.kill_children()
         with contextlib.suppress(OSError, ValueError, AttributeError):
             sys.stderr.write(
                 f"idemfn run: the process supervising `{shlex.join(self.argv)}` ended"
-                f" ({exit_status(code)}) before reporting how the command ended\n"
+                f" ({exit_status(code)}) before reporting how the command ended; what the"
+                " command started was killed\n"
             )
-        return code
+        self._ended = code
 
     def __enter__(self) -> _Command:
         return self
@@ -597,6 +642,11 @@ class _Command:
         tb: TracebackType | None,
     ) -> None:
         try:
+            if self._ctl is not None:  # done with the command: the supervisor may go
+                from ._supervise import LET_GO
+
+                with contextlib.suppress(OSError):
+                    os.write(self._ctl, bytes([LET_GO]))
             self._process.__exit__(exc_type, exc, tb)  # close the pipes, wait
         finally:
             self._close()
@@ -694,26 +744,31 @@ def run_once(
         forwarder.holding = True  # (from claiming: a signal is remembered all along)
         step.store = store  # its heartbeat and outcome need no watching: the store itself
         with step as claim:
+
+            def settle(outcome: CommandOutcome) -> None:
+                status = exit_status(outcome["returncode"])
+                try:
+                    if outcome["interrupted_by"] is None and status in retry_on_exit:
+                        claim.release()
+                    elif outcome["returncode"] == 0 and outcome["interrupted_by"] is None:
+                        claim.complete(outcome)
+                    else:
+                        claim.halt(CommandFailed(outcome))
+                except StoreError as exc:
+                    sys.stderr.write(
+                        f"idemfn run: {shlex.join(argv)} ran and exited {status}, but its"
+                        f" outcome could not be recorded: {exc}. The key is left processing:"
+                        " the next run finds it abandoned and halts it (with --on-abandoned"
+                        " retry, runs it again)\n"
+                    )
+
             try:
-                outcome = _execute(claim, argv, forwarder, max_output, watched.replaced)
+                outcome = _execute(
+                    claim, argv, forwarder, max_output, watched.replaced, settle
+                )
             except CannotStart:
                 claim.release()  # nothing ran: the next run may try again
                 raise
-            status = exit_status(outcome["returncode"])
-            try:
-                if outcome["interrupted_by"] is None and status in retry_on_exit:
-                    claim.release()
-                elif outcome["returncode"] == 0 and outcome["interrupted_by"] is None:
-                    claim.complete(outcome)
-                else:
-                    claim.halt(CommandFailed(outcome))
-            except StoreError as exc:
-                sys.stderr.write(
-                    f"idemfn run: {shlex.join(argv)} ran and exited {status}, but its outcome"
-                    f" could not be recorded: {exc}. The key is left processing: the next run"
-                    " finds it abandoned and halts it (with --on-abandoned retry, runs it"
-                    " again)\n"
-                )
     return outcome, True
 
 

@@ -7,17 +7,32 @@ retry of the abandoned key. This process is a child subreaper (``PR_SET_CHILD_SU
 every process the command starts that loses its parent (a killed shell's step, a daemon that
 forked twice) becomes its child. When the runner dies, the control pipe, whose only write end
 the runner holds, reads end-of-file: this process kills the command with SIGKILL, then each
-process that comes to it, until it has no child left.
+process that comes to it, until it has no child left. It stays until the runner is done with
+the command's outcome, not only until the command exits: a runner killed while the command
+exits, or while it records the outcome, leaves the key abandoned, and what the command left
+running (a background job) is killed then too. (A group SIGKILL ends the command and its runner
+at the same instant: had this process taken the command's end for a finished run, what the
+command started elsewhere would run on beside the retry.)
+
+It runs in a process group of its own, and puts the command back in the runner's: a signal
+for the runner's whole group (``kill -9 -- -PGID``, ``timeout -s KILL``) killed it along with
+the runner, and then nothing killed what the command started outside that group (a step that
+``timeout`` put in a group of its own, a daemon). The runner starts it with the signals it
+passes on blocked, so that one sent to the group before this process could ignore them (while
+the interpreter starts) waits, and is then dropped: it reached the runner too, which passes it
+on through CTL. The runner is a child subreaper as well, and kills what comes to it should this
+process die first (``kill_children``).
 
 Started by ``idemfn._run`` as ``python -I -S _supervise.py CTL STATUS MARKER -- CMD [ARG ...]``:
 no site, no environment variables, and only modules that cost no time to import (every run
 that starts a command waits for this process to start it). MARKER only names the claim in this
 process's command line, for a runner that takes the key over (see ``_run``).
 
-CTL (read): byte 0 means "start the command", any other byte is a signal for the command.
-A signal that comes before byte 0 means the runner was interrupted before the start: the command
-is not started. STATUS (written), one line each: ``S`` started; ``E errno`` could not start;
-``I signum`` not started, interrupted; ``X status`` the command ended, with this wait status.
+CTL (read): byte 0 means "start the command", byte 255 (``LET_GO``) "done with the command:
+leave what it left running", any other byte is a signal for the command. A signal that comes
+before byte 0 means the runner was interrupted before the start: the command is not started.
+STATUS (written), one line each: ``S`` started; ``E errno`` could not start; ``I signum`` not
+started, interrupted; ``X status`` the command ended, with this wait status.
 """
 
 from __future__ import annotations
@@ -38,6 +53,8 @@ else:
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
+#: The runner's last byte on CTL: it is done with the command (see above).
+LET_GO = 255
 
 
 def main(argv: list[str]) -> int:
@@ -45,6 +62,11 @@ def main(argv: list[str]) -> int:
     kill all it started if the runner dies first. ``argv`` is ``sys.argv`` (see above)."""
     ctl, status = int(argv[1]), int(argv[2])
     command = argv[5:]  # argv[3] is the marker, argv[4] "--"
+    group = os.getpgrp()  # the runner's: the command's
+    try:
+        os.setpgid(0, 0)  # out of reach of what is sent to the runner's group (see above)
+    except OSError:  # pragma: no cover - a session leader
+        pass
     for fd in (ctl, status):
         os.set_inheritable(fd, False)  # the command gets neither
     prctl = _prctl()
@@ -57,6 +79,7 @@ def main(argv: list[str]) -> int:
     default += [signal.SIGPIPE, signal.SIGXFSZ]
     for sig in _FORWARDED:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)  # (blocked by the runner: above)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)  # a child that ends wakes the poll below
@@ -69,7 +92,7 @@ def main(argv: list[str]) -> int:
         _tell(status, f"I {first[0]}")
         return 0
     try:
-        pid = _spawn(command, default, prctl)
+        pid = _spawn(command, default, prctl, group)
     except OSError as exc:
         _tell(status, f"E {exc.errno or 0}")
         return 0
@@ -83,21 +106,29 @@ def main(argv: list[str]) -> int:
     poller = select.poll()
     poller.register(ctl, select.POLLIN)
     poller.register(wake_r, select.POLLIN)
+    ended = let_go = False
     while True:
         ready = {fd for fd, _ in poller.poll()}
         if wake_r in ready:
             os.read(wake_r, 512)
-            ended = _reap(pid)
-            if ended is not None:
-                _tell(status, f"X {ended}")
-                return 0
+            wait_status = _reap(pid)  # (and any other child that ended: no zombies)
+            if wait_status is not None and not ended:  # (not a later child with its pid)
+                ended = True  # reaped: from now on `pid` may be another process's
+                _tell(status, f"X {wait_status}")
         if ctl in ready:
             data = os.read(ctl, 512)
             if not data:  # the runner died: take down all the command started
-                _kill_all(pid)
+                if not ended:
+                    _kill(pid, signal.SIGKILL)
+                kill_children()
                 return 0
             for signum in data:
-                _kill(pid, signum)  # not reaped yet: still the command's pid
+                if signum == LET_GO:
+                    let_go = True
+                elif not ended:
+                    _kill(pid, signum)  # not reaped yet: still the command's pid
+        if ended and let_go:
+            return 0
 
 
 def _ignore(signum: int, frame: object) -> None:
@@ -105,11 +136,15 @@ def _ignore(signum: int, frame: object) -> None:
 
 
 def _spawn(
-    command: list[str], default: list[signal.Signals], prctl: Callable[..., int] | None
+    command: list[str],
+    default: list[signal.Signals],
+    prctl: Callable[..., int] | None,
+    group: int,
 ) -> int:
-    """Start the command with ``default`` signals back to their default action; raise the
-    ``OSError`` of a failed exec. (Not posix_spawn: glibc's leaves its internal signals
-    ignored in the command.) Should this process be killed, the command dies with it."""
+    """Start the command in process group ``group`` with ``default`` signals back to their
+    default action; raise the ``OSError`` of a failed exec. (Not posix_spawn: glibc's leaves
+    its internal signals ignored in the command.) Should this process be killed, the command
+    dies with it."""
     report_r, report_w = os.pipe()  # close-on-exec: end-of-file means the exec succeeded
     me = os.getpid()
     pid = os.fork()
@@ -122,6 +157,10 @@ def _spawn(
                     os._exit(128 + signal.SIGKILL)
             for sig in default:
                 signal.signal(sig, signal.SIG_DFL)
+            try:
+                os.setpgid(0, group)  # the terminal's foreground group, when the runner is in it
+            except OSError:  # the group is gone: the runner died, this process kills it
+                pass
             os.execvpe(command[0], command, os.environ)
         except OSError as exc:
             os.write(report_w, str(exc.errno or 0).encode())
@@ -142,9 +181,17 @@ def _prctl() -> Callable[..., int] | None:
         import ctypes
 
         prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # pragma: no cover - then only the command is reached
+    except (ImportError, OSError, AttributeError):  # pragma: no cover - a Python without ctypes
         return None
     return prctl
+
+
+def become_subreaper() -> None:
+    """Make this process a child subreaper, where Linux offers it: the runner's part in
+    ``kill_children`` (the processes the command started that this process's child left)."""
+    prctl = _prctl()
+    if prctl is not None:
+        prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
 def _tell(status: int, line: str) -> None:
@@ -179,14 +226,13 @@ def _reap(pid: int) -> int | None:
             ended = wait_status
 
 
-def _kill_all(pid: int) -> None:
-    """SIGKILL the command, then every child this process has or gets, until none is left.
+def kill_children() -> None:
+    """SIGKILL every child this process has or gets, until none is left.
 
     A killed process cannot start another, and what it started comes to this process when it
     dies (its subreaper), so this ends. A process that cannot be signalled (it runs as another
     user: sudo) is left alone.
     """
-    _kill(pid, signal.SIGKILL)
     spared: set[int] = set()
     while True:
         for child in _children() - spared:
@@ -202,9 +248,17 @@ def _kill_all(pid: int) -> None:
 
 def _children() -> set[int]:
     me = os.getpid()
+    children: set[int] = set()
     try:
-        with open(f"/proc/{me}/task/{me}/children", encoding="ascii") as f:
-            return {int(child) for child in f.read().split()}
+        for task in os.listdir(f"/proc/{me}/task"):  # each thread's (the runner has several)
+            try:
+                with open(f"/proc/{me}/task/{task}/children", encoding="ascii") as f:
+                    children.update(int(child) for child in f.read().split())
+            except FileNotFoundError:
+                if task == str(me):
+                    raise
+                # a thread that ended meanwhile: its children went to another
+        return children
     except OSError:  # a kernel without CONFIG_PROC_CHILDREN: look at every process
         pass
     children = set()

@@ -620,7 +620,8 @@ def test_a_sigkilled_runner_leaves_an_abandoned_key(
 
 
 # A step of a command: records its pid in DIR/NAME.pid (NAME "daemon" after detaching itself
-# as a daemon does: fork, setsid, fork) and waits for DIR/release (120 s at most). A later
+# as a daemon does: fork, setsid, fork; "group" in a process group of its own, where
+# `timeout 600 step` puts its step) and waits for DIR/release (120 s at most). A later
 # attempt (IDEMFN_ATTEMPT 2) only writes to DIR/seen whether the first attempt's "fg" step still
 # ran when it started, and exits.
 STEP = """\
@@ -644,6 +645,8 @@ if name == "daemon":
     os.setsid()
     if os.fork():
         os._exit(0)
+if name == "group":
+    os.setpgid(0, 0)
 path = os.path.join(where, name + ".pid")
 with open(path + ".tmp", "w") as f:
     f.write(str(os.getpid()))
@@ -712,21 +715,23 @@ def test_a_sigkilled_runner_takes_everything_its_command_started(
 def test_a_retry_waits_until_the_abandoned_attempt_is_gone(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
-    # The supervising process that kills what the dead runner's command started is stopped
-    # here (SIGSTOP), so it cannot: the retry must wait for it rather than run beside `fg`.
+    # The supervising process that kills what the dead runner's command started is kept from
+    # seeing its runner die (the test holds another write end of its control pipe), so it
+    # cannot: the retry must wait for it rather than run beside `fg`. (Not SIGSTOP: the kernel
+    # continues a stopped process whose process group its parent's death orphans.)
     where = tmp_path / "steps"
     where.mkdir()
     cmd = ["run", "--key", "k", "--on-abandoned", "retry", "--", *_step(where, "fg")]
     first = start(*cmd, env=env, new_session=True)
     err = tmp_path / "retry.err"
     second: subprocess.Popen[bytes] | None = None
-    stopped: list[int] = []
+    held: list[int] = []
     try:
         poll(lambda: (where / "fg.pid").exists() or first.poll() is not None, "the step to start")
         assert first.poll() is None, first.communicate()
         [between] = _children(first.pid)  # the process between the runner and the command
-        os.kill(between, signal.SIGSTOP)
-        stopped.append(between)
+        ctl = Path(f"/proc/{between}/cmdline").read_bytes().split(b"\0")[4].decode()
+        held.append(os.open(f"/proc/{between}/fd/{ctl}", os.O_WRONLY | os.O_NONBLOCK))
         first.kill()
         first.wait(timeout=TIMEOUT)
         with open(err, "wb") as stderr:
@@ -735,13 +740,12 @@ def test_a_retry_waits_until_the_abandoned_attempt_is_gone(
                                       start_new_session=True)  # fmt: skip
         poll(lambda: (where / "seen").exists() or b"waiting for" in err.read_bytes()
              or second.poll() is not None, "the retry to wait, or to run")  # fmt: skip
-        os.kill(between, signal.SIGCONT)
+        os.close(held.pop())  # the supervisor now sees its runner gone
         out, _ = second.communicate(timeout=TIMEOUT)
         assert second.returncode == 0, (out, err.read_bytes())
     finally:
-        for pid in stopped:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
+        for fd in held:
+            os.close(fd)
         stop(first, group=True)
         if second is not None:
             stop(second, group=True)
@@ -1243,3 +1247,162 @@ def test_a_failing_stdout_loses_neither_the_outcome_nor_the_status(
                               check=False)  # fmt: skip
     assert proc.returncode == Exit.STORE_ERROR
     assert b"Traceback" not in proc.stderr and b"internal error" not in proc.stderr
+
+
+# -- from the second hostile review (issue 14, items 5 and 6) ---------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="Linux only")
+def test_a_runner_killed_with_its_process_group_takes_everything_its_command_started(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    # `kill -9 -- -PGID`, `timeout -s KILL 60 idemfn run ...`: SIGKILL for the runner's whole
+    # process group killed the supervising process too, and nothing was left to kill what the
+    # command started outside that group: a step in a group of its own (`timeout 600 step`
+    # puts it there) ran on beside a retry, and so did a daemon.
+    where = tmp_path / "steps"
+    where.mkdir()
+    names = ("daemon", "group")
+    runner = start("run", "--key", "k", "--", *_step(where, *names), env=env, new_session=True)
+    try:
+        poll(lambda: all((where / f"{n}.pid").exists() for n in names) or runner.poll() is not None,
+             "the steps to start")  # fmt: skip
+        assert runner.poll() is None, runner.communicate()
+        pids = _pids(where, *names)
+        os.killpg(runner.pid, signal.SIGKILL)
+        runner.wait(timeout=TIMEOUT)
+        for name, pid in pids.items():
+            poll(lambda pid=pid: not _alive(pid), f"the {name} step to die with its runner")
+    finally:
+        stop(runner, group=True)
+        _kill_all(_pids(where, *(n for n in names if (where / f"{n}.pid").exists())).values())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="Linux only")
+def test_a_killed_supervisor_takes_down_what_the_command_started(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    # The supervising process killed on its own (the OOM killer, a `kill -9` of its pid): the
+    # command died with it (PR_SET_PDEATHSIG), but its foreground step ran on after the runner
+    # had recorded the key halted and exited, so the "check, then forget" a halted key asks
+    # for found nothing running, and the next run ran beside it.
+    where = tmp_path / "steps"
+    where.mkdir()
+    names = ("bg", "fg")
+    runner = start("run", "--key", "k", "--", *_step(where, "bg &", "fg"), env=env,
+                   new_session=True)  # fmt: skip
+    try:
+        poll(lambda: all((where / f"{n}.pid").exists() for n in names) or runner.poll() is not None,
+             "the steps to start")  # fmt: skip
+        assert runner.poll() is None, runner.communicate()
+        pids = _pids(where, *names)
+        [between] = _children(runner.pid)  # the process between the runner and the command
+        os.kill(between, signal.SIGKILL)
+        proc = finish(runner, 128 + signal.SIGKILL)
+        # Gone by the time the runner exits: the runner waited for them.
+        assert [name for name, pid in pids.items() if _alive(pid)] == []
+    finally:
+        stop(runner, group=True)
+        _kill_all(_pids(where, *(n for n in names if (where / f"{n}.pid").exists())).values())
+    assert not (where / "release").exists()
+    assert b"supervising" in proc.stderr
+    fields = show("k", env)
+    assert (fields["status"], fields["command"]["exit_status"]) == ("halted", 128 + signal.SIGKILL)
+
+
+# Runs the idemfn command (argv[2:]) with the interpreter that starts the supervising process
+# replaced by argv[1]: a script that waits until the runner has told the supervisor to start
+# the command (a byte on its control pipe, the first argument after the script), sends SIGTERM
+# to its process group, the runner's (what Ctrl-C, a terminal's hang-up, `timeout` or
+# `kill -- -PGID` do), and runs the real interpreter: the signal arrives while the supervising
+# process starts, before it could set its dispositions.
+SLOW_START = """\
+import sys
+interpreter = sys.argv[1]
+sys.argv = ["idemfn", *sys.argv[2:]]
+sys.executable = interpreter
+from idemfn._cli import entry_point
+entry_point()
+"""
+
+
+@pytest.mark.skipif(_run._supervisor() is None, reason="Linux only: the supervising process")
+def test_a_group_signal_while_the_supervisor_starts_is_passed_on(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    # It killed the supervising process: the runner exited 126 ("cannot run ...: its
+    # supervising process exited with status -15") for a signal it had received and should
+    # have passed on, as at any other moment of the run.
+    interpreter = tmp_path / "python"
+    interpreter.write_text(
+        f"#!{PY}\n"
+        "import os, select, signal, sys\n"
+        "select.select([int(sys.argv[4])], [], [])\n"  # the script, then CTL
+        "os.killpg(0, signal.SIGTERM)\n"
+        f"os.execv({PY!r}, [{PY!r}, *sys.argv[1:]])\n"
+    )
+    interpreter.chmod(0o755)
+    marker = tmp_path / "ran"
+    proc = subprocess.run(
+        [PY, "-c", SLOW_START, str(interpreter), "run", "--key", "k", "--", "touch", str(marker)],
+        stdin=subprocess.DEVNULL, capture_output=True, env=env, timeout=TIMEOUT, check=False,
+        start_new_session=True, preexec_fn=_default_dispositions,
+    )  # fmt: skip
+    checked(proc, None)
+    assert b"supervising" not in proc.stderr, proc
+    # The command was let start (the byte came first), then got the signal: killed by it (the
+    # runner then dies of it too) or finished first (exit 0 turned into 128+N).
+    assert proc.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM), proc
+    fields = show("k", env)
+    assert (fields["status"], fields["command"]["interrupted_by"]) == ("halted", "SIGTERM")
+    assert fields["command"]["exit_status"] == 128 + signal.SIGTERM
+
+
+# Runs the idemfn command (argv[3:]) and SIGKILLs the runner as idemfn._engine's function
+# argv[1] is called, once the file argv[2] exists: here, as the runner records the outcome of
+# a command that has exited (Claim.complete), leaving a background job behind.
+KILLED_AT = """\
+import os, signal, sys, time
+name, wait_for = sys.argv[1:3]
+sys.argv = ["idemfn", *sys.argv[3:]]
+def profile(frame, happened, arg):
+    code = frame.f_code
+    if happened == "call" and code.co_name == name and code.co_filename.endswith("_engine.py"):
+        give_up = time.monotonic() + 60
+        while not os.path.exists(wait_for) and time.monotonic() < give_up:
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGKILL)
+sys.setprofile(profile)
+from idemfn._cli import entry_point
+entry_point()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_run._supervisor() is None, reason="Linux only: the supervising process")
+def test_a_runner_killed_while_it_records_takes_what_the_command_left_running(
+    tmp_path: Path, store: DiskStore, env: dict[str, str]
+) -> None:
+    # The supervising process left as soon as the command exited, so a runner killed while
+    # the command exited or while it recorded the outcome (a group SIGKILL kills both at once)
+    # left the key abandoned with the command's background job still running: a retry ran
+    # beside it. Until the runner is done with the outcome, its death takes all that down.
+    where = tmp_path / "steps"
+    where.mkdir()
+    proc = subprocess.run(
+        [PY, "-c", KILLED_AT, "complete", str(where / "bg.pid"), "run", "--key", "k", "--",
+         *_step(where, "bg &")], stdin=subprocess.DEVNULL, capture_output=True, env=env,
+        timeout=TIMEOUT, check=False, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert proc.returncode == -signal.SIGKILL, proc
+        bg = _pids(where, "bg")["bg"]
+        poll(lambda: not _alive(bg), "the background job to die with its runner")
+    finally:
+        if (where / "bg.pid").exists():
+            _kill_all([_pids(where, "bg")["bg"]])
+    assert proc.stdout == b"done\n"
+    entry = store.get("k")
+    assert entry is not None and entry.status == Status.PROCESSING  # abandoned: not recorded
