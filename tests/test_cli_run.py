@@ -1406,3 +1406,43 @@ def test_a_runner_killed_while_it_records_takes_what_the_command_left_running(
     assert proc.stdout == b"done\n"
     entry = store.get("k")
     assert entry is not None and entry.status == Status.PROCESSING  # abandoned: not recorded
+
+
+# Runs the idemfn command (argv[2:]) in a Python without ctypes (built without libffi, or a
+# minimal distribution package), and runs the supervising process as such a Python would:
+# argv[1] stands for its interpreter.
+WITHOUT_CTYPES = """\
+import sys
+sys.modules["ctypes"] = None  # `import ctypes` raises ImportError
+interpreter = sys.argv[1]
+sys.argv = ["idemfn", *sys.argv[2:]]
+sys.executable = interpreter
+from idemfn._cli import entry_point
+entry_point()
+"""
+
+
+@pytest.mark.skipif(_run._supervisor() is None, reason="Linux only: the supervising process")
+def test_a_python_without_ctypes_still_runs_commands(
+    tmp_path: Path, store: DiskStore, env: dict[str, str]
+) -> None:
+    # Every run exited 126: the supervising process died of the ImportError (it only expected
+    # ctypes to lack prctl). Without prctl it still starts, signals and reports the command.
+    interpreter = tmp_path / "python"
+    interpreter.write_text(
+        f"#!{PY}\n"
+        "import runpy, sys\n"
+        "sys.modules['ctypes'] = None\n"
+        "sys.argv = sys.argv[3:]\n"  # after -I -S: the script and its arguments
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    interpreter.chmod(0o755)
+    proc = subprocess.run(
+        [PY, "-c", WITHOUT_CTYPES, str(interpreter), "run", "--key", "k", "--", "sh", "-c",
+         "echo ran; exit 3"], stdin=subprocess.DEVNULL, capture_output=True, env=env,
+        timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+    checked(proc, 3)
+    assert (proc.stdout, proc.stderr) == (b"ran\n", b"")
+    entry = store.get("k")
+    assert entry is not None and entry.status == Status.HALTED
