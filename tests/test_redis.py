@@ -137,7 +137,9 @@ def test_a_server_restarted_mid_call_is_a_store_error_not_a_lost_race(
     thread = threading.Thread(target=call)
     thread.start()
     assert entered.wait(10)
-    time.sleep(1.1)  # the claim is older than the server about to start (uptime is in seconds)
+    # The claim must be surely older than the server about to start (uptime is in whole
+    # seconds): a lower bound on elapsed time, not a wait for something to happen.
+    time.sleep(2.1)
     own_server.restart()  # no persistence: the claim's record is lost
     release.set()
     thread.join(30)

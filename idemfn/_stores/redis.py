@@ -210,10 +210,12 @@ class RedisStore(Store):
         """A claim's record is gone: forgotten, pruned, or lost by a server that restarted
         without persistence. The last is not the owner's loss of a race: say so."""
         info = self._call("read the uptime for", key, self.client.info, "server")
-        # Uptime is in whole seconds: this estimate of the server's start is up to 1 s late,
-        # so a server that started less than a second before the claim is taken for a restart.
+        # Uptime is in whole seconds, so this estimate of the server's start is up to 1 s late.
+        # Only a start more than 1 s after the claim is surely a restart since: a server that
+        # started just before the claim (a fresh one) must not pass for one, and a record lost in
+        # a restart within 1 s of its claim is reported as gone, like a forgotten one.
         started = self.time() - float(info.get("uptime_in_seconds", 0))
-        if started > since:
+        if started > since + 1.0:
             raise self.error(
                 "update",
                 key,
