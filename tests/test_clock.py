@@ -7,9 +7,12 @@ on the wall clock would take the claim over at once, and no renewal needs to com
 from __future__ import annotations
 
 import marshal
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +21,7 @@ import pytest
 
 from idemfn import AlreadyRunning, DiskStore, idempotent
 from idemfn._record import FORMAT_VERSION, decode, encode
+from idemfn._stores.clock import ServerClock
 
 HOUR = 3600.0
 
@@ -87,3 +91,36 @@ def test_a_version_1_record_is_still_read(tmp_path: Path) -> None:
     fields = marshal.loads(encode(entry))
     version_1 = marshal.dumps((1, *fields[1:-1]), 4)  # as idemfn wrote it before lease_mono
     assert decode(version_1) == entry._replace(lease_mono=None)
+
+
+def test_a_child_forked_while_the_server_clock_is_read_can_read_it() -> None:
+    # A child forked while another thread of its parent read the server's clock inherited the
+    # clock's lock held: its own first reading waited forever (found by review, issue 14).
+    parent = os.getpid()
+    reading, finish = threading.Event(), threading.Event()
+
+    def read(first: bool) -> float:
+        if os.getpid() != parent:
+            return 1000.0
+        reading.set()
+        assert finish.wait(60)
+        return 2000.0
+
+    clock = ServerClock(read)
+    thread = threading.Thread(target=clock.now)
+    thread.start()
+    try:
+        assert reading.wait(30)
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 once its clock answered
+            os._exit(0 if 1000.0 <= clock.now() < 1100.0 else 1)
+        deadline = time.monotonic() + 60
+        while (done := os.waitpid(pid, os.WNOHANG)) == (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if done == (0, 0):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0, "the child hung"
+    finally:
+        finish.set()
+        thread.join(30)

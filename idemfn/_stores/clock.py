@@ -7,6 +7,7 @@ or jumps, reads the server's time all the same.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ class ServerClock:
     def __init__(self, read: Callable[[bool], float]) -> None:
         self._read = read
         self._lock = threading.Lock()
+        self._pid = os.getpid()
         self._synced: tuple[float, float] | None = None  # (server seconds, monotonic) at a read
 
     def now(self) -> float:
@@ -33,6 +35,10 @@ class ServerClock:
         return synced[0] + (time.monotonic() - synced[1])
 
     def _sync(self) -> tuple[float, float]:
+        if self._pid != os.getpid():
+            # A child forked while another thread read the server's clock inherits the lock
+            # held, and no thread of its own will ever release it.
+            self._lock, self._pid = threading.Lock(), os.getpid()
         with self._lock:
             before = time.monotonic()
             server = self._read(self._synced is None)
