@@ -30,7 +30,8 @@ process's command line, for a runner that takes the key over (see ``_run``).
 
 CTL (read): byte 0 means "start the command", byte 255 (``LET_GO``) "done with the command:
 leave what it left running", any other byte is a signal for the command. A signal that comes
-before byte 0 means the runner was interrupted before the start: the command is not started.
+before byte 0, or right after it, before this process read it, means the runner was
+interrupted before the start: the command is not started.
 STATUS (written), one line each: ``S`` started; ``E errno`` could not start; ``I signum`` not
 started, interrupted; ``X status`` the command ended, with this wait status.
 """
@@ -88,6 +89,15 @@ def main(argv: list[str]) -> int:
     first = os.read(ctl, 1)
     if not first:
         return 0  # the runner died before the start: nothing to do
+    if first == b"\0":
+        # The runner says "start" as soon as this process exists: a signal it passed on
+        # while this interpreter started (some 20 ms) came before the start too.
+        os.set_blocking(ctl, False)
+        try:
+            first = os.read(ctl, 1) or first  # (end-of-file: seen again below)
+        except BlockingIOError:
+            pass
+        os.set_blocking(ctl, True)
     if first != b"\0":
         _tell(status, f"I {first[0]}")
         return 0
