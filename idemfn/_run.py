@@ -589,7 +589,7 @@ class _Command:
         none is there yet and not ``block``)."""
         assert self._status is not None
         while b"\n" not in self._reported:
-            if not block and not select.select([self._status], [], [], 0)[0]:
+            if not block and not _readable(self._status):
                 return None
             data = os.read(self._status, 512)
             if not data:
@@ -656,6 +656,14 @@ class _Command:
             if fd is not None:
                 os.close(fd)
         self._ctl = self._status = None
+
+
+def _readable(fd: int) -> bool:
+    """Whether reading ``fd`` would not block. (poll, not select: the runner may have been
+    given descriptors past select's limit of 1024.)"""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _above_stdio(fd: int) -> int:

@@ -1461,3 +1461,30 @@ def test_a_python_without_ctypes_still_runs_commands(
     assert (proc.stdout, proc.stderr) == (b"ran\n", b"")
     entry = store.get("k")
     assert entry is not None and entry.status == Status.HALTED
+
+
+def test_a_runner_given_many_descriptors_runs_the_command(
+    tmp_path: Path, store: DiskStore, env: dict[str, str]
+) -> None:
+    # Past select()'s limit of 1024 descriptors, a check on the supervisor's report failed
+    # with "filedescriptor out of range in select()" (exit 70).
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip("needs 1200 open files")
+    given = """\
+import os, resource, subprocess, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (1200, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+for _ in range(1100):
+    os.set_inheritable(os.open(os.devnull, os.O_RDONLY), True)  # a parent that leaks them
+sys.exit(subprocess.run(sys.argv[1:], close_fds=False).returncode)
+"""
+    proc = subprocess.run(
+        [PY, "-c", given, PY, "-m", "idemfn", "run", "--key", "k", "--", "sh", "-c", "echo ran"],
+        stdin=subprocess.DEVNULL, capture_output=True, env=env, timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+    checked(proc, 0)
+    assert (proc.stdout, proc.stderr) == (b"ran\n", b"")
+    entry = store.get("k")
+    assert entry is not None and entry.status == Status.OK
