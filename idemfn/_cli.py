@@ -752,7 +752,7 @@ def _nothing_listed(args: argparse.Namespace, store: Store, scanned: int, hidden
 
 def _forget_hint(error: StoreError, key: str) -> str:
     """How to delete an unreadable record, unless the error says so already."""
-    if isinstance(error, TamperedRecord):
+    if isinstance(error, TamperedRecord) or "forget --force" in str(error):
         return ""
     return f"; `{PROG} forget --force {key}` deletes it unread"
 

@@ -315,9 +315,10 @@ def test_prune_never_deletes_a_file_a_forged_row_names(tmp_path: Path) -> None:
     charger(store, [])("a")
     victim = tmp_path / "victim"
     victim.write_text("precious")
+    expired = time.time() - 10  # in both copies of the row's expiry (see disk._PASSED)
     with sqlite3.connect(store.directory / "cache.db") as db:
-        db.execute("UPDATE Cache SET expire_time = ?, filename = ? WHERE key = 'shop:a'",
-                   (time.time() - 10, str(victim)))  # fmt: skip
+        db.execute("UPDATE Cache SET expire_time = ?, access_time = ?, filename = ?"
+                   " WHERE key = 'shop:a'", (expired, expired + 1, str(victim)))  # fmt: skip
     assert store.prune() == 1  # the expired row goes, the file it names stays
     assert victim.read_text() == "precious"
 

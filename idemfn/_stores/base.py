@@ -182,12 +182,31 @@ class Store(abc.ABC):
         try:
             entry = decode(data)
         except ValueError as exc:
-            raise self.error("read", key, f"the record is corrupt: {exc}") from None
+            raise self._corrupt("read", key, str(exc)) from None
         if entry.key != key:  # a record copied from another key (signed, it still verifies)
             if signer is not None:
                 raise self._tampered(key, f"it is a copy of {entry.key!r}'s record", "")
-            raise self.error("read", key, f"the record is corrupt: it is {entry.key!r}'s record")
+            raise self._corrupt("read", key, f"it is {entry.key!r}'s record")
         return entry
+
+    def _corrupt(self, action: str, key: str, why: str) -> StoreError:
+        return self.error(
+            action,
+            key,
+            f"the record is corrupt: {why}; nothing in it was loaded, and the body did not run."
+            " Find out what damaged the store, then delete the record (`idemfn forget --force"
+            f" {key}`), knowing that the next call runs the body again",
+        )
+
+    def check_fence(self, key: str, token: str, fence: object, data: object) -> None:
+        """After a write fenced on ``token`` was refused: raise ``StoreError`` if the stored
+        record (``data``) is still that claim, so that only the copy of its token that the
+        store fences writes on (``fence``) disagrees. A caller that judged the claim abandoned
+        could neither halt it nor take it over, and looked again forever (issue 14, review)."""
+        entry = self.decode(key, data)
+        if entry.status == "processing" and entry.token == token and fence != token:
+            why = f"it is the claim of token {token!r}, but the fence kept beside it says {fence!r}"
+            raise self._corrupt("update", key, why)
 
     def _tampered(self, key: str, why: str, cause: str) -> TamperedRecord:
         return TamperedRecord(

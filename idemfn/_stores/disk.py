@@ -36,16 +36,31 @@ _BACKEND_ERRORS = (sqlite3.Error, OSError, diskcache.Timeout)
 # transition is ONE statement, atomic in SQLite, instead of a read-then-write transaction.
 # A processing record keeps its claim's token in the ``tag`` column (NULL once finished): that
 # is the fence of every write after a claim.
+#
+# SQL alone removes or replaces a row only when two copies of its expiry agree that it has
+# passed: ``expire_time`` (indexed) and ``access_time``, which holds ``expire_time + 1``. The
+# record's checksum covers neither column, and one flipped bit in ``expire_time`` (in the row
+# or in its index) made a live record look expired to a claim, the cull or prune, which
+# removed it: its body ran again (issue 14, review). A row whose copies disagree is judged by
+# its record instead (a claim reads it, prune reads it). A row written before the copy has
+# ``access_time = store_time``, and is removed as it always was.
 _COLUMNS = ("key, raw, store_time, expire_time, access_time, access_count, tag, size, mode,"
             " filename, value")  # fmt: skip
 _MODE_RAW = 1  # diskcache.core.MODE_RAW: the value column holds the bytes as they are
+# Whether a row's expiry has passed by both of its copies (``?`` is the time now, twice; the
+# second comparison is the one that cannot read the index's copy of expire_time).
+_PASSED = (
+    "expire_time <= ? AND (access_time = expire_time + 1 AND access_time <= ? + 1"
+    " OR access_time = store_time)"
+)
 # Insert, or replace an expired row; a live row is left alone (rowcount 0).
 _CLAIM = (
     f"INSERT INTO Cache ({_COLUMNS}) VALUES (?, 1, ?, ?, ?, 0, ?, 0, 1, NULL, ?)"
     " ON CONFLICT (key, raw) DO UPDATE SET store_time = excluded.store_time,"
     " expire_time = excluded.expire_time, access_time = excluded.access_time, access_count = 0,"
     " tag = excluded.tag, size = 0, mode = 1, filename = NULL, value = excluded.value"
-    " WHERE Cache.expire_time IS NOT NULL AND Cache.expire_time <= excluded.store_time"
+    " WHERE Cache.expire_time <= excluded.store_time AND (Cache.access_time ="
+    " Cache.expire_time + 1 OR Cache.access_time = Cache.store_time)"
 )
 _SWAP = (
     "UPDATE Cache SET store_time = ?, expire_time = ?, access_time = ?, tag = ?, size = 0,"
@@ -64,11 +79,12 @@ _DELETE_ROW = "DELETE FROM Cache WHERE key = ? AND raw = 1 AND value = ?"
 _PROCESSING = "SELECT key FROM Cache WHERE raw = 1 AND tag IS NOT NULL"
 # diskcache's add() removed up to 10 expired rows each time; claims do it in batches instead.
 _CULL = (
-    "DELETE FROM Cache WHERE rowid IN (SELECT rowid FROM Cache WHERE expire_time IS NOT NULL"
-    " AND expire_time <= ? ORDER BY expire_time LIMIT 100)"
+    f"DELETE FROM Cache WHERE rowid IN (SELECT rowid FROM Cache WHERE {_PASSED}"
+    " ORDER BY expire_time LIMIT 100)"
 )
 _CULL_EVERY = 64  # claims
-_EXPIRE = "DELETE FROM Cache WHERE raw = 1 AND expire_time IS NOT NULL AND expire_time <= ?"
+_EXPIRE = f"DELETE FROM Cache WHERE raw = 1 AND {_PASSED}"
+_FENCE = "SELECT tag, value FROM Cache WHERE key = ? AND raw = 1"
 
 
 def default_directory() -> Path:
@@ -459,11 +475,14 @@ class DiskStore(Store):
                 continue
             self._refuse_unless_private(str(path), info, me)
 
-    def _expire_time(self, entry: Entry, now: float) -> float | None:
-        """When diskcache may drop the row, on its (real) clock; expires_at still decides."""
+    def _expiry(self, entry: Entry, now: float) -> tuple[float | None, float | None]:
+        """The row's ``expire_time``, when SQL may remove the row, on the real clock (the
+        record's own expires_at still decides what a read sees), and its copy in
+        ``access_time`` (see _PASSED)."""
         if entry.expires_at is None:
-            return None
-        return now + max(entry.expires_at - self.time(), 0.0)
+            return None, None
+        at = now + max(entry.expires_at - self.time(), 0.0)
+        return at, at + 1
 
     def claim(self, entry: Entry) -> Entry | None:
         key = entry.key
@@ -474,7 +493,7 @@ class DiskStore(Store):
                 sql = self._sql
                 while True:
                     now = time.time()
-                    params = (key, now, self._expire_time(entry, now), now, tag, data)
+                    params = (key, now, *self._expiry(entry, now), tag, data)
                     if sql(_CLAIM, params).rowcount == 1:
                         if next(self._claims) % _CULL_EVERY == 0:
                             self._cull(now)
@@ -485,7 +504,8 @@ class DiskStore(Store):
                     found = self.decode(key, row[0])
                     if not found.is_expired(self.time()):
                         return found
-                    # Expired by its own clock, not yet by diskcache's: remove it, but only
+                    # Expired by its own clock, not yet by the row's (or the row's two copies
+                    # of its expiry disagree, see _PASSED): remove it, but only
                     # the row looked at. Another caller that read it too may have removed it
                     # and claimed since: deleting that claim would let two callers run.
                     sql(_DELETE_ROW, (key, row[0]))
@@ -495,7 +515,7 @@ class DiskStore(Store):
     def _cull(self, now: float) -> None:
         # Tidying after a claim that is won: a failure here must not fail the claim.
         try:
-            self._sql(_CULL, (now,))
+            self._sql(_CULL, (now, now))
         except _BACKEND_ERRORS as exc:
             logger.warning("idemfn: could not remove expired records from %r: %s", self, exc)
 
@@ -513,12 +533,18 @@ class DiskStore(Store):
     def swap(self, key: str, token: str, entry: Entry) -> bool:
         now = time.time()
         tag = entry.token if entry.status == "processing" else None
-        params = (now, self._expire_time(entry, now), now, tag, self.encode(entry), key, token)
+        params = (now, *self._expiry(entry, now), tag, self.encode(entry), key, token)
         with _gate:
             try:
-                return bool(self._sql(_SWAP, params).rowcount == 1)
+                sql = self._sql
+                if sql(_SWAP, params).rowcount == 1:
+                    return True
+                row = sql(_FENCE, (key,)).fetchone()  # refused: by the claim's own fence?
             except _BACKEND_ERRORS as exc:
                 raise self.error("update", key, exc) from exc
+        if row is not None:
+            self.check_fence(key, token, row[0], row[1])
+        return False
 
     def release(self, key: str, token: str) -> bool:
         with _gate:
@@ -572,21 +598,23 @@ class DiskStore(Store):
         yield from self._entries([key for key in keys if key.startswith(prefix)], corrupt)
 
     def prune(self) -> int:
-        """Remove expired records (without reading them) and stale claims."""
+        """Remove expired records (without reading them, when both copies of their expiry
+        agree; see _PASSED) and stale claims."""
         with _gate:
             try:
                 # Never diskcache's expire(): it removes the file a row's ``filename`` names,
                 # a column no signature covers (idemfn never writes side files).
-                expired = self._sql(_EXPIRE, (time.time(),)).rowcount
+                now = time.time()
+                expired = self._sql(_EXPIRE, (now, now)).rowcount
             except _BACKEND_ERRORS as exc:
                 raise self.error("prune", str(self.directory), exc) from exc
-        # What is left to judge: claims, and rows expired by the store's clock only.
+        # What is left to judge by its record: claims, rows expired by the store's clock only,
+        # and rows whose two copies of their expiry disagree (see _PASSED).
         now = self.time()
         candidates = self._keys(_PROCESSING, (), "processing records")
         candidates += self._keys(
-            "SELECT key FROM Cache WHERE raw = 1 AND tag IS NULL AND expire_time IS NOT NULL"
-            " AND expire_time > ?",
-            (time.time(),),
+            "SELECT key FROM Cache WHERE raw = 1 AND tag IS NULL AND expire_time IS NOT NULL",
+            (),
             "finished records",
         )
         removed = 0

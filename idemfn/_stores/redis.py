@@ -5,7 +5,12 @@ Each record is a hash under ``prefix + key``:
 - ``e``: the encoded entry (what a replay reads: one ``HGET``, one round trip);
 - ``t``: the token of a live claim, ``""`` once finished: the fence of every later write;
 - ``k``: the entry's token, whatever its status (``delete`` on a token compares it);
-- ``x``: when a finished record expires, in server milliseconds (``""``: never).
+- ``x``: when a finished record expires, in server milliseconds (``""``: never); only
+  ``delete`` reads it, to tell forgetting a record from tidying an expired one.
+
+Only ``e`` is covered by the record's checksum: a field beside it that is damaged never removes
+or replaces a record (the server's own expiry does that), and a fence that no longer matches its
+claim is reported as a corrupt record instead of passing for a lost claim (issue 14, review).
 
 Every transition is one Lua script, atomic on the server: no read-then-write from the client.
 Expiry is the server's (``PEXPIREAT``), and the store's clock is the server's ``TIME`` (see
@@ -28,19 +33,14 @@ if TYPE_CHECKING:
 __all__ = ["RedisStore"]
 
 # KEYS[1] record; ARGV: token, data, expire-at ms ("" = none), finished-expiry ms ("" = none).
-# Inserts unless a live record is there (one past its "x" counts as absent); returns the live
-# record's entry, or nothing when this claim won.
+# Inserts unless a record is there; returns its entry, or nothing when this claim won. A record
+# past its expiry is gone: the server drops it at its PEXPIREAT, and a script never sees a key
+# past it. (The claim used to compare "x" with the server's TIME too, and delete the record:
+# one flipped bit in "x", which no checksum covers, made a live record look expired, and its
+# body ran again. Issue 14, review.)
 _CLAIM = """
-local found = redis.call('HMGET', KEYS[1], 'e', 'x')
-if found[1] then
-  local x = found[2]
-  if x == false or x == '' then return found[1] end
-  local t = redis.call('TIME')
-  if tonumber(x) > tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) then
-    return found[1]
-  end
-  redis.call('DEL', KEYS[1])
-end
+local found = redis.call('HGET', KEYS[1], 'e')
+if found then return found end
 redis.call('HSET', KEYS[1], 'e', ARGV[2], 't', ARGV[1], 'k', ARGV[1], 'x', ARGV[4])
 if ARGV[3] ~= '' then redis.call('PEXPIREAT', KEYS[1], ARGV[3]) end
 return false
@@ -204,6 +204,11 @@ class RedisStore(Store):
         )  # fmt: skip
         if done == -1:
             self._check_not_restarted(key, entry.started_at)
+        elif done == 0:  # refused: by the claim's own fence?
+            data, fence = self._call("read", key, self.client.hmget, self.prefix + key, "e", "t")
+            if data is not None:
+                text = None if fence is None else fence.decode("utf-8", "surrogateescape")
+                self.check_fence(key, token, text, data)
         return bool(done == 1)
 
     def _check_not_restarted(self, key: str, since: float) -> None:
