@@ -8,6 +8,7 @@ and of the SQLite page that holds it, is refused, never replayed as another valu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import marshal
 import pickle
@@ -362,3 +363,72 @@ def test_a_flipped_bit_in_the_sqlite_page_of_the_records_never_replays_a_wrong_v
     assert not wrong, f"{len(wrong)} flips replayed another value or ran a body: {wrong[:8]}"
     assert refused > 100  # the flips inside the records, at least
 
+
+def _btree_used(db: bytes, page: int) -> list[int]:
+    """The offsets of the used bytes of b-tree page ``page`` (1-based): its header and cell
+    pointer array, and its cells."""
+    page_size = int.from_bytes(db[16:18], "big")
+    start = (page - 1) * page_size
+    header = start + (100 if page == 1 else 0)
+    assert db[header] in (0x02, 0x05, 0x0A, 0x0D), (page, db[header])
+    cells = int.from_bytes(db[header + 3 : header + 5], "big")
+    content = int.from_bytes(db[header + 5 : header + 7], "big") or 65536
+    size = 12 if db[header] in (0x02, 0x05) else 8
+    return [*range(header, header + size + 2 * cells), *range(start + content, start + page_size)]
+
+
+def _runner(store: Store, runs: list[int]) -> Callable[[], int]:
+    @idempotent(key="17", name="pay", store=store)
+    def pay() -> int:
+        runs.append(1)
+        return 0
+
+    return pay
+
+
+@pytest.mark.slow
+def test_a_flipped_bit_in_the_schema_or_settings_of_the_database_is_a_store_error(
+    tmp_path: Path,
+) -> None:
+    # The first page of cache.db holds its schema (which table and index lives where), another
+    # page diskcache's Settings. A flip there raised diskcache's own UnicodeDecodeError, or
+    # hid the Cache table, which diskcache then made again, empty, so that every key ran its
+    # body again; or pointed the key index at another page, so that a key looked unrecorded
+    # (issue 14, review). Each bit of both pages' used bytes: the recorded value or
+    # StoreError, naming the store and the way out.
+    original = DiskStore(tmp_path / "original")
+
+    @idempotent(key="17", name="pay", store=original)
+    def pay() -> int:
+        return 125000
+
+    pay()
+    (settings,) = original._sql(
+        "SELECT rootpage FROM sqlite_master WHERE name = 'Settings'"
+    ).fetchone()
+    original.close()
+    db = (tmp_path / "original" / "cache.db").read_bytes()
+
+    wrong: list[tuple[int, int, object]] = []
+    for at in [*_btree_used(db, 1), *_btree_used(db, settings)]:
+        for bit in range(8):
+            damaged = bytearray(db)
+            damaged[at] ^= 1 << bit
+            trial = tmp_path / "trial"
+            shutil.rmtree(trial, ignore_errors=True)
+            trial.mkdir(mode=0o700)
+            (trial / "cache.db").write_bytes(damaged)
+            (trial / "cache.db").chmod(0o600)
+            store = DiskStore(trial)
+            runs: list[int] = []
+            try:
+                got: object = _runner(store, runs)()
+            except StoreError as exc:  # naming the store
+                got = StoreError if str(trial) in str(exc) else str(exc)
+            except Exception as exc:  # what the test looks for
+                got = f"{type(exc).__name__}: {exc}"
+            if got not in (125000, StoreError) or runs:
+                wrong.append((at, bit, got))
+            with contextlib.suppress(Exception):
+                store.close()
+    assert not wrong, f"{len(wrong)} flips: (byte, bit, outcome) {wrong[:6]}"

@@ -28,8 +28,10 @@ __all__ = ["DiskStore", "default_directory"]
 
 logger = logging.getLogger("idemfn")
 
-# Errors the backend may raise for a broken, locked, full or unreadable store.
-_BACKEND_ERRORS = (sqlite3.Error, OSError, diskcache.Timeout)
+# Errors the backend may raise for a broken, locked, full or unreadable store. (sqlite3 raises
+# UnicodeDecodeError for text that is not UTF-8, and for an error message quoting some: a
+# damaged schema's.)
+_BACKEND_ERRORS = (sqlite3.Error, OSError, diskcache.Timeout, UnicodeDecodeError)
 
 # Records are rows of diskcache 5's Cache table (the columns are checked when a store opens),
 # always stored inline (never diskcache's side files: see disk_min_file_size), so that each
@@ -85,6 +87,8 @@ _CULL = (
 _CULL_EVERY = 64  # claims
 _EXPIRE = f"DELETE FROM Cache WHERE raw = 1 AND {_PASSED}"
 _FENCE = "SELECT tag, value FROM Cache WHERE key = ? AND raw = 1"
+# The tables and indexes of a store's database (diskcache makes them), by their names.
+_SCHEMA = frozenset({b"Settings", b"Cache", b"Cache_key_raw", b"Cache_expire_time"})
 
 
 def default_directory() -> Path:
@@ -263,15 +267,21 @@ class DiskStore(Store):
                         os.fchmod(fd, 0o600)  # whatever the umask took away
                     finally:
                         os.close(fd)
-            cache = diskcache.Cache(
-                where,
-                timeout=self.timeout,
-                # The default policy evicts past 1 GiB: a lost record re-runs a side effect.
-                eviction_policy="none",
-                statistics=False,
-                # Every record is a row, never a side file (see _CLAIM).
-                disk_min_file_size=2**62,
-            )
+            self._check_schema(where)
+            try:
+                cache = diskcache.Cache(
+                    where,
+                    timeout=self.timeout,
+                    # The default policy evicts past 1 GiB: a lost record re-runs a side effect.
+                    eviction_policy="none",
+                    statistics=False,
+                    # Every record is a row, never a side file (see _CLAIM).
+                    disk_min_file_size=2**62,
+                )
+            except _BACKEND_ERRORS:
+                raise
+            except Exception as exc:  # diskcache's own, reading a damaged Settings table
+                raise self._damaged(where, f"its settings: {type(exc).__name__}: {exc}") from exc
             for database in Path(where).glob("cache.db*") if private else ():
                 try:
                     database.chmod(0o600)  # files an older idemfn left readable by others
@@ -279,6 +289,8 @@ class DiskStore(Store):
                     pass
             columns = {row[1] for row in cache._sql("PRAGMA table_info(Cache)")}
         except _BACKEND_ERRORS as exc:
+            if _is_damage(exc):
+                raise self._damaged(where, f"{type(exc).__name__}: {exc}") from exc
             raise self.error("open the store for", str(self.directory), exc) from exc
         expected = {c.strip() for c in _COLUMNS.split(",")}
         if not columns >= expected or diskcache.core.MODE_RAW != _MODE_RAW:
@@ -289,6 +301,53 @@ class DiskStore(Store):
                 f"diskcache {diskcache.__version__} has a table layout this idemfn does not know",
             )
         return cache
+
+    def _check_schema(self, where: str) -> None:
+        """Refuse a database whose schema is damaged, before diskcache opens it: diskcache
+        makes the tables and indexes it finds missing. (Issue 14, review: a flipped bit in the
+        first page hid the Cache table from the schema, and diskcache made a new, empty one:
+        every key ran its body again; another pointed the key index at a page of another
+        index, and every key looked unrecorded.) Reading the schema costs an open a fraction
+        of a millisecond; a schema with a table missing (a new store's, or one still being
+        made by another process) is then checked page by page (``PRAGMA quick_check``), as
+        only its pages can tell it from a damaged one."""
+        path = os.path.join(where, "cache.db")
+        try:
+            if os.stat(path).st_size == 0:
+                return  # new: diskcache makes it
+        except FileNotFoundError:
+            return
+        con = sqlite3.connect(path, timeout=self.timeout)
+        try:
+            con.text_factory = bytes  # a damaged name is a finding, not a UnicodeDecodeError
+            rows = con.execute("SELECT name, tbl_name, rootpage FROM sqlite_master").fetchall()
+            (pages,) = con.execute("PRAGMA page_count").fetchone()
+            names = {name for name, _, _ in rows}
+            roots = [root for _, _, root in rows if root]  # (a trigger has none)
+            problem = None
+            if len(set(roots)) != len(roots) or any(not 0 < r <= pages for r in roots):
+                problem = "two schema objects share a page, or one lies outside the file"
+            elif not {table for _, table, _ in rows} <= names:
+                problem = "an index or trigger is on a table the schema does not hold"
+            elif not names >= _SCHEMA:
+                checked = [row[0] for row in con.execute("PRAGMA quick_check(5)")]
+                if checked != [b"ok"]:
+                    problem = b"; ".join(checked).decode("utf-8", "replace")
+        finally:
+            con.close()
+        if problem is not None:
+            raise self._damaged(where, f"its schema is damaged: {problem}")
+
+    def _damaged(self, where: str, problem: str) -> StoreError:
+        database = os.path.join(where, "cache.db")
+        return self.error(
+            "open the store for",
+            str(self.directory),
+            f"{database} is damaged ({problem}); no record was read from it. Restore it"
+            f" from a backup, or inspect it (sqlite3 {database} 'PRAGMA"
+            " integrity_check'); a store moved aside starts empty, and every call then runs"
+            " its body again",
+        )
 
     def _resolve(self, path: str, *, make: bool = True) -> str:
         """``path`` with every symbolic link resolved and each missing directory created
@@ -646,6 +705,14 @@ class DiskStore(Store):
         self._cache = None
         self._lock = threading.Lock()
         self._local = threading.local()
+
+
+def _is_damage(exc: BaseException) -> bool:
+    """Whether ``exc``, from SQLite, says the database file is damaged (SQLITE_CORRUPT,
+    SQLITE_NOTADB: a plain DatabaseError), rather than busy, locked or unreachable."""
+    if isinstance(exc, UnicodeDecodeError):
+        return True
+    return isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError)
 
 
 def _left_later(todo: list[str]) -> int:
