@@ -271,6 +271,9 @@ def _legacy(data: bytes, version: int) -> object:
         fields = marshal.loads(data)
     except (EOFError, ValueError, TypeError) as exc:
         raise ValueError(f"not an idemfn record ({exc})") from None
+    if type(fields) is tuple and any(f != f for f in fields if type(f) is float):
+        # A time no idemfn writes: a flipped bit in a float's exponent (no checksum to see it).
+        raise ValueError("not an idemfn record (a time that is not a number)")
     if version == 1 and type(fields) is tuple:
         fields = (*fields, None)  # no lease_mono
     return fields
