@@ -409,28 +409,35 @@ def test_a_flipped_bit_in_the_schema_or_settings_of_the_database_is_a_store_erro
     original.close()
     db = (tmp_path / "original" / "cache.db").read_bytes()
 
+    # Every bit of the pages' structure (headers, cell pointers, varints, root page numbers);
+    # of their text (SQL, setting names) one bit per byte, a different one from byte to byte,
+    # which is enough to show every kind of damage a text byte can take, in an eighth the time.
+    trials = [
+        (at, bit)
+        for at in [*_btree_used(db, 1), *_btree_used(db, settings)]
+        for bit in (range(8) if not 0x20 <= db[at] < 0x7F else (at % 8,))
+    ]
     wrong: list[tuple[int, int, object]] = []
-    for at in [*_btree_used(db, 1), *_btree_used(db, settings)]:
-        for bit in range(8):
-            damaged = bytearray(db)
-            damaged[at] ^= 1 << bit
-            trial = tmp_path / "trial"
-            shutil.rmtree(trial, ignore_errors=True)
-            trial.mkdir(mode=0o700)
-            (trial / "cache.db").write_bytes(damaged)
-            (trial / "cache.db").chmod(0o600)
-            store = DiskStore(trial)
-            runs: list[int] = []
-            try:
-                got: object = _runner(store, runs)()
-            except StoreError as exc:  # naming the store
-                got = StoreError if str(trial) in str(exc) else str(exc)
-            except Exception as exc:  # what the test looks for
-                got = f"{type(exc).__name__}: {exc}"
-            if got not in (125000, StoreError) or runs:
-                wrong.append((at, bit, got))
-            with contextlib.suppress(Exception):
-                store.close()
+    for at, bit in trials:
+        damaged = bytearray(db)
+        damaged[at] ^= 1 << bit
+        trial = tmp_path / "trial"
+        shutil.rmtree(trial, ignore_errors=True)
+        trial.mkdir(mode=0o700)
+        (trial / "cache.db").write_bytes(damaged)
+        (trial / "cache.db").chmod(0o600)
+        store = DiskStore(trial)
+        runs: list[int] = []
+        try:
+            got: object = _runner(store, runs)()
+        except StoreError as exc:  # naming the store
+            got = StoreError if str(trial) in str(exc) else str(exc)
+        except Exception as exc:  # what the test looks for
+            got = f"{type(exc).__name__}: {exc}"
+        if got not in (125000, StoreError) or runs:
+            wrong.append((at, bit, got))
+        with contextlib.suppress(Exception):
+            store.close()
     assert not wrong, f"{len(wrong)} flips: (byte, bit, outcome) {wrong[:6]}"
 
 
