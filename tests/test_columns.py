@@ -27,14 +27,8 @@ from idemfn.testing import _processing
 
 from .conftest import make_store
 
-# PostgresStore's claim and prune still act on expires_at and drop_at alone, and its swap does
-# not look at what refused it: reported (issue 14, review), for postgres.py's owner to fix.
-_POSTGRES_OPEN = pytest.mark.xfail(
-    strict=True, reason="PostgresStore trusts expires_at, drop_at and live beside the record"
-)
 
-
-@pytest.fixture(params=["disk", "redis", pytest.param("postgres", marks=_POSTGRES_OPEN)])
+@pytest.fixture(params=["disk", "redis", "postgres"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     s = make_store(request.param, tmp_path, request)
     yield s

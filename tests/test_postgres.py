@@ -25,6 +25,7 @@ import pytest
 
 import idemfn
 from idemfn import PostgresStore, Status, StoreError, idempotent
+from idemfn.testing import _finished, _processing
 
 from .conftest import age
 from .servers import PostgresServer
@@ -358,6 +359,43 @@ def test_bad_arguments_name_what_is_wrong() -> None:
     store = idemfn.open_store("postgresql://user:s3cret@db.example:5433/app")
     assert isinstance(store, PostgresStore)
     assert "s3cret" not in repr(store) and "db.example:5433/app" in repr(store)
+
+
+@pytest.mark.parametrize("column", ["expires_at", "drop_at"])
+def test_a_record_expired_by_itself_whose_copies_of_its_expiry_disagree_goes(
+    postgres_server: PostgresServer, column: str
+) -> None:
+    # SQL alone replaces or removes a row only when expires_at and drop_at agree (issue 14,
+    # review); a row whose copies disagree is judged by its record. Here the record expired a
+    # minute ago, and one copy says an hour from now: the claim and prune still remove it,
+    # that exact row, instead of replaying an expired record or keeping it forever.
+    store = fresh(postgres_server)
+    key = "pay:17"
+
+    def expired_with_one_copy_off() -> None:
+        assert store.claim(_finished(store, key, "old", expires_in=-60)) is None
+        query = f'UPDATE "{store.table}" SET {column} = {column} + 3600 WHERE key = %s'
+        assert store._run("overwrite", key, query, (key,)) == 1
+
+    expired_with_one_copy_off()
+    assert store.get(key) is None  # expired, by its record
+    assert store.claim(_processing(store, key, "new")) is None  # won: the expired row went
+    found = store.get(key)
+    assert found is not None and found.token == "new"
+    store.delete(key)
+
+    expired_with_one_copy_off()
+    assert store.prune() == 1
+    assert store._run("read", key, f'SELECT key FROM "{store.table}"', ()) == []
+
+    # A live record whose copies disagree stays, through both.
+    assert store.claim(_finished(store, key, "live", expires_in=3600)) is None
+    query = f'UPDATE "{store.table}" SET {column} = {column} - 7200 WHERE key = %s'
+    assert store._run("overwrite", key, query, (key,)) == 1
+    assert store.prune() == 0
+    found = store.claim(_processing(store, key, "racing"))
+    assert found is not None and found.token == "live"
+    store.close()
 
 
 # -- transactional mode ------------------------------------------------------------------------

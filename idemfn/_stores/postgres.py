@@ -14,6 +14,15 @@ an expired row and returns the live one in the same statement, every later write
 ``UPDATE``/``DELETE … WHERE key = … AND live = token``. The clock is the server's
 (``clock_timestamp()``, see ``clock.ServerClock``).
 
+The record's checksum covers ``entry`` only. SQL alone replaces or removes a finished row only
+when its two copies of its expiry agree that it has passed: ``expires_at`` and ``drop_at``,
+which every version has written equal whenever ``expires_at`` is set (a claim has no
+``expires_at``: only its lease + ttl in ``drop_at``). One flipped bit in either made a live
+record look expired to a claim or prune, which removed it: its body ran again (issue 14,
+review). A row whose copies disagree is judged by its record: the claim reads it (and removes
+that exact row if the record says it expired), prune reads it. A write refused by the fence
+``live`` reads the row once, to tell a lost claim from a damaged fence (``_refused``).
+
 Lease renewals go to a second table, ``<table>_leases`` (key, token, lease_until, lease_mono),
 never to the record's row, and on a connection of their own outside the pool (issue 14). A
 transactional body's ``ok`` record is an ``UPDATE`` of the record's row inside the body's
@@ -472,7 +481,16 @@ class PostgresStore(Store):
                 return None
             if found is not None:
                 live = self.decode(entry.key, found)
-                return self._with_lease(live) if live.status == "processing" else live
+                if live.status == "processing":
+                    return self._with_lease(live)
+                if not live.is_expired(self.time()):
+                    return live
+                # Expired by its own clock, yet not replaced: the row's two copies of its expiry
+                # disagree (see the module's docstring), or it expired after the statement. Remove
+                # it, but only the row looked at: another caller that read it too may have
+                # removed it and claimed since, and deleting that claim would let two run.
+                self._run("claim", entry.key, self._sql["delete_row"], (entry.key, found))
+                continue
             # Neither: a row committed by another caller after this statement's snapshot was
             # taken (or removed since). Look again.
 
@@ -495,7 +513,9 @@ class PostgresStore(Store):
             # heartbeat may have renewed it after the transaction's snapshot was taken.
             _still_in(current)
             current.fence = token
-            return bool(self._run("update", key, self._sql["swap"], row, conn=current.conn) == 1)
+            if self._run("update", key, self._sql["swap"], row, conn=current.conn) == 1:
+                return True
+            return self._refused(key, token, current.conn)
         # A claim's lease row goes when the claim is taken over or rewritten (the entry written
         # holds its lease), or ends after this process renewed it; else the write costs what
         # it did before lease rows (a claim another process renewed leaves one for prune).
@@ -503,7 +523,20 @@ class PostgresStore(Store):
             bool(self._leased) and self._leased.pop(key, None) is not None
         )
         query = self._sql["swap_tidy" if tidy else "swap"]
-        return bool(self._run("update", key, query, row) == 1)
+        if self._run("update", key, query, row) == 1:
+            return True
+        return self._refused(key, token, None)
+
+    def _refused(self, key: str, token: str, conn: Any) -> bool:
+        """After ``swap`` on ``token`` updated no row: False (the claim is lost), unless the
+        row is still that claim and only its fence (``live``, which no checksum covers)
+        disagrees, a StoreError (``check_fence``). A caller that judged the claim abandoned
+        could neither halt it nor take it over, and looked again forever (issue 14, review).
+        Read only after a refusal: a write that succeeds costs what it did."""
+        rows = self._run("update", key, self._sql["fence"], (key,), conn=conn)
+        if rows:
+            self.check_fence(key, token, rows[0][0], rows[0][1])
+        return False
 
     def release(self, key: str, token: str) -> bool:
         tidy = bool(self._leased) and self._leased.pop(key, None) is not None
@@ -593,9 +626,11 @@ class PostgresStore(Store):
                 yield self._with_lease(entry) if entry.status == "processing" else entry
 
     def prune(self) -> int:
-        """One indexed DELETE of expired records; then each claim whose lease ran out ttl ago
-        by the server's clock is judged by the engine's rule (``prunable``): one whose owner
-        is alive on its machine's monotonic clock stays, whatever the wall clocks say."""
+        """One indexed DELETE of expired records (whose two copies of their expiry agree: see
+        the module's docstring); then each claim whose lease ran out ttl ago by the server's
+        clock, and each finished row whose copies disagree, is judged by its record and the
+        engine's rule (``prunable``): a claim whose owner is alive on its machine's monotonic
+        clock stays, whatever the wall clocks say."""
         removed = int(self._run("prune", self.table, self._sql["prune"], ()))
         now = self.time()
         stale = [k for (k,) in self._run("prune", self.table, self._sql["stale"], ())]
@@ -683,7 +718,7 @@ def _statements(table: str, leases: str) -> dict[str, str]:
         " entry) VALUES (%(key)s, %(live)s, %(token)s, %(expires_at)s, %(drop_at)s, %(entry)s)"
         " ON CONFLICT (key) DO UPDATE SET live = EXCLUDED.live, token = EXCLUDED.token,"
         " expires_at = EXCLUDED.expires_at, drop_at = EXCLUDED.drop_at, entry = EXCLUDED.entry"
-        f" WHERE r.expires_at IS NOT NULL AND r.expires_at <= {now} RETURNING 1)"
+        f" WHERE r.expires_at <= {now} AND r.drop_at = r.expires_at RETURNING 1)"
         f" SELECT EXISTS (SELECT 1 FROM claimed), (SELECT entry FROM {t} WHERE key = %(key)s)",
         "get": f"SELECT entry FROM {t} WHERE key = %s",
         "lease": f"SELECT lease_until, lease_mono FROM {lt} WHERE key = %s AND token = %s",
@@ -706,10 +741,15 @@ def _statements(table: str, leases: str) -> dict[str, str]:
         " RETURNING lease_until",
         "tidy": f"DELETE FROM {lt} WHERE key = %s AND token = %s",
         "keys": f"SELECT key FROM {t} WHERE starts_with(key, %s) ORDER BY key",
+        # Both copies compared with now, in the row: a scan of the drop_at index would not
+        # read the row's drop_at again. The stale query also reads finished rows whose copies
+        # disagree, to judge them by their record.
         "prune": f"DELETE FROM {t} WHERE drop_at IS NOT NULL AND drop_at < {now}"
-        " AND live IS NULL",
+        f" AND live IS NULL AND drop_at = expires_at AND expires_at < {now}",
         "stale": f"SELECT key FROM {t} WHERE drop_at IS NOT NULL AND drop_at < {now}"
-        " AND live IS NOT NULL",
+        " AND live IS NOT NULL OR live IS NULL AND drop_at IS DISTINCT FROM expires_at",
+        "fence": f"SELECT live, entry FROM {t} WHERE key = %s",
+        "delete_row": f"DELETE FROM {t} WHERE key = %s AND entry = %s",
         "prune_leases": f"DELETE FROM {lt} l WHERE l.lease_until < {now} AND NOT EXISTS"
         f" (SELECT FROM {t} r WHERE r.key = l.key AND r.live = l.token)",
         "size": "SELECT pg_total_relation_size(quote_ident(%s))"
