@@ -337,15 +337,15 @@ class Claim:
             logger.warning("idemfn: could not renew the lease of %r (will retry): %s", e.key, exc)
             self.renew_at = time.monotonic() + min(1.0, self.policy.lease / 10)
             return True
-        kept = renewed is not None
         if renewed is not None:
             self.entry = renewed
-        elif not self._settled:  # (once settling, a failed renewal is the outcome written)
+            return True
+        if not self._settled:  # (once settling, a failed renewal is the outcome written)
             self._lost = True
             logger.warning(
                 "idemfn: the claim on %r was taken over or halted while its body ran", e.key
             )
-        return kept
+        return False
 
     def _settling(self) -> bool:
         """Start settling the claim; False (settle nothing) in a forked child of its owner."""

@@ -668,6 +668,19 @@ def _pids(where: Path, *names: str) -> dict[str, int]:
     return {name: int((where / f"{name}.pid").read_text()) for name in names}
 
 
+def _started(runner: subprocess.Popen[bytes], where: Path, *names: str) -> dict[str, int]:
+    """The pids of the steps ``names`` once each has started, the runner still running."""
+    poll(lambda: all((where / f"{n}.pid").exists() for n in names) or runner.poll() is not None,
+         "the steps to start")  # fmt: skip
+    assert runner.poll() is None, runner.communicate()
+    return _pids(where, *names)
+
+
+def _kill_started(where: Path, *names: str) -> None:
+    """Leave none of the steps ``names`` that started running, whatever the test found."""
+    _kill_all(_pids(where, *(n for n in names if (where / f"{n}.pid").exists())).values())
+
+
 def _children(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
@@ -696,17 +709,14 @@ def test_a_sigkilled_runner_takes_everything_its_command_started(
     runner = start("run", "--key", "k", "--", *cmd, env=env, new_session=True)
     names = ("bg", "daemon", "fg")
     try:
-        poll(lambda: all((where / f"{n}.pid").exists() for n in names) or runner.poll() is not None,
-             "the steps to start")  # fmt: skip
-        assert runner.poll() is None, runner.communicate()
-        pids = _pids(where, *names)
+        pids = _started(runner, where, *names)
         runner.kill()
         runner.wait(timeout=TIMEOUT)
         for name, pid in pids.items():
             poll(lambda pid=pid: not _alive(pid), f"the {name} step to die with its runner")
     finally:
         stop(runner, group=True)
-        _kill_all(_pids(where, *(n for n in names if (where / f"{n}.pid").exists())).values())
+        _kill_started(where, *names)
     assert not (where / "release").exists()
 
 
@@ -1266,17 +1276,14 @@ def test_a_runner_killed_with_its_process_group_takes_everything_its_command_sta
     names = ("daemon", "group")
     runner = start("run", "--key", "k", "--", *_step(where, *names), env=env, new_session=True)
     try:
-        poll(lambda: all((where / f"{n}.pid").exists() for n in names) or runner.poll() is not None,
-             "the steps to start")  # fmt: skip
-        assert runner.poll() is None, runner.communicate()
-        pids = _pids(where, *names)
+        pids = _started(runner, where, *names)
         os.killpg(runner.pid, signal.SIGKILL)
         runner.wait(timeout=TIMEOUT)
         for name, pid in pids.items():
             poll(lambda pid=pid: not _alive(pid), f"the {name} step to die with its runner")
     finally:
         stop(runner, group=True)
-        _kill_all(_pids(where, *(n for n in names if (where / f"{n}.pid").exists())).values())
+        _kill_started(where, *names)
 
 
 @pytest.mark.slow
@@ -1294,10 +1301,7 @@ def test_a_killed_supervisor_takes_down_what_the_command_started(
     runner = start("run", "--key", "k", "--", *_step(where, "bg &", "fg"), env=env,
                    new_session=True)  # fmt: skip
     try:
-        poll(lambda: all((where / f"{n}.pid").exists() for n in names) or runner.poll() is not None,
-             "the steps to start")  # fmt: skip
-        assert runner.poll() is None, runner.communicate()
-        pids = _pids(where, *names)
+        pids = _started(runner, where, *names)
         [between] = _children(runner.pid)  # the process between the runner and the command
         os.kill(between, signal.SIGKILL)
         proc = finish(runner, 128 + signal.SIGKILL)
@@ -1305,7 +1309,7 @@ def test_a_killed_supervisor_takes_down_what_the_command_started(
         assert [name for name, pid in pids.items() if _alive(pid)] == []
     finally:
         stop(runner, group=True)
-        _kill_all(_pids(where, *(n for n in names if (where / f"{n}.pid").exists())).values())
+        _kill_started(where, *names)
     assert not (where / "release").exists()
     assert b"supervising" in proc.stderr
     fields = show("k", env)

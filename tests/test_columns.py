@@ -25,19 +25,8 @@ from idemfn import DiskStore, RedisStore, Store, StoreError, idempotent
 from idemfn._stores.postgres import PostgresStore
 from idemfn.testing import _processing
 
-from .conftest import make_store
-
-
-@pytest.fixture(params=["disk", "redis", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    s = make_store(request.param, tmp_path, request)
-    yield s
-    if isinstance(s, RedisStore):
-        for name in s.client.scan_iter(match=f"{s.prefix}*"):
-            s.client.delete(name)
-    if isinstance(s, PostgresStore):
-        s._run("drop", s.table, f'DROP TABLE IF EXISTS "{s.table}"', ())
-    s.close()
+# The conftest's store fixture, on the stores that keep columns beside the record.
+beside_the_record = pytest.mark.parametrize("store", ["disk", "redis", "postgres"], indirect=True)
 
 
 # The columns or fields beside the record: (expiry ones, the fence).
@@ -91,6 +80,7 @@ def _text_flips(value: str) -> Iterator[str]:
                 yield value[:at] + other + value[at + 1 :]
 
 
+@beside_the_record
 def test_a_flipped_expiry_beside_the_record_never_removes_or_replaces_it(store: Store) -> None:
     runs: list[int] = []
 
@@ -144,6 +134,7 @@ def _looping(store: Store, limit: int) -> Callable[[], None]:
     return lambda: calls.__setitem__(0, 0)
 
 
+@beside_the_record
 @pytest.mark.parametrize("on_abandoned", ["halt", "retry"])
 def test_a_flipped_fence_beside_a_claim_is_a_store_error_not_a_loop(
     store: Store, on_abandoned: Literal["halt", "retry"]

@@ -346,12 +346,7 @@ def test_a_flipped_bit_in_the_sqlite_page_of_the_records_never_replays_a_wrong_v
     for at in [*head, *cells[::3]]:
         damaged = bytearray(db)
         damaged[at] ^= 1 << at % 8
-        trial = tmp_path / "trial"
-        shutil.rmtree(trial, ignore_errors=True)
-        trial.mkdir(mode=0o700)
-        (trial / "cache.db").write_bytes(damaged)
-        (trial / "cache.db").chmod(0o600)
-        store = DiskStore(trial)
+        store = _opened(tmp_path / "trial", damaged)
         del runs[:]
         for what, outcome in _recorders(store, runs).items():
             got = outcome()
@@ -362,6 +357,15 @@ def test_a_flipped_bit_in_the_sqlite_page_of_the_records_never_replays_a_wrong_v
         store.close()
     assert not wrong, f"{len(wrong)} flips replayed another value or ran a body: {wrong[:8]}"
     assert refused > 100  # the flips inside the records, at least
+
+
+def _opened(directory: Path, db: bytearray) -> DiskStore:
+    """A fresh DiskStore in ``directory`` whose ``cache.db`` is ``db``."""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(mode=0o700)
+    (directory / "cache.db").write_bytes(db)
+    (directory / "cache.db").chmod(0o600)
+    return DiskStore(directory)
 
 
 def _btree_used(db: bytes, page: int) -> list[int]:
@@ -418,15 +422,11 @@ def test_a_flipped_bit_in_the_schema_or_settings_of_the_database_is_a_store_erro
         for bit in (range(8) if not 0x20 <= db[at] < 0x7F else (at % 8,))
     ]
     wrong: list[tuple[int, int, object]] = []
+    trial = tmp_path / "trial"
     for at, bit in trials:
         damaged = bytearray(db)
         damaged[at] ^= 1 << bit
-        trial = tmp_path / "trial"
-        shutil.rmtree(trial, ignore_errors=True)
-        trial.mkdir(mode=0o700)
-        (trial / "cache.db").write_bytes(damaged)
-        (trial / "cache.db").chmod(0o600)
-        store = DiskStore(trial)
+        store = _opened(trial, damaged)
         runs: list[int] = []
         try:
             got: object = _runner(store, runs)()
