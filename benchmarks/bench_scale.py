@@ -365,8 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for size, pair in pairs:
                 pair.measure(rounds, round_ns)
-                faults = {side: minor_faults_per_call(run) for side, run in
-                          (("idemfn", pair.idemfn), ("baseline", pair.baseline))}  # fmt: skip
+                faults = {
+                    side: minor_faults_per_call(run)
+                    for side, run in (("idemfn", pair.idemfn), ("baseline", pair.baseline))
+                }
                 size_rows.append(Row(pair, {"result_bytes": size, "minor_faults": faults}))
         finally:
             sized_store.close()

@@ -37,10 +37,22 @@ def redis_server(directory: Path) -> Iterator[str]:
         sys.exit("redis-server is not installed (apt-get install redis-server)")
     sock = directory / "redis.sock"
     proc = subprocess.Popen(
-        [binary, "--port", "0", "--unixsocket", str(sock), "--save", "", "--appendonly", "no",
-         "--dir", str(directory)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            binary,
+            "--port",
+            "0",
+            "--unixsocket",
+            str(sock),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(directory),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         import redis
 
@@ -77,16 +89,32 @@ def postgres_server() -> Iterator[str]:
         sh.chown(top / "sock", "postgres")
         runas = ["runuser", "-u", "postgres", "--"]
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "check": True}
-    subprocess.run([*runas, initdb, "-D", str(top / "data"), "-A", "trust", "-U", "postgres",
-                    "--no-sync"], **quiet)  # type: ignore[call-overload]  # fmt: skip
+    subprocess.run(
+        [*runas, initdb, "-D", str(top / "data"), "-A", "trust", "-U", "postgres", "--no-sync"],
+        **quiet,
+    )  # type: ignore[call-overload]
     options = f"-k {top / 'sock'} -c listen_addresses='' -c fsync=off"
-    subprocess.run([*runas, pg_ctl, "-D", str(top / "data"), "-o", options, "-l",
-                    str(top / "log"), "-w", "start"], **quiet)  # type: ignore[call-overload]  # fmt: skip
+    subprocess.run(
+        [
+            *runas,
+            pg_ctl,
+            "-D",
+            str(top / "data"),
+            "-o",
+            options,
+            "-l",
+            str(top / "log"),
+            "-w",
+            "start",
+        ],
+        **quiet,
+    )  # type: ignore[call-overload]
     try:
         yield f"host={top / 'sock'} user=postgres dbname=postgres"
     finally:
-        subprocess.run([*runas, pg_ctl, "-D", str(top / "data"), "-m", "immediate", "stop"],
-                       **quiet)  # type: ignore[call-overload]  # fmt: skip
+        subprocess.run(
+            [*runas, pg_ctl, "-D", str(top / "data"), "-m", "immediate", "stop"], **quiet
+        )  # type: ignore[call-overload]
         sh.rmtree(top, ignore_errors=True)
 
 
@@ -105,8 +133,9 @@ def per_call(fn: Callable[[], object], seconds: float) -> float:
             return elapsed / n * 1e6
 
 
-def measure(pairs: dict[str, tuple[Callable[[], object], Callable[[], object]]],
-            rounds: int, seconds: float) -> None:  # fmt: skip
+def measure(
+    pairs: dict[str, tuple[Callable[[], object], Callable[[], object]]], rounds: int, seconds: float
+) -> None:
     print(f"{'measure':<34}{'idemfn µs':>11}{'floor µs':>10}{'ratio':>8}")
     for name, (ours, floor) in pairs.items():
         a: list[float] = []

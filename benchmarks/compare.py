@@ -274,11 +274,7 @@ def redis_systems(url: str, missing: list[str]) -> list[System]:
         missing.append("aws-lambda-powertools")
     else:
         replay_pt, first_pt = powertools
-        systems.append(
-            _pair(
-                "Powertools (Redis)", replay_pt, first_pt, counter, "powertools"
-            )
-        )
+        systems.append(_pair("Powertools (Redis)", replay_pt, first_pt, counter, "powertools"))
     return systems
 
 
@@ -388,8 +384,12 @@ def _concurrent_function(
         from cachier import cachier
 
         # Its waiters wait for a calculation in flight; without a timeout they can wait forever.
-        return cachier(backend="pickle", cache_dir=where["cachier"], separate_files=True,
-                       wait_for_calc_timeout=10)(body)
+        return cachier(
+            backend="pickle",
+            cache_dir=where["cachier"],
+            separate_files=True,
+            wait_for_calc_timeout=10,
+        )(body)
     if system == "functools.lru_cache":
         return functools.lru_cache(maxsize=None)(body)
     if system == "Powertools (Redis)":

@@ -43,9 +43,11 @@ def main() -> int:
         print(f"call {attempt}: {receipt} ({how})")
     record = charge.status("order-1001", 2500)
     assert record is not None
-    print(f"record: status={record.status.value} attempt={record.attempt}"
-          f" finished_at={record.finished_at:%Y-%m-%d %H:%M:%S}Z"
-          f" expires_at={record.expires_at:%Y-%m-%d %H:%M:%S}Z")
+    print(
+        f"record: status={record.status.value} attempt={record.attempt}"
+        f" finished_at={record.finished_at:%Y-%m-%d %H:%M:%S}Z"
+        f" expires_at={record.expires_at:%Y-%m-%d %H:%M:%S}Z"
+    )
     try:
         charge("order-1001", 9999)
     except FingerprintMismatch as exc:

@@ -33,7 +33,9 @@ def main() -> None:
     from redis import Redis
     from rq import Queue
 
-    queue = Queue(connection=Redis.from_url(os.environ.get("REDIS_URL", "redis://localhost:6379/0")))
+    queue = Queue(
+        connection=Redis.from_url(os.environ.get("REDIS_URL", "redis://localhost:6379/0"))
+    )
     invoice = sys.argv[1] if len(sys.argv) > 1 else "invoice-1001"
     # By import path: the worker imports rq_jobs.pay (this file run as a script is __main__).
     jobs = [queue.enqueue("rq_jobs.pay", invoice, 2500) for _ in range(3)]

@@ -8,7 +8,6 @@
 The first call with a key runs the body and records the outcome; later calls replay it.
 """
 
-
 from ._decorator import IdempotentFunction, idempotent
 from ._engine import Claim, Finished, Policy, abegin, begin
 from ._errors import (

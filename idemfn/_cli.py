@@ -150,8 +150,7 @@ def _seconds(*, allow_none: bool = False, positive: bool = False) -> Callable[[s
             ) from None
         if not math.isfinite(value) or value < 0 or (positive and value == 0):
             raise argparse.ArgumentTypeError(
-                f"expected a finite number of seconds {'> 0' if positive else '>= 0'},"
-                f" not {text!r}"
+                f"expected a finite number of seconds {'> 0' if positive else '>= 0'}, not {text!r}"
             )
         return value
 
@@ -559,9 +558,7 @@ def _no_store(directory: Path, source: str, problem: OSError) -> Failure:
     what = f"{problem.filename}: {problem.strerror}" if problem.filename else str(problem)
     if isinstance(problem, NotADirectoryError):
         return Failure(f"no store at {directory} ({source}): {what}", Exit.NO_STORE)
-    return Failure(
-        f"cannot use the store at {directory} ({source}): {what}", Exit.STORE_ERROR
-    )
+    return Failure(f"cannot use the store at {directory} ({source}): {what}", Exit.STORE_ERROR)
 
 
 # ------------------------------------------------------------------------------------ records
@@ -713,10 +710,15 @@ def _ls(args: argparse.Namespace) -> Exit:
         )
         return Exit.OK
     rows = [
-        [_shown(e.key), _state(e, now), _span(now - _changed_at(e)), _owner_short(e.owner),
-         _expiry(e, now)]
+        [
+            _shown(e.key),
+            _state(e, now),
+            _span(now - _changed_at(e)),
+            _owner_short(e.owner),
+            _expiry(e, now),
+        ]
         for e in entries
-    ] + [[_shown(key), _unreadable(err), "-", "-", "-"] for key, err in listed_broken]  # fmt: skip
+    ] + [[_shown(key), _unreadable(err), "-", "-", "-"] for key, err in listed_broken]
     if not rows:
         hidden = len(found) - len(scanned)
         print(_nothing_listed(args, store, len(scanned) + len(broken), hidden), file=sys.stderr)
@@ -769,9 +771,7 @@ def _find(store: Store, key: str) -> Entry:
         if entry.key == key:
             return entry
     if key in broken:
-        raise Failure(
-            f"{broken[key]}{_forget_hint(broken[key], key)}", Exit.STORE_ERROR
-        )
+        raise Failure(f"{broken[key]}{_forget_hint(broken[key], key)}", Exit.STORE_ERROR)
     raise _no_record(store, key)
 
 
@@ -844,15 +844,23 @@ def _show(args: argparse.Namespace) -> Exit:
         ago = _span(now - entry.finished_at)
         lines.append(("finished", f"{fields['finished_at']} ({ago} ago)"))
         expires = "never" if entry.expires_at is None else f"{fields['expires_at']}"
-        lines.append(("expires", expires if entry.expires_at is None
-                      else f"{expires} ({_expiry(entry, now)})"))  # fmt: skip
+        lines.append(
+            (
+                "expires",
+                expires if entry.expires_at is None else f"{expires} ({_expiry(entry, now)})",
+            )
+        )
     owner = f"{entry.owner}"
     if entry.status == Status.PROCESSING:
         gone = fields["owner_gone"]
         owner += f" (gone: {gone})" if gone else " (running)"
         lines.append(("lease until", f"{fields['lease_expires_at']} ({_expiry(entry, now)})"))
-    lines += [("owner", owner), ("ttl", "forever" if entry.ttl is None else f"{entry.ttl:g}s"),
-              ("fingerprint", entry.fingerprint or "-"), ("token", entry.token)]  # fmt: skip
+    lines += [
+        ("owner", owner),
+        ("ttl", "forever" if entry.ttl is None else f"{entry.ttl:g}s"),
+        ("fingerprint", entry.fingerprint or "-"),
+        ("token", entry.token),
+    ]
     command = fields.get("command")
     if entry.reason and command is None:  # a command's ending says it better
         lines.append(("reason", entry.reason))
@@ -863,8 +871,10 @@ def _show(args: argparse.Namespace) -> Exit:
     if "value_error" in fields:
         lines.append(("value", f"(cannot load it: {fields['value_error']})"))
     if command is not None:
-        lines += [("command", shlex.join(command["argv"])),
-                  ("exit status", f"{command['exit_status']} ({command['ended']})")]  # fmt: skip
+        lines += [
+            ("command", shlex.join(command["argv"])),
+            ("exit status", f"{command['exit_status']} ({command['ended']})"),
+        ]
         if command["dropped"]:
             lines.append(("not recorded", f"{command['dropped']} bytes of output (--max-output)"))
     for name, text in lines:
@@ -889,10 +899,12 @@ def _forget(args: argparse.Namespace) -> int:
         except Failure as failure:
             problems.append(failure)
     if getattr(args, "json", False):
-        _print_json({
-            "removed": removed,
-            "not_removed": [{"error": str(p), "exit_status": int(p.status)} for p in problems],
-        })  # fmt: skip
+        _print_json(
+            {
+                "removed": removed,
+                "not_removed": [{"error": str(p), "exit_status": int(p.status)} for p in problems],
+            }
+        )
     else:
         for record in removed:
             print(f"forgot {record['key']} (was {record['state']})")
@@ -907,9 +919,7 @@ def _forget_one(store: Store, key: str, status: str | None, force: bool) -> dict
             entry = store.get(key)
         except StoreError as exc:  # a record that cannot be read can still be deleted
             if not force or status is not None:
-                raise Failure(
-                    f"{exc}{_forget_hint(exc, key)}", Exit.STORE_ERROR
-                ) from None
+                raise Failure(f"{exc}{_forget_hint(exc, key)}", Exit.STORE_ERROR) from None
             if store.delete(key):
                 return {"key": key, "state": "unreadable", "error": str(exc)}
             raise _no_record(store, key) from None
@@ -966,11 +976,13 @@ def _stats(args: argparse.Namespace) -> Exit:
         "records": sum(counts[s] for s in states if s != "expired"),
         "by_state": {s: counts[s] for s in states},
         "bytes": size,
-        "oldest": None if oldest is None else {"key": oldest.key,
-                                               "started_at": _iso(oldest.started_at)},
-        "newest": None if newest is None else {"key": newest.key,
-                                               "started_at": _iso(newest.started_at)},
-    }  # fmt: skip
+        "oldest": None
+        if oldest is None
+        else {"key": oldest.key, "started_at": _iso(oldest.started_at)},
+        "newest": None
+        if newest is None
+        else {"key": newest.key, "started_at": _iso(newest.started_at)},
+    }
     if getattr(args, "json", False):
         _print_json(summary)
         return Exit.OK
@@ -1008,9 +1020,14 @@ def _run_command(args: argparse.Namespace) -> int:
     fingerprint = _run.fingerprint(args.argv, args.fingerprint_env)
     try:
         outcome, ran = _run.run_once(
-            store, key, args.argv, policy=policy, fingerprint=fingerprint,
-            retry_on_exit=frozenset(args.retry_on_exit), max_output=args.max_output,
-        )  # fmt: skip
+            store,
+            key,
+            args.argv,
+            policy=policy,
+            fingerprint=fingerprint,
+            retry_on_exit=frozenset(args.retry_on_exit),
+            max_output=args.max_output,
+        )
     except _run.CannotStart as exc:
         raise Failure(f"{exc} (key {key!r} released: nothing ran)", exc.status) from None
     except _run.ForeignRecord as exc:

@@ -394,11 +394,21 @@ def idempotent(
     TypeError: idempotent takes keyword options only: write @idempotent() or @idempotent(key=...)
     """
     return decorator(
-        key=key, name=name, store=store, ttl=ttl, fingerprint=fingerprint, wait=wait,
-        lease=lease, on_abandoned=on_abandoned, retry_on=retry_on, deadline=deadline,
-        transactional=transactional, signing_key=signing_key,
-        serializer=serializer, on_busy=None,
-    )  # fmt: skip
+        key=key,
+        name=name,
+        store=store,
+        ttl=ttl,
+        fingerprint=fingerprint,
+        wait=wait,
+        lease=lease,
+        on_abandoned=on_abandoned,
+        retry_on=retry_on,
+        deadline=deadline,
+        transactional=transactional,
+        signing_key=signing_key,
+        serializer=serializer,
+        on_busy=None,
+    )
 
 
 OnBusy = Callable[[AlreadyRunning], Any]
@@ -425,9 +435,13 @@ def decorator(
     with the ``AlreadyRunning`` of a call that found its own key running (not one raised or
     replayed by the body), and what it returns is the call's result."""
     policy = Policy(
-        ttl=ttl, lease=lease, wait=wait, on_abandoned=on_abandoned, retry_on=retry_on,
+        ttl=ttl,
+        lease=lease,
+        wait=wait,
+        on_abandoned=on_abandoned,
+        retry_on=retry_on,
         serializer=serializer,
-    )  # fmt: skip
+    )
     resolved_store = resolve_store(store, option="store", signing_key=signing_key)
     transaction = _transaction_of(resolved_store, transactional)
     deadline_of: _Deadline[Any] | None = None if deadline is None else _Deadline(deadline)
@@ -447,9 +461,13 @@ def decorator(
             )
         signature = inspect.signature(fn)
         call_key = CallKey(
-            fn, signature, key=key, name=name, fingerprint=fingerprint,
+            fn,
+            signature,
+            key=key,
+            name=name,
+            fingerprint=fingerprint,
             process_local=isinstance(resolved_store, MemoryStore),
-        ).resolve  # fmt: skip
+        ).resolve
         if deadline is not None and not isinstance(deadline, datetime):
             check_callable_option("deadline=", deadline, signature, describe(fn, signature))
         wrapper: Any

@@ -288,9 +288,20 @@ class Claim:
     ``AlreadyRunning`` at once).
     """
 
-    __slots__ = ("__weakref__", "_context_token", "_generation", "_lost", "_settled",
-                 "_transactional", "_uncommitted", "entry", "function", "policy", "renew_at",
-                 "store")  # fmt: skip
+    __slots__ = (
+        "__weakref__",
+        "_context_token",
+        "_generation",
+        "_lost",
+        "_settled",
+        "_transactional",
+        "_uncommitted",
+        "entry",
+        "function",
+        "policy",
+        "renew_at",
+        "store",
+    )
 
     def __init__(self, store: Store, entry: Entry, policy: Policy) -> None:
         self.store = store
@@ -384,9 +395,18 @@ class Claim:
         now = self.store.time()
         ttl = self.policy.ttl
         return Entry(
-            e.key, status, e.fingerprint, e.owner, e.token, e.attempt, e.started_at,
-            ttl=ttl, finished_at=now, expires_at=None if ttl is None else now + ttl, **fields,
-        )  # fmt: skip
+            e.key,
+            status,
+            e.fingerprint,
+            e.owner,
+            e.token,
+            e.attempt,
+            e.started_at,
+            ttl=ttl,
+            finished_at=now,
+            expires_at=None if ttl is None else now + ttl,
+            **fields,
+        )
 
     def complete(self, value: object) -> None:
         """Record ``value`` as the key's outcome (``ok``).
@@ -570,8 +590,10 @@ def _settle_uncommitted(claim: Claim, exc: BaseException) -> bool:
             if entry is not None and entry.status == OK and entry.token == claim.token:
                 logger.warning(
                     "idemfn: the COMMIT of key %r failed (%s), yet its ok record is there: the"
-                    " transaction committed", claim.key, type(exc).__name__,
-                )  # fmt: skip
+                    " transaction committed",
+                    claim.key,
+                    type(exc).__name__,
+                )
                 return True
         raise
     return False
@@ -605,9 +627,17 @@ def reentered(busy: AlreadyRunning) -> bool:
 
 def _new_claim(key: str, fingerprint: str, attempt: int, now: float, policy: Policy) -> Entry:
     return Entry(
-        key, PROCESSING, fingerprint, _owner.current(), _new_token(), attempt, now,
-        lease_until=now + policy.lease, ttl=policy.ttl, lease_mono=_lease.clock() + policy.lease,
-    )  # fmt: skip
+        key,
+        PROCESSING,
+        fingerprint,
+        _owner.current(),
+        _new_token(),
+        attempt,
+        now,
+        lease_until=now + policy.lease,
+        ttl=policy.ttl,
+        lease_mono=_lease.clock() + policy.lease,
+    )
 
 
 def _past_deadline(key: str, deadline: float, state: str) -> DeadlineExceeded:
@@ -668,16 +698,26 @@ def attempt(
             if store.swap(key, entry.token, takeover):
                 logger.warning(
                     "idemfn: key %r was abandoned (%s); running it again, attempt %d",
-                    key, reason, takeover.attempt,
-                )  # fmt: skip
+                    key,
+                    reason,
+                    takeover.attempt,
+                )
                 return Claim(store, takeover, policy)
         else:
             ttl = entry.ttl
             halted = Entry(
-                key, HALTED, entry.fingerprint, entry.owner, entry.token, entry.attempt,
-                entry.started_at, ttl=ttl, finished_at=now,
-                expires_at=None if ttl is None else now + ttl, reason=f"abandoned: {reason}",
-            )  # fmt: skip
+                key,
+                HALTED,
+                entry.fingerprint,
+                entry.owner,
+                entry.token,
+                entry.attempt,
+                entry.started_at,
+                ttl=ttl,
+                finished_at=now,
+                expires_at=None if ttl is None else now + ttl,
+                reason=f"abandoned: {reason}",
+            )
             if store.swap(key, entry.token, halted):
                 logger.warning("idemfn: key %r was abandoned and is now halted: %s", key, reason)
                 return Finished(halted, policy.serializer)
@@ -787,4 +827,3 @@ def _prepare(
     else:
         due = deadline_timestamp(deadline)
     return resolved, policy, lambda: due
-

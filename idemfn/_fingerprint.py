@@ -167,9 +167,16 @@ def _datetime(d: dt.datetime) -> bytes:
         # it by wall time within its own tzinfo (NY 02:30 in the spring gap != NY 03:30, though
         # both are 07:30 UTC): the encoding adds the wall time and the zone.
         flipped = dt.datetime(
-            d.year, d.month, d.day, d.hour, d.minute, d.second, d.microsecond, tz,
+            d.year,
+            d.month,
+            d.day,
+            d.hour,
+            d.minute,
+            d.second,
+            d.microsecond,
+            tz,
             fold=1 - d.fold,
-        )  # fmt: skip
+        )
         if flipped.utcoffset() != offset:
             key = getattr(tz, "key", None)  # zoneinfo.ZoneInfo's IANA name
             zone = f"{type(tz).__qualname__}:{key if isinstance(key, str) else ''}"
@@ -240,9 +247,24 @@ _EXACT: dict[type, Callable[[Any], bytes]] = {
 # (datetime before its base date), as long as they compare like the base: the equality each
 # one may have instead.
 _BASES: tuple[type, ...] = (
-    bool, int, float, str, bytes, bytearray, list, tuple, dict, set, frozenset,
-    dt.datetime, dt.date, dt.time, dt.timedelta, Decimal, uuid.UUID,
-)  # fmt: skip
+    bool,
+    int,
+    float,
+    str,
+    bytes,
+    bytearray,
+    list,
+    tuple,
+    dict,
+    set,
+    frozenset,
+    dt.datetime,
+    dt.date,
+    dt.time,
+    dt.timedelta,
+    Decimal,
+    uuid.UUID,
+)
 _BASE_EQUALITY: dict[type, tuple[object, ...]] = {base: (base.__eq__,) for base in _BASES}
 # Counter calls a missing key and a zero count equal; treated as a dict, Counters that differ
 # still never agree (Counter(a=0) and Counter() differ: the safe side).
@@ -315,6 +337,7 @@ def _enc_other(value: object) -> bytes:
 # --------------------------------------------------------------------------------------------
 # numpy. ``np`` is the numpy module, taken from sys.modules: this file never imports it.
 
+
 def _numpy(value: Any, np: Any) -> bytes:
     cls = type(value)
     if isinstance(value, np.generic):
@@ -337,7 +360,8 @@ def _numpy(value: Any, np: Any) -> bytes:
     # A subclass from elsewhere may hold more than its elements (units, a mask, metadata).
     base = "generic" if isinstance(value, np.generic) else "ndarray"
     raise Unsupported(
-        value, f"it is a subclass of numpy.{base} that idemfn does not know; its elements may"
+        value,
+        f"it is a subclass of numpy.{base} that idemfn does not know; its elements may"
         " not be all that identifies it",
     )
 

@@ -188,9 +188,10 @@ def default_name(fn: Callable[..., Any], *, process_local: bool = False) -> str:
     else:
         name = f"{module}.{qualname}"
     problem = (
-        f"it holds {SEPARATOR!r}, the separator of the stored key" if SEPARATOR in name
+        f"it holds {SEPARATOR!r}, the separator of the stored key"
+        if SEPARATOR in name
         else unstorable(name)
-    )  # fmt: skip
+    )
     if problem is not None:
         raise TypeError(
             f"@idempotent needs name= for {qualname}: its default name {name!r} cannot be used"
@@ -308,10 +309,11 @@ def check_callable_option(
         errors = []
         for by_keyword in (False, True):
             args = [
-                p.name for p in given
+                p.name
+                for p in given
                 if p.kind is _P.POSITIONAL_ONLY
                 or (p.kind is _P.POSITIONAL_OR_KEYWORD and not by_keyword)
-            ]  # fmt: skip
+            ]
             kwargs = {p.name: p.name for p in given if p.name not in args}
             try:
                 hook_signature.bind(*args, **kwargs)

@@ -145,11 +145,24 @@ def _field_types() -> frozenset[tuple[type, ...]]:
     text, number, none = (str,), (float,), type(None)
     optional = {str: (str, none), float: (float, none), bytes: (bytes, none)}
     per_field = [
-        text, text, text, text, text, (int,), number,  # key, status, ..., attempt, started_at
-        optional[float], optional[float], optional[float], optional[float],  # lease .. expires
-        optional[bytes], optional[str], optional[str], optional[str], optional[str],  # payload..
+        text,
+        text,
+        text,
+        text,
+        text,
+        (int,),
+        number,  # key, status, ..., attempt, started_at
+        optional[float],
+        optional[float],
+        optional[float],
+        optional[float],  # lease .. expires
+        optional[bytes],
+        optional[str],
+        optional[str],
+        optional[str],
+        optional[str],  # payload..
         optional[float],  # lease_mono
-    ]  # fmt: skip
+    ]
     assert len(per_field) == _FIELDS
     return frozenset(itertools.product(*per_field))
 
@@ -188,8 +201,7 @@ def decode(data: bytes) -> Entry:
     if data[:7] in _HEADS:
         if zlib.crc32(data) != _RESIDUE:  # (zlib lets other threads run over a large record)
             raise ValueError(
-                "its checksum does not match its bytes: the record was damaged after it was"
-                " written"
+                "its checksum does not match its bytes: the record was damaged after it was written"
             )
         try:
             fields = marshal.loads(data)  # it stops at the checksum: no copy of the record

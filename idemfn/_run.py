@@ -323,8 +323,11 @@ class _Streams:
                 os.dup2(os.open(os.devnull, os.O_WRONLY), fd)  # no error at interpreter exit
             if not isinstance(exc, (BrokenPipeError, ValueError)):
                 name = "stdout" if fd == 1 else "stderr"
-                self.write(2, f"idemfn: stopped copying the command's {name} ({exc});"
-                              " it is still recorded\n".encode())  # fmt: skip
+                self.write(
+                    2,
+                    f"idemfn: stopped copying the command's {name} ({exc});"
+                    " it is still recorded\n".encode(),
+                )
 
 
 def _pump(
@@ -367,9 +370,7 @@ def _read(pipe: int) -> bytes | None:
         return None
 
 
-def _record(
-    chunks: Iterator[tuple[int, bytes]], limit: int
-) -> tuple[list[tuple[int, bytes]], int]:
+def _record(chunks: Iterator[tuple[int, bytes]], limit: int) -> tuple[list[tuple[int, bytes]], int]:
     """The first ``limit`` bytes of the chunks, neighbours from one stream joined, and how
     many bytes were left out."""
     merged: list[tuple[int, bytearray]] = []
@@ -502,8 +503,20 @@ class _Command:
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         try:
             self._process = self._popen(
-                [sys.executable, "-I", "-S", script, str(ctl_r), str(status_w), marker, "--",
-                 *argv], env, pass_fds=(ctl_r, status_w))  # fmt: skip
+                [
+                    sys.executable,
+                    "-I",
+                    "-S",
+                    script,
+                    str(ctl_r),
+                    str(status_w),
+                    marker,
+                    "--",
+                    *argv,
+                ],
+                env,
+                pass_fds=(ctl_r, status_w),
+            )
         except BaseException:
             self._close()
             raise
@@ -771,9 +784,7 @@ def run_once(
                     )
 
             try:
-                outcome = _execute(
-                    claim, argv, forwarder, max_output, watched.replaced, settle
-                )
+                outcome = _execute(claim, argv, forwarder, max_output, watched.replaced, settle)
             except CannotStart:
                 claim.release()  # nothing ran: the next run may try again
                 raise

@@ -40,9 +40,7 @@ from typing import Literal, NoReturn, ParamSpec, TypeVar
 try:
     from celery import current_task
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "idemfn.celery needs Celery: pip install 'idemfn[celery]'"
-    ) from exc
+    raise ImportError("idemfn.celery needs Celery: pip install 'idemfn[celery]'") from exc
 
 from ._decorator import IdempotentFunction, decorator
 from ._engine import seconds_option, whole_option
@@ -120,7 +118,10 @@ def idempotent_task(
             raise busy
         logger.info(
             "idemfn: %s is running elsewhere (owner %s); task %s retries in %.3g s",
-            busy.key, busy.owner, task.request.id, delay,
+            busy.key,
+            busy.owner,
+            task.request.id,
+            delay,
         )
         # The owner either finishes or is found gone (its lease bounds that), so by default
         # this retries until then, apart from the task's own max_retries.
@@ -134,12 +135,21 @@ def idempotent_task(
             task.__dict__.pop("override_max_retries", None)
 
     decorate_once = decorator(
-        key=task_id if key is None else key, name=name, store=store, ttl=ttl,
-        fingerprint=fingerprint, wait=wait, lease=lease, on_abandoned=on_abandoned,
-        retry_on=retry_on, deadline=deadline, transactional=transactional,
-        signing_key=signing_key, serializer=serializer,
+        key=task_id if key is None else key,
+        name=name,
+        store=store,
+        ttl=ttl,
+        fingerprint=fingerprint,
+        wait=wait,
+        lease=lease,
+        on_abandoned=on_abandoned,
+        retry_on=retry_on,
+        deadline=deadline,
+        transactional=transactional,
+        signing_key=signing_key,
+        serializer=serializer,
         on_busy=retry_later if on_running == "retry" else None,
-    )  # fmt: skip
+    )
 
     def decorate(fn: Callable[P, R]) -> IdempotentFunction[P, R]:
         if inspect.iscoroutinefunction(fn):

@@ -100,23 +100,36 @@ def idempotent_job(
         max=whole_option("max_retries", max_retries, least=1),
         interval=whole_option("interval", interval, least=0),
     )
+
     def retry_later(busy: AlreadyRunning) -> Retry:
         job = get_current_job()
         if job is None:  # called directly, not by a worker: nothing can retry it
             raise busy
         logger.info(
             "idemfn: %s is running elsewhere (owner %s); job %s will run again in %d s",
-            busy.key, busy.owner, job.id, retry.intervals[0],
+            busy.key,
+            busy.owner,
+            job.id,
+            retry.intervals[0],
         )
         return retry
 
     decorate_once = decorator(
-        key=job_id if key is None else key, name=name, store=store, ttl=ttl,
-        fingerprint=fingerprint, wait=wait, lease=lease, on_abandoned=on_abandoned,
-        retry_on=retry_on, deadline=deadline, transactional=transactional,
-        signing_key=signing_key, serializer=serializer,
+        key=job_id if key is None else key,
+        name=name,
+        store=store,
+        ttl=ttl,
+        fingerprint=fingerprint,
+        wait=wait,
+        lease=lease,
+        on_abandoned=on_abandoned,
+        retry_on=retry_on,
+        deadline=deadline,
+        transactional=transactional,
+        signing_key=signing_key,
+        serializer=serializer,
         on_busy=retry_later if on_running == "retry" else None,
-    )  # fmt: skip
+    )
 
     def decorate(fn: Callable[P, R]) -> IdempotentFunction[P, R | Retry]:
         if isinstance(fn, (staticmethod, classmethod)) or not callable(fn):

@@ -50,8 +50,9 @@ _REMOTE_OWNER = "elsewhere/0000000000000000.0/1/1"
 
 def _processing(store: Store, key: str, token: str, *, lease: float = 30.0) -> Entry:
     now = store.time()
-    return Entry(key, "processing", "", _REMOTE_OWNER, token, 1, now, lease_until=now + lease,
-                 ttl=60.0)  # fmt: skip
+    return Entry(
+        key, "processing", "", _REMOTE_OWNER, token, 1, now, lease_until=now + lease, ttl=60.0
+    )
 
 
 def _finished(store: Store, key: str, token: str, *, expires_in: float | None = 60.0) -> Entry:
@@ -64,9 +65,18 @@ def _finished(store: Store, key: str, token: str, *, expires_in: float | None = 
         ttl, expires_at = 60.0, now + expires_in
         finished_at = expires_at - ttl
     return Entry(
-        key, "ok", "", _REMOTE_OWNER, token, 1, finished_at - 60, ttl=ttl,
-        finished_at=finished_at, expires_at=expires_at, payload=b"v",
-    )  # fmt: skip
+        key,
+        "ok",
+        "",
+        _REMOTE_OWNER,
+        token,
+        1,
+        finished_at - 60,
+        ttl=ttl,
+        finished_at=finished_at,
+        expires_at=expires_at,
+        payload=b"v",
+    )
 
 
 def _age(store: Store, key: str, seconds: float) -> Entry:
@@ -84,10 +94,12 @@ def _age(store: Store, key: str, seconds: float) -> Entry:
         return None if at is None else at - seconds
 
     aged = entry._replace(
-        started_at=entry.started_at - seconds, lease_until=back(entry.lease_until),
-        finished_at=back(entry.finished_at), expires_at=back(entry.expires_at),
+        started_at=entry.started_at - seconds,
+        lease_until=back(entry.lease_until),
+        finished_at=back(entry.finished_at),
+        expires_at=back(entry.expires_at),
         lease_mono=back(entry.lease_mono),
-    )  # fmt: skip
+    )
     if entry.status == "processing":
         assert store.swap(key, entry.token, aged)
     else:  # a finished record is never replaced: written again
@@ -223,13 +235,16 @@ class StoreContract:
                 assert again is not first  # a fresh copy
         assert len(runs) == 6
 
-    def test_exceptions_halt_or_release_and_arguments_are_fingerprinted(
-        self, store: Store
-    ) -> None:
+    def test_exceptions_halt_or_release_and_arguments_are_fingerprinted(self, store: Store) -> None:
         runs: list[str] = []
 
-        @idempotent(key="{what}", store=store, name="contract.fail", retry_on=TimeoutError,
-                    fingerprint=["what"])  # fmt: skip
+        @idempotent(
+            key="{what}",
+            store=store,
+            name="contract.fail",
+            retry_on=TimeoutError,
+            fingerprint=["what"],
+        )
         def fn(what: str, error: Any = ValueError) -> None:
             runs.append(what)
             raise error(what)
@@ -259,8 +274,13 @@ class StoreContract:
     ) -> None:
         runs: list[int] = []
 
-        @idempotent(key="{x}", store=store, name="contract.abandoned", wait=60,
-                    on_abandoned=on_abandoned)  # type: ignore[arg-type]  # fmt: skip
+        @idempotent(
+            key="{x}",
+            store=store,
+            name="contract.abandoned",
+            wait=60,
+            on_abandoned=on_abandoned,  # type: ignore[arg-type]
+        )
         def fn(x: int) -> int:
             runs.append(x)
             return x

@@ -45,6 +45,7 @@ app.conf.update(
     },
 )
 
+
 @task_prerun.connect
 def _log_start(task_id: str, task: Task, **_: Any) -> None:
     if "IDEMFN_TEST_EFFECTS" in os.environ:  # (not for eager tasks in the test process)

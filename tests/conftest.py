@@ -41,9 +41,7 @@ from .servers import PostgresServer, RedisServer, postgres_server, redis_server
 # Hypothesis's defaults time each example (200 ms deadline) and fail a test whose data is slow
 # to generate: both measure the machine, not idemfn. Tests that set their own settings keep
 # these for what they leave out.
-settings.register_profile(
-    "idemfn", deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+settings.register_profile("idemfn", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("idemfn")
 
 
@@ -106,8 +104,9 @@ def overwrite(store: Store, key: str, data: bytes) -> None:
         assert store.client.exists(store.prefix + key)
         store.client.hset(store.prefix + key, "e", data)
     elif isinstance(store, PostgresStore):
-        store._run("overwrite", key, f'UPDATE "{store.table}" SET entry = %s WHERE key = %s',
-                   (data, key))  # fmt: skip
+        store._run(
+            "overwrite", key, f'UPDATE "{store.table}" SET entry = %s WHERE key = %s', (data, key)
+        )
     else:
         raise AssertionError(f"cannot overwrite {store!r}'s bytes")
 

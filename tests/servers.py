@@ -43,11 +43,29 @@ class RedisServer:
     def start(self) -> None:
         self.socket.unlink(missing_ok=True)
         self.process = subprocess.Popen(
-            [self.binary, "--port", "0", "--unixsocket", str(self.socket),
-             "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory), "--daemonize", "no", "--loglevel", "warning"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )  # fmt: skip
+            [
+                self.binary,
+                "--port",
+                "0",
+                "--unixsocket",
+                str(self.socket),
+                "--unixsocketperm",
+                "700",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+                "--daemonize",
+                "no",
+                "--loglevel",
+                "warning",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         give_up = time.monotonic() + 20
         import redis
 
@@ -106,16 +124,31 @@ class PostgresServer:
         self._prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
         self._pg_ctl = _pg_binary("pg_ctl")
         subprocess.run(
-            [*self._prefix, _pg_binary("initdb"), "-D", str(self.data), "-A", "trust",
-             "-U", "postgres", "--no-sync"],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )  # fmt: skip
+            [
+                *self._prefix,
+                _pg_binary("initdb"),
+                "-D",
+                str(self.data),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         self.dsn = f"host={self.socket_dir} user=postgres dbname=postgres"
         self.start()
 
     def _ctl(self, *args: str) -> None:
-        subprocess.run([*self._prefix, self._pg_ctl, "-D", str(self.data), *args], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+        subprocess.run(
+            [*self._prefix, self._pg_ctl, "-D", str(self.data), *args],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
 
     def start(self) -> None:
         options = f"-k {self.socket_dir} -c listen_addresses='' -c fsync=off -c max_connections=200"

@@ -17,10 +17,17 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_scale_benchmark_quick_run_measures_every_size(tmp_path: Path) -> None:
     report = tmp_path / "scale.json"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_scale.py"), "--quick",
-         "--json", str(report)],
-        capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_scale.py"),
+            "--quick",
+            "--json",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     for records in ("1,000 records", "10,000 records", "100,000 records"):

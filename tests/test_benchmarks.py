@@ -15,8 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_core_benchmark_quick_run_finds_no_leak_and_no_thread_per_call() -> None:
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_core.py"), "--quick"],
-        capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     for row in ("replay, DiskStore", "first call, DiskStore", "replay, MemoryStore"):
@@ -28,8 +30,10 @@ def test_core_benchmark_quick_run_finds_no_leak_and_no_thread_per_call() -> None
 def test_store_benchmark_quick_run_measures_every_store() -> None:
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_stores.py"), "--quick"],
-        capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     for store in ("MemoryStore", "DiskStore", "RedisStore", "PostgresStore"):
         for what in ("replay", "first call"):

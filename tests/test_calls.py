@@ -298,9 +298,16 @@ def test_unserialisable_result_halts_with_a_clear_error(make: Make) -> None:
 def _foreign_entry(key: str, fingerprint: str, *, lease_until: float, owner: str = "") -> Entry:
     now = time.time()
     return Entry(
-        key, "processing", fingerprint, owner or "elsewhere/0badc0de/4242/77", "foreign-token",
-        1, now - 1, lease_until=lease_until, ttl=3600.0,
-    )  # fmt: skip
+        key,
+        "processing",
+        fingerprint,
+        owner or "elsewhere/0badc0de/4242/77",
+        "foreign-token",
+        1,
+        now - 1,
+        lease_until=lease_until,
+        ttl=3600.0,
+    )
 
 
 def test_live_remote_owner_means_already_running(make: Make, store: Store, counter: Any) -> None:
@@ -453,10 +460,17 @@ def test_late_owner_gets_ownership_lost_and_writes_nothing(make: Make, store: St
         current = store.get(key)
         assert current is not None and current.status == "processing"
         takeover = Entry(
-            key, "ok", current.fingerprint, "someone/else/1/1", "their-token", 2,
-            current.started_at, finished_at=time.time(), expires_at=time.time() + 60,
+            key,
+            "ok",
+            current.fingerprint,
+            "someone/else/1/1",
+            "their-token",
+            2,
+            current.started_at,
+            finished_at=time.time(),
+            expires_at=time.time() + 60,
             payload=b"\x80\x05\x95\x07\x00\x00\x00\x00\x00\x00\x00\x8c\x03won\x94.",
-        )  # fmt: skip
+        )
         assert store.swap(key, current.token, takeover)
         return "mine"
 
@@ -503,9 +517,7 @@ def test_ttl_expired_record_counts_as_absent(make: Make, store: Store, counter: 
     assert counter.runs == 2
 
 
-def test_expired_record_does_not_cause_a_mismatch(
-    make: Make, store: Store, counter: Any
-) -> None:
+def test_expired_record_does_not_cause_a_mismatch(make: Make, store: Store, counter: Any) -> None:
     fn = make(counter, key="k:{x}", ttl=timedelta(minutes=1))
     fn(1, "a")
     age(store, fn.key_for(1), 120)

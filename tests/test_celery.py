@@ -144,9 +144,7 @@ def test_messages_with_one_business_key_run_the_body_once(celeryd: Celeryd) -> N
 
 
 @pytest.mark.parametrize("victim", ["pool process", "whole worker"])
-def test_a_worker_killed_mid_body_halts_the_redelivered_task(
-    celeryd: Celeryd, victim: str
-) -> None:
+def test_a_worker_killed_mid_body_halts_the_redelivered_task(celeryd: Celeryd, victim: str) -> None:
     name = f"crash-{uuid.uuid4().hex}"
     tid = celeryd.publish(celery_tasks.crash_halt, name)
     pid = int(poll(lambda: celeryd.runs(name), "the body to start")[0])

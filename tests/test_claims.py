@@ -53,8 +53,19 @@ def _expired_by_idemfn_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     holds an ok record expired by idemfn's clock (an hour ahead) but not by diskcache's."""
     stores = [DiskStore(tmp_path / "store"), DiskStore(tmp_path / "store")]
     now = time.time()
-    old = Entry("k", "ok", "", "someone", "t0", 1, now, ttl=60.0, finished_at=now,
-                expires_at=now + 60.0, payload=b"\x80\x05K\x01.")  # fmt: skip
+    old = Entry(
+        "k",
+        "ok",
+        "",
+        "someone",
+        "t0",
+        1,
+        now,
+        ttl=60.0,
+        finished_at=now,
+        expires_at=now + 60.0,
+        payload=b"\x80\x05K\x01.",
+    )
     assert stores[0].claim(old) is None
     for store in stores:
         monkeypatch.setattr(store, "time", lambda: time.time() + 3600)
@@ -76,8 +87,7 @@ def in_another_thread(fn: Any) -> Any:
 
 def _claim_entry(store: Store, token: str) -> Entry:
     now = store.time()
-    return Entry("k", "processing", "", "someone", token, 1, now, lease_until=now + 30,
-                 ttl=60.0)  # fmt: skip
+    return Entry("k", "processing", "", "someone", token, 1, now, lease_until=now + 30, ttl=60.0)
 
 
 def _claim_racing(second: DiskStore, meanwhile: Any, monkeypatch: pytest.MonkeyPatch) -> Entry:
@@ -176,8 +186,10 @@ def test_the_lease_is_renewed_while_a_large_result_is_serialised(
             if not other:
                 clocks.jump(10 * lease)  # the lease ran out, unless renewed from here on
                 wait_for(
-                    lambda: (e := _only_entry(store)) is not None
-                    and (e.lease_mono or 0) > 1000.0 + clocks.offset,
+                    lambda: (
+                        (e := _only_entry(store)) is not None
+                        and (e.lease_mono or 0) > 1000.0 + clocks.offset
+                    ),
                     "the heartbeat to renew the lease while the result is serialised",
                 )
                 # Another caller (another thread: a context of its own) sees a live owner.
@@ -207,7 +219,7 @@ class Point:
         pytest.param(lambda: ["x" * 40 + str(i) for i in range(300_000)], id="builtins"),
         pytest.param(lambda: [Point(i, str(i)) for i in range(100_000)], id="loaded back"),
     ],
-)  # fmt: skip
+)
 def test_other_threads_run_while_a_large_result_is_serialised(value: Any) -> None:
     # pickle.dumps and pickle.loads walk a container holding the GIL: the heartbeat could not
     # renew the lease while a large result was pickled (and loaded back, to check it loads),
@@ -313,11 +325,21 @@ def test_prune_removes_a_claim_abandoned_longer_than_its_ttl(kind: str, tmp_path
     store = make_store(kind, tmp_path)
     now = store.time()
     for key, owner in [("remote", "elsewhere/x/1/1"), ("dead", _dead_owner())]:
-        abandoned = Entry(key, "processing", "", owner, "t-" + key, 1, now - 100,
-                          lease_until=now - 90, ttl=10.0)  # fmt: skip
+        abandoned = Entry(
+            key, "processing", "", owner, "t-" + key, 1, now - 100, lease_until=now - 90, ttl=10.0
+        )
         assert store.claim(abandoned) is None
-    fresh = Entry("fresh", "processing", "", "elsewhere/x/1/1", "t-fresh", 1, now,
-                  lease_until=now + 30, ttl=10.0)  # fmt: skip
+    fresh = Entry(
+        "fresh",
+        "processing",
+        "",
+        "elsewhere/x/1/1",
+        "t-fresh",
+        1,
+        now,
+        lease_until=now + 30,
+        ttl=10.0,
+    )
     assert store.claim(fresh) is None
     assert store.prune() == 2
     assert [e.key for e in store.scan()] == ["fresh"]
@@ -364,8 +386,9 @@ def test_prune_never_removes_a_halted_record_that_replaced_the_claim_it_judged(
 
     store = make_store(kind, tmp_path, request)
     now = store.time()
-    abandoned = Entry("k", "processing", "", _dead_owner(), "t-k", 1, now - 100,
-                      lease_until=now - 90, ttl=60.0)  # fmt: skip
+    abandoned = Entry(
+        "k", "processing", "", _dead_owner(), "t-k", 1, now - 100, lease_until=now - 90, ttl=60.0
+    )
     assert store.claim(abandoned) is None
     judged: list[Entry] = []
 
@@ -399,10 +422,29 @@ def test_postgres_prune_keeps_a_claim_whose_owner_is_alive_by_the_engines_rule(
     # This process's claim, alive on the monotonic clock, whose wall-clock lease and ttl ran
     # out long ago by the server's clock (a server clock set forwards): the engine sees a
     # live owner, so prune must not remove it.
-    live = Entry("live", "processing", "", _owner_here(), "t-live", 1, now - 7200,
-                 lease_until=now - 3600, ttl=60.0, lease_mono=_lease.clock() + 3600)  # fmt: skip
-    gone = Entry("gone", "processing", "", _dead_owner(), "t-gone", 1, now - 7200,
-                 lease_until=now - 3600, ttl=60.0)  # fmt: skip
+    live = Entry(
+        "live",
+        "processing",
+        "",
+        _owner_here(),
+        "t-live",
+        1,
+        now - 7200,
+        lease_until=now - 3600,
+        ttl=60.0,
+        lease_mono=_lease.clock() + 3600,
+    )
+    gone = Entry(
+        "gone",
+        "processing",
+        "",
+        _dead_owner(),
+        "t-gone",
+        1,
+        now - 7200,
+        lease_until=now - 3600,
+        ttl=60.0,
+    )
     for entry in (live, gone):
         assert store.claim(entry) is None
     assert _lease.abandoned_reason(store.get("live"), now) is None  # type: ignore[arg-type]

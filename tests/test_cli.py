@@ -229,8 +229,16 @@ def test_missing_store_directory_is_67_for_every_inspecting_command(tmp_path: Pa
     missing = tmp_path / "no" / "such" / "store"
     empty = tmp_path / "empty"
     empty.mkdir()
-    inspecting = [["ls"], ["ls", "--json"], ["show", "k"], ["forget", "k"], ["forget", "--force",
-                  "k"], ["prune"], ["stats"], ["stats", "--json"]]  # fmt: skip
+    inspecting = [
+        ["ls"],
+        ["ls", "--json"],
+        ["show", "k"],
+        ["forget", "k"],
+        ["forget", "--force", "k"],
+        ["prune"],
+        ["stats"],
+        ["stats", "--json"],
+    ]
     some = [["ls"], ["show", "k", "--json"], ["forget", "--force", "k"], ["stats"]]
     argvs = [
         *inspecting,  # IDEMFN_STORE
@@ -251,8 +259,9 @@ def test_an_unreachable_server_is_74_naming_it(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     url = f"unix://{tmp_path}/no-redis.sock"
     for args in (["ls"], ["show", "k"], ["run", "--key", "k", "--", "touch", str(marker)]):
-        proc = idemfn_cli("--store", url, *args, env=cli_env(tmp_path / "s"),
-                          status=Exit.STORE_ERROR)  # fmt: skip
+        proc = idemfn_cli(
+            "--store", url, *args, env=cli_env(tmp_path / "s"), status=Exit.STORE_ERROR
+        )
         assert "no-redis.sock" in one_line(proc.stderr), args
     assert not marker.exists()
 
@@ -265,8 +274,11 @@ def test_an_unreachable_postgresql_is_one_line_within_its_connect_timeout(tmp_pa
         sock.bind(str(directory / ".s.PGSQL.5432"))  # bound, never listening: refused
         url = f"postgresql:///nothing?host={directory}&user=nobody"
         marker = tmp_path / "ran"
-        argvs = [["ls"], ["run", "-k", "k", "--", "touch", str(marker)],
-                 ["stats", "--store", f"{url}&connect_timeout=1"]]  # fmt: skip
+        argvs = [
+            ["ls"],
+            ["run", "-k", "k", "--", "touch", str(marker)],
+            ["stats", "--store", f"{url}&connect_timeout=1"],
+        ]
         began = time.monotonic()
         results = idemfn_many(argvs, env=cli_env(url))
         took = time.monotonic() - began
@@ -291,10 +303,12 @@ def test_a_store_path_blocked_by_a_file_is_one_line_naming_it(tmp_path: Path) ->
     cases = [
         (["ls", "--store", blocker / "store"], Exit.NO_STORE),
         (["stats", "--store", blocker], Exit.NO_STORE),
-        (["run", "--store", blocker / "a" / "store", "-k", "k", "--", "touch", marker],
-         Exit.NO_STORE),
+        (
+            ["run", "--store", blocker / "a" / "store", "-k", "k", "--", "touch", marker],
+            Exit.NO_STORE,
+        ),
         (["run", "--store", blocker, "-k", "k", "--", "touch", marker], Exit.NO_STORE),
-    ]  # fmt: skip
+    ]
     results = idemfn_many([args for args, _ in cases], env=cli_env(tmp_path / "s"))
     for (args, status), proc in zip(cases, results, strict=True):
         assert proc.returncode == status, (args, proc.returncode, proc.stderr)
@@ -327,13 +341,24 @@ def test_a_store_path_without_permission_is_one_line_naming_it(tmp_path: Path) -
         locked.chmod(0o000)
     marker = tmp_path / "ran"
     try:
-        for args in (["ls"], ["stats", "--json"], ["show", "k"], ["forget", "k"],
-                     ["run", "-k", "k", "--", "touch", str(marker)]):  # fmt: skip
-            proc = checked(subprocess.run(
-                [*prefix, *argv_of(["--store", locked / "store", *args])],
-                stdin=subprocess.DEVNULL, capture_output=True, env=cli_env(tmp_path / "s"),
-                timeout=TIMEOUT, check=False,
-            ), Exit.STORE_ERROR)  # fmt: skip
+        for args in (
+            ["ls"],
+            ["stats", "--json"],
+            ["show", "k"],
+            ["forget", "k"],
+            ["run", "-k", "k", "--", "touch", str(marker)],
+        ):
+            proc = checked(
+                subprocess.run(
+                    [*prefix, *argv_of(["--store", locked / "store", *args])],
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    env=cli_env(tmp_path / "s"),
+                    timeout=TIMEOUT,
+                    check=False,
+                ),
+                Exit.STORE_ERROR,
+            )
             line = one_line(proc.stderr)
             assert line.startswith(f"idemfn: cannot use the store at {locked / 'store'} (--store)")
             assert "Permission denied" in line and "output" not in line, (args, line)
@@ -371,8 +396,14 @@ def test_corrupt_store_is_74_without_a_traceback(tmp_path: Path) -> None:
     bad.mkdir()
     (bad / "cache.db").write_bytes(b"this is not a sqlite database" * 100)
     marker = tmp_path / "ran"
-    argvs = [["ls"], ["show", "k"], ["stats"], ["prune"], ["forget", "k"],
-             ["run", "--key", "k", "--", "touch", str(marker)]]  # fmt: skip
+    argvs = [
+        ["ls"],
+        ["show", "k"],
+        ["stats"],
+        ["prune"],
+        ["forget", "k"],
+        ["run", "--key", "k", "--", "touch", str(marker)],
+    ]
     for args, proc in zip(argvs, idemfn_many(argvs, env=cli_env(bad)), strict=True):
         assert proc.returncode == Exit.STORE_ERROR, (args, proc.returncode, proc.stderr)
         assert str(bad) in one_line(proc.stderr), args
@@ -426,20 +457,32 @@ def test_store_option_environment_and_default_directory(tmp_path: Path) -> None:
     proc = idemfn_cli("ls", "--json", "--store", "b", env=cli_env(a), cwd=tmp_path)
     assert [e["key"] for e in as_json(proc)] == ["in-b"]
     # The default directory, when it does not exist, is named in the error, and not created.
-    proc = idemfn_cli("ls", env=cli_env("", XDG_STATE_HOME=str(tmp_path / "nothing")),
-                      status=Exit.NO_STORE)  # fmt: skip
+    proc = idemfn_cli(
+        "ls", env=cli_env("", XDG_STATE_HOME=str(tmp_path / "nothing")), status=Exit.NO_STORE
+    )
     assert str(tmp_path / "nothing" / "idemfn") in one_line(proc.stderr)
     assert not (tmp_path / "nothing").exists()
 
 
 def test_memory_url_is_refused_it_would_be_empty_in_every_process(tmp_path: Path) -> None:
-    proc = idemfn_cli("ls", "--json", "--store", "memory://", env=cli_env(tmp_path / "s"),
-                      status=Exit.BAD_STORE)  # fmt: skip
+    proc = idemfn_cli(
+        "ls", "--json", "--store", "memory://", env=cli_env(tmp_path / "s"), status=Exit.BAD_STORE
+    )
     assert "memory://" in one_line(proc.stderr)
     idemfn_cli("stats", "--json", env=cli_env("memory://"), status=Exit.BAD_STORE)
     marker = tmp_path / "ran"
-    idemfn_cli("run", "--store", "memory://", "--key", "k", "--", "touch", str(marker),
-               env=cli_env(tmp_path / "s"), status=Exit.BAD_STORE)  # fmt: skip
+    idemfn_cli(
+        "run",
+        "--store",
+        "memory://",
+        "--key",
+        "k",
+        "--",
+        "touch",
+        str(marker),
+        env=cli_env(tmp_path / "s"),
+        status=Exit.BAD_STORE,
+    )
     assert not marker.exists()
 
 
@@ -448,16 +491,44 @@ def test_short_options_for_the_common_options(tmp_path: Path) -> None:
     store_dir = tmp_path / "store"
     env = cli_env(tmp_path / "elsewhere")  # -s must win
     marker = tmp_path / "ran"
-    proc = idemfn_cli("run", "-s", store_dir, "-k", "job:1", "-t", "3600", "-w", "0", "--",
-                      "sh", "-c", f"echo once >> {marker}", env=env)  # fmt: skip
+    proc = idemfn_cli(
+        "run",
+        "-s",
+        store_dir,
+        "-k",
+        "job:1",
+        "-t",
+        "3600",
+        "-w",
+        "0",
+        "--",
+        "sh",
+        "-c",
+        f"echo once >> {marker}",
+        env=env,
+    )
     assert proc.stdout == b"" and marker.read_text() == "once\n"
-    idemfn_cli("run", "-s", store_dir, "-k", "job:1", "-t", "3600", "--", "sh", "-c",
-               f"echo once >> {marker}", env=env)  # fmt: skip
+    idemfn_cli(
+        "run",
+        "-s",
+        store_dir,
+        "-k",
+        "job:1",
+        "-t",
+        "3600",
+        "--",
+        "sh",
+        "-c",
+        f"echo once >> {marker}",
+        env=env,
+    )
     assert marker.read_text() == "once\n"  # replayed
-    idemfn_cli("-s", store_dir, "run", "-k", "job:2", "--", "sh", "-c", "exit 3", env=env,
-               status=3)  # fmt: skip
-    listed = as_json(idemfn_cli("ls", "-s", store_dir, "-S", "ok", "-p", "job:", "-n", "5", "-a",
-                                "--json", env=env))  # fmt: skip
+    idemfn_cli("-s", store_dir, "run", "-k", "job:2", "--", "sh", "-c", "exit 3", env=env, status=3)
+    listed = as_json(
+        idemfn_cli(
+            "ls", "-s", store_dir, "-S", "ok", "-p", "job:", "-n", "5", "-a", "--json", env=env
+        )
+    )
     assert [(e["key"], e["ttl"]) for e in listed] == [("job:1", 3600.0)]
     proc = idemfn_cli("forget", "-s", store_dir, "-S", "halted", "-f", "job:2", env=env)
     assert proc.stdout.decode() == "forgot job:2 (was halted)\n"
@@ -465,17 +536,28 @@ def test_short_options_for_the_common_options(tmp_path: Path) -> None:
     # --help shows them.
     helps = {c: idemfn_cli(c, "--help", env=env).stdout.decode() for c in ("run", "ls", "forget")}
     for command, flags in {
-        "run": ["-s DIR|URL, --store DIR|URL", "-k KEY, --key KEY", "-t S, --ttl S",
-                "-w S, --wait S", "-v, --verbose"],
-        "ls": ["-S STATUS, --status STATUS", "-p P, --prefix P", "-n N, --limit N", "-a, --all",
-               "--wide"],
+        "run": [
+            "-s DIR|URL, --store DIR|URL",
+            "-k KEY, --key KEY",
+            "-t S, --ttl S",
+            "-w S, --wait S",
+            "-v, --verbose",
+        ],
+        "ls": [
+            "-S STATUS, --status STATUS",
+            "-p P, --prefix P",
+            "-n N, --limit N",
+            "-a, --all",
+            "--wide",
+        ],
         "forget": ["-S {processing,ok,halted}, --status {processing,ok,halted}", "-f, --force"],
-    }.items():  # fmt: skip
+    }.items():
         for flag in flags:
             assert flag in helps[command], (command, flag)
     # -s is --store: a status given to it by mistake gets a hint.
-    line = one_line(idemfn_cli("ls", "-s", "halted", env=env, cwd=tmp_path,
-                               status=Exit.NO_STORE).stderr)  # fmt: skip
+    line = one_line(
+        idemfn_cli("ls", "-s", "halted", env=env, cwd=tmp_path, status=Exit.NO_STORE).stderr
+    )
     assert "-S" in line and "--status" in line, line
 
 
@@ -739,9 +821,14 @@ def test_ls_on_a_terminal_fits_its_width(store: DiskStore, env: dict[str, str]) 
     leader, follower = pty.openpty()
     try:
         proc = subprocess.run(
-            argv_of(["ls"]), stdin=subprocess.DEVNULL, stdout=follower, stderr=subprocess.PIPE,
-            env={**env, "COLUMNS": "100"}, timeout=TIMEOUT, check=False,
-        )  # fmt: skip  (2 short lines: they fit in the terminal's buffer until read)
+            argv_of(["ls"]),
+            stdin=subprocess.DEVNULL,
+            stdout=follower,
+            stderr=subprocess.PIPE,
+            env={**env, "COLUMNS": "100"},
+            timeout=TIMEOUT,
+            check=False,
+        )  # 2 short lines: they fit in the terminal's buffer until read
         os.close(follower)
         out = b""
         while True:
@@ -847,8 +934,13 @@ def test_show_value_whose_class_does_not_import_here(tmp_path: Path, store_dir: 
     modules.mkdir()
     (modules / "thing_for_idemfn_cli.py").write_text(THING)
     with_module = cli_env(store_dir, PYTHONPATH=str(modules))
-    subprocess.run([sys.executable, "-c", MAKE_THING, str(store_dir)], env=with_module,
-                   stdin=subprocess.DEVNULL, check=True, timeout=TIMEOUT)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-c", MAKE_THING, str(store_dir)],
+        env=with_module,
+        stdin=subprocess.DEVNULL,
+        check=True,
+        timeout=TIMEOUT,
+    )
     without = cli_env(store_dir, PYTHONPATH=None)
     raw, text = idemfn_many([["show", "t:thing", "--json"], ["show", "t:thing"]], env=without)
     assert (raw.returncode, text.returncode) == (0, 0)
@@ -972,8 +1064,7 @@ def test_forget_status_halted_leaves_an_ok_record_alone(
 ) -> None:
     finish(store, "good", 1)
     finish(store, "bad", error=RuntimeError("boom"))
-    proc = idemfn_cli("forget", "--status", "halted", "good", "bad", env=env,
-                      status=Exit.NO_RECORD)  # fmt: skip
+    proc = idemfn_cli("forget", "--status", "halted", "good", "bad", env=env, status=Exit.NO_RECORD)
     assert "bad" in proc.stdout.decode() and "good" not in proc.stdout.decode()
     assert "'good'" in one_line(proc.stderr)
     assert store.get("good") is not None
@@ -1032,10 +1123,13 @@ def test_prune_removes_expired_records_and_stale_claims(
     stale = store.get("stale")
     assert stale is not None and stale.lease_until is not None and stale.ttl is not None
     poll(  # (prunable: prune's own rule, on the clocks it reads)
-        lambda: store.get("old:1") is None and store.get("old:2") is None
-        and prunable(stale, store.time()),
+        lambda: (
+            store.get("old:1") is None
+            and store.get("old:2") is None
+            and prunable(stale, store.time())
+        ),
         "records to expire",
-    )  # fmt: skip
+    )
     proc = idemfn_cli("prune", env=env)
     assert re.search(r"\b3\b", proc.stdout.decode()), proc.stdout
     assert proc.stderr == b""
@@ -1059,9 +1153,14 @@ def test_stats_counts_each_state(store: DiskStore, store_dir: Path, env: dict[st
     first = store.get("first")
     summary = as_json(raw)
     assert summary["by_state"] == {
-        "ok": 2, "halted": 1, "processing": 1, "abandoned": 1, "expired": 1, "corrupt": 0,
+        "ok": 2,
+        "halted": 1,
+        "processing": 1,
+        "abandoned": 1,
+        "expired": 1,
+        "corrupt": 0,
         "tampered": 0,
-    }  # fmt: skip
+    }
     assert summary["records"] == 5
     assert summary["store"] == repr(store)
     assert isinstance(summary["bytes"], int) and summary["bytes"] > 0

@@ -134,8 +134,15 @@ class Blocker:
         self.log = tmp_path / "runs.log"
         self.started = tmp_path / "started"
         self.release = tmp_path / "release"
-        self.argv = [PY, "-c", BLOCK, str(self.log), str(self.started), str(self.release),
-                     str(code)]  # fmt: skip
+        self.argv = [
+            PY,
+            "-c",
+            BLOCK,
+            str(self.log),
+            str(self.started),
+            str(self.release),
+            str(code),
+        ]
 
     def wait_started(self, *runners: subprocess.Popen[bytes]) -> None:
         def started() -> bool:
@@ -155,8 +162,14 @@ class Blocker:
 
 def test_run_twice_runs_the_command_once(tmp_path: Path, env: dict[str, str]) -> None:
     applied = tmp_path / "applied.txt"
-    cmd = ["sh", "-c", 'echo "applying $1"; echo "$1" >> "$2"; echo warned >&2', "sh", "0042",
-           str(applied)]  # fmt: skip
+    cmd = [
+        "sh",
+        "-c",
+        'echo "applying $1"; echo "$1" >> "$2"; echo warned >&2',
+        "sh",
+        "0042",
+        str(applied),
+    ]
     first = idemfn_cli("run", "--key", "deploy:migrate:0042", "--", *cmd, env=env)
     assert (first.stdout, first.stderr) == (b"applying 0042\n", b"warned\n")
     assert applied.read_text() == "0042\n"
@@ -180,8 +193,9 @@ def test_console_script_runs_and_replays(tmp_path: Path, env: dict[str, str]) ->
     assert first.stdout == second.stdout == third.stdout == b"out\n"
     assert first.stderr == second.stderr == third.stderr == b"err\n"
     assert lines(log) == ["run"]
-    proc = idemfn_cli("run", "--key", "k", "--", "sh", "-c", "exit 0", env=env, script=True,
-                      status=Exit.MISMATCH)  # fmt: skip
+    proc = idemfn_cli(
+        "run", "--key", "k", "--", "sh", "-c", "exit 0", env=env, script=True, status=Exit.MISMATCH
+    )
     assert "'k'" in one_line(proc.stderr)
 
 
@@ -255,8 +269,18 @@ def test_stdout_and_stderr_keep_their_order_in_one_pipe(
 ) -> None:
     expected = b"".join(f"{'stdout' if i % 2 == 0 else 'stderr'} {i}\n".encode() for i in range(6))
     for attempt in ("run", "replay"):
-        proc = idemfn_cli("run", "--key", "order", "--", PY, "-c", INTERLEAVE, env=env,
-                          status=3, stderr=subprocess.STDOUT)  # fmt: skip
+        proc = idemfn_cli(
+            "run",
+            "--key",
+            "order",
+            "--",
+            PY,
+            "-c",
+            INTERLEAVE,
+            env=env,
+            status=3,
+            stderr=subprocess.STDOUT,
+        )
         assert proc.stdout == expected, attempt
     fields = show("order", env)
     assert fields["command"]["stdout"] == "stdout 0\nstdout 2\nstdout 4\n"
@@ -278,8 +302,19 @@ def test_a_command_ended_by_a_signal(store: DiskStore, env: dict[str, str]) -> N
 
 
 def test_command_line_after_double_dash_is_passed_untouched(env: dict[str, str]) -> None:
-    cmd = [PY, "-c", "import sys; print(sys.argv[1:])", "--", "--key", "x", "-v", "--store",
-           "/nowhere", "--help", "run"]  # fmt: skip
+    cmd = [
+        PY,
+        "-c",
+        "import sys; print(sys.argv[1:])",
+        "--",
+        "--key",
+        "x",
+        "-v",
+        "--store",
+        "/nowhere",
+        "--help",
+        "run",
+    ]
     proc = idemfn_cli("run", "--key", "argv", "--", *cmd, env=env)
     assert proc.stdout == b"['--', '--key', 'x', '-v', '--store', '/nowhere', '--help', 'run']\n"
     assert show("argv", env)["command"]["argv"] == cmd
@@ -331,8 +366,9 @@ def test_run_creates_a_missing_store_but_not_its_parents(tmp_path: Path) -> None
     # A mistyped path must not become a new, empty store in which every step runs again.
     marker = tmp_path / "ran"
     typo = tmp_path / "nwe" / "store"
-    proc = idemfn_cli("run", "--key", "k", "--", "touch", marker, env=cli_env(typo),
-                      status=Exit.NO_STORE)  # fmt: skip
+    proc = idemfn_cli(
+        "run", "--key", "k", "--", "touch", marker, env=cli_env(typo), status=Exit.NO_STORE
+    )
     assert str(typo) in one_line(proc.stderr)
     assert not marker.exists()
     assert not (tmp_path / "nwe").exists()
@@ -344,8 +380,11 @@ def test_run_creates_a_missing_store_but_not_its_parents(tmp_path: Path) -> None
 def test_another_command_with_the_key_is_a_mismatch(tmp_path: Path, env: dict[str, str]) -> None:
     log = tmp_path / "log"
     idemfn_cli("run", "--key", "k", "--", "sh", "-c", f"echo a >> {log}", env=env)
-    for other in (["sh", "-c", f"echo b >> {log}"], ["sh", "-c", f"echo a >> {log}", "extra"],
-                  ["sh", "-c", f"echo a >>  {log}"]):  # fmt: skip
+    for other in (
+        ["sh", "-c", f"echo b >> {log}"],
+        ["sh", "-c", f"echo a >> {log}", "extra"],
+        ["sh", "-c", f"echo a >>  {log}"],
+    ):
         proc = idemfn_cli("run", "--key", "k", "--", *other, env=env, status=Exit.MISMATCH)
         assert proc.stdout == b""
         assert "'k'" in one_line(proc.stderr)
@@ -359,8 +398,9 @@ def test_fingerprint_env(tmp_path: Path, store_dir: Path) -> None:
 
     def run(key: str, status: int, **variables: str | None) -> None:
         env = cli_env(store_dir, **variables)
-        idemfn_cli("run", "--key", key, "--fingerprint-env", "STAGE", "OTHER", *cmd, env=env,
-                   status=status)  # fmt: skip
+        idemfn_cli(
+            "run", "--key", key, "--fingerprint-env", "STAGE", "OTHER", *cmd, env=env, status=status
+        )
 
     run("deploy", 0, STAGE="blue", OTHER=None)
     run("deploy", 0, STAGE="blue", OTHER=None)  # replayed
@@ -372,8 +412,16 @@ def test_fingerprint_env(tmp_path: Path, store_dir: Path) -> None:
     idemfn_cli("run", "--key", "plain", *cmd, env=cli_env(store_dir, STAGE="b"))
     assert lines(log) == ["blue", "a"]
     # ... and naming variables changes it.
-    proc = idemfn_cli("run", "--key", "plain", "--fingerprint-env", "STAGE", *cmd,
-                      env=cli_env(store_dir, STAGE="a"), status=Exit.MISMATCH)  # fmt: skip
+    proc = idemfn_cli(
+        "run",
+        "--key",
+        "plain",
+        "--fingerprint-env",
+        "STAGE",
+        *cmd,
+        env=cli_env(store_dir, STAGE="a"),
+        status=Exit.MISMATCH,
+    )
     assert "'plain'" in one_line(proc.stderr)
 
 
@@ -386,8 +434,9 @@ def test_python_records_are_not_replayed_as_commands(
 
     report(1)
     marker = tmp_path / "ran"
-    proc = idemfn_cli("run", "--key", "jobs:report:1", "--", "touch", str(marker), env=env,
-                      status=Exit.MISMATCH)  # fmt: skip
+    proc = idemfn_cli(
+        "run", "--key", "jobs:report:1", "--", "touch", str(marker), env=env, status=Exit.MISMATCH
+    )
     assert "jobs:report:1" in one_line(proc.stderr)
     assert not marker.exists()
 
@@ -402,8 +451,9 @@ def test_run_on_a_halted_python_record_without_fingerprint(
     with pytest.raises(ValueError, match="smtp"):
         send(1)
     marker = tmp_path / "ran"
-    proc = idemfn_cli("run", "--key", "mail:send:1", "--", "touch", str(marker), env=env,
-                      status=None)  # fmt: skip
+    proc = idemfn_cli(
+        "run", "--key", "mail:send:1", "--", "touch", str(marker), env=env, status=None
+    )
     assert not marker.exists()
     assert "mail:send:1" in one_line(proc.stderr)
     assert proc.returncode in (Exit.MISMATCH, Exit.HALTED), proc.returncode
@@ -451,8 +501,19 @@ def test_retry_on_exit_releases_the_key(tmp_path: Path, env: dict[str, str]) -> 
     assert idemfn_cli("run", "--key", "flaky", *cmd, env=env).stdout == b"try 3\n"
     assert lines(log) == ["x", "x", "x"]
     # A status not listed is recorded.
-    idemfn_cli("run", "--key", "hard", "--retry-on-exit", "3", "--", "sh", "-c", "exit 5",
-               env=env, status=5)  # fmt: skip
+    idemfn_cli(
+        "run",
+        "--key",
+        "hard",
+        "--retry-on-exit",
+        "3",
+        "--",
+        "sh",
+        "-c",
+        "exit 5",
+        env=env,
+        status=5,
+    )
     assert show("hard", env)["status"] == "halted"
 
 
@@ -482,13 +543,13 @@ def test_a_running_key_is_75_or_waited_for(tmp_path: Path, env: dict[str, str]) 
     owner = start("run", "--key", "busy", "--", *block.argv, env=env)
     try:
         block.wait_started(owner)
-        proc = idemfn_cli("run", "--key", "busy", "--", *block.argv, env=env,
-                          status=Exit.RUNNING)  # fmt: skip
+        proc = idemfn_cli("run", "--key", "busy", "--", *block.argv, env=env, status=Exit.RUNNING)
         assert proc.stdout == b""
         assert "'busy'" in one_line(proc.stderr)
         began = time.monotonic()
-        idemfn_cli("run", "--key", "busy", "--wait", "0.3", "--", *block.argv, env=env,
-                   status=Exit.RUNNING)  # fmt: skip
+        idemfn_cli(
+            "run", "--key", "busy", "--wait", "0.3", "--", *block.argv, env=env, status=Exit.RUNNING
+        )
         assert time.monotonic() - began >= 0.3
         waiter = start("run", "--key", "busy", "--wait", "30", "--", *block.argv, env=env)
         block.release.touch()
@@ -538,13 +599,16 @@ def test_eight_racing_runs_execute_the_command_once(
 ) -> None:
     block = Blocker(tmp_path, code=3)
     options = ["--wait", "30"] if wait else []
-    runners = [start("run", "--key", "race", *options, "--", *block.argv, env=env)
-               for _ in range(8)]  # fmt: skip
+    runners = [
+        start("run", "--key", "race", *options, "--", *block.argv, env=env) for _ in range(8)
+    ]
     try:
         poll(block.started.exists, "the command to start")
         if wait:  # every runner has reached the store: it runs, or waits for the one that does
-            poll(lambda: all(_has_open(r.pid, store_dir / "cache.db") for r in runners),
-                 "the runners to open the store")  # fmt: skip
+            poll(
+                lambda: all(_has_open(r.pid, store_dir / "cache.db") for r in runners),
+                "the runners to open the store",
+            )
         else:  # every other runner finds the key running, and says so at once
             poll(lambda: sum(r.poll() is not None for r in runners) == 7, "7 runners to exit")
         block.release.touch()
@@ -606,15 +670,15 @@ def test_a_sigkilled_runner_leaves_an_abandoned_key(
         assert len(lines(block.log)) == 1
         return
     block.release.touch()  # the second run's command finishes at once
-    proc = idemfn_cli("run", "--key", "k", "--wait", "20", "--on-abandoned", "retry", "--",
-                      *block.argv, env=env)  # fmt: skip
+    proc = idemfn_cli(
+        "run", "--key", "k", "--wait", "20", "--on-abandoned", "retry", "--", *block.argv, env=env
+    )
     assert [line.split()[1] for line in lines(block.log)] == ["1", "2"]  # IDEMFN_ATTEMPT
     pid = lines(block.log)[1].split()[0]
     assert proc.stdout == f"ran {pid}\n".encode()
     entry = store.get("k")
     assert entry is not None and (entry.status, entry.attempt) == (Status.OK, 2)
-    replay = idemfn_cli("run", "--key", "k", "--on-abandoned", "retry", "--", *block.argv,
-                        env=env)  # fmt: skip
+    replay = idemfn_cli("run", "--key", "k", "--on-abandoned", "retry", "--", *block.argv, env=env)
     assert replay.stdout == proc.stdout
     assert len(lines(block.log)) == 2
 
@@ -659,8 +723,10 @@ while not os.path.exists(os.path.join(where, "release")) and time.monotonic() < 
 
 def _step(where: Path, *names: str) -> list[str]:
     """``sh -c`` running STEP for each name in turn ("NAME &" in the background)."""
-    steps = [f'"$0" -c "$1" "$2" {name.rstrip(" &")}{" &" if name.endswith("&") else ";"}'
-             for name in names]  # fmt: skip
+    steps = [
+        f'"$0" -c "$1" "$2" {name.rstrip(" &")}{" &" if name.endswith("&") else ";"}'
+        for name in names
+    ]
     return ["sh", "-c", " ".join([*steps, "echo done"]), PY, STEP, str(where)]
 
 
@@ -670,8 +736,10 @@ def _pids(where: Path, *names: str) -> dict[str, int]:
 
 def _started(runner: subprocess.Popen[bytes], where: Path, *names: str) -> dict[str, int]:
     """The pids of the steps ``names`` once each has started, the runner still running."""
-    poll(lambda: all((where / f"{n}.pid").exists() for n in names) or runner.poll() is not None,
-         "the steps to start")  # fmt: skip
+    poll(
+        lambda: all((where / f"{n}.pid").exists() for n in names) or runner.poll() is not None,
+        "the steps to start",
+    )
     assert runner.poll() is None, runner.communicate()
     return _pids(where, *names)
 
@@ -745,11 +813,22 @@ def test_a_retry_waits_until_the_abandoned_attempt_is_gone(
         first.kill()
         first.wait(timeout=TIMEOUT)
         with open(err, "wb") as stderr:
-            second = subprocess.Popen(argv_of(cmd), stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.PIPE, stderr=stderr, env=env,
-                                      start_new_session=True)  # fmt: skip
-        poll(lambda: (where / "seen").exists() or b"waiting for" in err.read_bytes()
-             or second.poll() is not None, "the retry to wait, or to run")  # fmt: skip
+            second = subprocess.Popen(
+                argv_of(cmd),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                env=env,
+                start_new_session=True,
+            )
+        poll(
+            lambda: (
+                (where / "seen").exists()
+                or b"waiting for" in err.read_bytes()
+                or second.poll() is not None
+            ),
+            "the retry to wait, or to run",
+        )
         os.close(held.pop())  # the supervisor now sees its runner gone
         out, _ = second.communicate(timeout=TIMEOUT)
         assert second.returncode == 0, (out, err.read_bytes())
@@ -908,10 +987,14 @@ def test_idemfn_errors_never_go_to_stdout_when_stderr_is_closed(env: dict[str, s
     idemfn_cli("run", "--key", "first", "--", "true", env=env)
     proc = subprocess.run(
         [PY, "-m", "idemfn", "run", "--key", "first", "--", "false"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        env=env, timeout=TIMEOUT, check=False,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        timeout=TIMEOUT,
+        check=False,
         preexec_fn=lambda: os.close(2),  # `2>&-`
-    )  # fmt: skip
+    )
     assert proc.returncode == 65
     assert proc.stdout == b""
 
@@ -1039,13 +1122,19 @@ def test_a_signal_at_the_instant_of_the_claim_releases_the_key(
     cmd = ["touch", str(marker)]
     options = ["--on-abandoned", "retry"]
     if claim == "swap":
-        subprocess.run([PY, "-c", ABANDON, str(store_dir), "k", *cmd], env=env, check=True,
-                       timeout=TIMEOUT)  # fmt: skip
+        subprocess.run(
+            [PY, "-c", ABANDON, str(store_dir), "k", *cmd], env=env, check=True, timeout=TIMEOUT
+        )
         entry = store.get("k")
         assert entry is not None and entry.status == Status.PROCESSING
-    proc = subprocess.run([PY, "-c", AT_CLAIM, claim, "run", "--key", "k", *options, "--", *cmd],
-                          stdin=subprocess.DEVNULL, capture_output=True, env=env,
-                          timeout=TIMEOUT, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [PY, "-c", AT_CLAIM, claim, "run", "--key", "k", *options, "--", *cmd],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=env,
+        timeout=TIMEOUT,
+        check=False,
+    )
     checked(proc, None)
     assert not marker.exists()  # the command never started
     assert store.get("k") is None, "the key was left claimed"
@@ -1067,9 +1156,25 @@ def test_a_signal_at_a_claim_that_finds_the_key_taken_ends_the_runner(
     try:
         block.wait_started(owner)
         proc = subprocess.run(
-            [PY, "-c", AT_CLAIM, "claim-lost", "run", "--key", "k", "--wait", "600", "--",
-             *block.argv], stdin=subprocess.DEVNULL, capture_output=True, env=env,
-            timeout=TIMEOUT, check=False)  # fmt: skip
+            [
+                PY,
+                "-c",
+                AT_CLAIM,
+                "claim-lost",
+                "run",
+                "--key",
+                "k",
+                "--wait",
+                "600",
+                "--",
+                *block.argv,
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            env=env,
+            timeout=TIMEOUT,
+            check=False,
+        )
         assert proc.returncode == -signal.SIGTERM, proc
         assert (proc.stdout, proc.stderr) == (b"", b"")
         entry = store.get("k")
@@ -1200,13 +1305,20 @@ def test_the_command_reads_the_runners_stdin_and_a_replay_reads_nothing(
     env: dict[str, str],
 ) -> None:
     cmd = [PY, "-m", "idemfn", "run", "--key", "cat", "--", "cat"]
-    first = subprocess.run(cmd, input=b"piped in\n", capture_output=True, env=env,
-                           timeout=TIMEOUT, check=True)  # fmt: skip
+    first = subprocess.run(
+        cmd, input=b"piped in\n", capture_output=True, env=env, timeout=TIMEOUT, check=True
+    )
     assert first.stdout == b"piped in\n"
     # A replay leaves stdin alone: the next reader of the pipe gets all of it.
     script = f"{shlex.join(cmd)} >/dev/null; cat"
-    after = subprocess.run(["sh", "-c", script], input=b"for the next step\n",
-                           capture_output=True, env=env, timeout=TIMEOUT, check=True)  # fmt: skip
+    after = subprocess.run(
+        ["sh", "-c", script],
+        input=b"for the next step\n",
+        capture_output=True,
+        env=env,
+        timeout=TIMEOUT,
+        check=True,
+    )
     assert after.stdout == b"for the next step\n"
 
 
@@ -1220,10 +1332,14 @@ def test_a_script_of_run_lines_stops_when_a_step_dies_of_sigint(
     step = shlex.join([PY, "-m", "idemfn", "run", "--key", "step1", "--", *block.argv])
     script = f"{step}; echo NEXT STEP RAN"
     shell = subprocess.Popen(
-        ["bash", "-c", script], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, env=env, start_new_session=True,
+        ["bash", "-c", script],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
         preexec_fn=_default_dispositions,
-    )  # fmt: skip
+    )
     try:
         block.wait_started(shell)
         os.killpg(shell.pid, signal.SIGINT)
@@ -1241,9 +1357,15 @@ def test_a_failing_stdout_loses_neither_the_outcome_nor_the_status(
 ) -> None:
     cmd = ["run", "--key", "full", "--", "sh", "-c", "echo out; echo err >&2; exit 3"]
     with open("/dev/full", "wb") as full:
-        proc = subprocess.run([PY, "-m", "idemfn", *cmd], stdin=subprocess.DEVNULL,
-                              stdout=full, stderr=subprocess.PIPE, env=env, timeout=TIMEOUT,
-                              check=False)  # fmt: skip
+        proc = subprocess.run(
+            [PY, "-m", "idemfn", *cmd],
+            stdin=subprocess.DEVNULL,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            env=env,
+            timeout=TIMEOUT,
+            check=False,
+        )
     assert proc.returncode == 3
     assert proc.stderr.startswith(b"idemfn: stopped copying the command's stdout")
     assert proc.stderr.endswith(b"err\n")
@@ -1252,9 +1374,15 @@ def test_a_failing_stdout_loses_neither_the_outcome_nor_the_status(
     assert (replay.stdout, replay.stderr) == (b"out\n", b"err\n")
     # Inspecting into a full disk is an I/O error, not an internal one.
     with open("/dev/full", "wb") as full:
-        proc = subprocess.run([PY, "-m", "idemfn", "ls"], stdin=subprocess.DEVNULL,
-                              stdout=full, stderr=subprocess.PIPE, env=env, timeout=TIMEOUT,
-                              check=False)  # fmt: skip
+        proc = subprocess.run(
+            [PY, "-m", "idemfn", "ls"],
+            stdin=subprocess.DEVNULL,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            env=env,
+            timeout=TIMEOUT,
+            check=False,
+        )
     assert proc.returncode == Exit.STORE_ERROR
     assert b"Traceback" not in proc.stderr and b"internal error" not in proc.stderr
 
@@ -1298,8 +1426,9 @@ def test_a_killed_supervisor_takes_down_what_the_command_started(
     where = tmp_path / "steps"
     where.mkdir()
     names = ("bg", "fg")
-    runner = start("run", "--key", "k", "--", *_step(where, "bg &", "fg"), env=env,
-                   new_session=True)  # fmt: skip
+    runner = start(
+        "run", "--key", "k", "--", *_step(where, "bg &", "fg"), env=env, new_session=True
+    )
     try:
         pids = _started(runner, where, *names)
         [between] = _children(runner.pid)  # the process between the runner and the command
@@ -1369,9 +1498,14 @@ def test_a_signal_while_the_supervisor_starts_releases_the_key(
     marker = tmp_path / "ran"
     proc = subprocess.run(
         [PY, "-c", SLOW_START, str(interpreter), "run", "--key", "k", "--", "touch", str(marker)],
-        stdin=subprocess.DEVNULL, capture_output=True, env=env, timeout=TIMEOUT, check=False,
-        start_new_session=True, preexec_fn=_default_dispositions,
-    )  # fmt: skip
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=env,
+        timeout=TIMEOUT,
+        check=False,
+        start_new_session=True,
+        preexec_fn=_default_dispositions,
+    )
     checked(proc, None)
     assert not marker.exists()
     assert store.get("k") is None
@@ -1411,10 +1545,25 @@ def test_a_runner_killed_while_it_records_takes_what_the_command_left_running(
     where = tmp_path / "steps"
     where.mkdir()
     proc = subprocess.run(
-        [PY, "-c", KILLED_AT, "complete", str(where / "bg.pid"), "run", "--key", "k", "--",
-         *_step(where, "bg &")], stdin=subprocess.DEVNULL, capture_output=True, env=env,
-        timeout=TIMEOUT, check=False, start_new_session=True,
-    )  # fmt: skip
+        [
+            PY,
+            "-c",
+            KILLED_AT,
+            "complete",
+            str(where / "bg.pid"),
+            "run",
+            "--key",
+            "k",
+            "--",
+            *_step(where, "bg &"),
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=env,
+        timeout=TIMEOUT,
+        check=False,
+        start_new_session=True,
+    )
     try:
         assert proc.returncode == -signal.SIGKILL, proc
         bg = _pids(where, "bg")["bg"]
@@ -1457,10 +1606,25 @@ def test_a_python_without_ctypes_still_runs_commands(
     )
     interpreter.chmod(0o755)
     proc = subprocess.run(
-        [PY, "-c", WITHOUT_CTYPES, str(interpreter), "run", "--key", "k", "--", "sh", "-c",
-         "echo ran; exit 3"], stdin=subprocess.DEVNULL, capture_output=True, env=env,
-        timeout=TIMEOUT, check=False,
-    )  # fmt: skip
+        [
+            PY,
+            "-c",
+            WITHOUT_CTYPES,
+            str(interpreter),
+            "run",
+            "--key",
+            "k",
+            "--",
+            "sh",
+            "-c",
+            "echo ran; exit 3",
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=env,
+        timeout=TIMEOUT,
+        check=False,
+    )
     checked(proc, 3)
     assert (proc.stdout, proc.stderr) == (b"ran\n", b"")
     entry = store.get("k")
@@ -1486,8 +1650,12 @@ sys.exit(subprocess.run(sys.argv[1:], close_fds=False).returncode)
 """
     proc = subprocess.run(
         [PY, "-c", given, PY, "-m", "idemfn", "run", "--key", "k", "--", "sh", "-c", "echo ran"],
-        stdin=subprocess.DEVNULL, capture_output=True, env=env, timeout=TIMEOUT, check=False,
-    )  # fmt: skip
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=env,
+        timeout=TIMEOUT,
+        check=False,
+    )
     checked(proc, 0)
     assert (proc.stdout, proc.stderr) == (b"ran\n", b"")
     entry = store.get("k")

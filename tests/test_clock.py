@@ -48,8 +48,9 @@ def holder(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
     store = tmp_path / "store"
     child = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(store), str(request.param)],
-        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
     try:
         assert child.stdout is not None and child.stdout.readline() == b"holding\n"
         yield store

@@ -192,9 +192,7 @@ def test_a_flipped_bit_in_either_copy_of_a_rows_expiry_in_the_file_never_removes
         return 125000
 
     pay()
-    (expire_time,) = original._sql(
-        "SELECT expire_time FROM Cache WHERE key = 'pay:17'"
-    ).fetchone()
+    (expire_time,) = original._sql("SELECT expire_time FROM Cache WHERE key = 'pay:17'").fetchone()
     original.close()
     db = (tmp_path / "original" / "cache.db").read_bytes()
     page_size = int.from_bytes(db[16:18], "big")

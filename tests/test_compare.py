@@ -13,19 +13,34 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 PEERS = [
-    "idemfn DiskStore", "raw diskcache get / add+set", "diskcache memoize", "joblib.Memory",
-    "cachier (pickle)", "functools.lru_cache", "idemfn RedisStore", "raw redis GET / SET NX",
-    "Powertools (Redis)", "idemfn PostgresStore", "raw SELECT / INSERT",
-]  # fmt: skip
+    "idemfn DiskStore",
+    "raw diskcache get / add+set",
+    "diskcache memoize",
+    "joblib.Memory",
+    "cachier (pickle)",
+    "functools.lru_cache",
+    "idemfn RedisStore",
+    "raw redis GET / SET NX",
+    "Powertools (Redis)",
+    "idemfn PostgresStore",
+    "raw SELECT / INSERT",
+]
 
 
 @pytest.mark.slow
 def test_the_comparison_runs_and_writes_its_table_csv_and_plot(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--quick", "--out",
-         str(tmp_path)],
-        capture_output=True, text=True, timeout=280,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "compare.py"),
+            "--quick",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     table = (tmp_path / "compare.md").read_text()
     for name in PEERS:  # the test extra installs every peer: none may be missing
@@ -34,8 +49,11 @@ def test_the_comparison_runs_and_writes_its_table_csv_and_plot(tmp_path: Path) -
     rows = list(csv.DictReader((tmp_path / "compare.csv").open()))
     assert {r["section"] for r in rows} == {"latency", "concurrency", "scaling"}
     # idemfn never runs a body twice, whatever the concurrency; lru_cache (per process) does.
-    duplicates = {(r["system"], r["measure"], r["x"]): int(r["value"]) for r in rows
-                  if r["measure"].endswith("duplicates")}  # fmt: skip
+    duplicates = {
+        (r["system"], r["measure"], r["x"]): int(r["value"])
+        for r in rows
+        if r["measure"].endswith("duplicates")
+    }
     assert all(v == 0 for (system, *_), v in duplicates.items() if system.startswith("idemfn"))
     assert duplicates[("functools.lru_cache", "hot duplicates", "2")] > 0
     png = (tmp_path / "compare.png").read_bytes()

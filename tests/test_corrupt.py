@@ -29,9 +29,7 @@ from .conftest import age, make_store, overwrite, stored_bytes
 BROKEN: dict[str, Callable[[bytes], bytes]] = {
     "garbage": lambda good: b"\x00not a record\xff",
     "truncated": lambda good: good[: len(good) // 2],
-    "future version": lambda good: marshal.dumps(
-        (FORMAT_VERSION + 1, *marshal.loads(good)[1:]), 4
-    ),
+    "future version": lambda good: marshal.dumps((FORMAT_VERSION + 1, *marshal.loads(good)[1:]), 4),
 }
 
 
@@ -448,11 +446,22 @@ def test_what_two_flipped_bits_can_pass_off_as_an_old_record_is_junk_in_its_last
     passed = 0
     for n in range(2000):
         entry = Entry(
-            "shop:17", "halted", "f" * 64, "o", "t", 1, 1.5, ttl=60.0, finished_at=2.5,
-            expires_at=62.5, payload=pickle.dumps(ValueError("card declined")),
-            reason="the call raised ValueError", exc_type="ValueError", message="card declined",
+            "shop:17",
+            "halted",
+            "f" * 64,
+            "o",
+            "t",
+            1,
+            1.5,
+            ttl=60.0,
+            finished_at=2.5,
+            expires_at=62.5,
+            payload=pickle.dumps(ValueError("card declined")),
+            reason="the call raised ValueError",
+            exc_type="ValueError",
+            message="card declined",
             traceback=f"Traceback {n}\nValueError: card declined\n",
-        )  # fmt: skip
+        )
         data = encode(entry)
         text = entry.traceback.encode()  # type: ignore[union-attr]
         at = len(data) - 4 - 1 - len(text) - 1  # its one-byte length, before it and None

@@ -58,9 +58,18 @@ def test_crash_storm_finds_no_violation(
         pg: PostgresServer = request.getfixturevalue("postgres_server")
         url = pg.dsn
     status, output, summaries = storm(
-        "--store", kind, "--url", url, "--mode", "both", "--seconds", "2.5",
-        "--workdir", str(tmp_path / "work"), *QUICK,
-    )  # fmt: skip
+        "--store",
+        kind,
+        "--url",
+        url,
+        "--mode",
+        "both",
+        "--seconds",
+        "2.5",
+        "--workdir",
+        str(tmp_path / "work"),
+        *QUICK,
+    )
     assert status == 0, output
     assert [s["mode"] for s in summaries] == ["halt", "retry"], output
     for summary in summaries:
@@ -79,10 +88,21 @@ def test_crash_storm_finds_no_violation(
 def test_crash_storm_reports_a_body_that_runs_twice(tmp_path: Path) -> None:
     # --sabotage (test only): now and then a worker runs the body without idempotency.
     status, output, summaries = storm(
-        "--store", "disk", "--url", str(tmp_path / "store"), "--mode", "both",
-        "--seconds", "1.5", "--workdir", str(tmp_path / "work"), "--sabotage", "--show", "10000",
+        "--store",
+        "disk",
+        "--url",
+        str(tmp_path / "store"),
+        "--mode",
+        "both",
+        "--seconds",
+        "1.5",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--sabotage",
+        "--show",
+        "10000",
         *QUICK,
-    )  # fmt: skip
+    )
     assert status == 1, output
     assert [s["mode"] for s in summaries] == ["halt", "retry"], output
     for summary in summaries:

@@ -462,11 +462,23 @@ def test_module_run_with_dash_m_is_named_after_the_module(tmp_path: Path) -> Non
 # E07: defence in depth: even a stored interrupt payload (older writer, tampering) never raises
 def test_a_stored_interrupt_payload_is_replayed_as_halted(store: Store) -> None:
     now = time.time()
-    store.claim(Entry(
-        "t:k", "halted", "", "h/m/1/1", "tok", 1, now, ttl=None, finished_at=now,
-        payload=pickle.dumps(KeyboardInterrupt("stop")), exc_type="KeyboardInterrupt",
-        message="stop", reason="the call was interrupted by KeyboardInterrupt",
-    ))  # fmt: skip
+    store.claim(
+        Entry(
+            "t:k",
+            "halted",
+            "",
+            "h/m/1/1",
+            "tok",
+            1,
+            now,
+            ttl=None,
+            finished_at=now,
+            payload=pickle.dumps(KeyboardInterrupt("stop")),
+            exc_type="KeyboardInterrupt",
+            message="stop",
+            reason="the call was interrupted by KeyboardInterrupt",
+        )
+    )
     outcome = begin("t:k", store=store)
     assert isinstance(outcome, Finished)
     try:

@@ -19,8 +19,12 @@ pytestmark = pytest.mark.slow
 def _run(script: str, env: dict[str, str], *args: str) -> list[str]:
     done = subprocess.run(
         [sys.executable, str(ROOT / "examples" / script), *args],
-        cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout.splitlines()
 
@@ -30,8 +34,10 @@ def _receipts(output: list[str]) -> set[str]:
 
 
 def test_the_celery_example(tmp_path: Path, redis_server: RedisServer) -> None:
-    env = {"BROKER_URL": f"redis+socket://{redis_server.socket}",
-           "IDEMFN_STORE": str(tmp_path / "store")}  # fmt: skip
+    env = {
+        "BROKER_URL": f"redis+socket://{redis_server.socket}",
+        "IDEMFN_STORE": str(tmp_path / "store"),
+    }
     worker: Worker = celery_worker(
         tmp_path, env, "example", app="celery_app", workdir=ROOT / "examples"
     )
@@ -49,8 +55,9 @@ def test_the_celery_example(tmp_path: Path, redis_server: RedisServer) -> None:
 def test_the_rq_example(tmp_path: Path, redis_server: RedisServer) -> None:
     url = f"unix://{redis_server.socket}"
     env = {"REDIS_URL": url, "IDEMFN_STORE": str(tmp_path / "store")}
-    worker = rq_worker(tmp_path, env, "example", url, "default", "rq.worker.Worker",
-                       path=ROOT / "examples")  # fmt: skip
+    worker = rq_worker(
+        tmp_path, env, "example", url, "default", "rq.worker.Worker", path=ROOT / "examples"
+    )
     invoice = f"invoice-{uuid.uuid4().hex[:8]}"
     try:
         first = _run("rq_jobs.py", env, invoice)

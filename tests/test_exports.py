@@ -11,25 +11,43 @@ def test_all_is_sorted_and_complete() -> None:
     assert idemfn.__all__ == sorted(idemfn.__all__, key=lambda n: (not n.isupper(), n))
     # Public submodules (idemfn.testing, once imported) are not names of the package's API.
     public = {
-        name for name in dir(idemfn)
+        name
+        for name in dir(idemfn)
         if not name.startswith("_") and not isinstance(getattr(idemfn, name), types.ModuleType)
-    }  # fmt: skip
+    }
     assert public == set(idemfn.__all__)
 
 
 def test_contract_names_are_exported() -> None:
     for name in [
-        "idempotent", "DiskStore", "MemoryStore", "open_store", "Record", "Status",
-        "IdempotencyError", "AlreadyRunning", "FingerprintMismatch", "Halted",
-        "DeadlineExceeded", "OwnershipLost", "StoreError", "Store",
-    ]:  # fmt: skip
+        "idempotent",
+        "DiskStore",
+        "MemoryStore",
+        "open_store",
+        "Record",
+        "Status",
+        "IdempotencyError",
+        "AlreadyRunning",
+        "FingerprintMismatch",
+        "Halted",
+        "DeadlineExceeded",
+        "OwnershipLost",
+        "StoreError",
+        "Store",
+    ]:
         assert name in idemfn.__all__, name
     assert [s.value for s in idemfn.Status] == ["processing", "ok", "halted"]
 
 
 def test_errors_share_one_base_and_carry_the_key() -> None:
-    for name in ["AlreadyRunning", "FingerprintMismatch", "Halted", "DeadlineExceeded",
-                 "OwnershipLost", "StoreError"]:  # fmt: skip
+    for name in [
+        "AlreadyRunning",
+        "FingerprintMismatch",
+        "Halted",
+        "DeadlineExceeded",
+        "OwnershipLost",
+        "StoreError",
+    ]:
         cls = getattr(idemfn, name)
         assert issubclass(cls, idemfn.IdempotencyError)
         assert cls.__module__ == "idemfn"

@@ -51,8 +51,10 @@ def disk_back():
 def child(store: Path, code: str) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(
         [sys.executable, "-c", PRELUDE + textwrap.dedent(code), str(store)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done
 
@@ -71,7 +73,9 @@ def store_dir(tmp_path: Path) -> Path:
 
 
 def test_disk_full_at_claim_runs_nothing_and_records_nothing(store_dir: Path) -> None:
-    done = child(store_dir, """
+    done = child(
+        store_dir,
+        """
         @idempotent(key="pay:{n}", name="shop", store=store)
         def pay(n):
             print("RAN")
@@ -80,7 +84,8 @@ def test_disk_full_at_claim_runs_nothing_and_records_nothing(store_dir: Path) ->
             pay(1)
         except StoreError as exc:
             print("StoreError:", exc)
-    """)  # fmt: skip
+    """,
+    )
     assert "RAN" not in done.stdout
     assert "StoreError: DiskStore(" in done.stdout and "could not claim 'shop:pay:1'" in done.stdout
     # SQLite's own words for a write the kernel refused (EFBIG), or a full disk (ENOSPC).
@@ -90,13 +95,16 @@ def test_disk_full_at_claim_runs_nothing_and_records_nothing(store_dir: Path) ->
 
 
 def test_disk_full_at_complete_returns_the_value_and_logs_the_failure(store_dir: Path) -> None:
-    done = child(store_dir, """
+    done = child(
+        store_dir,
+        """
         @idempotent(key="pay:{n}", name="shop", store=store)
         def pay(n):
             disk_full()  # the body ran: its side effect happened
             return {"receipt": n}
         print("RETURNED", pay(7))
-    """)  # fmt: skip
+    """,
+    )
     assert "RETURNED {'receipt': 7}" in done.stdout
     assert "ERROR idemfn: the outcome of key 'shop:pay:7' could not be recorded" in done.stderr
     assert "the value is returned" in done.stderr
@@ -113,7 +121,9 @@ def test_disk_full_at_complete_returns_the_value_and_logs_the_failure(store_dir:
 
 
 def test_disk_full_at_halt_raises_the_bodys_exception_with_a_note(store_dir: Path) -> None:
-    done = child(store_dir, """
+    done = child(
+        store_dir,
+        """
         @idempotent(key="pay:{n}", name="shop", store=store)
         def pay(n):
             disk_full()
@@ -122,14 +132,17 @@ def test_disk_full_at_halt_raises_the_bodys_exception_with_a_note(store_dir: Pat
             pay(7)
         except ValueError as exc:
             print("RAISED", exc, exc.__notes__)
-    """)  # fmt: skip
+    """,
+    )
     assert "RAISED card declined" in done.stdout
     assert "could not be recorded" in done.stdout  # the note on the exception
     assert "its ValueError is raised" in done.stderr
 
 
 def test_disk_full_during_heartbeats_is_logged_and_the_call_goes_on(store_dir: Path) -> None:
-    done = child(store_dir, """
+    done = child(
+        store_dir,
+        """
         failed = []
         class Failures(logging.Handler):
             def emit(self, record):
@@ -154,7 +167,8 @@ def test_disk_full_during_heartbeats_is_logged_and_the_call_goes_on(store_dir: P
             return n
         print("RETURNED", pay(3))
         print("STATUS", pay.status(3).status.value)
-    """)  # fmt: skip
+    """,
+    )
     assert "RETURNED 3" in done.stdout and "STATUS ok" in done.stdout
     assert "could not renew the lease of 'shop:pay:3' (will retry)" in done.stderr
 
@@ -184,8 +198,11 @@ def test_a_read_only_store_refuses_the_claim_and_the_body_does_not_run(store_dir
         def job(n: int) -> None:
             runs.append(n)
 
-        with pytest.raises(StoreError, match=r"could not (claim 'ro:1'|open the store for '[^']*'):"
-                           r" (attempt to write a readonly database|unable to open database file)"):
+        with pytest.raises(
+            StoreError,
+            match=r"could not (claim 'ro:1'|open the store for '[^']*'):"
+            r" (attempt to write a readonly database|unable to open database file)",
+        ):
             job(1)
         store.close()
     assert runs == []
@@ -239,13 +256,22 @@ def redis_full(store: RedisStore) -> Iterator[None]:
 def postgres_full(store: PostgresStore, on: str) -> Iterator[None]:
     """``on`` (INSERT or UPDATE) fails as a full disk does: SQLSTATE 53100."""
     table, name = store.table, f"full_{uuid.uuid4().hex}"
-    store._run("fault", table, f"""
+    store._run(
+        "fault",
+        table,
+        f"""
         CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
             RAISE EXCEPTION 'could not extend file: No space left on device'
                 USING ERRCODE = 'disk_full';
-        END $$""", ())  # fmt: skip
-    store._run("fault", table, f'CREATE TRIGGER {name} BEFORE {on} ON "{table}" FOR EACH ROW'
-               f" EXECUTE FUNCTION {name}()", ())  # fmt: skip
+        END $$""",
+        (),
+    )
+    store._run(
+        "fault",
+        table,
+        f'CREATE TRIGGER {name} BEFORE {on} ON "{table}" FOR EACH ROW EXECUTE FUNCTION {name}()',
+        (),
+    )
     try:
         yield
     finally:
@@ -376,16 +402,44 @@ def test_idemfn_run_says_the_command_ran_when_its_outcome_cannot_be_recorded(
     through pipes, which no limit touches."""
     command = "prlimit --pid $(ps -o ppid= -p $PPID) --fsize=1: && echo charged && exit 3"
     done = subprocess.run(
-        [sys.executable, "-m", "idemfn", "--store", str(store_dir), "run", "--key", "pay:1",
-         "--", "sh", "-c", command],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "idemfn",
+            "--store",
+            str(store_dir),
+            "run",
+            "--key",
+            "pay:1",
+            "--",
+            "sh",
+            "-c",
+            command,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 3 and done.stdout == "charged\n"  # the command's own status
     assert "ran and exited 3, but its outcome could not be recorded" in done.stderr
     assert "DiskStore(" in done.stderr and "'pay:1'" in done.stderr
     again = subprocess.run(
-        [sys.executable, "-m", "idemfn", "--store", str(store_dir), "run", "--key", "pay:1",
-         "--", "sh", "-c", command],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "idemfn",
+            "--store",
+            str(store_dir),
+            "run",
+            "--key",
+            "pay:1",
+            "--",
+            "sh",
+            "-c",
+            command,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert again.stdout == "" and again.returncode == 69  # halted, never run again

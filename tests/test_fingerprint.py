@@ -496,7 +496,6 @@ GOLDEN_V1: list[tuple[str, object, str]] = [
 ]
 
 
-
 def test_fingerprint_version_is_pinned() -> None:
     # VECTORS belong to version 2; a new version needs new vectors (and keeps these).
     assert FINGERPRINT_VERSION == 2
@@ -1292,8 +1291,9 @@ def test_aware_times_whose_offsets_differ_by_seconds_differ() -> None:
     same_instant = dt.time(10, 0, 30, tzinfo=_offset(seconds=30))
     assert same_instant == utc
     assert fingerprint_value(same_instant) == fingerprint_value(utc)
-    assert fingerprint_value(dt.time(11, 1, 1, 7, tzinfo=_offset(hours=1, minutes=1, seconds=1)))\
-        == fingerprint_value(dt.time(10, 0, 0, 7, tzinfo=UTC))  # fmt: skip
+    assert fingerprint_value(
+        dt.time(11, 1, 1, 7, tzinfo=_offset(hours=1, minutes=1, seconds=1))
+    ) == fingerprint_value(dt.time(10, 0, 0, 7, tzinfo=UTC))
 
 
 def test_aware_times_python_calls_equal_but_that_lie_apart_differ() -> None:

@@ -64,8 +64,8 @@ entries = st.builds(
 )
 
 # Anything marshal can write, as a record's fields would be if someone forged them.
-loose = st.none() | st.booleans() | st.integers() | times | st.text(max_size=5) | st.binary(
-    max_size=5
+loose = (
+    st.none() | st.booleans() | st.integers() | times | st.text(max_size=5) | st.binary(max_size=5)
 )
 
 
@@ -86,8 +86,14 @@ def test_every_record_round_trips(entry: Entry) -> None:
 
 # A record's first bytes, each version (FLAG_REF set or not): what follows is then read by the
 # version's own checks (the checksum; the layout of a record from before it).
-heads = st.sampled_from([b")\x11\xe9\x01\x00\x00\x00", b")\x12\xe9\x02\x00\x00\x00",
-                         b"\xa9\x12i\x02\x00\x00\x00", b")\x12\xe9\x03\x00\x00\x00"])  # fmt: skip
+heads = st.sampled_from(
+    [
+        b")\x11\xe9\x01\x00\x00\x00",
+        b")\x12\xe9\x02\x00\x00\x00",
+        b"\xa9\x12i\x02\x00\x00\x00",
+        b")\x12\xe9\x03\x00\x00\x00",
+    ]
+)
 
 
 @settings(max_examples=500, deadline=None)
@@ -119,8 +125,11 @@ def _well_formed(entry: Entry) -> bool:
 
 
 @settings(max_examples=600, deadline=None)
-@given(entries, st.lists(st.tuples(st.integers(0, 16), loose), min_size=1, max_size=3),
-       st.sampled_from([1, 2, FORMAT_VERSION, FORMAT_VERSION + 1, "3", None]))  # fmt: skip
+@given(
+    entries,
+    st.lists(st.tuples(st.integers(0, 16), loose), min_size=1, max_size=3),
+    st.sampled_from([1, 2, FORMAT_VERSION, FORMAT_VERSION + 1, "3", None]),
+)
 def test_forged_fields_decode_only_when_every_field_is_right(
     entry: Entry, changes: list[tuple[int, Any]], version: object
 ) -> None:
@@ -175,10 +184,12 @@ def test_damaged_records_from_before_the_checksum_are_refused_or_still_well_form
 
 values = st.recursive(
     st.none() | st.booleans() | st.integers() | times | st.text(max_size=8) | st.binary(max_size=8),
-    lambda inner: st.lists(inner, max_size=4)
-    | st.tuples(inner, inner)
-    | st.dictionaries(st.text(max_size=4), inner, max_size=4)
-    | st.frozensets(st.integers() | st.text(max_size=4), max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.tuples(inner, inner)
+        | st.dictionaries(st.text(max_size=4), inner, max_size=4)
+        | st.frozensets(st.integers() | st.text(max_size=4), max_size=4)
+    ),
     max_leaves=20,
 )
 
@@ -243,9 +254,18 @@ def _tz(**kwargs: float) -> dt.timezone:
 
 # Offsets a whole second, half a second, a minute or an hour apart: version 1 floored aware
 # times' offsets to minutes. TOY (for a time of day) has no offset: it is naive.
-_TIME_ZONES = [None, UTC, _tz(seconds=30), _tz(seconds=-30), _tz(minutes=1), _tz(hours=1),
-               _tz(microseconds=500_000), _tz(microseconds=-500_000),
-               _tz(hours=1, seconds=30), TOY]  # fmt: skip
+_TIME_ZONES = [
+    None,
+    UTC,
+    _tz(seconds=30),
+    _tz(seconds=-30),
+    _tz(minutes=1),
+    _tz(hours=1),
+    _tz(microseconds=500_000),
+    _tz(microseconds=-500_000),
+    _tz(hours=1, seconds=30),
+    TOY,
+]
 aware_times = st.builds(
     dt.time,
     st.sampled_from([9, 10, 11, 23]),
@@ -255,8 +275,17 @@ aware_times = st.builds(
     st.sampled_from(_TIME_ZONES),
     fold=st.integers(0, 1),
 )
-_DATETIME_ZONES = [TOY, TOY, TOY, UTC, _tz(hours=1), _tz(hours=2), _tz(seconds=30),
-                   _tz(microseconds=500_000), None]  # fmt: skip
+_DATETIME_ZONES = [
+    TOY,
+    TOY,
+    TOY,
+    UTC,
+    _tz(hours=1),
+    _tz(hours=2),
+    _tz(seconds=30),
+    _tz(microseconds=500_000),
+    None,
+]
 # Wall times around TOY's spring gap and autumn fold, in TOY and in fixed offsets.
 aware_datetimes = st.builds(
     lambda day, hour, minute, micro, tz, fold: dt.datetime(
@@ -360,8 +389,13 @@ def time_pairs(draw: st.DrawFn) -> tuple[dt.time, dt.time]:
     tz = draw(st.sampled_from(_TIME_ZONES))
     shift = (_offset_of(tz) - _offset_of(a.tzinfo)) // dt.timedelta(seconds=1)
     move = draw(_MOVES)
-    seconds = {"none": 0, "instant": shift, "instant+1": shift + 1, "instant-1": shift - 1,
-               "hour": 3600}[move]  # fmt: skip
+    seconds = {
+        "none": 0,
+        "instant": shift,
+        "instant+1": shift + 1,
+        "instant-1": shift - 1,
+        "hour": 3600,
+    }[move]
     local = a.hour * 3600 + a.minute * 60 + a.second + seconds
     if not 0 <= local < 86400:
         return a, a
@@ -376,9 +410,13 @@ def datetime_pairs(draw: st.DrawFn) -> tuple[dt.datetime, dt.datetime]:
     a = draw(aware_datetimes)
     b = a.replace(tzinfo=draw(st.sampled_from(_DATETIME_ZONES)), fold=draw(st.integers(0, 1)))
     shift = _offset_of(b.tzinfo, b) - _offset_of(a.tzinfo, a)
-    delta = {"none": dt.timedelta(0), "instant": shift, "hour": dt.timedelta(hours=1),
-             "instant+1": shift + dt.timedelta(seconds=1),
-             "instant-1": shift - dt.timedelta(seconds=1)}[draw(_MOVES)]  # fmt: skip
+    delta = {
+        "none": dt.timedelta(0),
+        "instant": shift,
+        "hour": dt.timedelta(hours=1),
+        "instant+1": shift + dt.timedelta(seconds=1),
+        "instant-1": shift - dt.timedelta(seconds=1),
+    }[draw(_MOVES)]
     return a, b + delta
 
 
@@ -458,8 +496,13 @@ def _equal_copy(value: Any, rnd: random.Random) -> Any:
         local = value.hour * 3600 + value.minute * 60 + value.second + shift
         if not 0 <= local < 86400 or not abs(offset.total_seconds() + shift) < 86400:
             return value
-        return dt.time(local // 3600, local // 60 % 60, local % 60, value.microsecond,
-                       _tz(seconds=offset.total_seconds() + shift))  # fmt: skip
+        return dt.time(
+            local // 3600,
+            local // 60 % 60,
+            local % 60,
+            value.microsecond,
+            _tz(seconds=offset.total_seconds() + shift),
+        )
     if kind is dt.date:
         return dt.date.fromordinal(value.toordinal())
     if kind is dt.timedelta:
@@ -513,8 +556,23 @@ def test_decimal_nans_differ_by_what_str_shows(texts: list[str]) -> None:
 needs_numpy = pytest.mark.skipif(np is None, reason="numpy is not installed")
 
 if np is not None:
-    _DTYPES = ["|b1", "|i1", "<i4", ">i4", "<u2", "<f2", ">f4", "<f8", ">f8", "<M8[s]", ">m8[ms]",
-               "<U2", ">U2", "|S2", "<c8"]  # fmt: skip
+    _DTYPES = [
+        "|b1",
+        "|i1",
+        "<i4",
+        ">i4",
+        "<u2",
+        "<f2",
+        ">f4",
+        "<f8",
+        ">f8",
+        "<M8[s]",
+        ">m8[ms]",
+        "<U2",
+        ">U2",
+        "|S2",
+        "<c8",
+    ]
     arrays = st.sampled_from(_DTYPES).flatmap(
         lambda dtype: hnp.arrays(
             np.dtype(dtype),

@@ -191,8 +191,11 @@ def test_a_claim_taken_over_while_running_is_noticed_by_the_heartbeat(caplog: ob
         assert entry is not None
         assert store.swap(key, entry.token, entry._replace(token="someone-else"))
         # The heartbeat tries to renew (0.1 s into the call), and finds the claim gone.
-        poll(lambda: "taken over or halted while its body ran" in caplog.text,  # type: ignore[attr-defined]
-             "the heartbeat to notice", timeout=60)  # fmt: skip
+        poll(
+            lambda: "taken over or halted while its body ran" in caplog.text,  # type: ignore[attr-defined]
+            "the heartbeat to notice",
+            timeout=60,
+        )
         return "late"
 
     with pytest.raises(idemfn.OwnershipLost):

@@ -42,9 +42,7 @@ def test_memo_tells_equal_values_of_other_types_apart(
     assert len(seen) == 2
 
 
-@pytest.mark.parametrize(
-    "args", [(0.0,), (-0.0,), ([1],), ((1, 2),), (object(),), ("a", 1.5)]
-)
+@pytest.mark.parametrize("args", [(0.0,), (-0.0,), ([1],), ((1, 2),), (object(),), ("a", 1.5)])
 def test_memo_is_bypassed_for_other_types(args: tuple[Any, ...]) -> None:
     seen, resolve = counting_resolve()
     resolve(args, {})
@@ -173,8 +171,10 @@ def test_values_of_script_classes_replay_in_another_process(tmp_path: Path) -> N
     )
     shown = subprocess.run(
         [sys.executable, str(other), str(tmp_path / "store")],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert shown.strip() == "Receipt 250"
     again = subprocess.run(run, capture_output=True, text=True, check=True).stdout
     assert again.strip() == "Receipt o-1 250"  # replayed: "ran" is not printed

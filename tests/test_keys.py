@@ -199,8 +199,10 @@ def test_a_packages_main_module_keeps_apart_from_the_package(tmp_path: Path) -> 
     store = str(tmp_path / "store")
     # As if imported: the module shop.__main__, not shop.
     assert _run_script("-m", "shop", store, cwd=tmp_path) == [
-        "shop.step:k", "shop.__main__.step:k", "package main"
-    ]  # fmt: skip
+        "shop.step:k",
+        "shop.__main__.step:k",
+        "package main",
+    ]
 
 
 def test_runpy_run_path_names_functions_after_the_file(tmp_path: Path) -> None:
@@ -214,15 +216,18 @@ def test_runpy_run_path_names_functions_after_the_file(tmp_path: Path) -> None:
     runner = "import runpy, sys; runpy.run_path(sys.argv[2])"
     # (run_path leaves __file__ as given: the body returns the relative path.)
     assert _run_script("-c", runner, store, "app1/deploy.py", cwd=tmp_path) == [
-        f"{first}/step:k", "app1/deploy.py"
-    ]  # fmt: skip
+        f"{first}/step:k",
+        "app1/deploy.py",
+    ]
     # Not a replay of app1's record, and the same name as when app2 runs as a script.
     assert _run_script("-c", runner, store, "app2/deploy.py", cwd=tmp_path) == [
-        f"{second}/step:k", "app2/deploy.py"
-    ]  # fmt: skip
+        f"{second}/step:k",
+        "app2/deploy.py",
+    ]
     assert _run_script("app2/deploy.py", store, cwd=tmp_path) == [
-        f"{second}/step:k", "app2/deploy.py"
-    ]  # fmt: skip
+        f"{second}/step:k",
+        "app2/deploy.py",
+    ]
 
 
 def test_a_function_without_a_script_file_needs_a_name(tmp_path: Path) -> None:
@@ -236,8 +241,10 @@ def test_a_function_without_a_script_file_needs_a_name(tmp_path: Path) -> None:
     )
     done = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path / "store")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1
     assert "TypeError: @idempotent needs name= for step" in done.stderr
     assert "no script file" in done.stderr and "name='myapp.step'" in done.stderr
@@ -705,9 +712,20 @@ def test_fingerprint_and_deadline_callables_are_checked_when_decorating() -> Non
 # -- what help(idempotent) shows (issue 13, D) ----------------------------------------------------
 
 OPTIONS = [
-    "key", "name", "store", "ttl", "fingerprint", "wait", "lease", "on_abandoned", "retry_on",
-    "deadline", "transactional", "signing_key", "serializer",
-]  # fmt: skip
+    "key",
+    "name",
+    "store",
+    "ttl",
+    "fingerprint",
+    "wait",
+    "lease",
+    "on_abandoned",
+    "retry_on",
+    "deadline",
+    "transactional",
+    "signing_key",
+    "serializer",
+]
 
 
 def test_the_signature_shows_the_public_options_only() -> None:

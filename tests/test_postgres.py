@@ -49,8 +49,12 @@ def test_the_table_and_its_prune_index_are_created(postgres_server: PostgresServ
     fn = idempotent(key="{x}", store=store, ttl=60)(lambda x: x)
     fn(1)
     with psycopg.connect(postgres_server.dsn) as conn:
-        indexes = [r[0] for r in conn.execute(
-            "SELECT indexdef FROM pg_indexes WHERE tablename = %s", (store.table,))]  # fmt: skip
+        indexes = [
+            r[0]
+            for r in conn.execute(
+                "SELECT indexdef FROM pg_indexes WHERE tablename = %s", (store.table,)
+            )
+        ]
     assert any("drop_at" in i for i in indexes), indexes
     age(store, fn.key_for(1), 120)  # expired a minute ago
     assert store.prune() == 1
@@ -240,10 +244,18 @@ def test_a_renewal_on_a_connection_gone_silent_gives_up_and_the_next_connects_ag
 ) -> None:
     # TCP alone keeps retransmitting to a vanished server for ~15 minutes, and the renewal
     # waited as long, holding up every renewal of the store: its live claims' leases ran out.
-    cfg = {"server_side": SERVER_SIDE, "sockdir": str(postgres_server.socket_dir),
-           "table": f"t_{uuid.uuid4().hex}", "wait": 60}  # fmt: skip
-    done = subprocess.run(["unshare", "-n", sys.executable, "-c", SILENCED, json.dumps(cfg)],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    cfg = {
+        "server_side": SERVER_SIDE,
+        "sockdir": str(postgres_server.socket_dir),
+        "table": f"t_{uuid.uuid4().hex}",
+        "wait": 60,
+    }
+    done = subprocess.run(
+        ["unshare", "-n", sys.executable, "-c", SILENCED, json.dumps(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     if "skip" in result:
@@ -263,8 +275,9 @@ def test_connect_timeout_must_be_a_positive_number(bad: object) -> None:
 def test_a_pool_of_your_own_keeps_its_timeout_unless_connect_timeout(
     postgres_server: PostgresServer,
 ) -> None:
-    with psycopg_pool.ConnectionPool(postgres_server.dsn, min_size=1, open=False,
-                                     timeout=12.0) as pool:  # fmt: skip
+    with psycopg_pool.ConnectionPool(
+        postgres_server.dsn, min_size=1, open=False, timeout=12.0
+    ) as pool:
         assert PostgresStore(pool).connect_timeout == 12.0
         assert PostgresStore(pool, connect_timeout=2).connect_timeout == 2.0
 
@@ -447,8 +460,13 @@ def test_a_raising_body_rolls_its_writes_back_and_halts(
 ) -> None:
     store, table = ledger
 
-    @idempotent(key="{order_id}", store=store, transactional=True, retry_on=TimeoutError,
-                fingerprint=["order_id"])
+    @idempotent(
+        key="{order_id}",
+        store=store,
+        transactional=True,
+        retry_on=TimeoutError,
+        fingerprint=["order_id"],
+    )
     def charge(order_id: str, error: type[Exception]) -> None:
         idemfn.current_connection().execute(f"INSERT INTO {table} VALUES (%s, 1)", (order_id,))
         raise error("the provider said no")

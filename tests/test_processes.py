@@ -612,9 +612,15 @@ def test_an_exception_recorded_in_a_child_replays_in_the_parent(tmp_path: Path) 
 
 def _retry_worker(store_dir: str, name: str, key: str, log: str, result: str, barrier: Any) -> None:
     fn = _make_work(
-        idemfn.open_store(store_dir), name=name, label="retry", log=Path(log), sleep=0.2,
-        lease=30.0, wait=120.0, on_abandoned="retry",
-    )  # fmt: skip
+        idemfn.open_store(store_dir),
+        name=name,
+        label="retry",
+        log=Path(log),
+        sleep=0.2,
+        lease=30.0,
+        wait=120.0,
+        on_abandoned="retry",
+    )
     barrier.wait(timeout=60)
     try:
         outcome: dict[str, Any] = {"value": fn(key)}

@@ -82,8 +82,15 @@ def _in_worker(task: Any, *, retries: int = 0) -> Any:
     from celery._state import _task_stack
 
     _task_stack.push(task)
-    task.push_request(id="busy-1", args=(), kwargs={}, retries=retries, called_directly=False,
-                      is_eager=False, delivery_info={})  # fmt: skip
+    task.push_request(
+        id="busy-1",
+        args=(),
+        kwargs={},
+        retries=retries,
+        called_directly=False,
+        is_eager=False,
+        delivery_info={},
+    )
     try:
         return task.run()
     except Exception as exc:
@@ -204,8 +211,15 @@ def _record(store: MemoryStore) -> Any:
 
 def test_autoretry_with_retry_kwargs_max_retries_records_the_last_attempt() -> None:
     app, store = _app("rk"), MemoryStore()
-    flaky = _autoretry(app, store, 10, ConnectionError, autoretry_for=(ConnectionError,),
-                       retry_kwargs={"max_retries": 1}, max_retries=5)  # fmt: skip
+    flaky = _autoretry(
+        app,
+        store,
+        10,
+        ConnectionError,
+        autoretry_for=(ConnectionError,),
+        retry_kwargs={"max_retries": 1},
+        max_retries=5,
+    )
     assert flaky.apply(task_id="t").state == "FAILURE"
     assert flaky.runs == [0, 1]
     assert _record(store) is Status.HALTED
@@ -214,8 +228,15 @@ def test_autoretry_with_retry_kwargs_max_retries_records_the_last_attempt() -> N
 def test_autoretry_with_retry_kwargs_max_retries_none_uses_the_tasks_max_retries() -> None:
     # Celery's retry(max_retries=None) means the task's max_retries, not "no limit".
     app, store = _app("rk-none"), MemoryStore()
-    flaky = _autoretry(app, store, 10, ConnectionError, autoretry_for=(ConnectionError,),
-                       retry_kwargs={"max_retries": None}, max_retries=2)  # fmt: skip
+    flaky = _autoretry(
+        app,
+        store,
+        10,
+        ConnectionError,
+        autoretry_for=(ConnectionError,),
+        retry_kwargs={"max_retries": None},
+        max_retries=2,
+    )
     assert flaky.apply(task_id="t").state == "FAILURE"
     assert flaky.runs == [0, 1, 2]
     assert _record(store) is Status.HALTED
@@ -223,8 +244,15 @@ def test_autoretry_with_retry_kwargs_max_retries_none_uses_the_tasks_max_retries
 
 def test_dont_autoretry_for_is_recorded_at_once() -> None:
     app, store = _app("dont"), MemoryStore()
-    flaky = _autoretry(app, store, 10, ValueError, autoretry_for=(Exception,),
-                       dont_autoretry_for=(ValueError,), max_retries=5)  # fmt: skip
+    flaky = _autoretry(
+        app,
+        store,
+        10,
+        ValueError,
+        autoretry_for=(Exception,),
+        dont_autoretry_for=(ValueError,),
+        max_retries=5,
+    )
     assert flaky.apply(task_id="t").state == "FAILURE"
     assert flaky.runs == [0]
     assert _record(store) is Status.HALTED
@@ -247,8 +275,9 @@ def test_a_task_called_directly_records_its_autoretry_exception() -> None:
 
 def test_autoretry_with_no_max_retries_releases_every_failure() -> None:
     app, store = _app("unlimited"), MemoryStore()
-    flaky = _autoretry(app, store, 2, ConnectionError, autoretry_for=(ConnectionError,),
-                       max_retries=None)  # fmt: skip
+    flaky = _autoretry(
+        app, store, 2, ConnectionError, autoretry_for=(ConnectionError,), max_retries=None
+    )
     result = flaky.apply(task_id="t")
     assert result.get() == "ok on run 3" and flaky.runs == [0, 1, 2]
 
@@ -360,11 +389,20 @@ def test_the_helpers_forward_every_option_of_idempotent(
 
     monkeypatch.setattr(helpers, "decorator", spy)
     options = {
-        "key": "k:{x}", "name": "custom.name", "store": MemoryStore(), "ttl": 12.0,
-        "fingerprint": ["x"], "wait": 3.0, "lease": 9.0, "on_abandoned": "retry",
-        "retry_on": KeyError, "deadline": datetime(2100, 1, 1, tzinfo=timezone.utc),
-        "transactional": False, "signing_key": "s" * 32, "serializer": "json",
-    }  # fmt: skip
+        "key": "k:{x}",
+        "name": "custom.name",
+        "store": MemoryStore(),
+        "ttl": 12.0,
+        "fingerprint": ["x"],
+        "wait": 3.0,
+        "lease": 9.0,
+        "on_abandoned": "retry",
+        "retry_on": KeyError,
+        "deadline": datetime(2100, 1, 1, tzinfo=timezone.utc),
+        "transactional": False,
+        "signing_key": "s" * 32,
+        "serializer": "json",
+    }
     core = set(inspect.signature(idempotent).parameters) - {"_misuse"}
     assert set(options) == core  # this test lists every option of idempotent
     helper(**options)
@@ -418,8 +456,9 @@ def test_a_caught_exception_inside_an_rq_job_with_retries_is_recorded(
 
 def test_a_task_whose_own_body_raises_is_released_only_while_retries_remain() -> None:
     app, store = _app("own"), MemoryStore()
-    flaky = _autoretry(app, store, 10, ConnectionError, autoretry_for=(ConnectionError,),
-                       max_retries=2)  # fmt: skip
+    flaky = _autoretry(
+        app, store, 10, ConnectionError, autoretry_for=(ConnectionError,), max_retries=2
+    )
     assert flaky.apply(task_id="t").state == "FAILURE"
     assert flaky.runs == [0, 1, 2]  # released twice, the third failure recorded
     assert _record(store) is Status.HALTED

@@ -28,8 +28,12 @@ def test_readme_python_examples_run_in_order(capsys: pytest.CaptureFixture[str])
 
 
 def test_ci_runs_the_readme_test_command_exactly() -> None:
-    commands = [line for block in _blocks("sh") for line in block.splitlines()
-                if line and not line.startswith("#")]  # fmt: skip
+    commands = [
+        line
+        for block in _blocks("sh")
+        for line in block.splitlines()
+        if line and not line.startswith("#")
+    ]
     assert len(commands) == 2, commands
     demo, test = commands
     assert "examples/demo.py" in demo
@@ -52,8 +56,9 @@ def test_demo_runs_and_replays_across_processes(tmp_path: Path) -> None:
     assert first.count("the body runs") == 2  # the charge and the failing refund
     assert "the body runs" not in second and "(ran the body)" not in second
     assert second.count("replayed, body not run") == 2
-    listing = subprocess.run([sys.executable, "-m", "idemfn", "ls"], env=env,
-                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    listing = subprocess.run(
+        [sys.executable, "-m", "idemfn", "ls"], env=env, capture_output=True, text=True, check=True
+    ).stdout
     assert listing.split()[:5] == ["KEY", "STATUS", "AGE", "OWNER", "EXPIRES"]
     assert "idemfn.demo.charge:charge:order-1001  ok" in listing
     assert "idemfn.demo.refund:refund:order-1001  halted" in listing

@@ -224,17 +224,38 @@ def test_the_command_runs_once_and_inspects_records_on_redis(
     redis.Redis(unix_socket_path=str(redis_server.socket)).flushdb()
     env = {**os.environ, "IDEMFN_STORE": redis_server.url}
     log = tmp_path / "log"
-    cmd = [sys.executable, "-m", "idemfn", "run", "--key", "deploy:1", "--",
-           "sh", "-c", f"echo ran >> {log}; echo out"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "idemfn",
+        "run",
+        "--key",
+        "deploy:1",
+        "--",
+        "sh",
+        "-c",
+        f"echo ran >> {log}; echo out",
+    ]
     for _ in range(2):
-        done = subprocess.run(cmd, env=env, capture_output=True, timeout=60, check=True,
-                              stdin=subprocess.DEVNULL)  # fmt: skip
+        done = subprocess.run(
+            cmd, env=env, capture_output=True, timeout=60, check=True, stdin=subprocess.DEVNULL
+        )
         assert done.stdout == b"out\n"
     assert log.read_text() == "ran\n"
-    listed = subprocess.run([sys.executable, "-m", "idemfn", "ls", "--json"], env=env,
-                            capture_output=True, timeout=60, check=True)  # fmt: skip
+    listed = subprocess.run(
+        [sys.executable, "-m", "idemfn", "ls", "--json"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
     [record] = json.loads(listed.stdout)
     assert (record["key"], record["status"]) == ("deploy:1", "ok")
-    stats = subprocess.run([sys.executable, "-m", "idemfn", "stats", "--json"], env=env,
-                           capture_output=True, timeout=60, check=True)  # fmt: skip
+    stats = subprocess.run(
+        [sys.executable, "-m", "idemfn", "stats", "--json"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
     assert json.loads(stats.stdout)["by_state"]["ok"] == 1

@@ -146,13 +146,17 @@ class Fussy:
 @pytest.mark.parametrize(
     ("value", "serializer", "says"),
     [
-        ([BadState(1)], "pickle", r"list, which pickles but does not load back \(ValueError:"
-         r" BadState lost its schema, raised in BadState.__setstate__ at "),
+        (
+            [BadState(1)],
+            "pickle",
+            r"list, which pickles but does not load back \(ValueError:"
+            r" BadState lost its schema, raised in BadState.__setstate__ at ",
+        ),
         (BadState(2), "pickle", r"BadState, which pickles but does not load back"),
         ({"a": 1}, Fussy, r"Fussy.loads\(\) cannot read back from what Fussy.dumps\(\) wrote"),
     ],
     ids=["setstate in a list", "setstate", "user serializer"],
-)  # fmt: skip
+)
 def test_a_value_that_does_not_load_back_halts_the_key_and_is_returned(
     make: Make, value: object, serializer: Any, says: str
 ) -> None:
@@ -187,8 +191,18 @@ def test_not_loadable_names_the_type_and_the_way_out() -> None:
 
 
 # Results of builtin containers and scalars: their pickles refer to no class or function.
-BUILTIN_ONLY = [None, 0, 2.5, "plain text", [1, (2, 3)], {"a": {1, 2}}, frozenset({"x"}),
-                bytearray(b"ab"), 10**40, {"id": 7, "lines": [{"sku": "a", "qty": 2}]}]  # fmt: skip
+BUILTIN_ONLY = [
+    None,
+    0,
+    2.5,
+    "plain text",
+    [1, (2, 3)],
+    {"a": {1, 2}},
+    frozenset({"x"}),
+    bytearray(b"ab"),
+    10**40,
+    {"id": 7, "lines": [{"sku": "a", "qty": 2}]},
+]
 
 
 def test_a_value_of_builtin_containers_and_scalars_is_not_loaded_back(

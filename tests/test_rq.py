@@ -49,9 +49,13 @@ class Rq:
     def start_worker(self, worker_class: str | None = None) -> Worker:
         name = f"w{len(self.workers)}-{uuid.uuid4().hex[:8]}"
         worker = rq_worker(
-            self.tmp_path, self.env, name, self.url, self.queue.name,
+            self.tmp_path,
+            self.env,
+            name,
+            self.url,
+            self.queue.name,
             WORKER_CLASSES[worker_class or self.worker_class],
-        )  # fmt: skip
+        )
         self.workers.append(worker)
         return worker
 
@@ -92,9 +96,14 @@ def rq(
     queue = Queue(f"q-{uuid.uuid4().hex}", connection=connection)
     env = {"IDEMFN_TEST_EFFECTS": str(effects), "IDEMFN_STORE": store_location}
     running = Rq(
-        queue, effects, open_store(store_location), env, tmp_path,
-        f"unix://{redis_server.socket}", request.param,
-    )  # fmt: skip
+        queue,
+        effects,
+        open_store(store_location),
+        env,
+        tmp_path,
+        f"unix://{redis_server.socket}",
+        request.param,
+    )
     try:
         yield running
     finally:

@@ -256,15 +256,19 @@ def test_classes_recorded_in_a_spawned_child_replay_in_the_scripts_next_run(
     store = tmp_path / "store"
     done = subprocess.run(
         [sys.executable, str(script), str(store), "spawn"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["['o-1',", "'card']"]
     # The next run replays, in a process that never imported multiprocessing.
     done = subprocess.run(
         [sys.executable, str(script), str(store), "replay"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr  # before the fix: StoreError, No module '__mp_main__'
     assert json.loads(done.stdout) == {
         "multiprocessing": False,

@@ -30,7 +30,16 @@ class Unpickled:
 
 VALUES = [
     {"id": 7, "lines": [{"sku": "a", "qty": 2}], "note": "naïve ✓", "paid": True, "x": None},
-    [1, 2.5, "three", None, [], {}], "text", 0, 0.0, "", [], {}, False, None, 10**30,
+    [1, 2.5, "three", None, [], {}],
+    "text",
+    0,
+    0.0,
+    "",
+    [],
+    {},
+    False,
+    None,
+    10**30,
 ]
 
 
@@ -280,8 +289,11 @@ def test_the_command_shows_a_json_value(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "error",
-    [FileNotFoundError(2, "No such file", "/x"), ImportError("no module", name="m"),
-     AttributeError("no attribute", name="x")],
+    [
+        FileNotFoundError(2, "No such file", "/x"),
+        ImportError("no module", name="m"),
+        AttributeError("no attribute", name="x"),
+    ],
     ids=["filename", "import name", "attribute name"],
 )
 def test_a_builtin_exception_json_cannot_rebuild_exactly_replays_as_halted(
@@ -389,9 +401,12 @@ def _run_with_digit_limit(script: Path, store: Path, limit: str | None) -> list[
     if limit is not None:
         env["PYTHONINTMAXSTRDIGITS"] = limit
     done = subprocess.run(
-        [sys.executable, str(script), str(store)], env=env, capture_output=True, text=True,
+        [sys.executable, str(script), str(store)],
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=120,
-    )  # fmt: skip
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout.split()
 

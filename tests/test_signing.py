@@ -87,8 +87,7 @@ def test_signed_records_replay_and_carry_their_signature(signed: Store) -> None:
 def forged(key: str, marker: Path) -> bytes:
     """An unsigned ``ok`` record whose payload runs code when it is unpickled."""
     payload = pickle.dumps(Payload(marker))
-    return encode(Entry(key, "ok", "", "attacker", "t", 1, 0.0, finished_at=1.0,
-                        payload=payload))  # fmt: skip
+    return encode(Entry(key, "ok", "", "attacker", "t", 1, 0.0, finished_at=1.0, payload=payload))
 
 
 def test_a_forged_record_is_never_unpickled(signed: Store, tmp_path: Path) -> None:
@@ -150,8 +149,19 @@ def test_a_signed_record_is_bound_to_its_key_and_signing_key_not_to_its_store(
     }
     for store in elsewhere.values():  # the copy goes where a record of the key already is
         now = store.time()
-        store.claim(Entry("shop:a", "processing", "", "elsewhere/0.0/1/1", "t", 1, now,
-                          lease_until=now + 60, ttl=60.0))  # fmt: skip
+        store.claim(
+            Entry(
+                "shop:a",
+                "processing",
+                "",
+                "elsewhere/0.0/1/1",
+                "t",
+                1,
+                now,
+                lease_until=now + 60,
+                ttl=60.0,
+            )
+        )
         overwrite(store, "shop:a", record)
     assert charger(elsewhere["same key"], runs)("a") == "charged a"  # replayed, not run
     with pytest.raises(TamperedRecord, match="'shop:a' failed its signature check"):
@@ -161,9 +171,7 @@ def test_a_signed_record_is_bound_to_its_key_and_signing_key_not_to_its_store(
         store.close()
 
 
-def test_keys_rotate_the_first_signs_and_every_key_verifies(
-    signed: Store, tmp_path: Path
-) -> None:
+def test_keys_rotate_the_first_signs_and_every_key_verifies(signed: Store, tmp_path: Path) -> None:
     runs: list[str] = []
     charger(signed, runs)("old")
     rotated = same_place(signed, signing_key=[NEW_KEY, KEY])
@@ -260,8 +268,10 @@ def test_the_command_lists_tampered_records_and_reads_keys_from_a_file(tmp_path:
     ls_tampered = idemfn_cli("ls", "--status", "tampered", "--json", *with_keys, env=env)
     only = json.loads(ls_tampered.stdout)
     assert [r["key"] for r in only] == ["shop:a"]
-    assert json.loads(idemfn_cli("ls", "--status", "corrupt", "--json", *with_keys,
-                                 env=env).stdout) == []  # fmt: skip
+    assert (
+        json.loads(idemfn_cli("ls", "--status", "corrupt", "--json", *with_keys, env=env).stdout)
+        == []
+    )
     stats = json.loads(idemfn_cli("stats", "--json", *with_keys, env=env).stdout)
     assert stats["by_state"]["tampered"] == 1 and stats["by_state"]["corrupt"] == 0
     table = idemfn_cli("ls", env=cli_env(tmp_path / "store", IDEMFN_SIGNING_KEY=KEY))
@@ -299,8 +309,13 @@ def test_a_signed_store_in_another_process_replays(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "IDEMFN_SIGNING_KEY": KEY}, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "IDEMFN_SIGNING_KEY": KEY},
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "charged a"
 
@@ -317,8 +332,10 @@ def test_prune_never_deletes_a_file_a_forged_row_names(tmp_path: Path) -> None:
     victim.write_text("precious")
     expired = time.time() - 10  # in both copies of the row's expiry (see disk._PASSED)
     with sqlite3.connect(store.directory / "cache.db") as db:
-        db.execute("UPDATE Cache SET expire_time = ?, access_time = ?, filename = ?"
-                   " WHERE key = 'shop:a'", (expired, expired + 1, str(victim)))  # fmt: skip
+        db.execute(
+            "UPDATE Cache SET expire_time = ?, access_time = ?, filename = ? WHERE key = 'shop:a'",
+            (expired, expired + 1, str(victim)),
+        )
     assert store.prune() == 1  # the expired row goes, the file it names stays
     assert victim.read_text() == "precious"
 

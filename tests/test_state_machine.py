@@ -427,9 +427,16 @@ class IdempotencyMachine(RuleBasedStateMachine):
             if how == "remote-lease-out":
                 lease_until = self.now - 1
         dying = Entry(
-            key, entry.status, entry.fingerprint, owner, entry.token, entry.attempt,
-            entry.started_at, lease_until=lease_until, ttl=entry.ttl,
-        )  # fmt: skip
+            key,
+            entry.status,
+            entry.fingerprint,
+            owner,
+            entry.token,
+            entry.attempt,
+            entry.started_at,
+            lease_until=lease_until,
+            ttl=entry.ttl,
+        )
         assert self.store.swap(key, entry.token, dying)
         self.model[key] = replace(rec, owner=owner, lease_until=lease_until, dead=dead)
         event(f"owner dies: {how}")

@@ -26,25 +26,55 @@ class TestStoreContract(StoreContract):
 
 def processing(key: str, token: str = "t1", **fields: object) -> Entry:
     return Entry(
-        key, "processing", "fp", "me/m/1/1", token, 1, time.time(),
-        lease_until=time.time() + 30, ttl=60.0, **fields,  # type: ignore[arg-type]
-    )  # fmt: skip
+        key,
+        "processing",
+        "fp",
+        "me/m/1/1",
+        token,
+        1,
+        time.time(),
+        lease_until=time.time() + 30,
+        ttl=60.0,
+        **fields,  # type: ignore[arg-type]
+    )
 
 
 def finished(key: str, token: str = "t1", *, expires_in: float | None = 60.0) -> Entry:
     now = time.time()
     return Entry(
-        key, "ok", "fp", "me/m/1/1", token, 1, now - 1, ttl=expires_in, finished_at=now,
-        expires_at=None if expires_in is None else now + expires_in, payload=b"v",
-    )  # fmt: skip
+        key,
+        "ok",
+        "fp",
+        "me/m/1/1",
+        token,
+        1,
+        now - 1,
+        ttl=expires_in,
+        finished_at=now,
+        expires_at=None if expires_in is None else now + expires_in,
+        payload=b"v",
+    )
 
 
 def test_record_codec_round_trips_every_field() -> None:
     entry = Entry(
-        "k", "halted", "f" * 64, "h/m/1/2", "tok", 3, 1.5, lease_until=None, ttl=None,
-        finished_at=2.5, expires_at=None, payload=b"\x00\xff", reason="why", exc_type="E",
-        message="msg", traceback="tb",
-    )  # fmt: skip
+        "k",
+        "halted",
+        "f" * 64,
+        "h/m/1/2",
+        "tok",
+        3,
+        1.5,
+        lease_until=None,
+        ttl=None,
+        finished_at=2.5,
+        expires_at=None,
+        payload=b"\x00\xff",
+        reason="why",
+        exc_type="E",
+        message="msg",
+        traceback="tb",
+    )
     assert decode(encode(entry)) == entry
     record = entry.record()
     assert record.status.value == "halted" and record.attempt == 3
@@ -171,9 +201,11 @@ def test_claims_cull_expired_rows_as_they_go(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("url", "module", "extra"),
-    [("redis://nowhere.invalid:1/0", "redis", "idemfn[redis]"),
-     ("postgresql://nowhere.invalid/db", "psycopg", "idemfn[postgres]")],
-)  # fmt: skip
+    [
+        ("redis://nowhere.invalid:1/0", "redis", "idemfn[redis]"),
+        ("postgresql://nowhere.invalid/db", "psycopg", "idemfn[postgres]"),
+    ],
+)
 def test_a_url_whose_extra_is_missing_names_the_extra(
     url: str, module: str, extra: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -84,8 +84,9 @@ def test_a_database_error_of_the_body_reaches_the_caller_and_retry_on_as_itself(
             conn.execute(f"INSERT INTO {ledger} VALUES (%s, 2)", (order_id,))
         return 2
 
-    retried = idempotent(key="r:{order_id}", store=store, transactional=transactional,
-                         retry_on=UniqueViolation)(body)  # fmt: skip
+    retried = idempotent(
+        key="r:{order_id}", store=store, transactional=transactional, retry_on=UniqueViolation
+    )(body)
     with pytest.raises(UniqueViolation):
         retried("o-1")
     assert retried.status("o-1") is None  # released, as for any exception in retry_on
@@ -149,8 +150,9 @@ def test_an_error_at_commit_settles_the_key_at_once(
     ledger = _ledger(postgres_server, ", UNIQUE (order_id) DEFERRABLE INITIALLY DEFERRED")
     runs: list[str] = []
 
-    @idempotent(key="{order_id}", store=store, transactional=True,
-                retry_on=IntegrityError if retry else ())  # fmt: skip
+    @idempotent(
+        key="{order_id}", store=store, transactional=True, retry_on=IntegrityError if retry else ()
+    )
     def charge(order_id: str) -> int:
         runs.append(order_id)
         idemfn.current_connection().execute(f"INSERT INTO {ledger} VALUES (%s, 2)", (order_id,))
@@ -230,8 +232,11 @@ def test_a_body_that_leaves_its_transaction_gets_no_ok_record_outside_it(
             conn.execute(ending)
         return 7
 
-    expected = (psycopg.errors.InFailedSqlTransaction if ending == "a caught error"
-                else psycopg.ProgrammingError)  # fmt: skip
+    expected = (
+        psycopg.errors.InFailedSqlTransaction
+        if ending == "a caught error"
+        else psycopg.ProgrammingError
+    )
     with pytest.raises(expected) as info:
         charge("o-7")
     assert type(info.value) is expected
@@ -361,8 +366,9 @@ print(json.dumps(verdicts))
 def _judge(server: PostgresServer, table: str, lease: float, at: dict[str, float]) -> Any:
     """What another process makes of each key, its machine's lease clock at ``at[key]``."""
     cfg = {"dsn": server.dsn, "table": table, "lease": lease, "judge_at": at}
-    done = subprocess.run([sys.executable, "-c", JUDGE, json.dumps(cfg)], capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", JUDGE, json.dumps(cfg)], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -443,9 +449,13 @@ def test_a_body_holding_the_only_connection_of_a_given_pool_is_still_renewed(
     postgres_server: PostgresServer, table: str
 ) -> None:
     configured: list[object] = []
-    with psycopg_pool.ConnectionPool(postgres_server.dsn, min_size=1, max_size=1,
-                                     kwargs={"autocommit": True},
-                                     configure=configured.append) as pool:  # fmt: skip
+    with psycopg_pool.ConnectionPool(
+        postgres_server.dsn,
+        min_size=1,
+        max_size=1,
+        kwargs={"autocommit": True},
+        configure=configured.append,
+    ) as pool:
         store = PostgresStore(pool, table=table)
         reader = PostgresStore(postgres_server.dsn, table=table)
         held, threads, go_on, results = _hold_bodies(store, 1, lease=1.5)
@@ -527,8 +537,12 @@ def test_prune_removes_the_lease_rows_no_live_claim_holds(
     store._run("write", None, insert, ("gone", "crashed", now - 10))
     store._run("write", None, insert, ("gone", "just-renewed", now + 300))  # not run out yet
     # The live claim's own row stays even once run out: its owner is judged, not pruned here.
-    store._run("write", None, f'UPDATE "{store._leases}" SET lease_until = %s WHERE token = %s',
-               (now - 10, live.token))  # fmt: skip
+    store._run(
+        "write",
+        None,
+        f'UPDATE "{store._leases}" SET lease_until = %s WHERE token = %s',
+        (now - 10, live.token),
+    )
     store.prune()
     assert _lease_rows(store) == [("gone", "just-renewed"), ("live", live.token)]
     live.release()

@@ -289,9 +289,7 @@ def test_callable_object_with_async_call_gets_the_async_wrapper() -> None:
     assert asyncio.run(fetch("a")) == "A"
 
 
-@pytest.mark.parametrize(
-    ("key", "error"), [("", ValueError), (None, TypeError), (42, TypeError)]
-)
+@pytest.mark.parametrize(("key", "error"), [("", ValueError), (None, TypeError), (42, TypeError)])
 def test_begin_refuses_bad_keys(key: object, error: type[Exception]) -> None:
     with pytest.raises(error, match=r"begin\(key=...\)"):
         idemfn.begin(key, store=MemoryStore())  # type: ignore[arg-type]
@@ -305,8 +303,10 @@ def test_a_recorded_value_that_no_longer_loads_is_a_store_error() -> None:
     entry = store.get("k")
     assert entry is not None
     # As if the value's class had been renamed since: pickle can no longer find it.
-    store._entries["k"] = entry._replace(payload=b"\x80\x05\x95\x10\x00\x00\x00\x00\x00\x00\x00"
-                                         b"\x8c\x04gone\x94\x8c\x03Cls\x94\x93\x94.")  # fmt: skip
+    store._entries["k"] = entry._replace(
+        payload=b"\x80\x05\x95\x10\x00\x00\x00\x00\x00\x00\x00"
+        b"\x8c\x04gone\x94\x8c\x03Cls\x94\x93\x94."
+    )
     finished = idemfn.begin("k", store=store)
     assert isinstance(finished, idemfn.Finished)
     with pytest.raises(idemfn.StoreError, match="recorded value of key 'k' could not be loaded"):
@@ -322,8 +322,10 @@ def test_a_recorded_exception_that_no_longer_loads_replays_as_halted(
     claim.halt(ValueError("boom"))
     entry = store.get("k")
     assert entry is not None and entry.payload is not None
-    store._entries["k"] = entry._replace(payload=b"\x80\x05\x95\x10\x00\x00\x00\x00\x00\x00\x00"
-                                         b"\x8c\x04gone\x94\x8c\x03Cls\x94\x93\x94.")  # fmt: skip
+    store._entries["k"] = entry._replace(
+        payload=b"\x80\x05\x95\x10\x00\x00\x00\x00\x00\x00\x00"
+        b"\x8c\x04gone\x94\x8c\x03Cls\x94\x93\x94."
+    )
     finished = idemfn.begin("k", store=store)
     assert isinstance(finished, idemfn.Finished)
     with pytest.raises(idemfn.Halted, match="ValueError: boom") as info:
@@ -374,10 +376,11 @@ def test_key_helpers_on_an_instance_bind_like_the_method() -> None:
     assert bound.store is Account.close.store
     # The rest of what a bound method gives.
     assert inspect.signature(bound) == inspect.signature(lambda reason: None).replace(
-        parameters=[inspect.Parameter("reason", inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                      annotation="str")],
+        parameters=[
+            inspect.Parameter("reason", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="str")
+        ],
         return_annotation="str",
-    )  # fmt: skip
+    )
     assert bound.__name__ == "close" and bound.__doc__ == "Close the account."
     assert bound.__self__ is account and bound.__func__ is Account.close
     assert bound == account.close and hash(bound) == hash(account.close)

@@ -91,10 +91,14 @@ class Worker:
         self.log = log
         self._out = log.open("ab")
         self.process = subprocess.Popen(
-            argv, cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
-            stdin=subprocess.DEVNULL, stdout=self._out, stderr=subprocess.STDOUT,
+            argv,
+            cwd=ROOT,
+            env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+            stdin=subprocess.DEVNULL,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
-        )  # fmt: skip
+        )
         try:
             self.wait_for_log(ready, timeout=60)
         except BaseException:
@@ -135,13 +139,26 @@ class Worker:
 def celery_worker(tmp_path: Path, env: dict[str, str], name: str, **options: Any) -> Worker:
     """A Celery worker of ``tests.celery_tasks``: prefork pool, concurrency 2."""
     argv = [
-        sys.executable, "-m", "celery", "--workdir", str(options.get("workdir", ROOT)),
-        "-A", str(options.get("app", "tests.celery_tasks")), "worker",
-        "--pool", str(options.get("pool", "prefork")),
-        "--concurrency", str(options.get("concurrency", 2)),
-        "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
-        "--hostname", f"{name}@%h",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "celery",
+        "--workdir",
+        str(options.get("workdir", ROOT)),
+        "-A",
+        str(options.get("app", "tests.celery_tasks")),
+        "worker",
+        "--pool",
+        str(options.get("pool", "prefork")),
+        "--concurrency",
+        str(options.get("concurrency", 2)),
+        "--loglevel",
+        "INFO",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "--hostname",
+        f"{name}@%h",
+    ]
     return Worker(argv, env, tmp_path / f"{name}.log", ready=" ready.")
 
 
@@ -157,9 +174,21 @@ def rq_worker(
     """An ``rq worker`` of ``queue`` with its scheduler, of class ``worker_class``, importing
     jobs from ``path``."""
     argv = [
-        sys.executable, "-m", "rq.cli", "worker", "--url", url, "--name", name,
-        "--path", str(path),
-        "--worker-class", worker_class, "--with-scheduler", "--logging_level", "DEBUG",
+        sys.executable,
+        "-m",
+        "rq.cli",
+        "worker",
+        "--url",
+        url,
+        "--name",
+        name,
+        "--path",
+        str(path),
+        "--worker-class",
+        worker_class,
+        "--with-scheduler",
+        "--logging_level",
+        "DEBUG",
         queue,
-    ]  # fmt: skip
+    ]
     return Worker(argv, env, tmp_path / f"{name}.log", ready="Listening on")

@@ -123,9 +123,7 @@ class Store(abc.ABC):
         when the claim is no longer live (fenced as ``swap`` is). The heartbeat thread calls
         this; a store whose renewals must not wait for, or conflict with, a claim's other work
         overrides it (``PostgresStore``)."""
-        renewed = entry._replace(
-            lease_until=self.time() + lease, lease_mono=_lease.clock() + lease
-        )
+        renewed = entry._replace(lease_until=self.time() + lease, lease_mono=_lease.clock() + lease)
         return renewed if self.swap(entry.key, entry.token, renewed) else None
 
     def time(self) -> float:

@@ -46,8 +46,9 @@ _BACKEND_ERRORS = (sqlite3.Error, OSError, diskcache.Timeout, UnicodeDecodeError
 # removed it: its body ran again (issue 14, review). A row whose copies disagree is judged by
 # its record instead (a claim reads it, prune reads it). A row written before the copy has
 # ``access_time = store_time``, and is removed as it always was.
-_COLUMNS = ("key, raw, store_time, expire_time, access_time, access_count, tag, size, mode,"
-            " filename, value")  # fmt: skip
+_COLUMNS = (
+    "key, raw, store_time, expire_time, access_time, access_count, tag, size, mode, filename, value"
+)
 _MODE_RAW = 1  # diskcache.core.MODE_RAW: the value column holds the bytes as they are
 # Whether a row's expiry has passed by both of its copies (``?`` is the time now, twice; the
 # second comparison is the one that cannot read the index's copy of expire_time).

@@ -113,6 +113,7 @@ def current_connection() -> psycopg.Connection[Any]:
         )
     return current.conn  # type: ignore[no-any-return]
 
+
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
 #: How long a call waits for a connection to a server that gives none (refuses, or never
@@ -130,9 +131,12 @@ _MAX_CONNECTIONS = 16
 #: renewal awaits its answer, tcp_user_timeout while its query goes unacknowledged. Each is
 #: libpq's parameter: a connection string (or a given pool's kwargs) that sets one keeps it.
 _RENEWAL_SILENCE = {
-    "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
     "tcp_user_timeout": 10_000,  # milliseconds
-}  # fmt: skip
+}
 
 
 class _Renewer:
@@ -271,8 +275,10 @@ class PostgresStore(Store):
             self.connect_timeout = DEFAULT_CONNECT_TIMEOUT
         self._pool_timeout = psycopg_pool.PoolTimeout
         self._errors: tuple[type[BaseException], ...] = (
-            psycopg.Error, psycopg_pool.PoolTimeout, _NoConnection,
-        )  # fmt: skip
+            psycopg.Error,
+            psycopg_pool.PoolTimeout,
+            _NoConnection,
+        )
         self._psycopg_error = psycopg.Error
         self._lock = threading.Lock()
         self._renewer = _Renewer()
@@ -320,7 +326,8 @@ class PostgresStore(Store):
             rest = pool.timeout - self.connect_timeout  # ours: BUSY_POOL_WAIT
             if not busy or rest <= 0:
                 why = (
-                    "the server did not answer" if attempts is None or attempts.error is None
+                    "the server did not answer"
+                    if attempts is None or attempts.error is None
                     else _cause(attempts.error)
                 )
                 raise _NoConnection(
@@ -349,14 +356,20 @@ class PostgresStore(Store):
 
                     self._attempts = _Attempts()
                     self._pool = psycopg_pool.ConnectionPool(
-                        self._dsn or "", min_size=1, max_size=_MAX_CONNECTIONS, open=False,
-                        connection_class=_recording(self._attempts), timeout=BUSY_POOL_WAIT,
+                        self._dsn or "",
+                        min_size=1,
+                        max_size=_MAX_CONNECTIONS,
+                        open=False,
+                        connection_class=_recording(self._attempts),
+                        timeout=BUSY_POOL_WAIT,
                         # libpq's own limit (whole seconds, at least 2) frees the pool's
                         # thread from an attempt the caller stopped waiting for.
-                        kwargs={"autocommit": True,
-                                "connect_timeout": max(2, math.ceil(self.connect_timeout))},
+                        kwargs={
+                            "autocommit": True,
+                            "connect_timeout": max(2, math.ceil(self.connect_timeout)),
+                        },
                         name=f"idemfn {self.server}",
-                    )  # fmt: skip
+                    )
                     self._pool.open(wait=False)
             pool = self._pool
         # Outside the lock, so that each thread waits connect_timeout at most, not in turn.
@@ -452,10 +465,13 @@ class PostgresStore(Store):
     def _row(self, entry: Entry) -> dict[str, Any]:
         live = entry.token if entry.status == "processing" else None
         return {
-            "key": entry.key, "live": live, "token": entry.token,
-            "expires_at": entry.expires_at, "drop_at": removable_at(entry),
+            "key": entry.key,
+            "live": live,
+            "token": entry.token,
+            "expires_at": entry.expires_at,
+            "drop_at": removable_at(entry),
             "entry": self.encode(entry),
-        }  # fmt: skip
+        }
 
     def _with_lease(self, entry: Entry) -> Entry:
         """``entry``, a claim, with its latest renewal, from its lease row when it has one."""
@@ -506,8 +522,11 @@ class PostgresStore(Store):
     def swap(self, key: str, token: str, entry: Entry) -> bool:
         row = self._row(entry) | {"fence": token}
         current = _transaction.get()
-        if current is not None and current.store is self and current.key == key and (
-            entry.status == "ok"
+        if (
+            current is not None
+            and current.store is self
+            and current.key == key
+            and (entry.status == "ok")
         ):
             # The ok record commits with the body's writes. Its lease row stays untouched: the
             # heartbeat may have renewed it after the transaction's snapshot was taken.

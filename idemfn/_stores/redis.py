@@ -107,9 +107,7 @@ class RedisStore(Store):
         try:
             import redis
         except ImportError:  # pragma: no cover - the extra is installed in the tests
-            raise ImportError(
-                "RedisStore needs redis-py: pip install 'idemfn[redis]'"
-            ) from None
+            raise ImportError("RedisStore needs redis-py: pip install 'idemfn[redis]'") from None
         if not isinstance(prefix, str):
             raise TypeError(f"RedisStore(prefix=...) must be a str, not {type(prefix).__name__}")
         if isinstance(url_or_client, str):
@@ -182,9 +180,12 @@ class RedisStore(Store):
         drop_at, expires = self._expiry(entry)
         token = entry.token if entry.status == "processing" else ""
         found = self._call(
-            "claim", key, self._claim,
-            keys=[self.prefix + key], args=[token, self.encode(entry), drop_at, expires],
-        )  # fmt: skip
+            "claim",
+            key,
+            self._claim,
+            keys=[self.prefix + key],
+            args=[token, self.encode(entry), drop_at, expires],
+        )
         return None if found is None else self.decode(key, found)
 
     def get(self, key: str) -> Entry | None:
@@ -198,10 +199,12 @@ class RedisStore(Store):
         drop_at, expires = self._expiry(entry)
         live = entry.token if entry.status == "processing" else ""
         done = self._call(
-            "update", key, self._swap,
+            "update",
+            key,
+            self._swap,
             keys=[self.prefix + key],
             args=[token, live, entry.token, self.encode(entry), drop_at, expires],
-        )  # fmt: skip
+        )
         if done == -1:
             self._check_not_restarted(key, entry.started_at)
         elif done == 0:  # refused: by the claim's own fence?
@@ -233,9 +236,7 @@ class RedisStore(Store):
         return bool(done)
 
     def delete(self, key: str, token: str | None = None) -> bool:
-        done = self._call(
-            "delete", key, self._delete, keys=[self.prefix + key], args=[token or ""]
-        )
+        done = self._call("delete", key, self._delete, keys=[self.prefix + key], args=[token or ""])
         # An expired record counts as absent: removing it is tidying, not forgetting.
         return done == 1 or (done == 2 and token is not None)
 
