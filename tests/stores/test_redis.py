@@ -1,0 +1,260 @@
+"""What only RedisStore has: a server that can be down, restart, or drop a connection; the
+server's clock; server-side expiry; round trips. (Every shared behaviour runs on RedisStore
+through the ``store`` fixture.) All against a real redis-server the suite starts."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+import idemfn
+from idemfn import RedisStore, Status, StoreError, idempotent
+from tests.support.servers import RedisServer
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A server of this test's own, free to be restarted."""
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+def fresh(server: RedisServer) -> RedisStore:
+    return RedisStore(server.url, prefix=f"t:{uuid.uuid4().hex}:")
+
+
+def counting(store: RedisStore) -> list[str]:
+    """Record every command the store sends (a script call is one EVALSHA)."""
+    sent: list[str] = []
+    execute = store.client.execute_command
+
+    def execute_command(*args: Any, **options: Any) -> Any:
+        sent.append(str(args[0]))
+        return execute(*args, **options)
+
+    store.client.execute_command = execute_command  # type: ignore[method-assign]
+    return sent
+
+
+def test_replay_is_one_round_trip_and_a_first_call_two(redis_server: RedisServer) -> None:
+    store = fresh(redis_server)
+    fn = idempotent(key="{x}", store=store)(lambda x: {"x": x})
+    store.time()  # the clock is read once when the store is first used, then every 30 s
+    sent = counting(store)
+    assert fn(1) == {"x": 1}
+    assert sent == ["EVALSHA", "EVALSHA"]  # claim, complete
+    sent.clear()
+    assert fn(1) == {"x": 1}
+    assert sent == ["EVALSHA"]  # the claim script returns the live record: no write
+    assert store.get(fn.key_for(1)) is not None
+
+
+def test_a_deadline_reads_before_it_claims(redis_server: RedisServer) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    store = fresh(redis_server)
+    soon = datetime.now(timezone.utc) + timedelta(hours=1)
+    fn = idempotent(key="{x}", store=store, deadline=soon)(lambda x: x)
+    store.time()
+    sent = counting(store)
+    fn(1)
+    assert sent == ["HGET", "EVALSHA", "EVALSHA"]
+
+
+def test_the_store_clock_is_the_servers_not_this_process(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = fresh(redis_server)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)  # this host's clock is an hour off
+    seconds, micros = redis.Redis(unix_socket_path=str(redis_server.socket)).time()
+    # (Bounds far from the hour, and far from how slowly a busy machine gets here.)
+    assert abs(store.time() - (seconds + micros / 1e6)) < 60
+    fn = idempotent(key="{x}", store=store, ttl=60)(lambda x: x)
+    fn(1)
+    record = fn.status(1)
+    assert record is not None and record.expires_at is not None
+    assert abs(record.expires_at.timestamp() - (seconds + 60)) < 60
+
+
+def test_the_server_expires_finished_records(redis_server: RedisServer) -> None:
+    store = fresh(redis_server)
+    fn = idempotent(key="{x}", store=store, ttl=30)(lambda x: x)
+    forever = idempotent(key="{x}", store=store, ttl=None, name="forever")(lambda x: x)
+    fn(1)
+    forever(1)
+    entry = store.get(fn.key_for(1))
+    assert entry is not None and entry.expires_at is not None and entry.finished_at is not None
+    assert entry.expires_at == entry.finished_at + 30
+    # The server drops the record when it expires (PEXPIRETIME: when, in server milliseconds).
+    at = store.client.execute_command("PEXPIRETIME", store.prefix + fn.key_for(1))
+    assert at == int(entry.expires_at * 1000)
+    assert store.client.pttl(store.prefix + forever.key_for(1)) == -1  # no expiry
+
+
+def test_a_stopped_server_is_a_store_error_naming_it(own_server: RedisServer) -> None:
+    store = fresh(own_server)
+    fn = idempotent(key="{x}", store=store)(lambda x: x)
+    fn(1)
+    own_server.stop()
+    for call in (lambda: fn(1), lambda: fn(2), lambda: fn.status(1), lambda: store.prune()):
+        with pytest.raises(StoreError) as info:
+            call()
+        assert str(own_server.socket) in str(info.value)
+
+
+def test_a_server_restarted_mid_call_is_a_store_error_not_a_lost_race(
+    own_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = fresh(own_server)
+    entered, release = threading.Event(), threading.Event()
+    runs: list[int] = []
+
+    def body(x: int) -> int:
+        runs.append(x)
+        entered.set()
+        assert release.wait(30)
+        return x
+
+    fn = idempotent(key="{x}", store=store)(body)
+    results: list[object] = []
+
+    def call() -> None:
+        try:
+            results.append(fn(1))
+        except BaseException as exc:
+            results.append(exc)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    assert entered.wait(10)
+    # The claim must be surely older than the server about to start (uptime is in whole
+    # seconds): a lower bound on elapsed time, not a wait for something to happen.
+    time.sleep(2.1)
+    own_server.restart()  # no persistence: the claim's record is lost
+    release.set()
+    thread.join(30)
+    # The body ran: the caller gets its value, and the failure to record it is logged as a
+    # StoreError saying the server restarted (not OwnershipLost: no other caller won a race).
+    assert results == [1] and runs == [1]
+    [logged] = [r for r in caplog.records if "could not be recorded" in r.getMessage()]
+    assert "restarted" in logged.getMessage() and str(own_server.socket) in logged.getMessage()
+
+
+def test_a_dropped_connection_mid_call_never_replays_wrongly(redis_server: RedisServer) -> None:
+    store = fresh(redis_server)
+    admin = redis.Redis(unix_socket_path=str(redis_server.socket))
+    seen: list[object] = []
+
+    def body(x: int) -> int:
+        admin.client_kill_filter(_type="normal", skipme=True)  # drop every other connection
+        return x * 10
+
+    fn = idempotent(key="{x}", store=store)(body)
+    try:
+        seen.append(fn(1))
+    except StoreError as exc:  # acceptable: says so, names the server
+        seen.append(str(exc))
+    if seen != [10]:
+        assert str(redis_server.socket) in str(seen[0])
+    if seen == [10]:
+        assert fn(1) == 10
+        record = fn.status(1)
+        assert record is not None and record.status is Status.OK
+
+
+def test_an_existing_client_is_used_and_a_decoding_one_refused(
+    redis_server: RedisServer,
+) -> None:
+    client = redis.Redis(unix_socket_path=str(redis_server.socket))
+    store = RedisStore(client, prefix=f"t:{uuid.uuid4().hex}:")
+    assert store.client is client
+    fn = idempotent(key="{x}", store=store)(lambda x: [x])
+    assert fn(2) == [2] and fn(2) == [2]
+    decoding = redis.Redis(unix_socket_path=str(redis_server.socket), decode_responses=True)
+    with pytest.raises(ValueError, match="decode_responses"):
+        RedisStore(decoding)
+    with pytest.raises(TypeError, match=r"redis\.Redis"):
+        RedisStore(42)  # type: ignore[arg-type]
+
+
+def test_urls_open_a_redis_store_and_repr_hides_the_password(redis_server: RedisServer) -> None:
+    store = idemfn.open_store("redis://user:s3cret@localhost:6390/2")
+    assert isinstance(store, RedisStore)
+    assert "s3cret" not in repr(store)
+    assert "localhost:6390/2" in repr(store)
+    assert idemfn.open_store("redis://user:s3cret@localhost:6390/2") is store
+    local = idemfn.open_store(redis_server.url)
+    assert isinstance(local, RedisStore) and local.prefix == "idemfn:"
+    with pytest.raises(ValueError, match="RedisStore"):
+        RedisStore("redis://localhost:notaport")
+
+
+def test_keys_with_glob_characters_are_scanned_literally(redis_server: RedisServer) -> None:
+    store = fresh(redis_server)
+    make: Callable[[str], Any] = lambda n: idempotent(key="{x}", store=store, name=n)(  # noqa: E731
+        lambda x: x
+    )
+    make("a*b")(1)
+    make("a?b")(1)
+    make("a[b]")(1)
+    make("axb")(1)
+    assert [e.key for e in store.scan("a*")] == ["a*b:1"]
+    assert [e.key for e in store.scan("a[")] == ["a[b]:1"]
+    assert len(list(store.scan())) == 4
+
+
+def test_the_command_runs_once_and_inspects_records_on_redis(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    redis.Redis(unix_socket_path=str(redis_server.socket)).flushdb()
+    env = {**os.environ, "IDEMFN_STORE": redis_server.url}
+    log = tmp_path / "log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "idemfn",
+        "run",
+        "--key",
+        "deploy:1",
+        "--",
+        "sh",
+        "-c",
+        f"echo ran >> {log}; echo out",
+    ]
+    for _ in range(2):
+        done = subprocess.run(
+            cmd, env=env, capture_output=True, timeout=60, check=True, stdin=subprocess.DEVNULL
+        )
+        assert done.stdout == b"out\n"
+    assert log.read_text() == "ran\n"
+    listed = subprocess.run(
+        [sys.executable, "-m", "idemfn", "ls", "--json"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    [record] = json.loads(listed.stdout)
+    assert (record["key"], record["status"]) == ("deploy:1", "ok")
+    stats = subprocess.run(
+        [sys.executable, "-m", "idemfn", "stats", "--json"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(stats.stdout)["by_state"]["ok"] == 1

@@ -1,0 +1,12 @@
+"""What the tests share: servers, workers, stores, the command line. Tests import it directly
+(``from tests.support.servers import RedisServer``); nothing imports a conftest."""
+
+import pytest
+
+# Before any of its modules is imported: their assertions are rewritten as the tests' are.
+pytest.register_assert_rewrite(
+    *(
+        f"tests.support.{name}"
+        for name in ("celery_tasks", "cli", "rq_jobs", "servers", "stores", "workers")
+    )
+)

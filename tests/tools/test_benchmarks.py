@@ -1,0 +1,40 @@
+"""The benchmark stays runnable, and its memory and thread checks hold (no timing asserted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_core_benchmark_quick_run_finds_no_leak_and_no_thread_per_call() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_core.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    for row in ("replay, DiskStore", "first call, DiskStore", "replay, MemoryStore"):
+        assert row in out
+    assert "memory/threads ok" in out
+
+
+@pytest.mark.slow
+def test_store_benchmark_quick_run_measures_every_store() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_stores.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    for store in ("MemoryStore", "DiskStore", "RedisStore", "PostgresStore"):
+        for what in ("replay", "first call"):
+            assert f"{store} {what}" in done.stdout
