@@ -83,3 +83,75 @@ def test_importing_idemfn_imports_no_task_queue() -> None:
     code = "import sys, idemfn; print(sorted({'celery', 'rq', 'kombu'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_public_api_is_exactly_what_it_was() -> None:
+    # Issue 15 moved and renamed private modules; what users import must not move with them.
+    import inspect
+
+    import idemfn.celery
+    import idemfn.rq
+    import idemfn.testing
+
+    assert idemfn.__all__ == [
+        "FINGERPRINT_VERSION",
+        "AlreadyRunning",
+        "Claim",
+        "DeadlineExceeded",
+        "DiskStore",
+        "FingerprintMismatch",
+        "Finished",
+        "Halted",
+        "IdempotencyError",
+        "IdempotentFunction",
+        "MemoryStore",
+        "OwnershipLost",
+        "Policy",
+        "PostgresStore",
+        "Record",
+        "RedisStore",
+        "Status",
+        "Store",
+        "StoreError",
+        "abegin",
+        "begin",
+        "current_connection",
+        "default_directory",
+        "default_store",
+        "fingerprint_value",
+        "idempotent",
+        "open_store",
+    ]
+    assert idemfn.testing.__all__ == ["StoreContract"]
+    assert idemfn.celery.__all__ == ["idempotent_task", "task_id"]
+    assert idemfn.rq.__all__ == ["idempotent_job", "job_id"]
+    assert list(inspect.signature(idemfn.idempotent).parameters) == [
+        "key",
+        "name",
+        "store",
+        "ttl",
+        "fingerprint",
+        "wait",
+        "lease",
+        "on_abandoned",
+        "retry_on",
+        "deadline",
+        "transactional",
+        "signing_key",
+        "serializer",
+    ]
+    assert list(inspect.signature(idemfn.Policy).parameters) == [
+        "ttl",
+        "lease",
+        "wait",
+        "on_abandoned",
+        "retry_on",
+        "serializer",
+    ]
+    for name in ["attempt", "complete", "fail", "halt", "key", "release", "renew", "token"]:
+        assert hasattr(idemfn.Claim, name), name
+    for name in ["claim", "get", "swap", "release", "delete", "scan", "prune", "time", "close"]:
+        assert callable(getattr(idemfn.Store, name)), name
+    for name in ["forget", "key_for", "status"]:
+        assert hasattr(idemfn.IdempotentFunction, name), name
+    assert idemfn.__version__
