@@ -53,22 +53,95 @@ S = TypeVar("S")
 
 
 class IdempotentFunction(Protocol[P, R_co]):
-    """What ``@idempotent`` returns: the function, plus what it knows about its keys."""
+    """What ``@idempotent`` returns: the function, called once per key, and its keys' tools.
+
+    It has the decorated function's signature, return type and ``functools.wraps`` metadata,
+    and is a coroutine function when that is. ``key_for``, ``status`` and ``forget`` take the
+    same arguments as a call and name the same key, without running the body. On a method,
+    they bind the instance as the call does: ``mailer.welcome.key_for(7)`` is
+    ``Mailer.welcome.key_for(mailer, 7)``.
+
+    Attributes:
+        store: The store the function's records live in: ``store=``, resolved.
+
+    Examples:
+        >>> from idemfn import MemoryStore, idempotent
+        >>> @idempotent(key="sync:{account}", name="demo", store=MemoryStore())
+        ... def sync(account: str) -> int:
+        ...     return 42
+        >>> sync("acme")
+        42
+        >>> sync.key_for("acme")
+        'demo:sync:acme'
+        >>> sync.status("acme").attempt
+        1
+        >>> sync.forget("acme"), sync.status("acme")
+        (True, None)
+    """
 
     store: Store
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co:
+        """Run the body once for these arguments' key, or replay the key's recorded outcome.
+
+        See ``idempotent`` for what a call does and raises.
+        """
+        ...
 
     def key_for(self, *args: P.args, **kwargs: P.kwargs) -> str:
-        """The stored key these arguments map to."""
+        """The stored key a call with these arguments uses (``name:key``); runs nothing.
+
+        Args:
+            *args: The function's positional arguments, as for a call.
+            **kwargs: The function's keyword arguments, as for a call.
+
+        Returns:
+            The stored key.
+
+        Raises:
+            TypeError: The arguments do not fit the signature, or a ``key=`` callable returned
+                something other than a ``str``.
+            ValueError: The key resolves to an empty string, or to one no store can hold.
+        """
         ...
 
     def status(self, *args: P.args, **kwargs: P.kwargs) -> Record | None:
-        """The record of these arguments' key, or None."""
+        """The record of these arguments' key, as stored now; runs nothing, writes nothing.
+
+        Args:
+            *args: The function's positional arguments, as for a call.
+            **kwargs: The function's keyword arguments, as for a call.
+
+        Returns:
+            The key's ``Record`` (its ``status``, owner, attempt and times), or None when the
+            key has no record or its record has expired.
+
+        Raises:
+            TypeError: The arguments give no key (as for ``key_for``).
+            ValueError: The arguments give no key (as for ``key_for``).
+            StoreError: The store failed, or the record is corrupt or fails its signature.
+        """
         ...
 
     def forget(self, *args: P.args, **kwargs: P.kwargs) -> bool:
-        """Delete the record of these arguments' key; True if there was one."""
+        """Delete the record of these arguments' key, whatever its status: the next call runs
+        the body again.
+
+        Forgetting a ``processing`` record lets a second call run while the first still
+        does (the first then gets ``OwnershipLost`` and records nothing).
+
+        Args:
+            *args: The function's positional arguments, as for a call.
+            **kwargs: The function's keyword arguments, as for a call.
+
+        Returns:
+            True if a live record was deleted; False if there was none (or it had expired).
+
+        Raises:
+            TypeError: The arguments give no key (as for ``key_for``).
+            ValueError: The arguments give no key (as for ``key_for``).
+            StoreError: The store failed.
+        """
         ...
 
     # Methods: looked up on an instance, the wrapper binds like any function, and so do
@@ -83,23 +156,31 @@ class IdempotentFunction(Protocol[P, R_co]):
 
 
 class BoundIdempotentFunction(Protocol[P, R_co]):
-    """An idempotent method looked up on an instance (``mailer.welcome``): the call, and
-    ``key_for``, ``status`` and ``forget``, take the instance as ``self``."""
+    """An idempotent method looked up on an instance (``mailer.welcome``).
+
+    The call, and ``key_for``, ``status`` and ``forget``, take the instance as ``self``, as
+    a bound method does; each is ``IdempotentFunction``'s, without the instance.
+
+    Attributes:
+        store: The store the method's records live in.
+    """
 
     store: Store
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co:
+        """Run the body once for these arguments' key, or replay the key's recorded outcome."""
+        ...
 
     def key_for(self, *args: P.args, **kwargs: P.kwargs) -> str:
-        """The stored key these arguments map to."""
+        """The stored key a call with these arguments uses; see ``IdempotentFunction.key_for``."""
         ...
 
     def status(self, *args: P.args, **kwargs: P.kwargs) -> Record | None:
-        """The record of these arguments' key, or None."""
+        """The record of these arguments' key, or None; see ``IdempotentFunction.status``."""
         ...
 
     def forget(self, *args: P.args, **kwargs: P.kwargs) -> bool:
-        """Delete the record of these arguments' key; True if there was one."""
+        """Delete the record of these arguments' key; True if there was a live one."""
         ...
 
 
@@ -331,67 +412,124 @@ def idempotent(
 ) -> Callable[[Callable[P, R]], IdempotentFunction[P, R]]:
     """Make calls of the decorated function happen once per key.
 
-    The first call with a key runs the body and records its outcome; later calls with that key
-    return a fresh copy of the recorded value or re-raise the recorded exception, without
-    running the body, for ``ttl`` (a day by default). Options are keyword-only.
+    The first call with a key claims it, runs the body and records the outcome: ``ok`` with
+    the return value, or ``halted`` with the exception. Later calls with that key do not run
+    the body: they return a fresh copy of the recorded value, or re-raise the recorded
+    exception, until the record expires (``ttl``). The arguments are fingerprinted, so reusing
+    a key with other arguments raises ``FingerprintMismatch`` instead of replaying another
+    call's result. Every option is keyword-only and checked when ``idempotent(...)`` is called
+    or when it decorates, never first on a call.
+
+    Calls of the decorated function raise, besides what its body raises:
+    ``FingerprintMismatch`` (the key's record has other arguments), ``AlreadyRunning`` (a live
+    call holds the key past ``wait``), ``Halted`` (the key's call ended with nothing to
+    re-raise as itself: a crash, an interrupt, an outcome that could not be stored),
+    ``DeadlineExceeded``, ``OwnershipLost`` (this call's claim was taken over or halted while
+    its body ran: its outcome is not recorded), ``StoreError``, and ``TypeError`` /
+    ``ValueError`` for arguments that give no key or no fingerprint (the body does not run).
 
     Args:
-        key: What identifies a call: a ``str.format`` template over the bound arguments
-            (``"charge:{order_id}"``), a callable taking the function's arguments and
-            returning a non-empty str, or None to key on the fingerprint of every argument.
-        name: The namespace of the keys; the stored key is ``name:key``, so it must not hold
-            ``":"``. Default ``module.qualname`` (a script's functions: the script's path, or
-            its module under ``python -m``); give one that survives renames and moves.
-        store: Where records live: a ``Store``, a directory, a URL (``redis://``,
-            ``postgresql://``, ``memory://``), or None for ``IDEMFN_STORE`` or the default
-            ``DiskStore``.
-        ttl: Seconds (or a ``timedelta``) a finished record is kept, counted from when it
-            finished; None keeps it forever.
-        fingerprint: What a key's record is checked against (``FingerprintMismatch`` when it
-            differs): None for every argument but ``self``/``cls``, a list of argument names,
-            a callable of the arguments returning the value to fingerprint, or False for no
-            check.
-        wait: Seconds (or a ``timedelta``) to wait for a live call holding the key to finish
-            (then its outcome is replayed) before raising ``AlreadyRunning``.
-        lease: Seconds (or a ``timedelta``) a claim stays valid without its heartbeat, which
-            renews it while the body runs; an owner on another machine is gone after it.
-        on_abandoned: What happens to a claim whose owner is gone: ``"halt"`` records it
-            halted (the caller gets ``Halted``); ``"retry"`` runs the body again, in one caller.
-        retry_on: Exception types that are not recorded: the key is released, so the next call
-            runs the body again.
-        deadline: An aware ``datetime``, or a callable of the arguments returning one: with no
-            finished record after it, the call raises ``DeadlineExceeded`` and never starts.
-        transactional: Run a sync body in the ``PostgresStore`` transaction that records its
-            ``ok`` outcome, so the body's writes and the record commit or roll back together.
-        signing_key: A key (str or bytes, 16 bytes or more) or a list of keys (the first signs,
-            all verify) to sign records with HMAC-SHA256; default ``IDEMFN_SIGNING_KEY``.
-        serializer: How outcomes are stored: ``"pickle"`` (cloudpickle), ``"json"`` (a replay
-            never unpickles), or an object with ``dumps`` and ``loads``.
+        key: What identifies a call. Default None: the fingerprint of every argument
+            (memoiser mode; refused on a method, whose instance it would leave out). A
+            ``str`` is a ``str.format`` template over the bound arguments, defaults applied
+            (``"charge:{order_id}"``, ``"{order.id}"``, ``"{when:%Y-%m-%d}"``); a field that
+            names no parameter is a ``ValueError`` when decorating. A callable gets the
+            function's arguments and returns a non-empty ``str``. A key holding a NUL or a
+            lone surrogate is a ``ValueError`` on every store.
+        name: The namespace of the keys: the stored key is ``name:key``, so ``name`` must not
+            contain ``":"``. Default None: ``module.qualname``; a script's functions take the
+            script's real path (``/srv/app/deploy.py/step``), or its module under
+            ``python -m``. Required for a function defined with no script file (an interactive
+            session, ``python -c``) unless the store is a ``MemoryStore``. Give one that
+            survives renames and moves to keys that must outlive a refactoring.
+        store: Where records live: a ``Store``; a directory path (a ``DiskStore``); a URL
+            (``redis://``, ``rediss://``, ``unix://``, ``postgresql://``, ``memory://``,
+            ``file://``), opened once per process with ``open_store``. Default None: the
+            store ``IDEMFN_STORE`` names, else a ``DiskStore`` in ``default_directory()``.
+        ttl: How long a finished record is kept, counted from when the call finished: seconds
+            (> 0) or a ``timedelta``. Default 86400.0 (a day); None keeps records until
+            forgotten. An expired record counts as absent: the next call runs the body.
+        fingerprint: What a key's record is checked against. Default None: every bound
+            argument but ``self`` and ``cls``. A list of argument names fingerprints those
+            only; a callable gets the function's arguments and returns the value to
+            fingerprint; ``False`` turns the check off. An argument of a type with no
+            canonical encoding is a ``TypeError`` naming it (see ``fingerprint_value``).
+        wait: How long a call that finds the key held by a live call waits for its outcome
+            (polling with backoff; ``asyncio.sleep`` in a coroutine) and replays it, before
+            raising ``AlreadyRunning``: seconds (>= 0) or a ``timedelta``. Default 0.0: raise
+            at once. A call re-entering its own key from its body raises at once whatever
+            ``wait`` says.
+        lease: How long a claim stays valid without renewal: seconds (> 0) or a
+            ``timedelta``. Default 30.0. A heartbeat thread renews it while the body runs; an
+            owner on another machine is judged gone once its lease runs out (one on this
+            machine as soon as its process is gone). Give a body that holds the GIL in one C
+            call for longer a longer lease.
+        on_abandoned: What becomes of a claim whose owner is gone (crashed, killed, lost its
+            lease). Default ``"halt"``: the record becomes ``halted`` and the caller gets
+            ``Halted`` (at-most-once: the side effect may have happened). ``"retry"``: exactly
+            one caller takes the claim over (``attempt + 1``) and runs the body again
+            (at-least-once).
+        retry_on: Exception types (one, or a tuple) that are not recorded: the key is
+            released and the exception re-raised, so the next call runs the body again.
+            Default ``()``: every exception is recorded.
+        deadline: When a call must no longer start: an aware ``datetime``, or a callable of
+            the function's arguments returning one. With no finished record and the deadline
+            past, the call raises ``DeadlineExceeded`` without claiming the key; a finished
+            record is still replayed. Default None: no deadline. A naive datetime is a
+            ``ValueError``.
+        transactional: Run the body in the ``PostgresStore`` transaction that records its
+            ``ok`` outcome, so that its writes (on ``idemfn.current_connection()``) and the
+            record commit or roll back together. Default False. Needs a ``PostgresStore``
+            and a sync function (``TypeError`` otherwise).
+        signing_key: Sign records with HMAC-SHA256 and refuse, unloaded, any that fails its
+            check: a ``str`` or ``bytes`` key of 16 bytes or more, or a list of them (the
+            first signs, every one verifies, for rotation). Applies to a store opened from a
+            path or URL; a ``Store`` object must have been made with the same keys, and a
+            ``MemoryStore`` takes none (``ValueError``). Default None: ``IDEMFN_SIGNING_KEY``
+            (comma-separated keys) when set, else unsigned.
+        serializer: How outcomes are stored. Default ``"pickle"`` (cloudpickle; any value or
+            exception that pickles and loads back, but a replay unpickles: trust the store, or
+            sign its records). ``"json"``: what ``json.dumps`` takes, builtin exceptions
+            replayed as themselves, others as ``Halted``; a replay never unpickles. Or an
+            object with ``dumps(value) -> bytes | str`` and ``loads(data) -> value``.
 
     Returns:
-        A decorator. The function it returns keeps the signature, and adds ``key_for()``,
-        ``status()`` and ``forget()`` (taking the function's arguments) and ``store``.
+        A decorator. The function it returns (an ``IdempotentFunction``) keeps the decorated
+        function's signature, type and ``functools.wraps`` metadata (a coroutine function
+        stays one) and adds ``key_for()``, ``status()`` and ``forget()``, which take the
+        function's arguments, and ``store``. It works on functions, methods, classmethods and
+        staticmethods (above or below them), and on ``async def`` functions.
 
     Raises:
-        TypeError: An option of the wrong type, or given positionally (``@idempotent`` without
-            parentheses); when decorating, a function it cannot guard (a generator function).
-        ValueError: An option with a bad value (``ttl=0``, a ``name`` holding ``":"``); when
-            decorating, a ``key`` template field that names no parameter.
+        TypeError: An option of the wrong type, or options given positionally
+            (``@idempotent`` without parentheses); when decorating, a function it cannot
+            guard (a generator function, a Celery task object, an ``async def`` with
+            ``transactional=True``), or a ``key=``, ``fingerprint=`` or ``deadline=``
+            callable that cannot take the function's arguments.
+        ValueError: An option with a bad value (``ttl=0``, a negative ``wait``, a ``name``
+            holding ``":"``, an unknown ``on_abandoned``, a store URL of an unknown scheme);
+            when decorating, a ``key`` template field or ``fingerprint`` name that names no
+            parameter, or ``key=None`` on a method.
 
-    >>> from idemfn import idempotent, MemoryStore
-    >>> @idempotent(key="greet:{who}", store=MemoryStore())
-    ... def greet(who: str) -> str:
-    ...     print("running")
-    ...     return f"hello {who}"
-    >>> greet("ada")
-    running
-    'hello ada'
-    >>> greet("ada")
-    'hello ada'
-    >>> @idempotent
-    ... def oops() -> None: ...
-    Traceback (most recent call last):
-    TypeError: idempotent takes keyword options only: write @idempotent() or @idempotent(key=...)
+    Examples:
+        >>> from idemfn import MemoryStore, idempotent
+        >>> @idempotent(key="greet:{who}", name="demo", store=MemoryStore())
+        ... def greet(who: str) -> str:
+        ...     print("running")
+        ...     return f"hello {who}"
+        >>> greet("ada")
+        running
+        'hello ada'
+        >>> greet("ada")  # replayed: the body does not run
+        'hello ada'
+        >>> greet.key_for("ada")
+        'demo:greet:ada'
+        >>> greet.status("ada").status
+        Status.OK
+        >>> @idempotent  # doctest: +ELLIPSIS
+        ... def oops() -> None: ...
+        Traceback (most recent call last):
+        TypeError: idempotent takes keyword options only: write @idempotent() or ...
     """
     return decorator(
         key=key,

@@ -35,7 +35,16 @@ FORMAT_VERSION = 3
 
 
 class Status(str, enum.Enum):
-    """Where a key's call stands."""
+    """Where a key's call stands: a ``str`` enum, so ``Status.OK == "ok"``.
+
+    Attributes:
+        PROCESSING: Claimed: the body is running, or its owner is gone and nobody has noticed
+            yet.
+        OK: Finished by returning: later calls replay the value.
+        HALTED: Finished without a value: the body raised (later calls re-raise it), or it was
+            interrupted, crashed, or its outcome could not be stored (later calls raise
+            ``Halted``).
+    """
 
     PROCESSING = "processing"
     OK = "ok"
@@ -51,11 +60,28 @@ def _utc(ts: float | None) -> datetime | None:
 
 @dataclass(frozen=True)
 class Record:
-    """A key's record as stored, with aware UTC datetimes.
+    """A key's record as stored, with aware UTC datetimes: what ``fn.status(...)`` returns.
 
-    ``finished_at`` and ``expires_at`` are None while the call is processing (``expires_at`` is
-    also None for a record kept forever); ``lease_expires_at`` is None once it has finished.
-    ``reason``, ``exc_type`` and ``traceback`` describe a halted call.
+    A frozen snapshot: it does not follow the record as it changes. The outcome itself (the
+    value or exception) is not in it: a call replays that.
+
+    Attributes:
+        key: The stored key (``name:key``).
+        status: Where the call stands.
+        fingerprint: The hex fingerprint of the arguments the key was claimed with (empty
+            with ``fingerprint=False``).
+        owner: The process that claimed the key: ``host/machine/pid/start``.
+        token: The claim's token: every write after the claim is fenced on it.
+        attempt: 1 for the first claim, one more for each takeover of an abandoned claim
+            (``on_abandoned="retry"``).
+        started_at: When the claim (this attempt) was made.
+        finished_at: When the call finished; None while processing.
+        expires_at: When the finished record expires (``finished_at + ttl``); None while
+            processing and for a record kept forever (``ttl=None``).
+        lease_expires_at: When the claim's lease runs out unless renewed; None once finished.
+        reason: Why a halted call halted; None otherwise.
+        exc_type: The qualified name of the exception a halted call ended with, if any.
+        traceback: That exception's traceback as text, if any.
     """
 
     key: str
