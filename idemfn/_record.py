@@ -105,7 +105,16 @@ class Entry(NamedTuple):
     A tuple, so that decoding a record is one ``marshal.loads`` and one tuple build. Times are
     UNIX seconds from the store's clock. ``payload`` is the serialised return value (``ok``) or
     exception (``halted``, when it could be serialised). ``ttl`` travels with the claim so prune
-    can age out abandoned claims.
+    can age out abandoned claims. Not part of the public API (``idemfn._record.Entry``): a
+    store author reads the fields below and passes entries on unchanged.
+
+    Attributes:
+        key: The stored key.
+        status: ``"processing"``, ``"ok"`` or ``"halted"``.
+        token: The claim's token: what ``swap``, ``release`` and ``delete`` compare.
+        expires_at: When a finished entry expires (store-clock UNIX seconds); None while
+            processing, or kept forever. ``is_expired(now)`` tells.
+        lease_until: When a claim's lease runs out (store-clock UNIX seconds).
     """
 
     key: str
@@ -130,10 +139,19 @@ class Entry(NamedTuple):
     lease_mono: float | None = None
 
     def is_expired(self, now: float) -> bool:
-        """A finished entry past its expiry is treated as absent, before prune removes it."""
+        """Whether this is a finished entry past its expiry, treated as absent before prune
+        removes it.
+
+        Args:
+            now: The time on the store's clock, in UNIX seconds.
+
+        Returns:
+            True if ``expires_at`` is set and not after ``now``.
+        """
         return self.expires_at is not None and self.expires_at <= now
 
     def record(self) -> Record:
+        """The public view of this entry, with aware UTC datetimes and no payload."""
         return Record(
             key=self.key,
             status=Status(self.status),

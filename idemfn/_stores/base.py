@@ -1,17 +1,9 @@
 """The store interface: a few atomic primitives, and nothing about what records mean.
 
-Every rule of the contract (who may claim, what an abandoned claim becomes, what a replay
+Every rule of what a call does (who may claim, what an abandoned claim becomes, what a replay
 returns) lives once, in ``idemfn._engine``, above these primitives; a store only has to make each
 primitive atomic. That is what lets one conformance suite hold every store to one behaviour.
-
-Writing a store: subclass ``Store`` and implement ``claim``, ``get``, ``swap``, ``release``,
-``delete`` and ``scan``; override ``prune``, ``time`` and ``close`` where the backend does
-better. Translate the backend's own errors to ``StoreError`` (``self.error(...)`` builds one that
-names the store and the key). Write an entry as ``self.encode(entry)`` and read stored bytes
-with ``self.decode(key, data)``: they sign and verify records when the store has signing keys
-(``self.sign_with(signing_key)`` in ``__init__``), and ``decode`` raises ``StoreError`` for
-bytes that are not a record (``self.decoded`` in ``scan``, which passes them to its ``corrupt``
-callback instead). Hold the store to ``idemfn.testing.StoreContract``.
+How to write a store: ``Store``'s docstring.
 """
 
 from __future__ import annotations
@@ -58,82 +50,214 @@ def skip_corrupt(key: str, error: StoreError) -> None:
 
 
 class Store(abc.ABC):
-    """Where records live. Safe to share between threads; see each store for processes."""
+    """Where records live: the interface every store implements, and the one to subclass.
 
-    #: True when ``claim`` costs no more than ``get`` (one round trip that writes nothing
-    #: when a live record is there): the engine then claims at once instead of reading first.
+    A store keeps one entry per stored key and makes each primitive atomic; it knows nothing
+    of what records mean. Who may claim, what an abandoned claim becomes and what a replay
+    returns are decided once, above the store, which is what lets one conformance suite
+    (``idemfn.testing.StoreContract``) hold every store to one behaviour. Every store is safe
+    to share between threads (see each store for processes) and is a context manager that
+    closes it on exit.
+
+    Writing a store: implement ``claim``, ``get``, ``swap``, ``release``, ``delete`` and
+    ``scan``; override ``prune``, ``renew``, ``time``, ``close`` and ``bytes_used`` where the
+    backend does better. The primitives take and return entries (``idemfn._record.Entry``,
+    a named tuple that stores treat as a value): a store reads only an entry's ``key``,
+    ``token``, ``status`` (``"processing"``, ``"ok"`` or ``"halted"``) and ``expires_at``
+    (UNIX seconds on the store's clock; None: never), through ``entry.is_expired(now)``. It
+    stores ``self.encode(entry)`` and reads stored bytes back with ``self.decode(key, data)``
+    (``self.decoded`` in ``scan``), which sign and verify records when the store has signing
+    keys (``self.sign_with(signing_key)`` in ``__init__``). It raises ``StoreError`` for
+    whatever the backend fails with (``self.error(...)`` builds one naming the store, the
+    action and the key), chaining the backend's error.
+
+    Attributes:
+        claims_first: True when ``claim`` costs no more than ``get`` (one round trip that
+            writes nothing when a live record is there): a call then claims at once instead
+            of reading first. Default False.
+        signer: Signs the records this store writes and verifies those it reads; None
+            (the default) when records are not signed, and signatures are not checked.
+    """
+
     claims_first: ClassVar[bool] = False
-
-    #: Signs the records this store writes and verifies those it reads (None: records are not
-    #: signed, and signatures are not checked).
     signer: Signer | None = None
 
     def sign_with(self, signing_key: SigningKey | None) -> None:
-        """Sign and verify records with ``signing_key`` (one key, or a list whose first key
-        signs), or with ``IDEMFN_SIGNING_KEY`` when it is None and that is set."""
+        """Set the keys this store signs and verifies records with; call it in ``__init__``.
+
+        Args:
+            signing_key: One key (``str`` or ``bytes``, 16 bytes or more), or a list of them
+                whose first signs and every one verifies; None for the keys of
+                ``IDEMFN_SIGNING_KEY`` when it is set, else no signing.
+
+        Raises:
+            TypeError: A key that is neither ``str`` nor ``bytes``.
+            ValueError: A key shorter than 16 bytes, or an empty list.
+        """
         self.signer = signer_for(signing_key, option=f"{type(self).__name__}(signing_key=...)")
 
     @abc.abstractmethod
     def claim(self, entry: Entry) -> Entry | None:
-        """Insert ``entry`` under ``entry.key`` if the key has no live entry, and return None.
+        """Insert ``entry`` under ``entry.key`` if the key has no live entry.
 
-        An entry past its ``expires_at`` counts as absent and is replaced. Otherwise nothing is
-        written and the live entry is returned. Atomic: of any number of racing claims on one
-        key, exactly one returns None.
+        An entry past its ``expires_at`` counts as absent and is replaced. Otherwise nothing
+        is written and the live entry is returned. Atomic: of any number of racing claims on
+        one key (threads, processes, machines), exactly one returns None.
+
+        Args:
+            entry: The entry to insert: a new ``processing`` claim (or, when a test writes a
+                record directly, a finished one).
+
+        Returns:
+            None when ``entry`` was inserted; else the live entry found, unchanged.
+
+        Raises:
+            StoreError: The backend failed, or the live record found cannot be decoded.
         """
 
     @abc.abstractmethod
     def get(self, key: str) -> Entry | None:
-        """The live entry of ``key``, or None (absent or expired). Never writes."""
+        """The live entry of ``key``. Never writes.
+
+        Args:
+            key: The stored key.
+
+        Returns:
+            The entry, or None when the key has none or its entry has expired.
+
+        Raises:
+            StoreError: The backend failed, or the record cannot be decoded
+                (``TamperedRecord``, a subclass, when it fails its signature check).
+        """
 
     @abc.abstractmethod
     def swap(self, key: str, token: str, entry: Entry) -> bool:
         """Replace the entry of ``key`` with ``entry`` if it is ``processing`` with ``token``.
 
-        This is the fence every write after a claim goes through: it returns False, writing
-        nothing, when the claim was taken over, halted, finished or deleted meanwhile. A
-        finished entry is never replaced.
+        This is the fence every write after a claim goes through (a finished record, a lease
+        renewal, a takeover): atomically, it writes nothing when the claim was taken over,
+        halted, finished or deleted meanwhile. A finished entry is never replaced.
+
+        Args:
+            key: The stored key.
+            token: The token of the claim the caller holds.
+            entry: The entry to write in its place.
+
+        Returns:
+            True if the entry was replaced; False if nothing was written.
+
+        Raises:
+            StoreError: The backend failed, or the write was refused by a copy of the fence
+                that disagrees with the record (see ``check_fence``).
         """
 
     @abc.abstractmethod
     def release(self, key: str, token: str) -> bool:
-        """Remove ``key``'s entry if it is ``processing`` with ``token``; True if removed.
+        """Remove ``key``'s entry if it is ``processing`` with ``token``.
 
         Fenced like ``swap``: a claim that was taken over, halted or finished removes nothing.
+        A call releases its key this way after a ``retry_on`` exception.
+
+        Args:
+            key: The stored key.
+            token: The token of the claim the caller holds.
+
+        Returns:
+            True if the entry was removed; False if nothing was.
+
+        Raises:
+            StoreError: The backend failed.
         """
 
     @abc.abstractmethod
     def delete(self, key: str, token: str | None = None) -> bool:
-        """Remove ``key``'s entry, whatever its status (only if its token is ``token``, when
-        given: prune uses that not to remove a record claimed again since it looked); True if
-        removed. This is ``forget``, never a write of a claim's owner."""
+        """Remove ``key``'s entry, whatever its status: ``forget``, never a claim's own write.
+
+        Without a ``token`` it must not depend on decoding the record: a record that cannot
+        be decoded is removed too (``idemfn forget --force KEY`` repairs a store that way).
+
+        Args:
+            key: The stored key.
+            token: When given, remove the entry only if its token is this one (prune's way
+                not to remove a record claimed again since it looked).
+
+        Returns:
+            With ``token``: True if the entry was removed. Without: True if a live entry was
+            removed; False if there was none, or it had expired (removing it is tidying,
+            not forgetting).
+
+        Raises:
+            StoreError: The backend failed.
+        """
 
     @abc.abstractmethod
     def scan(self, prefix: str = "", *, corrupt: Corrupt | None = None) -> Iterator[Entry]:
         """Every stored entry whose key starts with ``prefix``, expired ones included.
 
-        A record that cannot be decoded raises ``StoreError`` naming its key; with ``corrupt``,
-        it is passed to ``corrupt(key, error)`` and skipped instead, so that one bad record
-        does not hide the others (``decoded`` does this for a store's loop).
+        Entries are read one at a time (payloads may be large); an entry removed while the
+        scan runs may be left out. ``idemfn ls``, ``stats`` and ``prune`` are built on it.
+
+        Args:
+            prefix: A plain prefix of the stored keys (no wildcards); "" for every key.
+            corrupt: Called as ``corrupt(key, error)`` with each record that cannot be
+                decoded, which is then skipped, so that one bad record does not hide the
+                others (``decoded`` does this for a store's loop). None: raise instead.
+
+        Yields:
+            The entries, in no promised order.
+
+        Raises:
+            StoreError: The backend failed, or (without ``corrupt``) a record cannot be
+                decoded; the error names its key.
         """
 
     def renew(self, entry: Entry, lease: float) -> Entry | None:
-        """Extend the lease of the live claim ``entry`` to ``lease`` seconds from now (on the
-        store's clock, and on this machine's lease clock); return the renewed entry, or None
-        when the claim is no longer live (fenced as ``swap`` is). The heartbeat thread calls
-        this; a store whose renewals must not wait for, or conflict with, a claim's other work
-        overrides it (``PostgresStore``)."""
+        """Extend the lease of the live claim ``entry`` to ``lease`` seconds from now.
+
+        The heartbeat thread calls this while the body runs. The lease is set on the store's
+        clock (``lease_until``) and on this machine's monotonic clock (``lease_mono``), and
+        every later read of the key (``get``, ``claim``'s answer, ``scan``) must see it. This
+        default is a ``swap``; a store whose renewals must not wait for, or conflict with,
+        a claim's other work overrides it (``PostgresStore``).
+
+        Args:
+            entry: The claim as the caller holds it.
+            lease: Seconds from now.
+
+        Returns:
+            The renewed entry, or None when the claim is no longer live (fenced as ``swap``
+            is).
+
+        Raises:
+            StoreError: The backend failed.
+        """
         renewed = entry._replace(lease_until=self.time() + lease, lease_mono=_lease.clock() + lease)
         return renewed if self.swap(entry.key, entry.token, renewed) else None
 
     def time(self) -> float:
-        """The store's clock, in UNIX seconds. Stores shared by machines use the server's."""
+        """The store's clock, which every time in its entries is on.
+
+        This default is this machine's wall clock; a store shared by machines returns the
+        server's, so that a client whose clock is skewed judges leases and expiry the same.
+
+        Returns:
+            The time, in UNIX seconds.
+        """
         return time.time()
 
     def prune(self) -> int:
         """Remove expired entries, and claims whose lease ran out more than their ttl ago.
 
-        Returns how many were removed.
+        A claim is removed only when its owner is gone by the rule a call applies (a live
+        owner on this machine keeps it, whatever the clocks say), and only if the key still
+        holds the very entry judged. Records that cannot be decoded are logged and skipped.
+        This default scans every entry; a store with an index on expiry overrides it.
+
+        Returns:
+            How many entries were removed.
+
+        Raises:
+            StoreError: The backend failed.
         """
         now = self.time()
         removed = 0
@@ -143,22 +267,45 @@ class Store(abc.ABC):
         return removed
 
     def bytes_used(self) -> int | None:
-        """How many bytes the store takes (on disk, or in the server), when it can tell."""
+        """How many bytes the store takes, on disk or in the server (``idemfn stats``).
+
+        Returns:
+            The size, or None when the store cannot tell (this default).
+        """
         return None
 
     def close(self) -> None:  # noqa: B027  # optional hook: most stores hold nothing to close
-        """Release connections and files. The store reopens them if used again."""
+        """Release the store's connections and files; it reopens them if used again."""
 
     def encode(self, entry: Entry) -> bytes:
-        """The bytes to store for ``entry``: signed when the store has signing keys."""
+        """The bytes to store for ``entry``: checksummed, and signed when the store has keys.
+
+        Args:
+            entry: The entry to store.
+
+        Returns:
+            What to store; ``decode`` reads it back.
+        """
         data = encode(entry)
         signer = self.signer
         return data if signer is None else signer.sign(data)
 
     def decode(self, key: str, data: object) -> Entry:
-        """The entry stored as ``data`` (bytes) for ``key``; ``StoreError`` naming the key when
-        it is not a record this idemfn reads, ``TamperedRecord`` when it fails its signature
-        check (nothing in it is loaded)."""
+        """The entry stored as ``data`` for ``key``; nothing in a bad record is loaded.
+
+        Args:
+            key: The stored key the data was read from (a record copied from another key is
+                refused).
+            data: What the backend returned: ``bytes`` (or a ``memoryview``).
+
+        Returns:
+            The entry.
+
+        Raises:
+            StoreError: ``data`` is not a record this idemfn reads (damaged, another
+                version's, another key's); the message names the key and the way out.
+                ``TamperedRecord``, a subclass, when it fails its signature check.
+        """
         if type(data) is not bytes:  # (the replay path: one check when it is)
             if not isinstance(data, (bytes, memoryview)):
                 raise self.error("read", key, "the stored value is not an idemfn record")
@@ -197,10 +344,23 @@ class Store(abc.ABC):
         )
 
     def check_fence(self, key: str, token: str, fence: object, data: object) -> None:
-        """After a write fenced on ``token`` was refused: raise ``StoreError`` if the stored
-        record (``data``) is still that claim, so that only the copy of its token that the
-        store fences writes on (``fence``) disagrees. A caller that judged the claim abandoned
-        could neither halt it nor take it over, and looked again forever (issue 14, review)."""
+        """After a write fenced on ``token`` was refused, tell a lost claim from a bad fence.
+
+        For stores that keep the claim's token beside the record (a column, a hash field) and
+        fence writes on that copy, which no checksum covers: if the record itself is still
+        the claim of ``token``, the copy is damaged, and returning False would leave a caller
+        that judged the claim abandoned looking again forever (issue 14, review).
+
+        Args:
+            key: The stored key.
+            token: The token the refused write was fenced on.
+            fence: The copy of the token the store fences writes on, as read.
+            data: The stored record, as read with it.
+
+        Raises:
+            StoreError: The record is still the claim of ``token`` but ``fence`` disagrees,
+                or the record cannot be decoded.
+        """
         entry = self.decode(key, data)
         if entry.status == "processing" and entry.token == token and fence != token:
             why = f"it is the claim of token {token!r}, but the fence kept beside it says {fence!r}"
@@ -215,8 +375,19 @@ class Store(abc.ABC):
         )
 
     def decoded(self, key: str, data: object, corrupt: Corrupt | None) -> Entry | None:
-        """``decode``, for ``scan``: a corrupt record goes to ``corrupt`` (None is returned),
-        or raises ``StoreError`` when ``corrupt`` is None."""
+        """``decode``, for ``scan``'s loop: a bad record goes to ``corrupt`` instead.
+
+        Args:
+            key: The stored key the data was read from.
+            data: The stored record.
+            corrupt: ``scan``'s ``corrupt`` callback, or None.
+
+        Returns:
+            The entry, or None when it could not be decoded and went to ``corrupt``.
+
+        Raises:
+            StoreError: The record cannot be decoded and ``corrupt`` is None.
+        """
         try:
             return self.decode(key, data)
         except StoreError as exc:
@@ -226,7 +397,16 @@ class Store(abc.ABC):
             return None
 
     def error(self, action: str, key: str, cause: BaseException | str) -> StoreError:
-        """A ``StoreError`` that names this store, the action and the key."""
+        """A ``StoreError`` that names this store, the action and the key; raise it.
+
+        Args:
+            action: What the store could not do, as a verb (``"claim"``, ``"read"``).
+            key: The stored key (or, for a store-wide step, what it was done to).
+            cause: The backend's error, or why in words.
+
+        Returns:
+            The error, reading ``<store> could not <action> <key>: <cause>``.
+        """
         return StoreError(f"{self!r} could not {action} {key!r}: {cause}", key=key)
 
     def __enter__(self) -> Store:

@@ -1,4 +1,9 @@
-"""``DiskStore``: records in a diskcache ``Cache`` (SQLite), shared by a machine's processes."""
+"""``DiskStore``: records in a diskcache ``Cache`` (SQLite), shared by a machine's processes.
+
+Over 600 lines on purpose: one adapter behind one interface. Its SQL, the checks of the way to
+its directory (who may change it) and its fork gate all guard this store's one database and read
+best beside it; the directory checks are the seam to split along if a second file store comes.
+"""
 
 from __future__ import annotations
 
@@ -93,8 +98,15 @@ _SCHEMA = frozenset({b"Settings", b"Cache", b"Cache_key_raw", b"Cache_expire_tim
 
 
 def default_directory() -> Path:
-    """Where the default store lives: the user's *state* directory, never a cache directory,
-    which the OS may wipe (a lost record means a side effect runs twice)."""
+    """Where the default store lives: the user's *state* directory.
+
+    Never a cache directory, which the OS may wipe: a lost record means a side effect runs
+    twice. The store does not exist until it is first used.
+
+    Returns:
+        ``platformdirs.user_state_path("idemfn")``: ``~/.local/state/idemfn`` on Linux
+        (``$XDG_STATE_HOME/idemfn`` when that is set).
+    """
     return platformdirs.user_state_path("idemfn")
 
 
@@ -172,6 +184,26 @@ class DiskStore(Store):
     directory that they own) are refused with ``StoreError`` unless ``trust_directory=True``
     (or ``IDEMFN_TRUST_DIRECTORY=1``), for stores shared on purpose. With ``signing_key`` (or
     ``IDEMFN_SIGNING_KEY``), records are signed, and one that fails its check is never loaded.
+
+    Args:
+        directory: The store's directory, made (with its missing parents) if missing.
+            Default None: ``default_directory()``.
+        timeout: Seconds an operation waits for another process's write lock on the
+            database before it raises ``StoreError``. Default 60.0.
+        trust_directory: True to skip the ownership and mode checks, for a store shared
+            between users on purpose. Default None: ``IDEMFN_TRUST_DIRECTORY=1`` in the
+            environment, else False.
+        signing_key: Keys to sign and verify records with (as ``idempotent``'s
+            ``signing_key``). Default None: ``IDEMFN_SIGNING_KEY`` when set.
+
+    Attributes:
+        directory: The store's directory, as given but absolute.
+        timeout: The ``timeout`` given.
+        trust_directory: Whether the directory checks are skipped.
+
+    Raises:
+        TypeError: ``directory`` is not a path, or ``trust_directory`` not a bool.
+        ValueError: ``timeout`` is not > 0, or a signing key is too short.
     """
 
     def __init__(
@@ -211,7 +243,12 @@ class DiskStore(Store):
 
     @property
     def cache(self) -> diskcache.Cache:
-        """The underlying ``diskcache.Cache``, opened on first use."""
+        """The underlying ``diskcache.Cache``, opened (and its directory checked) on first use.
+
+        Raises:
+            StoreError: The directory cannot be made, is not safe to unpickle from, or its
+                database is damaged.
+        """
         cache = self._cache
         if cache is None:
             with self._lock:
@@ -658,8 +695,18 @@ class DiskStore(Store):
         yield from self._entries([key for key in keys if key.startswith(prefix)], corrupt)
 
     def prune(self) -> int:
-        """Remove expired records (without reading them, when both copies of their expiry
-        agree; see _PASSED) and stale claims."""
+        """Remove expired records, and claims whose lease ran out more than their ttl ago.
+
+        Expired rows go in one statement, without reading them, when both copies of their
+        expiry agree (see ``_PASSED``); claims, and rows whose copies disagree, are judged by
+        their record as ``Store.prune`` does.
+
+        Returns:
+            How many records were removed.
+
+        Raises:
+            StoreError: The database failed.
+        """
         with _gate:
             try:
                 # Never diskcache's expire(): it removes the file a row's ``filename`` names,
@@ -684,7 +731,11 @@ class DiskStore(Store):
         return expired + removed
 
     def bytes_used(self) -> int | None:
-        """The size of the store's database files (the directory holds nothing else of ours)."""
+        """The size of the store's database files (the directory holds nothing else of ours).
+
+        Returns:
+            The bytes, or None when the files cannot be read.
+        """
         try:
             where = Path(self._pinned or self.directory)
             return sum(f.stat().st_size for f in where.glob("cache.db*"))

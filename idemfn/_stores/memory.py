@@ -17,7 +17,19 @@ class MemoryStore(Store):
     """Records in this process's memory: shared by its threads, lost when it exits.
 
     Each process (a ``fork`` child too) has its own records, so a ``MemoryStore`` never
-    coordinates processes: use ``DiskStore`` or a server store for that.
+    coordinates processes: use ``DiskStore`` or a server store for that. For tests and
+    throwaway scripts; ``store="memory://"`` names one shared by the whole process. Its
+    records are objects, never serialised or signed (``signing_key`` is refused).
+
+    Examples:
+        >>> from idemfn import MemoryStore, idempotent
+        >>> store = MemoryStore()
+        >>> @idempotent(key="{n}", name="demo", store=store)
+        ... def square(n: int) -> int:
+        ...     return n * n
+        >>> square(3), [entry.key for entry in store.scan()]
+        (9, ['demo:3'])
+        >>> store.clear()
     """
 
     def __init__(self) -> None:
@@ -79,7 +91,7 @@ class MemoryStore(Store):
         yield from entries
 
     def clear(self) -> None:
-        """Forget every record."""
+        """Forget every record: every key's next call runs its body again."""
         with self._lock:
             self._entries.clear()
 

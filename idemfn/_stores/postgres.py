@@ -1,5 +1,9 @@
 """``PostgresStore``: records in one PostgreSQL table, shared by every machine that reaches it.
 
+Over 600 lines on purpose: one adapter behind one interface. Its statements, its connections
+(the pool, the renewals' own connection, fork handling) and the transactional mode share the
+table's layout and the store's state, and each part is read against the others.
+
     key text PRIMARY KEY   the stored key
     live text              the token of a live claim, NULL once finished: the fence
     token text             the entry's token, whatever its status (delete on a token)
@@ -89,7 +93,26 @@ def current_connection() -> psycopg.Connection[Any]:
     """The connection of the transaction a ``transactional=True`` body runs in.
 
     The body's writes on it commit together with the key's ``ok`` record, or roll back
-    together when the body raises. Raises ``RuntimeError`` outside such a body.
+    together when the body raises; neither is written when the commit fails.
+
+    Returns:
+        The body's ``psycopg.Connection``, inside its transaction. Do not commit or roll it
+        back: use a savepoint (``with conn.transaction():``) for a statement that may fail.
+
+    Raises:
+        RuntimeError: Outside the body of a function decorated with
+            ``@idempotent(..., store=<PostgresStore>, transactional=True)``, or in an
+            idempotent call nested in it that is not transactional itself (its own record
+            would not commit with its writes).
+
+    Examples:
+        ```python
+        @idempotent(key="credit:{transfer_id}", store=db, transactional=True)
+        def credit(transfer_id: str, account: str, cents: int) -> None:
+            current_connection().execute(
+                "UPDATE accounts SET balance = balance + %s WHERE id = %s", (cents, account)
+            )
+        ```
     """
     current = _transaction.get()
     if current is None:
@@ -210,15 +233,37 @@ def _timeout(value: object, where: str, *, text: bool = False) -> float:
 class PostgresStore(Store):
     """Records in a PostgreSQL table (extra ``idemfn[postgres]``), created if missing.
 
-    ``dsn_or_pool`` is a connection string or URL (``postgresql://…``) or a
-    ``psycopg_pool.ConnectionPool`` the caller already has. With ``signing_key`` (or
-    ``IDEMFN_SIGNING_KEY``), records are signed, and one that fails its check is never loaded.
+    Every transition is one statement (an ``INSERT … ON CONFLICT`` claim, then writes fenced
+    on the claim's token); the store's clock is the server's. The table, and a
+    ``<table>_leases`` table beside it for lease renewals, are created on first use. With
+    ``transactional=True``, a body's writes commit with its ``ok`` record
+    (``current_connection()``).
 
-    ``connect_timeout`` is how many seconds a call waits for a connection from a server that
-    gives none (down, refusing, or not answering) before it raises ``StoreError`` saying so;
-    default: the connection string's ``connect_timeout`` parameter, else the given pool's
-    ``timeout``, else 5. (A pool whose every connection is in use, the server answering, waits
-    up to 30 s for a free one.)
+    Args:
+        dsn_or_pool: A connection string or URL (``postgresql://…``), or a
+            ``psycopg_pool.ConnectionPool`` the caller already has (the store then never
+            closes it).
+        table: The table's name: a plain SQL name (letters, digits, ``_``). Default
+            ``"idemfn_records"``.
+        signing_key: Keys to sign and verify records with (as ``idempotent``'s
+            ``signing_key``): one that fails its check is never loaded. Default None:
+            ``IDEMFN_SIGNING_KEY`` when set.
+        connect_timeout: Seconds a call waits for a connection from a server that gives
+            none (down, refusing, or not answering) before it raises ``StoreError`` saying
+            so. Default None: the connection string's ``connect_timeout`` parameter, else
+            the given pool's ``timeout``, else 5. (When the server answers but every pooled
+            connection is in use, a call waits up to 30 s for a free one.)
+
+    Attributes:
+        table: The table's name.
+        server: Where the server is, without a password.
+        connect_timeout: The connection timeout in effect, in seconds.
+
+    Raises:
+        ImportError: psycopg 3 or psycopg_pool is not installed
+            (``pip install 'idemfn[postgres]'``).
+        TypeError: ``dsn_or_pool`` is neither a str nor a ``psycopg_pool.ConnectionPool``.
+        ValueError: A bad connection string, table name or ``connect_timeout``.
     """
 
     def __init__(
@@ -406,14 +451,25 @@ class PostgresStore(Store):
 
     @contextlib.contextmanager
     def transaction(self, key: str) -> Iterator[psycopg.Connection[Any]]:
-        """A transaction for the body of ``key``'s claim: ``current_connection()`` inside, and
-        the claim's ``ok`` record written in it, so that both commit, or roll back, together.
-        (A halted record is written outside it: it must stay when the body's writes go.)
+        """A transaction for the body of ``key``'s claim, as ``transactional=True`` runs it.
 
-        Only idemfn's own steps become ``StoreError`` here: getting a connection, BEGIN. What
-        the body raises, its own database errors included, and an error at COMMIT (a deferred
-        constraint, a serialization failure: the body's writes did not commit) are raised as
-        themselves, for the caller and ``retry_on`` (issue 14)."""
+        ``current_connection()`` returns its connection inside, and the claim's ``ok``
+        record is written in it, so that both commit, or roll back, together. (A halted
+        record is written outside it: it must stay when the body's writes go.)
+
+        Args:
+            key: The stored key whose body runs in it.
+
+        Yields:
+            The transaction's connection.
+
+        Raises:
+            StoreError: No connection, or BEGIN failed. Only idemfn's own steps become
+                ``StoreError``: what the body raises, its own database errors included, and
+                an error at COMMIT (a deferred constraint, a serialization failure: the
+                body's writes did not commit) are raised as themselves, for the caller and
+                ``retry_on`` (issue 14).
+        """
         try:
             pool = self._usable_pool()
             conn = self._getconn(pool)
@@ -563,9 +619,22 @@ class PostgresStore(Store):
         return bool(self._run("release", key, query, {"key": key, "token": token}) == 1)
 
     def renew(self, entry: Entry, lease: float) -> Entry | None:
-        """Renew on this store's renewal connection, in a lease row of its own: never waiting
-        for the pool, never writing the record's row (see the module's docstring). The lease
-        runs out ``lease`` seconds from now by the server's clock, read in the statement."""
+        """Extend the lease of the live claim ``entry`` to ``lease`` seconds from now.
+
+        On this store's renewal connection, in a lease row of its own: never waiting for the
+        pool, never writing the record's row (see the module's docstring). The lease runs
+        out ``lease`` seconds from now by the server's clock, read in the statement.
+
+        Args:
+            entry: The claim as the caller holds it.
+            lease: Seconds from now.
+
+        Returns:
+            The renewed entry, or None when the claim is no longer live.
+
+        Raises:
+            StoreError: The server failed; the next renewal connects again.
+        """
         mono = _lease.clock() + lease
         params = {"key": entry.key, "token": entry.token, "lease": lease, "mono": mono}
         self._leased[entry.key] = entry.token
@@ -645,11 +714,20 @@ class PostgresStore(Store):
                 yield self._with_lease(entry) if entry.status == "processing" else entry
 
     def prune(self) -> int:
-        """One indexed DELETE of expired records (whose two copies of their expiry agree: see
+        """Remove expired records, and claims whose lease ran out more than their ttl ago.
+
+        One indexed DELETE of expired records (whose two copies of their expiry agree: see
         the module's docstring); then each claim whose lease ran out ttl ago by the server's
         clock, and each finished row whose copies disagree, is judged by its record and the
         engine's rule (``prunable``): a claim whose owner is alive on its machine's monotonic
-        clock stays, whatever the wall clocks say."""
+        clock stays, whatever the wall clocks say. Lease rows no claim holds go too.
+
+        Returns:
+            How many records were removed.
+
+        Raises:
+            StoreError: The server failed.
+        """
         removed = int(self._run("prune", self.table, self._sql["prune"], ()))
         now = self.time()
         stale = [k for (k,) in self._run("prune", self.table, self._sql["stale"], ())]

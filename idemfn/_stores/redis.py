@@ -89,10 +89,27 @@ class RedisStore(Store):
     """Records in Redis (extra ``idemfn[redis]``), shared by every process on every machine
     that reaches the server.
 
-    ``url_or_client`` is a URL (``redis://``, ``rediss://``, ``unix://``) or a ``redis.Redis``
-    the caller already has (made without ``decode_responses``). Keys are ``prefix + key``.
-    With ``signing_key`` (or ``IDEMFN_SIGNING_KEY``), records are signed, and one that fails
-    its check is never loaded.
+    Each transition is one Lua script, atomic on the server; expiry is the server's own, and
+    the store's clock is the server's ``TIME``. Nothing is sent until the first use.
+
+    Args:
+        url_or_client: A URL (``redis://``, ``rediss://``, ``unix://``), or a ``redis.Redis``
+            the caller already has, made without ``decode_responses``.
+        prefix: Put before every stored key to make the Redis key. Default ``"idemfn:"``.
+        signing_key: Keys to sign and verify records with (as ``idempotent``'s
+            ``signing_key``): one that fails its check is never loaded. Default None:
+            ``IDEMFN_SIGNING_KEY`` when set.
+
+    Attributes:
+        client: The ``redis.Redis`` used.
+        prefix: The ``prefix`` given.
+        url: Where the server is, without a password.
+
+    Raises:
+        ImportError: redis-py is not installed (``pip install 'idemfn[redis]'``).
+        TypeError: ``url_or_client`` is neither a str nor a ``redis.Redis``, or ``prefix``
+            not a str.
+        ValueError: A bad URL, or a client made with ``decode_responses=True``.
     """
 
     claims_first = True  # the claim script returns a live record as cheaply as a read
