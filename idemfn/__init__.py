@@ -1,11 +1,31 @@
-"""idemfn: make a function call happen once.
+"""idemfn: make a function call happen once, across retries, duplicates, processes and crashes.
 
     from idemfn import idempotent
 
     @idempotent(key="charge:{order_id}")
     def charge(order_id: str, amount: int) -> Receipt: ...
 
-The first call with a key runs the body and records the outcome; later calls replay it.
+The first call with a key runs the body and records the outcome; later calls with that key
+replay it (a fresh copy of the value, or the exception) without running the body, and a call
+with the same key but other arguments raises ``FingerprintMismatch``. Records live in a store:
+a ``DiskStore`` by default, shared by the machine's processes; a ``RedisStore`` or
+``PostgresStore`` when callers run on several machines.
+
+The public names, each with its docstring (``help(idemfn.idempotent)``):
+
+- ``idempotent``, ``IdempotentFunction``: the decorator, and the function it returns;
+- ``Store``, ``DiskStore``, ``MemoryStore``, ``RedisStore``, ``PostgresStore``, ``open_store``,
+  ``default_store``, ``default_directory``, ``current_connection``: where records live;
+- ``Record``, ``Status``: what ``fn.status(...)`` returns;
+- ``IdempotencyError`` and its subclasses ``AlreadyRunning``, ``FingerprintMismatch``,
+  ``Halted``, ``DeadlineExceeded``, ``OwnershipLost``, ``StoreError``;
+- ``begin``, ``abegin``, ``Claim``, ``Finished``, ``Policy``: the low-level API the decorator
+  drives, for framework authors;
+- ``fingerprint_value``, ``FINGERPRINT_VERSION``: the canonical fingerprint of a value.
+
+Submodules, imported on their own: ``idemfn.testing`` (``StoreContract``, the store
+conformance suite), ``idemfn.celery`` and ``idemfn.rq`` (task queue integrations).
+Documentation: https://idemfn.readthedocs.io/
 """
 
 from ._decorator import IdempotentFunction, idempotent

@@ -47,6 +47,13 @@ __all__ = [
 ]
 
 FINGERPRINT_VERSION = 2
+"""The version of the fingerprint encoding.
+
+Every fingerprint depends on it: a version changes only when the encoding of some value must
+change, and then a key recorded under the old version raises ``FingerprintMismatch`` when
+called with the same arguments. Version 2 changed how aware times, aware
+datetimes and Decimal NaNs are encoded, and added ``OrderedDict`` and numpy values.
+"""
 _PREFIX = b"idemfn-fp/%d\n" % FINGERPRINT_VERSION
 
 
@@ -445,7 +452,38 @@ def _digest(data: bytes) -> str:
 
 
 def fingerprint_value(value: object, *, where: str = "value") -> str:
-    """The hex fingerprint of one value; ``where`` names it in errors."""
+    """The fingerprint of one value, as ``@idempotent`` fingerprints arguments.
+
+    The sha256, as hex, of a canonical encoding: equal values give equal fingerprints in
+    every process, under every ``PYTHONHASHSEED``, on every machine and supported Python;
+    dict and set order never matter; types are tagged, so ``1``, ``1.0``, ``True`` and
+    ``"1"`` differ. Supported: None, bool, int, float, str, bytes, list, tuple, dict, set,
+    frozenset, datetime, date, time, timedelta, Decimal, UUID, Enum, Path, dataclasses,
+    NamedTuples, OrderedDicts, numpy values, and any object with an
+    ``__idemfn_fingerprint__()`` method returning a supported value. For ``begin``'s
+    ``fingerprint=``, and wherever a value must be compared across processes.
+
+    Args:
+        value: The value to fingerprint.
+        where: What to call the value in error messages.
+
+    Returns:
+        64 hex digits. They change only with ``FINGERPRINT_VERSION``.
+
+    Raises:
+        TypeError: ``value``, or something in it, has no canonical encoding; the message
+            says where it sits, its type, and the ways out.
+        ValueError: ``value`` is nested too deeply, or refers to itself.
+
+    Examples:
+        >>> from idemfn import fingerprint_value
+        >>> fingerprint_value({"a": 1, "b": 2}) == fingerprint_value({"b": 2, "a": 1})
+        True
+        >>> fingerprint_value(1) == fingerprint_value(1.0)
+        False
+        >>> len(fingerprint_value(b"{}"))
+        64
+    """
     try:
         return _digest(_enc(value))
     except Unsupported as exc:

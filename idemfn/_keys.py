@@ -35,6 +35,7 @@ Arguments = dict[str, Any]
 
 
 def describe(fn: Callable[..., Any], sig: inspect.Signature) -> str:
+    """How errors name a decorated function: its qualified name and signature."""
     return f"{getattr(fn, '__qualname__', repr(fn))}{sig}"
 
 

@@ -25,7 +25,8 @@ What it adds to ``idemfn.idempotent``, whose options it takes:
 - Coroutine functions are refused: Celery calls task bodies synchronously.
 
 Celery's own retries work with the plain decorator too: ``self.retry()``, a requeued ``Reject``
-and the task's ``autoretry_for`` exceptions release the key (see the README).
+and the task's ``autoretry_for`` exceptions release the key (see the documentation's Celery
+page).
 """
 
 from __future__ import annotations
@@ -60,9 +61,18 @@ logger = logging.getLogger("idemfn")
 def task_id(*args: object, **kwargs: object) -> str:
     """The id of the Celery task running this call; as ``key=``, it ignores the arguments.
 
-    A message published twice with the same id, redelivered after a crash, or retried with
-    ``self.retry()`` keeps its id. Raises ``ValueError`` outside a worker: a task function
-    called directly has no id.
+    ``idempotent_task``'s default key. A message published twice with the same id,
+    redelivered after a crash, or retried with ``self.retry()`` keeps its id.
+
+    Args:
+        *args: The task's arguments, ignored.
+        **kwargs: The task's keyword arguments, ignored.
+
+    Returns:
+        The running task's id.
+
+    Raises:
+        ValueError: No task is running here: a task function called directly has no id.
     """
     request_id = current_task.request.id if current_task else None
     if not isinstance(request_id, str) or not request_id:
@@ -95,14 +105,52 @@ def idempotent_task(
 ) -> Callable[[Callable[P, R]], IdempotentFunction[P, R]]:
     """``idemfn.idempotent`` for a Celery task body; goes under ``@app.task``.
 
-    ``key`` defaults to the task's id. When another worker is running the same key, the task is
-    retried every ``countdown`` seconds (``on_running="retry"``, the default) until that call
-    has finished (then it replays its outcome) or is found gone (then ``on_abandoned`` decides).
-    ``max_retries`` caps those retries (``None``: no cap, whatever the task's own
-    ``max_retries``; Celery counts them with the task's other retries in
-    ``request.retries``), after which the task fails with ``AlreadyRunning``. Eagerly
-    (``apply()``, ``task_always_eager``) and when called directly, the task fails at once, as
-    with ``on_running="raise"``. Every other option is ``idempotent``'s.
+    ``key`` defaults to the task's id. When another worker is running the same key, the task
+    is retried every ``countdown`` seconds (``on_running="retry"``, the default) until that
+    call has finished (then it replays its outcome) or is found gone (then ``on_abandoned``
+    decides). Eagerly (``apply()``, ``task_always_eager``) and when called directly, the task
+    fails at once, as with ``on_running="raise"``. Every other option is ``idempotent``'s.
+
+    Args:
+        key: As ``idempotent``'s. Default None: the task's id (``task_id``), which
+            redeliveries and ``self.retry()`` keep. Pass a template such as
+            ``"charge:{order_id}"`` so that two messages for one order run once.
+        name: As ``idempotent``'s: the namespace of the keys.
+        store: As ``idempotent``'s: where records live; one every worker reaches (a
+            ``RedisStore`` or ``PostgresStore``) when workers run on several machines.
+        ttl: As ``idempotent``'s: seconds a finished record is kept. Default a day.
+        fingerprint: As ``idempotent``'s: what a key's record is checked against.
+        wait: As ``idempotent``'s: seconds to wait for a live call holding the key before
+            ``on_running`` applies. Default 0.0.
+        lease: As ``idempotent``'s: seconds a claim stays valid without renewal. Default 30.0.
+        on_abandoned: As ``idempotent``'s: ``"halt"`` (default) or ``"retry"`` a claim whose
+            worker is gone.
+        retry_on: As ``idempotent``'s: exception types that release the key instead of being
+            recorded.
+        deadline: As ``idempotent``'s: when a call must no longer start.
+        transactional: As ``idempotent``'s: run the body in the ``PostgresStore``
+            transaction of its ``ok`` record.
+        signing_key: As ``idempotent``'s: keys to sign records with.
+        serializer: As ``idempotent``'s: ``"pickle"`` (default), ``"json"``, or an object
+            with ``dumps`` and ``loads``.
+        on_running: What a task does when another worker runs its key: ``"retry"``
+            (default) retries it with ``self.retry(countdown=countdown)``; ``"raise"`` fails it
+            with ``AlreadyRunning``.
+        countdown: Seconds (>= 0) or a ``timedelta`` between those retries. Default 5.0.
+        max_retries: How many of those retries at most (>= 1), after which the task fails
+            with ``AlreadyRunning``. Default None: no cap, whatever the task's own
+            ``max_retries`` (Celery counts them with the task's other retries in
+            ``request.retries``).
+
+    Returns:
+        A decorator for the task's function, to be placed under ``@app.task``.
+
+    Raises:
+        TypeError: A bad option (as for ``idempotent``); when decorating, a coroutine
+            function or anything but a plain function (a Celery task object: put this
+            decorator under ``@app.task``).
+        ValueError: A bad option (as for ``idempotent``), an unknown ``on_running``, a
+            negative ``countdown`` or a ``max_retries`` under 1.
     """
     if on_running not in ("retry", "raise"):
         raise ValueError(f"on_running must be 'retry' or 'raise', not {on_running!r}")

@@ -55,8 +55,18 @@ logger = logging.getLogger("idemfn")
 def job_id(*args: object, **kwargs: object) -> str:
     """The id of the RQ job running this call; as ``key=``, it ignores the arguments.
 
-    A job re-queued after its worker died, or retried, keeps its id. Raises ``ValueError``
-    outside a worker.
+    ``idempotent_job``'s default key. A job re-queued after its worker died, or retried,
+    keeps its id.
+
+    Args:
+        *args: The job's arguments, ignored.
+        **kwargs: The job's keyword arguments, ignored.
+
+    Returns:
+        The running job's id.
+
+    Raises:
+        ValueError: No job is running here (the function was called directly).
     """
     job = get_current_job()
     if job is None:
@@ -88,11 +98,49 @@ def idempotent_job(
 ) -> Callable[[Callable[P, R]], IdempotentFunction[P, R | Retry]]:
     """``idemfn.idempotent`` for an RQ job function.
 
-    ``key`` defaults to the job's id. When another worker is running the same key, the function
-    returns ``rq.Retry(max=max_retries, interval=interval)`` (``on_running="retry"``, the
-    default): RQ runs the job again after ``interval`` whole seconds (0: re-queued at once), and
-    fails it once the job has been retried ``max_retries`` times. ``on_running="raise"`` fails
-    it with ``AlreadyRunning`` at once. Every other option is ``idempotent``'s.
+    ``key`` defaults to the job's id. When another worker is running the same key, the
+    function returns ``rq.Retry(max=max_retries, interval=interval)`` (``on_running="retry"``,
+    the default): RQ runs the job again after ``interval`` whole seconds (0: re-queued at
+    once; a worker needs ``--with-scheduler`` for an interval), and fails it once the job has
+    been retried ``max_retries`` times. Called directly, not by a worker, it raises
+    ``AlreadyRunning`` instead. Every other option is ``idempotent``'s.
+
+    Args:
+        key: As ``idempotent``'s. Default None: the job's id (``job_id``), which a re-queued
+            or retried job keeps. Pass a template such as ``"charge:{order_id}"`` so that
+            two jobs for one order run once.
+        name: As ``idempotent``'s: the namespace of the keys.
+        store: As ``idempotent``'s: where records live; one every worker reaches (a
+            ``RedisStore`` or ``PostgresStore``) when workers run on several machines.
+        ttl: As ``idempotent``'s: seconds a finished record is kept. Default a day.
+        fingerprint: As ``idempotent``'s: what a key's record is checked against.
+        wait: As ``idempotent``'s: seconds to wait for a live call holding the key before
+            ``on_running`` applies. Default 0.0.
+        lease: As ``idempotent``'s: seconds a claim stays valid without renewal. Default 30.0.
+        on_abandoned: As ``idempotent``'s: ``"halt"`` (default) or ``"retry"`` a claim whose
+            worker is gone.
+        retry_on: As ``idempotent``'s: exception types that release the key instead of being
+            recorded.
+        deadline: As ``idempotent``'s: when a call must no longer start.
+        transactional: As ``idempotent``'s: run the body in the ``PostgresStore``
+            transaction of its ``ok`` record.
+        signing_key: As ``idempotent``'s: keys to sign records with.
+        serializer: As ``idempotent``'s: ``"pickle"`` (default), ``"json"``, or an object
+            with ``dumps`` and ``loads``.
+        on_running: What a job does when another worker runs its key: ``"retry"`` (default)
+            returns ``rq.Retry``; ``"raise"`` fails it with ``AlreadyRunning``.
+        interval: Whole seconds (>= 0) before RQ runs the job again. Default 5.
+        max_retries: How many times (>= 1) the job is run again before it fails. Default 12.
+
+    Returns:
+        A decorator for the job's function; the function it returns may also return
+        ``rq.Retry``.
+
+    Raises:
+        TypeError: A bad option (as for ``idempotent``); when decorating, a staticmethod,
+            classmethod or anything not callable.
+        ValueError: A bad option (as for ``idempotent``), an unknown ``on_running``, or an
+            ``interval`` or ``max_retries`` out of range.
     """
     if on_running not in ("retry", "raise"):
         raise ValueError(f"on_running must be 'retry' or 'raise', not {on_running!r}")

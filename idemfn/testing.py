@@ -109,7 +109,29 @@ def _age(store: Store, key: str, seconds: float) -> Entry:
 
 
 class StoreContract:
-    """Subclass it with a ``store`` fixture yielding a fresh, empty store."""
+    """What every ``Store`` must do, as pytest tests: subclass it to run them on a store.
+
+    The subclass gives a ``store`` fixture that yields a fresh, empty store for each test
+    (and closes it after); pytest collects the subclass as usual (name it ``Test...``), and
+    runs every test below on that store. The first tests hold the primitives to
+    ``Store``'s docstrings; the rest run ``@idempotent`` on the store. No test waits for a
+    clock: expiry and abandoned claims are made by writing records already past them, so the
+    store's clock need not be movable (a server's is not).
+
+    Examples:
+        ```python
+        import pytest
+        from idemfn.testing import StoreContract
+
+
+        class TestMyStore(StoreContract):
+            @pytest.fixture
+            def store(self):
+                store = MyStore(...)
+                yield store
+                store.close()
+        ```
+    """
 
     # -- the primitives ----------------------------------------------------------------------
 

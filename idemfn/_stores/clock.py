@@ -28,6 +28,8 @@ class ServerClock:
         self._synced: tuple[float, float] | None = None  # (server seconds, monotonic) at a read
 
     def now(self) -> float:
+        """The server's time, in UNIX seconds: read again when the last reading is older
+        than ``RESYNC`` seconds, else advanced with this process's monotonic clock."""
         synced = self._synced
         mono = time.monotonic()
         if synced is None or mono - synced[1] > RESYNC:
