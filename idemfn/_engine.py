@@ -61,8 +61,8 @@ from ._outcome import (
     serializer_of,
     type_name,
 )
+from ._queue_retry import raised_for_rerun, returned_for_rerun
 from ._record import Entry, Record
-from ._rerun import raised_for_rerun, returned_for_rerun
 from ._stores import Store, resolve_store
 
 __all__ = [

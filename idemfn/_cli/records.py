@@ -1,567 +1,33 @@
-"""The ``idemfn`` command: look at and repair records, and run a shell command once.
-
-Every command prints one line on stderr and exits with a documented status when something is
-wrong (``Exit``), never a traceback. Inspecting commands never create a store: a mistyped
-``--store`` is an error, not an empty listing.
-"""
+"""The record commands: ``ls``, ``show``, ``forget``, ``prune`` and ``stats``."""
 
 from __future__ import annotations
 
 import argparse
 import base64
-import enum
-import errno
 import json
-import logging
-import math
-import os
 import shlex
 import shutil
-import stat
 import sys
-import textwrap
 from collections import Counter
-from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from . import __version__, _owner, _run
-from ._engine import Policy
-from ._errors import (
-    AlreadyRunning,
-    DeadlineExceeded,
-    FingerprintMismatch,
-    Halted,
-    IdempotencyError,
-    OwnershipLost,
-    StoreError,
-)
-from ._lease import abandoned_reason
-from ._outcome import load
-from ._record import Entry, Status
-from ._signing import ENV_VAR as SIGNING_ENV_VAR
-from ._signing import signer_for
-from ._stores import ENV_VAR, Store, locate, open_store
-from ._stores.base import TamperedRecord
-from ._stores.disk import default_directory
+from .. import _owner
+from .._errors import StoreError
+from .._lease import abandoned_reason
+from .._outcome import load
+from .._record import Entry, Status
+from .._stores import Store
+from .._stores.base import TamperedRecord
+from . import command_outcome
+from .parser import CORRUPT, KEY_WIDTH, PROG, TAMPERED, Exit, Failure, say
+from .store import command_store
 
-__all__ = ["Exit", "main"]
-
-PROG = "idemfn"
-#: The states ls and stats show for a record that cannot be read: its bytes are not a record,
-#: or it failed its signature check.
-CORRUPT = "corrupt"
-TAMPERED = "tampered"
-#: Every state the STATUS column of ls (and stats) can show; ``ls --status`` takes each.
-STATES = ("ok", "halted", "processing", "abandoned", "expired", CORRUPT, TAMPERED)
-#: The widest KEY column of ls when stdout is not a terminal (one that is: its width).
-KEY_WIDTH = 80
+__all__ = ["forget", "ls", "prune", "record_json", "show", "stats"]
 
 
 def _unreadable(error: StoreError) -> str:
     return TAMPERED if isinstance(error, TamperedRecord) else CORRUPT
-
-
-class Exit(enum.IntEnum):
-    """The statuses ``idemfn`` exits with (``idemfn run`` also passes on its command's)."""
-
-    OK = 0
-    USAGE = 64  # a bad option or argument
-    MISMATCH = 65  # run: the key was first used with another command line
-    NO_RECORD = 66  # show, forget: the key has no record (or not the --status asked for)
-    NO_STORE = 67  # no store at --store / IDEMFN_STORE / the default directory
-    BAD_STORE = 68  # --store or IDEMFN_STORE is not a store path or URL idemfn knows
-    HALTED = 69  # run: the key halted with no recorded outcome (its runner was killed)
-    INTERNAL = 70  # a bug in idemfn: please report it
-    LOST = 71  # run: the claim was taken over while the command ran; outcome not recorded
-    DEADLINE = 72  # reserved: the deadline passed before the call could start
-    STORE_ERROR = 74  # the store failed (unreadable, locked, full, corrupt/tampered record)
-    RUNNING = 75  # run: another run holds the key; forget: refused, the owner is alive
-    CANNOT_EXECUTE = 126  # run: the command was found but could not be executed
-    NOT_FOUND = 127  # run: the command was not found
-    INTERRUPTED = 130  # idemfn itself was interrupted (Ctrl-C) outside `run`
-
-
-EXIT_CODES = """\
-exit status:
-  0    success (run: the command succeeded, now or when it was recorded)
-  1-125, 128+N
-       run: the command's own exit status, now or as recorded (128+N: ended by signal N)
-  64   bad option or argument
-  65   run: the key was first used with another command line (fingerprint mismatch)
-  66   no record for the key (show, forget)
-  67   no store at the given or default location (inspecting commands never create one)
-  68   --store / IDEMFN_STORE is not a store path or URL this idemfn knows
-  69   run: the key halted without a recorded outcome (its runner died): check, then forget
-  70   internal error in idemfn (please report it)
-  71   run: the claim was taken over while the command ran; its outcome was not recorded
-  74   the store failed (unreadable, locked, full, or a corrupt or tampered record)
-  75   the key is running: run found a live owner; forget refused without --force
-  126  run: the command could not be executed (nothing recorded)
-  127  run: the command was not found (nothing recorded)
-  128+N
-       run: a signal N reached the runner after its claim, before the command started
-       (nothing ran, the key is released); or the command was ended by signal N
-  130  idemfn itself was interrupted (Ctrl-C) outside run
-"""
-
-
-class Failure(Exception):
-    """Ends the command: ``message`` on stderr, exit with ``status``."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-_ERROR_STATUS: tuple[tuple[type[IdempotencyError], Exit], ...] = (
-    (FingerprintMismatch, Exit.MISMATCH),
-    (AlreadyRunning, Exit.RUNNING),
-    (Halted, Exit.HALTED),
-    (OwnershipLost, Exit.LOST),
-    (DeadlineExceeded, Exit.DEADLINE),
-    (StoreError, Exit.STORE_ERROR),
-)
-
-
-# ---------------------------------------------------------------------------------- the parser
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise Failure(f"{self.prog}: {message} (see `{self.prog} --help`)", Exit.USAGE)
-
-
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    def __init__(self, prog: str) -> None:
-        super().__init__(prog, max_help_position=30)
-
-
-def _seconds(*, allow_none: bool = False, positive: bool = False) -> Callable[[str], float | None]:
-    def parse(text: str) -> float | None:
-        if allow_none and text.lower() in ("none", "never", "forever"):
-            return None
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected a number of seconds{' or none' if allow_none else ''}, not {text!r}"
-            ) from None
-        if not math.isfinite(value) or value < 0 or (positive and value == 0):
-            raise argparse.ArgumentTypeError(
-                f"expected a finite number of seconds {'> 0' if positive else '>= 0'}, not {text!r}"
-            )
-        return value
-
-    return parse
-
-
-def _whole(low: int, high: int | None, expected: str) -> Callable[[str], int]:
-    """An argparse type: a whole number from ``low`` to ``high``, else "expected …"."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"expected {expected}, not {text!r}")
-        return value
-
-    return parse
-
-
-_exit_code = _whole(1, 255, "an exit status from 1 to 255")
-_byte_count = _whole(
-    0, _run.MAX_OUTPUT_LIMIT, f"a number of bytes from 0 to {_run.MAX_OUTPUT_LIMIT}"
-)
-_positive_int = _whole(1, None, "a whole number >= 1")
-
-
-def _key(text: str) -> str:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise argparse.ArgumentTypeError(
-            f"a key must be valid UTF-8 text, not {text.encode('utf-8', 'surrogateescape')!r}"
-        ) from None
-    return text
-
-
-def _parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
-    common.add_argument(
-        "-s",
-        "--store",
-        metavar="DIR|URL",
-        default=argparse.SUPPRESS,
-        help=f"the store: a directory or URL (default: ${ENV_VAR}, else {default_directory()})",
-    )
-    common.add_argument(
-        "--signing-key-file",
-        metavar="FILE",
-        default=argparse.SUPPRESS,
-        help=f"sign and verify records with the keys in FILE, one per line, the first signing"
-        f" (default: ${SIGNING_ENV_VAR}, comma-separated, if set)",
-    )
-    as_json = _Parser(add_help=False)
-    as_json.add_argument(
-        "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON"
-    )
-
-    parser = _Parser(
-        prog=PROG,
-        formatter_class=_Formatter,
-        parents=[common],
-        description="Look at and repair idemfn's records, and run a shell command once.",
-        epilog="Each command has its own --help.\n\n" + EXIT_CODES,
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(metavar="COMMAND", dest="command", required=True)
-
-    def command(
-        name: str, help: str, description: str, *parents: _Parser, usage: str | None = None
-    ) -> argparse.ArgumentParser:
-        return commands.add_parser(
-            name,
-            usage=usage,
-            help=help,
-            description=textwrap.fill(description, 88),
-            epilog=EXIT_CODES,
-            formatter_class=_Formatter,
-            parents=[common, *parents],
-        )
-
-    ls = command(
-        "ls",
-        "list records, newest first",
-        "List records, newest first: key, status, age (since the last change), owner, and when"
-        " the record expires (for a running call: when its lease runs out). Expired records"
-        " count as absent and are left out unless --all.",
-        as_json,
-    )
-    ls.add_argument(
-        "-S",
-        "--status",
-        choices=STATES,
-        metavar="STATUS",
-        help="only records whose STATUS column says this: ok, halted, processing (its owner"
-        " runs), abandoned (processing, its owner gone), expired (implies --all), corrupt or"
-        " tampered (records that cannot be read)",
-    )
-    ls.add_argument(
-        "-p", "--prefix", default="", type=_key, metavar="P", help="keys starting with P"
-    )
-    ls.add_argument("-n", "--limit", type=_positive_int, metavar="N", help="at most N records")
-    ls.add_argument("-a", "--all", action="store_true", help="include expired records")
-    ls.add_argument(
-        "--wide",
-        action="store_true",
-        help=f"never shorten keys (by default a key wider than the terminal, or than"
-        f" {KEY_WIDTH} characters when not writing to one, is shortened with …)",
-    )
-    ls.set_defaults(handler=_ls)
-
-    show = command(
-        "show",
-        "show every field of a record",
-        "Show every field of KEY's record: status, times, owner and whether it still runs,"
-        " lease, attempts, fingerprint, and the recorded value's repr (or the exception's"
-        " type, message and traceback; or a command's exit status and output). Showing a"
-        " value loads it as a replay does, so its classes must be importable here.",
-        as_json,
-    )
-    show.add_argument(
-        "key", metavar="KEY", type=_key, help="the full stored key, as `idemfn ls` lists it"
-    )
-    show.set_defaults(handler=_show)
-
-    forget = command(
-        "forget",
-        "delete records",
-        "Delete the records of the KEYs, so that the next call runs again (after a human checked"
-        " what a halted call did, say). A running call's record is only deleted with --force.",
-        as_json,
-    )
-    forget.add_argument("keys", nargs="+", metavar="KEY", type=_key, help="full stored keys")
-    forget.add_argument(
-        "-S",
-        "--status",
-        choices=[s.value for s in Status],
-        help="only delete records in this status",
-    )
-    forget.add_argument(
-        "-f",
-        "--force",
-        action="store_true",
-        help="also delete a record whose owner still runs: a second call may then start while"
-        " the first runs, and the first gets OwnershipLost when it finishes",
-    )
-    forget.set_defaults(handler=_forget)
-
-    prune = command(
-        "prune",
-        "remove expired records",
-        "Remove expired records, and claims whose lease ran out more than their ttl ago.",
-        as_json,
-    )
-    prune.set_defaults(handler=_prune)
-
-    stats = command(
-        "stats",
-        "count records per status",
-        "Count records per status; show the store's size and its oldest record.",
-        as_json,
-    )
-    stats.set_defaults(handler=_stats)
-
-    run = command(
-        "run",
-        "run a shell command at most once per key",
-        "Run CMD unless KEY has a record; otherwise replay the recorded outcome: write the"
-        " recorded stdout and stderr to the same streams, in order, and exit with the recorded"
-        " status. CMD's output is streamed live and recorded. Exit status 0 records the key ok;"
-        " any other records it halted (list failed runs with `idemfn ls --status halted`;"
-        " `idemfn forget KEY` allows another run). The command line (and the --fingerprint-env"
-        " variables) is the fingerprint: the same key with another command is an error. SIGINT,"
-        " SIGTERM, SIGHUP and SIGQUIT are passed on to CMD and the key is recorded halted. CMD"
-        " gets IDEMFN_KEY and IDEMFN_ATTEMPT in its environment. Records are kept forever"
-        " unless --ttl.",
-        usage=f"{PROG} run [options] -k KEY -- CMD [ARG ...]",
-    )
-    run.add_argument("-k", "--key", required=True, type=_key, help="the key (stored as given)")
-    run.add_argument(
-        "-t",
-        "--ttl",
-        type=_seconds(allow_none=True, positive=True),
-        default=None,
-        metavar="S",
-        help="seconds to keep the record after CMD finished (default: none, kept forever)",
-    )
-    run.add_argument(
-        "-w",
-        "--wait",
-        type=_seconds(),
-        default=0.0,
-        metavar="S",
-        help="seconds to wait for a run of KEY in progress elsewhere (default: 0)",
-    )
-    run.add_argument(
-        "--lease",
-        type=_seconds(positive=True),
-        default=30.0,
-        metavar="S",
-        help="seconds a claim stays valid without a heartbeat (default: 30)",
-    )
-    run.add_argument(
-        "--on-abandoned",
-        choices=["halt", "retry"],
-        default="halt",
-        help="when KEY's previous runner died mid-run: record it halted and fail (default), or"
-        " run CMD again",
-    )
-    run.add_argument(
-        "--retry-on-exit",
-        type=_exit_code,
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="CODE",
-        help="exit statuses that release KEY instead of recording it, so a later run tries again",
-    )
-    run.add_argument(
-        "--fingerprint-env",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="NAME",
-        help="environment variables that are part of the fingerprint besides the command line",
-    )
-    run.add_argument(
-        "--max-output",
-        type=_byte_count,
-        default=_run.MAX_OUTPUT,
-        metavar="BYTES",
-        help="record at most this much output (stdout and stderr together; more is still"
-        f" streamed, and a replay says how much was left out); default {_run.MAX_OUTPUT}",
-    )
-    run.add_argument(
-        "-v", "--verbose", action="store_true", help="say on stderr whether CMD ran or replayed"
-    )
-    run.add_argument("argv", nargs="*", help=argparse.SUPPRESS)  # after `--`: see _parse
-    run.set_defaults(handler=_run_command)
-    return parser
-
-
-def _parse(argv: Sequence[str]) -> argparse.Namespace:
-    args = list(argv)
-    parser = _parser()
-    # `run ... -- CMD [ARG ...]`: everything after the first `--` is the command, untouched,
-    # whatever it looks like. (Other commands take `--` as argparse does: before keys that
-    # start with "-".)
-    if "--" in args:
-        split = args.index("--")
-        try:
-            head = parser.parse_args(args[:split])
-        except Failure:
-            head = None
-        if head is not None and head.command == "run":
-            if head.argv:
-                raise Failure(
-                    f"{PROG} run: unexpected {head.argv[0]!r} before `--`"
-                    f" (write `{PROG} run --key KEY -- CMD [ARG ...]`)",
-                    Exit.USAGE,
-                )
-            head.argv = args[split + 1 :]
-            if not head.argv:
-                raise Failure(f"{PROG} run: no command after `--`", Exit.USAGE)
-            return head
-    namespace = parser.parse_args(args)
-    if namespace.command == "run":
-        raise Failure(
-            f"{PROG} run: put the command after `--`: `{PROG} run --key KEY -- CMD [ARG ...]`",
-            Exit.USAGE,
-        )
-    return namespace
-
-
-# ----------------------------------------------------------------------------------- the store
-
-
-def _store(args: argparse.Namespace, *, create: bool = False) -> Store:
-    """The store of ``--store``, ``IDEMFN_STORE`` or the default directory.
-
-    Unless ``create``, a directory without a store is an error: looking must not create one.
-    """
-    given = getattr(args, "store", None)
-    configured = os.environ.get(ENV_VAR, "").strip()
-    if given is not None:
-        text, source = given, "--store"
-    elif configured:
-        text, source = configured, ENV_VAR
-    else:
-        text, source = str(default_directory()), "the default store"
-    try:
-        kind, where = locate(text)
-    except (TypeError, ValueError) as exc:
-        raise Failure(f"{source}: {exc}", Exit.BAD_STORE) from None
-    if kind == "memory":
-        raise Failure(
-            f"{source}: {text!r} is a store inside one process, empty in every new one:"
-            f" {PROG} needs a store that outlives it (a directory, or a server URL)",
-            Exit.BAD_STORE,
-        )
-    if kind == "disk":
-        try:
-            _check_directory(Path(where), source, create)
-        except Failure as failure:
-            if source == "--store" and text in STATES:  # `ls -s halted`: -S was meant
-                raise Failure(
-                    f"{failure} (-s is --store; for a status, write -S {text} or --status {text})",
-                    failure.status,
-                ) from None
-            raise
-    keys = _signing_keys(args)
-    try:
-        return open_store(text, signing_key=keys)
-    except (TypeError, ValueError) as exc:  # a bad server URL or key, or an extra is missing
-        raise Failure(f"{source}: {exc}", Exit.BAD_STORE) from None
-
-
-def _signing_keys(args: argparse.Namespace) -> list[str] | None:
-    """The keys of ``--signing-key-file`` (None: the store reads ``IDEMFN_SIGNING_KEY``)."""
-    path = getattr(args, "signing_key_file", None)
-    if path is None:
-        return None
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise Failure(f"--signing-key-file: cannot read {path}: {exc}", Exit.USAGE) from None
-    keys = [line.strip() for line in text.splitlines()]
-    keys = [key for key in keys if key and not key.startswith("#")]
-    if not keys:
-        raise Failure(f"--signing-key-file: {path} holds no key", Exit.USAGE)
-    try:
-        signer_for(keys, option=f"--signing-key-file {path}")
-    except (TypeError, ValueError) as exc:
-        raise Failure(str(exc), Exit.USAGE) from None
-    return keys
-
-
-def _check_directory(directory: Path, source: str, create: bool) -> None:
-    """``Failure`` unless ``directory`` holds a store (with ``create``: unless one can be made
-    there), saying what is in the way: a missing directory, a file, or a permission."""
-    if create:
-        # A store is made on first use, but not its parents: a mistyped path must not become
-        # a new, empty store in which every step runs again.
-        if source != "the default store":
-            problem = _not_a_directory(directory.parent)
-            if problem is _MISSING:
-                raise Failure(
-                    f"no store at {directory} ({source}), and its parent directory does not exist"
-                    " either: check the path (idemfn creates a store, not its parents)",
-                    Exit.NO_STORE,
-                )
-            if problem is None:
-                problem = _not_a_directory(directory)
-            if problem is not None and problem is not _MISSING:
-                raise _no_store(directory, source, problem)
-        return
-    problem = _not_a_directory(directory)
-    if problem is _MISSING:
-        raise Failure(
-            f"no store at {directory} ({source}): the directory does not exist", Exit.NO_STORE
-        )
-    if problem is not None:
-        raise _no_store(directory, source, problem)
-    try:
-        found = (directory / "cache.db").is_file()
-    except OSError as exc:  # is_file() only answers False for a missing file
-        raise _no_store(directory, source, exc) from None
-    if not found:
-        raise Failure(
-            f"no store at {directory} ({source}): the directory holds no idemfn store",
-            Exit.NO_STORE,
-        )
-
-
-_MISSING = FileNotFoundError()
-
-
-def _not_a_directory(path: Path) -> OSError | None:
-    """None if ``path`` is a directory; ``_MISSING`` if nothing is there; else what is in the
-    way (a ``NotADirectoryError`` naming the file, or the ``OSError`` that stat raised)."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        return _MISSING
-    except NotADirectoryError:  # a file where the path needs a directory: name it
-        blocking = next((p for p in path.parents if _is_file(p)), path)
-        return NotADirectoryError(errno.ENOTDIR, "a file, not a directory", str(blocking))
-    except OSError as exc:  # permission denied, a name too long, …
-        return exc
-    if stat.S_ISDIR(mode):
-        return None
-    return NotADirectoryError(errno.ENOTDIR, "a file, not a directory", str(path))
-
-
-def _is_file(path: Path) -> bool:
-    try:
-        return not stat.S_ISDIR(path.stat().st_mode)
-    except OSError:
-        return False
-
-
-def _no_store(directory: Path, source: str, problem: OSError) -> Failure:
-    """The one line for a store directory that cannot be reached: its path, and why."""
-    what = f"{problem.filename}: {problem.strerror}" if problem.filename else str(problem)
-    if isinstance(problem, NotADirectoryError):
-        return Failure(f"no store at {directory} ({source}): {what}", Exit.NO_STORE)
-    return Failure(f"cannot use the store at {directory} ({source}): {what}", Exit.STORE_ERROR)
-
-
-# ------------------------------------------------------------------------------------ records
 
 
 def _iso(ts: float | None) -> str | None:
@@ -686,8 +152,8 @@ def _shorten(key: str, width: int) -> str:
     return key[: width - 1 - tail] + "…" + key[len(key) - tail :]
 
 
-def _ls(args: argparse.Namespace) -> Exit:
-    store = _store(args)
+def ls(args: argparse.Namespace) -> Exit:
+    store = command_store(args)
     now = store.time()
     status: str | None = args.status
     broken: list[tuple[str, StoreError]] = []
@@ -725,12 +191,12 @@ def _ls(args: argparse.Namespace) -> Exit:
         return Exit.OK
     shortened = _table(rows, ["KEY", "STATUS", "AGE", "OWNER", "EXPIRES"], wide=args.wide)
     if listed_broken:
-        _say(
+        say(
             f"{len(listed_broken)} record{'' if len(listed_broken) == 1 else 's'} cannot be"
             f" read: `{PROG} show KEY` says why, `{PROG} forget --force KEY` deletes one unread"
         )
     if shortened:
-        _say(
+        say(
             f"{shortened} key{' was' if shortened == 1 else 's were'} shortened with …:"
             f" `{PROG} ls --wide` or `--json` shows keys whole"
         )
@@ -795,7 +261,7 @@ def _value(entry: Entry) -> dict[str, Any]:
             "value_error": f"{type(exc).__name__}: {exc} (run idemfn where the value's classes"
             " import: from your project's directory, or with PYTHONPATH set)"
         }
-    command = _run.outcome_in(value)
+    command = command_outcome.outcome_in(value)
     if command is not None:
         streams: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
         for fd, data in command["output"]:
@@ -803,8 +269,8 @@ def _value(entry: Entry) -> dict[str, Any]:
         return {
             "command": {
                 "argv": command["argv"],
-                "exit_status": _run.status_of(command),
-                "ended": _run.ending(command),
+                "exit_status": command_outcome.status_of(command),
+                "ended": command_outcome.ending(command),
                 "interrupted_by": command["interrupted_by"],
                 "dropped": command["dropped"],
                 "stdout": streams[1].decode("utf-8", "backslashreplace"),
@@ -823,8 +289,8 @@ def _value(entry: Entry) -> dict[str, Any]:
     return {"value_repr": text}
 
 
-def _show(args: argparse.Namespace) -> Exit:
-    store = _store(args)
+def show(args: argparse.Namespace) -> Exit:
+    store = command_store(args)
     now = store.time()
     entry = _find(store, args.key)
     fields = record_json(entry, now) | _value(entry)
@@ -889,8 +355,8 @@ def _show(args: argparse.Namespace) -> Exit:
     return Exit.OK
 
 
-def _forget(args: argparse.Namespace) -> int:
-    store = _store(args)
+def forget(args: argparse.Namespace) -> int:
+    store = command_store(args)
     removed: list[dict[str, Any]] = []
     problems: list[Failure] = []
     for key in dict.fromkeys(args.keys):  # each key once, in the order given
@@ -909,7 +375,7 @@ def _forget(args: argparse.Namespace) -> int:
         for record in removed:
             print(f"forgot {record['key']} (was {record['state']})")
     for problem in problems:
-        _say(str(problem))
+        say(str(problem))
     return problems[0].status if problems else Exit.OK
 
 
@@ -945,8 +411,8 @@ def _forget_one(store: Store, key: str, status: str | None, force: bool) -> dict
     raise Failure(f"key {key!r} kept changing while being forgotten: try again", Exit.RUNNING)
 
 
-def _prune(args: argparse.Namespace) -> Exit:
-    store = _store(args)
+def prune(args: argparse.Namespace) -> Exit:
+    store = command_store(args)
     removed = store.prune()
     if getattr(args, "json", False):
         _print_json({"removed": removed})
@@ -955,8 +421,8 @@ def _prune(args: argparse.Namespace) -> Exit:
     return Exit.OK
 
 
-def _stats(args: argparse.Namespace) -> Exit:
-    store = _store(args)
+def stats(args: argparse.Namespace) -> Exit:
+    store = command_store(args)
     now = store.time()
     counts: Counter[str] = Counter()
     oldest: Entry | None = None
@@ -1004,142 +470,3 @@ def _bytes(size: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError  # pragma: no cover
-
-
-def _run_command(args: argparse.Namespace) -> int:
-    key = args.key
-    if not key.strip():
-        raise Failure(f"{PROG} run: --key must not be empty", Exit.USAGE)
-    try:
-        policy = Policy(
-            ttl=args.ttl, wait=args.wait, lease=args.lease, on_abandoned=args.on_abandoned
-        )
-    except (TypeError, ValueError) as exc:
-        raise Failure(f"{PROG} run: {exc}", Exit.USAGE) from None
-    store = _store(args, create=True)
-    fingerprint = _run.fingerprint(args.argv, args.fingerprint_env)
-    try:
-        outcome, ran = _run.run_once(
-            store,
-            key,
-            args.argv,
-            policy=policy,
-            fingerprint=fingerprint,
-            retry_on_exit=frozenset(args.retry_on_exit),
-            max_output=args.max_output,
-        )
-    except _run.CannotStart as exc:
-        raise Failure(f"{exc} (key {key!r} released: nothing ran)", exc.status) from None
-    except _run.ForeignRecord as exc:
-        raise Failure(str(exc), Exit.MISMATCH) from None
-    except FingerprintMismatch:
-        raise Failure(
-            f"key {key!r} was first used with another command line"
-            f"{' or environment' if args.fingerprint_env else ''}: use another key, or"
-            f" `{PROG} show {key}` to see the recorded one",
-            Exit.MISMATCH,
-        ) from None
-    except AlreadyRunning as exc:
-        raise Failure(
-            f"key {key!r} is being run by {exc.owner} since {exc.started_at:%Y-%m-%d %H:%M:%S}Z;"
-            " retry later, or pass --wait S to wait for its outcome",
-            Exit.RUNNING,
-        ) from None
-    except Halted as exc:
-        raise Failure(
-            f"key {key!r} halted: {exc.reason}. A side effect may have happened: check it, then"
-            f" `{PROG} forget {key}` to allow another run",
-            Exit.HALTED,
-        ) from None
-    if ran:
-        if outcome["dropped"]:
-            _say(_run.dropped_note(outcome).removeprefix(f"{PROG}: "))
-        if args.verbose:
-            _say(f"ran {key!r}: {_run.describe(outcome)}")
-        _run.die_like_the_command(outcome)
-        return _run.status_of(outcome)
-    status = _run.replay(outcome)
-    if args.verbose:
-        _say(f"replayed {key!r} from its record: {_run.describe(outcome)}; the command did not run")
-    return status
-
-
-# ---------------------------------------------------------------------------------- the driver
-
-
-def _say(message: str) -> None:
-    if sys.stderr is None:  # closed (`2>&-`): print() would write to stdout instead
-        return
-    if not message.startswith((f"{PROG} ", f"{PROG}:")):  # usage errors name the command
-        message = f"{PROG}: {message}"
-    print(message, file=sys.stderr, flush=True)
-
-
-class _LogFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        message = super().format(record)
-        return message if message.startswith(f"{PROG}: ") else f"{PROG}: {message}"
-
-
-def _log_to_stderr(verbose: bool) -> None:
-    """idemfn's log on stderr: errors only, warnings too with ``--verbose``. (An abandoned
-    key's warning would otherwise repeat the error line the command prints.)"""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_LogFormatter("%(message)s"))
-    logger = logging.getLogger(PROG)
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING if verbose else logging.ERROR)
-    # psycopg_pool logs each failed connection attempt; the store's error says why it failed,
-    # on one line (without this, Python's last-resort handler would print each attempt).
-    logging.getLogger("psycopg.pool").addHandler(logging.NullHandler())
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``idemfn`` command with ``argv`` (default: ``sys.argv[1:]``); return its status."""
-    try:
-        args = _parse(sys.argv[1:] if argv is None else argv)
-        if argv is None:  # the real command, not a call from Python code
-            _log_to_stderr(getattr(args, "verbose", False))
-        handler: Callable[[argparse.Namespace], int] = args.handler
-        return int(handler(args))
-    except SystemExit as exc:  # --help, --version
-        return exc.code if isinstance(exc.code, int) else Exit.USAGE
-    except Failure as failure:
-        _say(str(failure))
-        return failure.status
-    except IdempotencyError as exc:
-        _say(str(exc))
-        return next(status for kind, status in _ERROR_STATUS if isinstance(exc, kind))
-    except KeyboardInterrupt:
-        return Exit.INTERRUPTED
-    except BrokenPipeError:  # `idemfn ls | head`: the reader has what it wanted
-        _silence_stdout()
-        return Exit.OK
-    except OSError as exc:  # writing the output failed (stores raise StoreError instead)
-        if exc.filename is not None:  # a file, not the output: say which, and not that
-            _say(f"{exc.filename}: {exc.strerror or exc}")
-            return Exit.STORE_ERROR
-        _silence_stdout()
-        _say(f"cannot write the output: {exc}")
-        return Exit.STORE_ERROR
-    except Exception as exc:
-        _say(
-            f"internal error: {type(exc).__name__}: {exc}. Please report it, with the command"
-            " you ran (IDEMFN_DEBUG=1 prints the traceback)"
-        )
-        if os.environ.get("IDEMFN_DEBUG"):
-            raise
-        return Exit.INTERNAL
-
-
-def _silence_stdout() -> None:
-    # Python would otherwise report the broken pipe again when it flushes stdout at exit.
-    try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
-
-
-def entry_point() -> NoReturn:
-    """The console script."""
-    sys.exit(main())

@@ -23,10 +23,11 @@ the interpreter starts) waits, and is then dropped: it reached the runner too, w
 on through CTL. The runner is a child subreaper as well, and kills what comes to it should this
 process die first (``kill_children``).
 
-Started by ``idemfn._run`` as ``python -I -S _supervise.py CTL STATUS MARKER -- CMD [ARG ...]``:
-no site, no environment variables, and only modules that cost no time to import (every run
-that starts a command waits for this process to start it). MARKER only names the claim in this
-process's command line, for a runner that takes the key over (see ``_run``).
+Started by ``idemfn._cli.process`` as ``python -I -S supervise.py CTL STATUS MARKER -- CMD
+[ARG ...]``: no site, no environment variables, and only modules that cost no time to import
+(every run that starts a command waits for this process to start it). MARKER only names the
+claim in this process's command line, for a runner that takes the key over (see
+``process.await_replaced``).
 
 CTL (read): byte 0 means "start the command", byte 255 (``LET_GO``) "done with the command:
 leave what it left running", any other byte is a signal for the command. A signal that comes
@@ -49,8 +50,8 @@ if TYPE_CHECKING:
 else:
     import _signal as signal  # `signal` builds its enums at import: 5 ms of every run
 
-# The runner passes these on through CTL (``_run.FORWARDED``): sent to the whole process group
-# (a key pressed on the terminal), they reach the command directly, and must not end this.
+# The runner passes these on through CTL (``process.FORWARDED``): sent to the whole process
+# group (a key pressed on the terminal), they reach the command directly, and must not end this.
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36

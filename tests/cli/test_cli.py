@@ -6,7 +6,7 @@ console script where it matters) against a ``DiskStore`` in ``tmp_path``, with a
 environment and a timeout. Records are made with the Python API, in this process or, for
 records whose owner must be gone, in a child process that claims a key and dies. Errors must be
 one line on stderr with their documented exit status, and no command may print a traceback.
-``idemfn run`` has its own file, tests/test_cli_run.py.
+``idemfn run`` has its own file, tests/cli/test_cli_run.py.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import pytest
 
 import idemfn
 from idemfn import DiskStore, Policy, Status, idempotent
-from idemfn._cli import EXIT_CODES, STATES, Exit
+from idemfn._cli.parser import EXIT_CODES, STATES, Exit
 from idemfn._stores.base import prunable
 from tests.support.cli import (
     TIMEOUT,

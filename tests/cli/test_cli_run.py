@@ -24,8 +24,9 @@ from typing import Any
 
 import pytest
 
-from idemfn import DiskStore, Status, _run, idempotent
-from idemfn._cli import Exit
+from idemfn import DiskStore, Status, idempotent
+from idemfn._cli import process
+from idemfn._cli.parser import Exit
 from tests.support.cli import (
     PY,
     TIMEOUT,
@@ -1011,9 +1012,9 @@ def test_idemfn_errors_never_go_to_stdout_when_stderr_is_closed(env: dict[str, s
 # Runs the idemfn command (argv[2:]) after arranging for the runner to send itself SIGTERM at
 # one moment: "begin" (when it calls idemfn.begin to look at the key, before any claim),
 # "_execute" (holding the claim, before the command starts), "popen" (while the command, or
-# the process that supervises it, is being started) or "return:_run.start" (as _run's
-# function start returns: the command has just started). A white-box hook: it names
-# functions of idemfn (begin, _run._execute, _run._Command.start).
+# the process that supervises it, is being started) or "return:process.start" (as the
+# function start of idemfn/_cli/process.py returns: the command has just started). A white-box
+# hook: it names functions of idemfn (begin, _cli.run._execute, _cli.process.Command.start).
 DRIVER = """\
 import os, signal, sys
 when = sys.argv[1]
@@ -1114,7 +1115,7 @@ entry_point()
 ABANDON = """\
 import os, sys
 from idemfn import DiskStore, Policy, begin
-from idemfn._run import fingerprint
+from idemfn._cli.command_outcome import fingerprint
 store, key, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 begin(key, store=DiskStore(store), fingerprint=fingerprint(argv, []), policy=Policy(ttl=None))
 os._exit(0)
@@ -1196,7 +1197,7 @@ def test_a_signal_at_a_claim_that_finds_the_key_taken_ends_the_runner(
     assert len(lines(block.log)) == 1
 
 
-@pytest.mark.parametrize("when", ["popen", "return:_run.start"], ids=["starting", "started"])
+@pytest.mark.parametrize("when", ["popen", "return:process.start"], ids=["starting", "started"])
 def test_a_signal_while_the_command_starts_is_not_lost(
     tmp_path: Path, store: DiskStore, env: dict[str, str], when: str
 ) -> None:
@@ -1204,7 +1205,7 @@ def test_a_signal_while_the_command_starts_is_not_lost(
     cmd = [PY, "-c", CATCH, "SIGTERM", str(tmp_path / "mark"), str(started), "5"]
     proc = drive(when, "run", "--key", "starting", "--", *cmd, env=env)
     entry = store.get("starting")
-    if when == "popen" and _run._supervisor() is not None:
+    if when == "popen" and process.supervisor_script() is not None:
         # Linux: the runner was starting the process that starts the command, which does not
         # start it when the runner was interrupted first: the key is released.
         assert entry is None
@@ -1491,7 +1492,7 @@ os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
     ["os.killpg(0, signal.SIGTERM)", "os.kill(os.getppid(), signal.SIGTERM)"],
     ids=["the-group", "the-runner"],
 )
-@pytest.mark.skipif(_run._supervisor() is None, reason="Linux only: the supervising process")
+@pytest.mark.skipif(process.supervisor_script() is None, reason="Linux only: the supervising process")
 def test_a_signal_while_the_supervisor_starts_releases_the_key(
     tmp_path: Path, store: DiskStore, env: dict[str, str], whom: str
 ) -> None:
@@ -1543,7 +1544,7 @@ entry_point()
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(_run._supervisor() is None, reason="Linux only: the supervising process")
+@pytest.mark.skipif(process.supervisor_script() is None, reason="Linux only: the supervising process")
 def test_a_runner_killed_while_it_records_takes_what_the_command_left_running(
     tmp_path: Path, store: DiskStore, env: dict[str, str]
 ) -> None:
@@ -1599,7 +1600,7 @@ entry_point()
 """
 
 
-@pytest.mark.skipif(_run._supervisor() is None, reason="Linux only: the supervising process")
+@pytest.mark.skipif(process.supervisor_script() is None, reason="Linux only: the supervising process")
 def test_a_python_without_ctypes_still_runs_commands(
     tmp_path: Path, store: DiskStore, env: dict[str, str]
 ) -> None:

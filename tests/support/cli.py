@@ -1,4 +1,4 @@
-"""Running the real ``idemfn`` command in subprocesses, for tests/test_cli*.py."""
+"""Running the real ``idemfn`` command in subprocesses, for tests/cli.
 
 from __future__ import annotations
 
