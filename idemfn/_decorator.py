@@ -24,10 +24,8 @@ from typing import (
 
 from ._engine import (
     Finished,
-    Policy,
     abegin_with,
     begin_with,
-    deadline_timestamp,
     finish,
     reentered,
     run_in_transaction,
@@ -35,6 +33,7 @@ from ._engine import (
 from ._errors import AlreadyRunning
 from ._keys import CallKey, check_callable_option, describe, refuse_call
 from ._outcome import SerializerOption
+from ._policy import Policy, deadline_timestamp
 from ._record import Record
 from ._signing import SigningKey
 from ._stores import MemoryStore, Store, resolve_store
@@ -210,14 +209,17 @@ class _BoundMethod(functools.partial):  # type: ignore[type-arg]
         return function.store  # type: ignore[no-any-return]
 
     def key_for(self, *args: Any, **kwargs: Any) -> str:
+        """The stored key a call with these arguments uses; see ``IdempotentFunction``."""
         function: Any = self.func
         return function.key_for(*self.args, *args, **kwargs)  # type: ignore[no-any-return]
 
     def status(self, *args: Any, **kwargs: Any) -> Record | None:
+        """The record of these arguments' key, or None; see ``IdempotentFunction``."""
         function: Any = self.func
         return function.status(*self.args, *args, **kwargs)  # type: ignore[no-any-return]
 
     def forget(self, *args: Any, **kwargs: Any) -> bool:
+        """Delete the record of these arguments' key; see ``IdempotentFunction``."""
         function: Any = self.func
         return function.forget(*self.args, *args, **kwargs)  # type: ignore[no-any-return]
 
@@ -417,8 +419,8 @@ def idempotent(
     the body: they return a fresh copy of the recorded value, or re-raise the recorded
     exception, until the record expires (``ttl``). The arguments are fingerprinted, so reusing
     a key with other arguments raises ``FingerprintMismatch`` instead of replaying another
-    call's result. Every option is keyword-only and checked when ``idempotent(...)`` is called
-    or when it decorates, never first on a call.
+    call's result. Every option is keyword-only, and checked when ``idempotent(...)`` is
+    called or when it decorates, whenever it can be known then.
 
     Calls of the decorated function raise, besides what its body raises:
     ``FingerprintMismatch`` (the key's record has other arguments), ``AlreadyRunning`` (a live
@@ -693,6 +695,10 @@ def decorator(
         def forget(*args: Any, **kwargs: Any) -> bool:
             return resolved_store.delete(call_key(args, kwargs)[0])
 
+        # help(fn.key_for) says what the protocol's hover says.
+        key_for.__doc__ = IdempotentFunction.key_for.__doc__
+        status.__doc__ = IdempotentFunction.status.__doc__
+        forget.__doc__ = IdempotentFunction.forget.__doc__
         wrapper.key_for = key_for
         wrapper.status = status
         wrapper.forget = forget
