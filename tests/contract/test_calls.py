@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import pickle
 import threading
 import time
 from collections.abc import Callable
@@ -15,14 +16,18 @@ from idemfn import (
     AlreadyRunning,
     DeadlineExceeded,
     FingerprintMismatch,
+    Finished,
     Halted,
     OwnershipLost,
     Status,
     Store,
+    begin,
+    idempotent,
 )
 from idemfn._record import Entry
 from idemfn._stores.base import prunable
 from idemfn._stores.redis import RedisStore
+from tests.support.records import foreign_entry
 from tests.support.stores import Make, StoreClock, age
 
 
@@ -127,7 +132,7 @@ def test_how_arguments_are_passed_does_not_matter(make: Make) -> None:
 
 def test_mismatch_is_reported_while_the_first_call_still_runs(make: Make, store: Store) -> None:
     fn = make(lambda x, y=None: x, key="k:{x}")
-    store.claim(_foreign_entry(fn.key_for(1, "a"), "f" * 64, lease_until=time.time() + 60))
+    store.claim(foreign_entry(fn.key_for(1, "a"), "f" * 64, lease_until=time.time() + 60))
     with pytest.raises(FingerprintMismatch):
         fn(1, "b")
 
@@ -193,6 +198,23 @@ def test_each_replay_raises_a_fresh_exception(make: Make) -> None:
     assert len(errors[2].__notes__) == 1  # notes don't pile up across replays
 
 
+# The replay note says which key and when
+def test_replay_note_names_the_key_and_the_time(make: Make) -> None:
+    def body(x: int) -> None:
+        raise ValueError("bad")
+
+    fn = make(body, key="k:{x}")
+    with pytest.raises(ValueError):
+        fn(1)
+    with pytest.raises(ValueError) as info:
+        fn(1)
+    record = fn.status(1)
+    assert record is not None and record.finished_at is not None
+    (note,) = info.value.__notes__
+    assert fn.key_for(1) in note
+    assert record.finished_at.isoformat(timespec="seconds") in note
+
+
 def test_exception_that_cannot_be_rebuilt_replays_as_halted(make: Make) -> None:
     def body(x: int) -> None:
         raise NeedsArgs(7, "nope")
@@ -243,6 +265,62 @@ def test_base_exception_is_recorded_and_replayed_as_halted(
     assert "interrupted" in info.value.reason
 
 
+# CancelledError is a BaseException: recorded halted, replayed as Halted
+def test_cancelled_async_call_is_recorded_halted_and_replayed_as_halted(store: Store) -> None:
+    runs: list[int] = []
+
+    @idempotent(key="k:{x}", store=store, name="t.cancel")
+    async def fn(x: int) -> None:
+        runs.append(x)
+        await asyncio.sleep(30)
+
+    async def main() -> None:
+        task = asyncio.create_task(fn(1))
+        while not runs:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    record = fn.status(1)
+    assert record is not None and record.status is Status.HALTED
+    assert record.exc_type is not None and "CancelledError" in record.exc_type
+    with pytest.raises(Halted, match="CancelledError"):
+        asyncio.run(fn(1))
+    assert runs == [1]
+
+
+# Defence in depth: even a stored interrupt payload (older writer, tampering) never raises
+def test_a_stored_interrupt_payload_is_replayed_as_halted(store: Store) -> None:
+    now = time.time()
+    store.claim(
+        Entry(
+            "t:k",
+            "halted",
+            "",
+            "h/m/1/1",
+            "tok",
+            1,
+            now,
+            ttl=None,
+            finished_at=now,
+            payload=pickle.dumps(KeyboardInterrupt("stop")),
+            exc_type="KeyboardInterrupt",
+            message="stop",
+            reason="the call was interrupted by KeyboardInterrupt",
+        )
+    )
+    outcome = begin("t:k", store=store)
+    assert isinstance(outcome, Finished)
+    try:
+        with pytest.raises(Halted) as info:
+            outcome.replay()
+    except KeyboardInterrupt:
+        raise AssertionError("a replay raised KeyboardInterrupt") from None
+    assert info.value.exc_type == "KeyboardInterrupt"
+
+
 def test_retry_on_releases_the_key(make: Make) -> None:
     attempts = []
 
@@ -273,6 +351,28 @@ def test_retry_on_takes_a_tuple_and_other_exceptions_still_halt(make: Make) -> N
     assert record is not None and record.status is Status.HALTED
 
 
+class SubTransient(Transient):
+    pass
+
+
+# retry_on is isinstance-based
+def test_retry_on_releases_subclasses_too(make: Make) -> None:
+    runs: list[int] = []
+
+    def body(x: int) -> str:
+        runs.append(x)
+        if len(runs) == 1:
+            raise SubTransient("again")
+        return "done"
+
+    fn = make(body, key="k:{x}", retry_on=Transient)
+    with pytest.raises(SubTransient):
+        fn(1)
+    assert fn.status(1) is None
+    assert fn(1) == "done"
+    assert runs == [1, 1]
+
+
 def test_unserialisable_result_halts_with_a_clear_error(make: Make) -> None:
     runs = []
 
@@ -294,24 +394,9 @@ def test_unserialisable_result_halts_with_a_clear_error(make: Make) -> None:
 # -- in-flight calls ------------------------------------------------------------------------------
 
 
-def _foreign_entry(key: str, fingerprint: str, *, lease_until: float, owner: str = "") -> Entry:
-    now = time.time()
-    return Entry(
-        key,
-        "processing",
-        fingerprint,
-        owner or "elsewhere/0badc0de/4242/77",
-        "foreign-token",
-        1,
-        now - 1,
-        lease_until=lease_until,
-        ttl=3600.0,
-    )
-
-
 def test_live_remote_owner_means_already_running(make: Make, store: Store, counter: Any) -> None:
     fn = make(counter, key="k:{x}", fingerprint=False)
-    store.claim(_foreign_entry(fn.key_for(1), "", lease_until=time.time() + 60))
+    store.claim(foreign_entry(fn.key_for(1), "", lease_until=time.time() + 60))
     with pytest.raises(AlreadyRunning) as info:
         fn(1)
     assert info.value.owner == "elsewhere/0badc0de/4242/77"
@@ -324,7 +409,7 @@ def test_remote_owner_with_expired_lease_is_abandoned_and_halted(
     make: Make, store: Store, counter: Any
 ) -> None:
     fn = make(counter, key="k:{x}", fingerprint=False)
-    store.claim(_foreign_entry(fn.key_for(1), "", lease_until=time.time() - 60))
+    store.claim(foreign_entry(fn.key_for(1), "", lease_until=time.time() - 60))
     with pytest.raises(Halted) as info:
         fn(1)
     assert "lease" in info.value.reason and "elsewhere" in info.value.reason
@@ -337,7 +422,7 @@ def test_remote_owner_with_expired_lease_is_abandoned_and_halted(
 
 def test_remote_owner_with_expired_lease_is_retried(make: Make, store: Store, counter: Any) -> None:
     fn = make(counter, key="k:{x}", fingerprint=False, on_abandoned="retry")
-    store.claim(_foreign_entry(fn.key_for(1), "", lease_until=time.time() - 60))
+    store.claim(foreign_entry(fn.key_for(1), "", lease_until=time.time() - 60))
     assert fn(1) == {"x": 1, "y": None}
     assert counter.runs == 1
     record = fn.status(1)
@@ -348,7 +433,7 @@ def test_remote_owner_becomes_abandoned_when_its_lease_runs_out(
     make: Make, store: Store, store_clock: StoreClock, counter: Any
 ) -> None:
     fn = make(counter, key="k:{x}", fingerprint=False)
-    store.claim(_foreign_entry(fn.key_for(1), "", lease_until=store.time() + 60))
+    store.claim(foreign_entry(fn.key_for(1), "", lease_until=store.time() + 60))
     with pytest.raises(AlreadyRunning):
         fn(1)
     store_clock.advance(61)  # a remote owner's lease is timed on the store's clock
@@ -426,6 +511,32 @@ def test_wait_gives_up_with_already_running(make: Make) -> None:
     finally:
         release.set()
         owner.join(60)
+
+
+# An async caller waiting for a busy key must not block the event loop
+def test_async_wait_does_not_block_the_event_loop(store: Store) -> None:
+    runs: list[int] = []
+
+    # A waiter that blocked the loop would never let the owner finish: it would give up after
+    # its wait= (60 s, far past any slow machine) with AlreadyRunning.
+    @idempotent(key="k:{x}", store=store, wait=60, name="t.await")
+    async def fn(x: int) -> str:
+        runs.append(x)
+        await asyncio.sleep(0.2)  # needs the loop: a blocked loop never finishes it
+        return f"v{x}"
+
+    async def main() -> tuple[str, str, float]:
+        owner = asyncio.create_task(fn(1))
+        while not runs:
+            await asyncio.sleep(0.001)
+        t0 = time.monotonic()
+        replayed = await fn(1)
+        return await owner, replayed, time.monotonic() - t0
+
+    first, replayed, took = asyncio.run(main())
+    assert first == replayed == "v1"
+    assert runs == [1]
+    assert took < 30  # replayed when the owner finished, not when the wait ran out
 
 
 def test_reentering_its_own_key_fails_at_once(make: Make, mode: str) -> None:
@@ -530,6 +641,32 @@ def test_ttl_none_keeps_the_record_forever(make: Make, counter: Any) -> None:
     assert record is not None and record.expires_at is None
 
 
+# ttl counts from the finish, for ok and abandoned-halted
+def test_ttl_counts_from_the_finish(make: Make, store: Store, store_clock: StoreClock) -> None:
+    def body(x: int) -> int:
+        store_clock.advance(10)  # the body takes 10 s
+        return x
+
+    fn = make(body, key="k:{x}", ttl=60)
+    fn(1)
+    record = fn.status(1)
+    assert record is not None and record.finished_at is not None and record.expires_at is not None
+    assert record.finished_at - record.started_at >= timedelta(seconds=10)
+    assert abs((record.expires_at - record.finished_at) - timedelta(seconds=60)) < timedelta(
+        milliseconds=5
+    )
+    halt = make(lambda x: x, key="h:{x}", fingerprint=False, name="test.halt")
+    store.claim(foreign_entry(halt.key_for(1), "", lease_until=time.time() - 60))  # ttl=3600
+    with pytest.raises(Halted):
+        halt(1)
+    halted = halt.status(1)
+    assert halted is not None and halted.finished_at is not None
+    assert halted.expires_at is not None
+    assert abs((halted.expires_at - halted.finished_at) - timedelta(hours=1)) < timedelta(
+        milliseconds=5
+    )
+
+
 def test_forget_allows_another_run(make: Make, counter: Any) -> None:
     fn = make(counter, key="k:{x}")
     fn(1)
@@ -548,8 +685,8 @@ def test_prune_removes_expired_records_and_stale_claims(store: Store, make: Make
     keep(1)
     # A claim whose lease ran out more than its ttl ago, and one still fresh.
     now = store.time()
-    stale = _foreign_entry("stale", "", lease_until=now - 100)._replace(ttl=10.0)
-    fresh = _foreign_entry("fresh", "", lease_until=now - 100)
+    stale = foreign_entry("stale", "", lease_until=now - 100)._replace(ttl=10.0)
+    fresh = foreign_entry("fresh", "", lease_until=now - 100)
     store.claim(stale)
     store.claim(fresh)
     # Redis drops expired records by itself (PEXPIREAT): prune counts what is left of them.

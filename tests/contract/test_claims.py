@@ -4,16 +4,21 @@ Regression tests of issue 13, part A: an expired row removed under a racing clai
 that lapsed while a live owner serialised its result (2), a forked child settling its parent's
 claim (3), and prune removing a live claim after the wall clock jumped (4). Each interleaving is
 forced, not hoped for: the tests do not depend on how fast the machine is.
+
+Then whose claim counts as abandoned: a dead or recycled pid on this machine at once, an owner
+on another host or machine by its lease; and what a caller that finds one does.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +26,23 @@ import pytest
 
 from idemfn import (
     AlreadyRunning,
+    DeadlineExceeded,
     DiskStore,
+    Halted,
+    MemoryStore,
     Status,
     Store,
     StoreError,
     _lease,
+    _owner,
     idempotent,
 )
-from idemfn._engine import Claim, Policy, begin
+from idemfn._engine import Claim, begin
 from idemfn._outcome import PICKLE
+from idemfn._policy import Policy
 from idemfn._record import Entry
-from tests.support.stores import make_store
+from tests.support.records import foreign_entry
+from tests.support.stores import Make, make_store
 
 PATIENCE = 60.0  # seconds a test waits for a condition before it fails: generous on purpose
 
@@ -456,3 +467,101 @@ def _owner_here() -> str:
     from idemfn import _owner
 
     return _owner.current()
+
+
+# Whose claim is abandoned: a dead owner on this machine is judged at once, an owner
+# elsewhere by its lease; and what a caller that finds one does.
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+# A recycled pid is dead
+def test_recycled_pid_owner_is_abandoned_at_once(make: Make, store: Store) -> None:
+    host, machine, _, start = _owner.parse(_owner.current()) or ("", "", 0, "")
+    if not machine:
+        pytest.skip("no /proc: same-host deaths are judged by the lease")
+    fn = make(lambda x: x, key="k:{x}", fingerprint=False)
+    recycled = f"{host}/{machine}/{os.getpid()}/{start}0"  # our pid, another start time
+    store.claim(foreign_entry(fn.key_for(1), "", lease_until=time.time() + 60, owner=recycled))
+    with pytest.raises(Halted) as info:
+        fn(1)
+    assert "another process" in info.value.reason
+
+
+# A pid is only judged on the same host AND machine; elsewhere the lease decides
+@pytest.mark.parametrize("where", ["other-machine", "other-host"])
+def test_same_pid_elsewhere_is_judged_by_its_lease(make: Make, store: Store, where: str) -> None:
+    host, machine, _, start = _owner.parse(_owner.current()) or ("", "", 0, "")
+    if not machine:
+        pytest.skip("no /proc")
+    dead = _dead_pid()
+    owner = (
+        f"{host}/0123456789abcdef.999/{dead}/{start}"
+        if where == "other-machine"
+        else f"not-{host}/{machine}/{dead}/{start}"
+    )
+    fn = make(lambda x: x, key="k:{x}", fingerprint=False)
+    store.claim(foreign_entry(fn.key_for(1), "", lease_until=time.time() + 60, owner=owner))
+    with pytest.raises(AlreadyRunning):
+        fn(1)
+
+
+# The machine id tells pid namespaces (containers) apart
+def test_machine_id_includes_the_pid_namespace() -> None:
+    try:
+        ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pytest.skip("no /proc")
+    machine = (_owner.parse(_owner.current()) or ("", "", 0, ""))[1]
+    assert machine.endswith("." + ns.removeprefix("pid:[").removesuffix("]"))
+
+
+# Losing the race to halt an abandoned claim replays the halt, not AlreadyRunning
+def test_losing_the_race_to_halt_an_abandoned_claim_replays_the_halt() -> None:
+    class Raced(MemoryStore):
+        """The first swap loses to a rival that wrote the same transition first."""
+
+        raced = False
+
+        def swap(self, key: str, token: str, entry: Entry) -> bool:
+            if not self.raced:
+                self.raced = True
+                assert super().swap(key, token, entry._replace(reason="abandoned: by a rival"))
+            return super().swap(key, token, entry)
+
+    store = Raced()
+    fn = idempotent(key="k:{x}", store=store, fingerprint=False, name="t.raced")(lambda x: x)
+    store.claim(foreign_entry(fn.key_for(1), "", lease_until=time.time() - 60))
+    with pytest.raises(Halted, match="rival"):
+        fn(1)
+
+
+# An abandoned key is not taken over after the deadline
+def test_abandoned_key_is_not_retried_after_the_deadline(make: Make, store: Store) -> None:
+    runs: list[int] = []
+
+    def body(x: int) -> int:
+        runs.append(x)
+        return x
+
+    past = datetime.now(timezone.utc) - timedelta(hours=1)
+    fn = make(body, key="k:{x}", fingerprint=False, on_abandoned="retry", deadline=past)
+    store.claim(foreign_entry(fn.key_for(1), "", lease_until=time.time() - 60))
+    with pytest.raises(DeadlineExceeded):
+        fn(1)
+    assert runs == []
+    record = fn.status(1)
+    assert record is not None and record.attempt == 1  # not taken over
+
+
+# A takeover keeps the fingerprint the key was first used with
+def test_takeover_keeps_the_stored_fingerprint(make: Make, store: Store) -> None:
+    fn = make(lambda x: x, key="k:{x}", fingerprint=False, on_abandoned="retry")
+    store.claim(foreign_entry(fn.key_for(1), "f" * 64, lease_until=time.time() - 60))
+    assert fn(1) == 1
+    record = fn.status(1)
+    assert record is not None and record.attempt == 2 and record.fingerprint == "f" * 64

@@ -8,11 +8,26 @@ judged on a lease clock the test moves itself.
 from __future__ import annotations
 
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
-from idemfn import AlreadyRunning, MemoryStore, Status, _lease, idempotent
+from idemfn import (
+    AlreadyRunning,
+    Claim,
+    DiskStore,
+    MemoryStore,
+    Policy,
+    Status,
+    StoreError,
+    _lease,
+    begin,
+    idempotent,
+)
 from idemfn._heartbeat import heartbeat
+from idemfn._record import Entry
+from tests.support.forks import fork_and_wait
 from tests.support.workers import poll
 
 
@@ -200,3 +215,104 @@ def test_a_claim_taken_over_while_running_is_noticed_by_the_heartbeat(caplog: ob
     with pytest.raises(idemfn.OwnershipLost):
         body()
     assert "taken over or halted while its body ran" in caplog.text  # type: ignore[attr-defined]
+
+
+# Leases are renewed well before they run out (a third of the way), not at the last moment.
+# What is checked is the schedule the heartbeat follows, not how punctual this machine keeps it.
+def test_a_running_claims_lease_is_renewed_a_third_of_the_way_through() -> None:
+    store = MemoryStore()
+    lease = 300.0  # no renewal of the heartbeat's own comes between these steps
+    before = time.monotonic()
+    claim = begin("k", store=store, policy=Policy(lease=lease))
+    after = time.monotonic()
+    assert isinstance(claim, Claim)
+    try:
+        assert before + lease / 3 <= claim.renew_at <= after + lease / 3
+        first = store.get("k")
+        assert first is not None and first.lease_until is not None
+        before = time.monotonic()
+        assert claim.renew()
+        after = time.monotonic()
+        assert before + lease / 3 <= claim.renew_at <= after + lease / 3
+        renewed = store.get("k")
+        assert renewed is not None and renewed.lease_until is not None
+        assert renewed.lease_until >= first.lease_until
+        assert renewed.lease_until - store.time() > lease - 60  # a whole lease from now
+    finally:
+        claim.release()
+
+
+class _FailsOnce(MemoryStore):
+    """Its first renewal of a lease fails with a store error."""
+
+    failed = 0
+
+    def swap(self, key: str, token: str, entry: Entry) -> bool:
+        if entry.status == "processing" and not self.failed:
+            self.failed += 1
+            raise StoreError("transient", key=key)
+        return super().swap(key, token, entry)
+
+
+# A store error while renewing is retried; the lease keeps being renewed afterwards
+def test_a_failed_renewal_is_retried() -> None:
+    store = _FailsOnce()
+    leases: set[float] = set()
+
+    @idempotent(key="k", store=store, lease=0.3, name="t.flaky")
+    def slow() -> str:
+        # Until the renewal failed, and two more renewals came after it (60 s at most).
+        give_up = time.monotonic() + 60
+        while not (store.failed == 1 and len(leases) >= 3):
+            assert time.monotonic() < give_up, f"failed {store.failed}, leases {leases}"
+            entry = store.get(slow.key_for())
+            assert entry is not None and entry.lease_until is not None
+            if store.failed:
+                leases.add(entry.lease_until)
+            time.sleep(0.01)
+        return "done"
+
+    assert slow() == "done"
+    assert store.failed == 1 and len(leases) >= 3
+
+
+def test_a_failed_renewal_is_retried_soon_not_a_third_of_a_lease_later() -> None:
+    store = _FailsOnce()
+    lease = 300.0
+    claim = begin("k", store=store, policy=Policy(lease=lease))
+    assert isinstance(claim, Claim)
+    try:
+        before = store.get("k")
+        assert claim.renew()  # failed, logged: the claim is still held
+        assert store.failed == 1 and store.get("k") == before
+        assert claim.renew_at <= time.monotonic() + min(1.0, lease / 10)
+        assert claim.renew()  # and the retry renews
+        renewed = store.get("k")
+        assert renewed is not None and before is not None and renewed != before
+    finally:
+        claim.release()
+
+
+# A forked child renews its own claims' leases (its heartbeat is its own)
+def test_forked_child_renews_its_leases(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path / "s")
+    fn = idempotent(key="k:{i}", store=store, lease=0.3, name="t.forkbeat")(lambda i: i)
+    fn(0)  # the parent's heartbeat thread is running now
+    assert heartbeat.thread is not None and heartbeat.thread.is_alive()
+
+    def child() -> int:
+        leases: set[float] = set()
+
+        @idempotent(key="slow", store=store, lease=0.3, name="t.forkbeat.slow")
+        def slow() -> None:
+            give_up = time.monotonic() + 60  # until renewed twice (every 0.1 s, unless stuck)
+            while len(leases) < 3 and time.monotonic() < give_up:
+                entry = store.get(slow.key_for())
+                assert entry is not None and entry.lease_until is not None
+                leases.add(entry.lease_until)
+                time.sleep(0.01)
+
+        slow()
+        return 0 if len(leases) >= 3 else 1
+
+    assert fork_and_wait(child) == 0

@@ -33,7 +33,9 @@ import pytest
 import redis
 
 import idemfn
-from idemfn import DiskStore, Status, Store, _lease, idempotent
+from idemfn import DiskStore, MemoryStore, Status, Store, _lease, idempotent
+from tests.support.forks import fork_and_wait
+from tests.support.records import processing
 from tests.support.servers import PostgresServer, RedisServer
 
 FORK = multiprocessing.get_context("fork")
@@ -995,6 +997,24 @@ def test_fork_while_other_threads_are_calling(tmp_path: Path) -> None:
             thread.join(30)
         store.close()
     assert stuck == [], f"forked child {stuck[0]}'s one call did not finish within 60 s"
+
+
+# A forked child never uses its parent's SQLite connection
+def test_forked_child_opens_its_own_disk_connection(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path / "s")
+    store.get("k")
+    parent_cache = store.cache
+    assert fork_and_wait(lambda: 0 if store.cache is not parent_cache else 1) == 0
+
+
+# A MemoryStore stays usable in a child forked while another thread holds its lock
+def test_memory_store_usable_in_a_child_forked_while_locked() -> None:
+    store = MemoryStore()
+    store._lock.acquire()  # as if another thread were inside a store operation at fork time
+    try:
+        assert fork_and_wait(lambda: 0 if store.claim(processing("k")) is None else 1) == 0
+    finally:
+        store._lock.release()
 
 
 # -- 7. fingerprints agree across PYTHONHASHSEED ------------------------------------------------

@@ -15,45 +15,26 @@ from pathlib import Path
 
 import pytest
 
-from idemfn import DiskStore, StoreError
+from idemfn import DiskStore, Store, StoreError
 from idemfn._record import Entry, decode, encode
 from idemfn.testing import StoreContract
+from tests.support.records import finished, processing
 
 
 class TestStoreContract(StoreContract):
     """Memory, disk, Redis and PostgreSQL: the ``store`` fixture of conftest.py."""
 
 
-def processing(key: str, token: str = "t1", **fields: object) -> Entry:
-    return Entry(
-        key,
-        "processing",
-        "fp",
-        "me/m/1/1",
-        token,
-        1,
-        time.time(),
-        lease_until=time.time() + 30,
-        ttl=60.0,
-        **fields,  # type: ignore[arg-type]
-    )
-
-
-def finished(key: str, token: str = "t1", *, expires_in: float | None = 60.0) -> Entry:
-    now = time.time()
-    return Entry(
-        key,
-        "ok",
-        "fp",
-        "me/m/1/1",
-        token,
-        1,
-        now - 1,
-        ttl=expires_in,
-        finished_at=now,
-        expires_at=None if expires_in is None else now + expires_in,
-        payload=b"v",
-    )
+# prune removes only the entry it looked at (fenced on its token)
+def test_prune_leaves_a_record_claimed_again_since_it_looked(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stale = finished("k", "old")._replace(expires_at=time.time() - 60)  # what prune's scan saw
+    assert store.claim(processing("k", "new")) is None  # then the key was claimed again
+    monkeypatch.setattr(store, "scan", lambda prefix="", corrupt=None: iter([stale]))
+    store.prune()
+    entry = store.get("k")
+    assert entry is not None and entry.token == "new"
 
 
 def test_record_codec_round_trips_every_field() -> None:

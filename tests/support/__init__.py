@@ -7,6 +7,16 @@ import pytest
 pytest.register_assert_rewrite(
     *(
         f"tests.support.{name}"
-        for name in ("celery_tasks", "cli", "rq_jobs", "servers", "stores", "workers")
+        for name in (
+            "celery_tasks",
+            "cli",
+            "forks",
+            "records",
+            "rq_jobs",
+            "servers",
+            "stores",
+            "values",
+            "workers",
+        )
     )
 )

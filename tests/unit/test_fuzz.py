@@ -29,8 +29,7 @@ from hypothesis import strategies as st
 from idemfn import fingerprint_value
 from idemfn._fingerprint import canonical
 from idemfn._record import FORMAT_VERSION, Entry, Status, _checksum, decode, encode
-
-from .test_fingerprint import Color, Level, Pair, Point, Str, ToyZone
+from tests.support.values import Color, Level, Pair, Point, Str, ToyZone
 
 try:  # numpy is in the test extra; without it only the numpy properties are skipped
     import numpy as np

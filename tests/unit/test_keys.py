@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from idemfn import MemoryStore, Store, idempotent
+from tests.support.stores import Make
 
 STORE = MemoryStore()
 
@@ -32,6 +33,17 @@ def test_template_over_bound_arguments_with_defaults() -> None:
 
     assert charge.key_for("o1", 5).endswith(":charge:o1:EUR")
     assert charge.key_for(amount=5, order_id="o1", currency="USD").endswith(":charge:o1:USD")
+
+
+# Defaults applied on the slow binder path (*args/**kwargs signatures)
+def test_defaults_are_applied_for_signatures_with_var_arguments(make: Make) -> None:
+    def body(a: int, b: int = 2, *rest: int, **extra: int) -> int:
+        return a + b
+
+    fn = make(body, key="k:{a}:{b}")
+    assert fn.key_for(1) == fn.key_for(1, 2) == fn.key_for(1, b=2)
+    assert fn(1) == 3
+    assert fn(1, b=2) == 3  # same fingerprint: a replay, not a mismatch
 
 
 def test_template_with_attributes_items_and_format_spec() -> None:
@@ -82,6 +94,25 @@ def test_memoiser_mode_keys_on_all_arguments() -> None:
     key = square.key_for(3)
     assert len(key.rpartition(":")[2]) == 64
     assert square.key_for(x=3) == key
+
+
+# Memoiser mode keys on ALL arguments whatever fingerprint= says
+@pytest.mark.parametrize("fingerprint", [False, ["x"]])
+def test_memoiser_mode_keys_on_all_arguments_whatever_the_fingerprint(
+    make: Make, fingerprint: object
+) -> None:
+    runs: list[tuple[int, int]] = []
+
+    def body(x: int, y: int = 0) -> int:
+        runs.append((x, y))
+        return x * 10 + y
+
+    fn = make(body, fingerprint=fingerprint)
+    assert fn(1, 1) == 11
+    assert fn(2, 1) == 21
+    assert fn(1, 2) == 12
+    assert fn(1, 1) == 11
+    assert runs == [(1, 1), (2, 1), (1, 2)]
 
 
 def test_methods_leave_self_out_of_the_fingerprint() -> None:
@@ -203,6 +234,31 @@ def test_a_packages_main_module_keeps_apart_from_the_package(tmp_path: Path) -> 
         "shop.__main__.step:k",
         "package main",
     ]
+
+
+# `python -m pkg` and `python -m pkg.tool` name keys after the module
+def test_module_run_with_dash_m_is_named_after_the_module(tmp_path: Path) -> None:
+    pkg = tmp_path / "nightly"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    code = (
+        "from idemfn import idempotent, MemoryStore\n"
+        "@idempotent(key='k', store=MemoryStore())\n"
+        "def step(): ...\n"
+        "print(step.key_for())\n"
+    )
+    (pkg / "__main__.py").write_text(code)
+    (pkg / "tool.py").write_text(code)
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
+    for module, expected in [
+        ("nightly", "nightly.__main__.step:k"),  # as when imported: not the package's
+        ("nightly.tool", "nightly.tool.step:k"),
+    ]:
+        out = subprocess.run(
+            [sys.executable, "-m", module], capture_output=True, text=True, check=True, env=env
+        ).stdout
+        assert out.strip() == expected
 
 
 def test_runpy_run_path_names_functions_after_the_file(tmp_path: Path) -> None:
