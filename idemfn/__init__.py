@@ -29,7 +29,7 @@ Documentation: https://idemfn.readthedocs.io/
 """
 
 from ._decorator import IdempotentFunction, idempotent
-from ._engine import Claim, Finished, Policy, abegin, begin
+from ._engine import Claim, Finished, abegin, begin
 from ._errors import (
     AlreadyRunning,
     DeadlineExceeded,
@@ -40,6 +40,7 @@ from ._errors import (
     StoreError,
 )
 from ._fingerprint import FINGERPRINT_VERSION, fingerprint_value
+from ._policy import Policy
 from ._record import Record, Status
 from ._stores import DiskStore, MemoryStore, Store, default_store, open_store
 from ._stores.disk import default_directory

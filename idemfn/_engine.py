@@ -35,9 +35,9 @@ import pickle
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from types import TracebackType
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, TypeVar
 
 from . import _lease, _owner
 from ._errors import (
@@ -55,12 +55,11 @@ from ._outcome import (
     Failure,
     NotLoadable,
     Serializer,
-    SerializerOption,
     describe_failure,
     replay_note,
-    serializer_of,
     type_name,
 )
+from ._policy import Policy, deadline_timestamp
 from ._queue_retry import raised_for_rerun, returned_for_rerun
 from ._record import Entry, Record
 from ._stores import Store, resolve_store
@@ -69,7 +68,6 @@ __all__ = [
     "Busy",
     "Claim",
     "Finished",
-    "Policy",
     "abegin",
     "attempt",
     "begin",
@@ -117,82 +115,6 @@ os.register_at_fork(after_in_child=_reseed_tokens)
 
 _FIRST_POLL = 0.005  # seconds between looks at a busy key, doubling up to _MAX_POLL
 _MAX_POLL = 0.25
-
-
-class Policy:
-    """The validated options that govern a key's calls. Errors name the option."""
-
-    __slots__ = ("lease", "on_abandoned", "retry_on", "serializer", "ttl", "wait")
-
-    def __init__(
-        self,
-        *,
-        ttl: float | timedelta | None = 86400.0,
-        lease: float | timedelta = 30.0,
-        wait: float | timedelta = 0.0,
-        on_abandoned: Literal["halt", "retry"] = "halt",
-        retry_on: type[BaseException] | tuple[type[BaseException], ...] = (),
-        serializer: SerializerOption = "pickle",
-    ) -> None:
-        self.serializer: Serializer = serializer_of(serializer)
-        self.ttl = None if ttl is None else seconds_option("ttl", ttl, positive=True)
-        self.lease = seconds_option("lease", lease, positive=True)
-        self.wait = seconds_option("wait", wait, positive=False)
-        if on_abandoned not in ("halt", "retry"):
-            raise ValueError(f"on_abandoned must be 'halt' or 'retry', not {on_abandoned!r}")
-        self.on_abandoned = on_abandoned
-        types: object = (retry_on,) if isinstance(retry_on, type) else retry_on
-        if not isinstance(types, tuple) or not all(
-            isinstance(t, type) and issubclass(t, BaseException) for t in types
-        ):
-            raise TypeError(
-                f"retry_on must be an exception type or a tuple of them, not {retry_on!r}"
-            )
-        self.retry_on: tuple[type[BaseException], ...] = types
-
-    def __repr__(self) -> str:
-        return (
-            f"Policy(ttl={self.ttl!r}, lease={self.lease!r}, wait={self.wait!r},"
-            f" on_abandoned={self.on_abandoned!r}, retry_on={self.retry_on!r},"
-            f" serializer={self.serializer!r})"
-        )
-
-
-def seconds_option(option: str, value: object, *, positive: bool) -> float:
-    """``option`` (a number of seconds or a timedelta) as float seconds; errors name it."""
-    if isinstance(value, timedelta):
-        value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"{option} must be a number of seconds or a timedelta, not {type(value).__name__}"
-        )
-    seconds = float(value)
-    if seconds != seconds or seconds in (float("inf"), float("-inf")):
-        raise ValueError(f"{option} must be a finite number of seconds, not {value!r}")
-    if positive and seconds <= 0:
-        raise ValueError(f"{option} must be > 0 seconds, not {value!r}")
-    if not positive and seconds < 0:
-        raise ValueError(f"{option} must be >= 0 seconds, not {value!r}")
-    return seconds
-
-
-def whole_option(option: str, value: object, *, least: int) -> int:
-    """``option`` (a whole number, at least ``least``) checked; errors name it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f"{option} must be a whole number >= {least}, not {value!r}")
-    return value
-
-
-def deadline_timestamp(deadline: object, *, option: str = "deadline") -> float:
-    """A deadline as UNIX seconds; it must be an aware datetime."""
-    if not isinstance(deadline, datetime):
-        raise TypeError(f"{option} must be an aware datetime, not {type(deadline).__name__}")
-    if deadline.utcoffset() is None:
-        raise ValueError(
-            f"{option} must be timezone-aware (e.g. datetime.now(timezone.utc) + ...),"
-            f" not the naive {deadline!r}"
-        )
-    return deadline.timestamp()
 
 
 class Finished:

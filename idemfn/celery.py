@@ -44,9 +44,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("idemfn.celery needs Celery: pip install 'idemfn[celery]'") from exc
 
 from ._decorator import IdempotentFunction, decorator
-from ._engine import seconds_option, whole_option
 from ._errors import AlreadyRunning
 from ._outcome import SerializerOption
+from ._policy import seconds_option, whole_option
 from ._signing import SigningKey
 from ._stores import Store
 

@@ -38,9 +38,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("idemfn.rq needs RQ: pip install 'idemfn[rq]'") from exc
 
 from ._decorator import IdempotentFunction, decorator
-from ._engine import whole_option
 from ._errors import AlreadyRunning
 from ._outcome import SerializerOption
+from ._policy import whole_option
 from ._signing import SigningKey
 from ._stores import Store
 

@@ -22,8 +22,9 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any, Final
 
-from .._engine import Claim, Finished, Policy, begin
+from .._engine import Claim, Finished, begin
 from .._errors import AlreadyRunning, FingerprintMismatch, Halted, StoreError
+from .._policy import Policy
 from .._record import Entry, Status
 from .._stores import Store
 from .._stores.base import Corrupt

@@ -1,0 +1,91 @@
+"""The options that govern a key's calls, validated once: errors name the option.
+
+``Policy`` holds ``begin``'s options; ``seconds_option``, ``whole_option`` and
+``deadline_timestamp`` check one option each, for ``Policy``, the decorator and the task-queue
+integrations alike.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Literal
+
+from ._outcome import Serializer, SerializerOption, serializer_of
+
+__all__ = ["Policy", "deadline_timestamp", "seconds_option", "whole_option"]
+
+
+class Policy:
+    """The validated options that govern a key's calls. Errors name the option."""
+
+    __slots__ = ("lease", "on_abandoned", "retry_on", "serializer", "ttl", "wait")
+
+    def __init__(
+        self,
+        *,
+        ttl: float | timedelta | None = 86400.0,
+        lease: float | timedelta = 30.0,
+        wait: float | timedelta = 0.0,
+        on_abandoned: Literal["halt", "retry"] = "halt",
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] = (),
+        serializer: SerializerOption = "pickle",
+    ) -> None:
+        self.serializer: Serializer = serializer_of(serializer)
+        self.ttl = None if ttl is None else seconds_option("ttl", ttl, positive=True)
+        self.lease = seconds_option("lease", lease, positive=True)
+        self.wait = seconds_option("wait", wait, positive=False)
+        if on_abandoned not in ("halt", "retry"):
+            raise ValueError(f"on_abandoned must be 'halt' or 'retry', not {on_abandoned!r}")
+        self.on_abandoned = on_abandoned
+        types: object = (retry_on,) if isinstance(retry_on, type) else retry_on
+        if not isinstance(types, tuple) or not all(
+            isinstance(t, type) and issubclass(t, BaseException) for t in types
+        ):
+            raise TypeError(
+                f"retry_on must be an exception type or a tuple of them, not {retry_on!r}"
+            )
+        self.retry_on: tuple[type[BaseException], ...] = types
+
+    def __repr__(self) -> str:
+        return (
+            f"Policy(ttl={self.ttl!r}, lease={self.lease!r}, wait={self.wait!r},"
+            f" on_abandoned={self.on_abandoned!r}, retry_on={self.retry_on!r},"
+            f" serializer={self.serializer!r})"
+        )
+
+
+def seconds_option(option: str, value: object, *, positive: bool) -> float:
+    """``option`` (a number of seconds or a timedelta) as float seconds; errors name it."""
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{option} must be a number of seconds or a timedelta, not {type(value).__name__}"
+        )
+    seconds = float(value)
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        raise ValueError(f"{option} must be a finite number of seconds, not {value!r}")
+    if positive and seconds <= 0:
+        raise ValueError(f"{option} must be > 0 seconds, not {value!r}")
+    if not positive and seconds < 0:
+        raise ValueError(f"{option} must be >= 0 seconds, not {value!r}")
+    return seconds
+
+
+def whole_option(option: str, value: object, *, least: int) -> int:
+    """``option`` (a whole number, at least ``least``) checked; errors name it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{option} must be a whole number >= {least}, not {value!r}")
+    return value
+
+
+def deadline_timestamp(deadline: object, *, option: str = "deadline") -> float:
+    """A deadline as UNIX seconds; it must be an aware datetime."""
+    if not isinstance(deadline, datetime):
+        raise TypeError(f"{option} must be an aware datetime, not {type(deadline).__name__}")
+    if deadline.utcoffset() is None:
+        raise ValueError(
+            f"{option} must be timezone-aware (e.g. datetime.now(timezone.utc) + ...),"
+            f" not the naive {deadline!r}"
+        )
+    return deadline.timestamp()
