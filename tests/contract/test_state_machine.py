@@ -50,9 +50,10 @@ from idemfn import (
     _lease,
     _owner,
 )
-from idemfn._engine import Claim, Finished, Policy, begin_with
+from idemfn._engine import Claim, Finished, begin_with
 from idemfn._heartbeat import heartbeat
 from idemfn._outcome import load
+from idemfn._policy import Policy
 from idemfn._record import Entry
 
 KEYS = ("sm:a", "sm:b", "sm:c")
