@@ -2,17 +2,7 @@
 
 idemfn runs it on ``MemoryStore``, ``DiskStore``, ``RedisStore`` and ``PostgresStore``. To
 hold your own store to it, subclass ``StoreContract`` in a test module and give it a ``store``
-fixture that yields a fresh, empty store::
-
-    import pytest
-    from idemfn.testing import StoreContract
-
-    class TestMyStore(StoreContract):
-        @pytest.fixture
-        def store(self):
-            store = MyStore(...)
-            yield store
-            store.close()
+fixture that yields a fresh, empty store (``StoreContract``'s docstring shows one).
 
 The tests cover the primitives (atomic claim, fenced swap and release, delete on a token,
 expiry counting as absence, scan, prune) and the contract's behaviours through
@@ -113,7 +103,7 @@ class StoreContract:
 
     The subclass gives a ``store`` fixture that yields a fresh, empty store for each test
     (and closes it after); pytest collects the subclass as usual (name it ``Test...``), and
-    runs every test below on that store. The first tests hold the primitives to
+    runs every one of its tests on that store. The first tests hold the primitives to
     ``Store``'s docstrings; the rest run ``@idempotent`` on the store. No test waits for a
     clock: expiry and abandoned claims are made by writing records already past them, so the
     store's clock need not be movable (a server's is not).
