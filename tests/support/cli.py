@@ -1,4 +1,4 @@
-"""Running the real ``idemfn`` command in subprocesses, for tests/cli.
+"""Running the real ``idemfn`` command in subprocesses, for the tests in tests/cli and beyond."""
 
 from __future__ import annotations
 
