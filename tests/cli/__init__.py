@@ -1,0 +1,2 @@
+"""CLI tests: the ``idemfn`` command (ls, show, forget, prune, stats) and ``idemfn run``,
+driven as a real subprocess."""

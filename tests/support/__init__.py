@@ -1,5 +1,7 @@
-"""What the tests share: servers, workers, stores, the command line. Tests import it directly
-(``from tests.support.servers import RedisServer``); nothing imports a conftest."""
+"""Support: what the tests of several layers share, and no tests of its own. Servers, task queue
+workers, stores and the records put in them, values to fingerprint, forked children, the
+command line. Tests import it directly (``from tests.support.servers import RedisServer``);
+nothing imports a conftest."""
 
 import pytest
 
