@@ -26,7 +26,7 @@ from ._engine import (
     Finished,
     abegin_with,
     begin_with,
-    finish,
+    complete_or_log,
     reentered,
     run_in_transaction,
 )
@@ -638,7 +638,7 @@ def decorator(
                 outcome.function = wrapper  # type: ignore[union-attr]
                 with outcome:  # type: ignore[union-attr]
                     value = await run_async(*args, **kwargs)
-                    finish(outcome, value)  # type: ignore[arg-type]
+                    complete_or_log(outcome, value)  # type: ignore[arg-type]
                 return value
 
         elif transaction is not None:
@@ -682,7 +682,7 @@ def decorator(
                 outcome.function = wrapper  # type: ignore[union-attr]
                 with outcome:  # type: ignore[union-attr]
                     value = fn(*args, **kwargs)
-                    finish(outcome, value)  # type: ignore[arg-type]
+                    complete_or_log(outcome, value)  # type: ignore[arg-type]
                 return value
 
         def key_for(*args: Any, **kwargs: Any) -> str:

@@ -7,7 +7,7 @@
                             '-- owner gone, on_abandoned="retry" -> processing (attempt + 1)
     ok, halted --expiry, forget, prune--> (absent)
 
-``attempt`` makes one decision from what the store holds and returns a ``Claim`` (run the body),
+``decide`` makes one decision from what the store holds and returns a ``Claim`` (run the body),
 a ``Finished`` record (replay it) or ``Busy`` (a live owner has it). ``begin`` and ``abegin`` are
 thin drivers that only differ in how they sleep while waiting. Every write after a claim goes
 through ``Store.swap`` or ``Store.release`` on the claim's token, fenced on the claim still being
@@ -52,15 +52,14 @@ from ._heartbeat import heartbeat
 from ._lease import abandoned_reason, utc_iso
 from ._outcome import (
     PICKLE,
-    Failure,
     NotLoadable,
     Serializer,
-    describe_failure,
+    describe_exception,
     replay_note,
     type_name,
 )
 from ._policy import Policy, deadline_timestamp
-from ._queue_retry import raised_for_rerun, returned_for_rerun
+from ._queue_retry import is_retry_request, queue_will_retry
 from ._record import Entry, Record
 from ._stores import Store, resolve_store
 
@@ -69,9 +68,9 @@ __all__ = [
     "Claim",
     "Finished",
     "abegin",
-    "attempt",
     "begin",
-    "finish",
+    "complete_or_log",
+    "decide",
     "run_in_transaction",
 ]
 
@@ -230,7 +229,7 @@ class Claim:
         self.entry = entry
         self.policy = policy
         # The decorated function this is a call of (set by @idempotent): a task queue retries
-        # an exception only when it escapes the task's own function (see _rerun).
+        # an exception only when it escapes the task's own function (see _queue_retry).
         self.function: object = None
         self._settled = False
         self._lost = False
@@ -312,7 +311,7 @@ class Claim:
                 key=entry.key,
             ) from cause
 
-    def _finished(self, status: str, **fields: Any) -> Entry:
+    def _finished_entry(self, status: str, **fields: Any) -> Entry:
         e = self.entry
         now = self.store.time()
         ttl = self.policy.ttl
@@ -340,7 +339,7 @@ class Claim:
         key is released, so that the retried job runs the body again. In a child process
         forked by the body, this records nothing: the claim is its parent's.
         """
-        if returned_for_rerun(value):
+        if is_retry_request(value):
             self.release()
             return
         if not self._settling():
@@ -350,7 +349,7 @@ class Claim:
         except NotLoadable as problem:
             # It serialises but does not load back: recorded ok, every replay for the whole
             # ttl would fail. The body ran: halt with how to fix the type, return its value.
-            entry = self._finished(HALTED, reason=str(problem), exc_type=None, message=None)
+            entry = self._finished_entry(HALTED, reason=str(problem), exc_type=None, message=None)
             self._write(entry, problem)
             logger.error("idemfn: key %r halted: %s", self.key, problem)
             return
@@ -364,20 +363,20 @@ class Claim:
                 )
             else:
                 reason = f"interrupted by {type_name(type(problem))} while storing the result"
-            entry = self._finished(HALTED, reason=reason, exc_type=None, message=None)
+            entry = self._finished_entry(HALTED, reason=reason, exc_type=None, message=None)
             self._write(entry, problem)
             logger.error("idemfn: key %r halted: %s", self.key, reason)
             if not isinstance(problem, Exception):
                 raise
             raise halted_error(entry) from problem
-        self._write(self._finished(OK, payload=payload))
+        self._write(self._finished_entry(OK, payload=payload))
 
     def fail(self, exc: BaseException) -> None:
         """Settle the claim for a call that raised ``exc``: release the key if ``exc`` is in
-        ``retry_on`` or a task queue will run the body again after it (see ``_rerun``), else
+        ``retry_on`` or a task queue will run the body again after it (see ``_queue_retry``), else
         record it ``halted``. Raises ``OwnershipLost`` (from ``exc``) if
         the claim was lost. The caller re-raises ``exc``."""
-        if isinstance(exc, self.policy.retry_on) or raised_for_rerun(exc, self.function):
+        if isinstance(exc, self.policy.retry_on) or queue_will_retry(exc, self.function):
             self.release(exc)
         else:
             self.halt(exc)
@@ -387,18 +386,18 @@ class Claim:
         if not self._settling():
             return
         try:
-            failure: Failure = describe_failure(exc, self.policy.serializer)
+            described = describe_exception(exc, self.policy.serializer)
         except BaseException as problem:  # e.g. KeyboardInterrupt while pickling it
             reason = f"the call raised {type_name(type(exc))}, interrupted while storing it"
-            self._write(self._finished(HALTED, reason=reason, exc_type=type_name(type(exc))))
+            self._write(self._finished_entry(HALTED, reason=reason, exc_type=type_name(type(exc))))
             raise problem from exc
-        entry = self._finished(
+        entry = self._finished_entry(
             HALTED,
-            payload=failure.payload,
-            reason=failure.reason,
-            exc_type=failure.exc_type,
-            message=failure.message,
-            traceback=failure.traceback,
+            payload=described.payload,
+            reason=described.reason,
+            exc_type=described.exc_type,
+            message=described.message,
+            traceback=described.traceback,
         )
         self._write(entry, exc)
 
@@ -466,7 +465,7 @@ def run_in_transaction(
             with transaction:
                 started = True
                 value = body()
-                if returned_for_rerun(value):
+                if is_retry_request(value):
                     raise _RunAgain  # the task runs the body again: its writes must not stay
                 claim.complete(value)
         except _RunAgain:
@@ -521,7 +520,7 @@ def _settle_uncommitted(claim: Claim, exc: BaseException) -> bool:
     return False
 
 
-def finish(claim: Claim, value: object) -> None:
+def complete_or_log(claim: Claim, value: object) -> None:
     """``claim.complete(value)``, for the decorator: when the store fails to record the outcome
     of a body that ran, the caller still gets its value, and the failure is logged."""
     try:
@@ -573,7 +572,7 @@ def _past_deadline(key: str, deadline: float, state: str) -> DeadlineExceeded:
 Due = Callable[[], "float | None"]  # when a call must no longer start; called only if it would
 
 
-def attempt(
+def decide(
     store: Store, key: str, fingerprint: str, policy: Policy, deadline: Due | None = None
 ) -> Claim | Finished | Busy:
     """One decision on ``key`` (contract section 5): claim it, replay it, or report it busy."""
@@ -698,20 +697,20 @@ async def abegin(
 def begin_with(
     store: Store, key: str, fingerprint: str, policy: Policy, deadline: Due | None
 ) -> Claim | Finished:
-    step = attempt(store, key, fingerprint, policy, deadline)
+    step = decide(store, key, fingerprint, policy, deadline)
     if not isinstance(step, Busy):
         return step
     waiter = _Waiter(policy.wait)
     while isinstance(step, Busy):
         time.sleep(waiter.pause(step))
-        step = attempt(store, key, fingerprint, policy, deadline)
+        step = decide(store, key, fingerprint, policy, deadline)
     return step
 
 
 async def abegin_with(
     store: Store, key: str, fingerprint: str, policy: Policy, deadline: Due | None
 ) -> Claim | Finished:
-    step = attempt(store, key, fingerprint, policy, deadline)
+    step = decide(store, key, fingerprint, policy, deadline)
     if not isinstance(step, Busy):
         return step
     waiter = _Waiter(policy.wait)
@@ -719,7 +718,7 @@ async def abegin_with(
         import asyncio  # here, not at the top: it costs the `idemfn` command 30 ms to start
 
         await asyncio.sleep(waiter.pause(step))
-        step = attempt(store, key, fingerprint, policy, deadline)
+        step = decide(store, key, fingerprint, policy, deadline)
     return step
 
 

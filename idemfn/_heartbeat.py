@@ -67,7 +67,7 @@ class Heartbeat:
             self._claims[id(claim)] = (weakref.ref(claim), claim.key)
             if self._thread is None:
                 self._thread = threading.Thread(
-                    target=self._run, name="idemfn-heartbeat", daemon=True
+                    target=self._schedule, name="idemfn-heartbeat", daemon=True
                 )
                 self._thread.start()
             elif claim.renew_at < self._wake_at:
@@ -85,7 +85,7 @@ class Heartbeat:
         """This process's heartbeat thread, once a claim has started it."""
         return self._thread
 
-    def _run(self) -> None:
+    def _schedule(self) -> None:
         with self._cond:
             while True:
                 now = time.monotonic()

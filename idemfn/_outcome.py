@@ -57,10 +57,10 @@ from ._json_codec import (
 )
 
 __all__ = [
-    "Failure",
+    "ExceptionDescription",
     "NotLoadable",
     "Serializer",
-    "describe_failure",
+    "describe_exception",
     "dump_value",
     "load",
     "replay_note",
@@ -441,7 +441,7 @@ def type_name(kind: type) -> str:
 
 
 @dataclass(frozen=True)
-class Failure:
+class ExceptionDescription:
     """What a halted record keeps of the exception that halted it."""
 
     exc_type: str
@@ -459,7 +459,9 @@ def _text(describe: Callable[[], str], what: str) -> str:
         return f"<{what} failed: {type(problem).__name__}: {problem}>"
 
 
-def describe_failure(exc: BaseException, serializer: Serializer | None = None) -> Failure:
+def describe_exception(
+    exc: BaseException, serializer: Serializer | None = None
+) -> ExceptionDescription:
     """Describe ``exc`` for a halted record, keeping a payload only if it can be rebuilt."""
     kind = type_name(type(exc))
     message = _text(lambda: str(exc), "str()")
@@ -469,7 +471,9 @@ def describe_failure(exc: BaseException, serializer: Serializer | None = None) -
     )
     if not isinstance(exc, Exception):
         # KeyboardInterrupt, SystemExit, CancelledError: never replayed as themselves.
-        return Failure(kind, message, text, None, f"the call was interrupted by {kind}")
+        return ExceptionDescription(
+            kind, message, text, None, f"the call was interrupted by {kind}"
+        )
     if isinstance(exc, IdempotencyError):
         # idemfn's own error from a call inside the body (its key busy elsewhere, halted,
         # other arguments...) is about that call, not this key's outcome: replayed as itself
@@ -482,9 +486,9 @@ def describe_failure(exc: BaseException, serializer: Serializer | None = None) -
             " Halted: retrying this key cannot run the body again. Forget this key to run it"
             f" again, or pass retry_on=idemfn.{type(exc).__name__} to release it instead"
         )
-        return Failure(kind, message, text, None, reason)
+        return ExceptionDescription(kind, message, text, None, reason)
     if serializer is not None and not serializer.unpickles:
-        return _as_json_failure(exc, kind, message, text, serializer.name)
+        return _as_json_description(exc, kind, message, text, serializer.name)
     try:
         # Raised exceptions are always written exactly (without __init__ where that is
         # exact): a message and attributes as they were raised, not as __init__ remakes them.
@@ -501,22 +505,24 @@ def describe_failure(exc: BaseException, serializer: Serializer | None = None) -
             f"the call raised {kind}, which could not be stored to be re-raised as itself"
             f" ({type(problem).__name__}: {problem})"
         )
-        return Failure(kind, message, text, None, reason)
-    return Failure(kind, message, text, payload, f"the call raised {kind}")
+        return ExceptionDescription(kind, message, text, None, reason)
+    return ExceptionDescription(kind, message, text, payload, f"the call raised {kind}")
 
 
-def _as_json_failure(
+def _as_json_description(
     exc: BaseException, kind: str, message: str, text: str, serializer: str
-) -> Failure:
+) -> ExceptionDescription:
     """A builtin exception as JSON, when it comes back as itself (see ``exact_exception_json``)."""
     problem = f"serializer {serializer!r} replays only builtin exceptions as themselves"
     if is_builtin_exception(exc):
         problem = "it could not be stored as JSON exactly (its arguments or attributes)"
         data = exact_exception_json(exc, kind, message)
         if data is not None:
-            return Failure(kind, message, text, _JSON_ERROR + data, f"the call raised {kind}")
+            return ExceptionDescription(
+                kind, message, text, _JSON_ERROR + data, f"the call raised {kind}"
+            )
     reason = f"the call raised {kind}, which is replayed as Halted: {problem}"
-    return Failure(kind, message, text, None, reason)
+    return ExceptionDescription(kind, message, text, None, reason)
 
 
 class Codec(Protocol):

@@ -22,18 +22,18 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-__all__ = ["raised_for_rerun", "returned_for_rerun"]
+__all__ = ["is_retry_request", "queue_will_retry"]
 
 
-def raised_for_rerun(exc: BaseException, function: object) -> bool:
+def queue_will_retry(exc: BaseException, function: object) -> bool:
     """Whether the running task queue will run ``function``'s call again after ``exc``.
 
     ``function`` is the decorated function whose claim ``exc`` ends (None: unknown).
     """
-    return _celery_reruns(exc, function) or _rq_reruns(function)
+    return _celery_will_retry(exc, function) or _rq_will_retry(function)
 
 
-def returned_for_rerun(value: object) -> bool:
+def is_retry_request(value: object) -> bool:
     """Whether ``value`` asks RQ to run the job again (an ``rq.Retry``)."""
     rq_job = sys.modules.get("rq.job")
     return rq_job is not None and isinstance(value, rq_job.Retry)
@@ -51,7 +51,7 @@ def _is(candidate: object, function: object) -> bool:
     return False
 
 
-def _celery_reruns(exc: BaseException, function: object) -> bool:
+def _celery_will_retry(exc: BaseException, function: object) -> bool:
     exceptions = sys.modules.get("celery.exceptions")
     if exceptions is None:
         return False
@@ -78,7 +78,7 @@ def _celery_reruns(exc: BaseException, function: object) -> bool:
     return limit is None or task.request.retries < limit
 
 
-def _rq_reruns(function: object) -> bool:
+def _rq_will_retry(function: object) -> bool:
     rq_job = sys.modules.get("rq.job")
     if rq_job is None or function is None:
         return False

@@ -25,7 +25,7 @@ from .._errors import (
     StoreError,
 )
 from . import records, run
-from .parser import PROG, Exit, Failure, parse, say
+from .parser import PROG, CliError, Exit, parse, say
 
 __all__ = ["entry_point", "main"]
 
@@ -77,9 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(HANDLERS[args.command](args))
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else Exit.USAGE
-    except Failure as failure:
-        say(str(failure))
-        return failure.status
+    except CliError as error:
+        say(str(error))
+        return error.status
     except IdempotencyError as exc:
         say(str(exc))
         return next(status for kind, status in _ERROR_STATUS if isinstance(exc, kind))

@@ -21,7 +21,7 @@ from .._stores import ENV_VAR
 from .._stores.disk import default_directory
 from .command_outcome import MAX_OUTPUT, MAX_OUTPUT_LIMIT
 
-__all__ = ["EXIT_CODES", "PROG", "STATES", "Exit", "Failure", "parse", "say"]
+__all__ = ["EXIT_CODES", "PROG", "STATES", "CliError", "Exit", "parse", "say"]
 
 PROG = "idemfn"
 #: The states ls and stats show for a record that cannot be read: its bytes are not a record,
@@ -78,8 +78,8 @@ exit status:
 """
 
 
-class Failure(Exception):
-    """Ends the command: ``message`` on stderr, exit with ``status``."""
+class CliError(Exception):
+    """An error that ends the ``idemfn`` command: ``message`` on stderr, exit with ``status``."""
 
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
@@ -91,7 +91,7 @@ class Failure(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise Failure(f"{self.prog}: {message} (see `{self.prog} --help`)", Exit.USAGE)
+        raise CliError(f"{self.prog}: {message} (see `{self.prog} --help`)", Exit.USAGE)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -357,22 +357,22 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         split = args.index("--")
         try:
             head = parser.parse_args(args[:split])
-        except Failure:
+        except CliError:
             head = None
         if head is not None and head.command == "run":
             if head.argv:
-                raise Failure(
+                raise CliError(
                     f"{PROG} run: unexpected {head.argv[0]!r} before `--`"
                     f" (write `{PROG} run --key KEY -- CMD [ARG ...]`)",
                     Exit.USAGE,
                 )
             head.argv = args[split + 1 :]
             if not head.argv:
-                raise Failure(f"{PROG} run: no command after `--`", Exit.USAGE)
+                raise CliError(f"{PROG} run: no command after `--`", Exit.USAGE)
             return head
     namespace = parser.parse_args(args)
     if namespace.command == "run":
-        raise Failure(
+        raise CliError(
             f"{PROG} run: put the command after `--`: `{PROG} run --key KEY -- CMD [ARG ...]`",
             Exit.USAGE,
         )

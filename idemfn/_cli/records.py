@@ -20,7 +20,7 @@ from .._record import Entry, Status
 from .._stores import Store
 from .._stores.base import TamperedRecord
 from . import command_outcome
-from .parser import CORRUPT, KEY_WIDTH, PROG, TAMPERED, Exit, Failure, say
+from .parser import CORRUPT, KEY_WIDTH, PROG, TAMPERED, CliError, Exit, say
 from .store import command_store
 
 __all__ = ["forget", "ls", "prune", "record_json", "show", "stats"]
@@ -230,22 +230,22 @@ def _ignore(key: str, error: StoreError) -> None:
 
 
 def _find(store: Store, key: str) -> Entry:
-    """``key``'s record, expired or not; ``Failure`` naming close keys when there is none, or
+    """``key``'s record, expired or not; ``CliError`` naming close keys when there is none, or
     saying why it cannot be read."""
     broken: dict[str, StoreError] = {}
     for entry in store.scan(key, corrupt=broken.__setitem__):
         if entry.key == key:
             return entry
     if key in broken:
-        raise Failure(f"{broken[key]}{_forget_hint(broken[key], key)}", Exit.STORE_ERROR)
+        raise CliError(f"{broken[key]}{_forget_hint(broken[key], key)}", Exit.STORE_ERROR)
     raise _no_record(store, key)
 
 
-def _no_record(store: Store, key: str) -> Failure:
+def _no_record(store: Store, key: str) -> CliError:
     keys = [e.key for e in store.scan(corrupt=_ignore)]
     similar = sorted(k for k in keys if k.endswith(key) or key in k)[:5]
     hint = f"; keys like it: {', '.join(map(repr, similar))}" if similar else ""
-    return Failure(f"no record for key {key!r} in {store!r}{hint}", Exit.NO_RECORD)
+    return CliError(f"no record for key {key!r} in {store!r}{hint}", Exit.NO_RECORD)
 
 
 def _value(entry: Entry) -> dict[str, Any]:
@@ -358,12 +358,12 @@ def show(args: argparse.Namespace) -> Exit:
 def forget(args: argparse.Namespace) -> int:
     store = command_store(args)
     removed: list[dict[str, Any]] = []
-    problems: list[Failure] = []
+    problems: list[CliError] = []
     for key in dict.fromkeys(args.keys):  # each key once, in the order given
         try:
             removed.append(_forget_one(store, key, args.status, args.force))
-        except Failure as failure:
-            problems.append(failure)
+        except CliError as error:
+            problems.append(error)
     if getattr(args, "json", False):
         _print_json(
             {
@@ -385,7 +385,7 @@ def _forget_one(store: Store, key: str, status: str | None, force: bool) -> dict
             entry = store.get(key)
         except StoreError as exc:  # a record that cannot be read can still be deleted
             if not force or status is not None:
-                raise Failure(f"{exc}{_forget_hint(exc, key)}", Exit.STORE_ERROR) from None
+                raise CliError(f"{exc}{_forget_hint(exc, key)}", Exit.STORE_ERROR) from None
             if store.delete(key):
                 return {"key": key, "state": "unreadable", "error": str(exc)}
             raise _no_record(store, key) from None
@@ -395,12 +395,12 @@ def _forget_one(store: Store, key: str, status: str | None, force: bool) -> dict
             if entry is None or (status is not None and entry.status != status):
                 raise _no_record(store, key)
         if status is not None and entry.status != status:
-            raise Failure(
+            raise CliError(
                 f"key {key!r} is {entry.status}, not {status}: left alone", Exit.NO_RECORD
             )
         state = _state(entry, now)
         if state == Status.PROCESSING and not force:
-            raise Failure(
+            raise CliError(
                 f"key {key!r} is running: its owner {entry.owner} started it at"
                 f" {_iso(entry.started_at)} and is alive. Forgetting it would let a second call"
                 " start while it runs; wait for it, or pass --force",
@@ -408,7 +408,7 @@ def _forget_one(store: Store, key: str, status: str | None, force: bool) -> dict
             )
         if store.delete(key, entry.token):
             return record_json(entry, now)
-    raise Failure(f"key {key!r} kept changing while being forgotten: try again", Exit.RUNNING)
+    raise CliError(f"key {key!r} kept changing while being forgotten: try again", Exit.RUNNING)
 
 
 def prune(args: argparse.Namespace) -> Exit:

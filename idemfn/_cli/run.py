@@ -40,7 +40,7 @@ from .command_outcome import (
     outcome_in,
     status_of,
 )
-from .parser import PROG, Exit, Failure, say
+from .parser import PROG, CliError, Exit, say
 from .process import (
     FORWARDED,
     CannotStart,
@@ -395,13 +395,13 @@ def die_like_the_command(outcome: CommandOutcome) -> None:
 def run_command(args: argparse.Namespace) -> int:
     key = args.key
     if not key.strip():
-        raise Failure(f"{PROG} run: --key must not be empty", Exit.USAGE)
+        raise CliError(f"{PROG} run: --key must not be empty", Exit.USAGE)
     try:
         policy = Policy(
             ttl=args.ttl, wait=args.wait, lease=args.lease, on_abandoned=args.on_abandoned
         )
     except (TypeError, ValueError) as exc:
-        raise Failure(f"{PROG} run: {exc}", Exit.USAGE) from None
+        raise CliError(f"{PROG} run: {exc}", Exit.USAGE) from None
     store = command_store(args, create=True)
     given = fingerprint(args.argv, args.fingerprint_env)
     try:
@@ -415,24 +415,24 @@ def run_command(args: argparse.Namespace) -> int:
             max_output=args.max_output,
         )
     except CannotStart as exc:
-        raise Failure(f"{exc} (key {key!r} released: nothing ran)", exc.status) from None
+        raise CliError(f"{exc} (key {key!r} released: nothing ran)", exc.status) from None
     except ForeignRecord as exc:
-        raise Failure(str(exc), Exit.MISMATCH) from None
+        raise CliError(str(exc), Exit.MISMATCH) from None
     except FingerprintMismatch:
-        raise Failure(
+        raise CliError(
             f"key {key!r} was first used with another command line"
             f"{' or environment' if args.fingerprint_env else ''}: use another key, or"
             f" `{PROG} show {key}` to see the recorded one",
             Exit.MISMATCH,
         ) from None
     except AlreadyRunning as exc:
-        raise Failure(
+        raise CliError(
             f"key {key!r} is being run by {exc.owner} since {exc.started_at:%Y-%m-%d %H:%M:%S}Z;"
             " retry later, or pass --wait S to wait for its outcome",
             Exit.RUNNING,
         ) from None
     except Halted as exc:
-        raise Failure(
+        raise CliError(
             f"key {key!r} halted: {exc.reason}. A side effect may have happened: check it, then"
             f" `{PROG} forget {key}` to allow another run",
             Exit.HALTED,

@@ -15,7 +15,7 @@ from pathlib import Path
 from .._signing import signer_for
 from .._stores import ENV_VAR, Store, locate, open_store
 from .._stores.disk import default_directory
-from .parser import PROG, STATES, Exit, Failure
+from .parser import PROG, STATES, CliError, Exit
 
 __all__ = ["command_store"]
 
@@ -36,9 +36,9 @@ def command_store(args: argparse.Namespace, *, create: bool = False) -> Store:
     try:
         kind, where = locate(text)
     except (TypeError, ValueError) as exc:
-        raise Failure(f"{source}: {exc}", Exit.BAD_STORE) from None
+        raise CliError(f"{source}: {exc}", Exit.BAD_STORE) from None
     if kind == "memory":
-        raise Failure(
+        raise CliError(
             f"{source}: {text!r} is a store inside one process, empty in every new one:"
             f" {PROG} needs a store that outlives it (a directory, or a server URL)",
             Exit.BAD_STORE,
@@ -46,18 +46,18 @@ def command_store(args: argparse.Namespace, *, create: bool = False) -> Store:
     if kind == "disk":
         try:
             _check_directory(Path(where), source, create)
-        except Failure as failure:
+        except CliError as error:
             if source == "--store" and text in STATES:  # `ls -s halted`: -S was meant
-                raise Failure(
-                    f"{failure} (-s is --store; for a status, write -S {text} or --status {text})",
-                    failure.status,
+                raise CliError(
+                    f"{error} (-s is --store; for a status, write -S {text} or --status {text})",
+                    error.status,
                 ) from None
             raise
     keys = _signing_keys(args)
     try:
         return open_store(text, signing_key=keys)
     except (TypeError, ValueError) as exc:  # a bad server URL or key, or an extra is missing
-        raise Failure(f"{source}: {exc}", Exit.BAD_STORE) from None
+        raise CliError(f"{source}: {exc}", Exit.BAD_STORE) from None
 
 
 def _signing_keys(args: argparse.Namespace) -> list[str] | None:
@@ -68,20 +68,20 @@ def _signing_keys(args: argparse.Namespace) -> list[str] | None:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise Failure(f"--signing-key-file: cannot read {path}: {exc}", Exit.USAGE) from None
+        raise CliError(f"--signing-key-file: cannot read {path}: {exc}", Exit.USAGE) from None
     keys = [line.strip() for line in text.splitlines()]
     keys = [key for key in keys if key and not key.startswith("#")]
     if not keys:
-        raise Failure(f"--signing-key-file: {path} holds no key", Exit.USAGE)
+        raise CliError(f"--signing-key-file: {path} holds no key", Exit.USAGE)
     try:
         signer_for(keys, option=f"--signing-key-file {path}")
     except (TypeError, ValueError) as exc:
-        raise Failure(str(exc), Exit.USAGE) from None
+        raise CliError(str(exc), Exit.USAGE) from None
     return keys
 
 
 def _check_directory(directory: Path, source: str, create: bool) -> None:
-    """``Failure`` unless ``directory`` holds a store (with ``create``: unless one can be made
+    """``CliError`` unless ``directory`` holds a store (with ``create``: unless one can be made
     there), saying what is in the way: a missing directory, a file, or a permission."""
     if create:
         # A store is made on first use, but not its parents: a mistyped path must not become
@@ -89,7 +89,7 @@ def _check_directory(directory: Path, source: str, create: bool) -> None:
         if source != "the default store":
             problem = _not_a_directory(directory.parent)
             if problem is _MISSING:
-                raise Failure(
+                raise CliError(
                     f"no store at {directory} ({source}), and its parent directory does not exist"
                     " either: check the path (idemfn creates a store, not its parents)",
                     Exit.NO_STORE,
@@ -101,7 +101,7 @@ def _check_directory(directory: Path, source: str, create: bool) -> None:
         return
     problem = _not_a_directory(directory)
     if problem is _MISSING:
-        raise Failure(
+        raise CliError(
             f"no store at {directory} ({source}): the directory does not exist", Exit.NO_STORE
         )
     if problem is not None:
@@ -111,7 +111,7 @@ def _check_directory(directory: Path, source: str, create: bool) -> None:
     except OSError as exc:  # is_file() only answers False for a missing file
         raise _no_store(directory, source, exc) from None
     if not found:
-        raise Failure(
+        raise CliError(
             f"no store at {directory} ({source}): the directory holds no idemfn store",
             Exit.NO_STORE,
         )
@@ -144,9 +144,9 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-def _no_store(directory: Path, source: str, problem: OSError) -> Failure:
+def _no_store(directory: Path, source: str, problem: OSError) -> CliError:
     """The one line for a store directory that cannot be reached: its path, and why."""
     what = f"{problem.filename}: {problem.strerror}" if problem.filename else str(problem)
     if isinstance(problem, NotADirectoryError):
-        return Failure(f"no store at {directory} ({source}): {what}", Exit.NO_STORE)
-    return Failure(f"cannot use the store at {directory} ({source}): {what}", Exit.STORE_ERROR)
+        return CliError(f"no store at {directory} ({source}): {what}", Exit.NO_STORE)
+    return CliError(f"cannot use the store at {directory} ({source}): {what}", Exit.STORE_ERROR)

@@ -1492,7 +1492,9 @@ os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
     ["os.killpg(0, signal.SIGTERM)", "os.kill(os.getppid(), signal.SIGTERM)"],
     ids=["the-group", "the-runner"],
 )
-@pytest.mark.skipif(process.supervisor_script() is None, reason="Linux only: the supervising process")
+@pytest.mark.skipif(
+    process.supervisor_script() is None, reason="Linux only: the supervising process"
+)
 def test_a_signal_while_the_supervisor_starts_releases_the_key(
     tmp_path: Path, store: DiskStore, env: dict[str, str], whom: str
 ) -> None:
@@ -1544,7 +1546,9 @@ entry_point()
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(process.supervisor_script() is None, reason="Linux only: the supervising process")
+@pytest.mark.skipif(
+    process.supervisor_script() is None, reason="Linux only: the supervising process"
+)
 def test_a_runner_killed_while_it_records_takes_what_the_command_left_running(
     tmp_path: Path, store: DiskStore, env: dict[str, str]
 ) -> None:
@@ -1600,7 +1604,9 @@ entry_point()
 """
 
 
-@pytest.mark.skipif(process.supervisor_script() is None, reason="Linux only: the supervising process")
+@pytest.mark.skipif(
+    process.supervisor_script() is None, reason="Linux only: the supervising process"
+)
 def test_a_python_without_ctypes_still_runs_commands(
     tmp_path: Path, store: DiskStore, env: dict[str, str]
 ) -> None:

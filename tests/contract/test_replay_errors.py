@@ -19,7 +19,7 @@ import pytest
 
 import idemfn
 from idemfn import AlreadyRunning, FingerprintMismatch, Halted, Status, Store, idempotent
-from idemfn._outcome import JSON, PICKLE, NotLoadable, describe_failure
+from idemfn._outcome import JSON, PICKLE, NotLoadable, describe_exception
 from tests.support.stores import Make
 
 # Serialisation does not depend on the store: two kinds are enough, one keeping real bytes.
@@ -96,7 +96,7 @@ def test_an_exception_whose_init_takes_other_arguments_replays_as_itself(
 
 
 def test_a_rebuilt_exception_loads_without_idemfn() -> None:
-    payload = describe_failure(ApiError(402, "x")).payload
+    payload = describe_exception(ApiError(402, "x")).payload
     assert payload is not None and b"idemfn" not in payload  # plain NEWOBJ: any reader loads it
     assert pickle.loads(payload).detail == "x"
 
@@ -297,7 +297,7 @@ def test_any_idemfn_error_from_a_body_replays_as_halted(make: Make, store: Store
 
 
 def test_json_replays_an_idemfn_error_as_halted_with_the_same_reason() -> None:
-    failure = describe_failure(AlreadyRunning("busy", key="k"), JSON)
+    failure = describe_exception(AlreadyRunning("busy", key="k"), JSON)
     assert failure.payload is None and "idemfn's AlreadyRunning about key 'k'" in failure.reason
 
 
