@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .._signing import signer_for
 from .._stores import ENV_VAR, Store, locate, open_store
-from .._stores.disk import default_directory
+from .._stores.disk import DiskStore, default_directory
 from .parser import PROG, STATES, CliError, Exit
 
 __all__ = ["command_store"]
@@ -107,8 +107,8 @@ def _check_directory(directory: Path, source: str, create: bool) -> None:
     if problem is not None:
         raise _no_store(directory, source, problem)
     try:
-        found = (directory / "cache.db").is_file()
-    except OSError as exc:  # is_file() only answers False for a missing file
+        found = DiskStore._exists_at(directory)
+    except OSError as exc:  # it cannot tell (a permission): say why
         raise _no_store(directory, source, exc) from None
     if not found:
         raise CliError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
@@ -273,6 +274,14 @@ class Store(abc.ABC):
             The size, or None when the store cannot tell (this default).
         """
         return None
+
+    # (issue 15) For the idemfn command, which must not create a store where it only looks.
+    @classmethod
+    def _exists_at(cls, where: str | os.PathLike[str]) -> bool:
+        """Whether a store of this class already exists at ``where`` (its path or URL), so that
+        a look never creates one by opening it. True by default: a server store is there when
+        its server answers. Raises ``OSError`` when it cannot tell."""
+        return True
 
     def close(self) -> None:  # noqa: B027  # optional hook: most stores hold nothing to close
         """Release the store's connections and files; it reopens them if used again."""

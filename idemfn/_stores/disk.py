@@ -241,6 +241,13 @@ class DiskStore(Store):
     def __repr__(self) -> str:
         return f"DiskStore({str(self.directory)!r})"
 
+    # (issue 15) Asked by the idemfn command before it opens a store only to look at it.
+    @classmethod
+    def _exists_at(cls, where: str | os.PathLike[str]) -> bool:
+        """Whether a DiskStore was made in directory ``where`` (its database is there). Raises
+        ``OSError`` when it cannot tell (a directory it may not search)."""
+        return (Path(where) / "cache.db").is_file()  # is_file: False only when it is absent
+
     @property
     def cache(self) -> diskcache.Cache:
         """The underlying ``diskcache.Cache``, opened (and its directory checked) on first use.
