@@ -1,5 +1,8 @@
 """The state machine: every rule of what a call does with a key, in one place.
 
+(Over 600 lines on purpose: the decision table, the claim that settles it and the drivers are
+one piece, read together.)
+
     (absent) --claim--> processing --complete--> ok
                             |------ halt ------> halted
                             |---- release ----> (absent)           retry_on, a task queue's retry
@@ -117,7 +120,15 @@ _MAX_POLL = 0.25
 
 
 class Finished:
-    """A key's finished record: ``replay()`` returns its value or raises its exception."""
+    """A key's finished record, as ``begin`` returns it: the call must not run again.
+
+    ``replay()`` returns the recorded value or raises the recorded exception; ``record`` says
+    what the record holds without loading the value. Made by ``begin``, not by hand.
+
+    Attributes:
+        entry: The stored entry (``idemfn._record.Entry``): status, times, owner, payload.
+        serializer: How the payload is read back (the policy's ``serializer``).
+    """
 
     __slots__ = ("entry", "serializer")
 
@@ -127,10 +138,24 @@ class Finished:
 
     @property
     def record(self) -> Record:
+        """The finished record as an ``idemfn.Record``: status, times, attempt, and for a halted
+        key its reason and exception type; its value is not loaded."""
         return self.entry.record()
 
     def replay(self) -> Any:
-        """A fresh copy of the recorded value, or the recorded exception raised again."""
+        """The call's outcome again, as a later call of an ``@idempotent`` function gets it.
+
+        Returns:
+            A fresh copy of the recorded value (status ``ok``).
+
+        Raises:
+            Exception: The recorded exception, rebuilt, with a note saying it was replayed
+                (status ``halted``, when it was stored and still loads).
+            Halted: A halted key whose exception was not stored or no longer loads, or whose
+                owner died mid-call; its ``reason`` says which.
+            StoreError: The recorded value no longer loads (its class moved or changed):
+                forget the key to run the call again.
+        """
         entry = self.entry
         if entry.status == OK:
             payload: bytes = entry.payload  # type: ignore[assignment]  # ok: never None
@@ -202,11 +227,34 @@ class Busy:
 
 
 class Claim:
-    """This caller owns the key: run the work, then ``complete`` (or ``fail``) the claim.
+    """This caller owns the key, as ``begin`` returns it: run the work, then settle the claim.
 
-    Used as a context manager, an exception escaping the block settles the claim as ``fail``
-    does, and the key counts as running in this context (re-entering it raises
-    ``AlreadyRunning`` at once).
+    Settle it exactly once: ``complete(value)`` records the outcome ``ok``; ``fail(exc)``
+    records the exception ``halted`` (or releases the key for a ``retry_on`` exception);
+    ``halt(exc)`` and ``release()`` do one of those whatever the policy says. Until then a
+    heartbeat thread renews the claim's lease. Use it as a context manager::
+
+        step = idemfn.begin("emails:welcome:42", store=store)
+        if isinstance(step, idemfn.Claim):
+            with step:  # an exception escaping the block settles the claim as fail() does
+                receipt = send_welcome_email(42)
+                step.complete(receipt)
+        else:
+            receipt = step.replay()
+
+    Inside the block the key counts as running in this context: re-entering it raises
+    ``AlreadyRunning`` at once. A block that ends without settling halts the claim. A claim
+    dropped unsettled stops being renewed, and is judged abandoned once its lease runs out.
+    In a child process forked while it is held, settling records nothing: the claim is the
+    parent's. Made by ``begin``, not by hand.
+
+    Attributes:
+        store: The store the claim is held in.
+        entry: The stored claim (``idemfn._record.Entry``), updated by each renewal.
+        policy: The ``Policy`` the claim was made with.
+        function: The decorated function this is a call of (set by ``@idempotent``), or None;
+            a task queue's retry releases the key only for its own function's exception.
+        renew_at: When the heartbeat renews the lease next (``time.monotonic()``).
     """
 
     __slots__ = (
@@ -244,14 +292,19 @@ class Claim:
 
     @property
     def key(self) -> str:
+        """The full stored key this claim holds."""
         return self.entry.key
 
     @property
     def token(self) -> str:
+        """This claim's token: every write of the claim is fenced on it (a claim taken over
+        gets a new one, so the old owner's writes fail with ``OwnershipLost``)."""
         return self.entry.token
 
     @property
     def attempt(self) -> int:
+        """Which attempt at the key this is: 1, then one more for each takeover of an
+        abandoned claim (``on_abandoned="retry"``)."""
         return self.entry.attempt
 
     def __repr__(self) -> str:
@@ -261,6 +314,14 @@ class Claim:
     # Called by the heartbeat thread, until the outcome is written: serialising a large value
     # can outlast the lease, and a lapsed lease would hand a live claim to another caller.
     def renew(self) -> bool:
+        """Renew the claim's lease (the heartbeat thread calls this; a caller need not).
+
+        A store error is logged and retried soon. A claim that was taken over or halted
+        meanwhile is marked lost, and its outcome will not be recorded.
+
+        Returns:
+            True while the claim is held (renew it again), False once it is lost.
+        """
         self.renew_at = time.monotonic() + self.policy.lease / 3
         e = self.entry
         try:
@@ -330,14 +391,24 @@ class Claim:
         )
 
     def complete(self, value: object) -> None:
-        """Record ``value`` as the key's outcome (``ok``).
+        """Record ``value`` as the key's outcome: the record becomes ``ok``, replayed after.
 
-        Raises ``OwnershipLost`` if the claim was lost, and ``Halted`` (after recording the key
-        as halted) if the value cannot be serialised. A value that serialises but would not load
-        back is not recorded ``ok`` (every replay would fail): the key is halted with the reason,
-        and this returns, so the caller still gets its value. An ``rq.Retry`` is not an outcome: the
-        key is released, so that the retried job runs the body again. In a child process
-        forked by the body, this records nothing: the claim is its parent's.
+        A value that serialises but would not load back is not recorded ``ok`` (every replay
+        would fail): the key is halted with the reason why, and this returns, so the caller
+        still has its value. An ``rq.Retry`` is not an outcome: the key is released, so that
+        the retried job runs again. In a child process forked while the claim is held, this
+        records nothing: the claim is its parent's.
+
+        Args:
+            value: What the call returned.
+
+        Raises:
+            OwnershipLost: The claim was taken over, halted or forgotten meanwhile; nothing
+                was recorded.
+            Halted: The value could not be serialised; the key was recorded halted with why.
+            RuntimeError: The claim was settled already.
+            StoreError: The store failed to record it (the key stays processing until its
+                lease runs out).
         """
         if is_retry_request(value):
             self.release()
@@ -372,17 +443,40 @@ class Claim:
         self._write(self._finished_entry(OK, payload=payload))
 
     def fail(self, exc: BaseException) -> None:
-        """Settle the claim for a call that raised ``exc``: release the key if ``exc`` is in
-        ``retry_on`` or a task queue will run the body again after it (see ``_queue_retry``), else
-        record it ``halted``. Raises ``OwnershipLost`` (from ``exc``) if
-        the claim was lost. The caller re-raises ``exc``."""
+        """Settle the claim for a call that raised ``exc``, as ``@idempotent`` does.
+
+        The key is released (``release``) when ``exc`` is in the policy's ``retry_on``, or a
+        task queue (Celery, RQ) will run the call again after it; otherwise it is recorded
+        ``halted`` with ``exc`` (``halt``). The caller re-raises ``exc`` afterwards.
+
+        Args:
+            exc: The exception the call raised.
+
+        Raises:
+            OwnershipLost: The claim was taken over, halted or forgotten meanwhile (chained
+                from ``exc``); nothing was recorded.
+            RuntimeError: The claim was settled already.
+            StoreError: The store failed to record it.
+        """
         if isinstance(exc, self.policy.retry_on) or queue_will_retry(exc, self.function):
             self.release(exc)
         else:
             self.halt(exc)
 
     def halt(self, exc: BaseException) -> None:
-        """Record the key ``halted`` with ``exc``."""
+        """Record the key ``halted`` with ``exc``, whatever ``retry_on`` says.
+
+        Later calls replay ``exc`` itself when it could be stored and loads back (its type,
+        message and traceback are kept either way), else ``Halted``.
+
+        Args:
+            exc: The exception to record.
+
+        Raises:
+            OwnershipLost: The claim was taken over, halted or forgotten meanwhile.
+            RuntimeError: The claim was settled already.
+            StoreError: The store failed to record it.
+        """
         if not self._settling():
             return
         try:
@@ -402,7 +496,17 @@ class Claim:
         self._write(entry, exc)
 
     def release(self, cause: BaseException | None = None) -> None:
-        """Delete the claim, so that the next call runs the body again."""
+        """Delete the claim without recording anything, so that the next call runs again.
+
+        Args:
+            cause: The exception that made the call release the key, if any: an
+                ``OwnershipLost`` raised here is chained from it.
+
+        Raises:
+            OwnershipLost: The claim was taken over, halted or forgotten meanwhile.
+            RuntimeError: The claim was settled already.
+            StoreError: The store failed to delete it.
+        """
         if not self._settling():
             return
         try:
@@ -575,7 +679,9 @@ Due = Callable[[], "float | None"]  # when a call must no longer start; called o
 def decide(
     store: Store, key: str, fingerprint: str, policy: Policy, deadline: Due | None = None
 ) -> Claim | Finished | Busy:
-    """One decision on ``key`` (contract section 5): claim it, replay it, or report it busy."""
+    """One decision on ``key`` from what the store holds: claim it (absent or expired), replay
+    it (finished), halt or take over an abandoned claim (``on_abandoned``), or report a live
+    owner (``Busy``)."""
     # Replay first: a finished key costs one read and no write. A store whose claim is as
     # cheap as a read (one round trip that writes nothing over a live record) claims at once:
     # a first call is then two round trips, claim and complete. Not with a deadline: a
@@ -672,10 +778,37 @@ def begin(
     policy: Policy | None = None,
     deadline: datetime | float | None = None,
 ) -> Claim | Finished:
-    """Claim ``key``, or return its finished record; wait up to ``policy.wait`` for a live owner.
+    """Claim ``key`` to run the call, or return its finished record to replay.
 
-    ``key`` is the full stored key; ``fingerprint`` any string identifying the arguments ("" to
-    skip the check). Raises ``AlreadyRunning``, ``FingerprintMismatch`` or ``DeadlineExceeded``.
+    The low-level API under ``@idempotent``, for framework authors: one decision on the key,
+    waiting up to ``policy.wait`` while a live owner holds it. An abandoned claim (its owner
+    died, or its lease ran out) is halted, or taken over, as ``policy.on_abandoned`` says.
+
+    Args:
+        key: The full stored key (a non-empty ``str``), used as given.
+        store: The store: a ``Store``, a directory path or a store URL. Default None:
+            ``IDEMFN_STORE`` if set, else the default ``DiskStore`` (see ``default_store``).
+        fingerprint: Any string identifying the call's arguments, compared with the one
+            recorded with the key. Default ``""``: no check.
+        policy: The key's options (ttl, lease, wait, on_abandoned, retry_on, serializer).
+            Default None: ``Policy()``.
+        deadline: When the call must no longer start: an aware ``datetime`` or UNIX
+            seconds. With no finished record and the deadline past, nothing is claimed.
+            Default None: no deadline. A finished record is still returned after it.
+
+    Returns:
+        A ``Claim`` (this caller runs the call, then settles the claim), or a ``Finished``
+        record (the call ran already: ``replay()`` it).
+
+    Raises:
+        AlreadyRunning: A live owner holds the key and ``policy.wait`` ran out (at once when
+            this context re-enters its own key).
+        FingerprintMismatch: The key was first used with another fingerprint.
+        DeadlineExceeded: The deadline passed before the call could start.
+        StoreError: The store failed.
+        TypeError: A ``key``, ``policy`` or ``deadline`` of the wrong type.
+        ValueError: An empty or unstorable ``key``, a naive ``deadline``, or a ``store`` path
+            or URL that names no store.
     """
     store, policy, due = _prepare(key, store, policy, deadline)
     return begin_with(store, key, fingerprint, policy, due)
@@ -689,7 +822,31 @@ async def abegin(
     policy: Policy | None = None,
     deadline: datetime | float | None = None,
 ) -> Claim | Finished:
-    """``begin`` for coroutines: waits with ``asyncio.sleep``, never blocking the event loop."""
+    """``begin`` for coroutines: waits for a live owner with ``asyncio.sleep``.
+
+    The store's own calls still block; only the waiting never blocks the event loop.
+
+    Args:
+        key: The full stored key (a non-empty ``str``), used as given.
+        store: The store: a ``Store``, a directory path or a store URL. Default None:
+            ``IDEMFN_STORE`` if set, else the default ``DiskStore``.
+        fingerprint: Any string identifying the call's arguments. Default ``""``: no check.
+        policy: The key's options. Default None: ``Policy()``.
+        deadline: When the call must no longer start: an aware ``datetime`` or UNIX seconds.
+            Default None: no deadline.
+
+    Returns:
+        A ``Claim`` (run the call, then settle it) or a ``Finished`` record (``replay()`` it).
+
+    Raises:
+        AlreadyRunning: A live owner holds the key and ``policy.wait`` ran out.
+        FingerprintMismatch: The key was first used with another fingerprint.
+        DeadlineExceeded: The deadline passed before the call could start.
+        StoreError: The store failed.
+        TypeError: A ``key``, ``policy`` or ``deadline`` of the wrong type.
+        ValueError: An empty or unstorable ``key``, a naive ``deadline``, or a ``store`` path
+            or URL that names no store.
+    """
     store, policy, due = _prepare(key, store, policy, deadline)
     return await abegin_with(store, key, fingerprint, policy, due)
 
@@ -697,6 +854,7 @@ async def abegin(
 def begin_with(
     store: Store, key: str, fingerprint: str, policy: Policy, deadline: Due | None
 ) -> Claim | Finished:
+    """``begin`` with its arguments already checked and resolved (the decorator's hot path)."""
     step = decide(store, key, fingerprint, policy, deadline)
     if not isinstance(step, Busy):
         return step
@@ -710,6 +868,7 @@ def begin_with(
 async def abegin_with(
     store: Store, key: str, fingerprint: str, policy: Policy, deadline: Due | None
 ) -> Claim | Finished:
+    """``abegin`` with its arguments already checked and resolved."""
     step = decide(store, key, fingerprint, policy, deadline)
     if not isinstance(step, Busy):
         return step

@@ -1,5 +1,8 @@
 """Outcomes as bytes: the returned value, or the raised exception with what describes it.
 
+(Over 600 lines: the pickle rules below are one piece, and pickles name ``_main_class`` in this
+module, so they stay together; the JSON payloads are in ``_json_codec``.)
+
 A ``Serializer`` turns them into a record's payload. The default, ``"pickle"``, writes values
 and exceptions with pickle, or cloudpickle where pickle cannot do as well (lambdas, local
 classes, objects of the running script's ``__main__``), and reads them back with plain

@@ -16,7 +16,55 @@ __all__ = ["Policy", "deadline_timestamp", "seconds_option", "whole_option"]
 
 
 class Policy:
-    """The validated options that govern a key's calls. Errors name the option."""
+    """The options that govern a key's calls, for ``begin`` and ``abegin``, validated once.
+
+    ``@idempotent`` builds one from its own options of the same names; the low-level API takes
+    one as ``policy=`` (default: ``Policy()``). Every option is keyword-only::
+
+        policy = idemfn.Policy(ttl=timedelta(days=7), wait=5, on_abandoned="retry")
+        step = idemfn.begin("emails:welcome:42", store=store, policy=policy)
+
+    Args:
+        ttl: How long a finished record is kept, counted from when the call finished: seconds
+            (> 0) or a ``timedelta``. Default 86400.0 (a day); None keeps records until
+            forgotten. An expired record counts as absent: the next call runs again.
+        lease: How long a claim stays valid without renewal: seconds (> 0) or a
+            ``timedelta``. Default 30.0. A heartbeat thread renews every live ``Claim`` a
+            third of the way through; an owner on another machine is judged gone once its
+            lease runs out (one on this machine as soon as its process is gone).
+        wait: How long ``begin`` waits for a key held by a live owner to finish (polling with
+            backoff; ``abegin`` with ``asyncio.sleep``) before raising ``AlreadyRunning``:
+            seconds (>= 0) or a ``timedelta``. Default 0.0: raise at once.
+        on_abandoned: What becomes of a claim whose owner is gone (crashed, killed, lost its
+            lease). ``"halt"`` (default): the record becomes ``halted`` and is returned as a
+            ``Finished`` whose ``replay()`` raises ``Halted`` (at most once: the side effect
+            may have happened). ``"retry"``: exactly one caller takes the claim over
+            (``attempt + 1``) and gets a ``Claim`` (at least once).
+        retry_on: Exception types (one, or a tuple) that ``Claim.fail`` does not record: the
+            key is released, so the next call runs again. Default ``()``: every exception is
+            recorded ``halted``.
+        serializer: How outcomes are stored: ``"pickle"`` (default; cloudpickle where pickle
+            cannot, and a replay unpickles: trust the store or sign its records), ``"json"``
+            (plain JSON values; builtin exceptions replay as themselves, others as
+            ``Halted``; never unpickles), or an object with ``dumps(value) -> bytes | str``
+            and ``loads(data) -> value``.
+
+    Attributes:
+        ttl: The ``ttl`` option in float seconds (None: kept until forgotten).
+        lease: The ``lease`` option in float seconds.
+        wait: The ``wait`` option in float seconds.
+        on_abandoned: ``"halt"`` or ``"retry"``.
+        retry_on: The ``retry_on`` option as a tuple of exception types.
+        serializer: The ``serializer`` option, resolved.
+
+    Raises:
+        TypeError: An option of the wrong type (a string for ``ttl``, a ``retry_on`` that is
+            not exception types, a ``serializer`` without ``dumps``/``loads``); the message
+            names the option.
+        ValueError: An option out of range (a ``ttl`` or ``lease`` <= 0, a negative
+            ``wait``, an infinite or NaN number, an ``on_abandoned`` other than ``"halt"`` or
+            ``"retry"``); the message names the option.
+    """
 
     __slots__ = ("lease", "on_abandoned", "retry_on", "serializer", "ttl", "wait")
 
