@@ -12,6 +12,18 @@
 No test waits for time to pass (a busy machine makes any such wait too short): ``age`` rewrites a
 record as it will stand later, ``store_clock`` moves a store's clock on, and processes and
 threads wait on conditions with generous timeouts.
+
+The suite runs in parallel (pytest-xdist, ``-n auto --dist loadgroup`` in pyproject.toml; ``-n 0``
+runs it serially). Each worker is a process of its own with its own servers (session fixtures:
+a redis-server and a PostgreSQL cluster in temporary directories of its own, on unix sockets),
+so tests share nothing but the machine. What must not run beside its like carries an
+``xdist_group`` mark, and loadgroup runs a group's tests on one worker, one after the other:
+
+- ``system-users`` (tests/stores/test_store_path.py): the tests that make the system users
+  idemfn-victim and idemfn-attacker (two ``useradd`` at once contend for /etc/passwd).
+- ``machine-load`` (tests/tools: the benchmarks, the comparison, the crash storm): each loads
+  every core with processes of its own; the crash storm's workers must renew 5 s leases in
+  time. One at a time, they never add up (ordinary tests still run beside them).
 """
 
 from __future__ import annotations
@@ -40,6 +52,14 @@ pytest_plugins = ["tests.support.servers"]
 # these for what they leave out.
 settings.register_profile("idemfn", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("idemfn")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # In an xdist worker (every worker collects the same order, which the controller deals out
+    # from): slow tests first, so that the last ones dealt are short and the workers finish
+    # together instead of one waiting for the other's long test. A serial run keeps file order.
+    if hasattr(config, "workerinput"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(autouse=True)

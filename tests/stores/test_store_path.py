@@ -36,6 +36,9 @@ as_root = pytest.mark.skipif(
     not hasattr(os, "geteuid") or os.geteuid() != 0,
     reason="needs root: the test makes two users and files they own (CI runs as root)",
 )
+# The tests that make the two users run on one xdist worker, one after the other: two useradd
+# at once contend for /etc/passwd's lock (see tests/conftest.py).
+makes_users = pytest.mark.xdist_group("system-users")
 
 
 # -- two real users ------------------------------------------------------------------------------
@@ -185,6 +188,7 @@ def _owned(path: Path, uid: int, gid: int, mode: int = 0o700) -> Path:
 
 
 @as_root
+@makes_users
 @pytest.mark.parametrize(
     "layout",
     [
@@ -233,6 +237,7 @@ def test_another_user_cannot_swap_the_store_under_a_running_process(
 
 
 @as_root
+@makes_users
 def test_a_path_only_its_user_and_root_can_change_is_used(shared: Path) -> None:
     """No false alarm on the usual ways to a store: root's sticky directories (as /tmp), and
     the user's own link in one, which another user cannot re-point."""
@@ -252,6 +257,7 @@ def test_a_path_only_its_user_and_root_can_change_is_used(shared: Path) -> None:
 
 
 @as_root
+@makes_users
 def test_a_store_removed_under_a_running_process_is_not_replaced_by_another_users(
     shared: Path,
 ) -> None:
@@ -506,6 +512,7 @@ def _victim_once(uid: int, gid: int, path: str, env: dict[str, str], out: Any) -
 
 
 @as_root
+@makes_users
 def test_a_dollar_in_the_path_does_not_open_another_users_directory(shared: Path) -> None:
     """diskcache expands ``$NAME`` in the directory it is given (os.path.expandvars): a store
     named ``/tmp/idemfn-$USER`` was checked as that literal directory (made 0700, ours) and

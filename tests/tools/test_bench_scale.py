@@ -12,6 +12,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# One machine-loading tool at a time under xdist (see tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("machine-load")
+
 
 @pytest.mark.slow
 def test_scale_benchmark_quick_run_measures_every_size(tmp_path: Path) -> None:

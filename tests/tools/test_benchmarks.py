@@ -10,6 +10,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# One machine-loading tool at a time under xdist (see tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("machine-load")
+
 
 @pytest.mark.slow
 def test_core_benchmark_quick_run_finds_no_leak_and_no_thread_per_call() -> None:

@@ -12,6 +12,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# One machine-loading tool at a time under xdist (see tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("machine-load")
+
 PEERS = [
     "idemfn DiskStore",
     "raw diskcache get / add+set",

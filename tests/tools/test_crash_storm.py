@@ -20,6 +20,9 @@ from tests.support.servers import PostgresServer, RedisServer
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "stress" / "crash_storm.py"
 
+# One machine-loading tool at a time under xdist (see tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("machine-load")
+
 # Short and light (2 cores): 3 workers, 30 keys in play, a new key set every second. A 5 s
 # lease (renewed every 1.7 s): a live worker's heartbeat may fall 3 s behind on a busy machine
 # before its claim could be taken over, which the checker would count as a violation.
