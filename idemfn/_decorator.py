@@ -1,4 +1,8 @@
-"""``@idempotent``: the decorator, a thin driver of the state machine in ``_engine``."""
+"""``@idempotent``: the decorator, a thin driver of the state machine in ``_engine``.
+
+(Over 600 lines: about a third is ``idempotent``'s docstring, which documents every option for
+``help()`` and IDE hovers; the code that binds, keys and drives a call is one piece.)
+"""
 
 from __future__ import annotations
 
