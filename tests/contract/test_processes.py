@@ -41,7 +41,7 @@ from tests.support.servers import PostgresServer, RedisServer
 FORK = multiprocessing.get_context("fork")
 
 CHILD_SCRIPT = '''\
-"""One @idempotent call in its own process (written by tests/test_processes.py)."""
+"""One @idempotent call in its own process (written by tests/contract/test_processes.py)."""
 import json
 import os
 import signal

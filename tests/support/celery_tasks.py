@@ -1,4 +1,4 @@
-"""The Celery app that ``tests/test_celery.py`` runs in real worker processes.
+"""The Celery app that ``tests/integrations/test_celery.py`` runs in real worker processes.
 
 The worker imports this module (``celery -A tests.support.celery_tasks worker``), configured by the
 environment the test gives it:

@@ -1,4 +1,5 @@
-"""The RQ job functions that ``tests/test_rq.py`` enqueues for real ``rq worker`` processes.
+"""The RQ job functions that ``tests/integrations/test_rq.py`` enqueues for real ``rq worker``
+processes.
 
 Configured by the environment the test gives the worker: ``IDEMFN_STORE`` (the store the jobs
 share) and ``IDEMFN_TEST_EFFECTS`` (where bodies append their side effects).
