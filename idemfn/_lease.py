@@ -17,7 +17,7 @@ __all__ = ["abandoned_reason", "clock", "prunable_claim", "utc_iso"]
 
 # The clock of same-machine leases (Entry.lease_mono): CLOCK_MONOTONIC, shared by every process
 # of a machine until it reboots, and never set by anyone. Looked up here on every use, so that
-# a model with a fake clock (tests/test_state_machine.py) can replace it.
+# a model with a fake clock (tests/contract/test_state_machine.py) can replace it.
 clock = time.monotonic
 
 

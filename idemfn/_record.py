@@ -274,7 +274,7 @@ def decode(data: bytes) -> Entry:
 # a None lease_mono) grown by four, so that it swallows the checksum but for its last byte,
 # when that byte reads as None (one record in 128). What passes is four bytes of junk at the
 # end of that text, never the value: the payload comes before it (issue 14, review; every
-# single and double flip of tests/test_corrupt.py's records is refused).
+# single and double flip of tests/stores/test_corrupt.py's records is refused).
 
 
 def _older(data: bytes) -> object:

@@ -69,7 +69,7 @@ only run out here if a heartbeat fails to renew one.
 The parent keeps one store object for the whole run, and checks that the store opens afresh
 in a separate process. (The harness found, on 2026-11-22, that a second ``DiskStore`` opening a
 directory already open in the same process dropped the first one's SQLite locks; fixed, with a
-regression test in tests/test_permissions.py.)
+regression test in tests/stores/test_permissions.py.)
 
 ``--sabotage`` is for the test suite only: it makes the workers run the body now and then
 without idempotency, to prove that the checker reports violations.

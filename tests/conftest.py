@@ -65,7 +65,8 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     if given:
         return int(given)
     usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None  # not macOS
-    return 2 * (len(usable) if usable else os.cpu_count() or 1)
+    # At most 8: each worker starts its own redis-server and PostgreSQL cluster.
+    return min(8, 2 * (len(usable) if usable else os.cpu_count() or 1))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -114,9 +114,9 @@ class _ForkGate:
     """Store operations run side by side; ``fork()`` waits until none is inside SQLite.
 
     A child forked while a thread of its parent was inside a SQLite transaction inherits that
-    lock state and is locked out of the database for good (found by tests/test_processes.py,
-    2026-11-22). Nothing is held while an operation waits on SQLite, so a busy database never
-    blocks another store, or a heartbeat.
+    lock state and is locked out of the database for good (found by
+    tests/contract/test_processes.py, 2026-11-22). Nothing is held while an operation waits on
+    SQLite, so a busy database never blocks another store, or a heartbeat.
 
     No lock on the fast path: a thread marks itself busy *before* it looks for a fork, and the
     forking thread announces the fork *before* it looks for busy threads; with the interpreter's

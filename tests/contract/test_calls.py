@@ -1,4 +1,4 @@
-"""What a call does (contract section 5), on every store, through sync and async wrappers."""
+"""What a call does (docs/outcomes.md), on every store, through sync and async wrappers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""A stateful model of contract sections 5-7, driven through the low-level engine API.
+"""A stateful model of the call rules (docs/outcomes.md, docs/crashes.md), driven through the
+low-level engine API.
 
 The machine keeps several claims open at once on three keys with two fingerprints and interleaves
 calls, completions, failures, owner deaths, clock jumps, forget and prune at random. A small

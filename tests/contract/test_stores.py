@@ -1,4 +1,4 @@
-"""The store primitives (contract section 6), held to one behaviour on every store.
+"""The store primitives, held to one behaviour on every store.
 
 The conformance suite itself is ``idemfn.testing.StoreContract`` (shipped for third-party
 stores too); here it runs on every store of conftest's ``store`` fixture, beside tests of what

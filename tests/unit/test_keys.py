@@ -1,4 +1,4 @@
-"""Keys and options (contract section 3) and every way to hold the decorator wrong."""
+"""Keys and options (docs/keys.md) and every way to hold the decorator wrong."""
 
 from __future__ import annotations
 
