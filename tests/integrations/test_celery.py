@@ -187,14 +187,14 @@ def test_a_retried_task_keeps_its_key_and_records_ok_once(celeryd: Celeryd, task
     flaky = getattr(celery_tasks, task)
     tid = celeryd.publish(flaky, name, 2)
 
-    value = _result(tid).get(timeout=60)
-    assert value.startswith("ok on run 3: ")
+    value = celeryd.wait_deliveries(tid, "SUCCESS", 1)[0]  # not the result backend: see below
+    assert value.startswith("'ok on run 3: ")
     assert celeryd.runs(name) == ["0", "1", "2"]  # request.retries of each run
     record = celeryd.record(flaky, tid)
     assert record is not None and record.status is Status.OK
 
     celeryd.publish(flaky, name, 2, task_id=tid)  # a late duplicate replays
-    assert celeryd.wait_deliveries(tid, "SUCCESS", 2)[-1] == repr(value)
+    assert celeryd.wait_deliveries(tid, "SUCCESS", 2)[-1] == value
     assert len(celeryd.runs(name)) == 3
 
 
@@ -204,12 +204,11 @@ def test_autoretry_releases_the_key_until_the_last_attempt_which_records_halted(
     name = f"autoretry-{uuid.uuid4().hex}"
     tid = celeryd.publish(celery_tasks.flaky_autoretry, name, 10)
 
-    error = poll(
-        lambda: (r := _result(tid)).ready() and r.get(propagate=False),
-        "the task to fail",
-        timeout=60,
-    )
-    assert isinstance(error, ConnectionError) and "run 3 failed" in str(error)
+    # The worker's deliveries log, not the result backend: Celery stores a retried attempt's
+    # RETRY state after it has published the retry, so on a busy machine that RETRY can land
+    # after the next attempt's FAILURE and stay the backend's last word (seen in CI's load test:
+    # runs 0, 1, 2 done in 0.4 s, the backend still saying RETRY a minute later).
+    assert celeryd.wait_deliveries(tid, "FAILURE", 1) == ["ConnectionError('run 3 failed')"]
     assert celeryd.runs(name) == ["0", "1", "2"]  # max_retries=2: three runs
     record = celeryd.record(celery_tasks.flaky_autoretry, tid)
     assert record is not None and record.status is Status.HALTED
