@@ -9,7 +9,7 @@ a Redis broker redelivers after its ``visibility_timeout``, and producers publis
 
     app = Celery("shop", broker="redis://localhost:6379/0")
 
-    @app.task(acks_late=True, task_reject_on_worker_lost=True)
+    @app.task(acks_late=True, reject_on_worker_lost=True)
     @idempotent_task()                  # UNDER @app.task; the key is the task's id
     def charge(order_id: str, amount: int) -> str:
         ...
