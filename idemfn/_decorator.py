@@ -449,9 +449,10 @@ def idempotent(
             session, ``python -c``) unless the store is a ``MemoryStore``. Give one that
             survives renames and moves to keys that must outlive a refactoring.
         store: Where records live: a ``Store``; a directory path (a ``DiskStore``); a URL
-            (``redis://``, ``rediss://``, ``unix://``, ``postgresql://``, ``memory://``,
-            ``file://``), opened once per process with ``open_store``. Default None: the
-            store ``IDEMFN_STORE`` names, else a ``DiskStore`` in ``default_directory()``.
+            (``redis://``, ``rediss://``, ``unix://``, ``postgresql://``, ``postgres://``,
+            ``memory://``, ``file://``), opened once per process with ``open_store``. Default
+            None: the store ``IDEMFN_STORE`` names, else a ``DiskStore`` in
+            ``default_directory()``.
         ttl: How long a finished record is kept, counted from when the call finished: seconds
             (> 0) or a ``timedelta``. Default 86400.0 (a day); None keeps records until
             forgotten. An expired record counts as absent: the next call runs the body.

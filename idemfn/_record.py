@@ -115,6 +115,9 @@ class Entry(NamedTuple):
         expires_at: When a finished entry expires (store-clock UNIX seconds); None while
             processing, or kept forever. ``is_expired(now)`` tells.
         lease_until: When a claim's lease runs out (store-clock UNIX seconds).
+        lease_mono: When the lease runs out on the owner machine's ``CLOCK_MONOTONIC``; a
+            store that overrides ``Store.renew`` must move it on with ``lease_until``, as the
+            base ``renew`` does.
     """
 
     key: str

@@ -37,8 +37,27 @@ def open_store(
     this process; ``memory://`` gives this process's ``MemoryStore``; ``redis://``, ``rediss://``
     and ``unix://`` give a ``RedisStore``, ``postgresql://`` and ``postgres://`` a
     ``PostgresStore``, one per URL (``?connect_timeout=S`` bounds how long a call waits for an
-    unreachable server; default 5 s). A ``Store`` is returned as is. ``signing_key`` (default:
-    ``IDEMFN_SIGNING_KEY``) signs the records of the store opened, one store per set of keys.
+    unreachable server; default 5 s). A ``Store`` is returned as is.
+
+    Args:
+        url_or_path: A directory (``str`` or path-like), a URL of one of the schemes above, or a
+            ``Store``, returned as it is.
+        signing_key: Signs and checks the records of the store opened (default: the keys in
+            ``IDEMFN_SIGNING_KEY``, if set); one store is opened per path or URL and set of
+            keys.
+
+    Returns:
+        The store, shared by every caller in this process that names the same path or URL
+        with the same keys.
+
+    Raises:
+        TypeError: ``url_or_path`` is neither a path, a URL nor a ``Store``.
+        ValueError: An unknown URL scheme, an empty path, a store whose client library is not
+            installed (the message names the extra to install), ``signing_key`` with
+            ``memory://`` or a ``MemoryStore``, a ``Store`` made with other keys, or a signing
+            key that is too short.
+        StoreError: The store cannot be opened (a directory that cannot be created, or whose
+            way another user could change).
     """
     global _memory_store
     if isinstance(url_or_path, Store):
@@ -139,8 +158,23 @@ def _absolute(path: Path) -> Path:
 
 
 def default_store(*, signing_key: SigningKey | None = None) -> Store:
-    """``IDEMFN_STORE`` (a directory or URL) if set, else a ``DiskStore`` in the user's state
-    directory (see ``default_directory()``); ``signing_key`` as ``open_store`` takes it."""
+    """The store used when ``@idempotent`` is given none.
+
+    ``IDEMFN_STORE`` (a directory or URL) if set, else a ``DiskStore`` in the user's state
+    directory (see ``default_directory()``).
+
+    Args:
+        signing_key: As ``open_store`` takes it.
+
+    Returns:
+        The store, opened as ``open_store`` opens it.
+
+    Raises:
+        TypeError: As ``open_store``; the message starts with ``IDEMFN_STORE=...`` when the
+            variable named the store.
+        ValueError: As ``open_store``, likewise.
+        StoreError: As ``open_store``.
+    """
     configured = os.environ.get(ENV_VAR, "").strip()
     try:
         return open_store(configured or default_directory(), signing_key=signing_key)
