@@ -16,15 +16,17 @@ thin drivers that only differ in how they sleep while waiting. Every write after
 through ``Store.swap`` or ``Store.release`` on the claim's token, fenced on the claim still being
 live, so a claim that was taken over, halted or forgotten writes nothing.
 
-This is also the low-level API for framework authors::
+This is also the low-level API for framework authors:
 
-    outcome = idemfn.begin("emails:welcome:42", store=store, fingerprint="")
-    if isinstance(outcome, idemfn.Claim):
-        with outcome:                      # an exception inside halts (or releases) the claim
-            receipt = send_welcome_email(42)
-            outcome.complete(receipt)
-    else:
-        receipt = outcome.replay()         # the recorded value, or the recorded exception
+```python
+outcome = idemfn.begin("emails:welcome:42", store=store, fingerprint="")
+if isinstance(outcome, idemfn.Claim):
+    with outcome:  # an exception inside halts (or releases) the claim
+        receipt = send_welcome_email(42)
+        outcome.complete(receipt)
+else:
+    receipt = outcome.replay()  # the recorded value, or the recorded exception
+```
 """
 
 from __future__ import annotations
@@ -232,15 +234,17 @@ class Claim:
     Settle it exactly once: ``complete(value)`` records the outcome ``ok``; ``fail(exc)``
     records the exception ``halted`` (or releases the key for a ``retry_on`` exception);
     ``halt(exc)`` and ``release()`` do one of those whatever the policy says. Until then a
-    heartbeat thread renews the claim's lease. Use it as a context manager::
+    heartbeat thread renews the claim's lease. Use it as a context manager:
 
-        step = idemfn.begin("emails:welcome:42", store=store)
-        if isinstance(step, idemfn.Claim):
-            with step:  # an exception escaping the block settles the claim as fail() does
-                receipt = send_welcome_email(42)
-                step.complete(receipt)
-        else:
-            receipt = step.replay()
+    ```python
+    step = idemfn.begin("emails:welcome:42", store=store)
+    if isinstance(step, idemfn.Claim):
+        with step:  # an exception escaping the block settles the claim as fail() does
+            receipt = send_welcome_email(42)
+            step.complete(receipt)
+    else:
+        receipt = step.replay()
+    ```
 
     Inside the block the key counts as running in this context: re-entering it raises
     ``AlreadyRunning`` at once. A block that ends without settling halts the claim. A claim
@@ -250,11 +254,12 @@ class Claim:
 
     Attributes:
         store: The store the claim is held in.
-        entry: The stored claim (``idemfn._record.Entry``), updated by each renewal.
+        entry: The stored claim (``idemfn._record.Entry``, for store authors), updated by
+            each renewal; internal.
         policy: The ``Policy`` the claim was made with.
         function: The decorated function this is a call of (set by ``@idempotent``), or None;
             a task queue's retry releases the key only for its own function's exception.
-        renew_at: When the heartbeat renews the lease next (``time.monotonic()``).
+        renew_at: When the heartbeat renews the lease next (``time.monotonic()``); internal.
     """
 
     __slots__ = (
@@ -521,6 +526,7 @@ class Claim:
             ) from cause
 
     def __enter__(self) -> Claim:
+        """Mark the key as running in this context (re-entering it raises at once)."""
         self._context_token = _running.set(_running.get() | {self.key})
         return self
 
@@ -530,6 +536,9 @@ class Claim:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        """Settle a claim the block left unsettled: an escaping exception as ``fail()`` does
+        (halted, or released for a ``retry_on`` exception); a block that ends without settling
+        halts the key and logs a warning."""
         if self._context_token is not None:
             _running.reset(self._context_token)
             self._context_token = None
@@ -798,7 +807,9 @@ def begin(
 
     Returns:
         A ``Claim`` (this caller runs the call, then settles the claim), or a ``Finished``
-        record (the call ran already: ``replay()`` it).
+        record (the call ran already: ``replay()`` it). A claim whose owner is gone comes
+        back, under ``on_abandoned="halt"``, as a ``Finished`` whose ``replay()`` raises
+        ``Halted``; under ``"retry"``, as a ``Claim`` of the next attempt.
 
     Raises:
         AlreadyRunning: A live owner holds the key and ``policy.wait`` ran out (at once when

@@ -19,10 +19,12 @@ class Policy:
     """The options that govern a key's calls, for ``begin`` and ``abegin``, validated once.
 
     ``@idempotent`` builds one from its own options of the same names; the low-level API takes
-    one as ``policy=`` (default: ``Policy()``). Every option is keyword-only::
+    one as ``policy=`` (default: ``Policy()``). Every option is keyword-only:
 
-        policy = idemfn.Policy(ttl=timedelta(days=7), wait=5, on_abandoned="retry")
-        step = idemfn.begin("emails:welcome:42", store=store, policy=policy)
+    ```python
+    policy = idemfn.Policy(ttl=timedelta(days=7), wait=5, on_abandoned="retry")
+    step = idemfn.begin("emails:welcome:42", store=store, policy=policy)
+    ```
 
     Args:
         ttl: How long a finished record is kept, counted from when the call finished: seconds
