@@ -129,3 +129,8 @@ def outcome_in(value: object) -> CommandOutcome | None:
     if isinstance(value, dict) and value.get("format") == MARK:
         return value  # type: ignore[return-value]
     return None
+
+
+# Import idemfn._run now, so that every pickler finds CommandFailed where its __module__ says
+# (cloudpickle stores a class whose module is not imported by value instead of by reference).
+from .. import _run  # noqa: E402, F401

@@ -81,3 +81,24 @@ def test_new_halted_runs_name_the_class_where_older_versions_find_it(tmp_path: P
     assert entry.exc_type == "idemfn._run.CommandFailed"
     assert _globals(entry.payload) == ["idemfn._run.CommandFailed"]
     assert pickle.loads(entry.payload).outcome["returncode"] == 3
+
+
+def test_cloudpickle_stores_command_failed_by_reference_in_a_fresh_process() -> None:
+    # cloudpickle stores a class by value when the module its __module__ names is not imported:
+    # the record would then hold a copy of CommandFailed instead of naming idemfn._run's.
+    import subprocess
+    import sys
+
+    script = (
+        "import cloudpickle, pickletools, sys\n"
+        "from idemfn._cli.command_outcome import CommandFailed\n"
+        "outcome = {'argv': ['false'], 'returncode': 1, 'interrupted_by': None}\n"
+        "data = cloudpickle.dumps(CommandFailed(outcome))\n"
+        "strings = [arg for op, arg, _ in pickletools.genops(data) if isinstance(arg, str)]\n"
+        "print('idemfn._run' in strings and 'CommandFailed' in strings,"
+        " '_make_skeleton_class' in strings)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == ["True", "False"], out
