@@ -278,3 +278,27 @@ def test_classes_recorded_in_a_spawned_child_replay_in_the_scripts_next_run(
     other = tmp_path / "other.py"
     other.write_text(OTHER_SPAWNED)
     assert run_script(other, store) == ["Receipt", "o-1"]  # its copy, by value
+
+
+# The pickled exception of a class of the recording script's __main__, as idemfn wrote it on
+# 2026-11-27 (``describe_exception(Declined("no", 3))`` in a script): it names
+# ``idemfn._outcome._main_class``, which must keep its module, name and arguments, or every
+# such record already written stops loading.
+_DECLINED_BY_A_SCRIPT = bytes.fromhex(
+    "80059531010000000000008c0f6964656d666e2e5f6f7574636f6d65948c0b5f6d61696e5f636c6173739493"
+    "948c084465636c696e65649443f1800595e6000000000000008c17636c6f75647069636b6c652e636c6f7564"
+    "7069636b6c65948c145f6d616b655f736b656c65746f6e5f636c617373949394288c086275696c74696e7394"
+    "8c04747970659493948c084465636c696e65649468038c09457863657074696f6e94939485947d948c0a5f5f"
+    "6d6f64756c655f5f948c085f5f6d61696e5f5f94738c20366566343436396635376332343633393833626436"
+    "6362363661316566376333944e7494529468008c0f5f636c6173735f7365747374617465949394680f7d9428"
+    "8c075f5f646f635f5f944e8c0a5f5f6d6f64756c655f5f94680c757d9486948652302e94869452948c026e6f"
+    "944b03869481942e"
+)
+
+
+def test_a_script_class_exception_recorded_earlier_still_loads() -> None:
+    from idemfn._outcome import load
+
+    exc = load(_DECLINED_BY_A_SCRIPT)
+    assert isinstance(exc, Exception)
+    assert type(exc).__qualname__ == "Declined" and exc.args == ("no", 3)
