@@ -71,8 +71,9 @@ in a separate process. (The harness found, on 2026-11-22, that a second ``DiskSt
 directory already open in the same process dropped the first one's SQLite locks; fixed, with a
 regression test in tests/stores/test_permissions.py.)
 
-``--sabotage`` is for the test suite only: it makes the workers run the body now and then
-without idempotency, to prove that the checker reports violations.
+``--sabotage`` is for the test suite only: it makes each worker run the body without
+idempotency on its first call and now and then after, to prove that the checker reports
+violations.
 """
 
 from __future__ import annotations
@@ -205,7 +206,10 @@ class Caller:
     def call(self, key: str) -> None:
         """One call of ``key``; its outcome goes to the evidence."""
         try:
-            if self.cfg.sabotage and self.rng.random() < SABOTAGE_RATE:
+            # Each worker's first call, then now and then: however few calls a busy machine
+            # lets a run make, some are sabotaged.
+            sabotage = self.sabotaged == 0 or self.rng.random() < SABOTAGE_RATE
+            if self.cfg.sabotage and sabotage:
                 self.sabotaging = True
                 try:
                     value = self.body(key)
