@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import os
@@ -38,6 +39,7 @@ from ._errors import AlreadyRunning
 from ._keys import CallKey, check_callable_option, describe, refuse_call
 from ._outcome import SerializerOption
 from ._policy import Policy, deadline_timestamp
+from ._queue_retry import is_queue_retry_of
 from ._record import Record
 from ._signing import SigningKey
 from ._stores import MemoryStore, Store, resolve_store
@@ -590,6 +592,22 @@ def decorator(
     resolved_store = resolve_store(store, option="store", signing_key=signing_key)
     transaction = _transaction_of(resolved_store, transactional)
     deadline_of: _Deadline[Any] | None = None if deadline is None else _Deadline(deadline)
+    # The queue's retry of a call may find the key still held by the attempt that asked for
+    # it (Celery publishes the retry before raising Retry): it waits for that attempt to let
+    # go, up to one lease in all (or wait=, if longer), before it counts as busy. Not with an
+    # on_busy hook: it retries later, which also outlasts that attempt, and waiting would hold
+    # a worker for every later retry of a duplicate (request.retries counts those too).
+    retry_policy: Policy | None = None
+    if on_busy is None and policy.wait < policy.lease:
+        retry_policy = copy.copy(policy)
+        retry_policy.wait = policy.lease - policy.wait
+
+    def wait_again(busy: AlreadyRunning, function: object) -> Policy:
+        """The policy to look at a busy key again with, when this call is the queue's retry
+        of ``function``; else raises ``busy``."""
+        if retry_policy is None or reentered(busy) or not is_queue_retry_of(function):
+            raise busy
+        return retry_policy
 
     def decorate(fn: Callable[P, R]) -> IdempotentFunction[P, R]:
         rewrap: Callable[[Any], Any] | None = None
@@ -633,7 +651,11 @@ def decorator(
                 stored_key, fp = call_key(args, kwargs)
                 due = None if deadline_of is None else partial(deadline_of, *args, **kwargs)
                 try:
-                    outcome = await abegin_with(resolved_store, stored_key, fp, policy, due)
+                    try:
+                        outcome = await abegin_with(resolved_store, stored_key, fp, policy, due)
+                    except AlreadyRunning as busy:
+                        again = wait_again(busy, wrapper)
+                        outcome = await abegin_with(resolved_store, stored_key, fp, again, due)
                 except AlreadyRunning as busy:
                     if on_busy is None or reentered(busy):
                         raise
@@ -654,7 +676,11 @@ def decorator(
                 stored_key, fp = call_key(args, kwargs)
                 due = None if deadline_of is None else partial(deadline_of, *args, **kwargs)
                 try:
-                    outcome = begin_with(resolved_store, stored_key, fp, policy, due)
+                    try:
+                        outcome = begin_with(resolved_store, stored_key, fp, policy, due)
+                    except AlreadyRunning as busy:
+                        again = wait_again(busy, wrapper)
+                        outcome = begin_with(resolved_store, stored_key, fp, again, due)
                 except AlreadyRunning as busy:
                     if on_busy is None or reentered(busy):
                         raise
@@ -677,7 +703,11 @@ def decorator(
                 stored_key, fp = call_key(args, kwargs)
                 due = None if deadline_of is None else partial(deadline_of, *args, **kwargs)
                 try:
-                    outcome = begin_with(resolved_store, stored_key, fp, policy, due)
+                    try:
+                        outcome = begin_with(resolved_store, stored_key, fp, policy, due)
+                    except AlreadyRunning as busy:
+                        again = wait_again(busy, wrapper)
+                        outcome = begin_with(resolved_store, stored_key, fp, again, due)
                 except AlreadyRunning as busy:
                     if on_busy is None or reentered(busy):
                         raise

@@ -13,8 +13,13 @@ function, and only while the queue has retries left: the last attempt's failure 
 a nested idempotent call (whose exception the task may catch) records its failure as usual, so
 a caught failure never lets the side effect run twice.
 
+Celery's ``self.retry()`` publishes the retry *before* raising ``Retry``, so the retried
+delivery can find the key still held by the attempt that asked for it: ``is_queue_retry_of``
+tells the decorator to wait for that attempt to let go instead of failing as busy.
+
 Nothing is imported here: the checks are one dict look-up when the queue library is not loaded,
-and they run only on the paths that end a claim with an exception or a returned ``rq.Retry``.
+and they run only on the paths that end a claim with an exception or a returned ``rq.Retry``,
+and on the path of a call that finds its key busy.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-__all__ = ["is_retry_request", "queue_will_retry"]
+__all__ = ["is_queue_retry_of", "is_retry_request", "queue_will_retry"]
 
 
 def queue_will_retry(exc: BaseException, function: object) -> bool:
@@ -31,6 +36,26 @@ def queue_will_retry(exc: BaseException, function: object) -> bool:
     ``function`` is the decorated function whose claim ``exc`` ends (None: unknown).
     """
     return _celery_will_retry(exc, function) or _rq_will_retry(function)
+
+
+def is_queue_retry_of(function: object) -> bool:
+    """Whether this call is the task queue's retry of ``function``: a delivery of a Celery task
+    whose run is ``function``, retried (``request.retries`` > 0), not called directly.
+
+    Its previous attempt may still hold the key: ``Task.retry()`` publishes the retry, then
+    raises ``Retry``, which releases the key only once it has left the body. Autoretry, a
+    requeued ``Reject`` and RQ's retries requeue after the release, so they never race; they
+    are retries too, and waiting costs them nothing, as their key is free. For the busy path
+    only: it looks the task up.
+    """
+    celery = sys.modules.get("celery")
+    if celery is None:
+        return False
+    task: Any = celery.current_task
+    if not task or task.request.called_directly or not task.request.retries:
+        return False
+    # Celery's autoretry wraps run and keeps the original as _orig_run.
+    return _is(getattr(task, "_orig_run", task.run), function)
 
 
 def is_retry_request(value: object) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from celery import Celery
 
 import idemfn
 from idemfn import Halted, MemoryStore, Status, Store, idempotent, open_store
+from idemfn._record import Entry
 from idemfn.celery import idempotent_task, task_id
 from tests.support import celery_tasks
 from tests.support.servers import RedisServer
@@ -339,6 +341,94 @@ def test_eager_self_retry_in_a_plain_body_releases_the_key() -> None:
     assert runs == [0, 1, 2]  # Retry released the key each time: the body ran again
     entry = store.get(f"{flaky.run.__module__}.{flaky.run.__qualname__}:t-9")
     assert entry is not None and entry.record().status is Status.OK
+
+
+class _Looked(MemoryStore):
+    """A MemoryStore that counts the looks (``get``) at its keys."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.looks = 0
+
+    def get(self, key: str) -> Entry | None:
+        self.looks += 1
+        return super().get(key)
+
+
+def _send_task(decorate: str, **options: Any) -> tuple[Any, _Looked, str]:
+    """A bound task under ``decorate``, its store, and the key of its task id ``t-1``.
+
+    ``idempotent_task`` with ``on_running="raise"``: with ``"retry"`` a busy retried delivery
+    is retried later at once (tests/integrations/test_queue_rules.py), which outlasts the
+    previous attempt too."""
+    app = _app(f"send-{decorate}")
+    store = _Looked()
+    if decorate == "idempotent":
+        guard = idempotent(key=task_id, store=store, **options)
+    else:
+        guard = idempotent_task(store=store, on_running="raise", **options)
+
+    @app.task(bind=True, max_retries=3)
+    @guard
+    def send(self: Any, to: str) -> str:
+        return f"sent to {to} on retry {self.request.retries}"
+
+    return send, store, f"{send.run.__module__}.{send.run.__qualname__}:t-1"
+
+
+@pytest.mark.parametrize("decorate", ["idempotent", "idempotent_task"])
+def test_a_retried_delivery_waits_for_its_previous_attempt_to_release_the_key(
+    decorate: str,
+) -> None:
+    # Task.retry() publishes the retry, then raises Retry, which releases the key once it has
+    # left the body: on a busy worker the retry started first, found the key held by the
+    # attempt that asked for it, and failed for good with AlreadyRunning.
+    send, store, key = _send_task(decorate)
+    previous = idemfn.begin(key, store=store)  # the previous attempt, not yet released
+    assert isinstance(previous, idemfn.Claim)
+    store.looks = 0
+    results: list[Any] = []
+    retry = threading.Thread(
+        target=lambda: results.append(send.apply(("bob",), task_id="t-1", retries=1))
+    )
+    retry.start()
+
+    poll(lambda: store.looks >= 2 or not retry.is_alive(), "the retry to look at its key again")
+    assert retry.is_alive(), results[0].traceback  # it waits, looking again
+    previous.release()
+    retry.join(timeout=60)
+
+    assert not retry.is_alive()
+    assert results[0].get() == "sent to bob on retry 1"
+    entry = store.get(key)
+    assert entry is not None and entry.record().status is Status.OK
+
+
+@pytest.mark.parametrize("decorate", ["idempotent", "idempotent_task"])
+def test_a_first_delivery_that_finds_its_key_busy_fails_at_once(decorate: str) -> None:
+    send, store, key = _send_task(decorate)
+    assert isinstance(idemfn.begin(key, store=store), idemfn.Claim)  # a live duplicate
+    store.looks = 0
+
+    result = send.apply(("bob",), task_id="t-1")  # retries=0: a duplicate, not a retry
+
+    assert isinstance(result.result, idemfn.AlreadyRunning), result.traceback
+    assert store.looks == 1  # it did not wait
+
+
+@pytest.mark.parametrize("decorate", ["idempotent", "idempotent_task"])
+def test_a_retried_delivery_whose_key_stays_busy_for_a_lease_fails_as_busy(
+    decorate: str,
+) -> None:
+    # The holder is live (this process), so its claim is never abandoned, whatever the lease.
+    send, store, key = _send_task(decorate, lease=1)
+    assert isinstance(idemfn.begin(key, store=store), idemfn.Claim)  # a live duplicate
+    store.looks = 0
+
+    result = send.apply(("bob",), task_id="t-1", retries=1)
+
+    assert isinstance(result.result, idemfn.AlreadyRunning), result.traceback
+    assert store.looks >= 2  # it waited, looking again, before it gave up
 
 
 @pytest.mark.parametrize(("requeue", "recorded"), [(True, False), (False, True)])
