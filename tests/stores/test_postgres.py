@@ -161,6 +161,7 @@ def test_a_silent_server_fails_within_connect_timeout_from_the_option_or_the_url
 SERVER_SIDE = """\
 import socket, subprocess, sys, threading
 sockdir = sys.argv[1]
+print("unshared", flush=True)  # running: in its own namespace, where its end of the link goes
 sys.stdin.readline()  # its end of the link is here
 for cmd in ("ip link set lo up", "ip addr add 10.77.0.2/24 dev idemfn_b",
             "ip link set idemfn_b up"):
@@ -198,6 +199,9 @@ except (OSError, subprocess.CalledProcessError) as exc:
     sys.exit(0)
 side = subprocess.Popen(["unshare", "-n", sys.executable, "-c", cfg["server_side"],
                          cfg["sockdir"]], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+# Not before it has unshared: moved into the namespace unshare has not made yet, the link would
+# stay here, and the server side would not find it (seen on a busy machine).
+assert side.stdout.readline().strip() == "unshared"
 run("ip", "link", "set", "idemfn_b", "netns", str(side.pid))
 side.stdin.write("go\\n")
 side.stdin.flush()
