@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -135,23 +135,6 @@ def abandon(store_dir: Path, key: str, *, lease: float = 30.0, ttl: str = "none"
         check=True,
         timeout=TIMEOUT,
     )
-
-
-@pytest.fixture
-def store_dir(tmp_path: Path) -> Path:
-    return tmp_path / "store"
-
-
-@pytest.fixture
-def env(store_dir: Path) -> dict[str, str]:
-    return cli_env(store_dir)
-
-
-@pytest.fixture
-def store(store_dir: Path) -> Iterator[DiskStore]:
-    s = DiskStore(store_dir)
-    yield s
-    s.close()
 
 
 def me() -> str:

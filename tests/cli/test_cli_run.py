@@ -18,7 +18,7 @@ import shlex
 import signal
 import subprocess
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -90,23 +90,6 @@ def lines(path: Path) -> list[str]:
 
 def show(key: str, env: Mapping[str, str]) -> dict[str, Any]:
     return json.loads(idemfn_cli("show", key, "--json", env=env).stdout)  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-def store_dir(tmp_path: Path) -> Path:
-    return tmp_path / "store"
-
-
-@pytest.fixture
-def env(store_dir: Path) -> dict[str, str]:
-    return cli_env(store_dir)
-
-
-@pytest.fixture
-def store(store_dir: Path) -> Iterator[DiskStore]:
-    s = DiskStore(store_dir)
-    yield s
-    s.close()
 
 
 # A command that appends "<pid> <IDEMFN_ATTEMPT>" to LOG, prints to both streams, creates
