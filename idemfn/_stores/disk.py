@@ -31,6 +31,9 @@ from .base import Corrupt, Store, prunable, remove_judged, skip_corrupt
 
 __all__ = ["DiskStore", "default_directory"]
 
+# "cache.db": the database file in a store's directory, as diskcache names it.
+DBNAME: str = diskcache.core.DBNAME
+
 logger = logging.getLogger("idemfn")
 
 # Errors the backend may raise for a broken, locked, full or unreadable store. (sqlite3 raises
@@ -246,7 +249,7 @@ class DiskStore(Store):
     def _exists_at(cls, where: str | os.PathLike[str]) -> bool:
         """Whether a DiskStore was made in directory ``where`` (its database is there). Raises
         ``OSError`` when it cannot tell (a directory it may not search)."""
-        return (Path(where) / "cache.db").is_file()  # is_file: False only when it is absent
+        return (Path(where) / DBNAME).is_file()  # is_file: False only when it is absent
 
     @property
     def cache(self) -> diskcache.Cache:
@@ -301,7 +304,7 @@ class DiskStore(Store):
                 # POSIX lock this process holds on it, those of its other connections too.
                 try:
                     fd = os.open(
-                        os.path.join(where, "cache.db"),
+                        os.path.join(where, DBNAME),
                         os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
                         0o600,
                     )
@@ -327,7 +330,7 @@ class DiskStore(Store):
                 raise
             except Exception as exc:  # diskcache's own, reading a damaged Settings table
                 raise self._damaged(where, f"its settings: {type(exc).__name__}: {exc}") from exc
-            for database in Path(where).glob("cache.db*") if private else ():
+            for database in Path(where).glob(f"{DBNAME}*") if private else ():
                 try:
                     database.chmod(0o600)  # files an older idemfn left readable by others
                 except FileNotFoundError:  # another process's transient -journal
@@ -356,7 +359,7 @@ class DiskStore(Store):
         of a millisecond; a schema with a table missing (a new store's, or one still being
         made by another process) is then checked page by page (``PRAGMA quick_check``), as
         only its pages can tell it from a damaged one."""
-        path = os.path.join(where, "cache.db")
+        path = os.path.join(where, DBNAME)
         try:
             if os.stat(path).st_size == 0:
                 return  # new: diskcache makes it
@@ -384,7 +387,7 @@ class DiskStore(Store):
             raise self._damaged(where, f"its schema is damaged: {problem}")
 
     def _damaged(self, where: str, problem: str) -> StoreError:
-        database = os.path.join(where, "cache.db")
+        database = os.path.join(where, DBNAME)
         return self.error(
             "open the store for",
             str(self.directory),
@@ -572,7 +575,7 @@ class DiskStore(Store):
         and not links. The directory holds nothing else that idemfn reads (records are rows,
         never diskcache's side files)."""
         me = os.geteuid()
-        for path in sorted(Path(where).glob("cache.db*")):
+        for path in sorted(Path(where).glob(f"{DBNAME}*")):
             try:
                 info = path.lstat()
             except FileNotFoundError:  # another process's transient -journal, gone already
@@ -745,7 +748,7 @@ class DiskStore(Store):
         """
         try:
             where = Path(self._pinned or self.directory)
-            return sum(f.stat().st_size for f in where.glob("cache.db*"))
+            return sum(f.stat().st_size for f in where.glob(f"{DBNAME}*"))
         except OSError:
             return None
 
