@@ -14,18 +14,20 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from .. import _lease
 from .._errors import StoreError
 from .._lease import prunable_claim
 from .._record import Entry, decode, encode
 from .._signing import MAGIC, Signer, SigningKey, signer_for, unsigned
+from .._wakeups import AsyncWatch, LocalAsyncWatch, LocalWatch, Watch
 
 __all__ = [
     "Corrupt",
     "Store",
     "TamperedRecord",
+    "offload",
     "prunable",
     "removable_at",
     "remove_judged",
@@ -36,6 +38,8 @@ __all__ = [
 Corrupt = Callable[[str, StoreError], None]
 
 logger = logging.getLogger("idemfn")
+
+T = TypeVar("T")
 
 
 _SIGNED = MAGIC[:1]  # the first byte of every signed record, and of no unsigned one
@@ -62,7 +66,11 @@ class Store(abc.ABC):
 
     Writing a store: implement ``claim``, ``get``, ``swap``, ``release``, ``delete`` and
     ``scan``; override ``prune``, ``renew``, ``time``, ``close`` and ``bytes_used`` where the
-    backend does better. The primitives take and return entries (``idemfn._record.Entry``,
+    backend does better. Async callers use the awaitable counterparts (``aclaim``, ``aget``,
+    ``aswap``, ``arelease``, ``adelete``, ``atime``): by default they run the sync primitive
+    in a worker thread, so that a store with only sync primitives never blocks an event loop;
+    a store with a native async client overrides them. ``watch`` and ``awatch`` say when a
+    waiter should look at a busy key again (by default: when this process settles it). The primitives take and return entries (``idemfn._record.Entry``,
     a named tuple that stores treat as a value): a store reads only an entry's ``key``,
     ``token``, ``status`` (``"processing"``, ``"ok"`` or ``"halted"``) and ``expires_at``
     (UNIX seconds on the store's clock; None: never), through ``entry.is_expired(now)``. It
@@ -234,6 +242,62 @@ class Store(abc.ABC):
         """
         renewed = entry._replace(lease_until=self.time() + lease, lease_mono=_lease.clock() + lease)
         return renewed if self.swap(entry.key, entry.token, renewed) else None
+
+    # Async primitives (issue 16): the sync ones, run in a worker thread unless overridden.
+
+    async def aclaim(self, entry: Entry) -> Entry | None:
+        """``claim``, awaitable. This default runs ``claim`` in a worker thread."""
+        return await offload(self.claim, entry)
+
+    async def aget(self, key: str) -> Entry | None:
+        """``get``, awaitable. This default runs ``get`` in a worker thread."""
+        return await offload(self.get, key)
+
+    async def aswap(self, key: str, token: str, entry: Entry) -> bool:
+        """``swap``, awaitable. This default runs ``swap`` in a worker thread."""
+        return await offload(self.swap, key, token, entry)
+
+    async def arelease(self, key: str, token: str) -> bool:
+        """``release``, awaitable. This default runs ``release`` in a worker thread."""
+        return await offload(self.release, key, token)
+
+    async def adelete(self, key: str, token: str | None = None) -> bool:
+        """``delete``, awaitable. This default runs ``delete`` in a worker thread."""
+        return await offload(self.delete, key, token)
+
+    async def atime(self) -> float:
+        """``time``, awaitable: inline for this machine's clock (the default ``time``), in a
+        worker thread for a store whose ``time`` asks its server."""
+        if type(self).time is Store.time:
+            return time.time()
+        return await offload(self.time)
+
+    def watch(self, key: str) -> Watch:
+        """What a sync caller waiting for busy ``key`` waits on between looks.
+
+        This default is woken when a claim of this process settles the key; other processes'
+        settles are seen by looking again (polling). A store whose server can tell every
+        machine (pub/sub, ``LISTEN``) overrides it.
+
+        Args:
+            key: The stored key.
+
+        Returns:
+            A ``Watch``: a context manager whose ``wait(seconds)`` returns when the key may
+            have settled, or after ``seconds``.
+        """
+        return LocalWatch(key)
+
+    def awatch(self, key: str) -> AsyncWatch:
+        """``watch`` for async callers: ``await watch.wait(seconds)`` never blocks the loop.
+
+        Args:
+            key: The stored key.
+
+        Returns:
+            An ``AsyncWatch`` (an async context manager).
+        """
+        return LocalAsyncWatch(key)
 
     def time(self) -> float:
         """The store's clock, which every time in its entries is on.
@@ -428,6 +492,14 @@ class Store(abc.ABC):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+async def offload(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a worker thread (the loop's default executor), with this context's
+    variables: how async callers drive a store's sync primitives without blocking the loop."""
+    import asyncio
+
+    return await asyncio.to_thread(fn, *args)
 
 
 def removable_at(entry: Entry) -> float | None:

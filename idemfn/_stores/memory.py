@@ -90,6 +90,22 @@ class MemoryStore(Store):
             entries = [e for k, e in self._entries.items() if k.startswith(prefix)]
         yield from entries
 
+    # Async callers run the primitives inline: a dict under a lock never waits on I/O.
+    async def aclaim(self, entry: Entry) -> Entry | None:
+        return self.claim(entry)
+
+    async def aget(self, key: str) -> Entry | None:
+        return self.get(key)
+
+    async def aswap(self, key: str, token: str, entry: Entry) -> bool:
+        return self.swap(key, token, entry)
+
+    async def arelease(self, key: str, token: str) -> bool:
+        return self.release(key, token)
+
+    async def adelete(self, key: str, token: str | None = None) -> bool:
+        return self.delete(key, token)
+
     def clear(self) -> None:
         """Forget every record: every key's next call runs its body again."""
         with self._lock:
