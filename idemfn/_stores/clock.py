@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 __all__ = ["RESYNC", "ServerClock"]
 
@@ -34,6 +34,29 @@ class ServerClock:
         mono = time.monotonic()
         if synced is None or mono - synced[1] > RESYNC:
             synced = self._sync()
+        return synced[0] + (time.monotonic() - synced[1])
+
+    def cached(self) -> float | None:
+        """The server's time from the last reading, or None when a reading is due (async
+        callers then read it with ``anow``, without blocking their loop)."""
+        synced = self._synced
+        if synced is None:
+            return None
+        mono = time.monotonic()
+        if mono - synced[1] > RESYNC:
+            return None
+        return synced[0] + (mono - synced[1])
+
+    async def anow(self, read: Callable[[bool], Awaitable[float]]) -> float:
+        """``now()`` for async callers: ``read(first)`` reads the server's clock when a reading
+        is due. Two tasks that both find it due both read it; the later reading is kept."""
+        now = self.cached()
+        if now is not None:
+            return now
+        before = time.monotonic()
+        server = await read(self._synced is None)
+        after = time.monotonic()
+        self._synced = synced = (server, (before + after) / 2)
         return synced[0] + (time.monotonic() - synced[1])
 
     def _sync(self) -> tuple[float, float]:
