@@ -30,6 +30,7 @@ from typing import (
 from ._engine import (
     Finished,
     abegin_with,
+    acomplete_or_log,
     begin_with,
     complete_or_log,
     reentered,
@@ -663,9 +664,9 @@ def decorator(
                 if outcome.__class__ is Finished:
                     return outcome.replay()
                 outcome.function = wrapper  # type: ignore[union-attr]
-                with outcome:  # type: ignore[union-attr]
+                async with outcome:  # type: ignore[union-attr]
                     value = await run_async(*args, **kwargs)
-                    complete_or_log(outcome, value)  # type: ignore[arg-type]
+                    await acomplete_or_log(outcome, value)  # type: ignore[arg-type]
                 return value
 
         elif transaction is not None:

@@ -38,7 +38,7 @@ import logging
 import os
 import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from contextlib import AbstractContextManager
 from datetime import datetime, timezone
 from types import TracebackType
@@ -67,21 +67,27 @@ from ._policy import Policy, deadline_timestamp
 from ._queue_retry import is_retry_request, queue_will_retry
 from ._record import Entry, Record
 from ._stores import Store, resolve_store
+from ._wakeups import AsyncWatch, Watch, settled
 
 __all__ = [
     "Busy",
     "Claim",
     "Finished",
     "abegin",
+    "acomplete_or_log",
+    "adecide",
+    "adrive",
     "begin",
     "complete_or_log",
     "decide",
+    "drive",
     "run_in_transaction",
 ]
 
 logger = logging.getLogger("idemfn")
 
 R = TypeVar("R")
+T = TypeVar("T")
 
 PROCESSING: Final = "processing"
 OK: Final = "ok"
@@ -119,6 +125,80 @@ os.register_at_fork(after_in_child=_reseed_tokens)
 
 _FIRST_POLL = 0.005  # seconds between looks at a busy key, doubling up to _MAX_POLL
 _MAX_POLL = 0.25
+_NEAR_POLL = 0.01  # at most, when the owner is another process here that the watch cannot hear
+
+
+# Drivers. Everything the engine does with a store is written once, as steps: a generator that
+# yields the store operations it needs (tuples whose first item says which) and gets each one's
+# answer back. ``drive`` runs them on the store's sync primitives, ``adrive`` on its awaitable
+# ones; the decision table and the settling of claims know nothing of which (the sans-I/O way
+# of stamina's and tenacity's shared cores). An operation's exception is thrown into the steps,
+# so their ``try``/``finally`` blocks see it where it happened.
+_GET: Final = 0
+_CLAIM: Final = 1
+_SWAP: Final = 2
+_RELEASE: Final = 3
+_TIME: Final = 4
+_TIME_OP: Final = (_TIME,)
+
+Op = tuple[Any, ...]
+Steps = Generator[Op, Any, T]
+
+
+def _run(store: Store, op: Op) -> Any:
+    kind = op[0]
+    if kind == _SWAP:
+        return store.swap(op[1], op[2], op[3])
+    if kind == _TIME:
+        return store.time()
+    if kind == _CLAIM:
+        return store.claim(op[1])
+    if kind == _GET:
+        return store.get(op[1])
+    return store.release(op[1], op[2])
+
+
+async def _arun(store: Store, op: Op) -> Any:
+    kind = op[0]
+    if kind == _SWAP:
+        return await store.aswap(op[1], op[2], op[3])
+    if kind == _TIME:
+        return await store.atime()
+    if kind == _CLAIM:
+        return await store.aclaim(op[1])
+    if kind == _GET:
+        return await store.aget(op[1])
+    return await store.arelease(op[1], op[2])
+
+
+def drive(store: Store, steps: Steps[T]) -> T:
+    """Run ``steps`` to their end on ``store``'s sync primitives; return what they return."""
+    try:
+        op = steps.send(None)
+        while True:
+            try:
+                answer = _run(store, op)
+            except BaseException as exc:
+                op = steps.throw(exc)
+            else:
+                op = steps.send(answer)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+async def adrive(store: Store, steps: Steps[T]) -> T:
+    """Run ``steps`` to their end on ``store``'s awaitable primitives, never blocking the loop."""
+    try:
+        op = steps.send(None)
+        while True:
+            try:
+                answer = await _arun(store, op)
+            except BaseException as exc:
+                op = steps.throw(exc)
+            else:
+                op = steps.send(answer)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
 
 
 class Finished:
@@ -357,14 +437,17 @@ class Claim:
         self._settled = True
         return True
 
-    def _write(self, entry: Entry, cause: BaseException | None = None) -> None:
+    # Settling. Each way to settle is written once, as steps (a generator of store operations,
+    # see "Drivers" below) that the sync method and its async twin drive.
+
+    def _writing(self, entry: Entry, cause: BaseException | None = None) -> Steps[None]:
         # The ok record of a transactional body is written in the body's transaction: until it
         # commits, the lease stays renewed (a slow COMMIT must not look abandoned), and if it
         # does not commit the claim is settled again (run_in_transaction).
         pending = self._transactional and entry.status == OK
         self._uncommitted = pending
         try:
-            written = self.store.swap(entry.key, self.entry.token, entry)
+            written = yield (_SWAP, entry.key, self.entry.token, entry)
         finally:
             if not pending:
                 heartbeat.discard(self)
@@ -376,10 +459,12 @@ class Claim:
                 " before this call finished; its outcome is not recorded",
                 key=entry.key,
             ) from cause
+        if not pending:
+            settled(entry.key)
 
-    def _finished_entry(self, status: str, **fields: Any) -> Entry:
+    def _finished_entry(self, status: str, **fields: Any) -> Steps[Entry]:
         e = self.entry
-        now = self.store.time()
+        now = yield _TIME_OP
         ttl = self.policy.ttl
         return Entry(
             e.key,
@@ -393,6 +478,101 @@ class Claim:
             finished_at=now,
             expires_at=None if ttl is None else now + ttl,
             **fields,
+        )
+
+    def _completing(self, value: object) -> Steps[None]:
+        if is_retry_request(value):
+            yield from self._releasing()
+            return
+        if not self._settling():
+            return
+        try:
+            payload = self.policy.serializer.dump_value(value)
+        except NotLoadable as problem:
+            # It serialises but does not load back: recorded ok, every replay for the whole
+            # ttl would fail. The body ran: halt with how to fix the type, return its value.
+            entry = yield from self._finished_entry(
+                HALTED, reason=str(problem), exc_type=None, message=None
+            )
+            yield from self._writing(entry, problem)
+            logger.error("idemfn: key %r halted: %s", self.key, problem)
+            return
+        except BaseException as problem:
+            # Never leave the record processing: record why there is no value, then raise.
+            kind = type_name(type(value))
+            if isinstance(problem, Exception):
+                reason = (
+                    f"the call returned a {kind}, which could not be stored"
+                    f" ({type(problem).__name__}: {problem})"
+                )
+            else:
+                reason = f"interrupted by {type_name(type(problem))} while storing the result"
+            entry = yield from self._finished_entry(
+                HALTED, reason=reason, exc_type=None, message=None
+            )
+            yield from self._writing(entry, problem)
+            logger.error("idemfn: key %r halted: %s", self.key, reason)
+            if not isinstance(problem, Exception):
+                raise
+            raise halted_error(entry) from problem
+        yield from self._writing((yield from self._finished_entry(OK, payload=payload)))
+
+    def _failing(self, exc: BaseException) -> Steps[None]:
+        if isinstance(exc, self.policy.retry_on) or queue_will_retry(exc, self.function):
+            yield from self._releasing(exc)
+        else:
+            yield from self._halting(exc)
+
+    def _halting(self, exc: BaseException) -> Steps[None]:
+        if not self._settling():
+            return
+        try:
+            described = describe_exception(exc, self.policy.serializer)
+        except BaseException as problem:  # e.g. KeyboardInterrupt while pickling it
+            reason = f"the call raised {type_name(type(exc))}, interrupted while storing it"
+            entry = yield from self._finished_entry(
+                HALTED, reason=reason, exc_type=type_name(type(exc))
+            )
+            yield from self._writing(entry)
+            raise problem from exc
+        entry = yield from self._finished_entry(
+            HALTED,
+            payload=described.payload,
+            reason=described.reason,
+            exc_type=described.exc_type,
+            message=described.message,
+            traceback=described.traceback,
+        )
+        yield from self._writing(entry, exc)
+
+    def _releasing(self, cause: BaseException | None = None) -> Steps[None]:
+        if not self._settling():
+            return
+        try:
+            released = yield (_RELEASE, self.key, self.entry.token)
+        finally:
+            heartbeat.discard(self)
+        if not released:
+            raise OwnershipLost(
+                f"the claim on key {self.key!r} was taken over or halted by another caller"
+                " before this call could release it",
+                key=self.key,
+            ) from cause
+        settled(self.key)
+
+    def _exiting(self, exc: BaseException | None) -> Steps[None]:
+        if self._settled or self._generation != _fork_generation:
+            return  # settled in the block, or a forked child's copy (see _settling)
+        if exc is not None:
+            try:
+                yield from self._failing(exc)
+            except StoreError as problem:
+                # The body's own exception says what happened: raise that, not the store's.
+                _not_recorded(self.key, problem, exc)
+            return
+        logger.warning("idemfn: the claim block for %r ended without complete()", self.key)
+        yield from self._halting(
+            RuntimeError("the claim's block ended without complete() or fail()")
         )
 
     def complete(self, value: object) -> None:
@@ -415,37 +595,21 @@ class Claim:
             StoreError: The store failed to record it (the key stays processing until its
                 lease runs out).
         """
-        if is_retry_request(value):
-            self.release()
-            return
-        if not self._settling():
-            return
-        try:
-            payload = self.policy.serializer.dump_value(value)
-        except NotLoadable as problem:
-            # It serialises but does not load back: recorded ok, every replay for the whole
-            # ttl would fail. The body ran: halt with how to fix the type, return its value.
-            entry = self._finished_entry(HALTED, reason=str(problem), exc_type=None, message=None)
-            self._write(entry, problem)
-            logger.error("idemfn: key %r halted: %s", self.key, problem)
-            return
-        except BaseException as problem:
-            # Never leave the record processing: record why there is no value, then raise.
-            kind = type_name(type(value))
-            if isinstance(problem, Exception):
-                reason = (
-                    f"the call returned a {kind}, which could not be stored"
-                    f" ({type(problem).__name__}: {problem})"
-                )
-            else:
-                reason = f"interrupted by {type_name(type(problem))} while storing the result"
-            entry = self._finished_entry(HALTED, reason=reason, exc_type=None, message=None)
-            self._write(entry, problem)
-            logger.error("idemfn: key %r halted: %s", self.key, reason)
-            if not isinstance(problem, Exception):
-                raise
-            raise halted_error(entry) from problem
-        self._write(self._finished_entry(OK, payload=payload))
+        drive(self.store, self._completing(value))
+
+    async def acomplete(self, value: object) -> None:
+        """``complete`` for coroutines: the store's async primitives, never blocking the loop.
+
+        Args:
+            value: What the call returned.
+
+        Raises:
+            OwnershipLost: As ``complete``.
+            Halted: As ``complete``.
+            RuntimeError: As ``complete``.
+            StoreError: As ``complete``.
+        """
+        await adrive(self.store, self._completing(value))
 
     def fail(self, exc: BaseException) -> None:
         """Settle the claim for a call that raised ``exc``, as ``@idempotent`` does.
@@ -463,10 +627,20 @@ class Claim:
             RuntimeError: The claim was settled already.
             StoreError: The store failed to record it.
         """
-        if isinstance(exc, self.policy.retry_on) or queue_will_retry(exc, self.function):
-            self.release(exc)
-        else:
-            self.halt(exc)
+        drive(self.store, self._failing(exc))
+
+    async def afail(self, exc: BaseException) -> None:
+        """``fail`` for coroutines.
+
+        Args:
+            exc: The exception the call raised.
+
+        Raises:
+            OwnershipLost: As ``fail``.
+            RuntimeError: As ``fail``.
+            StoreError: As ``fail``.
+        """
+        await adrive(self.store, self._failing(exc))
 
     def halt(self, exc: BaseException) -> None:
         """Record the key ``halted`` with ``exc``, whatever ``retry_on`` says.
@@ -482,23 +656,20 @@ class Claim:
             RuntimeError: The claim was settled already.
             StoreError: The store failed to record it.
         """
-        if not self._settling():
-            return
-        try:
-            described = describe_exception(exc, self.policy.serializer)
-        except BaseException as problem:  # e.g. KeyboardInterrupt while pickling it
-            reason = f"the call raised {type_name(type(exc))}, interrupted while storing it"
-            self._write(self._finished_entry(HALTED, reason=reason, exc_type=type_name(type(exc))))
-            raise problem from exc
-        entry = self._finished_entry(
-            HALTED,
-            payload=described.payload,
-            reason=described.reason,
-            exc_type=described.exc_type,
-            message=described.message,
-            traceback=described.traceback,
-        )
-        self._write(entry, exc)
+        drive(self.store, self._halting(exc))
+
+    async def ahalt(self, exc: BaseException) -> None:
+        """``halt`` for coroutines.
+
+        Args:
+            exc: The exception to record.
+
+        Raises:
+            OwnershipLost: As ``halt``.
+            RuntimeError: As ``halt``.
+            StoreError: As ``halt``.
+        """
+        await adrive(self.store, self._halting(exc))
 
     def release(self, cause: BaseException | None = None) -> None:
         """Delete the claim without recording anything, so that the next call runs again.
@@ -512,18 +683,20 @@ class Claim:
             RuntimeError: The claim was settled already.
             StoreError: The store failed to delete it.
         """
-        if not self._settling():
-            return
-        try:
-            released = self.store.release(self.key, self.entry.token)
-        finally:
-            heartbeat.discard(self)
-        if not released:
-            raise OwnershipLost(
-                f"the claim on key {self.key!r} was taken over or halted by another caller"
-                " before this call could release it",
-                key=self.key,
-            ) from cause
+        drive(self.store, self._releasing(cause))
+
+    async def arelease(self, cause: BaseException | None = None) -> None:
+        """``release`` for coroutines.
+
+        Args:
+            cause: The exception that made the call release the key, if any.
+
+        Raises:
+            OwnershipLost: As ``release``.
+            RuntimeError: As ``release``.
+            StoreError: As ``release``.
+        """
+        await adrive(self.store, self._releasing(cause))
 
     def __enter__(self) -> Claim:
         """Mark the key as running in this context (re-entering it raises at once)."""
@@ -539,20 +712,36 @@ class Claim:
         """Settle a claim the block left unsettled: an escaping exception as ``fail()`` does
         (halted, or released for a ``retry_on`` exception); a block that ends without settling
         halts the key and logs a warning."""
+        self._leave_context()
+        drive(self.store, self._exiting(exc))
+
+    async def __aenter__(self) -> Claim:
+        """``__enter__``, for ``async with``."""
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """``__exit__`` for ``async with``, on the store's async primitives. A body that was
+        cancelled is settled (halted) even when its task is cancelled again meanwhile: the
+        write goes on, shielded, while the cancellation propagates."""
+        self._leave_context()
+        if self._settled or self._generation != _fork_generation:
+            return
+        import asyncio
+
+        if isinstance(exc, asyncio.CancelledError):
+            await asyncio.shield(adrive(self.store, self._exiting(exc)))
+        else:
+            await adrive(self.store, self._exiting(exc))
+
+    def _leave_context(self) -> None:
         if self._context_token is not None:
             _running.reset(self._context_token)
             self._context_token = None
-        if self._settled or self._generation != _fork_generation:
-            return  # settled in the block, or a forked child's copy (see _settling)
-        if exc is not None:
-            try:
-                self.fail(exc)
-            except StoreError as problem:
-                # The body's own exception says what happened: raise that, not the store's.
-                _not_recorded(self.key, problem, exc)
-            return
-        logger.warning("idemfn: the claim block for %r ended without complete()", self.key)
-        self.halt(RuntimeError("the claim's block ended without complete() or fail()"))
 
 
 def run_in_transaction(
@@ -642,6 +831,18 @@ def complete_or_log(claim: Claim, value: object) -> None:
         _not_recorded(claim.key, problem, None)
 
 
+async def acomplete_or_log(claim: Claim, value: object) -> None:
+    """``complete_or_log`` for the async wrapper. The write is shielded: a task cancelled while
+    its outcome is being recorded still records it (the cancellation then propagates), instead
+    of leaving a body that ran with no record."""
+    import asyncio
+
+    try:
+        await asyncio.shield(adrive(claim.store, claim._completing(value)))
+    except StoreError as problem:
+        _not_recorded(claim.key, problem, None)
+
+
 def _not_recorded(key: str, problem: StoreError, exc: BaseException | None) -> None:
     what = "the value is returned" if exc is None else f"its {type(exc).__name__} is raised"
     message = (
@@ -685,42 +886,57 @@ def _past_deadline(key: str, deadline: float, state: str) -> DeadlineExceeded:
 Due = Callable[[], "float | None"]  # when a call must no longer start; called only if it would
 
 
-def decide(
-    store: Store, key: str, fingerprint: str, policy: Policy, deadline: Due | None = None
-) -> Claim | Finished | Busy:
-    """One decision on ``key`` from what the store holds: claim it (absent or expired), replay
-    it (finished), halt or take over an abandoned claim (``on_abandoned``), or report a live
-    owner (``Busy``)."""
-    # Replay first: a finished key costs one read and no write. A store whose claim is as
-    # cheap as a read (one round trip that writes nothing over a live record) claims at once:
-    # a first call is then two round trips, claim and complete. Not with a deadline: a
-    # finished record is replayed after it, so it must be looked at before the deadline.
-    entry = None if store.claims_first and deadline is None else store.get(key)
+def _check_fingerprint(entry: Entry, key: str, fingerprint: str) -> None:
+    if fingerprint and entry.fingerprint and entry.fingerprint != fingerprint:
+        raise FingerprintMismatch(
+            f"key {key!r} was first used with other arguments (fingerprint"
+            f" {entry.fingerprint[:12]}…, this call {fingerprint[:12]}…). Use another key"
+            " for other arguments, or fingerprint=[...] to compare only some of them",
+            key=key,
+            stored=entry.fingerprint,
+            given=fingerprint,
+        )
+
+
+def _reads_first(store: Store, deadline: Due | None) -> bool:
+    """Whether a decision reads the key before claiming it.
+
+    Replay first: a finished key costs one read and no write. A store whose claim is as cheap
+    as a read (one round trip that writes nothing over a live record) claims at once: a first
+    call is then two round trips, claim and complete. Not with a deadline: a finished record
+    is replayed after it, so it must be looked at before the deadline."""
+    return not store.claims_first or deadline is not None
+
+
+def _deciding(
+    store: Store,
+    key: str,
+    fingerprint: str,
+    policy: Policy,
+    deadline: Due | None,
+    entry: Entry | None,
+) -> Steps[Claim | Finished | Busy]:
+    """The decision table: one decision on ``key`` from what the store holds (``entry``, the
+    first read's answer; None when nothing was there or nothing was read). Claim it (absent or
+    expired), replay it (finished), halt or take over an abandoned claim (``on_abandoned``), or
+    report a live owner (``Busy``)."""
     while True:
         if entry is None:
-            now = store.time()
+            now = yield _TIME_OP
             due = None if deadline is None else deadline()
             if due is not None and now > due:
                 raise _past_deadline(key, due, "has no finished record")
             claimed = _new_claim(key, fingerprint, 1, now, policy)
-            entry = store.claim(claimed)
+            entry = yield from _undone_if_interrupted((_CLAIM, claimed), claimed, None)
             if entry is None:
                 return Claim(store, claimed, policy)
             continue
-        if fingerprint and entry.fingerprint and entry.fingerprint != fingerprint:
-            raise FingerprintMismatch(
-                f"key {key!r} was first used with other arguments (fingerprint"
-                f" {entry.fingerprint[:12]}…, this call {fingerprint[:12]}…). Use another key"
-                " for other arguments, or fingerprint=[...] to compare only some of them",
-                key=key,
-                stored=entry.fingerprint,
-                given=fingerprint,
-            )
+        _check_fingerprint(entry, key, fingerprint)
         if entry.status != PROCESSING:
             return Finished(entry, policy.serializer)
         if key in _running.get():
             raise Busy(entry).error(" (this call re-entered its own key from inside its body)")
-        now = store.time()
+        now = yield _TIME_OP
         reason = abandoned_reason(entry, now)
         if reason is None:
             return Busy(entry)
@@ -731,7 +947,8 @@ def decide(
             takeover = _new_claim(
                 key, entry.fingerprint or fingerprint, entry.attempt + 1, now, policy
             )
-            if store.swap(key, entry.token, takeover):
+            op = (_SWAP, key, entry.token, takeover)
+            if (yield from _undone_if_interrupted(op, takeover, False)):
                 logger.warning(
                     "idemfn: key %r was abandoned (%s); running it again, attempt %d",
                     key,
@@ -754,10 +971,53 @@ def decide(
                 expires_at=None if ttl is None else now + ttl,
                 reason=f"abandoned: {reason}",
             )
-            if store.swap(key, entry.token, halted):
+            if (yield (_SWAP, key, entry.token, halted)):
                 logger.warning("idemfn: key %r was abandoned and is now halted: %s", key, reason)
+                settled(key)
                 return Finished(halted, policy.serializer)
-        entry = store.get(key)  # another caller settled it first: look again
+        entry = yield (_GET, key)  # another caller settled it first: look again
+
+
+def _undone_if_interrupted(op: Op, claimed: Entry, won: object) -> Steps[Any]:
+    """Run ``op``, which writes the claim ``claimed`` when its answer is ``won``. Interrupted
+    (a cancelled task, Ctrl-C) before the answer came, the claim may have been made with no
+    one left to run it: release it, so that an interrupted caller writes nothing."""
+    try:
+        return (yield op)
+    except Exception:
+        raise
+    except BaseException as interrupted:
+        try:
+            yield (_RELEASE, claimed.key, claimed.token)
+        except Exception as problem:  # its lease runs out: it is judged abandoned then
+            logger.warning(
+                "idemfn: could not undo the claim on %r of an interrupted call: %s",
+                claimed.key,
+                problem,
+            )
+        raise interrupted from None
+
+
+def decide(
+    store: Store, key: str, fingerprint: str, policy: Policy, deadline: Due | None = None
+) -> Claim | Finished | Busy:
+    """One decision on ``key`` (``_deciding``), on the store's sync primitives."""
+    entry = store.get(key) if _reads_first(store, deadline) else None
+    if entry is not None and entry.status != PROCESSING:  # a replay: no steps to drive
+        _check_fingerprint(entry, key, fingerprint)
+        return Finished(entry, policy.serializer)
+    return drive(store, _deciding(store, key, fingerprint, policy, deadline, entry))
+
+
+async def adecide(
+    store: Store, key: str, fingerprint: str, policy: Policy, deadline: Due | None = None
+) -> Claim | Finished | Busy:
+    """One decision on ``key`` (``_deciding``), on the store's async primitives."""
+    entry = await store.aget(key) if _reads_first(store, deadline) else None
+    if entry is not None and entry.status != PROCESSING:
+        _check_fingerprint(entry, key, fingerprint)
+        return Finished(entry, policy.serializer)
+    return await adrive(store, _deciding(store, key, fingerprint, policy, deadline, entry))
 
 
 class _Waiter:
@@ -769,13 +1029,20 @@ class _Waiter:
         self.give_up_at = time.monotonic() + wait
         self.delay = _FIRST_POLL
 
-    def pause(self, busy: Busy) -> float:
-        """Seconds to sleep before looking again; raises ``AlreadyRunning`` when time is up."""
+    def pause(self, busy: Busy, watch: Watch | AsyncWatch) -> float:
+        """Seconds to wait on ``watch`` before looking again; raises ``AlreadyRunning`` when
+        time is up. Looks back off up to 250 ms when the watch hears the owner settle; up to
+        10 ms when it cannot (the owner is another process of this machine, on a store that
+        only hears this process's settles)."""
         left = self.give_up_at - time.monotonic()
         if left <= 0:
             raise busy.error()
         pause = min(self.delay, left)
         self.delay = min(self.delay * 2, _MAX_POLL)
+        if pause > _NEAR_POLL and not watch.hears_others:
+            owner = busy.entry.owner
+            if owner != _owner.current() and _owner.same_boot(owner):
+                return _NEAR_POLL
         return pause
 
 
@@ -869,27 +1136,33 @@ def begin_with(
     step = decide(store, key, fingerprint, policy, deadline)
     if not isinstance(step, Busy):
         return step
+    if policy.wait <= 0:
+        raise step.error()
     waiter = _Waiter(policy.wait)
-    while isinstance(step, Busy):
-        time.sleep(waiter.pause(step))
-        step = decide(store, key, fingerprint, policy, deadline)
-    return step
+    with store.watch(key) as watch:
+        while True:  # watching, look again: a settle since the last look is not missed
+            step = decide(store, key, fingerprint, policy, deadline)
+            if not isinstance(step, Busy):
+                return step
+            watch.wait(waiter.pause(step, watch))
 
 
 async def abegin_with(
     store: Store, key: str, fingerprint: str, policy: Policy, deadline: Due | None
 ) -> Claim | Finished:
     """``abegin`` with its arguments already checked and resolved."""
-    step = decide(store, key, fingerprint, policy, deadline)
+    step = await adecide(store, key, fingerprint, policy, deadline)
     if not isinstance(step, Busy):
         return step
+    if policy.wait <= 0:
+        raise step.error()
     waiter = _Waiter(policy.wait)
-    while isinstance(step, Busy):
-        import asyncio  # here, not at the top: it costs the `idemfn` command 30 ms to start
-
-        await asyncio.sleep(waiter.pause(step))
-        step = decide(store, key, fingerprint, policy, deadline)
-    return step
+    async with store.awatch(key) as watch:
+        while True:
+            step = await adecide(store, key, fingerprint, policy, deadline)
+            if not isinstance(step, Busy):
+                return step
+            await watch.wait(waiter.pause(step, watch))
 
 
 def _prepare(

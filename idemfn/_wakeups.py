@@ -153,8 +153,6 @@ class LocalAsyncWatch(AsyncWatch):
             waiting.set_result(None)
 
     async def wait(self, seconds: float) -> None:
-        import asyncio
-
         if not self._woken:
             self._waiting = self._loop.create_future()
             handle = self._loop.call_later(seconds, _resolve, self._waiting)

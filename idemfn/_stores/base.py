@@ -70,7 +70,8 @@ class Store(abc.ABC):
     ``aswap``, ``arelease``, ``adelete``, ``atime``): by default they run the sync primitive
     in a worker thread, so that a store with only sync primitives never blocks an event loop;
     a store with a native async client overrides them. ``watch`` and ``awatch`` say when a
-    waiter should look at a busy key again (by default: when this process settles it). The primitives take and return entries (``idemfn._record.Entry``,
+    waiter should look at a busy key again (by default: when this process settles it).
+    The primitives take and return entries (``idemfn._record.Entry``,
     a named tuple that stores treat as a value): a store reads only an entry's ``key``,
     ``token``, ``status`` (``"processing"``, ``"ok"`` or ``"halted"``) and ``expires_at``
     (UNIX seconds on the store's clock; None: never), through ``entry.is_expired(now)``. It
@@ -269,7 +270,7 @@ class Store(abc.ABC):
         """``time``, awaitable: inline for this machine's clock (the default ``time``), in a
         worker thread for a store whose ``time`` asks its server."""
         if type(self).time is Store.time:
-            return time.time()
+            return self.time()
         return await offload(self.time)
 
     def watch(self, key: str) -> Watch:

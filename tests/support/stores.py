@@ -109,6 +109,11 @@ class StoreClock:
         real = store.time
         monkeypatch.setattr(store, "time", lambda: real() + self.offset)
 
+        async def atime() -> float:  # (the store's sync clock: a test's server is never stalled)
+            return real() + self.offset
+
+        monkeypatch.setattr(store, "atime", atime)
+
     def advance(self, seconds: float) -> None:
         self.offset += seconds
 
