@@ -5,7 +5,10 @@ hold your own store to it, subclass ``StoreContract`` in a test module and give 
 fixture that yields a fresh, empty store (``StoreContract``'s docstring shows one).
 
 The tests cover the primitives (atomic claim, fenced swap and release, delete on a token,
-expiry counting as absence, scan, prune) and the contract's behaviours through
+expiry counting as absence, scan, prune), each through the sync primitives and again through
+their awaitable counterparts (``aclaim``, ``aget``, ...: the ``Store`` base runs a store's sync
+ones in a worker thread, so a store with only those passes both), and the contract's behaviours
+through
 ``@idempotent`` on top of them (replay of fresh copies and falsy values, halted and
 ``retry_on`` outcomes, mismatches, abandoned owners halted or retried exactly once, fencing
 with ``OwnershipLost``, ttl, deadlines, racing threads, coroutines).
@@ -16,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Coroutine, Iterator
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
@@ -36,6 +40,73 @@ __all__ = ["StoreContract"]
 
 # An owner on another machine: only its lease says whether it still runs.
 _REMOTE_OWNER = "elsewhere/0000000000000000.0/1/1"
+
+T = TypeVar("T")
+
+
+class _Primitives(Protocol):
+    """The primitives a contract test calls: a ``Store`` itself (the sync path), or
+    ``_Awaited`` (the same calls through the store's awaitable primitives)."""
+
+    def claim(self, entry: Entry) -> Entry | None: ...
+    def get(self, key: str) -> Entry | None: ...
+    def swap(self, key: str, token: str, entry: Entry) -> bool: ...
+    def release(self, key: str, token: str) -> bool: ...
+    def delete(self, key: str, token: str | None = None) -> bool: ...
+    def time(self) -> float: ...
+
+
+class _Awaited:
+    """A store's awaitable primitives, called like its sync ones: each call is awaited on one
+    event loop, which runs in a thread of its own for the test (so that calls from several
+    threads at once are concurrent tasks on that loop), and is shut down as ``asyncio.run``
+    ends a loop, which closes what the store opened for it."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        started = threading.Event()
+
+        async def serve() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            started.set()
+            await self._stop.wait()
+
+        self._thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+        self._thread.start()
+        if not started.wait(60):
+            raise RuntimeError("the contract's event loop did not start")
+
+    def _await(self, call: Coroutine[Any, Any, T]) -> T:
+        assert self._loop is not None
+        # Generous: a store call that hangs fails its test instead of hanging the suite.
+        return asyncio.run_coroutine_threadsafe(call, self._loop).result(120)
+
+    def claim(self, entry: Entry) -> Entry | None:
+        return self._await(self.store.aclaim(entry))
+
+    def get(self, key: str) -> Entry | None:
+        return self._await(self.store.aget(key))
+
+    def swap(self, key: str, token: str, entry: Entry) -> bool:
+        return self._await(self.store.aswap(key, token, entry))
+
+    def release(self, key: str, token: str) -> bool:
+        return self._await(self.store.arelease(key, token))
+
+    def delete(self, key: str, token: str | None = None) -> bool:
+        return self._await(self.store.adelete(key, token))
+
+    def time(self) -> float:
+        return self._await(self.store.atime())
+
+    def close(self) -> None:
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None:
+            loop.call_soon_threadsafe(stop.set)
+        self._thread.join(120)
 
 
 def _processing(store: Store, key: str, token: str, *, lease: float = 30.0) -> Entry:
@@ -104,7 +175,10 @@ class StoreContract:
     The subclass gives a ``store`` fixture that yields a fresh, empty store for each test
     (and closes it after); pytest collects the subclass as usual (name it ``Test...``), and
     runs every one of its tests on that store. The first tests hold the primitives to
-    ``Store``'s docstrings; the rest run ``@idempotent`` on the store. No test waits for a
+    ``Store``'s docstrings, each twice: through the sync primitives (``claim``, ``get``, ...),
+    then through the awaitable ones (``aclaim``, ``aget``, ...) on an event loop (the
+    ``primitives`` fixture, ``[sync]`` and ``[async]`` in the tests' ids); the rest run
+    ``@idempotent`` on the store. No test waits for a
     clock: expiry and abandoned claims are made by writing records already past them, so the
     store's clock need not be movable (a server's is not).
 
@@ -125,27 +199,46 @@ class StoreContract:
 
     # -- the primitives ----------------------------------------------------------------------
 
-    def test_claim_inserts_once_and_returns_the_live_entry(self, store: Store) -> None:
-        first = _processing(store, "k", "a")
-        assert store.claim(first) is None
-        assert store.claim(_processing(store, "k", "b")) == first
-        assert store.get("k") == first
+    @pytest.fixture(params=["sync", "async"])
+    def primitives(self, request: pytest.FixtureRequest, store: Store) -> Iterator[_Primitives]:
+        """The primitives the test calls: the store's sync ones, or its awaitable ones."""
+        if request.param == "sync":
+            yield store
+            return
+        awaited = _Awaited(store)
+        try:
+            yield awaited
+        finally:
+            awaited.close()
 
-    def test_an_expired_entry_counts_as_absent_and_is_replaced(self, store: Store) -> None:
+    def test_claim_inserts_once_and_returns_the_live_entry(
+        self, store: Store, primitives: _Primitives
+    ) -> None:
+        first = _processing(store, "k", "a")
+        assert primitives.claim(first) is None
+        assert primitives.claim(_processing(store, "k", "b")) == first
+        assert primitives.get("k") == first
+
+    def test_an_expired_entry_counts_as_absent_and_is_replaced(
+        self, store: Store, primitives: _Primitives
+    ) -> None:
         # Expired a minute ago: no test waits for a clock (a busy machine makes any wait short).
-        store.claim(_finished(store, "k", "old", expires_in=-60))
-        assert store.get("k") is None
-        assert store.claim(_processing(store, "k", "new")) is None
-        entry = store.get("k")
+        primitives.claim(_finished(store, "k", "old", expires_in=-60))
+        assert primitives.get("k") is None
+        assert primitives.claim(_processing(store, "k", "new")) is None
+        entry = primitives.get("k")
         assert entry is not None and entry.token == "new"
 
-    def test_claims_racing_in_threads_have_one_winner(self, store: Store) -> None:
+    def test_claims_racing_in_threads_have_one_winner(
+        self, store: Store, primitives: _Primitives
+    ) -> None:
+        # [async]: the threads' claims are concurrent tasks on one event loop.
         barrier = threading.Barrier(12)
         wins: list[str] = []
 
         def racer(i: int) -> None:
             barrier.wait()
-            if store.claim(_processing(store, "race", f"t{i}")) is None:
+            if primitives.claim(_processing(store, "race", f"t{i}")) is None:
                 wins.append(f"t{i}")
 
         threads = [threading.Thread(target=racer, args=(i,)) for i in range(12)]
@@ -154,37 +247,66 @@ class StoreContract:
         for thread in threads:
             thread.join()
         assert len(wins) == 1
-        entry = store.get("race")
+        entry = primitives.get("race")
         assert entry is not None and entry.token == wins[0]
 
-    def test_swap_and_release_are_fenced_on_the_live_claim(self, store: Store) -> None:
-        store.claim(_processing(store, "k", "a"))
-        assert store.swap("k", "wrong", _finished(store, "k", "x")) is False
-        assert store.release("k", "wrong") is False
-        assert store.swap("k", "a", _finished(store, "k", "a")) is True
+    def test_swap_and_release_are_fenced_on_the_live_claim(
+        self, store: Store, primitives: _Primitives
+    ) -> None:
+        p = primitives
+        p.claim(_processing(store, "k", "a"))
+        assert p.swap("k", "wrong", _finished(store, "k", "x")) is False
+        assert p.release("k", "wrong") is False
+        assert p.swap("k", "a", _finished(store, "k", "a")) is True
         # Finished: neither its own token nor any other may write it again.
-        assert store.swap("k", "a", _processing(store, "k", "a")) is False
-        assert store.release("k", "a") is False
-        entry = store.get("k")
+        assert p.swap("k", "a", _processing(store, "k", "a")) is False
+        assert p.release("k", "a") is False
+        entry = p.get("k")
         assert entry is not None and entry.status == "ok"
         # (A claim just made: a store may tell a record lost by a restarted server, for a
         # claim older than the server, from one never there; see RedisStore.)
-        assert store.swap("ghost", "a", _processing(store, "ghost", "a")) is False
-        assert store.release("ghost", "a") is False
-        assert store.get("ghost") is None
-        store.claim(_processing(store, "r", "b"))
-        assert store.release("r", "b") is True
-        assert store.get("r") is None
+        assert p.swap("ghost", "a", _processing(store, "ghost", "a")) is False
+        assert p.release("ghost", "a") is False
+        assert p.get("ghost") is None
+        p.claim(_processing(store, "r", "b"))
+        assert p.release("r", "b") is True
+        assert p.get("r") is None
 
-    def test_delete_with_and_without_a_token(self, store: Store) -> None:
-        store.claim(_processing(store, "k", "a"))
-        assert store.delete("k", "b") is False
-        assert store.get("k") is not None
-        assert store.delete("k", "a") is True
-        assert store.delete("k") is False
-        store.claim(_finished(store, "k", "c", expires_in=None))
-        assert store.delete("k") is True
-        assert store.get("k") is None
+    def test_delete_with_and_without_a_token(self, store: Store, primitives: _Primitives) -> None:
+        p = primitives
+        p.claim(_processing(store, "k", "a"))
+        assert p.delete("k", "b") is False
+        assert p.get("k") is not None
+        assert p.delete("k", "a") is True
+        assert p.delete("k") is False
+        p.claim(_finished(store, "k", "c", expires_in=None))
+        assert p.delete("k") is True
+        assert p.get("k") is None
+
+    def test_the_sync_and_async_primitives_share_the_records(self, store: Store) -> None:
+        # Each path could pass the tests above alone while writing somewhere of its own (another
+        # database, prefix or table): what one writes, the other must read and fence on.
+        awaited = _Awaited(store)
+        try:
+            claimed = _processing(store, "k", "a")
+            assert awaited.claim(claimed) is None
+            assert store.get("k") == claimed
+            assert store.claim(_processing(store, "k", "b")) == claimed
+            assert store.swap("k", "a", _finished(store, "k", "a")) is True
+            entry = awaited.get("k")
+            assert entry is not None and entry.status == "ok"
+            assert awaited.swap("k", "a", _processing(store, "k", "a")) is False
+            store.claim(_processing(store, "r", "c"))
+            assert awaited.release("r", "c") is True
+            assert store.get("r") is None
+            assert awaited.claim(_processing(store, "r", "d")) is None
+            assert store.release("r", "d") is True
+            assert awaited.get("r") is None
+            assert awaited.delete("k") is True
+            assert store.get("k") is None
+            assert abs(awaited.time() - store.time()) < 60
+        finally:
+            awaited.close()
 
     def test_scan_by_prefix_and_entries_round_trip(self, store: Store) -> None:
         entries = [_finished(store, key, "t") for key in ("app.a:1", "app.a:2", "app.b:1")]
@@ -197,8 +319,8 @@ class StoreContract:
         scanned = store.scan("app.b:", corrupt=lambda key, error: reported.append(key))
         assert [e.key for e in scanned] == ["app.b:1"] and reported == []
 
-    def test_time_is_unix_seconds(self, store: Store) -> None:
-        assert abs(store.time() - time.time()) < 60
+    def test_time_is_unix_seconds(self, primitives: _Primitives) -> None:
+        assert abs(primitives.time() - time.time()) < 60
 
     def test_prune_removes_what_is_expired_and_keeps_the_rest(self, store: Store) -> None:
         store.claim(_finished(store, "gone", "a", expires_in=-60))
