@@ -448,6 +448,12 @@ class Claim:
         self._uncommitted = pending
         try:
             written = yield (_SWAP, entry.key, self.entry.token, entry)
+        except Exception:
+            raise
+        except BaseException as interrupted:
+            if not pending:  # (a transactional write is undone with its transaction)
+                yield from self._finishing(entry)
+            raise interrupted
         finally:
             if not pending:
                 heartbeat.discard(self)
@@ -460,6 +466,25 @@ class Claim:
                 key=entry.key,
             ) from cause
         if not pending:
+            settled(entry.key)
+
+    def _finishing(self, entry: Entry) -> Steps[None]:
+        """Finish writing ``entry`` after an interruption (a cancelled task, Ctrl-C) came
+        before the write's answer: it may or may not have landed. An outcome is not lost to
+        the interruption: if the claim is still there unwritten, write it again."""
+        try:
+            found = yield (_GET, entry.key)
+            if found is not None and found.token == entry.token and found.status == PROCESSING:
+                yield (_SWAP, entry.key, entry.token, entry)
+        except BaseException as problem:  # interrupted again, or the store failed
+            logger.warning(
+                "idemfn: the outcome of %r may not be recorded: its write was interrupted, and"
+                " writing it again failed (%s); the key stays processing until its lease runs"
+                " out",
+                entry.key,
+                type(problem).__name__,
+            )
+        else:
             settled(entry.key)
 
     def _finished_entry(self, status: str, **fields: Any) -> Steps[Entry]:
@@ -725,18 +750,10 @@ class Claim:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        """``__exit__`` for ``async with``, on the store's async primitives. A body that was
-        cancelled is settled (halted) even when its task is cancelled again meanwhile: the
-        write goes on, shielded, while the cancellation propagates."""
+        """``__exit__`` for ``async with``, on the store's async primitives: a body that was
+        cancelled (``CancelledError``, a ``BaseException``) is halted."""
         self._leave_context()
-        if self._settled or self._generation != _fork_generation:
-            return
-        import asyncio
-
-        if isinstance(exc, asyncio.CancelledError):
-            await asyncio.shield(adrive(self.store, self._exiting(exc)))
-        else:
-            await adrive(self.store, self._exiting(exc))
+        await adrive(self.store, self._exiting(exc))
 
     def _leave_context(self) -> None:
         if self._context_token is not None:
@@ -832,13 +849,10 @@ def complete_or_log(claim: Claim, value: object) -> None:
 
 
 async def acomplete_or_log(claim: Claim, value: object) -> None:
-    """``complete_or_log`` for the async wrapper. The write is shielded: a task cancelled while
-    its outcome is being recorded still records it (the cancellation then propagates), instead
-    of leaving a body that ran with no record."""
-    import asyncio
-
+    """``complete_or_log`` for the async wrapper. A task cancelled while its outcome is being
+    written writes it again if it did not land (``Claim._finishing``), then is cancelled."""
     try:
-        await asyncio.shield(adrive(claim.store, claim._completing(value)))
+        await adrive(claim.store, claim._completing(value))
     except StoreError as problem:
         _not_recorded(claim.key, problem, None)
 
