@@ -8,6 +8,9 @@ Each line is the median over rounds of microseconds per call; rounds of a store 
 floor alternate, so machine noise hits both. Floors: a raw ``diskcache.Cache.get``/``add`` for
 DiskStore, a raw redis-py ``GET``/``SET NX`` on the same server for RedisStore. RedisStore talks
 to the server over a unix socket.
+
+The async path's rows (event-loop lag, a stalled server, waiter wake-up) are in
+``bench_async.py``, which starts these same servers.
 """
 
 from __future__ import annotations
