@@ -15,22 +15,40 @@ claim is reported as a corrupt record instead of passing for a lost claim (issue
 Every transition is one Lua script, atomic on the server: no read-then-write from the client.
 Expiry is the server's (``PEXPIREAT``), and the store's clock is the server's ``TIME`` (see
 ``clock.ServerClock``), so neither a skewed nor a jumping client clock moves a lease.
+
+Async callers (issue 16) run the same scripts through ``redis.asyncio``, on a client of each
+event loop's own (a ``redis.asyncio`` connection belongs to the loop that opened it). Every write
+that ends a claim (a swap to a finished entry, a release, a delete) publishes on the key's
+channel, ``prefix + "settled:" + key``, in the same script; the store's watches subscribe to it,
+so that a waiter on any machine wakes as soon as the key settles.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+import collections
+import inspect
+import logging
+import threading
+import time
+import weakref
+from collections.abc import AsyncGenerator, Callable, Coroutine, Generator, Iterator
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._record import Entry
 from .._signing import SigningKey
+from .._wakeups import LocalAsyncWatch, LocalWatch
 from .base import Corrupt, Store, removable_at
 from .clock import ServerClock
 
 if TYPE_CHECKING:
-    import redis
+    import asyncio
 
-__all__ = ["RedisStore"]
+    import redis
+    import redis.asyncio
+
+__all__ = ["RedisAsyncWatch", "RedisStore", "RedisWatch"]
+
+logger = logging.getLogger("idemfn")
 
 # KEYS[1] record; ARGV: token, data, expire-at ms ("" = none), finished-expiry ms ("" = none).
 # Inserts unless a record is there; returns its entry, or nothing when this claim won. A record
@@ -46,9 +64,15 @@ if ARGV[3] ~= '' then redis.call('PEXPIREAT', KEYS[1], ARGV[3]) end
 return false
 """
 
+# Each settle publishes on the key's channel (issue 16). With redis.pcall, not redis.call: a user
+# whose ACL may not publish (Redis 7 gives a new ACL user no channels) must still settle, and
+# its waiters look again at intervals instead. A PUBLISH nobody listens to costs the server a
+# dictionary lookup.
+
 # KEYS[1]; ARGV: fence token, live token of the new entry ("" when finished), its token, data,
-# expire-at ms, finished-expiry ms. Replaces the record only if its live claim is the fence;
-# returns 1 if it did, 0 if another claim or a finished record is there, -1 if none is.
+# expire-at ms, finished-expiry ms, channel ("" when the new entry is a claim: nothing settled).
+# Replaces the record only if its live claim is the fence; returns 1 if it did, 0 if another
+# claim or a finished record is there, -1 if none is.
 _SWAP = """
 local live = redis.call('HGET', KEYS[1], 't')
 if live == false then return -1 end
@@ -56,23 +80,26 @@ if live ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'e', ARGV[4], 't', ARGV[2], 'k', ARGV[3], 'x', ARGV[6])
 if ARGV[5] == '' then redis.call('PERSIST', KEYS[1])
 else redis.call('PEXPIREAT', KEYS[1], ARGV[5]) end
+if ARGV[7] ~= '' then redis.pcall('PUBLISH', ARGV[7], '') end
 return 1
 """
 
-# KEYS[1]; ARGV: fence token. Removes the record only if its live claim is the fence.
+# KEYS[1]; ARGV: fence token, channel. Removes the record only if its live claim is the fence.
 _RELEASE = """
 if redis.call('HGET', KEYS[1], 't') ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
+redis.pcall('PUBLISH', ARGV[2], '')
 return 1
 """
 
-# KEYS[1]; ARGV: token ("" = any). Returns 1 if a live record was removed, 2 if an expired one
-# was (tidying, not forgetting), 0 if nothing was.
+# KEYS[1]; ARGV: token ("" = any), channel. Returns 1 if a live record was removed, 2 if an
+# expired one was (tidying, not forgetting), 0 if nothing was.
 _DELETE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local found = redis.call('HMGET', KEYS[1], 'k', 'x')
 if ARGV[1] ~= '' and found[1] ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
+redis.pcall('PUBLISH', ARGV[2], '')
 local x = found[2]
 if x == false or x == '' then return 1 end
 local t = redis.call('TIME')
@@ -80,9 +107,40 @@ if tonumber(x) > tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) then 
 return 2
 """
 
+_SCRIPTS = (_CLAIM, _SWAP, _RELEASE, _DELETE)
+
+# The pool of each event loop's client: tasks beyond its connections wait for one, without
+# blocking the loop (redis.asyncio's default pool raises "Too many connections" past 100, and
+# 200 concurrent calls are ordinary), as long as the server's answers take (no timeout of its
+# own: the connections' socket_timeout is the store's).
+_ASYNC_POOL: dict[str, Any] = {"max_connections": 50, "timeout": None}
+
+# How long a new watch waits for the server to confirm its subscription before the caller looks
+# at the key again: a settle between that look and the subscription would go unheard. A slow
+# server only delays the look, which waits on the same server.
+_CONFIRM = 2.0
+# How long an async subscriber's read waits for a message before it reads again.
+_LISTEN = 30.0
+# After pub/sub failed, how long a store's new watches poll before they try it again (a server
+# that refuses SUBSCRIBE, such as an ACL without channels, is asked again that often).
+_PUBSUB_PAUSE = 5.0
+
 
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+class _Read(NamedTuple):
+    """A read that a refused swap needs: the client's ``command`` with ``args``."""
+
+    action: str
+    key: str
+    command: str
+    args: tuple[Any, ...]
+
+
+#: What ``RedisStore._refused`` yields: a read, or None for the store's time.
+_Steps = Generator[_Read | None, Any, bool]
 
 
 class RedisStore(Store):
@@ -92,23 +150,35 @@ class RedisStore(Store):
     Each transition is one Lua script, atomic on the server; expiry is the server's own, and
     the store's clock is the server's ``TIME``. Nothing is sent until the first use.
 
+    Async callers (``aclaim``, ``aget``, ...) never block their event loop: they use a
+    ``redis.asyncio`` client, one per event loop (a script that calls ``asyncio.run`` twice, or
+    a test suite that makes a loop per test, works), each closed when its loop shuts down
+    (``asyncio.run`` does that). A caller waiting for a busy key is woken by the server as soon
+    as the key settles, on any machine (``watch``, ``awatch``: Redis pub/sub).
+
     Args:
-        url_or_client: A URL (``redis://``, ``rediss://``, ``unix://``), or a ``redis.Redis``
-            the caller already has, made without ``decode_responses``.
+        url_or_client: A URL (``redis://``, ``rediss://``, ``unix://``), or a client the caller
+            already has, made without ``decode_responses``: a ``redis.Redis`` (the async
+            clients are then made with its connection settings), or a ``redis.asyncio.Redis``.
+            The latter serves the async calls of the first event loop that uses the store (a
+            ``redis.asyncio`` client is bound to the loop it is used on; other loops get
+            clients of their own made with its connection settings), and a ``redis.Redis``
+            made with its connection settings serves sync callers, lease renewals (the
+            heartbeat thread) and the ``idemfn`` command.
         prefix: Put before every stored key to make the Redis key. Default ``"idemfn:"``.
         signing_key: Keys to sign and verify records with (as ``idempotent``'s
             ``signing_key``): one that fails its check is never loaded. Default None:
             ``IDEMFN_SIGNING_KEY`` when set.
 
     Attributes:
-        client: The ``redis.Redis`` used.
+        client: The ``redis.Redis`` used by sync callers.
         prefix: The ``prefix`` given.
         url: Where the server is, without a password.
 
     Raises:
         ImportError: redis-py is not installed (``pip install 'idemfn[redis]'``).
-        TypeError: ``url_or_client`` is neither a str nor a ``redis.Redis``, or ``prefix``
-            not a str.
+        TypeError: ``url_or_client`` is neither a str nor a ``redis.Redis`` or
+            ``redis.asyncio.Redis``, or ``prefix`` not a str.
         ValueError: A bad URL, or a client made with ``decode_responses=True``.
     """
 
@@ -116,32 +186,50 @@ class RedisStore(Store):
 
     def __init__(
         self,
-        url_or_client: str | redis.Redis,
+        url_or_client: str | redis.Redis | redis.asyncio.Redis,
         *,
         prefix: str = "idemfn:",
         signing_key: SigningKey | None = None,
     ) -> None:
         try:
             import redis
+            import redis.asyncio
         except ImportError:  # pragma: no cover - the extra is installed in the tests
             raise ImportError("RedisStore needs redis-py: pip install 'idemfn[redis]'") from None
         if not isinstance(prefix, str):
             raise TypeError(f"RedisStore(prefix=...) must be a str, not {type(prefix).__name__}")
+        # The user's async client, kept for the first event loop that uses the store.
+        self._given: redis.asyncio.Redis | None = None
+        new_async: Callable[[], redis.asyncio.Redis]
         if isinstance(url_or_client, str):
             try:
                 client = redis.Redis.from_url(url_or_client)
             except ValueError as exc:
                 raise ValueError(f"RedisStore: bad URL {url_or_client!r}: {exc}") from None
-        elif isinstance(url_or_client, redis.Redis):
-            client = url_or_client
-            if client.connection_pool.connection_kwargs.get("decode_responses"):
-                raise ValueError(
-                    "RedisStore needs a redis.Redis made without decode_responses=True: records"
-                    " are bytes"
+            url = url_or_client
+            new_async = lambda: redis.asyncio.Redis.from_pool(  # noqa: E731
+                redis.asyncio.BlockingConnectionPool.from_url(url, **_ASYNC_POOL)
+            )
+        elif isinstance(url_or_client, (redis.Redis, redis.asyncio.Redis)):
+            if url_or_client.connection_pool.connection_kwargs.get("decode_responses"):
+                kind = (
+                    "redis.Redis"
+                    if isinstance(url_or_client, redis.Redis)
+                    else "redis.asyncio.Redis"
                 )
+                raise ValueError(
+                    f"RedisStore needs a {kind} made without decode_responses=True: records are"
+                    " bytes"
+                )
+            given = url_or_client
+            new_async = lambda: _like(given, redis.asyncio)  # noqa: E731
+            if isinstance(given, redis.Redis):
+                client = given
+            else:
+                client, self._given = _like(given, redis), given
         else:
             raise TypeError(
-                "RedisStore() takes a redis:// URL or a redis.Redis, not"
+                "RedisStore() takes a redis:// URL, a redis.Redis or a redis.asyncio.Redis, not"
                 f" {type(url_or_client).__name__}"
             )
         self.client = client
@@ -149,37 +237,57 @@ class RedisStore(Store):
         self.sign_with(signing_key)
         self.url = _describe(client.connection_pool.connection_kwargs)  # never a password
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError,)
-        self._claim = client.register_script(_CLAIM)
-        self._swap = client.register_script(_SWAP)
-        self._release = client.register_script(_RELEASE)
-        self._delete = client.register_script(_DELETE)
+        self._claim, self._swap, self._release, self._delete = (
+            client.register_script(script) for script in _SCRIPTS
+        )
         self._clock = ServerClock(self._read_clock)
+        self._new_async = new_async
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopSide] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._loops_lock = threading.Lock()  # held for dictionary work only, never for I/O
+        self._pubsub_warned = False
+        self._pubsub_paused_until = 0.0
 
     def __repr__(self) -> str:
         return f"RedisStore({self.url!r}, prefix={self.prefix!r})"
 
-    def _call(self, action: str, key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    # Errors: every backend error is a StoreError naming the store, the action and the key.
+
+    def _call(self, action: str, key: str, fn: Any, *args: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            return fn(*args)
         except self._errors as exc:
-            raise self.error(action, key, f"{type(exc).__name__}: {exc}") from exc
+            raise self._failed(action, key, exc) from exc
+
+    async def _acall(self, action: str, key: str, fn: Any, *args: Any) -> Any:
+        try:
+            return await fn(*args)
+        except self._errors as exc:
+            raise self._failed(action, key, exc) from exc
+
+    def _failed(self, action: str, key: str, exc: BaseException) -> BaseException:
+        return self.error(action, key, f"{type(exc).__name__}: {exc}")
+
+    # The clock: the server's TIME (see clock.ServerClock).
 
     def time(self) -> float:
         return self._clock.now()
 
-    def _read_clock(self, first: bool) -> float:
-        def read() -> tuple[int, int]:
-            if not first:
-                return self.client.time()
-            # First use: load the scripts in the same round trip, so that no call pays for it.
-            pipe = self.client.pipeline(transaction=False)
-            for script in (self._claim, self._swap, self._release, self._delete):
-                pipe.script_load(script.script)
-            pipe.time()
-            return pipe.execute()[-1]  # type: ignore[no-any-return]
+    async def atime(self) -> float:
+        now = self._clock.cached()
+        return now if now is not None else await self._clock.anow(self._aread_clock)
 
-        seconds, micros = self._call("read the clock for", "TIME", read)
-        return float(seconds) + float(micros) / 1e6
+    def _read_clock(self, first: bool) -> float:
+        reading = _clock_reading(self.client, first)
+        return _seconds(self._call("read the clock for", "TIME", reading.execute))
+
+    async def _aread_clock(self, first: bool) -> float:
+        reading = _clock_reading(self._side().client, first)
+        return _seconds(await self._acall("read the clock for", "TIME", reading.execute))
+
+    # The primitives: each builds its script's arguments and reads its answer once, for the
+    # sync client and for this event loop's async one.
 
     @staticmethod
     def _expiry(entry: Entry) -> tuple[str, str]:
@@ -192,18 +300,19 @@ class RedisStore(Store):
             return ms, ms
         return str(int(at * 1000) + 1), ""  # an abandoned claim: strictly after lease + ttl
 
-    def claim(self, entry: Entry) -> Entry | None:
-        key = entry.key
+    def _claim_args(self, entry: Entry) -> tuple[list[str], list[str | bytes]]:
         drop_at, expires = self._expiry(entry)
         token = entry.token if entry.status == "processing" else ""
-        found = self._call(
-            "claim",
-            key,
-            self._claim,
-            keys=[self.prefix + key],
-            args=[token, self.encode(entry), drop_at, expires],
-        )
-        return None if found is None else self.decode(key, found)
+        return [self.prefix + entry.key], [token, self.encode(entry), drop_at, expires]
+
+    def claim(self, entry: Entry) -> Entry | None:
+        found = self._call("claim", entry.key, self._claim, *self._claim_args(entry))
+        return None if found is None else self.decode(entry.key, found)
+
+    async def aclaim(self, entry: Entry) -> Entry | None:
+        claim = self._side().claim
+        found = await self._acall("claim", entry.key, claim, *self._claim_args(entry))
+        return None if found is None else self.decode(entry.key, found)
 
     def get(self, key: str) -> Entry | None:
         data = self._call("read", key, self.client.hget, self.prefix + key, "e")
@@ -212,50 +321,105 @@ class RedisStore(Store):
         entry = self.decode(key, data)
         return None if entry.is_expired(self.time()) else entry
 
-    def swap(self, key: str, token: str, entry: Entry) -> bool:
+    async def aget(self, key: str) -> Entry | None:
+        data = await self._acall("read", key, self._side().client.hget, self.prefix + key, "e")
+        if data is None:
+            return None
+        entry = self.decode(key, data)
+        return None if entry.is_expired(await self.atime()) else entry
+
+    def _swap_args(self, key: str, token: str, entry: Entry) -> tuple[list[str], list[Any]]:
         drop_at, expires = self._expiry(entry)
         live = entry.token if entry.status == "processing" else ""
-        done = self._call(
-            "update",
-            key,
-            self._swap,
-            keys=[self.prefix + key],
-            args=[token, live, entry.token, self.encode(entry), drop_at, expires],
-        )
+        channel = "" if live else self._channel(key)  # a finished entry settles the key
+        data = self.encode(entry)
+        return [self.prefix + key], [token, live, entry.token, data, drop_at, expires, channel]
+
+    def swap(self, key: str, token: str, entry: Entry) -> bool:
+        done = self._call("update", key, self._swap, *self._swap_args(key, token, entry))
+        return bool(done == 1) or self._drive(self._refused(key, token, entry, done))
+
+    async def aswap(self, key: str, token: str, entry: Entry) -> bool:
+        side = self._side()
+        done = await self._acall("update", key, side.swap, *self._swap_args(key, token, entry))
+        return bool(done == 1) or await self._adrive(side, self._refused(key, token, entry, done))
+
+    def _refused(self, key: str, token: str, entry: Entry, done: int) -> _Steps:
+        """What a refused swap means, as steps the sync and async drivers run: the reads it
+        needs (``_Read``; None for the store's time). Returns False, or raises ``StoreError``
+        when the refusal is not the claim's loss (a restarted server, a damaged fence)."""
         if done == -1:
-            self._check_not_restarted(key, entry.started_at)
-        elif done == 0:  # refused: by the claim's own fence?
-            data, fence = self._call("read", key, self.client.hmget, self.prefix + key, "e", "t")
+            # The claim's record is gone: forgotten, pruned, or lost by a server that restarted
+            # without persistence. The last is not the owner's loss of a race: say so.
+            info = yield _Read("read the uptime for", key, "info", ("server",))
+            now = yield None
+            # Uptime is in whole seconds, so this estimate of the server's start is up to 1 s
+            # late. Only a start more than 1 s after the claim is surely a restart since: a
+            # server that started just before the claim (a fresh one) must not pass for one, and
+            # a record lost in a restart within 1 s of its claim is reported as gone, like a
+            # forgotten one.
+            started = now - float(info.get("uptime_in_seconds", 0))
+            if started > entry.started_at + 1.0:
+                raise self.error(
+                    "update",
+                    key,
+                    "the server restarted since this call claimed the key, and the claim's record"
+                    " is gone (a server without persistence loses records: enable appendonly)",
+                )
+        else:  # refused: by the claim's own fence?
+            data, fence = yield _Read("read", key, "hmget", (self.prefix + key, "e", "t"))
             if data is not None:
                 text = None if fence is None else fence.decode("utf-8", "surrogateescape")
                 self.check_fence(key, token, text, data)
-        return bool(done == 1)
+        return False
 
-    def _check_not_restarted(self, key: str, since: float) -> None:
-        """A claim's record is gone: forgotten, pruned, or lost by a server that restarted
-        without persistence. The last is not the owner's loss of a race: say so."""
-        info = self._call("read the uptime for", key, self.client.info, "server")
-        # Uptime is in whole seconds, so this estimate of the server's start is up to 1 s late.
-        # Only a start more than 1 s after the claim is surely a restart since: a server that
-        # started just before the claim (a fresh one) must not pass for one, and a record lost in
-        # a restart within 1 s of its claim is reported as gone, like a forgotten one.
-        started = self.time() - float(info.get("uptime_in_seconds", 0))
-        if started > since + 1.0:
-            raise self.error(
-                "update",
-                key,
-                "the server restarted since this call claimed the key, and the claim's record is"
-                " gone (a server without persistence loses records: enable appendonly)",
-            )
+    def _drive(self, steps: _Steps) -> bool:
+        answer: Any = None
+        try:
+            while True:
+                step = steps.send(answer)
+                if step is None:
+                    answer = self.time()
+                else:
+                    read = getattr(self.client, step.command)
+                    answer = self._call(step.action, step.key, read, *step.args)
+        except StopIteration as stop:
+            return bool(stop.value)
+
+    async def _adrive(self, side: _LoopSide, steps: _Steps) -> bool:
+        answer: Any = None
+        try:
+            while True:
+                step = steps.send(answer)
+                if step is None:
+                    answer = await self.atime()
+                else:
+                    read = getattr(side.client, step.command)
+                    answer = await self._acall(step.action, step.key, read, *step.args)
+        except StopIteration as stop:
+            return bool(stop.value)
+
+    def _release_args(self, key: str, token: str) -> tuple[list[str], list[str]]:
+        return [self.prefix + key], [token, self._channel(key)]
 
     def release(self, key: str, token: str) -> bool:
-        done = self._call("release", key, self._release, keys=[self.prefix + key], args=[token])
-        return bool(done)
+        return bool(self._call("release", key, self._release, *self._release_args(key, token)))
+
+    async def arelease(self, key: str, token: str) -> bool:
+        release = self._side().release
+        return bool(await self._acall("release", key, release, *self._release_args(key, token)))
+
+    def _delete_args(self, key: str, token: str | None) -> tuple[list[str], list[str]]:
+        return [self.prefix + key], [token or "", self._channel(key)]
 
     def delete(self, key: str, token: str | None = None) -> bool:
-        done = self._call("delete", key, self._delete, keys=[self.prefix + key], args=[token or ""])
-        # An expired record counts as absent: removing it is tidying, not forgetting.
-        return done == 1 or (done == 2 and token is not None)
+        done = self._call("delete", key, self._delete, *self._delete_args(key, token))
+        return _deleted(done, token)
+
+    async def adelete(self, key: str, token: str | None = None) -> bool:
+        delete = self._side().delete
+        done = await self._acall("delete", key, delete, *self._delete_args(key, token))
+        return _deleted(done, token)
 
     def scan(self, prefix: str = "", *, corrupt: Corrupt | None = None) -> Iterator[Entry]:
         pattern = _glob_escape(self.prefix + prefix) + "*"
@@ -269,8 +433,494 @@ class RedisStore(Store):
             if data is not None and (entry := self.decoded(key, data, corrupt)) is not None:
                 yield entry  # (None: removed since, or corrupt)
 
+    # Wake-ups: every settle publishes on the key's channel; watches subscribe to it.
+
+    def _channel(self, key: str) -> str:
+        return self.prefix + "settled:" + key
+
+    def watch(self, key: str) -> RedisWatch:
+        """A sync waiter's watch on ``key``, woken by the settle of any process on any machine
+        (Redis pub/sub, on a connection of its own that it closes on exit).
+
+        Args:
+            key: The stored key.
+
+        Returns:
+            A ``RedisWatch``: ``with store.watch(key) as w: w.wait(seconds)``.
+        """
+        return RedisWatch(self, key)
+
+    def awatch(self, key: str) -> RedisAsyncWatch:
+        """An async waiter's watch on ``key``, woken by the settle of any process on any
+        machine. The watches of one event loop share one subscriber connection.
+
+        Args:
+            key: The stored key.
+
+        Returns:
+            A ``RedisAsyncWatch``: ``async with store.awatch(key) as w: await w.wait(seconds)``.
+        """
+        return RedisAsyncWatch(self, key)
+
+    def _pubsub_paused(self) -> bool:
+        return time.monotonic() < self._pubsub_paused_until
+
+    def _pubsub_failed(self, exc: BaseException) -> None:
+        """Pub/sub failed: waiters poll. Said once as a warning, then at debug level; new
+        watches poll for a while before they try pub/sub again."""
+        self._pubsub_paused_until = time.monotonic() + _PUBSUB_PAUSE
+        level = logging.DEBUG if self._pubsub_warned else logging.WARNING
+        self._pubsub_warned = True
+        logger.log(
+            level,
+            "idemfn: %r could not watch keys with pub/sub (%s: %s); callers that wait for a busy"
+            " key look at it again at intervals instead",
+            self,
+            type(exc).__name__,
+            exc,
+        )
+
+    # One async client per event loop.
+
+    def _side(self) -> _LoopSide:
+        """This event loop's async client, scripts and subscriber."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        side = self._loops.get(loop)
+        if side is None or side.closed:
+            side = self._open_side(loop)
+        return side
+
+    def _open_side(self, loop: asyncio.AbstractEventLoop) -> _LoopSide:
+        with self._loops_lock:
+            self._forget_closed_loops()
+            side = self._loops.get(loop)
+            if side is None or side.closed:
+                given, self._given = self._given, None
+                client = given if given is not None else self._new_async()
+                side = self._loops[loop] = _LoopSide(client, self._pubsub_failed)
+                side.close_with_loop()
+            return side
+
+    def _forget_closed_loops(self) -> None:
+        # A loop closed without shutting down its async generators (asyncio.run, Runner and
+        # pytest-asyncio do) never closed its side: its connections are the garbage collector's
+        # (redis-py then closes their sockets, which at most warns with a ResourceWarning).
+        for loop in [loop for loop in self._loops if loop.is_closed()]:
+            del self._loops[loop]
+
     def close(self) -> None:
+        """Close the sync client's connections now. Each event loop's async connections are
+        closed when that loop shuts down (``asyncio.run``'s end), or here if it already has;
+        the store opens new ones if it is used again."""
         self.client.close()
+        with self._loops_lock:
+            self._forget_closed_loops()
+
+
+def _deleted(done: int, token: str | None) -> bool:
+    # An expired record counts as absent: removing it is tidying, not forgetting.
+    return done == 1 or (done == 2 and token is not None)
+
+
+def _clock_reading(client: Any, first: bool) -> Any:
+    """A pipeline that reads the server's clock, sync or async: on the store's first use it
+    loads the scripts in the same round trip, so that no call pays for it."""
+    pipe = client.pipeline(transaction=False)
+    if first:
+        for script in _SCRIPTS:
+            pipe.script_load(script)
+    pipe.time()
+    return pipe
+
+
+def _seconds(replies: list[Any]) -> float:
+    seconds, micros = replies[-1]  # TIME's answer: the last in the pipeline
+    return float(seconds) + float(micros) / 1e6
+
+
+class _LoopSide:
+    """One event loop's async client, its scripts, and its subscriber (made on first use)."""
+
+    def __init__(self, client: redis.asyncio.Redis, failed: Callable[[BaseException], None]):
+        self.client = client
+        self.claim, self.swap, self.release, self.delete = (
+            client.register_script(script) for script in _SCRIPTS
+        )
+        self.failed = failed
+        self.hub: _Hub | None = None
+        self.closed = False
+        self._closer: AsyncGenerator[None, None] | None = None
+
+    def subscriber(self) -> _Hub:
+        hub = self.hub
+        if hub is None:
+            hub = self.hub = _Hub(self)
+        return hub
+
+    def close_with_loop(self) -> None:
+        """Close this side when the running loop shuts down. asyncio's one hook for that: a
+        loop's ``shutdown_asyncgens`` (``asyncio.run``, ``asyncio.Runner``) closes every async
+        generator first iterated on it, which runs its ``finally`` on the loop, still open."""
+        closer = self._closer = _closed_at_shutdown(self)
+        try:
+            closer.asend(None).send(None)  # to its yield, now: the loop's hook tracks it from here
+        except StopIteration:
+            pass
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        hub, self.hub = self.hub, None
+        if hub is not None:
+            await hub.aclose()
+        await self.client.aclose()
+
+
+async def _closed_at_shutdown(side: _LoopSide) -> AsyncGenerator[None, None]:
+    try:
+        yield
+    finally:
+        await side.aclose()
+
+
+class _Hub:
+    """One event loop's subscriber for a store: one connection that subscribes to the channel
+    of every key the loop's watches watch, and wakes a key's watches on each of its messages
+    (200 waiting tasks share one connection, not 200). Any failure breaks it: its watches then
+    poll, and the next watch makes a new one (after ``_PUBSUB_PAUSE``)."""
+
+    def __init__(self, side: _LoopSide) -> None:
+        import asyncio
+
+        self._side = side
+        self._pubsub: Any = side.client.pubsub()
+        self._members: dict[bytes, set[RedisAsyncWatch]] = {}
+        # SUBSCRIBEs sent and not yet confirmed, per channel, oldest first.
+        self._unconfirmed: dict[bytes, collections.deque[asyncio.Future[None]]] = {}
+        # One command at a time: the first connects, and a second must not connect again.
+        self._sending = asyncio.Lock()
+        self._reader: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.broken = False
+
+    async def join(self, channel: bytes, watch: RedisAsyncWatch) -> None:
+        """Add ``watch`` to ``channel``'s, subscribing when it is the first, and wait (up to
+        ``_CONFIRM`` s) until the server confirms the subscription."""
+        import asyncio
+
+        if self.broken:
+            watch.degrade()
+            return
+        members = self._members.get(channel)
+        if members is None:
+            self._members[channel] = {watch}
+            confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._unconfirmed.setdefault(channel, collections.deque()).append(confirmed)
+            # In a task of the hub's own: a joiner cancelled meanwhile leaves no command half
+            # sent on the shared connection.
+            self._spawn(self._send(self._pubsub.subscribe, channel))
+        else:
+            members.add(watch)
+            pending = self._unconfirmed.get(channel)
+            if not pending:
+                return
+            confirmed = pending[-1]
+        await asyncio.wait([confirmed], timeout=_CONFIRM)
+
+    def leave(self, channel: bytes, watch: RedisAsyncWatch) -> None:
+        members = self._members.get(channel)
+        if members is None:
+            return
+        members.discard(watch)
+        if not members:
+            del self._members[channel]
+            if not self.broken:
+                self._spawn(self._send(self._pubsub.unsubscribe, channel))
+
+    async def _send(self, command: Callable[[bytes], Any], channel: bytes) -> None:
+        import asyncio
+
+        try:
+            async with self._sending:
+                if self.broken:
+                    return
+                await command(channel)
+                if self._reader is None:
+                    self._reader = asyncio.get_running_loop().create_task(self._read())
+        except Exception as exc:
+            self._fail(exc)
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                message = await self._pubsub.get_message(timeout=_LISTEN)
+                if message is not None:
+                    self._dispatch(message["type"], message["channel"])
+        except Exception as exc:
+            self._fail(exc)
+
+    def _dispatch(self, kind: str, channel: bytes) -> None:
+        if kind == "message":
+            for watch in list(self._members.get(channel, ())):
+                watch._wake()
+        elif kind == "subscribe":
+            pending = self._unconfirmed.get(channel)
+            if pending:
+                confirmed = pending.popleft()
+                if not pending:
+                    del self._unconfirmed[channel]
+                if not confirmed.done():
+                    confirmed.set_result(None)
+            else:
+                # A confirmation nobody waits for: redis-py subscribed again after a reconnect,
+                # and a settle published meanwhile went unheard. Its watchers look again.
+                for watch in list(self._members.get(channel, ())):
+                    watch._wake()
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self.broken:
+            self._side.failed(exc)
+            self._shut()
+            self._spawn(self._close_pubsub())
+
+    def _shut(self) -> None:
+        """Break the hub: its watches poll from now on (woken once, to look again now)."""
+        import asyncio
+
+        self.broken = True
+        if self._side.hub is self:
+            self._side.hub = None
+        for pending in self._unconfirmed.values():
+            for confirmed in pending:
+                if not confirmed.done():
+                    confirmed.set_result(None)
+        self._unconfirmed.clear()
+        members, self._members = self._members, {}
+        for watches in members.values():
+            for watch in watches:
+                watch.degrade()
+        reader, self._reader = self._reader, None
+        if reader is not None and reader is not asyncio.current_task():
+            reader.cancel()
+
+    async def _close_pubsub(self) -> None:
+        try:
+            await self._pubsub.aclose()
+        except Exception:  # closing a broken connection: nothing more to do
+            pass
+
+    async def aclose(self) -> None:
+        tasks = list(self._tasks)
+        self._shut()
+        for task in tasks:
+            task.cancel()
+        await self._close_pubsub()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        import asyncio
+
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)  # (the loop keeps only a weak reference to its tasks)
+        task.add_done_callback(self._tasks.discard)
+
+
+class RedisWatch(LocalWatch):
+    """A sync waiter's watch on one key of a ``RedisStore``: ``wait(seconds)`` returns when
+    the key's channel announces a settle (by any process, on any machine), or after
+    ``seconds``.
+
+    It subscribes on a connection of the store's sync client when it is made (and waits for
+    the server to confirm, so that a settle after the caller's next look is heard) and closes
+    it on exit. If pub/sub fails, it logs once, returns (a settle may have gone unheard: the
+    caller looks again), sets ``hears_others`` to False and from then on waits as the default
+    watch does (this process's settles wake it; others are seen by looking again); it never
+    raises.
+    """
+
+    hears_others = True
+
+    def __init__(self, store: RedisStore, key: str) -> None:
+        super().__init__(key)
+        self._store = store
+        self._pubsub: Any = None
+        if store._pubsub_paused():
+            self.hears_others = False
+            return
+        try:
+            self._pubsub = store.client.pubsub()  # type: ignore[no-untyped-call]
+            self._pubsub.subscribe(store._channel(key))
+            self._listen(_CONFIRM, "subscribe")
+        except Exception as exc:
+            self._degrade(exc)
+
+    def _listen(self, seconds: float, kind: str) -> None:
+        """Read the subscription's messages until one of ``kind``, or for ``seconds``."""
+        give_up = time.monotonic() + seconds
+        while (left := give_up - time.monotonic()) > 0:
+            message = self._pubsub.get_message(timeout=left)
+            if message is not None and message["type"] == kind:
+                return
+
+    def wait(self, seconds: float) -> None:
+        """Block until the key may have settled, or for ``seconds``; never raises."""
+        if self._pubsub is None:
+            super().wait(seconds)
+            return
+        try:
+            self._listen(seconds, "message")
+        except Exception as exc:
+            # Returns at once: a settle may have gone unheard, and the caller looks again.
+            self._degrade(exc)
+
+    def _degrade(self, exc: BaseException) -> None:
+        self.hears_others = False
+        self._store._pubsub_failed(exc)
+        self._unsubscribe()
+
+    def _unsubscribe(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            try:
+                pubsub.close()  # disconnects, and gives the connection back to the pool
+            except Exception:  # a broken connection: nothing more to do
+                pass
+
+    def close(self) -> None:
+        """Stop watching: unsubscribe, and give the connection back."""
+        super().close()
+        self._unsubscribe()
+
+
+class RedisAsyncWatch(LocalAsyncWatch):
+    """An async waiter's watch on one key of a ``RedisStore``: ``await wait(seconds)``
+    returns when the key's channel announces a settle (by any process, on any machine), or
+    after ``seconds``, never blocking the event loop.
+
+    Entering it (``async with``) subscribes, through the one subscriber connection the store
+    keeps for this event loop, and waits for the server to confirm. If pub/sub fails, it logs
+    once, wakes (the caller looks again), sets ``hears_others`` to False and from then on waits
+    as the default watch does; ``wait`` never raises but ``CancelledError``.
+    """
+
+    hears_others = True
+
+    def __init__(self, store: RedisStore, key: str) -> None:
+        super().__init__(key)
+        self._store = store
+        self._channel_name = store._channel(key).encode()
+        self._hub: _Hub | None = None
+        self._started = False
+
+    async def __aenter__(self) -> RedisAsyncWatch:
+        await self._start()
+        return self
+
+    async def _start(self) -> None:
+        self._started = True
+        if self._store._pubsub_paused():
+            self.hears_others = False
+            return
+        try:
+            hub = self._store._side().subscriber()
+        except Exception as exc:  # (no client for this loop: the store failed to make one)
+            self._store._pubsub_failed(exc)
+            self.hears_others = False
+            return
+        self._hub = hub
+        try:
+            await hub.join(self._channel_name, self)
+        except BaseException:  # cancelled while the subscription was confirmed
+            await self.aclose()
+            raise
+
+    async def wait(self, seconds: float) -> None:
+        """Wait until the key may have settled, or for ``seconds``."""
+        if not self._started:  # (used without ``async with``)
+            await self._start()
+        await super().wait(seconds)
+
+    def degrade(self) -> None:
+        """The subscriber broke: hear this process's settles only, and look again now (a
+        settle may have gone unheard)."""
+        self._hub = None
+        self.hears_others = False
+        self._wake()
+
+    async def aclose(self) -> None:
+        """Stop watching: leave the subscriber (which unsubscribes when no watch is left)."""
+        hub, self._hub = self._hub, None
+        if hub is not None:
+            hub.leave(self._channel_name, self)
+        await super().aclose()
+
+
+# Building a client of the other kind (sync for async, async for sync, or async for another
+# event loop) with a given client's connection settings.
+
+# Connection settings that a pool or client makes for itself, or that hold objects of one
+# kind (sync or async): never copied.
+_NOT_COPIED = ("orig_", "maint", "oss_cluster", "himport", "maintenance")
+_SHARED_OBJECTS = {"credential_provider", "driver_info"}  # of either kind: copied as they are
+_PLAIN = (type(None), bool, int, float, str, bytes, list, tuple, dict)
+
+
+def _like(client: Any, kind: Any) -> Any:
+    """A new client of ``kind`` (the module ``redis`` or ``redis.asyncio``) that reaches
+    ``client``'s server with its connection settings (address, database, credentials,
+    timeouts, TLS, retries)."""
+    pool = client.connection_pool
+    connection_class = _counterpart(pool.connection_class, kind.connection)
+    accepted = _parameters(connection_class)
+    settings: dict[str, Any] = {}
+    for name, value in pool.connection_kwargs.items():
+        if name not in accepted or name.startswith(_NOT_COPIED):
+            continue
+        if name == "retry":
+            value = _retry_like(value, kind)
+            if value is None:
+                continue
+        elif not isinstance(value, _PLAIN) and name not in _SHARED_OBJECTS:
+            continue  # a parser, an encoder, an event dispatcher: the kind's own default
+        settings[name] = value
+    if kind.__name__ == "redis":  # (sync callers are threads: as many connections as they need)
+        return kind.Redis.from_pool(
+            kind.ConnectionPool(connection_class=connection_class, **settings)
+        )
+    size = min(pool.max_connections, _ASYNC_POOL["max_connections"])
+    options = {**_ASYNC_POOL, "max_connections": size}
+    return kind.Redis.from_pool(
+        kind.BlockingConnectionPool(connection_class=connection_class, **options, **settings)
+    )
+
+
+def _counterpart(connection_class: type, module: Any) -> type:
+    """The class of ``module`` (``redis.connection`` or ``redis.asyncio.connection``) for a
+    connection of ``connection_class``'s kind (TLS, unix socket, TCP), subclasses included."""
+    names = {cls.__name__ for cls in connection_class.__mro__}
+    for name in ("SSLConnection", "UnixDomainSocketConnection", "Connection"):
+        if name in names:
+            return getattr(module, name)  # type: ignore[no-any-return]
+    raise TypeError(f"RedisStore cannot tell what kind of connection {connection_class} makes")
+
+
+def _parameters(connection_class: type) -> set[str]:
+    names: set[str] = set()
+    for cls in connection_class.__mro__:
+        init = vars(cls).get("__init__")
+        if init is not None:
+            names.update(inspect.signature(init).parameters)
+    return names
+
+
+def _retry_like(retry: Any, kind: Any) -> Any:
+    """``retry`` (a redis-py ``Retry``) as a ``Retry`` of ``kind``; None when it cannot tell."""
+    try:
+        return kind.retry.Retry(retry._backoff, retry.get_retries(), retry._supported_errors)
+    except (AttributeError, TypeError):  # another redis-py's Retry: the kind's default
+        return None
 
 
 def _describe(kwargs: dict[str, Any]) -> str:

@@ -455,8 +455,20 @@ def _seen_busy(store: Store, monkeypatch: pytest.MonkeyPatch) -> threading.Event
 
         return watched
 
+    def awatch(read: Callable[..., Any]) -> Callable[..., Any]:
+        async def watched(*args: Any) -> Entry | None:
+            entry: Entry | None = await read(*args)
+            if entry is not None and entry.status == "processing":
+                seen.set()
+            return entry
+
+        return watched
+
     monkeypatch.setattr(store, "get", watch(store.get))
     monkeypatch.setattr(store, "claim", watch(store.claim))  # (claims_first stores read so)
+    # Async callers read through the async primitives (a store's own, e.g. RedisStore's).
+    monkeypatch.setattr(store, "aget", awatch(store.aget))
+    monkeypatch.setattr(store, "aclaim", awatch(store.aclaim))
     return seen
 
 
