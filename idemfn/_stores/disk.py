@@ -1,8 +1,9 @@
 """``DiskStore``: records in a diskcache ``Cache`` (SQLite), shared by a machine's processes.
 
-Over 600 lines on purpose: one adapter behind one interface. Its SQL, the checks of the way to
-its directory (who may change it) and its fork gate all guard this store's one database and read
-best beside it; the directory checks are the seam to split along if a second file store comes.
+Over 1,000 lines on purpose: one adapter behind one interface. Its SQL, the checks of the way
+to its directory (who may change it), its fork gate and its async primitives' connection all
+guard this store's one database and read best beside it; the directory checks are the seam to
+split along if a second file store comes.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import diskcache
 import platformdirs
@@ -27,7 +29,10 @@ import platformdirs
 from .._errors import StoreError
 from .._record import Entry
 from .._signing import SigningKey
-from .base import Corrupt, Store, prunable, remove_judged, skip_corrupt
+from .base import Corrupt, Store, offload, prunable, remove_judged, skip_corrupt
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["DiskStore", "default_directory"]
 
@@ -35,6 +40,8 @@ __all__ = ["DiskStore", "default_directory"]
 DBNAME: str = diskcache.core.DBNAME
 
 logger = logging.getLogger("idemfn")
+
+T = TypeVar("T")
 
 # Errors the backend may raise for a broken, locked, full or unreadable store. (sqlite3 raises
 # UnicodeDecodeError for text that is not UTF-8, and for an error message quoting some: a
@@ -98,6 +105,23 @@ _EXPIRE = f"DELETE FROM Cache WHERE raw = 1 AND {_PASSED}"
 _FENCE = "SELECT tag, value FROM Cache WHERE key = ? AND raw = 1"
 # The tables and indexes of a store's database (diskcache makes them), by their names.
 _SCHEMA = frozenset({b"Settings", b"Cache", b"Cache_key_raw", b"Cache_expire_time"})
+
+# The async primitives (issue 16) run the sync ones' code on the event loop's thread, on a
+# connection of that thread's own that never waits for SQLite's lock: a statement that finds it
+# held fails at once, having written nothing (each write is one autocommit statement, or a
+# BEGIN IMMEDIATE transaction, that takes the lock before it writes), and the operation is tried
+# again after an asyncio sleep, on the schedule of SQLite's own busy handler, which is how the
+# sync path waits, until ``timeout``. So no worker thread sits out another process's write: a
+# waiting call holds no executor thread, and a cancelled one has written nothing. Inline, since
+# a worker thread costs more than the work: a read takes ~10 us inline and ~100 us through
+# asyncio.to_thread, a first call's claim and swap ~200 us and ~550 us (bench_disk_async.py).
+_RETRY_DELAYS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.025, 0.025, 0.05, 0.05, 0.1)
+# That connection never checkpoints the write-ahead log into the database, which SQLite does in
+# the connection that commits once the log passes 1,000 pages: the checkpoint's fsyncs held the
+# event loop for 3-8 ms each time, and up to 80 ms on a busy disk. A worker thread does it after
+# this many of its writes instead (about 4 pages each: a log of about 1,000 pages), while the
+# async writes of this process wait for it, as a sync writer waits for its own checkpoint.
+_CHECKPOINT_EVERY = 256
 
 
 def default_directory() -> Path:
@@ -163,8 +187,38 @@ class _ForkGate:
         self.__init__()  # type: ignore[misc]  # the child's other threads are gone
 
 
+class _Forking(Exception):
+    """An inline attempt met a fork under way: it steps aside and is tried again later."""
+
+
+class _NowaitGate:
+    """``_gate``, for the async primitives' inline attempts: while a fork is under way it raises
+    ``_Forking`` instead of waiting, since ``fork()`` waits for every other thread's store
+    operation, which may be waiting for another process's write lock: the event loop would
+    wait with it."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        busy = _gate._busy
+        ident = _get_ident()
+        busy[ident] = True  # before looking, as _ForkGate.__enter__
+        if _gate._forking:
+            del busy[ident]
+            raise _Forking
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        del _gate._busy[_get_ident()]
+
+
 _get_ident = threading.get_ident
 _gate = _ForkGate()
+_nowait_gate = _NowaitGate()
 
 
 class DiskStore(Store):
@@ -239,6 +293,9 @@ class DiskStore(Store):
         self._lock = threading.Lock()
         self._local = threading.local()  # this thread's connection.execute, once looked up
         self._claims = itertools.count(1)
+        self._writes = itertools.count(1)  # by the async primitives (see _CHECKPOINT_EVERY)
+        # The checkpoint under way for the async primitives, done when it is (see _retrying).
+        self._checkpoint: asyncio.Future[None] | None = None
         _open_stores.add(self)
 
     def __repr__(self) -> str:
@@ -277,15 +334,43 @@ class DiskStore(Store):
         except AttributeError:
             pass  # opened below, outside the handler: an error opening it chains nothing
         cache = self.cache
-        if not self.trust_directory:
-            # A new connection opens the directory by path again: checked again, as when the
-            # store opened. (Issue 14: after a tmp cleaner removed an idle store in /tmp,
-            # another user made one of theirs in its place, and a new thread unpickled it.)
-            where = cache.directory
-            if self._resolve(where, make=False) != where:
-                self._refuse_way(f"{where} now leads elsewhere than when the store opened")
+        self._check_again(cache.directory)
         execute = self._local.execute = cache._con.execute
         return execute  # type: ignore[no-any-return]
+
+    @property
+    def _sql_nowait(self) -> Callable[..., sqlite3.Cursor]:
+        """This thread's ``execute`` on a second connection to the database, the async
+        primitives': a statement that finds the lock held fails at once (``_retrying`` waits
+        instead), and it never checkpoints (``_checkpoint_soon`` has a worker thread do it). Opened
+        here, inline: the store must be open already (``_retrying`` opens it in a thread)."""
+        try:
+            return self._local.nowait  # type: ignore[no-any-return]
+        except AttributeError:
+            pass
+        where = self.cache.directory
+        self._check_again(where)
+        con = sqlite3.connect(os.path.join(where, DBNAME), timeout=0, isolation_level=None)
+        try:
+            # The settings diskcache sets on each of its connections, set as it sets them.
+            for name, value in con.execute("SELECT key, value FROM Settings").fetchall():
+                if name.startswith("sqlite_"):
+                    pragma = name[len("sqlite_") :]
+                    if con.execute(f"PRAGMA {pragma}").fetchall() != [(value,)]:
+                        con.execute(f"PRAGMA {pragma} = {value}").fetchall()
+            con.execute("PRAGMA wal_autocheckpoint = 0")
+        except BaseException:
+            con.close()
+            raise
+        execute = self._local.nowait = con.execute
+        return execute
+
+    def _check_again(self, where: str) -> None:
+        """Before a new connection opens the directory by path again: checked again, as when
+        the store opened. (Issue 14: after a tmp cleaner removed an idle store in /tmp, another
+        user made one of theirs in its place, and a new thread unpickled it.)"""
+        if not self.trust_directory and self._resolve(where, make=False) != where:
+            self._refuse_way(f"{where} now leads elsewhere than when the store opened")
 
     def _open(self) -> diskcache.Cache:
         # The way to the directory is resolved and checked when the store first opens; every
@@ -592,18 +677,21 @@ class DiskStore(Store):
         return at, at + 1
 
     def claim(self, entry: Entry) -> Entry | None:
+        return self._claim(entry, False)
+
+    def _claim(self, entry: Entry, inline: bool) -> Entry | None:
         key = entry.key
         data = self.encode(entry)
         tag = entry.token if entry.status == "processing" else None
-        with _gate:
+        with _nowait_gate if inline else _gate:
             try:
-                sql = self._sql
+                sql = self._sql_nowait if inline else self._sql
                 while True:
                     now = time.time()
                     params = (key, now, *self._expiry(entry, now), tag, data)
                     if sql(_CLAIM, params).rowcount == 1:
                         if next(self._claims) % _CULL_EVERY == 0:
-                            self._cull(now)
+                            self._cull(now, inline)
                         return None
                     row = sql(_GET, (key,)).fetchone()
                     if row is None:
@@ -619,17 +707,22 @@ class DiskStore(Store):
             except _BACKEND_ERRORS as exc:
                 raise self.error("claim", key, exc) from exc
 
-    def _cull(self, now: float) -> None:
-        # Tidying after a claim that is won: a failure here must not fail the claim.
+    def _cull(self, now: float, inline: bool = False) -> None:
+        # Tidying after a claim that is won: a failure here must not fail the claim (nor send
+        # an inline one round again: it is won), and a lock held elsewhere is no news inline.
         try:
-            self._sql(_CULL, (now, now))
+            (self._sql_nowait if inline else self._sql)(_CULL, (now, now))
         except _BACKEND_ERRORS as exc:
-            logger.warning("idemfn: could not remove expired records from %r: %s", self, exc)
+            if not (inline and _busy(exc)):
+                logger.warning("idemfn: could not remove expired records from %r: %s", self, exc)
 
     def get(self, key: str) -> Entry | None:
-        with _gate:
+        return self._get(key, False)
+
+    def _get(self, key: str, inline: bool) -> Entry | None:
+        with _nowait_gate if inline else _gate:
             try:
-                row = self._sql(_GET, (key,)).fetchone()
+                row = (self._sql_nowait if inline else self._sql)(_GET, (key,)).fetchone()
             except _BACKEND_ERRORS as exc:
                 raise self.error("read", key, exc) from exc
         if row is None:
@@ -638,12 +731,15 @@ class DiskStore(Store):
         return None if entry.is_expired(self.time()) else entry
 
     def swap(self, key: str, token: str, entry: Entry) -> bool:
+        return self._swap(key, token, entry, False)
+
+    def _swap(self, key: str, token: str, entry: Entry, inline: bool) -> bool:
         now = time.time()
         tag = entry.token if entry.status == "processing" else None
         params = (now, *self._expiry(entry, now), tag, self.encode(entry), key, token)
-        with _gate:
+        with _nowait_gate if inline else _gate:
             try:
-                sql = self._sql
+                sql = self._sql_nowait if inline else self._sql
                 if sql(_SWAP, params).rowcount == 1:
                     return True
                 row = sql(_FENCE, (key,)).fetchone()  # refused: by the claim's own fence?
@@ -654,17 +750,25 @@ class DiskStore(Store):
         return False
 
     def release(self, key: str, token: str) -> bool:
-        with _gate:
+        return self._release(key, token, False)
+
+    def _release(self, key: str, token: str, inline: bool) -> bool:
+        with _nowait_gate if inline else _gate:
             try:
-                return bool(self._sql(_RELEASE, (key, token)).rowcount == 1)
+                sql = self._sql_nowait if inline else self._sql
+                return bool(sql(_RELEASE, (key, token)).rowcount == 1)
             except _BACKEND_ERRORS as exc:
                 raise self.error("release", key, exc) from exc
 
     def delete(self, key: str, token: str | None = None) -> bool:
-        with _gate:
+        return self._delete(key, token, False)
+
+    def _delete(self, key: str, token: str | None, inline: bool) -> bool:
+        with _nowait_gate if inline else _gate:
             try:
-                sql = self._sql  # before transact: a new thread's connection is checked first
-                with self.cache.transact(retry=True):
+                # Before the transaction: a new thread's connection is checked first.
+                sql = self._sql_nowait if inline else self._sql
+                with _immediate(sql) if inline else self.cache.transact(retry=True):
                     row = sql(_GET, (key,)).fetchone()
                     if row is None:
                         return False
@@ -674,11 +778,104 @@ class DiskStore(Store):
                         entry = None  # a corrupt record can still be forgotten
                     if token is not None and (entry is None or entry.token != token):
                         return False
-                    self._sql(_DELETE, (key,))
+                    sql(_DELETE, (key,))
                     # An expired record counts as absent: removing it is tidying, not forgetting.
                     return token is not None or entry is None or not entry.is_expired(self.time())
             except _BACKEND_ERRORS as exc:
                 raise self.error("delete", key, exc) from exc
+
+    # The async primitives (issue 16): the sync ones' code, inline (see _RETRY_DELAYS).
+
+    async def aclaim(self, entry: Entry) -> Entry | None:
+        """``claim``, awaitable: inline, never waiting for SQLite's lock on the event loop."""
+        return await self._retrying(self._claim, entry, writes=True)
+
+    async def aget(self, key: str) -> Entry | None:
+        """``get``, awaitable: inline, never waiting for SQLite's lock on the event loop."""
+        return await self._retrying(self._get, key, writes=False)
+
+    async def aswap(self, key: str, token: str, entry: Entry) -> bool:
+        """``swap``, awaitable: inline, never waiting for SQLite's lock on the event loop."""
+        return await self._retrying(self._swap, key, token, entry, writes=True)
+
+    async def arelease(self, key: str, token: str) -> bool:
+        """``release``, awaitable: inline, never waiting for SQLite's lock on the event loop."""
+        return await self._retrying(self._release, key, token, writes=True)
+
+    async def adelete(self, key: str, token: str | None = None) -> bool:
+        """``delete``, awaitable: inline, never waiting for SQLite's lock on the event loop."""
+        return await self._retrying(self._delete, key, token, writes=True)
+
+    async def _retrying(self, core: Callable[..., T], *args: Any, writes: bool) -> T:
+        """``core(*args, True)``: a sync primitive's code on this thread's connection that
+        never waits for a lock. While the lock is held elsewhere it is tried again after a
+        sleep, up to ``timeout``, then fails as the sync primitive does (the same
+        ``StoreError``)."""
+        import asyncio
+
+        if self._cache is None:
+            # The first open walks the directory and may make the database, waiting for another
+            # process making it too: in a worker thread.
+            await offload(lambda: self.cache)
+        deadline = None
+        for attempt in itertools.count():
+            checkpoint = self._checkpoint
+            if writes and checkpoint is not None:
+                # Writes wait for the checkpoint, as a sync writer waits for its own: one that
+                # ran beside writes would never catch up with them, and the log would grow.
+                if checkpoint.get_loop() is asyncio.get_running_loop():
+                    await asyncio.wait((checkpoint,))
+                else:
+                    await asyncio.sleep(0.001)
+                continue
+            try:
+                result = core(*args, True)
+            except StoreError as exc:
+                if not _busy(exc.__cause__):
+                    raise
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.timeout
+                elif now >= deadline:
+                    raise
+                delay = min(_RETRY_DELAYS[min(attempt, len(_RETRY_DELAYS) - 1)], deadline - now)
+            except _Forking:
+                delay = 0.001  # until the fork is done (it waits for the other threads)
+            else:
+                if writes and next(self._writes) % _CHECKPOINT_EVERY == 0:
+                    self._checkpoint_soon()
+                return result
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # itertools.count() never ends
+
+    def _checkpoint_soon(self) -> None:
+        """Have a thread copy the write-ahead log into the database, as SQLite's auto-checkpoint
+        would have after the async primitives' commits (see _CHECKPOINT_EVERY), unless one is
+        at it already. A thread of its own, not the loop's executor, which the application's
+        work may keep busy: writes wait for it."""
+        import asyncio
+
+        if self._checkpoint is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._checkpoint = done = loop.create_future()
+
+        def checkpoint() -> None:
+            try:
+                with _gate:
+                    self._sql("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # waits for nobody
+            except (StoreError, *_BACKEND_ERRORS) as exc:
+                logger.debug("idemfn: could not checkpoint %r: %s", self, exc)
+            finally:
+                self._checkpoint = None
+                with suppress(RuntimeError):  # its loop is closed: nobody waits any more
+                    loop.call_soon_threadsafe(_resolve, done)
+
+        try:
+            threading.Thread(target=checkpoint, name="idemfn-checkpoint").start()
+        except RuntimeError:  # no thread to be had (at exit): a later write checkpoints
+            self._checkpoint = None
+            _resolve(done)
 
     def _keys(self, query: str, params: tuple[object, ...], what: str) -> list[str]:
         with _gate:
@@ -764,6 +961,8 @@ class DiskStore(Store):
         # inherited one referenced, never closing it under the parent, and opens its own.
         if self._cache is not None:
             _inherited.append(self._cache)
+        _inherited.append(self._local)  # which holds the async primitives' connection
+        self._checkpoint = None  # (its thread is not in the child)
         self._cache = None
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -775,6 +974,38 @@ def _is_damage(exc: BaseException) -> bool:
     if isinstance(exc, UnicodeDecodeError):
         return True
     return isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError)
+
+
+def _busy(exc: BaseException | None) -> bool:
+    """Whether ``exc``, from SQLite, says another connection holds a lock the statement needed
+    (SQLITE_BUSY, SQLITE_LOCKED): on a connection that does not wait, the statement wrote
+    nothing, and can be tried again."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is None:
+        return "locked" in str(exc)  # "database is locked", "database table is locked"
+    return code & 0xFF in (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED, and their extended codes
+
+
+@contextmanager
+def _immediate(sql: Callable[..., sqlite3.Cursor]) -> Iterator[None]:
+    """A transaction that takes the write lock as it begins, as diskcache's ``transact`` does;
+    a BEGIN that finds the lock held raises at once, having begun nothing (``transact(retry=
+    True)`` would wait for it, again and again)."""
+    sql("BEGIN IMMEDIATE")
+    try:
+        yield
+        sql("COMMIT")
+    except BaseException:
+        with suppress(sqlite3.Error):  # (none to roll back when COMMIT failed and ended it)
+            sql("ROLLBACK")
+        raise
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _left_later(todo: list[str]) -> int:
@@ -793,7 +1024,7 @@ def _left_later(todo: list[str]) -> int:
 
 
 _open_stores: weakref.WeakSet[DiskStore] = weakref.WeakSet()
-_inherited: list[diskcache.Cache] = []
+_inherited: list[object] = []
 
 
 def _after_fork_in_child() -> None:
