@@ -201,7 +201,7 @@ def test_a_write_held_up_past_the_timeout_fails_as_the_sync_one_does(tmp_path: P
     assert str(async_error) == str(sync_error.value)
     assert "could not claim 'late'" in str(async_error) and "locked" in str(async_error)
     assert async_error.key == "late"
-    assert ticks > 100  # the loop ran on for the second the write waited
+    assert ticks > 10  # the loop ran on while the write waited (blocked, it ticks once, late)
     assert store.get("late") is None  # no attempt wrote anything
     store.close()
 
