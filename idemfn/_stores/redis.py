@@ -109,11 +109,12 @@ return 2
 
 _SCRIPTS = (_CLAIM, _SWAP, _RELEASE, _DELETE)
 
-# The pool of each event loop's client: tasks beyond its connections wait for one, without
-# blocking the loop (redis.asyncio's default pool raises "Too many connections" past 100, and
-# 200 concurrent calls are ordinary), as long as the server's answers take (no timeout of its
-# own: the connections' socket_timeout is the store's).
-_ASYNC_POOL: dict[str, Any] = {"max_connections": 50, "timeout": None}
+# How many of an event loop's calls run at once (each on a connection of its own); the others
+# wait for their turn without blocking the loop. redis.asyncio's default pool refuses calls past
+# its 100 connections ("Too many connections"), and 200 concurrent calls are ordinary. (Its
+# BlockingConnectionPool waits too, but costs every call about 20% more CPU.) One connection of
+# the pool is left for the loop's subscriber.
+_ASYNC_CALLS = 50
 
 # How long a new watch waits for the server to confirm its subscription before the caller looks
 # at the key again: a settle between that look and the subscription would go unheard. A slow
@@ -207,9 +208,7 @@ class RedisStore(Store):
             except ValueError as exc:
                 raise ValueError(f"RedisStore: bad URL {url_or_client!r}: {exc}") from None
             url = url_or_client
-            new_async = lambda: redis.asyncio.Redis.from_pool(  # noqa: E731
-                redis.asyncio.BlockingConnectionPool.from_url(url, **_ASYNC_POOL)
-            )
+            new_async = lambda: redis.asyncio.Redis.from_url(url)  # noqa: E731
         elif isinstance(url_or_client, (redis.Redis, redis.asyncio.Redis)):
             if url_or_client.connection_pool.connection_kwargs.get("decode_responses"):
                 kind = (
@@ -260,9 +259,10 @@ class RedisStore(Store):
         except self._errors as exc:
             raise self._failed(action, key, exc) from exc
 
-    async def _acall(self, action: str, key: str, fn: Any, *args: Any) -> Any:
+    async def _acall(self, side: _LoopSide, action: str, key: str, fn: Any, *args: Any) -> Any:
         try:
-            return await fn(*args)
+            async with side.turns:
+                return await fn(*args)
         except self._errors as exc:
             raise self._failed(action, key, exc) from exc
 
@@ -283,8 +283,9 @@ class RedisStore(Store):
         return _seconds(self._call("read the clock for", "TIME", reading.execute))
 
     async def _aread_clock(self, first: bool) -> float:
-        reading = _clock_reading(self._side().client, first)
-        return _seconds(await self._acall("read the clock for", "TIME", reading.execute))
+        side = self._side()
+        reading = _clock_reading(side.client, first)
+        return _seconds(await self._acall(side, "read the clock for", "TIME", reading.execute))
 
     # The primitives: each builds its script's arguments and reads its answer once, for the
     # sync client and for this event loop's async one.
@@ -310,8 +311,8 @@ class RedisStore(Store):
         return None if found is None else self.decode(entry.key, found)
 
     async def aclaim(self, entry: Entry) -> Entry | None:
-        claim = self._side().claim
-        found = await self._acall("claim", entry.key, claim, *self._claim_args(entry))
+        side = self._side()
+        found = await self._acall(side, "claim", entry.key, side.claim, *self._claim_args(entry))
         return None if found is None else self.decode(entry.key, found)
 
     def get(self, key: str) -> Entry | None:
@@ -322,7 +323,8 @@ class RedisStore(Store):
         return None if entry.is_expired(self.time()) else entry
 
     async def aget(self, key: str) -> Entry | None:
-        data = await self._acall("read", key, self._side().client.hget, self.prefix + key, "e")
+        side = self._side()
+        data = await self._acall(side, "read", key, side.client.hget, self.prefix + key, "e")
         if data is None:
             return None
         entry = self.decode(key, data)
@@ -341,7 +343,8 @@ class RedisStore(Store):
 
     async def aswap(self, key: str, token: str, entry: Entry) -> bool:
         side = self._side()
-        done = await self._acall("update", key, side.swap, *self._swap_args(key, token, entry))
+        args = self._swap_args(key, token, entry)
+        done = await self._acall(side, "update", key, side.swap, *args)
         return bool(done == 1) or await self._adrive(side, self._refused(key, token, entry, done))
 
     def _refused(self, key: str, token: str, entry: Entry, done: int) -> _Steps:
@@ -395,7 +398,7 @@ class RedisStore(Store):
                     answer = await self.atime()
                 else:
                     read = getattr(side.client, step.command)
-                    answer = await self._acall(step.action, step.key, read, *step.args)
+                    answer = await self._acall(side, step.action, step.key, read, *step.args)
         except StopIteration as stop:
             return bool(stop.value)
 
@@ -406,8 +409,9 @@ class RedisStore(Store):
         return bool(self._call("release", key, self._release, *self._release_args(key, token)))
 
     async def arelease(self, key: str, token: str) -> bool:
-        release = self._side().release
-        return bool(await self._acall("release", key, release, *self._release_args(key, token)))
+        side = self._side()
+        args = self._release_args(key, token)
+        return bool(await self._acall(side, "release", key, side.release, *args))
 
     def _delete_args(self, key: str, token: str | None) -> tuple[list[str], list[str]]:
         return [self.prefix + key], [token or "", self._channel(key)]
@@ -417,8 +421,8 @@ class RedisStore(Store):
         return _deleted(done, token)
 
     async def adelete(self, key: str, token: str | None = None) -> bool:
-        delete = self._side().delete
-        done = await self._acall("delete", key, delete, *self._delete_args(key, token))
+        side = self._side()
+        done = await self._acall(side, "delete", key, side.delete, *self._delete_args(key, token))
         return _deleted(done, token)
 
     def scan(self, prefix: str = "", *, corrupt: Corrupt | None = None) -> Iterator[Entry]:
@@ -544,7 +548,12 @@ class _LoopSide:
     """One event loop's async client, its scripts, and its subscriber (made on first use)."""
 
     def __init__(self, client: redis.asyncio.Redis, failed: Callable[[BaseException], None]):
+        import asyncio
+
         self.client = client
+        # Turns for calls: at most _ASYNC_CALLS at once, within the pool's connections.
+        connections = client.connection_pool.max_connections or _ASYNC_CALLS + 1
+        self.turns = asyncio.Semaphore(max(1, min(_ASYNC_CALLS, connections - 1)))
         self.claim, self.swap, self.release, self.delete = (
             client.register_script(script) for script in _SCRIPTS
         )
@@ -885,15 +894,7 @@ def _like(client: Any, kind: Any) -> Any:
         elif not isinstance(value, _PLAIN) and name not in _SHARED_OBJECTS:
             continue  # a parser, an encoder, an event dispatcher: the kind's own default
         settings[name] = value
-    if kind.__name__ == "redis":  # (sync callers are threads: as many connections as they need)
-        return kind.Redis.from_pool(
-            kind.ConnectionPool(connection_class=connection_class, **settings)
-        )
-    size = min(pool.max_connections, _ASYNC_POOL["max_connections"])
-    options = {**_ASYNC_POOL, "max_connections": size}
-    return kind.Redis.from_pool(
-        kind.BlockingConnectionPool(connection_class=connection_class, **options, **settings)
-    )
+    return kind.Redis.from_pool(kind.ConnectionPool(connection_class=connection_class, **settings))
 
 
 def _counterpart(connection_class: type, module: Any) -> type:
