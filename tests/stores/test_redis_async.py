@@ -141,6 +141,23 @@ def test_a_refused_async_swap_tells_a_restart_and_a_damaged_fence_as_the_sync_on
         store.swap("fenced", "t1", finished("fenced", "t1"))
 
 
+def test_a_server_that_lost_the_scripts_is_sent_them_again(own_server: RedisServer) -> None:
+    store = fresh(own_server)
+    assert store.claim(processing("sync", "t1")) is None  # (loaded on first use)
+    server = admin(own_server)
+    server.script_flush()  # what a restart without persistence, or SCRIPT FLUSH, leaves
+    assert store.swap("sync", "t1", finished("sync", "t1"))
+
+    async def main() -> None:
+        server.script_flush()
+        assert await store.aclaim(processing("async", "t1")) is None
+        server.script_flush()
+        assert await store.arelease("async", "t1")
+
+    asyncio.run(main())
+    assert store.get("sync") is not None and store.get("async") is None
+
+
 def test_asyncio_run_twice_on_one_store(redis_server: RedisServer) -> None:
     store = fresh(redis_server)
     runs: list[int] = []
