@@ -26,6 +26,7 @@ so that a waiter on any machine wakes as soon as the key settles.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import inspect
 import logging
@@ -155,8 +156,10 @@ class RedisStore(Store):
     Async callers (``aclaim``, ``aget``, ...) never block their event loop: they use a
     ``redis.asyncio`` client, one per event loop (a script that calls ``asyncio.run`` twice, or
     a test suite that makes a loop per test, works), each closed when its loop shuts down
-    (``asyncio.run`` does that). A caller waiting for a busy key is woken by the server as soon
-    as the key settles, on any machine (``watch``, ``awatch``: Redis pub/sub).
+    (``asyncio.run`` does that). A loop's calls run 50 at a time, each on a connection of its
+    own; the others wait their turn without blocking the loop. A caller waiting for a busy key
+    is woken by the server as soon as the key settles, on any machine (``watch``, ``awatch``:
+    Redis pub/sub).
 
     Args:
         url_or_client: A URL (``redis://``, ``rediss://``, ``unix://``), or a client the caller
@@ -208,8 +211,7 @@ class RedisStore(Store):
                 client = redis.Redis.from_url(url_or_client)
             except ValueError as exc:
                 raise ValueError(f"RedisStore: bad URL {url_or_client!r}: {exc}") from None
-            url = url_or_client
-            new_async = lambda: redis.asyncio.Redis.from_url(url)  # noqa: E731
+            new_async = functools.partial(redis.asyncio.Redis.from_url, url_or_client)
         elif isinstance(url_or_client, (redis.Redis, redis.asyncio.Redis)):
             if url_or_client.connection_pool.connection_kwargs.get("decode_responses"):
                 kind = (
@@ -222,7 +224,7 @@ class RedisStore(Store):
                     " bytes"
                 )
             given = url_or_client
-            new_async = lambda: _like(given, redis.asyncio)  # noqa: E731
+            new_async = functools.partial(_like, given, redis.asyncio)
             if isinstance(given, redis.Redis):
                 client = given
             else:
@@ -523,9 +525,9 @@ class RedisStore(Store):
             del self._loops[loop]
 
     def close(self) -> None:
-        """Close the sync client's connections now. Each event loop's async connections are
-        closed when that loop shuts down (``asyncio.run``'s end), or here if it already has;
-        the store opens new ones if it is used again."""
+        """Close the sync client's connections now. Each event loop's async connections (and
+        its subscriber) close when that loop shuts down (``asyncio.run``'s end); the store
+        forgets those of loops already closed. Used again, the store opens new ones."""
         self.client.close()
         with self._loops_lock:
             self._forget_closed_loops()
