@@ -70,10 +70,14 @@ class Settings:
     round_seconds: float  # latency: each round's length
     wake_samples: int  # per wake row (after one warm-up sample)
     wake_delay: tuple[float, float]  # how long the waiter waits before the owner returns
+    rtt_rounds: int
+    rtt_delays: tuple[float, ...]  # seconds the proxy holds each chunk, each way
 
 
-FULL = Settings(9, 50, 2.0, 7, 0.2, 11, (0.03, 0.2))
-QUICK = Settings(3, 20, 2.0, 3, 0.05, 5, (0.03, 0.08))
+# The proxy's delays: none (its own hop, like a network within a data centre), and 0.25 ms,
+# which asyncio's whole-millisecond timers make about 1 ms each way.
+FULL = Settings(9, 50, 2.0, 7, 0.2, 11, (0.03, 0.2), 3, (0.0, 0.00025))
+QUICK = Settings(3, 20, 2.0, 3, 0.05, 5, (0.03, 0.08), 2, (0.00025,))
 
 
 @dataclass
@@ -260,6 +264,14 @@ def _concurrently(fn: Callable[[str], Awaitable[object]]) -> Run:
     return run
 
 
+def _awaited_in_a_loop(fn: Callable[[str], Awaitable[object]]) -> Run:
+    async def run(keys: list[str]) -> None:
+        for k in keys:
+            await fn(k)
+
+    return run
+
+
 def _in_a_loop(fn: Callable[[str], object]) -> Run:
     async def run(keys: list[str]) -> None:
         for k in keys:
@@ -338,51 +350,31 @@ async def _raw_postgres_run(dsn: str) -> tuple[Run, Callable[[], Awaitable[None]
     return _concurrently(one), pool.close
 
 
-async def part_lag(servers: dict[str, str], root: Path, settings: Settings, report: Report) -> None:
-    print(
-        f"\nlag: {BURST} concurrent calls per round, a ticker sleeping 1 ms; {settings.rounds}"
-        " rounds (medians)"
-    )
-    systems: list[LagSystem] = []
-    closers: list[Callable[[], Awaitable[None]]] = []
-    stores: list[Store] = []
+def _server_systems(
+    label: str, spec: tuple[str, str], add: Callable[[str, Run], None]
+) -> tuple[list[Store], Callable[[], Awaitable[Callable[[], Awaitable[None]]]]]:
+    """A server store's three lag systems: async, blocking, and its raw client (opened by the
+    returned coroutine function, which returns how to close it)."""
+    native, inline = open_store(spec), open_store(spec, blocks=True)
+    add(f"{label} async", _concurrently(_decorated(native, f"lag.{label}", _lag_body)))
+    add(f"{label} blocking", _concurrently(_decorated(inline, f"lag.{label}.b", _lag_body)))
 
-    def add(name: str, run: Run, keys: Callable[[int], list[str]] | None = None) -> None:
-        systems.append(LagSystem(name, run, keys or _fresh_keys(name)))
-
-    specs = {
-        "RedisStore": ("redis", servers["redis"]),
-        "PostgresStore": ("postgres", servers["postgres"]),
-    }
-    for label, spec in specs.items():
-        native, inline = open_store(spec), open_store(spec, blocks=True)
-        stores += [native, inline]
-        add(f"{label} async", _concurrently(_decorated(native, f"lag.{label}", _lag_body)))
-        add(f"{label} blocking", _concurrently(_decorated(inline, f"lag.{label}.b", _lag_body)))
-        raw_run, close = await (
+    async def raw() -> Callable[[], Awaitable[None]]:
+        run, close = await (
             _raw_redis_run(spec[1]) if spec[0] == "redis" else _raw_postgres_run(spec[1])
         )
-        closers.append(close)
-        add(f"{label} raw client", raw_run)
-    disk = DiskStore(root / "lag-disk")
-    memory = MemoryStore()
-    stores += [disk, memory]
-    add("DiskStore async", _concurrently(_decorated(disk, "lag.disk", _lag_body)))
-    add("DiskStore async no-op", _concurrently(_decorated(disk, "lag.disk.n", _noop_body)))
-    add("DiskStore sync no-op", _in_a_loop(_decorated(disk, "lag.disk.s", _sync_noop_body)))
-    # Replays: every round replays the same 200 recorded keys.
-    replayed = [f"r{i}" for i in range(BURST)]
-    disk_async_replay = _decorated(disk, "lag.disk.r", _noop_body)
-    disk_sync_replay = _decorated(disk, "lag.disk.r", _sync_noop_body)
-    for k in replayed:
-        disk_sync_replay(k)
-    add("DiskStore async replay", _concurrently(disk_async_replay), lambda r: replayed)
-    add("DiskStore sync replay", _in_a_loop(disk_sync_replay), lambda r: replayed)
-    add("MemoryStore async", _concurrently(_decorated(memory, "lag.memory", _lag_body)))
+        add(f"{label} raw client", run)
+        return close
 
-    for system in systems:  # warm-up: connections and pools open
+    return [native, inline], raw
+
+
+async def _lag_rounds(systems: list[LagSystem], rounds: int) -> None:
+    """A warm-up round (connections and pools open), then ``rounds`` rounds, each running every
+    system once in an order that rotates, a ticker beside each."""
+    for system in systems:
         await system.run([f"warm:{system.name}:{i}" for i in range(BURST)])
-    for r in range(settings.rounds):
+    for r in range(rounds):
         shift = r % len(systems)
         for system in systems[shift:] + systems[:shift]:
             keys = system.keys(r)
@@ -395,29 +387,84 @@ async def part_lag(servers: dict[str, str], root: Path, settings: Settings, repo
             system.worst.append(max(lags, default=0.0))
             system.lags += lags
 
+
+def _server_figures(
+    report: Report, by: dict[str, LagSystem], label: str, part: str = "lag"
+) -> None:
+    ours, old = by[f"{label} async"], by[f"{label} blocking"]
+    raw = by[f"{label} raw client"]
+    report.add(_lag_figure(ours, ("<=", 5.0), part))
+    report.add(_lag_figure(old, None, part))
+    report.add(_lag_figure(raw, None, part))
+    for system in (ours, old, raw):
+        report.add(_rate_figure(system, part))
+    ratio = ours.calls_per_s() / old.calls_per_s()
+    report.add(Figure(part, f"{label}: async / blocking calls/s", ratio, "x", (">=", 3.0)))
+
+
+async def part_lag(servers: dict[str, str], root: Path, settings: Settings, report: Report) -> None:
+    print(
+        f"\nlag: {BURST} concurrent calls per round, a ticker sleeping 1 ms; {settings.rounds}"
+        " rounds (medians)"
+    )
+    systems: list[LagSystem] = []
+    closers: list[Callable[[], Awaitable[None]]] = []
+    stores: list[Store] = []
+
+    def add(name: str, run: Run, keys: Callable[[int], list[str]] | None = None) -> None:
+        systems.append(LagSystem(name, run, keys or _fresh_keys(name)))
+
+    labels = {"RedisStore": "redis", "PostgresStore": "postgres"}
+    for label, kind in labels.items():
+        opened, raw = _server_systems(label, (kind, servers[kind]), add)
+        stores += opened
+        closers.append(await raw())
+    disk = DiskStore(root / "lag-disk")
+    memory = MemoryStore()
+    stores += [disk, memory]
+    add("DiskStore async", _concurrently(_decorated(disk, "lag.disk", _lag_body)))
+    # No-op bodies: the store's path alone. Async awaited one at a time, as the sync calls run,
+    # and concurrently, which adds asyncio's own cost of a task per call.
+    first = _decorated(disk, "lag.disk.n", _noop_body)
+    add("DiskStore async no-op, one at a time", _awaited_in_a_loop(first))
+    add("DiskStore async no-op, concurrent", _concurrently(first))
+    add("DiskStore sync no-op", _in_a_loop(_decorated(disk, "lag.disk.n", _sync_noop_body)))
+    # Replays: every round replays the same 200 recorded keys.
+    replayed = [f"r{i}" for i in range(BURST)]
+    disk_async_replay = _decorated(disk, "lag.disk.r", _noop_body)
+    disk_sync_replay = _decorated(disk, "lag.disk.r", _sync_noop_body)
+    for k in replayed:
+        disk_sync_replay(k)
+    again = lambda r: replayed  # noqa: E731
+    add("DiskStore async replay, one at a time", _awaited_in_a_loop(disk_async_replay), again)
+    add("DiskStore async replay, concurrent", _concurrently(disk_async_replay), again)
+    add("DiskStore sync replay", _in_a_loop(disk_sync_replay), again)
+    add("MemoryStore async", _concurrently(_decorated(memory, "lag.memory", _lag_body)))
+    add("asyncio alone (the body, no idemfn)", _concurrently(_lag_body))
+
+    await _lag_rounds(systems, settings.rounds)
     by = {system.name: system for system in systems}
     report.raw["lag"] = {x.name: {"seconds": x.seconds, "worst_lag": x.worst} for x in systems}
-    for label in specs:
-        ours, old = by[f"{label} async"], by[f"{label} blocking"]
-        raw = by[f"{label} raw client"]
-        report.add(_lag_figure(ours, ("<=", 5.0)))
-        report.add(_lag_figure(old, None))
-        report.add(_lag_figure(raw, None))
-        for system in (ours, old, raw):
-            report.add(_rate_figure(system))
-        ratio = ours.calls_per_s() / old.calls_per_s()
-        report.add(Figure("lag", f"{label}: async / blocking calls/s", ratio, "x", (">=", 3.0)))
-    for name in ("DiskStore async", "MemoryStore async"):
+    for label in labels:
+        _server_figures(report, by, label)
+    for name in ("DiskStore async", "MemoryStore async", "asyncio alone (the body, no idemfn)"):
         report.add(_lag_figure(by[name], None))
         report.add(_rate_figure(by[name]))
     for what in ("no-op", "replay"):
-        ours, sync = by[f"DiskStore async {what}"], by[f"DiskStore sync {what}"]
-        report.add(_lag_figure(ours, None))
-        report.add(_rate_figure(ours))
-        report.add(_rate_figure(sync))
+        ours, sync = by[f"DiskStore async {what}, one at a time"], by[f"DiskStore sync {what}"]
+        concurrent = by[f"DiskStore async {what}, concurrent"]
+        report.add(_lag_figure(concurrent, None))
+        for system in (concurrent, ours, sync):
+            report.add(_rate_figure(system))
         ratio = ours.calls_per_s() / sync.calls_per_s()
         report.add(
-            Figure("lag", f"DiskStore {what}: async / sync calls/s", ratio, "x", (">=", 1.0))
+            Figure(
+                "lag",
+                f"DiskStore {what}, one at a time: async / sync calls/s",
+                ratio,
+                "x",
+                (">=", 1.0),
+            )
         )
     for close in closers:
         await close()
@@ -425,15 +472,165 @@ async def part_lag(servers: dict[str, str], root: Path, settings: Settings, repo
         store.close()
 
 
-def _rate_figure(s: LagSystem) -> Figure:
-    return Figure("lag", f"{s.name}: calls/s", s.calls_per_s(), "/s", detail=_spread(s.rates()))
+# --------------------------------------------------------------------------------------------
+# rtt: the lag rows again, each server behind a proxy that delays every chunk it forwards, as a
+# network would: over a local unix socket a round trip is tens of µs, and blocking on it costs
+# little, which is not what a service on another machine than its server sees.
 
 
-def _lag_figure(s: LagSystem, target: tuple[str, float] | None) -> Figure:
+def _proxy_child(listen: str, upstream: str, delay: float, ready: Connection) -> None:
+    asyncio.run(_proxy(listen, upstream, delay, ready))
+
+
+async def _proxy(listen: str, upstream: str, delay: float, ready: Connection) -> None:
+    """Forward unix-socket connections from ``listen`` to ``upstream``, every chunk ``delay``
+    seconds after it arrived (asyncio's timers wake on whole milliseconds: at most 1 ms late),
+    in order, each direction on its own."""
+    loop = asyncio.get_running_loop()
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        chunks: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def send() -> None:
+            while True:
+                due, data = await chunks.get()
+                if not data:
+                    writer.close()
+                    return
+                if due > loop.time():
+                    await asyncio.sleep(due - loop.time())
+                writer.write(data)
+
+        sender = asyncio.create_task(send())
+        try:
+            while data := await reader.read(1 << 16):
+                chunks.put_nowait((loop.time() + delay, data))
+        finally:
+            chunks.put_nowait((0.0, b""))
+            await sender
+
+    async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_unix_connection(upstream)
+        await asyncio.gather(
+            pump(reader, up_writer), pump(up_reader, writer), return_exceptions=True
+        )
+
+    await asyncio.start_unix_server(connected, path=listen)
+    ready.send(True)
+    await asyncio.Event().wait()  # until the benchmark terminates this process
+
+
+class Proxy:
+    """A delaying proxy in a process of its own (its CPU time is not this loop's)."""
+
+    def __init__(self, listen: str, upstream: str, delay: float) -> None:
+        context = multiprocessing.get_context("spawn")
+        mine, theirs = context.Pipe()
+        self.process = context.Process(
+            target=_proxy_child, args=(listen, upstream, delay, theirs), daemon=True
+        )
+        self.process.start()
+        if not mine.poll(30):
+            raise RuntimeError("the delaying proxy did not start")
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.join(10)
+
+
+def _round_trip_us(kind: str, where: str) -> float:
+    """Median µs of one round trip to the server: redis-py PING, psycopg ``SELECT 1``."""
+    times = []
+    if kind == "redis":
+        import redis
+
+        with redis.Redis(unix_socket_path=where.removeprefix("unix://")) as client:
+            for _ in range(100):
+                t0 = time.perf_counter()
+                client.ping()
+                times.append(time.perf_counter() - t0)
+    else:
+        import psycopg
+
+        with psycopg.connect(where, autocommit=True) as conn:
+            for _ in range(100):
+                t0 = time.perf_counter()
+                conn.execute("SELECT 1").fetchone()
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+async def part_rtt(servers: dict[str, str], root: Path, settings: Settings, report: Report) -> None:
+    print(
+        "\nrtt: the lag rows with each server behind a proxy (another process) that holds each"
+        f" chunk it forwards for a while; {settings.rtt_rounds} rounds"
+    )
+    for delay in settings.rtt_delays:
+        await _rtt_with(delay, servers, root, settings, report)
+
+
+async def _rtt_with(
+    delay: float, servers: dict[str, str], root: Path, settings: Settings, report: Report
+) -> None:
+    where = root / f"proxy-{delay}"
+    (where / "pg").mkdir(parents=True)
+    host = dict(part.split("=", 1) for part in servers["postgres"].split())["host"]
+    proxies = [
+        Proxy(str(where / "redis.sock"), servers["redis"].removeprefix("unix://"), delay),
+        Proxy(str(where / "pg" / ".s.PGSQL.5432"), f"{host}/.s.PGSQL.5432", delay),
+    ]
+    proxied = {
+        "redis": f"unix://{where / 'redis.sock'}",
+        "postgres": servers["postgres"].replace(f"host={host}", f"host={where / 'pg'}"),
+    }
+    try:
+        labels: dict[str, str] = {}
+        for label, kind in (("RedisStore", "redis"), ("PostgresStore", "postgres")):
+            direct, through = (
+                _round_trip_us(kind, servers[kind]),
+                _round_trip_us(kind, proxied[kind]),
+            )
+            labels[f"{label}, RTT {through / 1000:.2f} ms"] = kind
+            print(
+                f"  {label}: a round trip takes {direct:.0f} µs direct, {through:.0f} µs through"
+                f" the proxy holding each chunk {delay * 1000:g} ms"
+            )
+        systems: list[LagSystem] = []
+        closers: list[Callable[[], Awaitable[None]]] = []
+        stores: list[Store] = []
+
+        def add(name: str, run: Run) -> None:
+            systems.append(LagSystem(name, run, _fresh_keys(f"rtt:{delay}:{name}")))
+
+        for label, kind in labels.items():
+            opened, raw = _server_systems(label, (kind, proxied[kind]), add)
+            stores += opened
+            closers.append(await raw())
+        await _lag_rounds(systems, settings.rtt_rounds)
+        by = {system.name: system for system in systems}
+        report.raw.setdefault("rtt", {}).update(
+            {x.name: {"seconds": x.seconds, "worst_lag": x.worst} for x in systems}
+        )
+        for label in labels:
+            _server_figures(report, by, label, "rtt")
+        for close in closers:
+            await close()
+        for store in stores:
+            store.close()
+    finally:
+        for proxy in proxies:
+            proxy.close()
+
+
+def _rate_figure(s: LagSystem, part: str = "lag") -> Figure:
+    return Figure(part, f"{s.name}: calls/s", s.calls_per_s(), "/s", detail=_spread(s.rates()))
+
+
+def _lag_figure(s: LagSystem, target: tuple[str, float] | None, part: str = "lag") -> Figure:
     pooled = sorted(s.lags)
     p99 = pooled[int(len(pooled) * 0.99)] * 1000 if pooled else 0.0
     return Figure(
-        "lag",
+        part,
         f"{s.name}: worst lag",
         statistics.median(s.worst) * 1000,
         "ms",
@@ -901,7 +1098,7 @@ def _commit() -> str:
     return f"{out.stdout.strip() or '?'} ({where})"
 
 
-PARTS = ("lag", "stall", "latency", "wake")
+PARTS = ("lag", "rtt", "stall", "latency", "wake")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -928,6 +1125,8 @@ def main(argv: list[str] | None = None) -> int:
         async def run() -> None:
             if "lag" in parts:
                 await part_lag(servers, Path(tmp), settings, report)
+            if "rtt" in parts:
+                await part_rtt(servers, Path(tmp), settings, report)
             if "stall" in parts:
                 await part_stall(servers, settings, report)
             if "latency" in parts:
