@@ -465,7 +465,7 @@ def idempotent(
             fingerprint; ``False`` turns the check off. An argument of a type with no
             canonical encoding is a ``TypeError`` naming it (see ``fingerprint_value``).
         wait: How long a call that finds the key held by a live call waits for its outcome
-            (polling with backoff; ``asyncio.sleep`` in a coroutine) and replays it, before
+            (woken when it settles, polling as the fallback) and replays it, before
             raising ``AlreadyRunning``: seconds (>= 0) or a ``timedelta``. Default 0.0: raise
             at once. A call re-entering its own key from its body raises at once whatever
             ``wait`` says.

@@ -1114,9 +1114,9 @@ async def abegin(
     policy: Policy | None = None,
     deadline: datetime | float | None = None,
 ) -> Claim | Finished:
-    """``begin`` for coroutines: waits for a live owner with ``asyncio.sleep``.
+    """``begin`` for coroutines, on the store's awaitable primitives: never blocks the loop.
 
-    The store's own calls still block; only the waiting never blocks the event loop.
+    A live owner is waited for on the store's ``awatch``, woken when the owner settles.
 
     Args:
         key: The full stored key (a non-empty ``str``), used as given.
