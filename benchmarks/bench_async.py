@@ -679,8 +679,15 @@ async def part_stall(servers: dict[str, str], settings: Settings, report: Report
             store = open_store(spec, blocks=blocks)
             name = f"{label} {'blocking' if blocks else 'async'}"
             fn = _decorated(store, f"stall.{name}", _lag_body)
-            for i in range(16):  # connections open, as in a running service
-                await fn(f"warm:{i}")
+            # Connections open, as in a running service: a first burst of as many calls as
+            # the stall's, on the new store (its lag is shown: opening connections costs CPU).
+            async with Ticker() as ticker:
+                await asyncio.gather(*(fn(f"warm:{i}") for i in range(n)))
+            if not blocks:
+                cold = max(ticker.lags(), default=0.0) * 1000
+                report.add(
+                    Figure("stall", f"{name}: a new store's first {n} calls: worst lag", cold, "ms")
+                )
             # The server's processes now: PostgreSQL's backends are the connections just made.
             result = await _stalled(fn, [f"s{i}" for i in range(n)], pids(spec[1]), seconds)
             store.close()
