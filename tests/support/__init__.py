@@ -12,6 +12,7 @@ pytest.register_assert_rewrite(
         for name in (
             "celery_tasks",
             "cli",
+            "concurrency",
             "forks",
             "records",
             "rq_jobs",
