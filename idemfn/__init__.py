@@ -15,7 +15,8 @@ The public names, each with its docstring (``help(idemfn.idempotent)``):
 
 - ``idempotent``, ``IdempotentFunction``: the decorator, and the function it returns;
 - ``Store``, ``DiskStore``, ``MemoryStore``, ``RedisStore``, ``PostgresStore``, ``open_store``,
-  ``default_store``, ``default_directory``, ``current_connection``: where records live;
+  ``default_store``, ``default_directory``, ``current_connection``,
+  ``current_async_connection``: where records live;
 - ``Record``, ``Status``: what ``fn.status(...)`` returns;
 - ``IdempotencyError`` and its subclasses ``AlreadyRunning``, ``FingerprintMismatch``,
   ``Halted``, ``DeadlineExceeded``, ``OwnershipLost``, ``StoreError``;
@@ -44,7 +45,7 @@ from ._policy import Policy
 from ._record import Record, Status
 from ._stores import DiskStore, MemoryStore, Store, default_store, open_store
 from ._stores.disk import default_directory
-from ._stores.postgres import PostgresStore, current_connection
+from ._stores.postgres import PostgresStore, current_async_connection, current_connection
 from ._stores.redis import RedisStore
 
 __all__ = [
@@ -69,6 +70,7 @@ __all__ = [
     "StoreError",
     "abegin",
     "begin",
+    "current_async_connection",
     "current_connection",
     "default_directory",
     "default_store",

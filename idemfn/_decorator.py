@@ -31,6 +31,7 @@ from ._engine import (
     Finished,
     abegin_with,
     acomplete_or_log,
+    arun_in_transaction,
     begin_with,
     complete_or_log,
     reentered,
@@ -489,8 +490,9 @@ def idempotent(
             ``ValueError``.
         transactional: Run the body in the ``PostgresStore`` transaction that records its
             ``ok`` outcome, so that its writes (on ``idemfn.current_connection()``) and the
-            record commit or roll back together. Default False. Needs a ``PostgresStore``
-            and a sync function (``TypeError`` otherwise).
+            record commit or roll back together; an ``async def`` body writes on
+            ``idemfn.current_async_connection()``. Default False. Needs a ``PostgresStore``
+            (``TypeError`` otherwise).
         signing_key: Sign records with HMAC-SHA256 and refuse, unloaded, any that fails its
             check: a ``str`` or ``bytes`` key of 16 bytes or more, or a list of them (the
             first signs, every one verifies, for rotation). Applies to a store opened from a
@@ -640,11 +642,15 @@ def decorator(
         if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
             getattr(fn, "__call__", None)  # noqa: B004  # not a callable() test
         ):
+            in_atransaction: Callable[[str], Any] | None = None
             if transaction is not None:
-                raise TypeError(
-                    f"transactional=True needs a sync function ({fn.__qualname__} is async): the"
-                    " body runs on a psycopg (sync) connection"
-                )
+                in_atransaction = getattr(resolved_store, "atransaction", None)
+                if in_atransaction is None:
+                    raise TypeError(
+                        f"transactional=True on an async function ({fn.__qualname__}) needs a"
+                        f" store with async transactions (PostgresStore); {resolved_store!r} has"
+                        " only sync ones"
+                    )
             run_async: Callable[P, Any] = fn
 
             @functools.wraps(fn)
@@ -664,6 +670,14 @@ def decorator(
                 if outcome.__class__ is Finished:
                     return outcome.replay()
                 outcome.function = wrapper  # type: ignore[union-attr]
+                if in_atransaction is not None:
+                    # As the sync transactional wrapper's: the body's writes and the ok record
+                    # commit together (idemfn.current_async_connection()).
+                    return await arun_in_transaction(
+                        outcome,  # type: ignore[arg-type]
+                        in_atransaction(stored_key),
+                        partial(run_async, *args, **kwargs),
+                    )
                 async with outcome:  # type: ignore[union-attr]
                     value = await run_async(*args, **kwargs)
                     await acomplete_or_log(outcome, value)  # type: ignore[arg-type]

@@ -31,15 +31,14 @@ else:
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import itertools
 import logging
 import os
 import pickle
 import time
-from collections.abc import Callable, Generator
-from contextlib import AbstractContextManager
+from collections.abc import Awaitable, Callable, Generator
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any, Final, TypeVar
@@ -77,6 +76,7 @@ __all__ = [
     "acomplete_or_log",
     "adecide",
     "adrive",
+    "arun_in_transaction",
     "begin",
     "complete_or_log",
     "decide",
@@ -787,28 +787,35 @@ def run_in_transaction(
                 if is_retry_request(value):
                     raise _RunAgain  # the task runs the body again: its writes must not stay
                 claim.complete(value)
-        except _RunAgain:
-            try:  # rolled back: as for retry_on, the key is released
-                claim.release()
-            except StoreError as problem:
-                _not_recorded(claim.key, problem, None)
-            return value
         except BaseException as exc:
-            if not started:  # no transaction, no body: the next call runs it
-                try:
-                    claim.release(exc)
-                except StoreError as problem:
-                    _not_recorded(claim.key, problem, exc)
-                raise
-            if claim._uncommitted:  # the ok record went down with the transaction
-                claim._settled = claim._uncommitted = False
-                # It may have committed after all, when only COMMIT's answer was lost: then
-                # the value is returned (an interrupt is still raised; the record stays ok).
-                if _settle_uncommitted(claim, exc) and isinstance(exc, Exception):
-                    return value
+            if drive(claim.store, _after_transaction(claim, exc, started)):
+                return value
             raise
-        heartbeat.discard(claim)  # committed: the outcome is recorded
-        claim._uncommitted = False
+        _committed(claim)
+    return value
+
+
+async def arun_in_transaction(
+    claim: Claim,
+    transaction: AbstractAsyncContextManager[object],
+    body: Callable[[], Awaitable[R]],
+) -> R:
+    """``run_in_transaction`` for an ``async def`` body, in the store's ``atransaction(key)``."""
+    claim._transactional = True
+    started = False
+    async with claim:
+        try:
+            async with transaction:
+                started = True
+                value = await body()
+                if is_retry_request(value):
+                    raise _RunAgain
+                await claim.acomplete(value)
+        except BaseException as exc:
+            if await adrive(claim.store, _after_transaction(claim, exc, started)):
+                return value
+            raise
+        _committed(claim)
     return value
 
 
@@ -817,26 +824,54 @@ class _RunAgain(Exception):
     ``rq.Retry``): released, its key runs the body again, so its writes must not commit."""
 
 
-def _settle_uncommitted(claim: Claim, exc: BaseException) -> bool:
-    """Settle ``claim`` for ``exc``, which kept its ok record from committing; True when the
-    record was committed after all (the connection was lost with COMMIT's answer)."""
+def _committed(claim: Claim) -> None:
+    heartbeat.discard(claim)  # committed: the outcome is recorded
+    claim._uncommitted = False
+    settled(claim.key)
+
+
+def _after_transaction(claim: Claim, exc: BaseException, started: bool) -> Steps[bool]:
+    """Settle ``claim`` once ``exc`` escaped its transaction (``started``: it began, and the
+    body ran in it). True: the call returns the body's value after all (a request to run it
+    again, now released; an ok record that committed although COMMIT's answer was lost)."""
+    if isinstance(exc, _RunAgain):  # rolled back: as for retry_on, the key is released
+        yield from _releasing_or_log(claim, None)
+        return True
+    if not started:  # no transaction, no body: the next call runs it
+        yield from _releasing_or_log(claim, exc)
+        return False
+    if not claim._uncommitted:
+        return False
+    # The ok record went down with the transaction: settle the claim again, for exc. It may
+    # have committed after all, when only COMMIT's answer was lost: then the value is returned
+    # (an interrupt is still raised; the record stays ok).
+    claim._settled = claim._uncommitted = False
     try:
-        claim.fail(exc)
+        yield from claim._failing(exc)
     except StoreError as problem:
         _not_recorded(claim.key, problem, exc)
-    except OwnershipLost:
-        with contextlib.suppress(StoreError):
-            entry = claim.store.get(claim.key)
-            if entry is not None and entry.status == OK and entry.token == claim.token:
-                logger.warning(
-                    "idemfn: the COMMIT of key %r failed (%s), yet its ok record is there: the"
-                    " transaction committed",
-                    claim.key,
-                    type(exc).__name__,
-                )
-                return True
-        raise
+    except OwnershipLost as lost:
+        try:
+            entry = yield (_GET, claim.key)
+        except StoreError:
+            raise lost from lost.__cause__
+        if entry is not None and entry.status == OK and entry.token == claim.token:
+            logger.warning(
+                "idemfn: the COMMIT of key %r failed (%s), yet its ok record is there: the"
+                " transaction committed",
+                claim.key,
+                type(exc).__name__,
+            )
+            return isinstance(exc, Exception)
+        raise lost
     return False
+
+
+def _releasing_or_log(claim: Claim, cause: BaseException | None) -> Steps[None]:
+    try:
+        yield from claim._releasing(cause)
+    except StoreError as problem:
+        _not_recorded(claim.key, problem, cause)
 
 
 def complete_or_log(claim: Claim, value: object) -> None:

@@ -509,12 +509,3 @@ def test_transactional_is_refused_where_it_cannot_hold(tmp_path: Path) -> None:
         idempotent(key="k", store=idemfn.MemoryStore(), transactional="yes")  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="transactional=True"):
         idemfn.current_connection()
-
-
-def test_an_async_body_cannot_be_transactional(postgres_server: PostgresServer) -> None:
-    store = fresh(postgres_server)
-
-    async def body() -> None: ...
-
-    with pytest.raises(TypeError, match="sync function"):
-        idempotent(key="k", store=store, transactional=True)(body)

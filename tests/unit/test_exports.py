@@ -115,6 +115,7 @@ def test_the_public_api_is_exactly_what_it_was() -> None:
         "StoreError",
         "abegin",
         "begin",
+        "current_async_connection",
         "current_connection",
         "default_directory",
         "default_store",
