@@ -564,11 +564,14 @@ class _Listener:
     ``marks`` holds their marks. ``broken`` once either failed: its watches poll from then on."""
 
     def __init__(self, store: PostgresStore, conn: Any, marks: Any) -> None:
+        import asyncio
+
         self.conn = conn
         self.marks = marks
         self.watches: dict[str, set[PostgresAsyncWatch]] = {}
         self.broken = False
-        self.reader = _background(self._read(store))
+        # Kept here, not in _tasks: it ends with its loop, and goes with this listener.
+        self.reader = asyncio.get_running_loop().create_task(self._read(store))
 
     async def _read(self, store: PostgresStore) -> None:
         try:
@@ -583,9 +586,10 @@ class _Listener:
         """Wake every watch: it looks again, and polls from now on (a settle may have gone
         unheard, and marks are gone with their connection)."""
         self.broken = True
-        for watches in list(self.watches.values()):
-            for watch in list(watches):
-                watch._wake()
+        watches = [watch for some in self.watches.values() for watch in some]
+        self.watches.clear()
+        for watch in watches:
+            watch._lost()
 
     def add(self, payload: str, watch: PostgresAsyncWatch) -> None:
         self.watches.setdefault(payload, set()).add(watch)
@@ -913,16 +917,17 @@ class PostgresStore(Store):
                     )
                     self._pool.open(wait=False)
             pool = self._pool
-        # Outside the lock, so that each thread waits connect_timeout at most, not in turn.
-        conn = self._getconn(pool)
-        try:
-            with conn, conn.transaction():
-                for statement, params in self._setup():
-                    conn.execute(statement, params)
-        finally:
-            pool.putconn(conn)
+        if self._made_by != os.getpid():  # (an event loop's first call may have made them)
+            # Outside the lock, so that each thread waits connect_timeout at most, not in turn.
+            conn = self._getconn(pool)
+            try:
+                with conn, conn.transaction():
+                    for statement, params in self._setup():
+                        conn.execute(statement, params)
+            finally:
+                pool.putconn(conn)
+            self._made_by = os.getpid()
         self._ready = True
-        self._made_by = os.getpid()
         return pool
 
     # Async connections: a pool per event loop (see _Side).
@@ -1815,11 +1820,15 @@ class PostgresAsyncWatch(LocalAsyncWatch):
         """Wait until the key may have settled, or for ``seconds``."""
         if not self._started:  # (used without ``async with``)
             await self._start()
-        listener = self._listener
-        if listener is not None and listener.broken:  # (it woke this watch as it broke)
-            self._leave()
-            self.hears_others = False
         await super().wait(seconds)
+
+    def _lost(self) -> None:
+        """Its listener broke: hear this process's settles only, and look again now (a settle
+        may have gone unheard)."""
+        self._listener = None
+        self._marked = False  # (gone with their connection)
+        self.hears_others = False
+        self._wake()
 
     def _leave(self) -> None:
         listener, self._listener = self._listener, None
