@@ -490,17 +490,17 @@ class _Side:
         self.ready = False
         listener, self.listener = self.listener, None
         conns: list[Any] = list(self.pool.made) if isinstance(self.pool, _LoopPool) else []
-        if listener is not None:
-            conns += [listener.conn, listener.marks]
         if self.pid != os.getpid():
             # A parent's connections: closed by this child, they would end the parent's
             # sessions; dropped, psycopg would warn. Kept, untouched, for good.
             _not_ours.extend(conns)
+            if listener is not None:
+                _not_ours.extend([listener.conn, listener.marks])
             return
         for conn in conns:
             _finish(conn)
         if listener is not None:
-            _soon(self.loop, listener.stop)
+            _on_its_thread(self.loop, listener.close)
 
 
 #: Connections a forked child inherited from its parent, which it must neither close nor drop.
@@ -515,21 +515,22 @@ def _finish(conn: Any) -> None:
             conn.pgconn.finish()
 
 
-def _soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], object]) -> None:
-    """Call ``fn`` on ``loop``'s thread, now if that is this one, unless the loop is closed."""
+def _on_its_thread(loop: asyncio.AbstractEventLoop, fn: Callable[[], object]) -> None:
+    """Call ``fn`` on ``loop``'s thread when the loop runs in another thread; else now (a loop
+    that does not run does nothing meanwhile)."""
     import asyncio
 
-    if loop.is_closed():
-        return
     try:
-        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        here = asyncio.get_running_loop() is loop
     except RuntimeError:
-        running = None
-    if running is loop:
-        fn()
-    else:
-        with contextlib.suppress(RuntimeError):  # closed meanwhile
+        here = False
+    if loop.is_running() and not here:
+        try:
             loop.call_soon_threadsafe(fn)
+            return
+        except RuntimeError:  # closed meanwhile
+            pass
+    fn()
 
 
 _tasks: set[Any] = set()  # background tasks, kept until done (the loop keeps only weak refs)
@@ -560,8 +561,11 @@ async def _closed_at_shutdown(
 
 class _Listener:
     """The two connections a store's async watches on one event loop share (see the module's
-    docstring): ``conn`` LISTENs, and a task hands each notification to the watches of its key;
-    ``marks`` holds their marks. ``broken`` once either failed: its watches poll from then on."""
+    docstring): ``conn`` LISTENs, and each notification it receives goes to the watches of its
+    key; ``marks`` holds their marks. ``broken`` once either failed: its watches poll from then
+    on. No task and no async generator read ``conn``: the loop calls ``_read`` when its socket
+    is readable, and libpq parses what came. (A task left waiting in psycopg's ``notifies()``
+    when a loop shuts down had that generator closed under it by ``shutdown_asyncgens``.)"""
 
     def __init__(self, store: PostgresStore, conn: Any, marks: Any) -> None:
         import asyncio
@@ -570,17 +574,30 @@ class _Listener:
         self.marks = marks
         self.watches: dict[str, set[PostgresAsyncWatch]] = {}
         self.broken = False
-        # Kept here, not in _tasks: it ends with its loop, and goes with this listener.
-        self.reader = asyncio.get_running_loop().create_task(self._read(store))
+        self._store = weakref.ref(store)
+        self._encoding = conn.info.encoding
+        self._fd = conn.pgconn.socket
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._fd, self._read)
 
-    async def _read(self, store: PostgresStore) -> None:
+    def _read(self) -> None:
+        pgconn = self.conn.pgconn
         try:
-            async for note in self.conn.notifies():
-                for watch in self.watches.get(note.payload, ()):
+            pgconn.consume_input()
+            while (note := pgconn.notifies()) is not None:
+                for watch in list(self.watches.get(note.extra.decode(self._encoding), ())):
                     watch._wake()
         except Exception as exc:  # the connection was lost
-            store._cannot_listen(exc)
-        self._break()
+            store = self._store()
+            if store is not None and not self.broken:
+                store._cannot_listen(exc)
+            self._stop_reading()
+            self._break()
+
+    def _stop_reading(self) -> None:
+        if not self._loop.is_closed():
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._fd)
 
     def _break(self) -> None:
         """Wake every watch: it looks again, and polls from now on (a settle may have gone
@@ -627,16 +644,20 @@ class _Listener:
         try:
             await self.marks.execute(query, mark)
         except Exception as exc:
-            store._cannot_listen(exc)
-            if self.marks.closed:
-                self._break()
+            if not self.broken:  # (closed with its loop or store meanwhile: nothing to say)
+                store._cannot_listen(exc)
+                if self.marks.closed:
+                    self._break()
             return False
         return True
 
-    def stop(self) -> None:
-        """End the reader task (on the listener's loop)."""
+    def close(self) -> None:
+        """Stop reading, and close both connections (on the listener's loop's thread when the
+        loop runs: a socket must leave the loop's selector before it is closed)."""
         self.broken = True
-        self.reader.cancel()
+        self._stop_reading()
+        _finish(self.conn)
+        _finish(self.marks)
 
 
 def _timeout(value: object, where: str, *, text: bool = False) -> float:
@@ -1614,9 +1635,7 @@ class PostgresStore(Store):
                 return listener
             if listener is not None:  # broken: its connections go
                 side.listener = None
-                listener.stop()
-                _finish(listener.conn)
-                _finish(listener.marks)
+                listener.close()
             if time.monotonic() < side.quiet_until:
                 return None
             try:
@@ -1966,8 +1985,9 @@ def _payload(key: str) -> str:
 
 
 async def _result(cur: Any) -> Any:
-    """An async cursor's rows, or its row count when the statement returns none."""
-    if cur.description is None:
+    """An async cursor's rows, or its row count when the statement returns none (told by its
+    result's fields: ``cur.description`` builds a list of columns, ~2 µs a call)."""
+    if not cur.pgresult.nfields:
         return cur.rowcount
     return await cur.fetchall()
 
