@@ -40,6 +40,7 @@ from idemfn._stores.postgres import (
     current_connection,
 )
 from idemfn._wakeups import settled
+from tests.support.forks import fork_and_wait
 from tests.support.postgres_tools import Heard, marks, named_dsn, sessions, stopped
 from tests.support.records import finished, processing
 from tests.support.servers import PostgresServer
@@ -367,6 +368,40 @@ def test_two_threads_each_running_a_loop_share_one_store(postgres_server: Postgr
         t.join(120)
     assert pools[1] is not pools[2]
     assert all(store.get(f"{n}:{i}") is not None for n in (1, 2) for i in range(20))
+
+
+def test_a_forked_child_makes_its_own_connections_and_leaves_its_parents_alone(
+    postgres_server: PostgresServer,
+) -> None:
+    store = fresh(postgres_server)
+    loop = asyncio.new_event_loop()  # a parent's loop, running in a thread as a service's does
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+
+    def on_the_loop(work: Awaitable[Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(work, loop).result(60)  # type: ignore[arg-type]
+
+    try:
+        assert on_the_loop(store.aclaim(processing("k"))) is None
+        parents = store._sides[loop]
+
+        def child() -> int:
+            # Its own loop and connections; closing the store leaves the parent's sessions.
+            entry = asyncio.run(store.aget("k"))
+            assert entry is not None and entry.token == "t1"
+            assert store._sides.get(loop) is parents
+            store.close()
+            return 0
+
+        assert fork_and_wait(child) == 0
+        assert on_the_loop(store.aswap("k", "t1", finished("k")))  # its connection still works
+        assert all(not conn.closed for conn in parents.pool.made)
+    finally:
+        on_the_loop(store.aclose())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(60)
+        loop.close()
+    assert all(conn.closed for conn in parents.pool.made)  # aclose closed them
 
 
 def test_two_hundred_concurrent_calls_share_at_most_sixteen_connections(
