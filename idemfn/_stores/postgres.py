@@ -685,10 +685,10 @@ class PostgresStore(Store):
     (``current_connection()``, or ``current_async_connection()`` in an ``async def`` body).
 
     Async callers never block their event loop: the awaitable primitives run on connections
-    of each event loop's own (a script that calls ``asyncio.run`` twice gets two sets, each
-    closed as its loop shuts down), at most 16 a loop. A caller waiting for
-    a busy key is woken through ``LISTEN``/``NOTIFY`` as soon as its owner settles it, on any
-    machine; a settle that nobody waits for sends no ``NOTIFY``.
+    of each event loop's own, at most 16 a loop (a script that calls ``asyncio.run`` twice
+    gets two sets, each closed as its loop shuts down). A caller waiting for a busy key is
+    woken through ``LISTEN``/``NOTIFY`` as soon as its owner settles it, on any machine; a
+    settle that nobody waits for sends no ``NOTIFY``.
 
     Args:
         dsn_or_pool: A connection string or URL (``postgresql://…``); or a
