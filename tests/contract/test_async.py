@@ -33,6 +33,7 @@ from tests.support.concurrency import (
     append_line,
     docs_store_class,
     finish,
+    fresh,
     spec_of,
     start,
 )
@@ -295,7 +296,7 @@ def test_a_cancelled_waiter_writes_nothing_and_leaves_the_owner_alone(
     runs: list[int] = []
     release: list[asyncio.Event] = []
 
-    @idempotent(key="k:{x}", store=store, wait=120, name="t.cancel-waiter")
+    @idempotent(key="k:{x}", store=store, wait=120, name=fresh("t.cancel-waiter"))
     async def fn(x: int) -> str:
         runs.append(x)
         await release[0].wait()
@@ -418,7 +419,7 @@ def test_a_timeout_that_runs_out_while_waiting_writes_nothing(
     release: list[asyncio.Event] = []
     scopes: list[Any] = []
 
-    @idempotent(key="k:{x}", store=store, wait=120, name="t.timeout-waiter")
+    @idempotent(key="k:{x}", store=store, wait=120, name=fresh("t.timeout-waiter"))
     async def fn(x: int) -> str:
         runs.append(x)
         await release[0].wait()

@@ -19,7 +19,7 @@ import pytest
 
 from idemfn import AlreadyRunning, DiskStore, Store, idempotent
 from idemfn._wakeups import _watchers
-from tests.support.concurrency import HELD, HeldElsewhere, WatchSpy, spec_of
+from tests.support.concurrency import HELD, HeldElsewhere, WatchSpy, fresh, spec_of
 from tests.support.records import foreign_entry
 from tests.support.stores import Make
 
@@ -72,7 +72,7 @@ class Owned:
         self.started = threading.Event()
         self.let_go = threading.Event()
         self.runs = 0
-        options = {"key": "k:{x}", "name": "t.owned", "retry_on": Transient, **options}
+        options = {"key": "k:{x}", "name": fresh("t.owned"), "retry_on": Transient, **options}
 
         def first() -> bool:
             self.runs += 1
@@ -231,7 +231,7 @@ def test_a_waiter_that_gives_up_closes_its_watch(
     make: Make, store: Store, monkeypatch: pytest.MonkeyPatch, counter: Any
 ) -> None:
     spy = WatchSpy(store, monkeypatch)
-    fn = make(counter, key="k:{x}", wait=0.05)
+    fn = make(counter, key="k:{x}", wait=0.05, name=fresh("t.gives-up"))
     held_elsewhere(store, fn.key_for(1))
     with pytest.raises(AlreadyRunning):
         fn(1)

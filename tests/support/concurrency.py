@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -39,6 +40,7 @@ __all__ = [
     "append_line",
     "docs_store_class",
     "finish",
+    "fresh",
     "spec_of",
     "start",
 ]
@@ -71,6 +73,12 @@ def _open(spec: Spec) -> Store:
     if spec["kind"] == "redis":
         return RedisStore(spec["url"], prefix=spec["prefix"])
     return PostgresStore(spec["dsn"], table=spec["table"])
+
+
+def fresh(name: str) -> str:
+    """``name`` made unique to a test: watches are kept by key for the whole process, and a
+    test that fails must not leave its waiters on the next test's keys."""
+    return f"{name}.{uuid.uuid4().hex[:8]}"
 
 
 def append_line(path: Path, line: str) -> None:
