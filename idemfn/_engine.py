@@ -10,11 +10,13 @@ one piece, read together.)
                             '-- owner gone, on_abandoned="retry" -> processing (attempt + 1)
     ok, halted --expiry, forget, prune--> (absent)
 
-``decide`` makes one decision from what the store holds and returns a ``Claim`` (run the body),
-a ``Finished`` record (replay it) or ``Busy`` (a live owner has it). ``begin`` and ``abegin`` are
-thin drivers that only differ in how they sleep while waiting. Every write after a claim goes
-through ``Store.swap`` or ``Store.release`` on the claim's token, fenced on the claim still being
-live, so a claim that was taken over, halted or forgotten writes nothing.
+``_deciding`` makes one decision from what the store holds and returns a ``Claim`` (run the
+body), a ``Finished`` record (replay it) or ``Busy`` (a live owner has it). It, and the settling
+of a claim, are written once as steps that yield store operations: ``drive`` runs them on the
+store's sync primitives, ``adrive`` on its awaitable ones (see "Drivers"), so sync and async
+callers follow one table. Every write after a claim goes through ``Store.swap`` or
+``Store.release`` on the claim's token, fenced on the claim still being live, so a claim that was
+taken over, halted or forgotten writes nothing.
 
 This is also the low-level API for framework authors:
 

@@ -34,9 +34,10 @@ class Policy:
             ``timedelta``. Default 30.0. A heartbeat thread renews every live ``Claim`` a
             third of the way through; an owner on another machine is judged gone once its
             lease runs out (one on this machine as soon as its process is gone).
-        wait: How long ``begin`` waits for a key held by a live owner to finish (polling with
-            backoff; ``abegin`` with ``asyncio.sleep``) before raising ``AlreadyRunning``:
-            seconds (>= 0) or a ``timedelta``. Default 0.0: raise at once.
+        wait: How long ``begin`` waits for a key held by a live owner to finish (woken when
+            the owner settles it, looking again at intervals as the fallback; ``abegin``
+            without blocking its event loop) before raising ``AlreadyRunning``: seconds
+            (>= 0) or a ``timedelta``. Default 0.0: raise at once.
         on_abandoned: What becomes of a claim whose owner is gone (crashed, killed, lost its
             lease). ``"halt"`` (default): the record becomes ``halted`` and is returned as a
             ``Finished`` whose ``replay()`` raises ``Halted`` (at most once: the side effect

@@ -57,9 +57,14 @@ def _remove(key: str, wake: Callable[[], None]) -> None:
 
 class Watch:
     """A sync waiter's watch on one key (a context manager): ``wait(seconds)`` returns when the
-    key may have settled, or after ``seconds``. This base only sleeps (polling)."""
+    key may have settled, or after ``seconds``. This base only sleeps (polling).
 
-    #: Whether settles by other processes (and machines) wake this watch, not only this one's.
+    Attributes:
+        hears_others: Whether settles by other processes (and machines) wake this watch, not
+            only this process's. When False, the engine looks again every 10 ms while the
+            owner is another process of this machine.
+    """
+
     hears_others: bool = False
 
     def wait(self, seconds: float) -> None:
@@ -86,7 +91,11 @@ class Watch:
 class AsyncWatch:
     """An async waiter's watch on one key (an async context manager): ``await wait(seconds)``
     returns when the key may have settled, or after ``seconds``, never blocking the event loop.
-    This base only sleeps (polling)."""
+    This base only sleeps (polling).
+
+    Attributes:
+        hears_others: As ``Watch.hears_others``.
+    """
 
     hears_others: bool = False
 

@@ -9,6 +9,7 @@ How to write a store: ``Store``'s docstring.
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 import os
 import time
@@ -497,10 +498,24 @@ class Store(abc.ABC):
 
 async def offload(fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)`` in a worker thread (the loop's default executor), with this context's
-    variables: how async callers drive a store's sync primitives without blocking the loop."""
-    import asyncio
+    variables: how async callers drive a store's sync primitives without blocking the loop.
 
-    return await asyncio.to_thread(fn, *args)
+    Cancelled, it still waits for the thread's call to end before the cancellation goes on: a
+    claim still running in the thread must land (or fail) before the engine undoes it, or the
+    undo would come first and the claim be left with no one to run it."""
+    import asyncio
+    import contextvars
+    import functools
+
+    loop = asyncio.get_running_loop()
+    call = functools.partial(contextvars.copy_context().run, fn, *args)
+    running = loop.run_in_executor(None, call)
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):  # cancelled again: stop waiting
+            await running
+        raise
 
 
 def removable_at(entry: Entry) -> float | None:
