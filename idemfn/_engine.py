@@ -740,7 +740,8 @@ class Claim:
         (halted, or released for a ``retry_on`` exception); a block that ends without settling
         halts the key and logs a warning."""
         self._leave_context()
-        drive(self.store, self._exiting(exc))
+        if not self._settled:  # (the common case, settled in the block: no steps to drive)
+            drive(self.store, self._exiting(exc))
 
     async def __aenter__(self) -> Claim:
         """``__enter__``, for ``async with``."""
@@ -755,7 +756,8 @@ class Claim:
         """``__exit__`` for ``async with``, on the store's async primitives: a body that was
         cancelled (``CancelledError``, a ``BaseException``) is halted."""
         self._leave_context()
-        await adrive(self.store, self._exiting(exc))
+        if not self._settled:
+            await adrive(self.store, self._exiting(exc))
 
     def _leave_context(self) -> None:
         if self._context_token is not None:
