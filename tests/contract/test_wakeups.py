@@ -9,6 +9,7 @@ pass by chance, nor fail it (20 s is far more than a wake-up takes).
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -115,15 +116,16 @@ class Owned:
         return lambda: asyncio.run(self.aio(1))
 
     def owner_and_waiter_on_one_loop(self) -> Callable[[], Any]:
-        """Both calls as tasks of one loop; returns the waiter's outcome."""
+        """Both calls as tasks of one loop; returns the owner's and the waiter's outcomes, as
+        callables that return or raise them."""
 
-        async def both() -> Any:
+        async def both() -> tuple[Callable[[], Any], Callable[[], Any]]:
             owner = asyncio.create_task(self.aio(1))
             while not self.started.is_set():
                 await asyncio.sleep(0.001)
             waiter = asyncio.create_task(self.aio(1))
             await asyncio.wait([owner, waiter])
-            return waiter.result()
+            return owner.result, waiter.result
 
         return lambda: asyncio.run(both())
 
@@ -161,17 +163,20 @@ def test_a_waiter_wakes_when_the_owner_settles(
     owned = Owned(store, settle, wait=120)
     if owner == "one loop":
         both = Party(owned.owner_and_waiter_on_one_loop())
-        parties = [both]
         assert owned.started.wait(60)
+        spy.wait_for_a_waiter()
+        owned.let_go.set()
+        owner_got, waiter_got = both.outcome(WOKEN_WITHIN)
     else:
-        parties = [Party(owned.call(owner))]
+        owner_party = Party(owned.call(owner))
         assert owned.started.wait(60)
-        parties.append(Party(owned.call(waiter)))
-    spy.wait_for_a_waiter()
-    owned.let_go.set()
-    check(lambda: parties[-1].outcome(WOKEN_WITHIN), settle, waiter=True)
-    if owner != "one loop":
-        check(lambda: parties[0].outcome(60), settle, waiter=False)
+        waiter_party = Party(owned.call(waiter))
+        spy.wait_for_a_waiter()
+        owned.let_go.set()
+        waiter_got = functools.partial(waiter_party.outcome, WOKEN_WITHIN)
+        owner_got = functools.partial(owner_party.outcome, 60)
+    check(waiter_got, settle, waiter=True)
+    check(owner_got, settle, waiter=False)
     assert spy.waits == 1  # woken once, it looked once more, and that was it
     assert spy.closed == spy.opened == 1
     assert owned.sync.key_for(1) not in _watchers  # no watch left behind
