@@ -272,6 +272,10 @@ loop = asyncio.new_event_loop()  # closed without shutting down its async genera
 print(loop.run_until_complete(double(4)) * 2, flush=True)
 loop.close()
 print(asyncio.run(main(5)), flush=True)
+loop = asyncio.new_event_loop()  # shut down as some services do: no task cancelled first
+print(loop.run_until_complete(main(6)), flush=True)
+loop.run_until_complete(loop.shutdown_asyncgens())
+loop.close()
 store.close()
 del store, double, loop
 gc.collect()
@@ -289,8 +293,8 @@ def test_no_connection_outlives_its_loop_and_nothing_warns(postgres_server: Post
         cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split("\n") == ["4", "8", "12", "16", "20", "problems: []", ""], done.stderr
-    assert "Warning" not in done.stderr and "Task" not in done.stderr, done.stderr
+    assert done.stdout.split("\n") == ["4", "8", "12", "16", "20", "24", "problems: []", ""]
+    assert done.stderr == ""  # no warning, no error logged (a watch's listener closed under it)
 
 
 # A server that accepts a connection and never answers: the loop ends while its call connects.
