@@ -792,6 +792,14 @@ class DiskStore(Store):
 
     async def aget(self, key: str) -> Entry | None:
         """``get``, awaitable: inline, never waiting for SQLite's lock on the event loop."""
+        if self._cache is not None:  # the replay path: one try, without the retry loop's setup
+            try:
+                return self._get(key, True)
+            except StoreError as exc:
+                if not _busy(exc.__cause__):
+                    raise
+            except _Forking:
+                pass
         return await self._retrying(self._get, key, writes=False)
 
     async def aswap(self, key: str, token: str, entry: Entry) -> bool:
