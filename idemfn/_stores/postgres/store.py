@@ -1,97 +1,76 @@
-"""``PostgresStore``: records in one PostgreSQL table, shared by every machine that reaches it.
+"""``PostgresStore`` itself: its pools, its primitives (each written once, for ``_drive`` and
+``_adrive``), its transactions, its renewals and its listening connections.
 
-Over 1,000 lines on purpose: one adapter behind one interface. Its statements, its connections
-(the pools, the renewals' own connection, the listeners, fork handling and event loops), the
-transactional mode and the wake-ups share the table's layout and the store's state, and each
-part is read against the others.
-
-    key text PRIMARY KEY   the stored key
-    live text              the token of a live claim, NULL once finished: the fence
-    token text             the entry's token, whatever its status (delete on a token)
-    expires_at float8      when a finished record counts as absent, server UNIX seconds
-    drop_at float8         when prune may remove the row (expiry, or an abandoned claim's
-                           lease + ttl); indexed, so prune is one indexed DELETE
-                           (and a look at each stale claim: is its owner gone?)
-    entry bytea            the encoded entry
-
-Every transition is one statement: the claim an ``INSERT … ON CONFLICT`` that replaces only
-an expired row and returns the live one in the same statement, every later write an
-``UPDATE``/``DELETE … WHERE key = … AND live = token``. The clock is the server's
-(``clock_timestamp()``, see ``clock.ServerClock``).
-
-The record's checksum covers ``entry`` only. SQL alone replaces or removes a finished row only
-when its two copies of its expiry agree that it has passed: ``expires_at`` and ``drop_at``,
-which every version has written equal whenever ``expires_at`` is set (a claim has no
-``expires_at``: only its lease + ttl in ``drop_at``). One flipped bit in either made a live
-record look expired to a claim or prune, which removed it: its body ran again (issue 14,
-review). A row whose copies disagree is judged by its record: the claim reads it (and removes
-that exact row if the record says it expired), prune reads it. A write refused by the fence
-``live`` reads the row once, to tell a lost claim from a damaged fence (``_refused``).
-
-Lease renewals go to a second table, ``<table>_leases`` (key, token, lease_until, lease_mono),
-never to the record's row, and on a connection of their own outside the pool (issue 14). A
-transactional body's ``ok`` record is an ``UPDATE`` of the record's row inside the body's
-transaction: a renewal that updated that row after the transaction's snapshot made the ``ok``
-write fail at REPEATABLE READ and SERIALIZABLE ("could not serialize access"), and renewals
-that waited for a pooled connection starved while the bodies they kept alive held them all.
-A read that finds a claim (``get``, the claim's answer, ``scan``) also reads its lease row, so
-that whoever judges it sees its latest renewal; reads of finished records, and first calls,
-cost what they did. A takeover, ``forget``, and the end of a claim this process renewed remove
-its lease row; ``prune`` removes the ones left behind (a crashed owner's, or a claim another
-process settled).
-
-Async callers (issue 16) run the same statements on connections of the event loop they run on
-(an async connection belongs to its loop): a ``_LoopPool`` per loop, made on the loop's first
-call from the connection string (or the given ``ConnectionPool``'s settings) and closed when
-the loop shuts down (``_closed_at_shutdown``), or the ``AsyncConnectionPool`` the store was
-given, on its one loop. Each primitive is written once, as a generator of the statements it runs
-(``_Query``) and of its readings of the store's clock (``_NOW``): ``_drive`` runs them on the
-calling thread, ``_adrive`` on the loop. An ``async def`` body with ``transactional=True`` runs
-in ``atransaction(key)`` and writes on ``current_async_connection()``.
-
-Wake-ups (issue 16). A waiter watches a busy key (``watch``, ``awatch``) on a connection that
-LISTENs on the table's channel, and marks the key watched by holding a shared advisory lock on
-it (``_MARK``: session level, for as long as it watches). Each settling write (a finished
-record, a release, a delete) tries, in its own statement, to take that lock for its transaction:
-when it cannot, someone watches, and it NOTIFYs (payload: the key); when it can, nobody does, and
-it sends nothing. NOTIFY takes a global lock at COMMIT that serialises every transaction that
-notified: a first call that nobody waits for must not pay for it. No race: a waiter marks before
-it looks at the key again, and a settle that took the lock first holds it until it commits, so
-the mark waits for that commit and the look sees the settle. A lock, not a row: a row the waiter
-writes would be read through the settle's snapshot (a REPEATABLE READ body's ok write would never
-see one written during the body), and the record's own row must never be written by a reader
-(see above). A watch whose LISTEN fails (refused, the connection lost, or a probe NOTIFY that never
-comes back, as behind a pooler in transaction mode) waits as the default watch does, polled by
-its caller, and says so once in the log.
+Over 600 lines on purpose: one class behind one interface, whose parts share the store's
+state and the table's layout (see the package's docstring) and are read against each
+other; what they share with no state (SQL, connections, wake-ups, the transactional
+context) lives in the package's other modules.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import contextvars
-import hashlib
 import inspect
 import logging
 import math
 import os
-import re
 import reprlib
 import threading
 import time
 import uuid
 import weakref
 import zlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any, cast
 
-from .. import _lease
-from .._errors import StoreError
-from .._record import Entry
-from .._signing import SigningKey
-from .._wakeups import LocalAsyncWatch, LocalWatch
-from .base import Corrupt, Store, prunable, removable_at, remove_judged, skip_corrupt
-from .clock import ServerClock
+from ... import _lease
+from ..._errors import StoreError
+from ..._record import Entry
+from ..._signing import SigningKey
+from ..base import Corrupt, Store, prunable, removable_at, remove_judged, skip_corrupt
+from ..clock import ServerClock
+from .connections import (
+    _MAX_CONNECTIONS,
+    _RENEWAL_SILENCE,
+    BUSY_POOL_WAIT,
+    DEFAULT_CONNECT_TIMEOUT,
+    _Attempts,
+    _cause,
+    _describe,
+    _finish,
+    _LoopPool,
+    _NoConnection,
+    _not_ours,
+    _recording,
+    _Renewer,
+    _Side,
+    _timeout,
+)
+from .listen import (
+    _IDLE_LISTENERS,
+    _LOCK_TIMEOUT,
+    _MARK,
+    _RELISTEN,
+    _UNMARK,
+    PostgresAsyncWatch,
+    PostgresWatch,
+    _Listener,
+    _NoListen,
+)
+from .statements import (
+    _NOW,
+    _TABLE_NAME,
+    T,
+    _channel,
+    _leases_table,
+    _Query,
+    _renewed,
+    _result,
+    _statements,
+    _Steps,
+    _too_long_for_the_index,
+)
+from .transaction import _did_not_commit, _still_in, _Transaction, _transaction
 
 if TYPE_CHECKING:
     import asyncio
@@ -99,580 +78,8 @@ if TYPE_CHECKING:
     import psycopg
     import psycopg_pool
 
-__all__ = [
-    "PostgresAsyncWatch",
-    "PostgresStore",
-    "PostgresWatch",
-    "current_async_connection",
-    "current_connection",
-]
 
 logger = logging.getLogger("idemfn")
-
-T = TypeVar("T")
-
-
-class _Transaction:
-    """The transaction of the transactional call running in this context."""
-
-    __slots__ = ("conn", "fence", "is_async", "key", "running", "store")
-
-    def __init__(
-        self, store: PostgresStore, key: str, conn: Any, *, is_async: bool = False
-    ) -> None:
-        from .._engine import _running  # (the engine imports the stores)
-
-        self.store = store
-        self.key = key
-        self.conn = conn
-        self.is_async = is_async  # conn is a psycopg.AsyncConnection (atransaction)
-        self.fence: str | None = None  # the claim token its ok record was written on
-        # The keys whose bodies run in this context as the body starts: one more later is an
-        # idempotent call nested in it, whose record is not written in this transaction.
-        self.running = _running.get()
-
-
-_transaction: contextvars.ContextVar[_Transaction | None] = contextvars.ContextVar(
-    "idemfn_transaction", default=None
-)
-
-
-def current_connection() -> psycopg.Connection[Any]:
-    """The connection of the transaction a ``transactional=True`` body runs in.
-
-    The body's writes on it commit together with the key's ``ok`` record, or roll back
-    together when the body raises; neither is written when the commit fails. An ``async def``
-    body writes on ``current_async_connection()`` instead.
-
-    Returns:
-        The body's ``psycopg.Connection``, inside its transaction. Do not commit or roll it
-        back: use a savepoint (``with conn.transaction():``) for a statement that may fail.
-
-    Raises:
-        RuntimeError: Outside the body of a function decorated with
-            ``@idempotent(..., store=<PostgresStore>, transactional=True)``, in the body of an
-            ``async def`` one (its connection is async: ``current_async_connection()``), or in
-            an idempotent call nested in it that is not transactional itself (its own record
-            would not commit with its writes).
-
-    Examples:
-        ```python
-        @idempotent(key="credit:{transfer_id}", store=db, transactional=True)
-        def credit(transfer_id: str, account: str, cents: int) -> None:
-            current_connection().execute(
-                "UPDATE accounts SET balance = balance + %s WHERE id = %s", (cents, account)
-            )
-        ```
-    """
-    return _current(is_async=False).conn  # type: ignore[no-any-return]
-
-
-def current_async_connection() -> psycopg.AsyncConnection[Any]:
-    """The connection of the transaction an ``async def`` ``transactional=True`` body runs in.
-
-    ``current_connection()`` for ``async def`` bodies: the body's writes on it commit together
-    with the key's ``ok`` record, or roll back together when the body raises; neither is
-    written when the commit fails.
-
-    Returns:
-        The body's ``psycopg.AsyncConnection``, inside its transaction. Do not commit or roll
-        it back: use a savepoint (``async with conn.transaction():``) for a statement that may
-        fail.
-
-    Raises:
-        RuntimeError: Outside the body of an ``async def`` function decorated with
-            ``@idempotent(..., store=<PostgresStore>, transactional=True)`` (a sync body's
-            connection is ``current_connection()``), or in an idempotent call nested in it
-            that is not transactional itself.
-
-    Examples:
-        ```python
-        @idempotent(key="credit:{transfer_id}", store=db, transactional=True)
-        async def credit(transfer_id: str, account: str, cents: int) -> None:
-            await current_async_connection().execute(
-                "UPDATE accounts SET balance = balance + %s WHERE id = %s", (cents, account)
-            )
-        ```
-    """
-    return _current(is_async=True).conn  # type: ignore[no-any-return]
-
-
-def _current(*, is_async: bool) -> _Transaction:
-    """The transaction of the body running in this context, for ``current_connection()``
-    (``is_async`` False) or ``current_async_connection()``; else ``RuntimeError`` saying why."""
-    name = "current_async_connection" if is_async else "current_connection"
-    current = _transaction.get()
-    if current is None:
-        kind = "an async def function" if is_async else "a function"
-        raise RuntimeError(
-            f"idemfn.{name}() is only available inside the body of {kind} decorated with"
-            " @idempotent(..., store=<PostgresStore>, transactional=True)"
-        )
-    if current.is_async != is_async:
-        # An AsyncConnection handed out as a sync one would take `conn.execute(...)` without
-        # `await`: the write would never run, while the ok record commits.
-        other, kind = (
-            ("current_connection", "a sync def")
-            if current.is_async is False
-            else ("current_async_connection", "an async def")
-        )
-        raise RuntimeError(
-            f"idemfn.{name}() was called in the transactional body of key {current.key!r},"
-            f" {kind}: its connection is idemfn.{other}()"
-        )
-    from .._engine import _running
-
-    nested = _running.get() - current.running
-    if nested:
-        # Its writes would roll back with the outer body while its own ok record, written
-        # outside the transaction, stays: replayed later, with its writes gone (issue 14).
-        raise RuntimeError(
-            f"idemfn.{name}() was called in the body of key"
-            f" {', '.join(map(repr, sorted(nested)))}, an idempotent call nested in the"
-            f" transactional body of key {current.key!r} but not transactional itself: its ok"
-            " record would not commit with its writes. Make it transactional=True (it then"
-            " runs in a transaction of its own), or call a plain function (its writes then"
-            " commit with the outer key's record)"
-        )
-    return current
-
-
-_TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
-
-#: How long a call waits for a connection to a server that gives none (refuses, or never
-#: answers) before ``StoreError``, unless ``connect_timeout=`` or the connection string says.
-#: psycopg_pool's own default is 30 s, which an unreachable server made every call wait (issue 13).
-DEFAULT_CONNECT_TIMEOUT = 5.0
-#: How long a call waits for a free connection when the server answers but every connection of
-#: the pool is in use (transactional bodies hold one each): psycopg_pool's default, as before.
-BUSY_POOL_WAIT = 30.0
-_MAX_CONNECTIONS = 16
-#: The renewals' connection gives up on a server that has gone silent (vanished from the
-#: network: its host down, its address moved, a half-open connection) within about 10 s, and
-#: the next renewal connects again: TCP's own retransmissions kept a renewal waiting ~15
-#: minutes, and every claim of the store unrenewed meanwhile. Keepalives find it gone while a
-#: renewal awaits its answer, tcp_user_timeout while its query goes unacknowledged. Each is
-#: libpq's parameter: a connection string (or a given pool's kwargs) that sets one keeps it.
-_RENEWAL_SILENCE = {
-    "keepalives": 1,
-    "keepalives_idle": 5,
-    "keepalives_interval": 2,
-    "keepalives_count": 3,
-    "tcp_user_timeout": 10_000,  # milliseconds
-}
-#: A watch marks its key within this long, else it polls: a mark waits only for a settle of the
-#: key that took the lock first to commit (see the module's docstring).
-_MARK_WAIT_MS = 10_000
-#: After LISTEN failed, watches poll for this long before they try again (a server that refuses
-#: LISTEN, or is down, is not asked again by every waiter).
-_RELISTEN = 10.0
-#: Idle listening connections a process keeps for its next sync watches.
-_IDLE_LISTENERS = 4
-_LOCK_TIMEOUT = f"SET lock_timeout = {_MARK_WAIT_MS}"
-#: A key longer than this (in characters) is NOTIFYed as its SHA-256: NOTIFY's payload must be
-#: shorter than 8000 bytes (less on a server built with smaller pages), 4 bytes a character.
-_PAYLOAD_CHARS = 1000
-#: A waiter's mark on a key, taken and let go with (the table's mark, the key): the server
-#: hashes the key as each settling write does (``_statements``: their last condition).
-_MARK = "SELECT pg_advisory_lock_shared(%s::int4, hashtext(%s))"
-_UNMARK = "SELECT pg_advisory_unlock_shared(%s::int4, hashtext(%s))"
-
-
-class _Renewer:
-    """The connection a store renews leases on, outside its pool, in the process that opened it
-    (a connection must not be used on both sides of a fork): a renewal never waits for a
-    pooled connection, which transactional bodies may hold every one of (issue 14)."""
-
-    __slots__ = ("conn", "lock", "pid")
-
-    def __init__(self) -> None:
-        self.conn: psycopg.Connection[Any] | None = None
-        self.lock = threading.Lock()
-        self.pid = os.getpid()
-
-    def drop(self) -> None:
-        """Close the connection after an error: the next renewal connects again."""
-        conn, self.conn = self.conn, None
-        if conn is not None and self.pid == os.getpid():
-            with contextlib.suppress(Exception):
-                conn.close()
-
-
-class _NoConnection(Exception):
-    """No connection in time; the message says why, for ``StoreError``."""
-
-
-class _NoListen(Exception):
-    """LISTEN was accepted but a NOTIFY did not come back; the message says so."""
-
-
-class _Attempts:
-    """What the pool's latest connection attempt gave. The pool connects in its own threads and
-    only logs why it failed; a call that gives up waiting says why, from here."""
-
-    __slots__ = ("connected", "error")
-
-    def __init__(self) -> None:
-        self.connected = False
-        self.error: BaseException | None = None
-
-
-def _recording(attempts: _Attempts) -> type[psycopg.Connection[Any]]:
-    """A connection class that notes in ``attempts`` how each connection attempt ended."""
-    import psycopg
-
-    class Connection(psycopg.Connection[Any]):
-        @classmethod
-        def connect(cls, *args: Any, **kwargs: Any) -> Connection:
-            try:
-                conn = super().connect(*args, **kwargs)
-            except Exception as exc:
-                attempts.error = exc
-                raise
-            attempts.connected, attempts.error = True, None
-            return conn
-
-    return Connection
-
-
-class _LoopPool:
-    """The connections of one event loop's async callers, made by the store (``connect``).
-
-    Not a ``psycopg_pool.AsyncConnectionPool``: that pool connects in tasks of its own, which
-    swallow ``CancelledError`` to keep their count right, and ``asyncio.run`` cancels every task
-    as it ends, then waits for each: a loop that ended while its pool was connecting (a first
-    call grows the pool as its first connection is made) never returned. Here a connection is
-    made in the caller's task, when none is idle and fewer than ``max_size`` exist: a cancelled
-    caller cancels its own connect, and the pool owns no task.
-    """
-
-    def __init__(self, connect: Callable[[], Any], max_size: int, busy_wait: float) -> None:
-        self._connect = connect  # a new connection (awaitable), or _NoConnection
-        self.max_size = max_size
-        self._busy_wait = busy_wait
-        self._idle: list[Any] = []
-        self._size = 0  # connections made and not yet closed: idle, or in use
-        self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
-        self.made: weakref.WeakSet[Any] = weakref.WeakSet()
-
-    async def getconn(self) -> Any:
-        """An idle connection, else a new one, else (``max_size`` in use) the first one given
-        back within ``busy_wait`` seconds, else ``_NoConnection``."""
-        import asyncio
-
-        give_up = time.monotonic() + self._busy_wait
-        while True:
-            while self._idle:
-                conn = self._idle.pop()
-                if not conn.closed:
-                    return conn
-                self._size -= 1
-            if self._size < self.max_size:
-                self._size += 1
-                try:
-                    conn = await self._connect()
-                except BaseException:
-                    self._size -= 1
-                    self._pass_on(None)
-                    raise
-                self.made.add(conn)
-                return conn
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiting.append(waiter)
-            try:
-                given = await asyncio.wait_for(waiter, max(0.0, give_up - time.monotonic()))
-            except BaseException as exc:
-                if waiter.done() and not waiter.cancelled():  # handed over as it gave up
-                    self._pass_on(waiter.result())
-                if not isinstance(exc, asyncio.TimeoutError):
-                    raise
-                raise _NoConnection(
-                    f"found no free connection within {self._busy_wait:g} s: all"
-                    f" {self.max_size} connections of this event loop were in use (give"
-                    " PostgresStore a psycopg_pool.AsyncConnectionPool with a larger max_size)"
-                ) from None
-            finally:
-                with contextlib.suppress(ValueError):
-                    self._waiting.remove(waiter)
-            if given is not None:
-                return given
-            # None: a connection was closed, and this caller may make one.
-
-    async def putconn(self, conn: Any) -> None:
-        """Take ``conn`` back: idle again if it is idle and open, else closed."""
-        import psycopg
-
-        if conn.closed or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            _finish(conn)  # broken, or left mid-statement by a cancelled caller
-            self._size -= 1
-            self._pass_on(None)
-        else:
-            self._pass_on(conn)
-
-    def _pass_on(self, conn: Any) -> None:
-        """Give ``conn`` (None: a place for a new one) to the first caller still waiting, else
-        keep it idle."""
-        if not self._wake_one(conn) and conn is not None:
-            self._idle.append(conn)
-
-    def _wake_one(self, conn: Any) -> bool:
-        """Hand ``conn`` (None: a free place) to the first caller still waiting."""
-        while self._waiting:
-            waiter = self._waiting.popleft()
-            if not waiter.done():
-                waiter.set_result(conn)
-                return True
-        return False
-
-
-class _Query(NamedTuple):
-    """A step of a primitive (see ``_drive``): run ``query`` with ``params`` (on ``conn``, else
-    a pooled connection); its rows, or its row count, are sent back. Errors name ``key``."""
-
-    action: str
-    key: str | None
-    query: str
-    params: Any
-    conn: Any = None
-
-
-#: A step of a primitive: read the store's clock (``time()``, or ``await atime()``).
-_NOW = object()
-
-#: A primitive, written once: a generator of ``_Query`` and ``_NOW`` steps, which returns the
-#: primitive's result. ``_drive`` runs it for sync callers, ``_adrive`` for async ones.
-_Steps = Generator[Any, Any, T]
-
-
-class _Side:
-    """A store's connections on one event loop, in the process that made them: the async pool
-    (opened on the loop's first call, and the table made if need be: ``ready``), and the
-    listener its async watches share (see ``_Listener``)."""
-
-    __slots__ = (
-        "closer",
-        "listen_lock",
-        "listener",
-        "loop",
-        "pid",
-        "pool",
-        "quiet_until",
-        "ready",
-        "start_lock",
-    )
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        import asyncio
-
-        self.loop = loop
-        self.pid = os.getpid()
-        self.pool: Any = None  # a _LoopPool, or the given psycopg_pool.AsyncConnectionPool
-        self.ready = False
-        self.start_lock = asyncio.Lock()
-        self.listener: _Listener | None = None
-        self.listen_lock = asyncio.Lock()
-        self.quiet_until = 0.0  # LISTEN failed: watches poll until then (monotonic)
-        self.closer: AsyncGenerator[None, None] | None = None
-
-    def close_with_loop(self, store: PostgresStore) -> None:
-        """Dispose of this side when its loop shuts down. asyncio's one hook for that: a loop's
-        ``shutdown_asyncgens`` (``asyncio.run``, ``asyncio.Runner``) closes every async
-        generator first iterated on it, which runs its ``finally`` on the loop, still open."""
-        closer = self.closer = _closed_at_shutdown(weakref.ref(store), self)
-        try:
-            closer.asend(None).send(None)  # to its yield, now: the loop's hook tracks it from here
-        except StopIteration:
-            pass
-
-    def dispose(self) -> None:
-        """Close this side's connections (not those of a given pool), from any thread: when its
-        loop shuts down, or the store closes. Idempotent."""
-        self.ready = False
-        listener, self.listener = self.listener, None
-        conns: list[Any] = list(self.pool.made) if isinstance(self.pool, _LoopPool) else []
-        if self.pid != os.getpid():
-            # A parent's connections: closed by this child, they would end the parent's
-            # sessions; dropped, psycopg would warn. Kept, untouched, for good.
-            _not_ours.extend(conns)
-            if listener is not None:
-                _not_ours.extend([listener.conn, listener.marks])
-            return
-        for conn in conns:
-            _finish(conn)
-        if listener is not None:
-            _on_its_thread(self.loop, listener.close)
-
-
-#: Connections a forked child inherited from its parent, which it must neither close nor drop.
-_not_ours: list[Any] = []
-
-
-def _finish(conn: Any) -> None:
-    """Close ``conn`` (sync or async) now, from any thread or loop: libpq's ``finish``, which is
-    what closing an async connection does once awaited."""
-    with contextlib.suppress(Exception):
-        if not conn.closed:
-            conn.pgconn.finish()
-
-
-def _on_its_thread(loop: asyncio.AbstractEventLoop, fn: Callable[[], object]) -> None:
-    """Call ``fn`` on ``loop``'s thread when the loop runs in another thread; else now (a loop
-    that does not run does nothing meanwhile)."""
-    import asyncio
-
-    try:
-        here = asyncio.get_running_loop() is loop
-    except RuntimeError:
-        here = False
-    if loop.is_running() and not here:
-        try:
-            loop.call_soon_threadsafe(fn)
-            return
-        except RuntimeError:  # closed meanwhile
-            pass
-    fn()
-
-
-_tasks: set[Any] = set()  # background tasks, kept until done (the loop keeps only weak refs)
-
-
-def _background(work: Any) -> Any:
-    """Run the coroutine ``work`` in a task of the running loop, kept until it ends."""
-    import asyncio
-
-    task = asyncio.get_running_loop().create_task(work)
-    _tasks.add(task)
-    task.add_done_callback(_tasks.discard)
-    return task
-
-
-async def _closed_at_shutdown(
-    store: weakref.ReferenceType[PostgresStore], side: _Side
-) -> AsyncGenerator[None, None]:
-    try:
-        yield
-    finally:
-        owner = store()
-        if owner is not None:
-            owner._drop_side(side)
-        else:
-            side.dispose()
-
-
-class _Listener:
-    """The two connections a store's async watches on one event loop share (see the module's
-    docstring): ``conn`` LISTENs, and each notification it receives goes to the watches of its
-    key; ``marks`` holds their marks. ``broken`` once either failed: its watches poll from then
-    on. No task and no async generator read ``conn``: the loop calls ``_read`` when its socket
-    is readable, and libpq parses what came. (A task left waiting in psycopg's ``notifies()``
-    when a loop shuts down had that generator closed under it by ``shutdown_asyncgens``.)"""
-
-    def __init__(self, store: PostgresStore, conn: Any, marks: Any) -> None:
-        import asyncio
-
-        self.conn = conn
-        self.marks = marks
-        self.watches: dict[str, set[PostgresAsyncWatch]] = {}
-        self.broken = False
-        self._store = weakref.ref(store)
-        self._encoding = conn.info.encoding
-        self._fd = conn.pgconn.socket
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._fd, self._read)
-
-    def _read(self) -> None:
-        pgconn = self.conn.pgconn
-        try:
-            pgconn.consume_input()
-            while (note := pgconn.notifies()) is not None:
-                for watch in list(self.watches.get(note.extra.decode(self._encoding), ())):
-                    watch._wake()
-        except Exception as exc:  # the connection was lost
-            store = self._store()
-            if store is not None and not self.broken:
-                store._cannot_listen(exc)
-            self._stop_reading()
-            self._break()
-
-    def _stop_reading(self) -> None:
-        if not self._loop.is_closed():
-            with contextlib.suppress(Exception):
-                self._loop.remove_reader(self._fd)
-
-    def _break(self) -> None:
-        """Wake every watch: it looks again, and polls from now on (a settle may have gone
-        unheard, and marks are gone with their connection)."""
-        self.broken = True
-        watches = [watch for some in self.watches.values() for watch in some]
-        self.watches.clear()
-        for watch in watches:
-            watch._lost()
-
-    def add(self, payload: str, watch: PostgresAsyncWatch) -> None:
-        self.watches.setdefault(payload, set()).add(watch)
-
-    def discard(self, payload: str, watch: PostgresAsyncWatch) -> None:
-        watches = self.watches.get(payload)
-        if watches is not None:
-            watches.discard(watch)
-            if not watches:
-                del self.watches[payload]
-
-    async def mark(self, store: PostgresStore, mark: tuple[int, str]) -> bool:
-        """Hold ``mark``; False when it could not be taken (logged)."""
-        import asyncio
-
-        taking = _background(self._execute(store, _MARK, mark))
-        try:
-            return bool(await asyncio.shield(taking))
-        except asyncio.CancelledError:
-            # Cancelled while the lock was being taken: once it is, let go of it (a mark kept
-            # would make every settle of the key NOTIFY until the connection closes).
-            taking.add_done_callback(lambda done: self._taken_for_nothing(store, done, mark))
-            raise
-
-    def _taken_for_nothing(self, store: PostgresStore, done: Any, mark: tuple[int, str]) -> None:
-        if not done.cancelled() and done.result():
-            self.unmark(store, mark)
-
-    def unmark(self, store: PostgresStore, mark: tuple[int, str]) -> None:
-        """Let go of ``mark``, in the background (a watch's exit never waits, nor fails)."""
-        if not self.broken:
-            _background(self._execute(store, _UNMARK, mark))
-
-    async def _execute(self, store: PostgresStore, query: str, mark: tuple[int, str]) -> bool:
-        try:
-            await self.marks.execute(query, mark)
-        except Exception as exc:
-            if not self.broken:  # (closed with its loop or store meanwhile: nothing to say)
-                store._cannot_listen(exc)
-                if self.marks.closed:
-                    self._break()
-            return False
-        return True
-
-    def close(self) -> None:
-        """Stop reading, and close both connections (on the listener's loop's thread when the
-        loop runs: a socket must leave the loop's selector before it is closed)."""
-        self.broken = True
-        self._stop_reading()
-        _finish(self.conn)
-        _finish(self.marks)
-
-
-def _timeout(value: object, where: str, *, text: bool = False) -> float:
-    """``value`` (a number, or with ``text`` a connection string's text) as a number of
-    seconds > 0, else ``ValueError`` naming ``where``."""
-    seconds = math.nan
-    if isinstance(value, str if text else (int, float)) and not isinstance(value, bool):
-        with contextlib.suppress(ValueError):
-            seconds = float(value)
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(
-            f"{where} must be a number of seconds > 0, not {value!r}: how long a call waits for"
-            f" a server that does not answer (default {DEFAULT_CONNECT_TIMEOUT:g})"
-        )
-    return seconds
 
 
 class PostgresStore(Store):
@@ -1298,7 +705,7 @@ class PostgresStore(Store):
                 if not live.is_expired((yield _NOW)):
                     return live
                 # Expired by its own clock, yet not replaced: the row's two copies of its expiry
-                # disagree (see the module's docstring), or it expired after the statement. Remove
+                # disagree (see the package's docstring), or it expired after the statement. Remove
                 # it, but only the row looked at: another caller that read it too may have
                 # removed it and claimed since, and deleting that claim would let two run.
                 yield _Query("claim", entry.key, self._sql["delete_row"], (entry.key, found))
@@ -1383,7 +790,7 @@ class PostgresStore(Store):
         """Extend the lease of the live claim ``entry`` to ``lease`` seconds from now.
 
         On this store's renewal connection, in a lease row of its own: never waiting for the
-        pool, never writing the record's row (see the module's docstring). The lease runs
+        pool, never writing the record's row (see the package's docstring). The lease runs
         out ``lease`` seconds from now by the server's clock, read in the statement.
 
         Args:
@@ -1489,7 +896,7 @@ class PostgresStore(Store):
         """Remove expired records, and claims whose lease ran out more than their ttl ago.
 
         One indexed DELETE of expired records (whose two copies of their expiry agree: see
-        the module's docstring); then each claim whose lease ran out ttl ago by the server's
+        the package's docstring); then each claim whose lease ran out ttl ago by the server's
         clock, and each finished row whose copies disagree, is judged by its record and the
         engine's rule (``prunable``): a claim whose owner is alive on its machine's monotonic
         clock stays, whatever the wall clocks say. Lease rows no claim holds go too.
@@ -1515,7 +922,7 @@ class PostgresStore(Store):
         rows = self._run("measure", self.table, self._sql["size"], (self.table, self._leases))
         return int(rows[0][0]) if rows and rows[0][0] is not None else None
 
-    # Wake-ups (see the module's docstring).
+    # Wake-ups (see the package's docstring).
     def watch(self, key: str) -> PostgresWatch:
         """A sync waiter's watch on ``key``, woken by a settle of it on any machine.
 
@@ -1703,313 +1110,3 @@ class PostgresStore(Store):
             with contextlib.suppress(Exception):
                 await side.pool.close()
         await asyncio.to_thread(self.close)
-
-
-def _still_in(current: _Transaction) -> None:
-    """Raise, as a database error of the body's, when the body left the transaction its ok record
-    is to be written in: ended it (COMMIT or ROLLBACK on its connection), or let an error it
-    caught abort it. Written anyway, the record would commit on its own (issue 14)."""
-    import psycopg
-
-    status = current.conn.info.transaction_status
-    status_of = psycopg.pq.TransactionStatus
-    conn, block = (
-        ("current_async_connection()", "async with")
-        if current.is_async
-        else ("current_connection()", "with")
-    )
-    if status == status_of.INERROR:
-        raise psycopg.errors.InFailedSqlTransaction(
-            f"the body of key {current.key!r} returned, but a database error it caught had"
-            " aborted its transaction: none of its writes commit, nor its ok record. To go on"
-            " after a statement that may fail, run it in a savepoint:"
-            f" `{block} idemfn.{conn}.transaction(): ...`"
-        )
-    if status == status_of.IDLE:
-        raise psycopg.ProgrammingError(
-            f"the body of key {current.key!r} ended its transaction itself (COMMIT or ROLLBACK"
-            f" on idemfn.{conn}): its writes did not commit together with its ok"
-            " record, which is not written. idemfn commits the transaction when the body"
-            f" returns; inside it, use a savepoint: `{block} conn.transaction(): ...`"
-        )
-
-
-def _did_not_commit(exc: BaseException, key: str) -> None:
-    """Note on ``exc``, raised by a transactional body's COMMIT, what did not happen."""
-    from .._engine import _add_note  # (the engine imports the stores)
-
-    _add_note(
-        exc,
-        f"idemfn: the transaction of key {key!r} did not commit: neither the body's"
-        " writes nor its ok record were written",
-    )
-
-
-class PostgresWatch(LocalWatch):
-    """A sync waiter's watch on one key of a ``PostgresStore``: ``wait(seconds)`` returns when
-    a settle of the key (by any process, on any machine) is notified, or after ``seconds``.
-
-    Made on a connection of its own that LISTENs on the table's channel (one the process kept
-    from an earlier watch, or a new one), which holds the key's mark until ``close``: a settle
-    of the key NOTIFYs while it is held, and one that came first has committed by the time it
-    is taken (see ``idemfn._stores.postgres``). If LISTEN fails, it logs once, sets
-    ``hears_others`` to False and waits as the default watch does (this process's settles wake
-    it; others are seen by looking again); it never raises.
-    """
-
-    hears_others = True
-
-    def __init__(self, store: PostgresStore, key: str) -> None:
-        super().__init__(key)
-        self._store = store
-        self._mark = (_table_mark(store.table), key)
-        self._payload = _payload(key)
-        self._conn = store._listening(self._mark)
-        if self._conn is None:
-            self.hears_others = False
-
-    def wait(self, seconds: float) -> None:
-        """Block until the key may have settled, or for ``seconds``; never raises."""
-        conn = self._conn
-        if conn is None:
-            super().wait(seconds)
-            return
-        try:
-            with contextlib.closing(conn.notifies(timeout=max(seconds, 0.0))) as notes:
-                for note in notes:
-                    if note.payload == self._payload:
-                        return
-        except self._store._psycopg_error as exc:  # lost: it polls from now on
-            self._conn = None
-            self.hears_others = False
-            _finish(conn)
-            self._store._cannot_listen(exc)
-            # Returns now, as woken: the caller looks again (a settle may have gone unheard).
-
-    def close(self) -> None:
-        """Stop watching: let go of the mark, and keep the connection for the next watch."""
-        super().close()
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            self._store._unlisten(conn, self._mark)
-
-
-class PostgresAsyncWatch(LocalAsyncWatch):
-    """An async waiter's watch on one key of a ``PostgresStore``: ``await wait(seconds)``
-    returns when a settle of the key (by any process, on any machine) is notified, or after
-    ``seconds``, never blocking the event loop.
-
-    Entering it (``async with``) marks the key, through the two connections the store keeps
-    for this event loop's watches (one LISTENs and hands each notification to the watches of
-    its key; the other holds their marks). If LISTEN fails, it logs once, sets
-    ``hears_others`` to False and waits as the default watch does; ``wait`` never raises but
-    ``CancelledError``.
-    """
-
-    hears_others = True
-
-    def __init__(self, store: PostgresStore, key: str) -> None:
-        super().__init__(key)
-        self._store = store
-        self._mark = (_table_mark(store.table), key)
-        self._payload = _payload(key)
-        self._listener: _Listener | None = None
-        self._started = self._marked = False
-
-    async def __aenter__(self) -> PostgresAsyncWatch:
-        await self._start()
-        return self
-
-    async def _start(self) -> None:
-        self._started = True
-        try:
-            listener = await self._store._alistener()
-            if listener is not None:
-                listener.add(self._payload, self)
-                self._listener = listener
-                self._marked = await listener.mark(self._store, self._mark)
-        except BaseException:  # cancelled (a mark taken meanwhile is let go: Listener.mark)
-            await self.aclose()
-            raise
-        if not self._marked:
-            self._leave()
-            self.hears_others = False
-
-    async def wait(self, seconds: float) -> None:
-        """Wait until the key may have settled, or for ``seconds``."""
-        if not self._started:  # (used without ``async with``)
-            await self._start()
-        await super().wait(seconds)
-
-    def _lost(self) -> None:
-        """Its listener broke: hear this process's settles only, and look again now (a settle
-        may have gone unheard)."""
-        self._listener = None
-        self._marked = False  # (gone with their connection)
-        self.hears_others = False
-        self._wake()
-
-    def _leave(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.discard(self._payload, self)
-            if self._marked:
-                listener.unmark(self._store, self._mark)
-        self._marked = False
-
-    async def aclose(self) -> None:
-        """Stop watching: let go of the mark (in the background: an exit never waits)."""
-        self._leave()
-        await super().aclose()
-
-
-def _leases_table(table: str) -> str:
-    """The name of ``table``'s lease table: ``<table>_leases``, or for a name too long for that
-    (PostgreSQL cuts names at 63 bytes) a cut one made unique by a hash of the whole."""
-    name = f"{table}_leases"
-    return name if len(name) <= 63 else f"{table[:46]}_{zlib.crc32(table.encode()):08x}_leases"
-
-
-def _renewed(entry: Entry, until: float | None, mono: float | None) -> Entry:
-    """``entry`` with the lease of its live claim's lease row (``until``, ``mono``): each end the
-    later of the two, each on its own clock. ``until`` (the server's clock) judges the owner
-    from other machines, ``mono`` (its machine's lease clock) on its own: a server clock set
-    back since the claim must not hide a renewal from the judges of the owner's machine."""
-    later_until = until is not None and (entry.lease_until is None or until > entry.lease_until)
-    later_mono = mono is not None and (entry.lease_mono is None or mono > entry.lease_mono)
-    if not (later_until or later_mono):
-        return entry
-    return entry._replace(
-        lease_until=until if later_until else entry.lease_until,
-        lease_mono=mono if later_mono else entry.lease_mono,
-    )
-
-
-def _statements(table: str, leases: str) -> dict[str, str]:
-    t = f'"{table}"'  # checked against _TABLE_NAME: a plain name, safe to quote
-    lt = f'"{leases}"'
-    now = "extract(epoch from clock_timestamp())"
-    # The last condition of each settling write (see the module's docstring): true, and a
-    # NOTIFY when the key is watched, that is when its transaction cannot take the key's mark.
-    # Last: PostgreSQL evaluates a row's conditions cheapest first and stops at the first false,
-    # so it runs on the row written only (were it not, a waiter would be woken for nothing).
-    # Computed by the server from the row's key: the write takes no more parameters than it did.
-    payload = (
-        f"CASE WHEN length({t}.key) <= {_PAYLOAD_CHARS} THEN {t}.key ELSE 'sha256:' ||"
-        f" encode(sha256(convert_to({t}.key, 'UTF8')), 'hex') END"
-    )
-    wake = (
-        f"CASE WHEN pg_try_advisory_xact_lock({_table_mark(table)}, hashtext({t}.key)) THEN true"
-        f" ELSE pg_notify('{_channel(table)}', {payload}) IS NOT NULL END"
-    )
-    return {
-        "create": f"CREATE TABLE IF NOT EXISTS {t} (key text PRIMARY KEY, live text, token text"
-        " NOT NULL, expires_at float8, drop_at float8, entry bytea NOT NULL)",
-        "index": f'CREATE INDEX IF NOT EXISTS "{table}_drop_at" ON {t} (drop_at)'
-        " WHERE drop_at IS NOT NULL",
-        "create_leases": f"CREATE TABLE IF NOT EXISTS {lt} (key text NOT NULL, token text NOT"
-        " NULL, lease_until float8 NOT NULL, lease_mono float8, PRIMARY KEY (key, token))",
-        "now": f"SELECT {now}",
-        "claim": f"WITH claimed AS (INSERT INTO {t} AS r (key, live, token, expires_at, drop_at,"
-        " entry) VALUES (%(key)s, %(live)s, %(token)s, %(expires_at)s, %(drop_at)s, %(entry)s)"
-        " ON CONFLICT (key) DO UPDATE SET live = EXCLUDED.live, token = EXCLUDED.token,"
-        " expires_at = EXCLUDED.expires_at, drop_at = EXCLUDED.drop_at, entry = EXCLUDED.entry"
-        f" WHERE r.expires_at <= {now} AND r.drop_at = r.expires_at RETURNING 1)"
-        f" SELECT EXISTS (SELECT 1 FROM claimed), (SELECT entry FROM {t} WHERE key = %(key)s)",
-        "get": f"SELECT entry FROM {t} WHERE key = %s",
-        "lease": f"SELECT lease_until, lease_mono FROM {lt} WHERE key = %s AND token = %s",
-        # A takeover (a claim written over a claim): its lease row goes, nobody is woken.
-        "take": f"WITH tidied AS (DELETE FROM {lt} WHERE key = %(key)s AND token ="
-        f" %(fence)s) UPDATE {t} SET live = %(live)s, token = %(token)s, expires_at ="
-        " %(expires_at)s, drop_at = %(drop_at)s, entry = %(entry)s WHERE key = %(key)s AND"
-        f" live = %(fence)s",
-        # The settling writes, which wake the key's watchers (wake).
-        "swap": f"UPDATE {t} SET live = %(live)s, token = %(token)s, expires_at = %(expires_at)s,"
-        f" drop_at = %(drop_at)s, entry = %(entry)s WHERE key = %(key)s AND live = %(fence)s"
-        f" AND {wake}",
-        "swap_tidy": f"WITH tidied AS (DELETE FROM {lt} WHERE key = %(key)s AND token ="
-        f" %(fence)s) UPDATE {t} SET live = %(live)s, token = %(token)s, expires_at ="
-        " %(expires_at)s, drop_at = %(drop_at)s, entry = %(entry)s WHERE key = %(key)s AND"
-        f" live = %(fence)s AND {wake}",
-        "release": f"DELETE FROM {t} WHERE key = %(key)s AND live = %(token)s AND {wake}",
-        "release_tidy": f"WITH tidied AS (DELETE FROM {lt} WHERE key = %(key)s AND token ="
-        f" %(token)s) DELETE FROM {t} WHERE key = %(key)s AND live = %(token)s AND {wake}",
-        "delete": f"WITH tidied AS (DELETE FROM {lt} WHERE key = %(key)s AND (%(token)s::text IS"
-        f" NULL OR token = %(token)s)) DELETE FROM {t} WHERE key = %(key)s"
-        f" AND (%(token)s::text IS NULL OR token = %(token)s) AND {wake} RETURNING expires_at",
-        "renew": f"INSERT INTO {lt} (key, token, lease_until, lease_mono) SELECT %(key)s::text,"
-        f" %(token)s::text, {now} + %(lease)s::float8, %(mono)s::float8 WHERE EXISTS (SELECT"
-        f" FROM {t} WHERE key = %(key)s AND live = %(token)s) ON CONFLICT (key, token) DO UPDATE"
-        " SET lease_until = EXCLUDED.lease_until, lease_mono = EXCLUDED.lease_mono"
-        " RETURNING lease_until",
-        "tidy": f"DELETE FROM {lt} WHERE key = %s AND token = %s",
-        "keys": f"SELECT key FROM {t} WHERE starts_with(key, %s) ORDER BY key",
-        # Both copies compared with now, in the row: a scan of the drop_at index would not
-        # read the row's drop_at again. The stale query also reads finished rows whose copies
-        # disagree, to judge them by their record.
-        "prune": f"DELETE FROM {t} WHERE drop_at IS NOT NULL AND drop_at < {now}"
-        f" AND live IS NULL AND drop_at = expires_at AND expires_at < {now}",
-        "stale": f"SELECT key FROM {t} WHERE drop_at IS NOT NULL AND drop_at < {now}"
-        " AND live IS NOT NULL OR live IS NULL AND drop_at IS DISTINCT FROM expires_at",
-        "fence": f"SELECT live, entry FROM {t} WHERE key = %s",
-        "delete_row": f"DELETE FROM {t} WHERE key = %s AND entry = %s",
-        "prune_leases": f"DELETE FROM {lt} l WHERE l.lease_until < {now} AND NOT EXISTS"
-        f" (SELECT FROM {t} r WHERE r.key = l.key AND r.live = l.token)",
-        "size": "SELECT pg_total_relation_size(quote_ident(%s))"
-        " + pg_total_relation_size(quote_ident(%s))",
-        "listen": f'LISTEN "{_channel(table)}"',
-    }
-
-
-def _channel(table: str) -> str:
-    """The channel the settles of ``table``'s keys are notified on: ``<table>_settled``, or for
-    a name too long for that (a channel is a name: 63 bytes) a cut one made unique by a hash."""
-    name = f"{table}_settled"
-    return name if len(name) <= 63 else f"{table[:45]}_{zlib.crc32(table.encode()):08x}_settled"
-
-
-def _table_mark(table: str) -> int:
-    """The first half of the advisory locks that mark ``table``'s keys watched (the second is
-    the key's ``hashtext``): its CRC-32 as an int4. Two int4, a space apart from the one-bigint
-    locks applications most often take, and from the tables' own. Keys whose hashes collide
-    only wake each other's waiters."""
-    crc = zlib.crc32(table.encode())
-    return crc - (1 << 32) if crc >= 1 << 31 else crc
-
-
-def _payload(key: str) -> str:
-    """What a settle of ``key`` NOTIFYs, as the server computes it (``_statements``)."""
-    if len(key) <= _PAYLOAD_CHARS:
-        return key
-    return f"sha256:{hashlib.sha256(key.encode()).hexdigest()}"
-
-
-async def _result(cur: Any) -> Any:
-    """An async cursor's rows, or its row count when the statement returns none (told by its
-    result's fields: ``cur.description`` builds a list of columns, ~2 µs a call)."""
-    if not cur.pgresult.nfields:
-        return cur.rowcount
-    return await cur.fetchall()
-
-
-def _cause(exc: BaseException) -> str:
-    """What a ``StoreError`` says of ``exc``, on one line (libpq adds hints on more)."""
-    text = " ".join(str(exc).split())
-    return text if isinstance(exc, _NoConnection) else f"{type(exc).__name__}: {text}"
-
-
-def _too_long_for_the_index(exc: StoreError) -> bool:
-    """Whether ``exc`` is PostgreSQL refusing a key too long for the primary key's btree."""
-    import psycopg
-
-    cause = exc.__cause__
-    return isinstance(cause, psycopg.errors.ProgramLimitExceeded) and "index row" in str(cause)
-
-
-def _describe(info: dict[str, Any]) -> str:
-    host = info.get("host") or "localhost"
-    port = info.get("port") or "5432"
-    user = info.get("user") or ""
-    db = info.get("dbname") or user or ""
-    where = f"{host}:{port}" if not str(host).startswith("/") else str(host)
-    return f"postgresql://{user + '@' if user else ''}{where}/{db}"
