@@ -68,6 +68,7 @@ from ._policy import Policy, deadline_timestamp
 from ._queue_retry import is_retry_request, queue_will_retry
 from ._record import Entry, Record
 from ._stores import Store, resolve_store
+from ._stores.awaiting import to_the_end
 from ._wakeups import AsyncWatch, Watch, settled
 
 __all__ = [
@@ -142,6 +143,10 @@ _SWAP: Final = 2
 _RELEASE: Final = 3
 _TIME: Final = 4
 _TIME_OP: Final = (_TIME,)
+# (_UNSTOPPABLE, op): run op to its end even when the async caller is cancelled meanwhile, then
+# raise the cancellation: the steps an interrupted call takes to leave the store as it should
+# be (undo its claim, write its outcome again) must not be cut short by a second cancellation.
+_UNSTOPPABLE: Final = 5
 
 Op = tuple[Any, ...]
 Steps = Generator[Op, Any, T]
@@ -157,6 +162,8 @@ def _run(store: Store, op: Op) -> Any:
         return store.claim(op[1])
     if kind == _GET:
         return store.get(op[1])
+    if kind == _UNSTOPPABLE:
+        return _run(store, op[1])
     return store.release(op[1], op[2])
 
 
@@ -170,6 +177,8 @@ async def _arun(store: Store, op: Op) -> Any:
         return await store.aclaim(op[1])
     if kind == _GET:
         return await store.aget(op[1])
+    if kind == _UNSTOPPABLE:
+        return await to_the_end(_arun(store, op[1]))
     return await store.arelease(op[1], op[2])
 
 
@@ -475,9 +484,9 @@ class Claim:
         before the write's answer: it may or may not have landed. An outcome is not lost to
         the interruption: if the claim is still there unwritten, write it again."""
         try:
-            found = yield (_GET, entry.key)
+            found = yield (_UNSTOPPABLE, (_GET, entry.key))
             if found is not None and found.token == entry.token and found.status == PROCESSING:
-                yield (_SWAP, entry.key, entry.token, entry)
+                yield (_UNSTOPPABLE, (_SWAP, entry.key, entry.token, entry))
         except BaseException as problem:  # interrupted again, or the store failed
             logger.warning(
                 "idemfn: the outcome of %r may not be recorded: its write was interrupted, and"
@@ -1041,7 +1050,7 @@ def _undone_if_interrupted(op: Op, claimed: Entry, won: object) -> Steps[Any]:
         raise
     except BaseException as interrupted:
         try:
-            yield (_RELEASE, claimed.key, claimed.token)
+            yield (_UNSTOPPABLE, (_RELEASE, claimed.key, claimed.token))
         except Exception as problem:  # its lease runs out: it is judged abandoned then
             logger.warning(
                 "idemfn: could not undo the claim on %r of an interrupted call: %s",
@@ -1049,6 +1058,21 @@ def _undone_if_interrupted(op: Op, claimed: Entry, won: object) -> Steps[Any]:
                 problem,
             )
         raise interrupted from None
+
+
+def _dropping(claim: Claim) -> Steps[None]:
+    """Release ``claim``, made for a caller interrupted before it got it (as its watch closed):
+    nothing ran, so the next call must run the body."""
+    claim._settled = True
+    heartbeat.discard(claim)
+    try:
+        yield (_UNSTOPPABLE, (_RELEASE, claim.key, claim.token))
+    except Exception as problem:  # its lease runs out: it is judged abandoned then
+        logger.warning(
+            "idemfn: could not undo the claim on %r of an interrupted call: %s", claim.key, problem
+        )
+    else:
+        settled(claim.key)
 
 
 def decide(
@@ -1192,12 +1216,20 @@ def begin_with(
     if policy.wait <= 0:
         raise step.error()
     waiter = _Waiter(policy.wait)
-    with store.watch(key) as watch:
-        while True:  # watching, look again: a settle since the last look is not missed
-            step = decide(store, key, fingerprint, policy, deadline)
-            if not isinstance(step, Busy):
-                return step
-            watch.wait(waiter.pause(step, watch))
+    decided: Claim | Finished | None = None
+    try:
+        with store.watch(key) as watch:
+            while True:  # watching, look again: a settle since the last look is not missed
+                step = decide(store, key, fingerprint, policy, deadline)
+                if not isinstance(step, Busy):
+                    decided = step
+                    break
+                watch.wait(waiter.pause(step, watch))
+    except BaseException:
+        if isinstance(decided, Claim):  # claimed, then interrupted as the watch closed
+            drive(store, _dropping(decided))
+        raise
+    return decided
 
 
 async def abegin_with(
@@ -1210,12 +1242,20 @@ async def abegin_with(
     if policy.wait <= 0:
         raise step.error()
     waiter = _Waiter(policy.wait)
-    async with store.awatch(key) as watch:
-        while True:
-            step = await adecide(store, key, fingerprint, policy, deadline)
-            if not isinstance(step, Busy):
-                return step
-            await watch.wait(waiter.pause(step, watch))
+    decided: Claim | Finished | None = None
+    try:
+        async with store.awatch(key) as watch:
+            while True:
+                step = await adecide(store, key, fingerprint, policy, deadline)
+                if not isinstance(step, Busy):
+                    decided = step
+                    break
+                await watch.wait(waiter.pause(step, watch))
+    except BaseException:
+        if isinstance(decided, Claim):  # claimed, then cancelled as the watch closed
+            await adrive(store, _dropping(decided))
+        raise
+    return decided
 
 
 def _prepare(

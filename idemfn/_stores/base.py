@@ -9,7 +9,6 @@ How to write a store: ``Store``'s docstring.
 from __future__ import annotations
 
 import abc
-import contextlib
 import logging
 import os
 import time
@@ -23,6 +22,7 @@ from .._lease import prunable_claim
 from .._record import Entry, decode, encode
 from .._signing import MAGIC, Signer, SigningKey, signer_for, unsigned
 from .._wakeups import AsyncWatch, LocalAsyncWatch, LocalWatch, Watch
+from .awaiting import to_the_end
 
 __all__ = [
     "Corrupt",
@@ -500,22 +500,17 @@ async def offload(fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)`` in a worker thread (the loop's default executor), with this context's
     variables: how async callers drive a store's sync primitives without blocking the loop.
 
-    Cancelled, it still waits for the thread's call to end before the cancellation goes on: a
-    claim still running in the thread must land (or fail) before the engine undoes it, or the
-    undo would come first and the claim be left with no one to run it."""
+    Cancelled (once or more), it still waits for the thread's call to end before the
+    cancellation goes on: a claim still running in the thread must land (or fail) before the
+    engine undoes it, or the undo would come first and the claim be left with no one to run
+    it. (A sync primitive that hangs holds the cancellation up until it returns.)"""
     import asyncio
     import contextvars
     import functools
 
     loop = asyncio.get_running_loop()
     call = functools.partial(contextvars.copy_context().run, fn, *args)
-    running = loop.run_in_executor(None, call)
-    try:
-        return await asyncio.shield(running)
-    except asyncio.CancelledError:
-        with contextlib.suppress(BaseException):  # cancelled again: stop waiting
-            await running
-        raise
+    return await to_the_end(loop.run_in_executor(None, call))
 
 
 def removable_at(entry: Entry) -> float | None:

@@ -1081,3 +1081,39 @@ def test_a_listener_lost_mid_wait_wakes_its_watches_which_then_poll(
     asyncio.run(main())
     failures = [r for r in caplog.records if "cannot wake waiters through LISTEN" in r.message]
     assert [r.levelno for r in failures][:1] == [logging.WARNING]
+
+
+def test_a_call_cancelled_as_a_pooled_connection_is_handed_to_it_is_cancelled(
+    postgres_server: PostgresServer,
+) -> None:
+    # Before Python 3.12, asyncio.wait_for returned a result that arrived with the caller's
+    # cancellation and dropped the cancellation (CPython gh-86296): a call cancelled while it
+    # waited for one of its loop's 16 busy connections went on to claim its key and run its
+    # body, and asyncio.timeout() never raised (issue 16, review).
+    store = fresh(postgres_server)
+    ran: list[int] = []
+
+    @idempotent(key="k{n}", name="t", store=store)
+    async def job(n: int) -> int:
+        ran.append(n)
+        return n
+
+    async def main() -> None:
+        pool = await store._apool()
+        held = [await pool.getconn() for _ in range(pool.max_size)]  # every connection busy
+        task = asyncio.ensure_future(job(1))
+        deadline = time.monotonic() + 60
+        while not pool._waiting:  # until the call waits for a connection
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.001)
+        await pool.putconn(held.pop())  # one is handed to it...
+        task.cancel()  # ...as it is cancelled, before it can run
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for conn in held:
+            await pool.putconn(conn)
+
+    asyncio.run(main())
+    assert ran == []
+    assert store.get("t:k1") is None
+    store.close()

@@ -16,6 +16,8 @@ import weakref
 from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any
 
+from ..awaiting import within
+
 if TYPE_CHECKING:
     import asyncio
 
@@ -146,7 +148,7 @@ class _LoopPool:
             waiter = asyncio.get_running_loop().create_future()
             self._waiting.append(waiter)
             try:
-                given = await asyncio.wait_for(waiter, max(0.0, give_up - time.monotonic()))
+                given = await within(waiter, max(0.0, give_up - time.monotonic()))
             except BaseException as exc:
                 if waiter.done() and not waiter.cancelled():  # handed over as it gave up
                     self._pass_on(waiter.result())

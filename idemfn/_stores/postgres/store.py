@@ -27,6 +27,7 @@ from ... import _lease
 from ..._errors import StoreError
 from ..._record import Entry
 from ..._signing import SigningKey
+from ..awaiting import within
 from ..base import Corrupt, Store, prunable, removable_at, remove_judged, skip_corrupt
 from ..clock import ServerClock
 from .connections import (
@@ -449,9 +450,10 @@ class PostgresStore(Store):
         pause = 0.05
         while True:  # tried again until connect_timeout, as the sync pool does: a restart
             try:
-                return await asyncio.wait_for(
+                return await within(
                     psycopg.AsyncConnection.connect(conninfo, **kwargs),
                     max(give_up - time.monotonic(), 0.001),
+                    dispose=_finish,  # connected as the caller was cancelled: not its own
                 )
             except asyncio.TimeoutError:
                 why = "the server did not answer"
