@@ -21,6 +21,11 @@ event loop's own (a ``redis.asyncio`` connection belongs to the loop that opened
 that ends a claim (a swap to a finished entry, a release, a delete) publishes on the key's
 channel, ``prefix + "settled:" + key``, in the same script; the store's watches subscribe to it,
 so that a waiter on any machine wakes as soon as the key settles.
+
+Nearly 1,000 lines on purpose, for now: the store, the clients of each event loop and the
+pub/sub watches share the scripts and the connection settings. The watches (``RedisWatch``,
+``RedisAsyncWatch`` and the shared subscriber) are the seam to split along, as PostgresStore's
+were (``postgres/listen.py``).
 """
 
 from __future__ import annotations
