@@ -67,6 +67,7 @@ from ._outcome import (
 from ._policy import Policy, deadline_timestamp
 from ._queue_retry import is_retry_request, queue_will_retry
 from ._record import Entry, Record
+from ._steps import arun, run
 from ._stores import Store, resolve_store
 from ._stores.awaiting import to_the_end
 from ._wakeups import AsyncWatch, Watch, settled
@@ -131,12 +132,10 @@ _MAX_POLL = 0.25
 _NEAR_POLL = 0.01  # at most, when the owner is another process here that the watch cannot hear
 
 
-# Drivers. Everything the engine does with a store is written once, as steps: a generator that
-# yields the store operations it needs (tuples whose first item says which) and gets each one's
-# answer back. ``drive`` runs them on the store's sync primitives, ``adrive`` on its awaitable
-# ones; the decision table and the settling of claims know nothing of which (the sans-I/O way
-# of stamina's and tenacity's shared cores). An operation's exception is thrown into the steps,
-# so their ``try``/``finally`` blocks see it where it happened.
+# Drivers. Everything the engine does with a store is written once, as steps (``idemfn._steps``)
+# that yield store operations: tuples whose first item says which. ``drive`` runs them on the
+# store's sync primitives, ``adrive`` on its awaitable ones; the decision table and the settling
+# of claims know nothing of which.
 _GET: Final = 0
 _CLAIM: Final = 1
 _SWAP: Final = 2
@@ -184,32 +183,12 @@ async def _arun(store: Store, op: Op) -> Any:
 
 def drive(store: Store, steps: Steps[T]) -> T:
     """Run ``steps`` to their end on ``store``'s sync primitives; return what they return."""
-    try:
-        op = steps.send(None)
-        while True:
-            try:
-                answer = _run(store, op)
-            except BaseException as exc:
-                op = steps.throw(exc)
-            else:
-                op = steps.send(answer)
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
+    return run(steps, _run, store)
 
 
 async def adrive(store: Store, steps: Steps[T]) -> T:
     """Run ``steps`` to their end on ``store``'s awaitable primitives, never blocking the loop."""
-    try:
-        op = steps.send(None)
-        while True:
-            try:
-                answer = await _arun(store, op)
-            except BaseException as exc:
-                op = steps.throw(exc)
-            else:
-                op = steps.send(answer)
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
+    return await arun(steps, _arun, store)
 
 
 class Finished:
@@ -989,7 +968,7 @@ def _deciding(
             if due is not None and now > due:
                 raise _past_deadline(key, due, "has no finished record")
             claimed = _new_claim(key, fingerprint, 1, now, policy)
-            entry = yield from _undone_if_interrupted((_CLAIM, claimed), claimed, None)
+            entry = yield from _undone_if_interrupted((_CLAIM, claimed), claimed)
             if entry is None:
                 return Claim(store, claimed, policy)
             continue
@@ -1010,7 +989,7 @@ def _deciding(
                 key, entry.fingerprint or fingerprint, entry.attempt + 1, now, policy
             )
             op = (_SWAP, key, entry.token, takeover)
-            if (yield from _undone_if_interrupted(op, takeover, False)):
+            if (yield from _undone_if_interrupted(op, takeover)):
                 logger.warning(
                     "idemfn: key %r was abandoned (%s); running it again, attempt %d",
                     key,
@@ -1040,39 +1019,37 @@ def _deciding(
         entry = yield (_GET, key)  # another caller settled it first: look again
 
 
-def _undone_if_interrupted(op: Op, claimed: Entry, won: object) -> Steps[Any]:
-    """Run ``op``, which writes the claim ``claimed`` when its answer is ``won``. Interrupted
-    (a cancelled task, Ctrl-C) before the answer came, the claim may have been made with no
-    one left to run it: release it, so that an interrupted caller writes nothing."""
+def _undone_if_interrupted(op: Op, claimed: Entry) -> Steps[Any]:
+    """Run ``op``, which may write the claim ``claimed``. Interrupted (a cancelled task,
+    Ctrl-C) before its answer came, the claim may have been made with no one left to run it:
+    undo it, so that an interrupted caller writes nothing."""
     try:
         return (yield op)
     except Exception:
         raise
     except BaseException as interrupted:
-        try:
-            yield (_UNSTOPPABLE, (_RELEASE, claimed.key, claimed.token))
-        except Exception as problem:  # its lease runs out: it is judged abandoned then
-            logger.warning(
-                "idemfn: could not undo the claim on %r of an interrupted call: %s",
-                claimed.key,
-                problem,
-            )
+        yield from _undoing(claimed.key, claimed.token)
         raise interrupted from None
 
 
 def _dropping(claim: Claim) -> Steps[None]:
-    """Release ``claim``, made for a caller interrupted before it got it (as its watch closed):
-    nothing ran, so the next call must run the body."""
+    """Undo ``claim``, made for a caller interrupted before it got it (as its watch closed)."""
     claim._settled = True
     heartbeat.discard(claim)
+    yield from _undoing(claim.key, claim.token)
+
+
+def _undoing(key: str, token: str) -> Steps[None]:
+    """Release the claim ``token`` of an interrupted caller, whatever cancellations come
+    meanwhile: nothing ran, so the next call must run the body."""
     try:
-        yield (_UNSTOPPABLE, (_RELEASE, claim.key, claim.token))
+        yield (_UNSTOPPABLE, (_RELEASE, key, token))
     except Exception as problem:  # its lease runs out: it is judged abandoned then
         logger.warning(
-            "idemfn: could not undo the claim on %r of an interrupted call: %s", claim.key, problem
+            "idemfn: could not undo the claim on %r of an interrupted call: %s", key, problem
         )
     else:
-        settled(claim.key)
+        settled(key)
 
 
 def decide(

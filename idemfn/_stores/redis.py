@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._record import Entry
 from .._signing import SigningKey
+from .._steps import arun, run
 from .._wakeups import LocalAsyncWatch, LocalWatch
 from .base import Corrupt, Store, removable_at
 from .clock import ServerClock
@@ -352,13 +353,17 @@ class RedisStore(Store):
         done = self._call(
             "update", key, self._swap, self.client, *self._swap_args(key, token, entry)
         )
-        return bool(done == 1) or self._drive(self._refused(key, token, entry, done))
+        return bool(done == 1) or run(
+            self._refused(key, token, entry, done), RedisStore._read, self
+        )
 
     async def aswap(self, key: str, token: str, entry: Entry) -> bool:
         side = self._side()
         args = self._swap_args(key, token, entry)
         done = await self._acall(side, "update", key, self._swap.acall, side.client, *args)
-        return bool(done == 1) or await self._adrive(side, self._refused(key, token, entry, done))
+        return bool(done == 1) or await arun(
+            self._refused(key, token, entry, done), self._aread, side
+        )
 
     def _refused(self, key: str, token: str, entry: Entry, done: int) -> _Steps:
         """What a refused swap means, as steps the sync and async drivers run: the reads it
@@ -389,31 +394,18 @@ class RedisStore(Store):
                 self.check_fence(key, token, text, data)
         return False
 
-    def _drive(self, steps: _Steps) -> bool:
-        answer: Any = None
-        try:
-            while True:
-                step = steps.send(answer)
-                if step is None:
-                    answer = self.time()
-                else:
-                    read = getattr(self.client, step.command)
-                    answer = self._call(step.action, step.key, read, *step.args)
-        except StopIteration as stop:
-            return bool(stop.value)
+    def _read(self, step: _Read | None) -> Any:
+        """One of ``_refused``'s steps, for a sync caller: a read, or (None) the store's time."""
+        if step is None:
+            return self.time()
+        return self._call(step.action, step.key, getattr(self.client, step.command), *step.args)
 
-    async def _adrive(self, side: _LoopSide, steps: _Steps) -> bool:
-        answer: Any = None
-        try:
-            while True:
-                step = steps.send(answer)
-                if step is None:
-                    answer = await self.atime()
-                else:
-                    read = getattr(side.client, step.command)
-                    answer = await self._acall(side, step.action, step.key, read, *step.args)
-        except StopIteration as stop:
-            return bool(stop.value)
+    async def _aread(self, side: _LoopSide, step: _Read | None) -> Any:
+        """One of ``_refused``'s steps, for an async caller, on its loop's client."""
+        if step is None:
+            return await self.atime()
+        read = getattr(side.client, step.command)
+        return await self._acall(side, step.action, step.key, read, *step.args)
 
     def _release_args(self, key: str, token: str) -> tuple[list[str], list[str]]:
         return [self.prefix + key], [token, self._channel(key)]

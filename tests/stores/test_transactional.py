@@ -35,6 +35,7 @@ import idemfn
 from idemfn import Claim, Policy, PostgresStore, Status, StoreError, idempotent
 from idemfn._engine import run_in_transaction
 from idemfn._stores.postgres import _MAX_CONNECTIONS
+from tests.support.postgres_tools import ledger_rows, ledger_table
 from tests.support.servers import PostgresServer
 from tests.support.stores import age
 from tests.support.workers import poll
@@ -52,20 +53,6 @@ def store(postgres_server: PostgresServer, table: str) -> Iterator[PostgresStore
     s.close()
 
 
-def _ledger(server: PostgresServer, constraint: str = "") -> str:
-    """A table the bodies write to, in the store's database, with one row ('o-1', 1)."""
-    name = f"ledger_{uuid.uuid4().hex}"
-    with psycopg.connect(server.dsn, autocommit=True) as conn:
-        conn.execute(f"CREATE TABLE {name} (order_id text, cents int{constraint})")
-        conn.execute(f"INSERT INTO {name} VALUES ('o-1', 1)")
-    return name
-
-
-def _rows(server: PostgresServer, name: str) -> list[tuple[str, int]]:
-    with psycopg.connect(server.dsn) as conn:
-        return conn.execute(f"SELECT order_id, cents FROM {name} ORDER BY 1, 2").fetchall()
-
-
 # -- 1. The body's own database errors are the body's --------------------------------------
 
 
@@ -73,7 +60,7 @@ def _rows(server: PostgresServer, name: str) -> list[tuple[str, int]]:
 def test_a_database_error_of_the_body_reaches_the_caller_and_retry_on_as_itself(
     postgres_server: PostgresServer, store: PostgresStore, transactional: bool
 ) -> None:
-    ledger = _ledger(postgres_server, ", UNIQUE (order_id)")
+    ledger = ledger_table(postgres_server, ", UNIQUE (order_id)")
     runs: list[str] = []
 
     def body(order_id: str) -> int:
@@ -102,7 +89,7 @@ def test_a_database_error_of_the_body_reaches_the_caller_and_retry_on_as_itself(
     with pytest.raises(UniqueViolation):  # replayed as itself; the body does not run again
         halting("o-1")
     assert runs == ["o-1", "o-1", "o-1"]
-    assert _rows(postgres_server, ledger) == [("o-1", 1)]
+    assert ledger_rows(postgres_server, ledger) == [("o-1", 1)]
 
 
 def test_a_transaction_that_cannot_start_releases_the_key_it_never_ran(
@@ -146,7 +133,7 @@ def test_an_error_at_commit_settles_the_key_at_once(
 ) -> None:
     # A deferred constraint: the body's INSERT passes, COMMIT fails. Nothing was committed,
     # neither the body's row nor the ok record.
-    ledger = _ledger(postgres_server, ", UNIQUE (order_id) DEFERRABLE INITIALLY DEFERRED")
+    ledger = ledger_table(postgres_server, ", UNIQUE (order_id) DEFERRABLE INITIALLY DEFERRED")
     runs: list[str] = []
 
     @idempotent(
@@ -160,7 +147,7 @@ def test_an_error_at_commit_settles_the_key_at_once(
     with pytest.raises(UniqueViolation) as info:
         charge("o-1")
     assert "did not commit" in "".join(getattr(info.value, "__notes__", []))
-    assert _rows(postgres_server, ledger) == [("o-1", 1)]
+    assert ledger_rows(postgres_server, ledger) == [("o-1", 1)]
     record = charge.status("o-1")
     if retry:
         assert record is None  # released: the next call runs the body again
@@ -175,7 +162,7 @@ def test_an_error_at_commit_settles_the_key_at_once(
             charge("o-1")
         assert runs == ["o-1"]
     assert charge("o-2") == 2  # a body that commits records ok as before
-    assert _rows(postgres_server, ledger) == [("o-1", 1), ("o-2", 2)]
+    assert ledger_rows(postgres_server, ledger) == [("o-1", 1), ("o-2", 2)]
 
 
 def test_a_commit_whose_answer_is_lost_but_that_committed_returns_the_value(
@@ -186,7 +173,7 @@ def test_a_commit_whose_answer_is_lost_but_that_committed_returns_the_value(
 ) -> None:
     # The connection drops after the server committed, before its answer arrived: the error
     # says the transaction failed, the record says it committed. The record is right.
-    ledger = _ledger(postgres_server)
+    ledger = ledger_table(postgres_server)
     real_transaction = store.transaction
 
     @contextlib.contextmanager
@@ -205,7 +192,7 @@ def test_a_commit_whose_answer_is_lost_but_that_committed_returns_the_value(
     assert charge("o-3") == 3
     record = charge.status("o-3")
     assert record is not None and record.status is Status.OK
-    assert _rows(postgres_server, ledger) == [("o-1", 1), ("o-3", 3)]
+    assert ledger_rows(postgres_server, ledger) == [("o-1", 1), ("o-3", 3)]
     assert "yet its ok record is there" in caplog.text
 
 
@@ -218,7 +205,7 @@ def test_a_body_that_leaves_its_transaction_gets_no_ok_record_outside_it(
     # as if its writes had committed with it: after a ROLLBACK, a recorded value whose writes
     # were gone. One whose transaction a caught error aborted got a StoreError, halted as
     # idemfn's. Neither gets an ok record; each is told what went wrong, and the key halts.
-    ledger = _ledger(postgres_server, ", UNIQUE (order_id)")
+    ledger = ledger_table(postgres_server, ", UNIQUE (order_id)")
 
     @idempotent(key="{order_id}", store=store, transactional=True)
     def charge(order_id: str) -> int:
@@ -244,7 +231,7 @@ def test_a_body_that_leaves_its_transaction_gets_no_ok_record_outside_it(
     assert record is not None and record.status is Status.HALTED
     assert record.exc_type == f"{expected.__module__}.{expected.__qualname__}"
     committed = [("o-1", 1), ("o-7", 7)] if ending == "COMMIT" else [("o-1", 1)]
-    assert _rows(postgres_server, ledger) == committed
+    assert ledger_rows(postgres_server, ledger) == committed
     with pytest.raises(expected):  # a replay: the body does not run again
         charge("o-7")
 
@@ -255,7 +242,7 @@ def test_a_body_that_returns_rq_retry_rolls_its_writes_back(
     # A returned rq.Retry releases the key: the job runs the body again. Its writes committed
     # all the same, and the next attempt wrote them again.
     rq_job = pytest.importorskip("rq.job")
-    ledger = _ledger(postgres_server)
+    ledger = ledger_table(postgres_server)
     attempts: list[str] = []
 
     @idempotent(key="{order_id}", store=store, transactional=True)
@@ -266,9 +253,9 @@ def test_a_body_that_returns_rq_retry_rolls_its_writes_back(
 
     assert isinstance(job("o-8"), rq_job.Retry)
     assert job.status("o-8") is None  # released: run again
-    assert _rows(postgres_server, ledger) == [("o-1", 1)]  # and nothing of it committed
+    assert ledger_rows(postgres_server, ledger) == [("o-1", 1)]  # and nothing of it committed
     assert job("o-8") == 8
-    assert _rows(postgres_server, ledger) == [("o-1", 1), ("o-8", 8)]
+    assert ledger_rows(postgres_server, ledger) == [("o-1", 1), ("o-8", 8)]
 
 
 def test_a_nested_call_not_in_the_transaction_cannot_write_in_it(
@@ -278,7 +265,7 @@ def test_a_nested_call_not_in_the_transaction_cannot_write_in_it(
     # connection from current_connection(): its writes rolled back with the outer body, its
     # ok record (outside the transaction) stayed, and the next attempt replayed it without
     # writing anything: the reservation was lost for good.
-    ledger = _ledger(postgres_server)
+    ledger = ledger_table(postgres_server)
 
     @idempotent(key="reserve:{order_id}", store=store)
     def reserve(order_id: str) -> str:
@@ -295,7 +282,7 @@ def test_a_nested_call_not_in_the_transaction_cannot_write_in_it(
         return outcome
 
     assert order("o-9") == "reserved"
-    assert _rows(postgres_server, ledger) == [("o-1", 1), ("o-9", 9)]
+    assert ledger_rows(postgres_server, ledger) == [("o-1", 1), ("o-9", 9)]
 
 
 # -- 3. A renewal never conflicts with the body's transaction ------------------------------
@@ -310,7 +297,7 @@ def test_a_body_renewed_while_it_runs_commits_at_every_isolation_level(
         options="-c default_transaction_isolation=" + isolation.replace(" ", "\\ "),
     )
     store = PostgresStore(dsn, table=table)
-    ledger = _ledger(postgres_server)
+    ledger = ledger_table(postgres_server)
     renewals: list[float] = []
 
     # A short lease so that the heartbeat renews it (a third of the way) while the body runs;
@@ -335,7 +322,7 @@ def test_a_body_renewed_while_it_runs_commits_at_every_isolation_level(
         assert charge("o-5") == 5
         record = charge.status("o-5")
         assert record is not None and record.status is Status.OK
-        assert _rows(postgres_server, ledger) == [("o-1", 1), ("o-5", 5)]
+        assert ledger_rows(postgres_server, ledger) == [("o-1", 1), ("o-5", 5)]
     finally:
         store.close()
 

@@ -16,6 +16,7 @@ from psycopg.errors import IntegrityError, UniqueViolation
 
 import idemfn
 from idemfn import PostgresStore, Status, idempotent
+from tests.support.postgres_tools import ledger_rows, ledger_table
 from tests.support.servers import PostgresServer
 
 
@@ -26,23 +27,10 @@ def store(postgres_server: PostgresServer) -> Iterator[PostgresStore]:
     s.close()
 
 
-def _ledger(server: PostgresServer, constraint: str = "") -> str:
-    name = f"ledger_{uuid.uuid4().hex}"
-    with psycopg.connect(server.dsn, autocommit=True) as conn:
-        conn.execute(f"CREATE TABLE {name} (order_id text, cents int{constraint})")
-        conn.execute(f"INSERT INTO {name} VALUES ('o-1', 1)")
-    return name
-
-
-def _rows(server: PostgresServer, name: str) -> list[tuple[str, int]]:
-    with psycopg.connect(server.dsn) as conn:
-        return conn.execute(f"SELECT order_id, cents FROM {name} ORDER BY 1, 2").fetchall()
-
-
 def test_the_writes_of_an_async_body_commit_with_its_ok_record(
     postgres_server: PostgresServer, store: PostgresStore
 ) -> None:
-    ledger = _ledger(postgres_server)
+    ledger = ledger_table(postgres_server)
     runs: list[str] = []
 
     @idempotent(key="{order_id}", store=store, transactional=True)
@@ -61,14 +49,14 @@ def test_the_writes_of_an_async_body_commit_with_its_ok_record(
     assert runs == ["o-2"]
     record = charge.status("o-2")
     assert record is not None and record.status is Status.OK
-    assert _rows(postgres_server, ledger) == [("o-1", 1), ("o-2", 2)]
+    assert ledger_rows(postgres_server, ledger) == [("o-1", 1), ("o-2", 2)]
 
 
 @pytest.mark.parametrize("retry", [False, True])
 def test_an_async_body_that_raises_rolls_its_writes_back(
     postgres_server: PostgresServer, store: PostgresStore, retry: bool
 ) -> None:
-    ledger = _ledger(postgres_server)
+    ledger = ledger_table(postgres_server)
     runs: list[str] = []
 
     @idempotent(
@@ -83,7 +71,7 @@ def test_an_async_body_that_raises_rolls_its_writes_back(
     for _ in range(2):
         with pytest.raises(ValueError, match="card declined"):
             asyncio.run(charge("o-3"))
-    assert _rows(postgres_server, ledger) == [("o-1", 1)]
+    assert ledger_rows(postgres_server, ledger) == [("o-1", 1)]
     record = charge.status("o-3")
     if retry:
         assert record is None and runs == ["o-3", "o-3"]  # released: each call runs it
@@ -96,7 +84,7 @@ def test_an_async_body_that_raises_rolls_its_writes_back(
 def test_an_error_at_the_async_commit_settles_the_key_at_once(
     postgres_server: PostgresServer, store: PostgresStore, retry: bool
 ) -> None:
-    ledger = _ledger(postgres_server, ", UNIQUE (order_id) DEFERRABLE INITIALLY DEFERRED")
+    ledger = ledger_table(postgres_server, ", UNIQUE (order_id) DEFERRABLE INITIALLY DEFERRED")
     runs: list[str] = []
 
     @idempotent(
@@ -110,7 +98,7 @@ def test_an_error_at_the_async_commit_settles_the_key_at_once(
 
     with pytest.raises(UniqueViolation):
         asyncio.run(charge("o-1"))
-    assert _rows(postgres_server, ledger) == [("o-1", 1)]
+    assert ledger_rows(postgres_server, ledger) == [("o-1", 1)]
     record = charge.status("o-1")
     if retry:
         assert record is None
@@ -128,7 +116,7 @@ def test_an_async_commit_whose_answer_is_lost_but_that_committed_returns_the_val
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    ledger = _ledger(postgres_server)
+    ledger = ledger_table(postgres_server)
     real_transaction = store.atransaction
 
     @contextlib.asynccontextmanager
@@ -154,7 +142,7 @@ def test_an_async_commit_whose_answer_is_lost_but_that_committed_returns_the_val
 def test_a_cancelled_async_body_rolls_back_and_halts(
     postgres_server: PostgresServer, store: PostgresStore
 ) -> None:
-    ledger = _ledger(postgres_server)
+    ledger = ledger_table(postgres_server)
     inserted = asyncio.Event
 
     @idempotent(key="{order_id}", store=store, transactional=True, fingerprint=["order_id"])
@@ -174,7 +162,7 @@ def test_a_cancelled_async_body_rolls_back_and_halts(
             await task
 
     asyncio.run(main())
-    assert _rows(postgres_server, ledger) == [("o-1", 1)]
+    assert ledger_rows(postgres_server, ledger) == [("o-1", 1)]
     record = charge.status("o-4", None)  # type: ignore[arg-type]
     assert record is not None and record.status is Status.HALTED
     assert record.exc_type == "asyncio.exceptions.CancelledError"

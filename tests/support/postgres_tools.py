@@ -1,5 +1,6 @@
 """Looking at a test's PostgreSQL from outside a store: its sessions, the marks waiters hold,
-what its settles NOTIFY, and the server stalled (every process stopped) for a while."""
+what its settles NOTIFY, the server stalled (every process stopped) for a while, and a ledger
+table that transactional bodies write to."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import os
 import signal
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,7 +18,22 @@ from idemfn._stores.postgres import PostgresStore, _table_mark
 
 from .servers import PostgresServer
 
-__all__ = ["Heard", "marks", "named_dsn", "sessions", "stopped"]
+__all__ = ["Heard", "ledger_rows", "ledger_table", "marks", "named_dsn", "sessions", "stopped"]
+
+
+def ledger_table(server: PostgresServer, constraint: str = "") -> str:
+    """A table the bodies write to, in the store's database, with one row ('o-1', 1)."""
+    name = f"ledger_{uuid.uuid4().hex}"
+    with psycopg.connect(server.dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {name} (order_id text, cents int{constraint})")
+        conn.execute(f"INSERT INTO {name} VALUES ('o-1', 1)")
+    return name
+
+
+def ledger_rows(server: PostgresServer, name: str) -> list[tuple[str, int]]:
+    """The rows of the ledger ``name``, in order."""
+    with psycopg.connect(server.dsn) as conn:
+        return conn.execute(f"SELECT order_id, cents FROM {name} ORDER BY 1, 2").fetchall()
 
 
 def named_dsn(server: PostgresServer) -> tuple[str, str]:

@@ -21,12 +21,13 @@ import uuid
 import weakref
 import zlib
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from ... import _lease
 from ..._errors import StoreError
 from ..._record import Entry
 from ..._signing import SigningKey
+from ..._steps import arun, run
 from ..awaiting import within
 from ..base import Corrupt, Store, prunable, removable_at, remove_judged, skip_corrupt
 from ..clock import ServerClock
@@ -509,23 +510,17 @@ class PostgresStore(Store):
     def _drive(self, steps: _Steps[T]) -> T:
         """Run the primitive ``steps`` for a sync caller: each ``_Query`` on a pooled
         connection (or its own), each ``_NOW`` with ``time()``."""
-        reply: Any = None
-        try:
-            while True:
-                step = steps.send(reply)
-                reply = self.time() if step is _NOW else self._run(*step)
-        except StopIteration as done:
-            return cast(T, done.value)
+        return run(steps, PostgresStore._step, self)
 
     async def _adrive(self, steps: _Steps[T]) -> T:
         """``_drive`` for an async caller: on this event loop's pool, with ``atime()``."""
-        reply: Any = None
-        try:
-            while True:
-                step = steps.send(reply)
-                reply = await (self.atime() if step is _NOW else self._arun(*step))
-        except StopIteration as done:
-            return cast(T, done.value)
+        return await arun(steps, PostgresStore._astep, self)
+
+    def _step(self, step: _Query | object) -> Any:
+        return self.time() if step is _NOW else self._run(*step)  # type: ignore[misc]
+
+    async def _astep(self, step: _Query | object) -> Any:
+        return await (self.atime() if step is _NOW else self._arun(*step))  # type: ignore[misc]
 
     @contextlib.contextmanager
     def transaction(self, key: str) -> Iterator[psycopg.Connection[Any]]:
