@@ -1,0 +1,411 @@
+"""One request's way through an HTTP middleware, framework-neutral.
+
+The drivers (``idemfn.asgi``, ``idemfn.wsgi``, ``idemfn.django``) read the key header
+(``read_key``), the body, the tenant and the fingerprint, then ask ``start`` (``astart``) for a
+``Claim`` to run the app under or a ``Response`` to send instead: a replay, or a problem. While the
+app answers, a ``Recorder`` keeps its status, headers and body (up to a limit); ``outcome`` then
+says what to record, and ``settle`` (``asettle``) records it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from .._engine import OK, Claim, Due, Finished, abegin_with, begin_with
+from .._errors import (
+    AlreadyRunning,
+    DeadlineExceeded,
+    FingerprintMismatch,
+    IdempotencyError,
+    StoreError,
+)
+
+if TYPE_CHECKING:
+    from .options import HttpOptions
+
+__all__ = [
+    "PROBLEMS",
+    "RESPONSE_CODEC",
+    "Recorded",
+    "Recorder",
+    "Response",
+    "asettle",
+    "astart",
+    "default_fingerprint",
+    "outcome",
+    "problem",
+    "read_key",
+    "settle",
+    "start",
+]
+
+logger = logging.getLogger("idemfn")
+
+Header = tuple[bytes, bytes]
+
+# Where each problem's `type` points: the HTTP page's section on it.
+PROBLEMS = "https://idemfn.readthedocs.io/en/latest/http/#"
+REPLAYED: Header = (b"idempotent-replayed", b"true")
+# Never recorded, so never replayed: they describe one connection (RFC 9110 7.6.1), or a moment.
+_NOT_REPLAYED = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"date",
+    }
+)
+
+
+class Response(NamedTuple):
+    """A response the middleware sends itself: a replay or a problem."""
+
+    status: int
+    headers: list[Header]
+    body: bytes
+
+
+def problem(
+    status: int, slug: str, title: str, detail: str, *, retry_after: int | None = None
+) -> Response:
+    """An RFC 9457 ``application/problem+json`` response; ``type`` points at the docs."""
+    body = json.dumps(
+        {"type": PROBLEMS + slug, "title": title, "status": status, "detail": detail}
+    ).encode()
+    headers = [
+        (b"content-type", b"application/problem+json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    return Response(status, headers, body)
+
+
+def read_key(options: HttpOptions[Any], values: list[bytes]) -> str | Response | None:
+    """The idempotency key in the header's ``values`` (each time the header came), or the 400
+    to answer, or None when there is none and none is required.
+
+    A value is an RFC 8941 sf-string (``"abc"``, the draft's form) or a bare token, as
+    Stripe's clients send; a value folded from two headers (``a, b``) counts as two."""
+    name = options.header
+    if not values:
+        if not options.required:
+            return None
+        return problem(
+            400,
+            "key-missing",
+            "Idempotency key missing",
+            f"this request needs an {name} header (a unique value per operation, reused when"
+            " the request is retried)",
+        )
+    if len(values) > 1:
+        return _repeated(name)
+    raw = values[0].strip(b" \t")
+    if raw[:1] == b'"':
+        key, rest = _sf_string(raw)
+        if key is None:
+            return _invalid(name, "it is not a valid quoted string")
+        if rest.strip(b" \t")[:1] == b",":
+            return _repeated(name)
+        if rest.strip(b" \t")[:1] not in (b"", b";"):  # parameters after ';' are ignored
+            return _invalid(name, "it holds more than one quoted string")
+    else:
+        if b"," in raw:
+            return _repeated(name)
+        if any(byte < 0x21 or byte > 0x7E for byte in raw):
+            return _invalid(name, "it holds spaces or characters outside visible ASCII")
+        key = raw.decode("ascii")
+    if not key:
+        return _invalid(name, "it is empty")
+    if len(key) > options.max_key_length:
+        return _invalid(
+            name, f"it is {len(key)} characters long, more than {options.max_key_length}"
+        )
+    return key
+
+
+def _sf_string(raw: bytes) -> tuple[str | None, bytes]:
+    """RFC 8941 3.3.3: a quoted string of visible ASCII and spaces, with ``\\"`` and ``\\\\``."""
+    out = bytearray()
+    i = 1
+    while i < len(raw):
+        byte = raw[i]
+        if byte == 0x5C:  # backslash
+            if i + 1 >= len(raw) or raw[i + 1] not in (0x22, 0x5C):
+                return None, b""
+            out.append(raw[i + 1])
+            i += 2
+            continue
+        if byte == 0x22:
+            return out.decode("ascii"), raw[i + 1 :]
+        if byte < 0x20 or byte > 0x7E:
+            return None, b""
+        out.append(byte)
+        i += 1
+    return None, b""  # no closing quote
+
+
+def _repeated(name: str) -> Response:
+    return problem(
+        400,
+        "key-repeated",
+        "Idempotency key repeated",
+        f"the {name} header came more than once: send it once, with one value",
+    )
+
+
+def _invalid(name: str, why: str) -> Response:
+    return problem(
+        400,
+        "key-invalid",
+        "Idempotency key invalid",
+        f"the {name} header's value is not a usable key: {why}. Send a quoted string or a"
+        " token of visible ASCII characters, such as a UUID",
+    )
+
+
+def too_large(options: HttpOptions[Any], size: int | None) -> Response:
+    """413: the body is over ``max_request_body``; the app does not run."""
+    what = "" if size is None else f" ({size} bytes)"
+    return problem(
+        413,
+        "request-too-large",
+        "Request body too large",
+        f"the request body{what} is larger than the {options.max_request_body} bytes this"
+        " server fingerprints; nothing was run or recorded",
+    )
+
+
+def default_fingerprint(method: str, path: str, query: str, body: bytes) -> str:
+    """The default fingerprint: the method, path, query and body (so the same key sent with
+    another body, or to another route, is refused with 422)."""
+    digest = hashlib.sha256()
+    for part in (method.encode(), path.encode("utf-8", "surrogateescape"), query.encode()):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    digest.update(body)
+    return "http1:" + digest.hexdigest()
+
+
+def fingerprint_of(given: str | bytes, where: str) -> str:
+    """A user ``fingerprint`` callable's answer as the stored fingerprint."""
+    if isinstance(given, bytes):
+        return "http1:" + hashlib.sha256(given).hexdigest()
+    if not isinstance(given, str):
+        raise TypeError(f"{where}: fingerprint returned {type(given).__name__}, not str or bytes")
+    return given
+
+
+class Recorded(NamedTuple):
+    """A response as recorded: replayed as it was, or, when ``kept`` is False (its body was
+    over ``max_response_body``), answered with a problem saying it cannot be replayed."""
+
+    status: int
+    headers: list[Header]
+    body: bytes
+    kept: bool = True
+
+
+class _ResponseCodec:
+    """Recorded responses as payloads: a JSON line (status, headers) and the body's bytes.
+
+    Never a pickle: a record read back from a shared store is parsed, not executed."""
+
+    __name__ = "http-response"
+
+    @staticmethod
+    def dumps(value: object) -> bytes:
+        if not isinstance(value, Recorded):
+            raise TypeError(f"only an HTTP response is recorded here, not {type(value).__name__}")
+        head = {
+            "status": value.status,
+            "headers": [[name.decode("latin-1"), v.decode("latin-1")] for name, v in value.headers],
+            "kept": value.kept,
+        }
+        return json.dumps(head, separators=(",", ":")).encode() + b"\n" + value.body
+
+    @staticmethod
+    def loads(data: bytes) -> Recorded:
+        line, _, body = data.partition(b"\n")
+        head = json.loads(line)
+        headers = [(name.encode("latin-1"), v.encode("latin-1")) for name, v in head["headers"]]
+        return Recorded(int(head["status"]), headers, body, bool(head["kept"]))
+
+
+RESPONSE_CODEC = _ResponseCodec()
+
+
+class Recorder:
+    """Keeps the app's response as it goes out: status, headers, and the body up to ``limit``
+    bytes (past it, ``overflowed`` and the body is dropped: it is never buffered unbounded)."""
+
+    __slots__ = ("chunks", "finished", "headers", "limit", "overflowed", "size", "status")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.status = 0
+        self.headers: list[Header] = []
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.overflowed = False
+        self.finished = False  # the app sent its response's end
+
+    def start(self, status: int, headers: Iterable[Header]) -> None:
+        self.status = status
+        self.headers = [(name.lower(), value) for name, value in headers]
+
+    def add(self, chunk: bytes) -> None:
+        if self.overflowed or not chunk:
+            return
+        self.size += len(chunk)
+        if self.size > self.limit:
+            self.overflowed = True
+            self.chunks.clear()
+        else:
+            self.chunks.append(chunk)
+
+
+def outcome(options: HttpOptions[Any], recorder: Recorder) -> Recorded | None:
+    """What to record for the app's finished response: None releases the key (a status
+    outside ``recorded_statuses``)."""
+    if not options.records(recorder.status):
+        return None
+    headers = [header for header in recorder.headers if header[0] not in _NOT_REPLAYED]
+    if recorder.overflowed:
+        return Recorded(recorder.status, headers, b"", kept=False)
+    return Recorded(recorder.status, headers, b"".join(recorder.chunks))
+
+
+def settle(claim: Claim, recorded: Recorded | None) -> None:
+    """Record the app's response (or release the key). The response goes out either way: a
+    store that fails here is logged, and the key is judged abandoned once its lease runs out."""
+    try:
+        if recorded is None:
+            claim.release()
+        else:
+            claim.complete(recorded)
+    except IdempotencyError as exc:  # StoreError, OwnershipLost
+        _not_settled(claim, exc)
+
+
+async def asettle(claim: Claim, recorded: Recorded | None) -> None:
+    """``settle`` on the store's awaitable primitives."""
+    try:
+        if recorded is None:
+            await claim.arelease()
+        else:
+            await claim.acomplete(recorded)
+    except IdempotencyError as exc:
+        _not_settled(claim, exc)
+
+
+def _not_settled(claim: Claim, exc: IdempotencyError) -> None:
+    logger.error(
+        "idemfn: the response to key %r was sent but could not be recorded (%s: %s)",
+        claim.key,
+        type(exc).__name__,
+        exc,
+    )
+
+
+def start(
+    options: HttpOptions[Any], key: str, stored: str, fingerprint: str, deadline: Due | None
+) -> Claim | Response:
+    """The decision on ``stored``: a ``Claim`` (run the app) or the ``Response`` to send."""
+    try:
+        step = begin_with(options.store, stored, fingerprint, options.policy, deadline)
+    except IdempotencyError as exc:
+        return refusal(options, key, exc)
+    if isinstance(step, Finished):
+        return replay(key, step)
+    return step
+
+
+async def astart(
+    options: HttpOptions[Any], key: str, stored: str, fingerprint: str, deadline: Due | None
+) -> Claim | Response:
+    """``start`` on the store's awaitable primitives: never blocks the event loop."""
+    try:
+        step = await abegin_with(options.store, stored, fingerprint, options.policy, deadline)
+    except IdempotencyError as exc:
+        return refusal(options, key, exc)
+    if isinstance(step, Finished):
+        return replay(key, step)
+    return step
+
+
+def refusal(options: HttpOptions[Any], key: str, exc: IdempotencyError) -> Response:
+    """The answer when the key cannot be claimed or replayed now."""
+    if isinstance(exc, AlreadyRunning):
+        return problem(
+            409,
+            "in-progress",
+            "Request in progress",
+            f"a request with key {key!r} is still being processed: retry later",
+            retry_after=1,
+        )
+    if isinstance(exc, FingerprintMismatch):
+        return problem(
+            422,
+            "key-reused",
+            "Idempotency key reused",
+            f"key {key!r} was first used with another request (method, path, query or body):"
+            " use a new key for a new request",
+        )
+    if isinstance(exc, DeadlineExceeded):
+        return problem(
+            400,
+            "request-expired",
+            "Request expired",
+            f"the request with key {key!r} came after its deadline and was never processed:"
+            " it will not be",
+        )
+    if isinstance(exc, StoreError):
+        logger.error("idemfn: the store failed on key %r: %s", exc.key, exc)
+        return problem(
+            503,
+            "store-unavailable",
+            "Idempotency store unavailable",
+            f"the request with key {key!r} was not processed: the server could not check"
+            " whether it already was. Retry later",
+            retry_after=1,
+        )
+    raise exc
+
+
+def replay(key: str, finished: Finished) -> Response:
+    """The recorded response again, marked ``Idempotent-Replayed: true``; a problem when the
+    first request was interrupted, or its response was too large to keep."""
+    entry = finished.entry
+    if entry.status == OK:
+        try:
+            recorded: Recorded = finished.replay()
+        except StoreError as exc:
+            logger.error("idemfn: the response recorded for %r does not load: %s", entry.key, exc)
+        else:
+            if recorded.kept:
+                return Response(recorded.status, [*recorded.headers, REPLAYED], recorded.body)
+            return problem(
+                500,
+                "response-not-recorded",
+                "Response not recorded",
+                f"the request with key {key!r} was processed, but its response was too large"
+                " to record, so it can't be sent again",
+            )
+    return problem(
+        500,
+        "interrupted",
+        "Request interrupted",
+        f"the request with key {key!r} was interrupted and can't be recovered: it may have"
+        " had effects, so it will not run again. Use a new key to try again",
+    )
