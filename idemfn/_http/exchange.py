@@ -36,6 +36,7 @@ __all__ = [
     "asettle",
     "astart",
     "default_fingerprint",
+    "not_settled",
     "outcome",
     "problem",
     "read_key",
@@ -262,7 +263,7 @@ class Recorder:
 
     def start(self, status: int, headers: Iterable[Header]) -> None:
         self.status = status
-        self.headers = [(name.lower(), value) for name, value in headers]
+        self.headers = list(headers)
 
     def add(self, chunk: bytes) -> None:
         if self.overflowed or not chunk:
@@ -280,7 +281,7 @@ def outcome(options: HttpOptions[Any], recorder: Recorder) -> Recorded | None:
     outside ``recorded_statuses``)."""
     if not options.records(recorder.status):
         return None
-    headers = [header for header in recorder.headers if header[0] not in _NOT_REPLAYED]
+    headers = [header for header in recorder.headers if header[0].lower() not in _NOT_REPLAYED]
     if recorder.overflowed:
         return Recorded(recorder.status, headers, b"", kept=False)
     return Recorded(recorder.status, headers, b"".join(recorder.chunks))
@@ -295,7 +296,7 @@ def settle(claim: Claim, recorded: Recorded | None) -> None:
         else:
             claim.complete(recorded)
     except IdempotencyError as exc:  # StoreError, OwnershipLost
-        _not_settled(claim, exc)
+        not_settled(claim, exc)
 
 
 async def asettle(claim: Claim, recorded: Recorded | None) -> None:
@@ -306,10 +307,11 @@ async def asettle(claim: Claim, recorded: Recorded | None) -> None:
         else:
             await claim.acomplete(recorded)
     except IdempotencyError as exc:
-        _not_settled(claim, exc)
+        not_settled(claim, exc)
 
 
-def _not_settled(claim: Claim, exc: IdempotencyError) -> None:
+def not_settled(claim: Claim, exc: IdempotencyError) -> None:
+    """Log that the app's response went out unrecorded."""
     logger.error(
         "idemfn: the response to key %r was sent but could not be recorded (%s: %s)",
         claim.key,
