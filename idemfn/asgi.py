@@ -30,13 +30,11 @@ from ._http.exchange import (
     Response,
     asettle,
     astart,
-    default_fingerprint,
-    fingerprint_of,
     outcome,
     read_key,
     too_large,
 )
-from ._http.options import DEFAULT_METHODS, HttpOptions, MiB, deadline_of
+from ._http.options import DEFAULT_METHODS, HttpOptions, MiB
 from ._http.request import Headers, Request
 from ._stores import Store
 
@@ -180,19 +178,15 @@ class IdempotencyMiddleware:
         if isinstance(body, Response):
             await _respond(send, body)
             return
-        request = _request(scope, body)
-        tenant = None if options.scope is None else options.scope(request)
-        if options.fingerprint is None:
-            fingerprint = default_fingerprint(request.method, request.path, request.query, body)
-        else:
-            fingerprint = fingerprint_of(options.fingerprint(request), options.where)
-        step = await astart(
-            options,
+        stored, fingerprint, due = options.identify(
             key,
-            options.stored_key(tenant, key),
-            fingerprint,
-            deadline_of(options, request),
+            lambda: _request(scope, body),
+            scope["method"],
+            scope["path"],
+            scope.get("query_string", b"").decode("latin-1"),
+            body,
         )
+        step = await astart(options, key, stored, fingerprint, due)
         if isinstance(step, Response):
             await _respond(send, step)
             return

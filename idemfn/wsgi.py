@@ -30,8 +30,6 @@ from ._errors import IdempotencyError
 from ._http.exchange import (
     Recorder,
     Response,
-    default_fingerprint,
-    fingerprint_of,
     not_settled,
     outcome,
     read_key,
@@ -39,7 +37,7 @@ from ._http.exchange import (
     start,
     too_large,
 )
-from ._http.options import DEFAULT_METHODS, HttpOptions, MiB, deadline_of
+from ._http.options import DEFAULT_METHODS, HttpOptions, MiB
 from ._http.request import Headers, Request
 from ._stores import Store
 
@@ -152,19 +150,15 @@ class IdempotencyMiddleware:
             return _respond(start_response, body)
         environ["wsgi.input"] = io.BytesIO(body)
         environ["CONTENT_LENGTH"] = str(len(body))
-        request = _request(environ, body)
-        tenant = None if options.scope is None else options.scope(request)
-        if options.fingerprint is None:
-            fingerprint = default_fingerprint(method, request.path, request.query, body)
-        else:
-            fingerprint = fingerprint_of(options.fingerprint(request), options.where)
-        step = start(
-            options,
+        stored, fingerprint, due = options.identify(
             key,
-            options.stored_key(tenant, key),
-            fingerprint,
-            deadline_of(options, request),
+            lambda: _request(environ, body),
+            method,
+            _path(environ),
+            environ.get("QUERY_STRING", ""),
+            body,
         )
+        step = start(options, key, stored, fingerprint, due)
         if isinstance(step, Response):
             return _respond(start_response, step)
         return _Run(self.app, options, step).respond(environ, start_response)
@@ -267,17 +261,20 @@ def _request(environ: WSGIEnvironment, body: bytes) -> Request:
     for name in ("CONTENT_TYPE", "CONTENT_LENGTH"):
         if environ.get(name):
             items.append((name.replace("_", "-").lower(), environ[name]))
-    path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
-    # PEP 3333 hands the path over as latin-1 text of the raw bytes: give it back as UTF-8.
-    path = path.encode("latin-1").decode("utf-8", "surrogateescape")
     return Request(
         environ["REQUEST_METHOD"],
-        path,
+        _path(environ),
         environ.get("QUERY_STRING", ""),
         Headers(items),
         body,
         environ,
     )
+
+
+def _path(environ: WSGIEnvironment) -> str:
+    path: str = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    # PEP 3333 hands the path over as latin-1 text of the raw bytes: give it back as UTF-8.
+    return path.encode("latin-1").decode("utf-8", "surrogateescape")
 
 
 def _read_body(options: HttpOptions[Request], environ: WSGIEnvironment) -> bytes | Response:

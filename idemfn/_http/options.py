@@ -12,7 +12,7 @@ from urllib.parse import quote
 from .._engine import Due
 from .._policy import Policy, deadline_timestamp, whole_option
 from .._stores import Store, resolve_store
-from .exchange import RESPONSE_CODEC
+from .exchange import RESPONSE_CODEC, default_fingerprint, fingerprint_of
 
 __all__ = ["DEFAULT_METHODS", "HttpOptions", "MiB", "deadline_of"]
 
@@ -119,6 +119,29 @@ class HttpOptions(Generic[RequestT]):
                 f"{self.where}: scope returned {type(tenant).__name__}, not a str or None"
             )
         return f"http:{quote(tenant, safe='')}:{key}"
+
+    def identify(
+        self,
+        key: str,
+        request: Callable[[], RequestT],
+        method: str,
+        path: str,
+        query: str,
+        body: bytes,
+    ) -> tuple[str, str, Due | None]:
+        """The stored key, the fingerprint and the deadline of a request with ``key``.
+
+        ``request`` makes what the ``scope``, ``fingerprint`` and ``deadline`` callables get;
+        it is called only when one of them is set (a replay does no work it does not need)."""
+        if self.scope is None and self.fingerprint is None and self.deadline is None:
+            return f"http::{key}", default_fingerprint(method, path, query, body), None
+        given = request()
+        tenant = None if self.scope is None else self.scope(given)
+        if self.fingerprint is None:
+            fingerprint = default_fingerprint(method, path, query, body)
+        else:
+            fingerprint = fingerprint_of(self.fingerprint(given), self.where)
+        return self.stored_key(tenant, key), fingerprint, deadline_of(self, given)
 
     def records(self, status: int) -> bool:
         """Whether a response of ``status`` is recorded (else the key is released)."""
