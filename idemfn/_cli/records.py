@@ -252,6 +252,12 @@ def _value(entry: Entry) -> dict[str, Any]:
     """What ``show`` says of a record's payload (loaded once, as a replay loads it)."""
     if entry.payload is None:
         return {}
+    if entry.key.startswith("http:") and entry.status == Status.OK:  # the HTTP middlewares'
+        from .._http.exchange import describe
+
+        response = describe(entry.payload)
+        if response is not None:
+            return {"value_repr": response}
     try:
         value = load(entry.payload)
     except Exception as exc:

@@ -36,6 +36,7 @@ __all__ = [
     "asettle",
     "astart",
     "default_fingerprint",
+    "describe",
     "not_settled",
     "outcome",
     "problem",
@@ -244,6 +245,23 @@ class _ResponseCodec:
 
 
 RESPONSE_CODEC = _ResponseCodec()
+
+
+def describe(payload: bytes) -> str | None:
+    """A recorded response in a line, for ``idemfn show``; None when ``payload`` is not one."""
+    from .._outcome import serializer_of
+
+    try:
+        recorded = serializer_of(RESPONSE_CODEC).load(payload)
+    except Exception:
+        return None
+    if not isinstance(recorded, Recorded):
+        return None
+    if not recorded.kept:
+        return f"HTTP {recorded.status} response, its body too large to record"
+    body = recorded.body[:200]
+    more = f"… ({len(recorded.body)} bytes)" if len(recorded.body) > 200 else ""
+    return f"HTTP {recorded.status} response, {len(recorded.headers)} headers, body {body!r}{more}"
 
 
 class Recorder:
