@@ -11,6 +11,7 @@ one line on stderr with their documented exit status, and no command may print a
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -868,6 +869,30 @@ def test_show_ok_python_record(store: DiskStore, env: dict[str, str]) -> None:
     assert shown["ttl"] == "3600s"
     assert shown["started"].startswith(f"{iso(record.started_at)} (")
     assert shown["expires"].startswith(f"{iso(record.expires_at)} (in ")
+
+
+def test_show_http_response_record(store: DiskStore, env: dict[str, str]) -> None:
+    # A response the HTTP middlewares recorded is shown as one, not as a value that "cannot
+    # load" (it is stored with their own serializer, never a pickle).
+    from idemfn.wsgi import IdempotencyMiddleware
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("201 Created", [("Content-Type", "text/plain"), ("X-Order", "7")])
+        return [b"created"]
+
+    middleware = IdempotencyMiddleware(app, store=store)
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/orders",
+        "HTTP_IDEMPOTENCY_KEY": "k-1",
+        "wsgi.input": io.BytesIO(b""),
+    }
+    assert list(middleware(environ, lambda status, headers, exc_info=None: None)) == [b"created"]
+    text, raw = idemfn_many([["show", "http::k-1"], ["show", "http::k-1", "--json"]], env=env)
+    assert (text.returncode, raw.returncode) == (0, 0)
+    expected = "HTTP 201 response, 2 headers, body b'created'"
+    assert shown_fields(text.stdout)["value"] == expected
+    assert as_json(raw)["value_repr"] == expected
 
 
 def test_show_halted_python_record(store: DiskStore, env: dict[str, str]) -> None:
