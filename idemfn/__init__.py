@@ -25,7 +25,8 @@ The public names, each with its docstring (``help(idemfn.idempotent)``):
 - ``fingerprint_value``, ``FINGERPRINT_VERSION``: the canonical fingerprint of a value.
 
 Submodules, imported on their own: ``idemfn.testing`` (``StoreContract``, the store
-conformance suite), ``idemfn.celery`` and ``idemfn.rq`` (task queue integrations).
+conformance suite), ``idemfn.celery`` and ``idemfn.rq`` (task queue integrations),
+``idemfn.asgi``, ``idemfn.wsgi`` and ``idemfn.django`` (the HTTP ``IdempotencyMiddleware``).
 Documentation: https://idemfn.readthedocs.io/
 """
 

@@ -214,7 +214,7 @@ class IdempotencyMiddleware:
                 recorder.start(message["status"], message.get("headers", ()))
             elif kind == "http.response.body":
                 recorder.add(message.get("body", b""))
-                if not message.get("more_body", False):
+                if not message.get("more_body", False) and recorder.status:
                     # Recorded before the client sees the end: a client that got the whole
                     # response and retries is replayed it, not told to wait.
                     recorder.finished = True
