@@ -172,7 +172,7 @@ class IdempotencyMiddleware:
         if isinstance(key, Response):
             await _respond(send, key)
             return
-        body = await _read_body(options, scope, receive)
+        body = await _read_body(options, key, scope, receive)
         if body is None:  # the client left before sending its whole request: nothing ran
             return
         if isinstance(body, Response):
@@ -245,13 +245,13 @@ def _request(scope: Scope, body: bytes) -> Request:
 
 
 async def _read_body(
-    options: HttpOptions[Request], scope: Scope, receive: Receive
+    options: HttpOptions[Request], key: str, scope: Scope, receive: Receive
 ) -> bytes | Response | None:
     """The whole request body (None: the client disconnected first), or 413 past the limit."""
     limit = options.max_request_body
     for name, value in scope["headers"]:
         if name == b"content-length" and value.isdigit() and int(value) > limit:
-            return too_large(options, int(value))
+            return too_large(options, key, int(value))
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -261,7 +261,7 @@ async def _read_body(
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            return too_large(options, None)
+            return too_large(options, key, None)
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)

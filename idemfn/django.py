@@ -238,10 +238,10 @@ class IdempotencyMiddleware:
         except ValueError:
             length = 0
         if length > options.max_request_body:
-            return too_large(options, length)
+            return too_large(options, key, length)
         if options.fingerprint is not None:
             return key, b""
-        body = _body(options, request, length)
+        body = _body(options, key, request, length)
         if isinstance(body, Response):
             return body
         return key, body
@@ -312,7 +312,9 @@ def _meta_name(header: str) -> str:
     return name if name in {"CONTENT_TYPE", "CONTENT_LENGTH"} else f"HTTP_{name}"
 
 
-def _body(options: HttpOptions[HttpRequest], request: HttpRequest, length: int) -> bytes | Response:
+def _body(
+    options: HttpOptions[HttpRequest], key: str, request: HttpRequest, length: int
+) -> bytes | Response:
     """The request's body, for the default fingerprint, or 413 past the limits."""
     # request.body refuses a body over DATA_UPLOAD_MAX_MEMORY_SIZE (a 400 from Django): the
     # same limit is said as a 413 problem, before anything is read.
@@ -322,8 +324,8 @@ def _body(options: HttpOptions[HttpRequest], request: HttpRequest, length: int) 
             413,
             "request-too-large",
             "Request body too large",
-            f"the request body ({length} bytes) is larger than the {memory} bytes this server"
-            " reads in memory to fingerprint it; nothing was run or recorded",
+            f"the request body ({length} bytes) with key {key!r} is larger than the {memory}"
+            " bytes this server reads in memory to fingerprint it; nothing was run or recorded",
         )
     try:
         body: bytes = request.body
@@ -334,7 +336,7 @@ def _body(options: HttpOptions[HttpRequest], request: HttpRequest, length: int) 
             f" that reads it, or give {_WHERE}['fingerprint'] a callable that needs no body"
         ) from None
     if len(body) > options.max_request_body:  # (Django reads no more than Content-Length)
-        return too_large(options, len(body))
+        return too_large(options, key, len(body))
     return body
 
 

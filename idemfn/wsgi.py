@@ -145,7 +145,7 @@ class IdempotencyMiddleware:
             return self.app(environ, start_response)
         if isinstance(key, Response):
             return _respond(start_response, key)
-        body = _read_body(options, environ)
+        body = _read_body(options, key, environ)
         if isinstance(body, Response):
             return _respond(start_response, body)
         environ["wsgi.input"] = io.BytesIO(body)
@@ -277,7 +277,9 @@ def _path(environ: WSGIEnvironment) -> str:
     return path.encode("latin-1").decode("utf-8", "surrogateescape")
 
 
-def _read_body(options: HttpOptions[Request], environ: WSGIEnvironment) -> bytes | Response:
+def _read_body(
+    options: HttpOptions[Request], key: str, environ: WSGIEnvironment
+) -> bytes | Response:
     """The whole request body, or 413 past ``max_request_body``."""
     limit = options.max_request_body
     stream = environ["wsgi.input"]
@@ -285,7 +287,7 @@ def _read_body(options: HttpOptions[Request], environ: WSGIEnvironment) -> bytes
     if length.strip().isdigit():
         size = int(length)
         if size > limit:
-            return too_large(options, size)
+            return too_large(options, key, size)
         return stream.read(size) if size else b""
     if not environ.get("wsgi.input_terminated"):
         return b""  # PEP 3333: without a length, the body cannot be read safely
@@ -297,7 +299,7 @@ def _read_body(options: HttpOptions[Request], environ: WSGIEnvironment) -> bytes
             return b"".join(chunks)
         size += len(chunk)
         if size > limit:
-            return too_large(options, None)
+            return too_large(options, key, None)
         chunks.append(chunk)
 
 
