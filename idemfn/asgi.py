@@ -20,16 +20,19 @@ the IETF Idempotency-Key draft: see ``IdempotencyMiddleware`` and the documentat
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Awaitable, Callable, Collection, Container, MutableMapping
 from datetime import datetime, timedelta
 from typing import Any
 
+from ._errors import IdempotencyError
 from ._http.exchange import (
     Recorder,
     Response,
     asettle,
     astart,
+    not_settled,
     outcome,
     read_key,
     too_large,
@@ -39,6 +42,8 @@ from ._http.request import Headers, Request
 from ._stores import Store
 
 __all__ = ["Headers", "IdempotencyMiddleware", "Request"]
+
+logger = logging.getLogger("idemfn")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -233,7 +238,17 @@ class IdempotencyMiddleware:
         async with step:  # an exception or a cancellation escaping the app halts the key
             await self.app(scope, app_receive, app_send)
             if not recorder.finished:
-                raise RuntimeError("the app returned before finishing its response")
+                # E.g. Starlette's StreamingResponse stops when its client leaves: the key is
+                # halted (its effects may have happened), quietly: nothing failed on the server.
+                logger.warning(
+                    "idemfn: the app returned before finishing its response to key %r (the"
+                    " client left?); the key is halted",
+                    key,
+                )
+                try:
+                    await step.ahalt(RuntimeError("the app returned before finishing its response"))
+                except IdempotencyError as problem:
+                    not_settled(step, problem)
 
 
 def _request(scope: Scope, body: bytes) -> Request:
