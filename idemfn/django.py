@@ -57,6 +57,7 @@ from ._http.exchange import (
     Response,
     asettle,
     astart,
+    incomplete,
     outcome,
     problem,
     read_key,
@@ -337,6 +338,8 @@ def _body(
         ) from None
     if len(body) > options.max_request_body:  # (Django reads no more than Content-Length)
         return too_large(options, key, len(body))
+    if len(body) < length:  # the server's stream ended early: the client left mid-upload
+        return incomplete(key, len(body), length)
     return body
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections import deque
 from collections.abc import Callable, Collection, Container, Iterable, Iterator
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -30,6 +31,7 @@ from ._errors import IdempotencyError
 from ._http.exchange import (
     Recorder,
     Response,
+    incomplete,
     not_settled,
     outcome,
     read_key,
@@ -161,29 +163,56 @@ class IdempotencyMiddleware:
         step = start(options, key, stored, fingerprint, due)
         if isinstance(step, Response):
             return _respond(start_response, step)
-        return _Run(self.app, options, step).respond(environ, start_response)
+        return _Run(self.app, options, step, start_response).respond(environ)
 
 
 class _Run:
-    """The first request with a key: run the app, keep its response, record it, send it."""
+    """The first request with a key: run the app, keep its response, record it, send it.
 
-    __slots__ = ("app", "claim", "headers", "options", "pending", "recorder", "status_line")
+    The response is kept whole up to ``max_response_body`` and recorded before it goes out;
+    past that, the headers go out and the rest is streamed (``_Stream``), never buffered."""
 
-    def __init__(self, app: WSGIApplication, options: HttpOptions[Request], claim: Claim) -> None:
+    __slots__ = (
+        "app",
+        "claim",
+        "closed",
+        "headers",
+        "options",
+        "pending",
+        "real_start",
+        "real_write",
+        "recorder",
+        "result",
+        "settled",
+        "status_line",
+    )
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        options: HttpOptions[Request],
+        claim: Claim,
+        start_response: StartResponse,
+    ) -> None:
         self.app = app
         self.options = options
         self.claim = claim
+        self.real_start = start_response
+        self.real_write: Callable[[bytes], object] | None = None  # set once headers went out
         self.recorder = Recorder(options.max_response_body)
-        self.pending: list[bytes] = []  # what the app produced and the client has not had
+        self.pending: deque[bytes] = deque()  # produced, not yet sent
         self.status_line = ""
         self.headers: list[tuple[str, str]] = []
+        self.result: Iterable[bytes] | None = None
+        self.closed = False
+        self.settled = False
 
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
     ) -> Callable[[bytes], object]:
-        if exc_info is not None and self.status_line:
-            raise exc_info[1].with_traceback(exc_info[2])  # PEP 3333: too late to change it
-        self.status_line = status
+        if exc_info is not None and self.real_write is not None:
+            raise exc_info[1].with_traceback(exc_info[2])  # PEP 3333: the headers went out
+        self.status_line = status  # (before anything went out, an error page replaces it)
         self.headers = headers
         self.recorder.start(
             int(status.split(" ", 1)[0]),
@@ -191,62 +220,117 @@ class _Run:
         )
         return self.write
 
-    def write(self, chunk: bytes) -> None:  # PEP 3333's legacy write()
-        self.pending.append(chunk)
+    def write(self, chunk: bytes) -> None:
+        """PEP 3333's legacy ``write()``: kept like the iterable's chunks, sent past the limit."""
         self.recorder.add(chunk)
+        self.pending.append(chunk)
+        if self.real_write is None:
+            if not self.recorder.overflowed:
+                return
+            self.send_headers()
+        write = self.real_write
+        assert write is not None
+        while self.pending:
+            write(self.pending.popleft())
 
-    def respond(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        result: Iterable[bytes] | None = None
+    def send_headers(self) -> None:
+        self.real_write = self.real_start(self.status_line, self.headers)
+
+    def respond(self, environ: WSGIEnvironment) -> Iterable[bytes]:
         try:
-            result = self.app(environ, self.start_response)  # type: ignore[arg-type]
-            chunks = iter(result)
-            for chunk in chunks:
-                self.write(chunk)
-                if self.recorder.overflowed:
-                    break
-            else:
-                _close(result)
-                result = None
-                if not self.status_line:
-                    raise RuntimeError("the app returned without calling start_response")
+            self.result = self.app(environ, self.start_response)  # type: ignore[arg-type]
+            chunks = iter(self.result)
+            if self.real_write is None:  # (write() may have gone past the limit already)
+                for chunk in chunks:
+                    self.pending.append(chunk)
+                    self.recorder.add(chunk)
+                    if self.recorder.overflowed:
+                        break
+                else:
+                    self.close()
+                    if not self.status_line:
+                        raise RuntimeError("the app returned without calling start_response")
         except BaseException as exc:  # the app raised: the key is halted
-            if result is not None:
-                _close(result)
-            self._fail(exc)
+            self.end(exc)
             raise
-        start_response(self.status_line, self.headers)
-        if result is not None:  # over max_response_body: streamed from here on
-            return self._streaming(result, chunks)
+        if not self.closed:  # over max_response_body: streamed from here on
+            if self.real_write is None:
+                self.send_headers()
+            return _Stream(self, chunks)
         self.recorder.finished = True
-        settle(self.claim, outcome(self.options, self.recorder))
+        self.settle()
+        if self.real_write is None:
+            self.send_headers()
         return self.pending
 
-    def _fail(self, exc: BaseException) -> None:
-        try:
-            self.claim.fail(exc)
-        except IdempotencyError as problem:
-            not_settled(self.claim, problem)
+    def close(self) -> None:
+        """Close the app's iterable, once, whatever its ``close()`` does."""
+        if not self.closed:
+            self.closed = True
+            _close(self.result)
 
-    def _streaming(self, result: Iterable[bytes], chunks: Iterator[bytes]) -> Iterator[bytes]:
-        """The rest of a response over ``max_response_body``: recorded as not kept at its end;
-        the key halted if it raises or the server closes it early (the client left)."""
-        claim = self.claim
+    def settle(self) -> None:
+        if not self.settled:
+            self.settled = True
+            settle(self.claim, outcome(self.options, self.recorder))
+
+    def end(self, exc: BaseException) -> None:
+        """The response ended with ``exc``: close the app's iterable, halt the key."""
         try:
-            yield from self.pending
-            self.pending.clear()
-            for chunk in chunks:
-                self.recorder.add(chunk)
-                yield chunk
-        except BaseException as exc:
-            _close(result)
-            self._fail(exc)
+            self.close()
+        finally:
+            if not self.settled:
+                self.settled = True
+                try:
+                    self.claim.fail(exc)
+                except IdempotencyError as problem:
+                    not_settled(self.claim, problem)
+
+
+class _Stream:
+    """The rest of a response over ``max_response_body``, as the server iterates it: recorded
+    as not kept at its end; the key halted if it raises, or if the server closes it before its
+    end (the client left), even before iterating it."""
+
+    __slots__ = ("chunks", "run")
+
+    def __init__(self, run: _Run, chunks: Iterator[bytes]) -> None:
+        self.run = run
+        self.chunks = chunks
+
+    def __iter__(self) -> _Stream:
+        return self
+
+    def __next__(self) -> bytes:
+        run = self.run
+        if run.pending:
+            return run.pending.popleft()
+        if run.closed:
+            raise StopIteration
+        try:
+            chunk = next(self.chunks)
+        except StopIteration:
+            try:
+                run.close()
+            except BaseException as exc:
+                run.end(exc)
+                raise
+            run.settle()
             raise
-        _close(result)
-        self.recorder.finished = True
-        settle(claim, outcome(self.options, self.recorder))
+        except BaseException as exc:
+            run.end(exc)
+            raise
+        run.recorder.add(chunk)
+        return chunk
+
+    def close(self) -> None:
+        """Called by the server when it is done: before the end, the client left."""
+        run = self.run
+        if not run.settled:
+            run.end(RuntimeError("the server closed the response before its end (client left?)"))
 
 
-def _close(result: Iterable[bytes]) -> None:
+def _close(result: Iterable[bytes] | None) -> None:
     close: Any = getattr(result, "close", None)
     if close is not None:
         close()
@@ -288,7 +372,10 @@ def _read_body(
         size = int(length)
         if size > limit:
             return too_large(options, key, size)
-        return stream.read(size) if size else b""
+        body = _read(stream, size)
+        if len(body) < size:  # the server's stream ends early when the client leaves
+            return incomplete(key, len(body), size)
+        return body
     if not environ.get("wsgi.input_terminated"):
         return b""  # PEP 3333: without a length, the body cannot be read safely
     chunks: list[bytes] = []
@@ -301,6 +388,19 @@ def _read_body(
         if size > limit:
             return too_large(options, key, None)
         chunks.append(chunk)
+
+
+def _read(stream: Any, size: int) -> bytes:
+    """``size`` bytes of ``stream``, or fewer if it ends first (``read`` may return less)."""
+    chunks: list[bytes] = []
+    left = size
+    while left > 0:
+        chunk = stream.read(left)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def _respond(start_response: StartResponse, response: Response) -> list[bytes]:

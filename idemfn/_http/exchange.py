@@ -37,6 +37,7 @@ __all__ = [
     "astart",
     "default_fingerprint",
     "describe",
+    "incomplete",
     "not_settled",
     "outcome",
     "problem",
@@ -186,6 +187,17 @@ def too_large(options: HttpOptions[Any], key: str, size: int | None) -> Response
         f"the request body{what} with key {key!r} is larger than the"
         f" {options.max_request_body} bytes this server fingerprints; nothing was run or"
         " recorded",
+    )
+
+
+def incomplete(key: str, got: int, expected: int) -> Response:
+    """400: the body ended before its ``Content-Length`` (the client left); nothing ran."""
+    return problem(
+        400,
+        "request-incomplete",
+        "Request body incomplete",
+        f"the request body with key {key!r} ended after {got} of its {expected} bytes (the"
+        " connection was closed?); nothing was run or recorded",
     )
 
 

@@ -541,6 +541,28 @@ def test_a_file_response_is_streamed_through_the_recorder_even_with_a_file_wrapp
     assert runs == {"/file": 1}
 
 
+def test_a_body_cut_short_by_a_client_that_left_runs_nothing(store: MemoryStore) -> None:
+    # gunicorn's wsgi.input ends early when the client leaves mid-upload, and Django's
+    # request.body returns what came: it must not run (nor be recorded) as if whole.
+    with guarded(store):
+        environ = (
+            RequestFactory()
+            .post("/orders", data="{}", content_type="application/json", HTTP_IDEMPOTENCY_KEY="k-1")
+            .environ
+        )
+        environ["CONTENT_LENGTH"] = "11"
+        environ["wsgi.input"] = io.BytesIO(b'{"item":')
+        statuses: list[str] = []
+        result = WSGIHandler()(environ, lambda status, headers: statuses.append(status))
+        body = json.loads(b"".join(result))
+        result.close()
+        assert statuses == ["400 Bad Request"]
+        assert body["type"].endswith("#request-incomplete") and "'k-1'" in body["detail"]
+        assert list(store.scan()) == []
+        assert runs == {}
+        assert post(Client(), "/orders", "k-1").status_code == 201  # the whole retry runs
+
+
 # The async path: Django's AsyncClient (an ASGI server alike) awaits the middleware.
 
 

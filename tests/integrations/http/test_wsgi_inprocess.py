@@ -349,11 +349,6 @@ def test_a_body_without_length_or_end_is_not_read() -> None:
     assert app.bodies == [b""] and app.lengths == ["0"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a body shorter than CONTENT_LENGTH (the client left mid-upload) is run and"
-    " recorded: idemfn/wsgi.py _read_body returns stream.read(size) without checking its length",
-)
 def test_a_client_that_leaves_while_sending_its_body_leaves_the_key_free() -> None:
     # gunicorn's wsgi.input returns what came before the connection closed, short.
     app = Orders()
@@ -586,12 +581,6 @@ def test_an_app_that_never_calls_start_response_halts_the_key() -> None:
     serve(mw).problem(500, "interrupted")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: close() raising is called a second time, and the claim is never settled (409"
-    " until its lease runs out): idemfn/wsgi.py _Run.respond closes in its try's else and again"
-    " in its except BaseException; _streaming likewise skips _fail when _close raises",
-)
 @pytest.mark.parametrize("limit", [1000, 3], ids=["kept", "streamed-past-the-limit"])
 def test_an_iterable_whose_close_raises_is_closed_once_and_halts_the_key(limit: int) -> None:
     body = Body([b"12", b"34"], close_fails=True)
@@ -602,12 +591,6 @@ def test_an_iterable_whose_close_raises_is_closed_once_and_halts_the_key(limit: 
     serve(mw).problem(500, "interrupted")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a response over max_response_body closed before it is iterated (a server or an"
-    " outer middleware that fails first) never closes the app's iterable nor settles the key:"
-    " idemfn/wsgi.py _Run._streaming is a generator, and closing an unstarted one runs nothing",
-)
 def test_a_streamed_response_closed_before_it_is_iterated_halts_the_key() -> None:
     body = Body([b"1234", b"5678"])
     store = MemoryStore()
@@ -667,12 +650,6 @@ def test_a_generator_app_that_starts_its_response_when_iterated_is_recorded() ->
     assert runs == [1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a response written with the legacy write() is buffered whole, past"
-    " max_response_body (unbounded): idemfn/wsgi.py _Run.write appends to pending until the app"
-    " returns, where an iterable's is streamed from the limit on",
-)
 def test_the_legacy_write_is_not_buffered_past_the_limit() -> None:
     server = Server()
     held_back: list[int] = []
@@ -689,12 +666,6 @@ def test_the_legacy_write_is_not_buffered_past_the_limit() -> None:
     assert max(held_back) <= 1000 + 100
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: start_response(..., exc_info) before anything was sent re-raises instead of"
-    " replacing the status (PEP 3333): idemfn/wsgi.py _Run.start_response tests"
-    " self.status_line, but nothing is sent until the app returns",
-)
 def test_an_error_page_chosen_before_anything_was_sent_replaces_the_response() -> None:
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         start_response("200 OK", [("Content-Type", "application/json")])
