@@ -225,6 +225,8 @@ class IdempotencyMiddleware:
                     recorder.finished = True
                     await asettle(step, outcome(options, recorder))
             if client_gone:
+                if recorder.overflowed:  # it can no longer be recorded: stop the app
+                    raise OSError("the client left, and the response is too large to record")
                 return
             try:
                 await send(message)

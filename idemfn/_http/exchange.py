@@ -312,7 +312,11 @@ def outcome(options: HttpOptions[Any], recorder: Recorder) -> Recorded | None:
     outside ``recorded_statuses``)."""
     if not options.records(recorder.status):
         return None
-    headers = [header for header in recorder.headers if header[0].lower() not in _NOT_REPLAYED]
+    dropped = _NOT_REPLAYED
+    for name, value in recorder.headers:
+        if name.lower() == b"connection":  # it names more headers about this connection only
+            dropped = dropped | {part.strip().lower() for part in value.split(b",")}
+    headers = [header for header in recorder.headers if header[0].lower() not in dropped]
     if recorder.overflowed:
         return Recorded(recorder.status, headers, b"", kept=False)
     return Recorded(recorder.status, headers, b"".join(recorder.chunks))

@@ -107,6 +107,13 @@ class HttpOptions(Generic[RequestT]):
                 f"{where}: recorded_statuses must be a collection of statuses such as"
                 f" range(200, 500), or None for every status, not {recorded_statuses!r}"
             )
+        if isinstance(recorded_statuses, Collection) and not isinstance(recorded_statuses, range):
+            wrong = [s for s in recorded_statuses if isinstance(s, bool) or not isinstance(s, int)]
+            if wrong:
+                raise TypeError(
+                    f"{where}: recorded_statuses must hold int statuses such as 503, not"
+                    f" {wrong[0]!r}"
+                )
         self.recorded_statuses = recorded_statuses
         self.store: Store = resolve_store(store, option=f"{where}: store")
 

@@ -464,3 +464,25 @@ def test_request_headers_are_looked_up_in_any_case() -> None:
         headers["missing"]
     request = Request("POST", "/o", "a=1", headers, b"{}", {})
     assert repr(request) == "<Request POST /o?a=1 (2 bytes)>"
+
+
+def test_headers_named_by_connection_are_not_recorded() -> None:
+    # RFC 9110 7.6.1: Connection names more headers that are about this connection only.
+    recorder = Recorder(100)
+    recorder.start(
+        200,
+        [
+            (b"Connection", b"close, X-Hop"),
+            (b"x-hop", b"1"),
+            (b"X-Kept", b"2"),
+        ],
+    )
+    recorder.add(b"ok")
+    recorded = outcome(HttpOptions(store=MemoryStore()), recorder)
+    assert recorded is not None and recorded.headers == [(b"X-Kept", b"2")]
+
+
+@pytest.mark.parametrize("statuses", [["200"], (200, "503"), {True}])
+def test_recorded_statuses_must_hold_int_statuses(statuses: object) -> None:
+    with pytest.raises(TypeError, match="recorded_statuses must hold int statuses"):
+        HttpOptions(store=MemoryStore(), recorded_statuses=statuses)  # type: ignore[arg-type]

@@ -649,6 +649,25 @@ def test_a_client_gone_past_max_response_body_stops_the_app(store: Store) -> Non
     run(main())
 
 
+def test_a_client_gone_under_the_limit_stops_the_app_once_the_response_is_past_it(
+    store: Store,
+) -> None:
+    app = Streams([b"12345", b"67890", b"abcde"])
+    mw = middleware(app, store, max_response_body=8)
+    # The client is gone from the first part on (under the limit: the app goes on, so that
+    # its response can be recorded); once past the limit it can't be: the app is stopped.
+    client = Client([b'{"item": 1}'], gone_from=0)
+
+    async def main() -> None:
+        with pytest.raises(OSError, match="too large to record"):
+            await call(mw, client=client)
+        assert [type(e) for e in app.errors] == [OSError] and app.finished == 0
+        (await call(mw)).problem(500, "interrupted")
+        assert app.runs == 1
+
+    run(main())
+
+
 # -- the app fails ------------------------------------------------------------------------------
 
 
