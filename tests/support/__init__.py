@@ -14,6 +14,8 @@ pytest.register_assert_rewrite(
             "cli",
             "concurrency",
             "forks",
+            "http_checks",
+            "http_servers",
             "records",
             "rq_jobs",
             "servers",
