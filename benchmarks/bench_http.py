@@ -1,25 +1,26 @@
 #!/usr/bin/env python
 """The HTTP middlewares (issue 17) on real servers, every figure against its target in one run.
 
-    python benchmarks/bench_http.py                  # full run (about 3 minutes on 2 cores)
-    python benchmarks/bench_http.py --quick          # a short run (under 2 minutes)
+    python benchmarks/bench_http.py                  # full run (about 2 minutes on 2 cores)
+    python benchmarks/bench_http.py --quick          # a short run (under a minute)
     python benchmarks/bench_http.py --stores disk,redis --frameworks starlette,flask
-    python benchmarks/bench_http.py --json out.json  # also keep every round and request count
+    python benchmarks/bench_http.py --json out.json  # also keep every request's time
+    python benchmarks/bench_http.py --profile        # where a request's time goes, in process
 
 Starts its own ``redis-server`` and PostgreSQL cluster (``bench_stores.py``'s, unix sockets),
 then one server per app and configuration on loopback ports, each its own process tree:
-uvicorn (2 workers) serving ``benchmarks/http_apps/starlette_app.py``, gunicorn (4 sync
-workers) serving ``flask_app.py`` and the Django project ``django_site``, each bare (no
-middleware), with idemfn's middleware on a ``DiskStore`` (a temporary directory), a
-``RedisStore`` and a ``PostgresStore``, and with the framework's peer (``asgi-idempotency-header``
-on Starlette, ``django-idempotency-key`` on Django, both on the same redis-server). Then:
+uvicorn serving ``benchmarks/http_apps/starlette_app.py``, gunicorn (4 sync workers) serving
+``flask_app.py`` and the Django project ``django_site``, each bare (no middleware), with
+idemfn's middleware on a ``DiskStore`` (a temporary directory), a ``RedisStore`` and a
+``PostgresStore``, and with the framework's peer (``asgi-idempotency-header`` on Starlette,
+``django-idempotency-key`` on Django, both on the same redis-server). Then:
 
 - **latency**: one persistent httpx client per server, requests one at a time: the bare route,
   a first request (a new key each time) and a replay (keys recorded in the warm-up), per store;
-  beside them one store first call in this process (``idemfn.begin`` + ``complete`` on the same
-  store kind; ``abegin`` + ``acomplete`` shown too). Each round runs every series once, in an
-  order that changes each round, after a warm-up round; a round's figure is the median of its
-  requests, a series' figure the median of its rounds.
+  beside them one store first call in this process on the same store kind (``idemfn.begin`` +
+  ``complete``, and ``abegin`` + ``acomplete``). In each round every series makes one call in
+  turn, ``requests`` times over, in an order shuffled each round, after a warm-up round; a
+  round's figure is the median of its calls, a series' figure the median of its rounds.
 - **duplicates**: 50 concurrent requests with one key (50 connections, asyncio + httpx) on a
   route whose handler appends a line to a file outside every store, then takes 50 ms: the
   handler's runs per round, for idemfn and each peer.
@@ -379,21 +380,23 @@ def store_series(kind: str, store: Store, loop: asyncio.AbstractEventLoop) -> li
     ]
 
 
-def run_latency(series: list[Series], settings: Settings) -> None:
-    """Rounds of interleaved calls: each round, every series in turn makes one request (or
-    store call), ``requests`` times over, in an order shuffled each round; so a load that
-    drifts (a shared machine) hits every series alike. Then each store series runs its calls
-    in a tight loop too (``tight``), as bench_stores.py does."""
+def run_latency(series: list[Series], settings: Settings, block: int) -> None:
+    """Rounds of interleaved turns: each round, every series in turn makes ``block`` calls
+    (requests, or store calls) one at a time, until each made ``requests``, in an order
+    shuffled each round; so a load that drifts (a shared machine) hits every series alike.
+    Then each store series runs its calls in a tight loop too (``tight``), as bench_stores.py
+    does. ``block`` 1: every call follows other servers' calls (caches cold, as in a server
+    between sparse requests); 10: most follow their own series' (warm, as back to back)."""
     rng = random.Random(17)
     order = list(series)
     n = settings.requests
-    print(f"\nlatency: {settings.rounds} rounds of {n} interleaved calls per series", end="")
+    print(f"\nlatency: {settings.rounds} rounds of {n} calls per series, {block} at a turn", end="")
     for r in range(settings.rounds + 1):
         rng.shuffle(order)
         timings: dict[int, list[float]] = {id(s): [] for s in order}
-        for _ in range(n if r else max(10, n // 2)):
+        for _ in range(max(1, (n if r else max(10, n // 2)) // block)):
             for s in order:
-                timings[id(s)] += s.batch(1)
+                timings[id(s)] += s.batch(block)
         if r:  # round 0 warms up: connections, imports, caches
             for s in order:
                 s.rounds.append(timings[id(s)])
@@ -620,20 +623,24 @@ def _phase_timers(framework: str, middleware: Any, totals: Counter[str]) -> Iter
 
 
 def _phases(driver: _Driver, middleware: Any, keys: Iterator[str], n: int) -> dict[str, float]:
-    """µs per request of each phase of ``n`` requests (``rest``: the middleware's own code
-    between them, and the driver's call)."""
+    """The median µs of each phase over ``n`` requests, and of the whole request (``rest``:
+    each request's time outside the phases, the middleware's own code between them and the
+    driver's call). Medians of each, so they need not add up to the total's."""
     totals: Counter[str] = Counter()
+    samples: list[dict[str, float]] = []
     with _phase_timers(driver.framework, middleware, totals):
-        t0 = time.perf_counter_ns()
         for _ in range(n):
+            totals.clear()
+            t0 = time.perf_counter_ns()
             driver.request(next(keys))
-        total = time.perf_counter_ns() - t0
-    out = {name: ns / n / 1000 for name, ns in totals.items()}
-    settle = out.get("asettle", 0.0)  # ASGI: recorded as the app sends its body, inside "app"
-    if "app" in out:
-        out["app"] -= settle
-    out["rest"] = total / n / 1000 - sum(out.values())
-    return {"total": total / n / 1000} | out
+            total = time.perf_counter_ns() - t0
+            one = {name: ns / 1000 for name, ns in totals.items()}
+            # ASGI: the response is recorded as the app sends its body, inside "app"
+            if "app" in one:
+                one["app"] -= one.get("asettle", 0.0)
+            one["rest"] = total / 1000 - sum(one.values())
+            samples.append({"total": total / 1000} | one)
+    return {name: statistics.median(s[name] for s in samples) for name in samples[0]}
 
 
 def _guarded(framework: str, app: Any) -> Any:
@@ -717,7 +724,7 @@ def _profile_one(
     )
     for title, phases in (("first request", first), ("replay", replay)):
         parts = ", ".join(f"{k} {v:.1f}" for k, v in phases.items() if k != "total")
-        print(f"    {title} phases (µs, of {phases['total']:.1f}): {parts}")
+        print(f"    {title} phases, medians (µs; whole request {phases['total']:.1f}): {parts}")
     if cprofile:
         import cProfile
         import pstats
@@ -888,6 +895,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--frameworks", default=",".join(FRAMEWORKS), help="some of starlette,flask,django"
     )
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=10,
+        help="calls a series makes at each turn (default 10; 1: every call after others')",
+    )
     parser.add_argument("--no-duplicates", action="store_true", help="skip the duplicates part")
     parser.add_argument("--json", type=Path, help="also write every round here")
     parser.add_argument(
@@ -948,13 +961,16 @@ def main(argv: list[str] | None = None) -> int:
             series += http_series(server)
         for kind, store in in_process.items():
             series += store_series(kind, store, loop)
-        run_latency(series, settings)
+        run_latency(series, settings, args.block)
         duplicates = {} if args.no_duplicates else run_duplicates(dup_servers, settings)
         for s in series:
             if s.unexpected:
                 print(f"  unexpected answers, {s.name}: {dict(s.unexpected)}")
     figures = figures_of(series, duplicates)
-    print(f"\nsummary (idemfn at {commit}): µs are medians of rounds' median requests")
+    print(
+        f"\nsummary (idemfn at {commit}, --block {args.block}): µs are medians of rounds' median"
+        " calls"
+    )
     part = ""
     for f in figures:
         if f.part != part:
@@ -967,7 +983,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         data = {
             "commit": commit,
-            "settings": settings.__dict__,
+            "settings": settings.__dict__ | {"block": args.block},
             "workers": {"uvicorn": [UVICORN_LATENCY, UVICORN_DUPLICATES], "gunicorn": GUNICORN},
             "figures": [f.__dict__ for f in figures],
             "series": {
