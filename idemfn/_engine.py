@@ -478,8 +478,26 @@ class Claim:
             settled(entry.key)
 
     def _finished_entry(self, status: str, **fields: Any) -> Steps[Entry]:
+        try:
+            now = yield _TIME_OP
+        except Exception:
+            raise
+        except BaseException as interrupted:
+            if self._transactional:  # its record is written in the body's transaction
+                raise
+            # Interrupted as it read the store's clock (a cancelled task, Ctrl-C), the claim is
+            # settled already: write the outcome all the same, timed on this machine's clock
+            # (its times only say when it expires), then let the interruption go on.
+            entry = self._entry_at(time.time(), status, **fields)
+            try:
+                yield from self._finishing(entry)
+            finally:
+                heartbeat.discard(self)
+            raise interrupted from None
+        return self._entry_at(now, status, **fields)
+
+    def _entry_at(self, now: float, status: str, **fields: Any) -> Entry:
         e = self.entry
-        now = yield _TIME_OP
         ttl = self.policy.ttl
         return Entry(
             e.key,
@@ -1021,10 +1039,14 @@ def _deciding(
 
 def _undone_if_interrupted(op: Op, claimed: Entry) -> Steps[Any]:
     """Run ``op``, which may write the claim ``claimed``. Interrupted (a cancelled task,
-    Ctrl-C) before its answer came, the claim may have been made with no one left to run it:
-    undo it, so that an interrupted caller writes nothing."""
+    Ctrl-C) before its answer came, or failed (a ``StoreError``: a timeout may come after the
+    write landed), the claim may have been made with no one left to run it: undo it (a release
+    of its own token, harmless if it never landed), so that the caller writes nothing."""
     try:
         return (yield op)
+    except StoreError:
+        yield from _undoing(claimed.key, claimed.token)
+        raise
     except Exception:
         raise
     except BaseException as interrupted:
@@ -1046,7 +1068,10 @@ def _undoing(key: str, token: str) -> Steps[None]:
         yield (_UNSTOPPABLE, (_RELEASE, key, token))
     except Exception as problem:  # its lease runs out: it is judged abandoned then
         logger.warning(
-            "idemfn: could not undo the claim on %r of an interrupted call: %s", key, problem
+            "idemfn: could not undo the claim on %r of a call that could not go on (%s); it is"
+            " judged abandoned once its lease runs out",
+            key,
+            problem,
         )
     else:
         settled(key)

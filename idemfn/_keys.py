@@ -153,6 +153,12 @@ def check_name(name: object, what: str) -> str:
     problem = unstorable(name)
     if problem is not None:
         raise ValueError(f"name={name!r} for {what} cannot be stored: {problem}")
+    if name == "http":
+        raise ValueError(
+            f"name='http' for {what} is reserved: the HTTP middlewares store their keys as"
+            " 'http:<tenant>:<key>', and a function of that name would share them. Use"
+            " another name, e.g. 'http.requests'"
+        )
     return name
 
 

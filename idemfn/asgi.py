@@ -175,13 +175,13 @@ class IdempotencyMiddleware:
             await self.app(scope, receive, send)
             return
         if isinstance(key, Response):
-            await _respond(send, key)
+            await _respond(send, key, scope)
             return
         body = await _read_body(options, key, scope, receive)
         if body is None:  # the client left before sending its whole request: nothing ran
             return
         if isinstance(body, Response):
-            await _respond(send, body)
+            await _respond(send, body, scope)
             return
         stored, fingerprint, due = options.identify(
             key,
@@ -193,7 +193,7 @@ class IdempotencyMiddleware:
         )
         step = await astart(options, key, stored, fingerprint, due)
         if isinstance(step, Response):
-            await _respond(send, step)
+            await _respond(send, step, scope)
             return
         extensions = scope.get("extensions")
         if extensions and any(name in extensions for name in _PATH_SENDS):
@@ -212,18 +212,29 @@ class IdempotencyMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
+        trailing = False  # the response ends with http.response.trailers, not its last body
+
         async def app_send(message: Message) -> None:
-            nonlocal client_gone
+            nonlocal client_gone, trailing
             kind = message["type"]
+            ends = False
             if kind == "http.response.start":
-                recorder.start(message["status"], message.get("headers", ()))
+                # Headers may be any iterable: read once, the list goes on to the server.
+                message = {**message, "headers": list(message.get("headers", ()))}
+                recorder.start(message["status"], message["headers"])
+                trailing = bool(message.get("trailers", False))
             elif kind == "http.response.body":
                 recorder.add(message.get("body", b""))
-                if not message.get("more_body", False) and recorder.status:
-                    # Recorded before the client sees the end: a client that got the whole
-                    # response and retries is replayed it, not told to wait.
-                    recorder.finished = True
-                    await asettle(step, outcome(options, recorder))
+                ends = not message.get("more_body", False) and not trailing
+            elif kind == "http.response.trailers":
+                message = {**message, "headers": list(message.get("headers", ()))}
+                recorder.trailers.extend(message["headers"])
+                ends = not message.get("more_trailers", False)
+            if ends and recorder.status:
+                # Recorded before the client sees the end: a client that got the whole
+                # response and retries is replayed it, not told to wait.
+                recorder.finished = True
+                await asettle(step, outcome(options, recorder))
             if client_gone:
                 if recorder.overflowed:  # it can no longer be recorded: stop the app
                     raise OSError("the client left, and the response is too large to record")
@@ -284,8 +295,25 @@ async def _read_body(
             return b"".join(chunks)
 
 
-async def _respond(send: Send, response: Response) -> None:
-    await send(
-        {"type": "http.response.start", "status": response.status, "headers": response.headers}
+async def _respond(send: Send, response: Response, scope: Scope) -> None:
+    # Recorded trailers go to a server that can send them (ASGI's trailers extension).
+    trailers = bool(response.trailers) and "http.response.trailers" in (
+        scope.get("extensions") or {}
     )
+    start: Message = {
+        "type": "http.response.start",
+        "status": response.status,
+        "headers": response.headers,
+    }
+    if trailers:
+        start["trailers"] = True
+    await send(start)
     await send({"type": "http.response.body", "body": response.body})
+    if trailers:
+        await send(
+            {
+                "type": "http.response.trailers",
+                "headers": list(response.trailers),
+                "more_trailers": False,
+            }
+        )

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import io
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterator, Mapping
 from http.cookies import CookieError, Morsel, SimpleCookie
@@ -242,7 +243,10 @@ class IdempotencyMiddleware:
             return too_large(options, key, length)
         if options.fingerprint is not None:
             return key, b""
-        body = _body(options, key, request, length)
+        if meta.get("CONTENT_LENGTH"):
+            body = _body(options, key, request, length)
+        else:  # chunked, or HTTP/2: read no further than the limit
+            body = _unannounced_body(options, key, request)
         if isinstance(body, Response):
             return body
         return key, body
@@ -313,6 +317,29 @@ def _meta_name(header: str) -> str:
     return name if name in {"CONTENT_TYPE", "CONTENT_LENGTH"} else f"HTTP_{name}"
 
 
+_READ_BEFORE = (
+    "idemfn.django.IdempotencyMiddleware: the request body was read as a stream before the"
+    " middleware could fingerprint it: place the middleware above the one that reads it, or"
+    f" give {_WHERE}['fingerprint'] a callable that needs no body"
+)
+
+
+def _unannounced_body(
+    options: HttpOptions[HttpRequest], key: str, request: HttpRequest
+) -> bytes | Response:
+    """A body sent without ``Content-Length``, read up to ``max_request_body`` and kept as
+    Django keeps ``request.body`` (so the view reads it again), or 413 past it."""
+    try:
+        body: bytes = request.read(options.max_request_body + 1)
+    except RawPostDataException:
+        raise RuntimeError(_READ_BEFORE) from None
+    if len(body) > options.max_request_body:
+        return too_large(options, key, None)
+    request._body = body  # what HttpRequest.body does once it has read the stream
+    request._stream = io.BytesIO(body)
+    return body
+
+
 def _body(
     options: HttpOptions[HttpRequest], key: str, request: HttpRequest, length: int
 ) -> bytes | Response:
@@ -331,11 +358,7 @@ def _body(
     try:
         body: bytes = request.body
     except RawPostDataException:
-        raise RuntimeError(
-            "idemfn.django.IdempotencyMiddleware: the request body was read as a stream"
-            " before the middleware could fingerprint it: place the middleware above the one"
-            f" that reads it, or give {_WHERE}['fingerprint'] a callable that needs no body"
-        ) from None
+        raise RuntimeError(_READ_BEFORE) from None
     if len(body) > options.max_request_body:  # (Django reads no more than Content-Length)
         return too_large(options, key, len(body))
     if len(body) < length:  # the server's stream ended early: the client left mid-upload
@@ -357,7 +380,7 @@ def _recorder(options: HttpOptions[HttpRequest], response: Any) -> Recorder:
         for morsel in response.cookies.values()
     )
     recorder = Recorder(options.max_response_body)
-    recorder.start(response.status_code, headers)
+    recorder.start(response.status_code, headers, response.reason_phrase)
     return recorder
 
 
@@ -520,7 +543,7 @@ def _not_halted(claim: Claim, problem: IdempotencyError) -> None:
 
 def _answer(response: Response) -> HttpResponse:
     """A replay or a problem as Django's response: the exact status, headers and body."""
-    answer = HttpResponse(response.body, status=response.status)
+    answer = HttpResponse(response.body, status=response.status, reason=response.reason or None)
     del answer.headers["Content-Type"]  # Django's default: the recorded headers say
     headers = response.headers
     if headers and headers[-1] == REPLAYED:  # the recorded headers, then the marker

@@ -137,7 +137,7 @@ class IdempotencyMiddleware:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         """Guard one request (a WSGI call)."""
         options = self.options
-        method = environ["REQUEST_METHOD"]
+        method = environ["REQUEST_METHOD"].upper()  # as frameworks route it (Werkzeug)
         if method not in options.methods:
             return self.app(environ, start_response)
         # A header sent twice arrives folded into one value, "a, b": read_key refuses it.
@@ -185,6 +185,7 @@ class _Run:
         "result",
         "settled",
         "status_line",
+        "written",
     )
 
     def __init__(
@@ -206,22 +207,27 @@ class _Run:
         self.result: Iterable[bytes] | None = None
         self.closed = False
         self.settled = False
+        self.written = False  # write() was called
 
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
     ) -> Callable[[bytes], object]:
-        if exc_info is not None and self.real_write is not None:
-            raise exc_info[1].with_traceback(exc_info[2])  # PEP 3333: the headers went out
+        if exc_info is not None and (self.real_write is not None or self.written):
+            # PEP 3333: the headers went out (write() sends them, as far as the app knows)
+            raise exc_info[1].with_traceback(exc_info[2])
         self.status_line = status  # (before anything went out, an error page replaces it)
         self.headers = headers
+        code, _, reason = status.partition(" ")
         self.recorder.start(
-            int(status.split(" ", 1)[0]),
+            int(code),
             [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers],
+            reason,
         )
         return self.write
 
     def write(self, chunk: bytes) -> None:
         """PEP 3333's legacy ``write()``: kept like the iterable's chunks, sent past the limit."""
+        self.written = True
         self.recorder.add(chunk)
         self.pending.append(chunk)
         if self.real_write is None:
@@ -368,7 +374,7 @@ def _read_body(
     limit = options.max_request_body
     stream = environ["wsgi.input"]
     length = environ.get("CONTENT_LENGTH") or ""
-    if length.strip().isdigit():
+    if length.strip().isascii() and length.strip().isdigit():
         size = int(length)
         if size > limit:
             return too_large(options, key, size)
@@ -404,7 +410,9 @@ def _read(stream: Any, size: int) -> bytes:
 
 
 def _respond(start_response: StartResponse, response: Response) -> list[bytes]:
-    status = f"{response.status} {_REASONS.get(response.status, '')}".rstrip()
+    # PEP 3333 wants a reason phrase: the recorded one, else the standard one.
+    reason = response.reason or _REASONS.get(response.status, "Unknown")
+    status = f"{response.status} {reason}"
     start_response(
         status,
         [(name.decode("latin-1"), value.decode("latin-1")) for name, value in response.headers],

@@ -71,11 +71,14 @@ _NOT_REPLAYED = frozenset(
 
 
 class Response(NamedTuple):
-    """A response the middleware sends itself: a replay or a problem."""
+    """A response the middleware sends itself: a replay or a problem. ``reason``: the
+    recorded reason phrase ("" for the standard one); ``trailers``: recorded ASGI trailers."""
 
     status: int
     headers: list[Header]
     body: bytes
+    reason: str = ""
+    trailers: tuple[Header, ...] = ()
 
 
 def problem(
@@ -229,6 +232,8 @@ class Recorded(NamedTuple):
     headers: list[Header]
     body: bytes
     kept: bool = True
+    reason: str = ""  # the app's reason phrase, where the server has one (WSGI, Django)
+    trailers: tuple[Header, ...] = ()  # ASGI's http.response.trailers
 
 
 class _ResponseCodec:
@@ -242,11 +247,17 @@ class _ResponseCodec:
     def dumps(value: object) -> bytes:
         if not isinstance(value, Recorded):
             raise TypeError(f"only an HTTP response is recorded here, not {type(value).__name__}")
-        head = {
+        head: dict[str, Any] = {
             "status": value.status,
             "headers": [[name.decode("latin-1"), v.decode("latin-1")] for name, v in value.headers],
             "kept": value.kept,
         }
+        if value.reason:
+            head["reason"] = value.reason
+        if value.trailers:
+            head["trailers"] = [
+                [n.decode("latin-1"), v.decode("latin-1")] for n, v in value.trailers
+            ]
         return json.dumps(head, separators=(",", ":")).encode() + b"\n" + value.body
 
     @staticmethod
@@ -254,7 +265,12 @@ class _ResponseCodec:
         line, _, body = data.partition(b"\n")
         head = json.loads(line)
         headers = [(name.encode("latin-1"), v.encode("latin-1")) for name, v in head["headers"]]
-        return Recorded(int(head["status"]), headers, body, bool(head["kept"]))
+        trailers = tuple(
+            (n.encode("latin-1"), v.encode("latin-1")) for n, v in head.get("trailers", ())
+        )
+        return Recorded(
+            int(head["status"]), headers, body, bool(head["kept"]), head.get("reason", ""), trailers
+        )
 
 
 RESPONSE_CODEC = _ResponseCodec()
@@ -281,7 +297,17 @@ class Recorder:
     """Keeps the app's response as it goes out: status, headers, and the body up to ``limit``
     bytes (past it, ``overflowed`` and the body is dropped: it is never buffered unbounded)."""
 
-    __slots__ = ("chunks", "finished", "headers", "limit", "overflowed", "size", "status")
+    __slots__ = (
+        "chunks",
+        "finished",
+        "headers",
+        "limit",
+        "overflowed",
+        "reason",
+        "size",
+        "status",
+        "trailers",
+    )
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -291,10 +317,13 @@ class Recorder:
         self.size = 0
         self.overflowed = False
         self.finished = False  # the app sent its response's end
+        self.reason = ""
+        self.trailers: list[Header] = []
 
-    def start(self, status: int, headers: Iterable[Header]) -> None:
+    def start(self, status: int, headers: Iterable[Header], reason: str = "") -> None:
         self.status = status
         self.headers = list(headers)
+        self.reason = reason
 
     def add(self, chunk: bytes) -> None:
         if self.overflowed or not chunk:
@@ -318,8 +347,14 @@ def outcome(options: HttpOptions[Any], recorder: Recorder) -> Recorded | None:
             dropped = dropped | {part.strip().lower() for part in value.split(b",")}
     headers = [header for header in recorder.headers if header[0].lower() not in dropped]
     if recorder.overflowed:
-        return Recorded(recorder.status, headers, b"", kept=False)
-    return Recorded(recorder.status, headers, b"".join(recorder.chunks))
+        return Recorded(recorder.status, headers, b"", kept=False, reason=recorder.reason)
+    return Recorded(
+        recorder.status,
+        headers,
+        b"".join(recorder.chunks),
+        reason=recorder.reason,
+        trailers=tuple(recorder.trailers),
+    )
 
 
 def settle(claim: Claim, recorded: Recorded | None) -> None:
@@ -431,7 +466,13 @@ def replay(key: str, finished: Finished) -> Response:
             logger.error("idemfn: the response recorded for %r does not load: %s", entry.key, exc)
         else:
             if recorded.kept:
-                return Response(recorded.status, [*recorded.headers, REPLAYED], recorded.body)
+                return Response(
+                    recorded.status,
+                    [*recorded.headers, REPLAYED],
+                    recorded.body,
+                    recorded.reason,
+                    recorded.trailers,
+                )
             return problem(
                 500,
                 "response-not-recorded",

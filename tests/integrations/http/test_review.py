@@ -1,5 +1,5 @@
-"""A hostile review of the HTTP middlewares (issue 17): each finding a strict xfail naming the
-bug, and the guarantees that held under attack and were not tested elsewhere.
+"""A hostile review of the HTTP middlewares (issue 17): each finding a test that failed before
+its fix, and the guarantees that held under attack and were not tested elsewhere.
 
 In process (raw ASGI calls, WSGI calls, wsgiref's handler, Flask, Django's ASGIRequest), and
 with a real process SIGKILLed where processes matter.
@@ -249,7 +249,7 @@ def django_asgi_request(
     return ASGIRequest(scope, CountingBody(b"") if body is None else body)
 
 
-# == Findings (strict xfails) ===================================================================
+# == Findings (each failed before its fix) ======================================================
 
 
 class LostAnswer(MemoryStore):
@@ -268,14 +268,6 @@ class LostAnswer(MemoryStore):
         return found
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (high): a claim that landed but whose answer was lost (StoreError) is never"
-    " undone: the client is told 503 'was not processed ... Retry later', its retry gets 409,"
-    " and once the lease runs out 500 'interrupted ... will not run again' for the whole ttl,"
-    " though the app never ran. _engine._undone_if_interrupted undoes a claim only on a"
-    " BaseException, not on the store's own error (line 'except Exception: raise').",
-)
 def test_a_claim_whose_answer_was_lost_leaves_the_key_to_the_retry(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -324,15 +316,6 @@ class RemoteClock(MemoryStore):
         return self.time()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (medium): a cancellation (Starlette's StreamingResponse or Django under ASGI,"
-    " when the client leaves) that lands while the finished response's outcome reads the"
-    " store's clock leaves the key processing, never written: retries get 409 until the lease"
-    " runs out, then 500 'interrupted', instead of the replay. Claim._completing (and"
-    " _halting) mark the claim settled (_settling) before _finished_entry's 'yield _TIME_OP',"
-    " which _writing's re-write on interruption (_finishing) does not cover.",
-)
 def test_a_cancellation_while_the_response_is_being_recorded_still_records_it() -> None:
     # The 1st atime is the claim's, the 2nd the outcome's (complete): hold that one.
     store = RemoteClock(hold=2)
@@ -355,14 +338,6 @@ def test_a_cancellation_while_the_response_is_being_recorded_still_records_it() 
     assert status_of(retry) == 201, problem_of(retry)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (medium): the ASGI recorder consumes the app's response headers with"
-    " list(headers) and passes the message on unchanged: headers given as a one-shot"
-    " iterable (ASGI allows any Iterable) reach the first client EMPTY (no Content-Type,"
-    " Set-Cookie, Location), while the replay has them. asgi.py app_send,"
-    " recorder.start(message['status'], message.get('headers', ())); Recorder.start.",
-)
 def test_headers_given_as_a_one_shot_iterable_reach_the_first_client() -> None:
     headers = [(b"content-type", b"text/plain"), (b"location", b"/orders/7")]
 
@@ -377,13 +352,6 @@ def test_headers_given_as_a_one_shot_iterable_reach_the_first_client() -> None:
     assert first[0]["headers"] == headers
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (medium): the WSGI middleware compares REQUEST_METHOD as sent with the"
-    " upper-cased methods, but Werkzeug (Flask) upper-cases it and routes 'post' to the POST"
-    " view: a lowercase method (passed on by Werkzeug's server, wsgiref, h11) runs the view"
-    " unguarded, once per request. wsgi.py __call__: 'if method not in options.methods'.",
-)
 def test_a_lowercase_method_that_flask_serves_as_post_is_guarded() -> None:
     runs: list[int] = []
     app = Flask(__name__)
@@ -401,15 +369,6 @@ def test_a_lowercase_method_that_flask_serves_as_post_is_guarded() -> None:
     assert retry.header("idempotent-replayed") == "true" and retry.body == first.body
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (medium): under Django's ASGI handler a body sent without Content-Length"
-    " (chunked, HTTP/2) is read whole into memory by request.body before max_request_body is"
-    " checked (with DATA_UPLOAD_MAX_MEMORY_SIZE=None, as the docs suggest raising it: 5 MB"
-    " read for a 1,000-byte limit); with Django's default limit, request.body raises"
-    " RequestDataTooBig (Django's 400, not the 413 problem). django.py _body: 'body: bytes ="
-    " request.body', then 'if len(body) > options.max_request_body'.",
-)
 @pytest.mark.parametrize("data_upload_max", [None, 2_621_440], ids=["django-unlimited", "default"])
 def test_a_django_asgi_body_without_length_is_read_no_further_than_the_limit(
     configured_django: None, data_upload_max: int | None
@@ -432,15 +391,6 @@ def test_a_django_asgi_body_without_length_is_read_no_further_than_the_limit(
     assert runs == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (low-medium): after the app's write() (which PEP 3333 says goes out at once),"
-    " start_response(..., exc_info) does not re-raise, since the middleware held the written"
-    " bytes back: the written bytes and the error page both go out, under the error page's"
-    " Content-Length (12 bytes under 'Content-Length: 5', a corrupt HTTP message), and are"
-    " recorded and replayed that way. wsgi.py _Run.start_response: 'if exc_info is not None"
-    " and self.real_write is not None' ignores the bytes already written (self.pending).",
-)
 def test_an_error_page_after_write_never_goes_out_behind_the_written_bytes() -> None:
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         write = start_response("200 OK", [("Content-Length", "7")])
@@ -477,13 +427,6 @@ def wsgiref_environ(key: str = "k1") -> dict[str, Any]:
     return environ
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (low-medium): a replayed status that http.HTTPStatus does not know (299, 420,"
-    " 499, 599) goes to start_response as a bare '299', which PEP 3333 forbids (a reason"
-    " phrase after one space): wsgiref's handler asserts on it and answers the retry 500."
-    " wsgi.py _respond: f\"{response.status} {_REASONS.get(response.status, '')}\".rstrip().",
-)
 def test_a_replayed_status_unknown_to_httpstatus_is_served_by_wsgiref() -> None:
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         start_response("299 Custom", [("Content-Type", "text/plain"), ("Content-Length", "2")])
@@ -496,12 +439,6 @@ def test_a_replayed_status_unknown_to_httpstatus_is_served_by_wsgiref() -> None:
     assert status_line.startswith(b"HTTP/1.0 299 ") and body == b"ok", status_line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (low): the replay's reason phrase is HTTPStatus's, not the app's: 'byte"
-    " identical with the recorded status' holds for the code only (WSGI and Django record"
-    " int(status)). Recorder.start keeps the code; wsgi.py _respond rebuilds the phrase.",
-)
 def test_a_replay_keeps_the_apps_reason_phrase() -> None:
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         start_response("201 Order Placed", [("Content-Length", "2")])
@@ -512,14 +449,6 @@ def test_a_replay_keeps_the_apps_reason_phrase() -> None:
     assert Sent().serve(mw, wsgi_environ()).status == "201 Order Placed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (low): a CONTENT_LENGTH of non-ASCII digits (wsgiref passes a client's"
-    " 'Content-Length: \\xb2' through as '²') passes str.isdigit() and int() raises"
-    " ValueError: an unhandled 500 instead of a 400. wsgi.py _read_body: 'if"
-    " length.strip().isdigit(): size = int(length)' (the ASGI driver's bytes.isdigit is"
-    " ASCII-only).",
-)
 def test_a_content_length_of_non_ascii_digits_is_not_a_crash() -> None:
     environ = wsgi_environ()
     environ["CONTENT_LENGTH"] = "\u00b2"
@@ -527,14 +456,6 @@ def test_a_content_length_of_non_ascii_digits_is_not_a_crash() -> None:
     assert sent.status.split()[0] in {"400", "201"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (low): the middleware's stored keys ('http:' + scope + ':' + key) are also"
-    " those of an @idempotent function named 'http' (name 'http', key ':k1' or 'acme:k1'),"
-    " in the store they share by default: the request gets the function's record (422 here),"
-    " or the function an HTTP response. Contract 3: two (name, key) pairs never share a"
-    " stored key. _keys.check_name accepts 'http'; _http/options.py stored_key.",
-)
 def test_a_function_named_http_never_shares_the_middlewares_keys() -> None:
     store = MemoryStore()
     try:
@@ -551,13 +472,6 @@ def test_a_function_named_http_never_shares_the_middlewares_keys() -> None:
     assert status_of(answer) == 201 and app.runs == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (low): ASGI response trailers (http.response.start 'trailers': True, then"
-    " http.response.trailers) are not recorded: the replay has neither the trailers flag nor"
-    " the trailer fields (e.g. a checksum, grpc-status). asgi.py app_send records only"
-    " http.response.start and http.response.body.",
-)
 def test_response_trailers_are_replayed() -> None:
     async def app(scope: Message, receive: Receive, send: Send) -> None:
         await receive()
