@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -128,7 +129,7 @@ def read_key(options: HttpOptions[Any], values: list[bytes]) -> str | Response |
     else:
         if b"," in raw:
             return _repeated(name)
-        if any(byte < 0x21 or byte > 0x7E for byte in raw):
+        if not _VISIBLE.match(raw):
             return _invalid(name, "it holds spaces or characters outside visible ASCII")
         key = raw.decode("ascii")
     if not key:
@@ -138,6 +139,9 @@ def read_key(options: HttpOptions[Any], values: list[bytes]) -> str | Response |
             name, f"it is {len(key)} characters long, more than {options.max_key_length}"
         )
     return key
+
+
+_VISIBLE = re.compile(rb"[\x21-\x7e]*\Z")  # a bare token: visible ASCII, no space
 
 
 def _sf_string(raw: bytes) -> tuple[str | None, bytes]:
