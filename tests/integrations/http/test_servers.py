@@ -2,12 +2,12 @@
 
 Each deployment is a real server process serving one of the test apps of
 ``tests/support/http_apps`` with idemfn's middleware: uvicorn with 2 workers serving the
-Starlette and the FastAPI app (``idemfn.asgi``), gunicorn with 3 sync workers serving the Flask
-app (``idemfn.wsgi``) and the Django project (``idemfn.django``), each on a DiskStore shared by
-its workers, on the suite's redis-server and on its PostgreSQL cluster; and uvicorn with 2
-workers serving the Django project's ASGI application (Django's async path), on a DiskStore.
-The memory store is served by uvicorn with one worker only: a MemoryStore lives in one process,
-so it is right only where one process serves every request.
+Starlette app (``idemfn.asgi``), gunicorn with 3 sync workers serving the Flask app
+(``idemfn.wsgi``) and the Django project (``idemfn.django``), each on a DiskStore shared by its
+workers, on the suite's redis-server and on its PostgreSQL cluster; uvicorn with 2 workers
+serving the FastAPI app and the Django project's ASGI application (Django's async path), on a
+DiskStore. The memory store is served by uvicorn with one worker only: a MemoryStore lives in
+one process, so it is right only where one process serves every request.
 
 One server per deployment serves every test of this module (a module-scoped fixture, its
 tests kept on one xdist worker by an ``xdist_group`` of their own); each test uses keys of its
@@ -22,12 +22,13 @@ import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.support.http_apps.shared import big, chunks
+from tests.support.http_apps.shared import HOP_HEADERS, big, chunks
 from tests.support.http_checks import assert_first, assert_problem, assert_replay, new_key
 from tests.support.http_servers import Deployment, Served, serve, store_location
 from tests.support.workers import poll
@@ -44,12 +45,14 @@ DEPLOYMENTS = [
         Deployment(server, app, workers, store, OPTIONS)
         for server, app, workers in [
             ("uvicorn", "starlette", 2),
-            ("uvicorn", "fastapi", 2),
             ("gunicorn", "flask", 3),
             ("gunicorn", "django", 3),
         ]
         for store in ("disk", "redis", "postgres")
     ),
+    # FastAPI is Starlette underneath (the same middleware stack and ASGI path): the stores are
+    # Starlette's to cover, and each server start costs a second or two.
+    Deployment("uvicorn", "fastapi", 2, "disk", OPTIONS),
     Deployment("uvicorn", "django-asgi", 2, "disk", OPTIONS),
     Deployment("uvicorn", "starlette", 1, "memory", OPTIONS),
 ]
@@ -111,6 +114,23 @@ def test_a_replay_is_the_recorded_response_byte_for_byte(
     assert first.headers.get_list("set-cookie")  # recorded and replayed like any header
     for _ in range(2):
         assert_replay(first, client.post("/orders", json={"sku": "mug"}, headers=keyed(key)))
+    assert len(served.runs(key)) == 1
+
+
+def test_date_and_hop_by_hop_headers_are_never_replayed(
+    served: Served, client: httpx.Client
+) -> None:
+    key = new_key()
+    first = client.post("/hop", headers=keyed(key))
+    assert first.status_code == 200 and first.text == "hop\n"
+    # The first response is the server's business: uvicorn sends the app's Date beside its own,
+    # gunicorn drops the app's; both pass the app's headers to the middleware.
+    replay = client.post("/hop", headers=keyed(key))
+    assert replay.status_code == 200 and replay.content == first.content
+    assert replay.headers["idempotent-replayed"] == "true"
+    dates = replay.headers.get_list("date")
+    assert len(dates) == 1 and dates[0] != HOP_HEADERS["Date"], replay.headers  # the server's
+    assert HOP_HEADERS["Keep-Alive"] not in replay.headers.get_list("keep-alive"), replay.headers
     assert len(served.runs(key)) == 1
 
 
@@ -369,6 +389,16 @@ def test_duplicates_of_a_running_request_get_409_then_its_replay(served: Served)
     assert len(served.runs(key)) == 1
 
 
+def _state(pid: int) -> str:
+    """A process's state as /proc tells it, with PF_EXITING (being torn down after SIGKILL)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except FileNotFoundError:
+        return "gone from /proc"
+    exiting = ", PF_EXITING" if int(fields[6]) & 0x4 else ""
+    return f"in state {fields[0]}{exiting}"
+
+
 @pytest.mark.slow
 def test_a_worker_killed_mid_request_halts_the_key(served: Served) -> None:
     if served.deployment.workers == 1:
@@ -385,6 +415,7 @@ def test_a_worker_killed_mid_request_halts_the_key(served: Served) -> None:
                 held.result(timeout=60)
         for _ in range(2):  # another worker finds the dead one's claim at once: same machine
             retry = client.post("/orders?hold=1", json={"sku": "mug"}, headers=keyed(key))
+            assert retry.status_code != 409, f"409 while the killed worker was {_state(pid)}"
             body = assert_problem(retry, 500, "interrupted", key)
             assert "was interrupted and can't be recovered" in body["detail"]
     assert len(served.runs(key)) == 1

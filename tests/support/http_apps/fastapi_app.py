@@ -69,6 +69,12 @@ async def stream(chunks: int, request: Request, size: int = 64) -> Response:
     return StreamingResponse(body(), media_type="text/plain")
 
 
+@router.post("/hop")
+async def hop(request: Request) -> Response:
+    _effect(request)
+    return PlainTextResponse("hop\n", headers=shared.HOP_HEADERS)
+
+
 def create() -> FastAPI:
     """The app, with the middleware and its options from the environment."""
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)

@@ -67,6 +67,12 @@ def stream() -> Response:
     return Response(body(), mimetype="text/plain")
 
 
+@routes.post("/hop")
+def hop() -> Response:
+    _effect()
+    return Response("hop\n", mimetype="text/plain", headers=shared.HOP_HEADERS)
+
+
 def create() -> Flask:
     """The app, with the middleware and its options from the environment."""
     app = Flask(__name__)

@@ -9,6 +9,11 @@ Every app reads its environment, which the test that starts the server sets:
 - ``IDEMFN_HTTP_OPTIONS``: the middleware's options as JSON (``middleware_options``);
 - ``IDEMFN_HTTP_BARE=1``: the same app without the middleware (the benchmark's floor);
 - ``IDEMFN_STORE``: the store, when the options name none.
+
+The routes, the same in every app: ``GET /health``; ``POST /orders`` (``?hold=1`` waits for the
+release), ``/fail`` (raises), ``/status/{code}``, ``/big?size=N``, ``/stream?chunks=N&size=M``
+(streamed), ``/hop`` (a Date and a hop-by-hop header of the app's own). Each POST appends its
+effect line first.
 """
 
 from __future__ import annotations
@@ -141,6 +146,11 @@ def order(count: int, raw: bytes) -> dict[str, Any]:
         except ValueError:
             body = {"length": len(raw)}
     return {"order": count, "pid": os.getpid(), "body": body}
+
+
+# /hop's headers that a replay must not repeat: a Date of its own (the server adds its own too)
+# and a hop-by-hop header (gunicorn drops it; uvicorn sends it).
+HOP_HEADERS = {"Date": "Mon, 01 Jan 2001 00:00:00 GMT", "Keep-Alive": "timeout=99"}
 
 
 def status_text(code: int) -> str:

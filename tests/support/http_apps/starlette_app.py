@@ -68,6 +68,11 @@ async def stream(request: Request) -> Response:
     return StreamingResponse(chunks(), media_type="text/plain")
 
 
+async def hop(request: Request) -> Response:
+    _effect(request)
+    return PlainTextResponse("hop\n", headers=shared.HOP_HEADERS)
+
+
 ROUTES = [
     Route("/health", health, methods=["GET"]),
     Route("/orders", orders, methods=["POST"]),
@@ -75,6 +80,7 @@ ROUTES = [
     Route("/status/{code:int}", status, methods=["POST"]),
     Route("/big", big, methods=["POST"]),
     Route("/stream", stream, methods=["POST"]),
+    Route("/hop", hop, methods=["POST"]),
 ]
 
 

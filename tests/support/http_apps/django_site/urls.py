@@ -13,4 +13,5 @@ urlpatterns = [
     path("status/<int:code>", views.status),
     path("big", views.big),
     path("stream", views.stream),
+    path("hop", views.hop),
 ]

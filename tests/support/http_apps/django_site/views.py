@@ -56,3 +56,12 @@ def stream(request: HttpRequest) -> StreamingHttpResponse:
     count = int(request.GET["chunks"])
     size = int(request.GET.get("size", "64"))
     return StreamingHttpResponse(shared.chunks(count, size), content_type="text/plain")
+
+
+@require_POST
+def hop(request: HttpRequest) -> HttpResponse:
+    _effect(request)
+    response = HttpResponse("hop\n", content_type="text/plain")
+    for name, value in shared.HOP_HEADERS.items():
+        response[name] = value
+    return response
