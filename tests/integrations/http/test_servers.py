@@ -414,8 +414,11 @@ def test_a_worker_killed_mid_request_halts_the_key(served: Served) -> None:
             with pytest.raises(httpx.TransportError):  # the connection died with the worker
                 held.result(timeout=60)
         for _ in range(2):  # another worker finds the dead one's claim at once: same machine
+            before = _state(pid)
             retry = client.post("/orders?hold=1", json={"sku": "mug"}, headers=keyed(key))
-            assert retry.status_code != 409, f"409 while the killed worker was {_state(pid)}"
+            assert retry.status_code != 409, (
+                f"409: the killed worker {pid} was {before} before the retry, {_state(pid)} after"
+            )
             body = assert_problem(retry, 500, "interrupted", key)
             assert "was interrupted and can't be recovered" in body["detail"]
     assert len(served.runs(key)) == 1
