@@ -36,8 +36,11 @@ def _machine() -> str:
     return f"{boot}.{pidns}" if boot and _HAS_PROC else ""
 
 
-def _stat(pid: int) -> tuple[str, str] | None:
-    """(state, start time) of a live pid from /proc, or None when no such process exists."""
+_PF_EXITING = 0x4  # the kernel's flag for a process in do_exit(): it never runs code again
+
+
+def _stat(pid: int) -> tuple[str, str, int] | None:
+    """(state, start time, flags) of a pid from /proc, or None when no such process exists."""
     raw = _read(f"/proc/{pid}/stat")
     if not raw:
         return None
@@ -45,7 +48,11 @@ def _stat(pid: int) -> tuple[str, str] | None:
     fields = raw.rpartition(")")[2].split()
     if len(fields) < 20:
         return None
-    return fields[0], fields[19]
+    try:
+        flags = int(fields[6])
+    except ValueError:
+        flags = 0
+    return fields[0], fields[19], flags
 
 
 def _identity() -> str:
@@ -106,8 +113,9 @@ def gone_reason(owner: str) -> str | None:
     stat = _stat(pid)
     if stat is None:
         return f"its process {pid} on {host} no longer exists"
-    state, now_start = stat
-    if state in ("Z", "X"):
+    state, now_start, flags = stat
+    if state in ("Z", "X") or (flags & _PF_EXITING and now_start == start):
+        # Exiting (a SIGKILL being carried out) counts as gone: it runs no more of the body.
         return f"its process {pid} on {host} has exited"
     if now_start != start:
         return f"its process {pid} on {host} has exited (the pid now runs another process)"
