@@ -296,38 +296,59 @@ class _Run:
 class _Stream:
     """The rest of a response over ``max_response_body``, as the server iterates it: recorded
     as not kept at its end; the key halted if it raises, or if the server closes it before its
-    end (the client left), even before iterating it."""
+    end (the client left), even before iterating it.
 
-    __slots__ = ("chunks", "run")
+    One chunk is held back until the next one is known: the record is written before the last
+    chunk goes out, so a client that got the whole response and retries is never told 409."""
+
+    __slots__ = ("chunks", "held", "run")
 
     def __init__(self, run: _Run, chunks: Iterator[bytes]) -> None:
         self.run = run
         self.chunks = chunks
+        self.held: bytes | None = None  # the chunk to send next, once the one after is known
 
     def __iter__(self) -> _Stream:
         return self
 
     def __next__(self) -> bytes:
         run = self.run
+        if self.held is None:
+            if run.settled:
+                raise StopIteration
+            self.held = self._pull()
+            if self.held is None:  # (an empty rest: the end)
+                self._finish()
+                raise StopIteration
+        chunk = self._pull()
+        if chunk is None:
+            self._finish()
+        sent, self.held = self.held, chunk
+        return sent
+
+    def _pull(self) -> bytes | None:
+        """The next chunk (those kept before the limit first), or None at the app's end."""
+        run = self.run
         if run.pending:
             return run.pending.popleft()
-        if run.closed:
-            raise StopIteration
         try:
             chunk = next(self.chunks)
         except StopIteration:
-            try:
-                run.close()
-            except BaseException as exc:
-                run.end(exc)
-                raise
-            run.settle()
-            raise
+            return None
         except BaseException as exc:
             run.end(exc)
             raise
         run.recorder.add(chunk)
         return chunk
+
+    def _finish(self) -> None:
+        run = self.run
+        try:
+            run.close()
+        except BaseException as exc:
+            run.end(exc)
+            raise
+        run.settle()
 
     def close(self) -> None:
         """Called by the server when it is done: before the end, the client left."""

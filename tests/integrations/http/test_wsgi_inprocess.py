@@ -900,3 +900,25 @@ def test_flask_streams_past_the_limit_and_records_it_as_not_kept() -> None:
     again = client.post("/stream", headers={"Idempotency-Key": "s1"})
     assert again.data == first.data and again.headers["Idempotent-Replayed"] == "true"
     assert runs == ["stream"]
+
+
+def test_a_response_over_the_limit_is_recorded_before_its_last_chunk_goes_out() -> None:
+    # A client that has its whole (oversized) response may retry at once: the record must be
+    # there by then (500 response-not-recorded), never 409, as for a response under the limit.
+    runs: list[int] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        runs.append(1)
+        start_response("200 OK", [("Content-Length", "20")])
+        return iter([b"0123456789", b"abcdefghij"])
+
+    mw = middleware(app, MemoryStore(), max_response_body=15)
+    result = mw(environ_of(), Server().start_response)
+    chunks = iter(result)
+    assert next(chunks) == b"0123456789"
+    assert next(chunks) == b"abcdefghij"  # the whole body is out: the client may retry now
+    retry = serve(mw)
+    assert retry.code == 500 and b"#response-not-recorded" in retry.body
+    assert list(chunks) == []
+    getattr(result, "close", lambda: None)()
+    assert runs == [1]
