@@ -396,10 +396,11 @@ def _stream(options: HttpOptions[HttpRequest], claim: Claim, response: Any) -> N
     recorder = _recorder(options, response)
     chunks = response.streaming_content  # (Django's own wrapper: bytes, sync or async)
     stream: _Stream | _AsyncStream
+    hold = response.has_header("Content-Length")
     if response.is_async:
-        stream = _AsyncStream(options, claim, recorder, chunks)
+        stream = _AsyncStream(options, claim, recorder, chunks, hold)
     else:
-        stream = _Stream(options, claim, recorder, chunks)
+        stream = _Stream(options, claim, recorder, chunks, hold)
     # Django keeps the stream's close() and calls it when it is done with the response; a
     # FileResponse given an iterator no longer hands its file to the server's file wrapper
     # (sendfile), whose bytes would pass by the recorder.
@@ -415,9 +416,15 @@ def _closed_early() -> BaseException:
 
 class _Stream:
     """A streamed response's chunks on their way to the client: each one recorded (up to the
-    limit), the claim settled after the last, halted if they raise or are closed first."""
+    limit), the claim settled after the last, halted if they raise or are closed first.
 
-    __slots__ = ("_chunks", "_claim", "_open", "_options", "_recorder")
+    With a ``Content-Length`` the client knows it has the whole response from its last byte,
+    and may retry at once: one chunk is then held back until the next is known, so that the
+    claim is settled before the last goes out (a retry is replayed, never told 409). Without
+    one, the end of the response goes out after the claim is settled anyway, and no chunk
+    waits for the next (a stream of events reaches its client as they come)."""
+
+    __slots__ = ("_chunks", "_claim", "_held", "_hold", "_open", "_options", "_recorder")
 
     def __init__(
         self,
@@ -425,24 +432,44 @@ class _Stream:
         claim: Claim,
         recorder: Recorder,
         chunks: Iterator[bytes],
+        hold: bool,
     ) -> None:
         self._options = options
         self._claim = claim
         self._recorder = recorder
         self._chunks = chunks
         self._open = True  # the claim is not settled yet
+        self._hold = hold
+        self._held: bytes | None = None  # the chunk to send next, once the one after is known
 
     def __iter__(self) -> Iterator[bytes]:
         return self
 
     def __next__(self) -> bytes:
+        if not self._hold:
+            chunk = self._pull()
+            if chunk is None:
+                raise StopIteration
+            return chunk
+        if self._held is None:
+            if not self._open:
+                raise StopIteration
+            self._held = self._pull()
+            if self._held is None:
+                raise StopIteration
+        following = self._pull()
+        chunk, self._held = self._held, following
+        return chunk
+
+    def _pull(self) -> bytes | None:
+        """The next chunk, or None at the end (the claim settled then)."""
         try:
             chunk = next(self._chunks)
         except StopIteration:
             if self._open:
                 self._open = False
                 settle(self._claim, outcome(self._options, self._recorder))
-            raise
+            return None
         except BaseException as exc:
             if self._open:
                 self._open = False
@@ -462,7 +489,7 @@ class _Stream:
 class _AsyncStream:
     """``_Stream`` for an async iterator: settled on the store's async primitives."""
 
-    __slots__ = ("_chunks", "_claim", "_open", "_options", "_recorder")
+    __slots__ = ("_chunks", "_claim", "_held", "_hold", "_open", "_options", "_recorder")
 
     def __init__(
         self,
@@ -470,24 +497,43 @@ class _AsyncStream:
         claim: Claim,
         recorder: Recorder,
         chunks: AsyncIterator[bytes],
+        hold: bool,
     ) -> None:
         self._options = options
         self._claim = claim
         self._recorder = recorder
         self._chunks = chunks
         self._open = True
+        self._hold = hold
+        self._held: bytes | None = None
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
 
     async def __anext__(self) -> bytes:
+        if not self._hold:
+            chunk = await self._pull()
+            if chunk is None:
+                raise StopAsyncIteration
+            return chunk
+        if self._held is None:
+            if not self._open:
+                raise StopAsyncIteration
+            self._held = await self._pull()
+            if self._held is None:
+                raise StopAsyncIteration
+        following = await self._pull()
+        chunk, self._held = self._held, following
+        return chunk
+
+    async def _pull(self) -> bytes | None:
         try:
             chunk = await anext(self._chunks)
         except StopAsyncIteration:
             if self._open:
                 self._open = False
                 await asettle(self._claim, outcome(self._options, self._recorder))
-            raise
+            return None
         except BaseException as exc:  # a cancellation too (the client left, under ASGI)
             if self._open:
                 self._open = False

@@ -298,14 +298,17 @@ class _Stream:
     as not kept at its end; the key halted if it raises, or if the server closes it before its
     end (the client left), even before iterating it.
 
-    One chunk is held back until the next one is known: the record is written before the last
-    chunk goes out, so a client that got the whole response and retries is never told 409."""
+    With a ``Content-Length`` the client knows it has the whole response from its last byte,
+    and may retry at once: one chunk is then held back until the next is known, so that the
+    record is written before the last goes out (never a 409 for that retry). Without one, the
+    response's end goes out after the record anyway, and no chunk waits for the next."""
 
-    __slots__ = ("chunks", "held", "run")
+    __slots__ = ("chunks", "held", "hold", "run")
 
     def __init__(self, run: _Run, chunks: Iterator[bytes]) -> None:
         self.run = run
         self.chunks = chunks
+        self.hold = any(name.lower() == "content-length" for name, _ in run.headers)
         self.held: bytes | None = None  # the chunk to send next, once the one after is known
 
     def __iter__(self) -> _Stream:
@@ -313,6 +316,12 @@ class _Stream:
 
     def __next__(self) -> bytes:
         run = self.run
+        if not self.hold:
+            chunk = self._pull()
+            if chunk is None:
+                self._finish()
+                raise StopIteration
+            return chunk
         if self.held is None:
             if run.settled:
                 raise StopIteration

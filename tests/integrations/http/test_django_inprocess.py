@@ -83,9 +83,16 @@ def stream(request: HttpRequest) -> StreamingHttpResponse:
         for index in range(chunks):
             if index == fail_at:
                 raise OSError("the stream's source failed")
+            produced.append(index)
             yield bytes([65 + index]) * 64
 
-    return StreamingHttpResponse(produce(), content_type="text/plain", headers={"X-Kind": "s"})
+    headers = {"X-Kind": "s"}
+    if request.GET.get("sized"):
+        headers["Content-Length"] = str(chunks * 64)
+    return StreamingHttpResponse(produce(), content_type="text/plain", headers=headers)
+
+
+produced: list[int] = []  # the chunks stream() has made so far
 
 
 def a_file(request: HttpRequest) -> FileResponse:
@@ -471,6 +478,34 @@ def test_a_streamed_response_goes_out_as_it_comes_and_is_recorded_at_its_end(
     assert retry.status_code == 200 and retry.content == head + rest
     assert retry["X-Kind"] == "s" and retry["Idempotent-Replayed"] == "true"
     assert runs == {"/stream": 1}
+
+
+def test_a_sized_stream_is_recorded_before_its_last_chunk_goes_out(store: MemoryStore) -> None:
+    # With a Content-Length the client knows it has everything from the last chunk on, and
+    # may retry at once: it must be replayed then, never told 409.
+    with guarded(store):
+        client = Client()
+        first = post(client, "/stream?chunks=3&sized=1", "k-1")
+        chunks = iter(first.streaming_content)
+        got = [next(chunks) for _ in range(3)]
+        retry = post(client, "/stream?chunks=3&sized=1", "k-1")
+        assert list(chunks) == []
+        first.close()
+    assert retry.status_code == 200 and retry["Idempotent-Replayed"] == "true"
+    assert retry.content == b"".join(got)
+    assert runs == {"/stream": 1}
+
+
+def test_an_unsized_stream_sends_each_chunk_as_it_comes(store: MemoryStore) -> None:
+    # Without a Content-Length (a stream of events) no chunk waits for the next one.
+    produced.clear()
+    with guarded(store):
+        first = post(Client(), "/stream?chunks=3", "k-1")
+        chunks = iter(first.streaming_content)
+        assert next(chunks) == b"A" * 64 and produced == [0]
+        assert next(chunks) == b"B" * 64 and produced == [0, 1]
+        assert b"".join(chunks) == b"C" * 64
+        first.close()
 
 
 def test_a_streamed_response_over_the_limit_reaches_its_client_whole_and_is_not_replayed(
