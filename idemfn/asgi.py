@@ -28,6 +28,7 @@ from typing import Any
 
 from ._errors import IdempotencyError
 from ._http.exchange import (
+    GUARDED,
     Recorder,
     Response,
     asettle,
@@ -166,7 +167,7 @@ class IdempotencyMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Guard one request (an ASGI 3 call); other scopes go to the app untouched."""
         options = self.options
-        if scope["type"] != "http" or scope["method"] not in options.methods:
+        if scope["type"] != "http" or scope["method"] not in options.methods or GUARDED in scope:
             await self.app(scope, receive, send)
             return
         name = options.header_bytes
@@ -201,6 +202,7 @@ class IdempotencyMiddleware:
             scope["extensions"] = {
                 name: value for name, value in extensions.items() if name not in _PATH_SENDS
             }
+        scope[GUARDED] = stored  # (an app wrapped twice: the inner middleware lets it through)
         recorder = Recorder(options.max_response_body)
         body_given = False
         client_gone = False

@@ -51,6 +51,7 @@ from django.utils.module_loading import import_string
 from ._engine import Claim, Due
 from ._errors import IdempotencyError, StoreError
 from ._http.exchange import (
+    GUARDED,
     REPLAYED,
     Header,
     Recorded,
@@ -185,6 +186,7 @@ class IdempotencyMiddleware:
         step = start(options, *self._ask(request, *checked))
         if isinstance(step, Response):
             return _answer(step)
+        request.META[GUARDED] = step.key  # (listed twice: the second lets it through)
         try:
             response = self.get_response(request)
             if response.streaming:  # settled when its chunks end, or halted
@@ -211,6 +213,7 @@ class IdempotencyMiddleware:
         step = await astart(options, *prepared)
         if isinstance(step, Response):
             return _answer(step)
+        request.META[GUARDED] = step.key
         try:
             response = await self.get_response(request)
             if response.streaming:
@@ -227,7 +230,7 @@ class IdempotencyMiddleware:
         """A guarded request's key and body (``b""`` when the ``fingerprint`` option leaves
         it unread); or the answer to send at once (400, 413); or None: pass it through."""
         options = self.options
-        if request.method not in options.methods:
+        if request.method not in options.methods or _guarded(request):
             return None
         meta = request.META
         value = meta.get(self._meta)
@@ -322,6 +325,12 @@ _READ_BEFORE = (
     " middleware could fingerprint it: place the middleware above the one that reads it, or"
     f" give {_WHERE}['fingerprint'] a callable that needs no body"
 )
+
+
+def _guarded(request: HttpRequest) -> bool:
+    """Whether an idempotency middleware above holds this request's key already: this one
+    listed twice, or ``idemfn.wsgi``/``idemfn.asgi`` around the Django app."""
+    return GUARDED in request.META or GUARDED in (getattr(request, "scope", None) or {})
 
 
 def _unannounced_body(

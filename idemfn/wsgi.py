@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._errors import IdempotencyError
 from ._http.exchange import (
+    GUARDED,
     Recorder,
     Response,
     incomplete,
@@ -138,7 +139,7 @@ class IdempotencyMiddleware:
         """Guard one request (a WSGI call)."""
         options = self.options
         method = environ["REQUEST_METHOD"].upper()  # as frameworks route it (Werkzeug)
-        if method not in options.methods:
+        if method not in options.methods or GUARDED in environ:
             return self.app(environ, start_response)
         # A header sent twice arrives folded into one value, "a, b": read_key refuses it.
         value = environ.get(self._environ_key)
@@ -163,6 +164,7 @@ class IdempotencyMiddleware:
         step = start(options, key, stored, fingerprint, due)
         if isinstance(step, Response):
             return _respond(start_response, step)
+        environ[GUARDED] = stored  # (an app wrapped twice: the inner middleware lets it through)
         return _Run(self.app, options, step, start_response).respond(environ)
 
 
@@ -212,8 +214,10 @@ class _Run:
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
     ) -> Callable[[bytes], object]:
-        if exc_info is not None and (self.real_write is not None or self.written):
-            # PEP 3333: the headers went out (write() sends them, as far as the app knows)
+        if exc_info is not None and (
+            self.real_write is not None or self.written or self.recorder.size
+        ):
+            # PEP 3333: the headers went out, as far as the app knows (it wrote or yielded)
             raise exc_info[1].with_traceback(exc_info[2])
         self.status_line = status  # (before anything went out, an error page replaces it)
         self.headers = headers

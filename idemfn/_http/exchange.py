@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .options import HttpOptions
 
 __all__ = [
+    "GUARDED",
     "PROBLEMS",
     "RESPONSE_CODEC",
     "Recorded",
@@ -51,6 +52,9 @@ logger = logging.getLogger("idemfn")
 
 Header = tuple[bytes, bytes]
 
+# Set in a request's ASGI scope, WSGI environ or Django META by the middleware that claimed its
+# key: a second middleware on the same request (an app wrapped twice) lets it through.
+GUARDED = "idemfn.guarded"
 # Where each problem's `type` points: the HTTP page's section on it.
 PROBLEMS = "https://idemfn.readthedocs.io/en/latest/http/#"
 REPLAYED: Header = (b"idempotent-replayed", b"true")
@@ -294,7 +298,9 @@ def describe(payload: bytes) -> str | None:
         return f"HTTP {recorded.status} response, its body too large to record"
     body = recorded.body[:200]
     more = f"… ({len(recorded.body)} bytes)" if len(recorded.body) > 200 else ""
-    return f"HTTP {recorded.status} response, {len(recorded.headers)} headers, body {body!r}{more}"
+    count = len(recorded.headers)
+    headers = f"{count} header" if count == 1 else f"{count} headers"
+    return f"HTTP {recorded.status} response, {headers}, body {body!r}{more}"
 
 
 class Recorder:

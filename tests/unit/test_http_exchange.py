@@ -224,7 +224,7 @@ def test_a_replay_never_unpickles() -> None:
 def test_a_recorded_response_is_described_in_a_line() -> None:
     serializer = OPTIONS.policy.serializer
     short = serializer.dump_value(Recorded(201, [(b"x", b"1")], b'{"id": 1}'))
-    assert describe(short) == "HTTP 201 response, 1 headers, body b'{\"id\": 1}'"
+    assert describe(short) == "HTTP 201 response, 1 header, body b'{\"id\": 1}'"
     long = describe(serializer.dump_value(Recorded(200, [], b"x" * 201)))
     assert long == f"HTTP 200 response, 0 headers, body {b'x' * 200!r}… (201 bytes)"
     not_kept = serializer.dump_value(Recorded(200, [], b"", kept=False))

