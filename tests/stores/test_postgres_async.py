@@ -44,6 +44,7 @@ from tests.support.forks import fork_and_wait
 from tests.support.postgres_tools import Heard, marks, named_dsn, sessions, stopped
 from tests.support.records import finished, processing
 from tests.support.servers import PostgresServer
+from tests.support.settler import go, settler
 from tests.support.workers import poll
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -815,58 +816,12 @@ def test_a_watch_begun_as_a_settle_commits_looks_after_it(
     assert [entry.status for entry in looks] == ["ok"]
 
 
-SETTLER = """
-import sys
-from idemfn._stores.postgres import PostgresStore
-from tests.support.records import finished
-dsn, table, key, token, how = sys.argv[1:]
-store = PostgresStore(dsn, table=table)
-store.time()  # connected, and the clock read: the settle comes at once when told
-print("ready", flush=True)
-sys.stdin.readline()
-if how == "complete":
-    ok = store.swap(key, token, finished(key, token))
-else:
-    ok = store.release(key, token)
-print("settled" if ok else "refused", flush=True)
-"""
-
-
-@contextlib.contextmanager
-def settler(
-    server: PostgresServer, store: PostgresStore, key: str, how: str
-) -> Iterator[subprocess.Popen[str]]:
-    """A process of its own that settles ``key`` when told (``go``)."""
-    child = subprocess.Popen(
-        [sys.executable, "-c", SETTLER, server.dsn, store.table, key, "t1", how],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    try:
-        assert child.stdout is not None and child.stdout.readline() == "ready\n"
-        yield child
-        assert child.stdout.readline() == "settled\n"
-        assert child.wait(60) == 0
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-
-
-def go(child: subprocess.Popen[str]) -> None:
-    assert child.stdin is not None
-    child.stdin.write("go\n")
-    child.stdin.flush()
-
-
 def test_a_sync_watch_wakes_when_another_process_settles_the_key(
     postgres_server: PostgresServer,
 ) -> None:
     store = fresh(postgres_server)
     assert store.claim(processing("k", "t1")) is None
-    with settler(postgres_server, store, "k", "complete") as child, store.watch("k") as watch:
+    with settler(store, postgres_server.dsn, "k", "complete") as child, store.watch("k") as watch:
         assert isinstance(watch, PostgresWatch) and watch.hears_others
         go(child)
         began = time.monotonic()
@@ -884,7 +839,7 @@ def test_an_async_watch_wakes_when_another_process_settles_the_key(
     assert store.claim(processing("k", "t1")) is None
 
     async def main() -> float:
-        with settler(postgres_server, store, "k", "release") as child:
+        with settler(store, postgres_server.dsn, "k", "release") as child:
             async with store.awatch("k") as watch:
                 assert isinstance(watch, PostgresAsyncWatch) and watch.hears_others
                 go(child)
@@ -904,7 +859,7 @@ def test_a_key_too_long_for_a_notify_is_notified_by_its_hash(
     key = "é" * 2500  # 5000 bytes: a NOTIFY of the key itself would do; of 8000, would fail
     assert _payload(key).startswith("sha256:")
     assert store.claim(processing(key, "t1")) is None
-    with settler(postgres_server, store, key, "complete") as child, store.watch(key) as watch:
+    with settler(store, postgres_server.dsn, key, "complete") as child, store.watch(key) as watch:
         go(child)
         began = time.monotonic()
         watch.wait(60)  # the server's hash of the key is the one the watch listens for

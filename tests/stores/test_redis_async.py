@@ -35,6 +35,7 @@ from idemfn import StoreError, idempotent
 from idemfn._stores.redis import RedisAsyncWatch, RedisStore, RedisWatch
 from tests.support.records import finished, processing
 from tests.support.servers import RedisServer
+from tests.support.settler import go, settler
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -478,58 +479,12 @@ def test_every_write_that_ends_a_claim_publishes_on_the_keys_channel_and_no_othe
     listener.close()
 
 
-# A process of its own that settles a key when told: the watch must hear another process.
-SETTLER = """
-import sys
-from idemfn._stores.redis import RedisStore
-from tests.support.records import finished
-url, prefix, key, token, how = sys.argv[1:]
-store = RedisStore(url, prefix=prefix)
-store.time()  # connected, and the clock read: the settle comes at once when told
-print("ready", flush=True)
-sys.stdin.readline()
-if how == "complete":
-    ok = store.swap(key, token, finished(key, token))
-else:
-    ok = store.release(key, token)
-print("settled" if ok else "refused", flush=True)
-"""
-
-
-@contextlib.contextmanager
-def settler(
-    server: RedisServer, store: RedisStore, key: str, how: str
-) -> Iterator[subprocess.Popen[str]]:
-    child = subprocess.Popen(
-        [sys.executable, "-c", SETTLER, server.url, store.prefix, key, "t1", how],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    try:
-        assert child.stdout is not None and child.stdout.readline() == "ready\n"
-        yield child
-        assert child.stdout.readline() == "settled\n"
-        assert child.wait(60) == 0
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-
-
-def go(child: subprocess.Popen[str]) -> None:
-    assert child.stdin is not None
-    child.stdin.write("go\n")
-    child.stdin.flush()
-
-
 def test_a_sync_watch_wakes_when_another_process_settles_the_key(
     redis_server: RedisServer,
 ) -> None:
     store = fresh(redis_server)
     assert store.claim(processing("k", "t1")) is None
-    with settler(redis_server, store, "k", "complete") as child, store.watch("k") as watch:
+    with settler(store, redis_server.url, "k", "complete") as child, store.watch("k") as watch:
         assert isinstance(watch, RedisWatch) and watch.hears_others
         go(child)
         began = time.monotonic()
@@ -547,7 +502,7 @@ def test_an_async_watch_wakes_when_another_process_settles_the_key(
     assert store.claim(processing("k", "t1")) is None
 
     async def main() -> float:
-        with settler(redis_server, store, "k", "release") as child:
+        with settler(store, redis_server.url, "k", "release") as child:
             async with store.awatch("k") as watch:
                 assert isinstance(watch, RedisAsyncWatch) and watch.hears_others
                 go(child)
