@@ -16,10 +16,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-import django
 import pytest
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
-from django import conf
 from django.core.exceptions import ImproperlyConfigured
 from django.core.handlers.asgi import ASGIHandler
 from django.core.handlers.wsgi import WSGIHandler
@@ -32,12 +30,12 @@ from django.http import (
 )
 from django.test import AsyncClient, Client, RequestFactory, override_settings
 from django.urls import path
-from django.utils.functional import empty
 
 import idemfn.django as django_middleware
 from idemfn import MemoryStore, Status
 from idemfn._record import Entry
 from idemfn.django import IdempotencyMiddleware
+from tests.support.django_settings import configured
 
 PROBLEMS = "https://idemfn.readthedocs.io/en/latest/http/#"
 MIDDLEWARE = "idemfn.django.IdempotencyMiddleware"
@@ -197,23 +195,8 @@ def tenant_of(request: HttpRequest) -> str | None:
 
 @pytest.fixture(scope="module", autouse=True)
 def _django() -> Iterator[None]:
-    configured_here = not conf.settings.configured
-    if configured_here:
-        conf.settings.configure(
-            SECRET_KEY="idemfn-tests-only",
-            DEBUG=False,
-            ALLOWED_HOSTS=["testserver"],
-            ROOT_URLCONF=__name__,
-            INSTALLED_APPS=[],
-            DATABASES={},
-            USE_TZ=True,
-        )
-        django.setup()
-    yield
-    if configured_here:
-        conf.settings._wrapped = (
-            empty  # unconfigured again: conf.settings.configure() works after us
-        )
+    with configured(__name__):
+        yield
 
 
 @pytest.fixture(autouse=True)

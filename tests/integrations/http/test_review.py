@@ -19,13 +19,10 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapp
 from pathlib import Path
 from typing import Any
 
-import django
 import pytest
-from django import conf
 from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest, HttpResponse
 from django.test import override_settings
-from django.utils.functional import empty
 from flask import Flask
 
 import idemfn._lease
@@ -35,6 +32,7 @@ from idemfn._wakeups import Watch
 from idemfn.asgi import IdempotencyMiddleware as AsgiMiddleware
 from idemfn.django import IdempotencyMiddleware as DjangoMiddleware
 from idemfn.wsgi import IdempotencyMiddleware as WsgiMiddleware
+from tests.support.django_settings import configured
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -212,20 +210,8 @@ urlpatterns: list[Any] = []
 
 @pytest.fixture(scope="module")
 def configured_django() -> Iterator[None]:
-    configured_here = not conf.settings.configured
-    if configured_here:
-        conf.settings.configure(
-            SECRET_KEY="idemfn-tests-only",
-            ALLOWED_HOSTS=["testserver"],
-            ROOT_URLCONF=__name__,
-            INSTALLED_APPS=[],
-            DATABASES={},
-            USE_TZ=True,
-        )
-        django.setup()
-    yield
-    if configured_here:
-        conf.settings._wrapped = empty  # unconfigured again, for whatever configures it next
+    with configured(__name__):
+        yield
 
 
 class CountingBody(io.BytesIO):

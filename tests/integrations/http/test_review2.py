@@ -20,14 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import django
 import pytest
-from django import conf
 from django.http import HttpRequest, HttpResponse
 from django.test import Client as DjangoClient
 from django.test import override_settings
 from django.urls import path
-from django.utils.functional import empty
 from starlette.applications import Starlette
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.middleware.gzip import GZipMiddleware
@@ -50,6 +47,7 @@ from tests.integrations.http.test_review import (
     wsgi_environ,
     wsgi_ok,
 )
+from tests.support.django_settings import configured
 
 MIDDLEWARE = "idemfn.django.IdempotencyMiddleware"
 PROBLEMS = "https://idemfn.readthedocs.io/en/latest/http/#"
@@ -69,20 +67,8 @@ urlpatterns = [path("orders", django_order)]
 
 @pytest.fixture(scope="module")
 def configured_django() -> Iterator[None]:
-    configured_here = not conf.settings.configured
-    if configured_here:
-        conf.settings.configure(
-            SECRET_KEY="idemfn-tests-only",
-            ALLOWED_HOSTS=["testserver"],
-            ROOT_URLCONF=__name__,
-            INSTALLED_APPS=[],
-            DATABASES={},
-            USE_TZ=True,
-        )
-        django.setup()
-    yield
-    if configured_here:
-        conf.settings._wrapped = empty
+    with configured(__name__):
+        yield
 
 
 def django_post(client: DjangoClient, key: str, **headers: str) -> Any:
