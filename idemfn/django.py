@@ -61,7 +61,6 @@ from ._http.exchange import (
     astart,
     incomplete,
     outcome,
-    problem,
     read_key,
     settle,
     start,
@@ -357,13 +356,7 @@ def _body(
     # same limit is said as a 413 problem, before anything is read.
     memory = conf.settings.DATA_UPLOAD_MAX_MEMORY_SIZE
     if memory is not None and length > memory:
-        return problem(
-            413,
-            "request-too-large",
-            "Request body too large",
-            f"the request body ({length} bytes) with key {key!r} is larger than the {memory}"
-            " bytes this server reads in memory to fingerprint it; nothing was run or recorded",
-        )
+        return too_large(options, key, length, memory)
     try:
         body: bytes = request.body
     except RawPostDataException:

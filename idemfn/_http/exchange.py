@@ -188,16 +188,18 @@ def _invalid(name: str, why: str) -> Response:
     )
 
 
-def too_large(options: HttpOptions[Any], key: str, size: int | None) -> Response:
-    """413: the body is over ``max_request_body``; the app does not run."""
+def too_large(
+    options: HttpOptions[Any], key: str, size: int | None, limit: int | None = None
+) -> Response:
+    """413: the body is over ``limit`` (default ``max_request_body``); the app does not run."""
     what = "" if size is None else f" ({size} bytes)"
     return problem(
         413,
         "request-too-large",
         "Request body too large",
         f"the request body{what} with key {key!r} is larger than the"
-        f" {options.max_request_body} bytes this server fingerprints; nothing was run or"
-        " recorded",
+        f" {options.max_request_body if limit is None else limit} bytes this server reads to"
+        " fingerprint it; nothing was run or recorded",
     )
 
 

@@ -141,7 +141,7 @@ class HttpOptions(Generic[RequestT]):
         ``request`` makes what the ``scope``, ``fingerprint`` and ``deadline`` callables get;
         it is called only when one of them is set (a replay does no work it does not need)."""
         if self.scope is None and self.fingerprint is None and self.deadline is None:
-            return f"http::{key}", default_fingerprint(method, path, query, body), None
+            return self.stored_key(None, key), default_fingerprint(method, path, query, body), None
         given = request()
         tenant = None if self.scope is None else self.scope(given)
         if self.fingerprint is None:
