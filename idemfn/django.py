@@ -54,6 +54,7 @@ from ._http.exchange import (
     GUARDED,
     REPLAYED,
     Header,
+    HeldBack,
     Recorded,
     Recorder,
     Response,
@@ -416,17 +417,12 @@ def _closed_early() -> BaseException:
     )
 
 
-class _Stream:
+class _Stream(HeldBack):
     """A streamed response's chunks on their way to the client: each one recorded (up to the
-    limit), the claim settled after the last, halted if they raise or are closed first.
+    limit), the claim settled after the last (before it goes out with a ``Content-Length``:
+    ``HeldBack``), halted if they raise or are closed first."""
 
-    With a ``Content-Length`` the client knows it has the whole response from its last byte,
-    and may retry at once: one chunk is then held back until the next is known, so that the
-    claim is settled before the last goes out (a retry is replayed, never told 409). Without
-    one, the end of the response goes out after the claim is settled anyway, and no chunk
-    waits for the next (a stream of events reaches its client as they come)."""
-
-    __slots__ = ("_chunks", "_claim", "_held", "_hold", "_open", "_options", "_recorder")
+    __slots__ = ("_chunks", "_claim", "_open", "_options", "_recorder")
 
     def __init__(
         self,
@@ -436,46 +432,26 @@ class _Stream:
         chunks: Iterator[bytes],
         hold: bool,
     ) -> None:
+        super().__init__(hold)
         self._options = options
         self._claim = claim
         self._recorder = recorder
         self._chunks = chunks
         self._open = True  # the claim is not settled yet
-        self._hold = hold
-        self._held: bytes | None = None  # the chunk to send next, once the one after is known
 
-    def __iter__(self) -> Iterator[bytes]:
-        return self
-
-    def __next__(self) -> bytes:
-        if not self._hold:
-            chunk = self._pull()
-            if chunk is None:
-                raise StopIteration
-            return chunk
-        if self._held is None:
-            if not self._open:
-                raise StopIteration
-            self._held = self._pull()
-            if self._held is None:
-                raise StopIteration
-        following = self._pull()
-        chunk, self._held = self._held, following
-        return chunk
-
-    def _pull(self) -> bytes | None:
+    def pull(self) -> bytes | None:
         """The next chunk, or None at the end (the claim settled then)."""
+        if not self._open:
+            return None
         try:
             chunk = next(self._chunks)
         except StopIteration:
-            if self._open:
-                self._open = False
-                settle(self._claim, outcome(self._options, self._recorder))
+            self._open = False
+            settle(self._claim, outcome(self._options, self._recorder))
             return None
         except BaseException as exc:
-            if self._open:
-                self._open = False
-                _halt(self._claim, exc)
+            self._open = False
+            _halt(self._claim, exc)
             raise
         self._recorder.add(chunk)
         return chunk

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from ._errors import IdempotencyError
 from ._http.exchange import (
     GUARDED,
+    HeldBack,
     Recorder,
     Response,
     incomplete,
@@ -297,56 +298,30 @@ class _Run:
                     not_settled(self.claim, problem)
 
 
-class _Stream:
+class _Stream(HeldBack):
     """The rest of a response over ``max_response_body``, as the server iterates it: recorded
     as not kept at its end; the key halted if it raises, or if the server closes it before its
-    end (the client left), even before iterating it.
+    end (the client left), even before iterating it. The last chunk waits for the record when
+    the response has a ``Content-Length`` (``HeldBack``)."""
 
-    With a ``Content-Length`` the client knows it has the whole response from its last byte,
-    and may retry at once: one chunk is then held back until the next is known, so that the
-    record is written before the last goes out (never a 409 for that retry). Without one, the
-    response's end goes out after the record anyway, and no chunk waits for the next."""
-
-    __slots__ = ("chunks", "held", "hold", "run")
+    __slots__ = ("chunks", "run")
 
     def __init__(self, run: _Run, chunks: Iterator[bytes]) -> None:
+        super().__init__(any(name.lower() == "content-length" for name, _ in run.headers))
         self.run = run
         self.chunks = chunks
-        self.hold = any(name.lower() == "content-length" for name, _ in run.headers)
-        self.held: bytes | None = None  # the chunk to send next, once the one after is known
 
-    def __iter__(self) -> _Stream:
-        return self
-
-    def __next__(self) -> bytes:
-        run = self.run
-        if not self.hold:
-            chunk = self._pull()
-            if chunk is None:
-                self._finish()
-                raise StopIteration
-            return chunk
-        if self.held is None:
-            if run.settled:
-                raise StopIteration
-            self.held = self._pull()
-            if self.held is None:  # (an empty rest: the end)
-                self._finish()
-                raise StopIteration
-        chunk = self._pull()
-        if chunk is None:
-            self._finish()
-        sent, self.held = self.held, chunk
-        return sent
-
-    def _pull(self) -> bytes | None:
+    def pull(self) -> bytes | None:
         """The next chunk (those kept before the limit first), or None at the app's end."""
         run = self.run
         if run.pending:
             return run.pending.popleft()
+        if run.settled:
+            return None
         try:
             chunk = next(self.chunks)
         except StopIteration:
+            self._finish()
             return None
         except BaseException as exc:
             run.end(exc)

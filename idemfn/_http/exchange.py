@@ -32,6 +32,7 @@ __all__ = [
     "GUARDED",
     "PROBLEMS",
     "RESPONSE_CODEC",
+    "HeldBack",
     "Recorded",
     "Recorder",
     "Response",
@@ -346,6 +347,43 @@ class Recorder:
             self.chunks.clear()
         else:
             self.chunks.append(chunk)
+
+
+class HeldBack:
+    """A streamed response's chunks as the server iterates them, from ``pull()`` (the next
+    chunk, or None at the end, where the subclass settles the claim).
+
+    With ``hold`` (the response has a ``Content-Length``, so its client knows it has the whole
+    response from its last byte, and may retry at once) one chunk is held back until the next
+    is known: the claim is settled before the last goes out, and that retry is replayed, never
+    told 409. Without it (the response's end goes out after the claim is settled anyway) no
+    chunk waits for the next, so a stream of events reaches its client as it comes."""
+
+    __slots__ = ("_held", "_hold")
+
+    def __init__(self, hold: bool) -> None:
+        self._hold = hold
+        self._held: bytes | None = None  # the chunk to send next, once the one after is known
+
+    def pull(self) -> bytes | None:
+        raise NotImplementedError
+
+    def __iter__(self) -> HeldBack:
+        return self
+
+    def __next__(self) -> bytes:
+        if not self._hold:
+            chunk = self.pull()
+            if chunk is None:
+                raise StopIteration
+            return chunk
+        if self._held is None:
+            self._held = self.pull()
+            if self._held is None:
+                raise StopIteration
+        following = self.pull()
+        chunk, self._held = self._held, following
+        return chunk
 
 
 def outcome(options: HttpOptions[Any], recorder: Recorder) -> Recorded | None:
