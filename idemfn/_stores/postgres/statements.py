@@ -165,6 +165,14 @@ def _payload(key: str) -> str:
     return f"sha256:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
+def _rows(cur: Any) -> Any:
+    """A cursor's rows, or its row count when the statement returns none (told by its
+    result's fields: ``cur.description`` builds a list of columns, ~2 µs a call)."""
+    if not cur.pgresult.nfields:
+        return cur.rowcount
+    return cur.fetchall()
+
+
 async def _result(cur: Any) -> Any:
     """An async cursor's rows, or its row count when the statement returns none (told by its
     result's fields: ``cur.description`` builds a list of columns, ~2 µs a call)."""

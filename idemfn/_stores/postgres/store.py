@@ -68,6 +68,7 @@ from .statements import (
     _Query,
     _renewed,
     _result,
+    _rows,
     _statements,
     _Steps,
     _too_long_for_the_index,
@@ -245,16 +246,6 @@ class PostgresStore(Store):
         if pool is None or not self._ready or self._pid != os.getpid():
             pool = self._open()
         return pool
-
-    @contextlib.contextmanager
-    def _connection(self) -> Iterator[Any]:
-        pool = self._usable_pool()
-        conn = self._getconn(pool)
-        try:
-            with conn:  # commit, or roll back on an error, as pool.connection() does
-                yield conn
-        finally:
-            pool.putconn(conn)
 
     def _getconn(self, pool: psycopg_pool.ConnectionPool) -> Any:
         """A connection within ``connect_timeout``, or ``_NoConnection`` saying why not. A pool
@@ -475,11 +466,17 @@ class PostgresStore(Store):
         or its row count when it returns none. Errors name ``key`` (None: a statement of no
         key's)."""
         try:
-            with contextlib.nullcontext(conn) if conn is not None else self._connection() as c:
-                cur = c.execute(query, params, binary=True)  # bytea as bytes, not hex text
-                if cur.description is None:
-                    return cur.rowcount
-                return cur.fetchall()
+            if conn is not None:
+                return _rows(conn.execute(query, params, binary=True))  # bytea as bytes
+            pool = self._usable_pool()
+            c = self._getconn(pool)
+            try:
+                if pool is not self._given_pool:  # ours, in autocommit: nothing to commit
+                    return _rows(c.execute(query, params, binary=True))
+                with c:  # commit, or roll back on an error, as pool.connection() does
+                    return _rows(c.execute(query, params, binary=True))
+            finally:
+                pool.putconn(c)
         except self._errors as exc:
             raise self._failed(action, key, exc) from exc
 
