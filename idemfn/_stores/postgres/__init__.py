@@ -10,7 +10,7 @@
     entry bytea            the encoded entry
 
 Every transition is one statement: the claim an ``INSERT … ON CONFLICT`` that replaces only
-an expired row and returns the live one in the same statement, every later write an
+an expired row (refused, the row that holds the key is then read), every later write an
 ``UPDATE``/``DELETE … WHERE key = … AND live = token``. The clock is the server's
 (``clock_timestamp()``, see ``clock.ServerClock``).
 

@@ -689,10 +689,13 @@ class PostgresStore(Store):
     def _claim(self, entry: Entry) -> _Steps[Entry | None]:
         row = self._row(entry)
         while True:
-            [(won, found)] = yield _Query("claim", entry.key, self._sql["claim"], row)
-            if won:
+            if (yield _Query("claim", entry.key, self._sql["claim"], row)):
                 return None
-            if found is not None:
+            # Refused: a row holds the key. Read it: one more round trip when the key is taken
+            # (rare on the engine's path, which read the key first), none when the claim wins.
+            rows = yield _Query("claim", entry.key, self._sql["get"], (entry.key,))
+            if rows:
+                found = rows[0][0]
                 live = self.decode(entry.key, found)
                 if live.status == "processing":
                     return (yield from self._lease_of(live))
@@ -704,8 +707,7 @@ class PostgresStore(Store):
                 # removed it and claimed since, and deleting that claim would let two run.
                 yield _Query("claim", entry.key, self._sql["delete_row"], (entry.key, found))
                 continue
-            # Neither: a row committed by another caller after this statement's snapshot was
-            # taken (or removed since). Look again.
+            # None: the row was removed since (forgotten, pruned, released). Claim again.
 
     def get(self, key: str) -> Entry | None:
         return self._drive(self._get(key))
