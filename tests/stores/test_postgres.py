@@ -25,7 +25,9 @@ import pytest
 
 import idemfn
 from idemfn import PostgresStore, Status, StoreError, idempotent
+from idemfn._stores.postgres import store as store_module
 from idemfn.testing import _finished, _processing
+from tests.support.forks import fork_and_wait
 from tests.support.servers import PostgresServer
 from tests.support.stores import age
 from tests.support.workers import poll
@@ -365,6 +367,57 @@ def test_an_existing_pool_is_used(postgres_server: PostgresServer) -> None:
         assert fn(3) == [3] and fn(3) == [3]
         store.close()  # the caller's pool stays open
         assert not pool.closed
+
+
+def _backends(store: PostgresStore) -> list[int]:
+    """The backend pids of ``store``'s spare connections (kept out of its pool between calls)."""
+    return [conn.info.backend_pid for conn, _, _ in store._spares]
+
+
+def test_spare_connections_are_the_processs_own_and_close_with_the_store(
+    postgres_server: PostgresServer,
+) -> None:
+    store = fresh(postgres_server)
+    fn = idempotent(key="{x}", store=store)(lambda x: [x])
+    assert fn(1) == [1]
+    spares = [conn for conn, _, _ in store._spares]
+    assert spares and len(spares) <= store_module._SPARES
+
+    def child() -> int:
+        # Its own connections: the parent's spares are neither used nor closed here.
+        assert fn(2) == [2] and fn(1) == [1]
+        assert not set(_backends(store)) & {conn.info.backend_pid for conn in spares}
+        store.close()
+        return 0
+
+    def closing_child() -> int:
+        store.close()  # (its first call: the spares it holds are its parent's)
+        return 0
+
+    for forked in (child, closing_child):
+        assert fork_and_wait(forked) == 0
+        # The parent's spares still work (a child that closed them would have ended their
+        # sessions).
+        assert fn(3) == [3] and fn(2) == [2]
+        assert [conn for conn, _, _ in store._spares] == spares
+    store.close()
+    assert all(conn.closed for conn in spares) and not store._spares
+
+
+def test_a_spare_connection_goes_back_to_the_pool_after_a_while(
+    postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = fresh(postgres_server)
+    assert store.get("k") is None
+    assert len(store._spares) == 1
+    pool = store._pool
+    assert pool is not None
+    idle = pool.get_stats()["pool_available"]
+    monkeypatch.setattr(store_module, "_SPARE_FOR", 0.0)  # (every one is out too long)
+    assert store.get("k") is None
+    assert not store._spares  # back in the pool, whose upkeep reaches it again
+    assert pool.get_stats()["pool_available"] == idle + 1
+    store.close()
 
 
 def test_bad_arguments_name_what_is_wrong() -> None:

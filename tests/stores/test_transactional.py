@@ -97,20 +97,20 @@ def test_a_transaction_that_cannot_start_releases_the_key_it_never_ran(
 ) -> None:
     runs: list[int] = []
     armed: list[bool] = []
-    real_transaction, real_getconn = store.transaction, store._getconn
+    real_transaction, real_checkout = store.transaction, store._checkout
 
     def transaction(key: str) -> Any:
         armed.append(True)
         return real_transaction(key)
 
-    def getconn(pool: Any) -> Any:
+    def checkout(pool: Any) -> Any:  # (a spare connection, else the pool's)
         if armed == [True]:  # the connection of the first transaction only
             armed.append(False)
             raise psycopg.OperationalError("server closed the connection unexpectedly")
-        return real_getconn(pool)
+        return real_checkout(pool)
 
     monkeypatch.setattr(store, "transaction", transaction)
-    monkeypatch.setattr(store, "_getconn", getconn)
+    monkeypatch.setattr(store, "_checkout", checkout)
 
     @idempotent(key="k", store=store, transactional=True)
     def body() -> int:
