@@ -10,11 +10,13 @@ Installs nothing: every peer that imports is measured, the others are listed as 
 PostgreSQL cluster, as ``bench_stores.py`` does, and skips those groups when they are absent.
 
 - **Latency**: replay (a recorded small dict) and first call (a no-op body, a new key each
-  call) of idemfn's ``DiskStore`` against a raw ``diskcache.Cache`` get / add+set (the floor),
-  ``Cache.memoize``, ``joblib.Memory``, ``cachier`` (pickle core) and ``functools.lru_cache``;
-  idemfn's ``RedisStore`` against AWS Lambda Powertools' ``idempotent_function`` with its Redis
-  persistence layer on the same server (floor: redis-py ``GET`` / ``SET NX``); idemfn's
-  ``PostgresStore`` against a raw ``SELECT`` / ``INSERT`` floor. Each group is measured in
+  call) of idemfn's ``DiskStore`` against ``Cache.memoize``, ``joblib.Memory``, ``cachier``
+  (pickle core) and ``functools.lru_cache``; idemfn's ``RedisStore`` against AWS Lambda
+  Powertools' ``idempotent_function`` with its Redis persistence layer on the same server; and
+  each store against the floor of its protocol, as in ``bench_stores.py`` (issue 18): a replay
+  is one raw read of the bytes the store holds (``Cache.get``, ``GET``, a ``SELECT`` by primary
+  key), a first call two raw writes (``Cache.add`` + ``Cache.set``, ``SET NX`` + ``SET``, an
+  autocommit ``INSERT`` + ``UPDATE`` on a table like the store's). Each group is measured in
   interleaved rounds (the order rotates every round, so machine noise hits every system),
   after a calibration and a warm-up round; the table gives medians and ratios to the floor.
 - **Concurrency**: 1, 2, 4 and 8 processes calling distinct keys, then the same hot keys (a
@@ -58,7 +60,18 @@ from idemfn import DiskStore, idempotent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_core  # the timing harness: calibrate, timed_round, machine_info
 import bench_scale  # a store grown to a million records
-from bench_stores import postgres_server, redis_server
+from bench_stores import (  # the floors' settings and statements, and the servers
+    CACHE_SETTINGS,
+    PG_INSERT,
+    PG_SELECT,
+    PG_UPDATE,
+    TARGETS,
+    TTL,
+    load,
+    postgres_server,
+    prepare_floors,
+    redis_server,
+)
 
 SMALL = {"a": 1, "b": 2, "c": 3}
 POOL = 64  # replays cycle over this many recorded arguments, the same for every system
@@ -82,6 +95,12 @@ _fresh = iter(range(10**12))
 def _fresh_args(n: int) -> list[int]:
     """Arguments never used before: every call with them is a first call."""
     return [POOL + next(_fresh) for _ in range(n)]
+
+
+#: The floors' names: a replay's one raw read / a first call's two raw writes.
+DISK_FLOOR = "raw diskcache get / add+set"
+REDIS_FLOOR = "raw redis GET / SET NX+SET"
+PG_FLOOR = "raw SELECT / INSERT+UPDATE"
 
 
 @dataclass
@@ -147,30 +166,30 @@ def _pair(
 def local_systems(root: Path, missing: list[str]) -> list[System]:
     counter: Counter[str] = Counter()
     settings = {"eviction_policy": "none", "statistics": False, "timeout": 60.0}
-    raw = diskcache.Cache(str(root / "raw"), **settings)
+    raw = diskcache.Cache(str(root / "raw"), **CACHE_SETTINGS)
     store = DiskStore(root / "idemfn")
     systems: list[System] = []
 
     replayed = idempotent(key="r:{i}", store=store, name="cmp.replay")(_counted(counter, "idemfn"))
     first = idempotent(key="f:{i}", store=store, name="cmp.first")(lambda i: None)
     idemfn_disk = _pair("idemfn DiskStore", replayed, first, counter, "idemfn")
-    # The floor: the same stored bytes, got raw; a first call's claim and outcome bytes.
+    # The floor: the same stored bytes, got raw; a first call's two writes of a record's bytes.
     keys = [replayed.key_for(i) for i in range(POOL)]
     for key in keys:
-        raw.set(key, store.cache.get(key), expire=86400.0)
-    claim_bytes = final_bytes = store.cache.get(keys[0])
+        raw.set(key, store.cache.get(key), expire=TTL)
+    record = store.cache.get(keys[0])
 
     def raw_first(n: int) -> int:
         names = [f"raw:{i}" for i in _fresh_args(n)]
         t0 = time.perf_counter_ns()
         for k in names:
-            raw.add(k, claim_bytes)
-            raw.set(k, final_bytes, expire=86400.0)
+            raw.add(k, record, expire=TTL)
+            raw.set(k, record, expire=TTL)
         return time.perf_counter_ns() - t0
 
     systems.append(
         System(
-            "raw diskcache get / add+set",
+            DISK_FLOOR,
             lambda n: _loop(raw.get, [keys[i] for i in _cycled(n)]),
             raw_first,
             floor=True,
@@ -246,29 +265,40 @@ def redis_systems(url: str, missing: list[str]) -> list[System]:
     counter: Counter[str] = Counter()
     client = redis.Redis.from_url(url)
     prefix = f"cmp:{uuid.uuid4().hex}:"
+    store = RedisStore(client, prefix=prefix)
+    replayed = idempotent(key="r:{i}", store=store, name="cmp.replay")(_counted(counter, "idemfn"))
+    first = idempotent(key="f:{i}", store=store, name="cmp.first")(lambda i: None)
+    ours = _pair("idemfn RedisStore", replayed, first, counter, "idemfn")
+    # The floor reads and writes as many bytes as the store holds for one record (its hash's
+    # fields, as one string), with the record's expiry.
+    held = prefix + replayed.key_for(0)
+    stored: Any = (
+        client.hgetall(held).values() if client.type(held) == b"hash" else [client.get(held)]
+    )
+    value = b"".join(stored)
+    assert value, f"no record under {held!r}"
+    px = int(TTL * 1000)
     raw_keys = [f"{prefix}raw:{i}".encode() for i in range(POOL)]
     for key in raw_keys:
-        client.set(key, b"x" * 200)
+        client.set(key, value, px=px)
 
     def raw_first(n: int) -> int:
         names = [f"{prefix}rawf:{i}" for i in _fresh_args(n)]
         t0 = time.perf_counter_ns()
         for k in names:
-            client.set(k, b"x" * 200, nx=True)
+            client.set(k, value, nx=True, px=px)
+            client.set(k, value, px=px)
         return time.perf_counter_ns() - t0
 
     systems = [
         System(
-            "raw redis GET / SET NX",
+            REDIS_FLOOR,
             lambda n: _loop(client.get, [raw_keys[i] for i in _cycled(n)]),
             raw_first,
             floor=True,
-        )
+        ),
+        ours,
     ]
-    store = RedisStore(client, prefix=prefix)
-    replayed = idempotent(key="r:{i}", store=store, name="cmp.replay")(_counted(counter, "idemfn"))
-    first = idempotent(key="f:{i}", store=store, name="cmp.first")(lambda i: None)
-    systems.append(_pair("idemfn RedisStore", replayed, first, counter, "idemfn"))
     powertools = powertools_functions(client, counter)
     if powertools is None:
         missing.append("aws-lambda-powertools")
@@ -311,37 +341,59 @@ def powertools_functions(client: Any, counter: Counter[str]) -> tuple[Any, Any] 
     )
 
 
+#: Rows each PostgreSQL table holds before timing (the store's, the floor's), then ANALYZEd.
+#: Without them autovacuum analyzes both tables a minute after they were made, while they hold
+#: the 64 replayed rows (during the local and Redis groups): the planner then caches generic
+#: plans that scan the whole table for a key (one page: cheaper than the index), and keeps
+#: them as the first calls grow the table to thousands of rows, every lookup slower
+#: than the last. A store in use holds more than 64 records and is analyzed as such.
+PG_FILL = 10_000
+
+
 def postgres_systems(dsn: str) -> list[System]:
     import psycopg
 
     from idemfn import PostgresStore
 
     counter: Counter[str] = Counter()
-    conn = psycopg.connect(dsn, autocommit=True)
-    table = f"cmp_{uuid.uuid4().hex}"
-    conn.execute(f"CREATE TABLE {table} (key text PRIMARY KEY, entry bytea)")
-    for i in range(POOL):
-        conn.execute(f"INSERT INTO {table} VALUES (%s, %s)", (f"raw:{i}", b"x" * 200))
-    select = f"SELECT entry FROM {table} WHERE key = %s"
-    insert = f"INSERT INTO {table} VALUES (%s, %s) ON CONFLICT DO NOTHING"
-
-    def raw_replay(n: int) -> int:
-        return _loop(
-            lambda k: conn.execute(select, (k,)).fetchone(), [f"raw:{i}" for i in _cycled(n)]
-        )
-
-    def raw_first(n: int) -> int:
-        return _loop(
-            lambda k: conn.execute(insert, (k, b"x" * 200)), [f"rawf:{i}" for i in _fresh_args(n)]
-        )
-
     store = PostgresStore(dsn, table=f"cmp_idemfn_{uuid.uuid4().hex}")
     replayed = idempotent(key="r:{i}", store=store, name="cmp.replay")(_counted(counter, "idemfn"))
     first = idempotent(key="f:{i}", store=store, name="cmp.first")(lambda i: None)
-    return [
-        System("raw SELECT / INSERT", raw_replay, raw_first, floor=True),
-        _pair("idemfn PostgresStore", replayed, first, counter, "idemfn"),
-    ]
+    ours = _pair("idemfn PostgresStore", replayed, first, counter, "idemfn")
+    # The floor: a table LIKE the store's (bench_stores.py's "raw"), holding the store's own
+    # row of a recorded call; one connection in autocommit.
+    prepare_floors(dsn, store.table)
+    conn = psycopg.connect(dsn, autocommit=True)
+    row = conn.execute(
+        f'SELECT live, token, expires_at, drop_at, entry FROM "{store.table}" WHERE key = %s',
+        (replayed.key_for(0),),
+    ).fetchone()
+    assert row is not None, "the store holds no record of the replayed call"
+    live, token, expires_at, drop_at, entry = row
+    for i in range(POOL):
+        conn.execute(PG_INSERT, (f"raw:{i}", *row))
+    for table in (store.table, "raw"):
+        conn.execute(
+            f'INSERT INTO "{table}" (key, live, token, expires_at, drop_at, entry)'
+            " SELECT 'fill:' || g, %s, %s, %s, %s, %s FROM generate_series(1, %s) g",
+            (*row, PG_FILL),
+        )
+        conn.execute(f'ANALYZE "{table}"')
+
+    def raw_replay(n: int) -> int:
+        return _loop(
+            lambda k: conn.execute(PG_SELECT, (k,)).fetchone(), [f"raw:{i}" for i in _cycled(n)]
+        )
+
+    def raw_first(n: int) -> int:
+        names = [f"rawf:{i}" for i in _fresh_args(n)]
+        t0 = time.perf_counter_ns()
+        for k in names:  # a claim's row (live, drop_at = expires_at), then the outcome's
+            conn.execute(PG_INSERT, (k, token, token, expires_at, expires_at, entry))
+            conn.execute(PG_UPDATE, (live, token, expires_at, drop_at, entry, k))
+        return time.perf_counter_ns() - t0
+
+    return [System(PG_FLOOR, raw_replay, raw_first, floor=True), ours]
 
 
 # --------------------------------------------------------------------------------------------
@@ -586,20 +638,16 @@ def targets(
             value = x.us(what) / y.us(what)
             checks.append((label, value, f"<= {limit}x", value <= limit))
 
-    ratio(
-        "idemfn DiskStore",
-        "raw diskcache get / add+set",
-        "replay",
-        1.5,
-        "DiskStore replay / raw diskcache get",
-    )
-    ratio(
-        "idemfn DiskStore",
-        "raw diskcache get / add+set",
-        "first",
-        1.3,
-        "DiskStore first call / raw add+set",
-    )
+    # Each store against the floor of its protocol: issue 18's targets (bench_stores.py's).
+    floors = {
+        "DiskStore": (DISK_FLOOR, "raw Cache.get", "raw add+set"),
+        "RedisStore": (REDIS_FLOOR, "raw GET", "raw SET NX+SET"),
+        "PostgresStore": (PG_FLOOR, "raw SELECT", "raw INSERT+UPDATE"),
+    }
+    for store, (floor, read, writes) in floors.items():
+        replay_limit, first_limit = TARGETS[store]
+        ratio(f"idemfn {store}", floor, "replay", replay_limit, f"{store} replay / {read}")
+        ratio(f"idemfn {store}", floor, "first", first_limit, f"{store} first call / {writes}")
     ratio(
         "idemfn RedisStore",
         "Powertools (Redis)",
@@ -857,8 +905,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             missing.append("PostgreSQL")
         print("\nLatency (interleaved rounds)...", flush=True)
+        latency_load = f"load average {load()} before"
         for group in groups:
             measure_group(group, rounds, round_ns)
+            print(f"  {group[0].name}'s group: load average {load()}", flush=True)
+        latency_load += f", {load()} after"
         concurrent: list[Concurrent] = []
         if "concurrency" not in skip:
             print("\nConcurrency...", flush=True)
@@ -883,6 +934,10 @@ def main(argv: list[str] | None = None) -> int:
     stamp = f"{time.strftime('%Y-%m-%d')}, {cores} cores, Python {python}"
     lines = [
         f"Measured {stamp}; " + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + ".",
+        "",
+        f"Latency: µs per call, medians of {rounds} interleaved rounds ({latency_load});"
+        " each group's first system is its floor (a replay: one raw read of the store's bytes;"
+        " a first call: two raw writes).",
         "",
         *latency_table(groups),
         "",
