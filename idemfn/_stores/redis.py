@@ -35,10 +35,11 @@ import functools
 import hashlib
 import inspect
 import logging
+import os
 import threading
 import time
 import weakref
-from collections.abc import AsyncGenerator, Callable, Coroutine, Generator, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Generator, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._record import Entry
@@ -140,12 +141,11 @@ def _glob_escape(text: str) -> str:
 
 
 class _Read(NamedTuple):
-    """A read that a refused swap needs: the client's ``command`` with ``args``."""
+    """A read that a refused swap needs: a ``command`` (its words) for the store's lane."""
 
     action: str
     key: str
-    command: str
-    args: tuple[Any, ...]
+    command: tuple[Any, ...]
 
 
 #: What ``RedisStore._refused`` yields: a read, or None for the store's time.
@@ -243,6 +243,7 @@ class RedisStore(Store):
                 f" {type(url_or_client).__name__}"
             )
         self.client = client
+        self._send = _Lane(client)  # the store's commands (see _Lane)
         self.prefix = prefix
         self.sign_with(signing_key)
         self.url = _describe(client.connection_pool.connection_kwargs)  # never a password
@@ -290,13 +291,15 @@ class RedisStore(Store):
         return now if now is not None else await self._clock.anow(self._aread_clock)
 
     def _read_clock(self, first: bool) -> float:
-        reading = _clock_reading(self.client, first)
-        return _seconds(self._call("read the clock for", "TIME", reading.execute))
+        reading = _clock_reading(first)
+        return _seconds(self._call("read the clock for", "TIME", self._send.many, reading))
 
     async def _aread_clock(self, first: bool) -> float:
         side = self._side()
-        reading = _clock_reading(side.client, first)
-        return _seconds(await self._acall(side, "read the clock for", "TIME", reading.execute))
+        reading = _clock_reading(first)
+        return _seconds(
+            await self._acall(side, "read the clock for", "TIME", side.send.many, reading)
+        )
 
     # The primitives: each builds its script's arguments and reads its answer once, for the
     # sync client and for this event loop's async one.
@@ -318,17 +321,17 @@ class RedisStore(Store):
         return [self.prefix + entry.key], [token, self.encode(entry), drop_at, expires]
 
     def claim(self, entry: Entry) -> Entry | None:
-        found = self._call("claim", entry.key, self._claim, self.client, *self._claim_args(entry))
+        found = self._call("claim", entry.key, self._claim, self._send, *self._claim_args(entry))
         return None if found is None else self.decode(entry.key, found)
 
     async def aclaim(self, entry: Entry) -> Entry | None:
         side = self._side()
         claim, args = self._claim.acall, self._claim_args(entry)
-        found = await self._acall(side, "claim", entry.key, claim, side.client, *args)
+        found = await self._acall(side, "claim", entry.key, claim, side.send, *args)
         return None if found is None else self.decode(entry.key, found)
 
     def get(self, key: str) -> Entry | None:
-        data = self._call("read", key, self.client.hget, self.prefix + key, "e")
+        data = self._call("read", key, self._send, "HGET", self.prefix + key, "e")
         if data is None:
             return None
         entry = self.decode(key, data)
@@ -336,7 +339,7 @@ class RedisStore(Store):
 
     async def aget(self, key: str) -> Entry | None:
         side = self._side()
-        data = await self._acall(side, "read", key, side.client.hget, self.prefix + key, "e")
+        data = await self._acall(side, "read", key, side.send, "HGET", self.prefix + key, "e")
         if data is None:
             return None
         entry = self.decode(key, data)
@@ -351,7 +354,7 @@ class RedisStore(Store):
 
     def swap(self, key: str, token: str, entry: Entry) -> bool:
         done = self._call(
-            "update", key, self._swap, self.client, *self._swap_args(key, token, entry)
+            "update", key, self._swap, self._send, *self._swap_args(key, token, entry)
         )
         return bool(done == 1) or run(
             self._refused(key, token, entry, done), RedisStore._read, self
@@ -360,7 +363,7 @@ class RedisStore(Store):
     async def aswap(self, key: str, token: str, entry: Entry) -> bool:
         side = self._side()
         args = self._swap_args(key, token, entry)
-        done = await self._acall(side, "update", key, self._swap.acall, side.client, *args)
+        done = await self._acall(side, "update", key, self._swap.acall, side.send, *args)
         return bool(done == 1) or await arun(
             self._refused(key, token, entry, done), self._aread, side
         )
@@ -372,14 +375,14 @@ class RedisStore(Store):
         if done == -1:
             # The claim's record is gone: forgotten, pruned, or lost by a server that restarted
             # without persistence. The last is not the owner's loss of a race: say so.
-            info = yield _Read("read the uptime for", key, "info", ("server",))
+            info = yield _Read("read the uptime for", key, ("INFO", "server"))
             now = yield None
             # Uptime is in whole seconds, so this estimate of the server's start is up to 1 s
             # late. Only a start more than 1 s after the claim is surely a restart since: a
             # server that started just before the claim (a fresh one) must not pass for one, and
             # a record lost in a restart within 1 s of its claim is reported as gone, like a
             # forgotten one.
-            started = now - float(info.get("uptime_in_seconds", 0))
+            started = now - _uptime(info)
             if started > entry.started_at + 1.0:
                 raise self.error(
                     "update",
@@ -388,7 +391,7 @@ class RedisStore(Store):
                     " is gone (a server without persistence loses records: enable appendonly)",
                 )
         else:  # refused: by the claim's own fence?
-            data, fence = yield _Read("read", key, "hmget", (self.prefix + key, "e", "t"))
+            data, fence = yield _Read("read", key, ("HMGET", self.prefix + key, "e", "t"))
             if data is not None:
                 text = None if fence is None else fence.decode("utf-8", "surrogateescape")
                 self.check_fence(key, token, text, data)
@@ -398,40 +401,37 @@ class RedisStore(Store):
         """One of ``_refused``'s steps, for a sync caller: a read, or (None) the store's time."""
         if step is None:
             return self.time()
-        return self._call(step.action, step.key, getattr(self.client, step.command), *step.args)
+        return self._call(step.action, step.key, self._send, *step.command)
 
     async def _aread(self, side: _LoopSide, step: _Read | None) -> Any:
         """One of ``_refused``'s steps, for an async caller, on its loop's client."""
         if step is None:
             return await self.atime()
-        read = getattr(side.client, step.command)
-        return await self._acall(side, step.action, step.key, read, *step.args)
+        return await self._acall(side, step.action, step.key, side.send, *step.command)
 
     def _release_args(self, key: str, token: str) -> tuple[list[str], list[str]]:
         return [self.prefix + key], [token, self._channel(key)]
 
     def release(self, key: str, token: str) -> bool:
         args = self._release_args(key, token)
-        return bool(self._call("release", key, self._release, self.client, *args))
+        return bool(self._call("release", key, self._release, self._send, *args))
 
     async def arelease(self, key: str, token: str) -> bool:
         side = self._side()
         args = self._release_args(key, token)
-        return bool(
-            await self._acall(side, "release", key, self._release.acall, side.client, *args)
-        )
+        return bool(await self._acall(side, "release", key, self._release.acall, side.send, *args))
 
     def _delete_args(self, key: str, token: str | None) -> tuple[list[str], list[str]]:
         return [self.prefix + key], [token or "", self._channel(key)]
 
     def delete(self, key: str, token: str | None = None) -> bool:
-        done = self._call("delete", key, self._delete, self.client, *self._delete_args(key, token))
+        done = self._call("delete", key, self._delete, self._send, *self._delete_args(key, token))
         return _deleted(done, token)
 
     async def adelete(self, key: str, token: str | None = None) -> bool:
         side = self._side()
         delete, args = self._delete.acall, self._delete_args(key, token)
-        done = await self._acall(side, "delete", key, delete, side.client, *args)
+        done = await self._acall(side, "delete", key, delete, side.send, *args)
         return _deleted(done, token)
 
     def scan(self, prefix: str = "", *, corrupt: Corrupt | None = None) -> Iterator[Entry]:
@@ -533,8 +533,8 @@ class RedisStore(Store):
 
 
 class _Script:
-    """A Lua script, run by its SHA1 (``EVALSHA``) on a sync client (call it) or an async one
-    (``acall``), and sent whole (``EVAL``, which loads it again) to a server that lost it (a
+    """A Lua script, run by its SHA1 (``EVALSHA``) through a sync ``send`` (call it) or an async
+    one (``acall``), and sent whole (``EVAL``, which loads it again) to a server that lost it (a
     restart, ``SCRIPT FLUSH``). Leaner per call than redis-py's ``Script``, which builds
     tuples and imports a module on every call: about 5 µs of an async claim's 80."""
 
@@ -545,17 +545,240 @@ class _Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
         self.missing = missing  # redis-py's NoScriptError (imported with redis)
 
-    def __call__(self, client: Any, keys: list[str], args: list[Any]) -> Any:
+    def __call__(self, send: Callable[..., Any], keys: list[str], args: list[Any]) -> Any:
         try:
-            return client.evalsha(self.sha, len(keys), *keys, *args)
+            return send("EVALSHA", self.sha, len(keys), *keys, *args)
         except self.missing:
-            return client.eval(self.source, len(keys), *keys, *args)
+            return send("EVAL", self.source, len(keys), *keys, *args)
 
-    async def acall(self, client: Any, keys: list[str], args: list[Any]) -> Any:
+    async def acall(self, send: Callable[..., Any], keys: list[str], args: list[Any]) -> Any:
         try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
+            return await send("EVALSHA", self.sha, len(keys), *keys, *args)
         except self.missing:
-            return await client.eval(self.source, len(keys), *keys, *args)
+            return await send("EVAL", self.source, len(keys), *keys, *args)
+
+
+# The store's commands skip redis-py's per-command path (issue 18). A command through
+# ``Redis.execute_command`` checks a connection out of the pool and back in with a fork check,
+# a lock, an event dispatched and four metrics calls (redis-py 8's observability, which is
+# global and cannot be turned off for one client), then records the command's duration: about
+# 18 µs of CPU around a 14 µs command, more than a replay's whole budget. The store takes the
+# connection from the pool's own lists instead, under the pool's lock (so the pool's limit and
+# its count of connections in use hold, and every connection is the pool's, with its settings:
+# credentials, timeouts, TLS, retries, health checks), and sends the command as the client
+# does: through the connection's ``retry``, disconnecting it after each failed try. Like the
+# pool, it first looks whether the connection has bytes waiting (the server closed it, or a
+# reply was left unread) and connects it again if so; a command cut short (an error, a signal,
+# a cancellation) disconnects its connection, so no reply is ever left for the next command.
+# Anything unusual (no connection free, a fork since, a pool of another kind) goes through the
+# pool's own ``get_connection`` and ``release``.
+
+
+def _checkout_arguments(pool: Any) -> tuple[str, ...]:
+    """What ``pool.get_connection`` takes: nothing since redis-py 5.3 (which warns when given
+    a command name), a command name before."""
+    parameter = inspect.signature(pool.get_connection).parameters.get("command_name")
+    required = parameter is not None and parameter.default is inspect.Parameter.empty
+    return ("EVALSHA",) if required else ()
+
+
+def _borrows(client: Any, pool_class: type) -> bool:
+    """Whether the store may take connections from the lists of ``client``'s pool itself: a
+    plain pool (not a blocking one, which hands connections to waiters, nor Sentinel's), no
+    single connection shared under a lock, no client-side cache, no credential provider (whose
+    new tokens reach a busy connection when the pool's ``release`` gets it back), no
+    maintenance notifications (which move connections between servers)."""
+    pool = client.connection_pool
+    maintained = getattr(pool, "maint_notifications_enabled", None)
+    provider = pool.connection_kwargs.get("credential_provider")
+    return (
+        type(pool) is pool_class
+        and all(hasattr(pool, name) for name in ("_available_connections", "_in_use_connections"))
+        and getattr(client, "connection", None) is None
+        and not getattr(client, "single_connection_client", False)
+        and getattr(pool, "cache", None) is None
+        and provider is None
+        and not (maintained is not None and maintained())
+    )
+
+
+class _Lane:
+    """The sync client's pool, for the store's commands: ``lane(*command)`` sends one and
+    returns its reply, unparsed; ``lane.many(commands)`` sends several in one round trip."""
+
+    __slots__ = ("_borrow", "_broken", "_checkout", "_pool", "_replied")
+
+    def __init__(self, client: Any) -> None:
+        import redis
+
+        self._pool = pool = client.connection_pool
+        self._borrow = _borrows(client, redis.ConnectionPool) and hasattr(pool, "_lock")
+        self._checkout = _checkout_arguments(pool)
+        self._replied = redis.ResponseError  # an error reply, read whole: a sound connection
+        self._broken = (OSError, redis.ConnectionError, redis.TimeoutError)
+
+    def __call__(self, *args: Any) -> Any:
+        return self._run(_ask, args)
+
+    def many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        return self._run(_ask_many, commands)  # type: ignore[no-any-return]
+
+    def _run(self, ask: Callable[[Any, Any], Any], what: Any) -> Any:
+        pool = self._pool
+        conn = self._take() if self._borrow else None
+        borrowed = conn is not None
+        if conn is None:
+            conn = pool.get_connection(*self._checkout)
+        try:
+            reply = conn.retry.call_with_retry(
+                lambda: ask(conn, what), lambda error: conn.disconnect()
+            )
+        except self._replied:
+            raise
+        except BaseException:
+            conn.disconnect()  # (a reply may be left unread: it connects again when next used)
+            raise
+        finally:
+            if borrowed:
+                self._give(conn)
+            else:
+                pool.release(conn)
+        return reply
+
+    def _take(self) -> Any:
+        """A free connection of the pool's, ready for a command; None if none is free (or the
+        process forked since the pool's last use, which the pool's own checkout handles)."""
+        pool = self._pool
+        if pool.pid != os.getpid():
+            return None
+        with pool._lock:
+            free = pool._available_connections
+            if not free:
+                return None
+            conn = free.pop()
+            pool._in_use_connections.add(conn)
+        try:
+            if not conn.can_read():
+                return conn
+        except self._broken:
+            pass
+        conn.disconnect()  # closed by the server, or bytes nobody asked for: connects again
+        return conn
+
+    def _give(self, conn: Any) -> None:
+        pool = self._pool
+        pid = os.getpid()
+        with pool._lock:
+            if conn.pid == pid == pool.pid and conn in pool._in_use_connections:
+                pool._in_use_connections.remove(conn)
+                pool._available_connections.append(conn)
+                return
+        pool.release(conn)  # not the pool's any more (a fork, a reset): its own way
+
+
+def _ask(conn: Any, args: tuple[Any, ...]) -> Any:
+    conn.send_command(*args)
+    return conn.read_response()
+
+
+def _ask_many(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    conn.send_packed_command(conn.pack_commands(commands))
+    replies = []
+    for _ in commands:  # every reply read, errors too, before the first error is raised
+        try:
+            replies.append(conn.read_response())
+        except _response_error() as error:
+            replies.append(error)
+    return _first_error_raised(replies)
+
+
+class _AsyncLane:
+    """``_Lane`` for one event loop's async client: ``await lane(*command)``,
+    ``await lane.many(commands)``. (The pool is this loop's alone, and nothing below awaits
+    between looking at its lists and changing them: no lock is needed.)"""
+
+    __slots__ = ("_borrow", "_broken", "_checkout", "_pool", "_replied")
+
+    def __init__(self, client: Any) -> None:
+        import redis
+        import redis.asyncio
+
+        self._pool = pool = client.connection_pool
+        self._borrow = _borrows(client, redis.asyncio.ConnectionPool)
+        self._checkout = _checkout_arguments(pool)
+        self._replied = redis.ResponseError
+        self._broken = (OSError, redis.ConnectionError, redis.TimeoutError)
+
+    async def __call__(self, *args: Any) -> Any:
+        return await self._run(_aask, args)
+
+    async def many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        return await self._run(_aask_many, commands)  # type: ignore[no-any-return]
+
+    async def _run(self, ask: Callable[[Any, Any], Awaitable[Any]], what: Any) -> Any:
+        pool = self._pool
+        free = pool._available_connections if self._borrow else None
+        if free:
+            conn = free.pop()
+            pool._in_use_connections.add(conn)
+            borrowed = True
+        else:
+            conn = await pool.get_connection(*self._checkout)
+            borrowed = False
+        try:
+            if borrowed:
+                try:
+                    stale = await conn.can_read()
+                except self._broken:
+                    stale = True
+                if stale:  # closed by the server, or bytes nobody asked for: connects again
+                    await conn.disconnect(nowait=True)
+            reply = await conn.retry.call_with_retry(
+                lambda: ask(conn, what), lambda error: conn.disconnect()
+            )
+        except self._replied:
+            raise
+        except BaseException:
+            # (redis-py disconnects a command cut short already; without waiting here, so
+            # that a second cancellation cannot come in between.)
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            if borrowed and conn in pool._in_use_connections:
+                pool._in_use_connections.remove(conn)
+                pool._available_connections.append(conn)
+            else:
+                await pool.release(conn)
+        return reply
+
+
+async def _aask(conn: Any, args: tuple[Any, ...]) -> Any:
+    await conn.send_command(*args)
+    return await conn.read_response()
+
+
+async def _aask_many(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    await conn.send_packed_command(conn.pack_commands(commands))
+    replies = []
+    for _ in commands:
+        try:
+            replies.append(await conn.read_response())
+        except _response_error() as error:
+            replies.append(error)
+    return _first_error_raised(replies)
+
+
+def _response_error() -> type[Exception]:
+    import redis
+
+    return redis.ResponseError
+
+
+def _first_error_raised(replies: list[Any]) -> list[Any]:
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
 
 
 def _deleted(done: int, token: str | None) -> bool:
@@ -563,20 +786,25 @@ def _deleted(done: int, token: str | None) -> bool:
     return done == 1 or (done == 2 and token is not None)
 
 
-def _clock_reading(client: Any, first: bool) -> Any:
-    """A pipeline that reads the server's clock, sync or async: on the store's first use it
-    loads the scripts in the same round trip, so that no call pays for it."""
-    pipe = client.pipeline(transaction=False)
-    if first:
-        for script in _SCRIPTS:
-            pipe.script_load(script)
-    pipe.time()
-    return pipe
+def _clock_reading(first: bool) -> list[tuple[str, ...]]:
+    """The commands that read the server's clock, in one round trip: on the store's first use
+    they load the scripts too, so that no call pays for it."""
+    loads = [("SCRIPT", "LOAD", script) for script in _SCRIPTS] if first else []
+    return [*loads, ("TIME",)]
 
 
 def _seconds(replies: list[Any]) -> float:
-    seconds, micros = replies[-1]  # TIME's answer: the last in the pipeline
+    seconds, micros = replies[-1]  # TIME's answer: the last of the commands
     return float(seconds) + float(micros) / 1e6
+
+
+def _uptime(info: bytes) -> float:
+    """``uptime_in_seconds`` from the text of ``INFO server``; 0 when it is not there."""
+    for line in info.splitlines():
+        name, _, value = line.partition(b":")
+        if name == b"uptime_in_seconds":
+            return float(value)
+    return 0.0
 
 
 class _LoopSide:
@@ -586,6 +814,7 @@ class _LoopSide:
         import asyncio
 
         self.client = client
+        self.send = _AsyncLane(client)  # the store's commands (see _Lane)
         # Turns for calls: at most _ASYNC_CALLS at once, within the pool's connections.
         connections = client.connection_pool.max_connections or _ASYNC_CALLS + 1
         self.turns = asyncio.Semaphore(max(1, min(_ASYNC_CALLS, connections - 1)))

@@ -31,24 +31,28 @@ def fresh(server: RedisServer) -> RedisStore:
     return RedisStore(server.url, prefix=f"t:{uuid.uuid4().hex}:")
 
 
-def counting(store: RedisStore) -> list[str]:
-    """Record every command the store sends (a script call is one EVALSHA)."""
+def counting(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every command sent on a sync connection, whichever way it goes (the client's
+    ``execute_command``, or the connections the store keeps for its primitives): a script
+    call is one EVALSHA."""
     sent: list[str] = []
-    execute = store.client.execute_command
+    send = redis.connection.AbstractConnection.send_command
 
-    def execute_command(*args: Any, **options: Any) -> Any:
+    def send_command(self: Any, *args: Any, **options: Any) -> Any:
         sent.append(str(args[0]))
-        return execute(*args, **options)
+        return send(self, *args, **options)
 
-    store.client.execute_command = execute_command  # type: ignore[method-assign]
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_command", send_command)
     return sent
 
 
-def test_replay_is_one_round_trip_and_a_first_call_two(redis_server: RedisServer) -> None:
+def test_replay_is_one_round_trip_and_a_first_call_two(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = fresh(redis_server)
     fn = idempotent(key="{x}", store=store)(lambda x: {"x": x})
     store.time()  # the clock is read once when the store is first used, then every 30 s
-    sent = counting(store)
+    sent = counting(monkeypatch)
     assert fn(1) == {"x": 1}
     assert sent == ["EVALSHA", "EVALSHA"]  # claim, complete
     sent.clear()
@@ -57,14 +61,16 @@ def test_replay_is_one_round_trip_and_a_first_call_two(redis_server: RedisServer
     assert store.get(fn.key_for(1)) is not None
 
 
-def test_a_deadline_reads_before_it_claims(redis_server: RedisServer) -> None:
+def test_a_deadline_reads_before_it_claims(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from datetime import datetime, timedelta, timezone
 
     store = fresh(redis_server)
     soon = datetime.now(timezone.utc) + timedelta(hours=1)
     fn = idempotent(key="{x}", store=store, deadline=soon)(lambda x: x)
     store.time()
-    sent = counting(store)
+    sent = counting(monkeypatch)
     fn(1)
     assert sent == ["HGET", "EVALSHA", "EVALSHA"]
 
@@ -258,3 +264,129 @@ def test_the_command_runs_once_and_inspects_records_on_redis(
         check=True,
     )
     assert json.loads(stats.stdout)["by_state"]["ok"] == 1
+
+
+# The store's commands take connections from the client's pool without redis-py's per-command
+# check-out (issue 18): what the pool's check-out guarded must hold all the same.
+
+
+def test_a_connection_the_server_closed_while_idle_is_connected_again(
+    redis_server: RedisServer,
+) -> None:
+    store = fresh(redis_server)
+    fn = idempotent(key="{x}", store=store)(lambda x: x * 10)
+    assert fn(1) == 10  # its connection is back in the pool, idle
+    admin = redis.Redis(unix_socket_path=str(redis_server.socket))
+    admin.client_kill_filter(_type="normal", skipme=True)
+    assert fn(1) == 10 and fn(2) == 20  # (a URL's client retries nothing: no retry hides it)
+    record = fn.status(2)
+    assert record is not None and record.status is Status.OK
+
+
+def test_a_command_cut_short_leaves_no_reply_for_the_next(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.support.records import finished
+
+    store = fresh(redis_server)
+    for key in ("a", "b"):
+        assert store.claim(finished(key)) is None
+    read = redis.connection.AbstractConnection.read_response
+    cut = [True]
+
+    def read_response(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if cut.pop() if cut else False:
+            raise KeyboardInterrupt  # after the command went, before its reply is read
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "read_response", read_response)
+    with pytest.raises(KeyboardInterrupt):
+        store.get("a")
+    # The next command on that connection reads its own reply, not the one left unread.
+    for key in ("b", "a", "b"):
+        entry = store.get(key)
+        assert entry is not None and entry.key == key
+
+
+def test_threads_never_share_a_connection(redis_server: RedisServer) -> None:
+    from tests.support.records import finished
+
+    store = fresh(redis_server)
+    keys = [f"k{i}" for i in range(8)]
+    for key in keys:
+        assert store.claim(finished(key)) is None
+    wrong: list[tuple[str, object]] = []
+    start = threading.Barrier(len(keys))
+
+    def reader(key: str) -> None:
+        start.wait(30)
+        for _ in range(300):
+            entry = store.get(key)
+            if entry is None or entry.key != key:
+                wrong.append((key, entry))
+
+    threads = [threading.Thread(target=reader, args=(key,)) for key in keys]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert wrong == []
+
+
+def _child_connection_id(store: RedisStore, fn: Any, conn: Any) -> None:
+    conn.send((store._send("CLIENT", "ID"), fn(3)))
+
+
+def test_a_forked_child_never_uses_its_parents_connections(redis_server: RedisServer) -> None:
+    import multiprocessing
+
+    store = fresh(redis_server)
+    fn = idempotent(key="{x}", store=store)(lambda x: x * 10)
+    assert fn(1) == 10
+    parents = store._send("CLIENT", "ID")  # the connection idle in the pool at the fork
+    context = multiprocessing.get_context("fork")
+    ours, theirs = context.Pipe()
+    child = context.Process(target=_child_connection_id, args=(store, fn, theirs))
+    child.start()
+    assert ours.poll(60)
+    childs, value = ours.recv()
+    child.join(60)
+    assert value == 30 and childs != parents
+    assert store._send("CLIENT", "ID") == parents and fn(1) == 10  # the parent's, unharmed
+
+
+def test_the_store_holds_no_connection_between_commands(redis_server: RedisServer) -> None:
+    pool = redis.ConnectionPool(
+        connection_class=redis.UnixDomainSocketConnection,
+        path=str(redis_server.socket),
+        max_connections=1,
+    )
+    client = redis.Redis(connection_pool=pool)
+    store = RedisStore(client, prefix=f"t:{uuid.uuid4().hex}:")
+    fn = idempotent(key="{x}", store=store)(lambda x: x)
+    assert fn(1) == 1 and fn(1) == 1
+    assert client.ping()  # the pool's one connection is free again
+    assert [entry.key for entry in store.scan()] == [fn.key_for(1)]
+
+
+def test_a_blocking_pool_lends_its_connections_its_own_way(redis_server: RedisServer) -> None:
+    pool = redis.BlockingConnectionPool(
+        connection_class=redis.UnixDomainSocketConnection,
+        path=str(redis_server.socket),
+        max_connections=2,
+        timeout=60,
+    )
+    store = RedisStore(redis.Redis(connection_pool=pool), prefix=f"t:{uuid.uuid4().hex}:")
+    fn = idempotent(key="{x}", store=store)(lambda x: x)
+    threads = [
+        threading.Thread(target=lambda i=i: [fn(i * 100 + n) for n in range(50)]) for i in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert [fn.status(i * 100 + 49) is not None for i in range(4)] == [True] * 4
+    # Both connections went back: two are lent at once without waiting (60 s timeout).
+    lent = [pool.get_connection(), pool.get_connection()]
+    for conn in lent:
+        pool.release(conn)

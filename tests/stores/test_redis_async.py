@@ -700,3 +700,33 @@ def test_a_subscriber_that_fails_mid_wait_wakes_its_watches_which_then_poll(
     asyncio.run(main())
     failures = [r for r in caplog.records if "could not watch keys with pub/sub" in r.message]
     assert [r.levelno for r in failures] == [logging.WARNING, logging.DEBUG]
+
+
+def test_an_async_command_cut_short_leaves_no_reply_for_the_next(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (The store takes connections from the pool's lists itself, issue 18: a cancellation
+    # between a command and its reply must not leave the reply for the next command.)
+    store = fresh(redis_server)
+    for key in ("a", "b"):
+        assert store.claim(finished(key)) is None
+    read = redis.asyncio.connection.AbstractConnection.read_response
+    cut: list[bool] = []
+
+    async def read_response(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if cut.pop() if cut else False:
+            raise asyncio.CancelledError  # after the command went, before its reply is read
+        return await read(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.asyncio.connection.AbstractConnection, "read_response", read_response)
+
+    async def main() -> None:
+        assert await store.aget("b") is not None  # the loop's connection made, and idle
+        cut.append(True)
+        with pytest.raises(asyncio.CancelledError):
+            await store.aget("a")
+        for key in ("b", "a", "b"):
+            entry = await store.aget(key)
+            assert entry is not None and entry.key == key
+
+    asyncio.run(main())
