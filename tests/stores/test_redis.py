@@ -33,16 +33,18 @@ def fresh(server: RedisServer) -> RedisStore:
 
 def counting(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record every command sent on a sync connection, whichever way it goes (the client's
-    ``execute_command``, or the connections the store keeps for its primitives): a script
-    call is one EVALSHA."""
+    ``execute_command``, or the store's own packing): a script call is one EVALSHA."""
     sent: list[str] = []
-    send = redis.connection.AbstractConnection.send_command
+    send = redis.connection.AbstractConnection.send_packed_command
 
-    def send_command(self: Any, *args: Any, **options: Any) -> Any:
-        sent.append(str(args[0]))
-        return send(self, *args, **options)
+    def send_packed_command(self: Any, command: Any, *args: Any, **kwargs: Any) -> Any:
+        packed = command if isinstance(command, bytes) else b"".join(command)
+        sent.append(packed.split(b"\r\n")[2].decode())  # *N, $length, the command's name
+        return send(self, command, *args, **kwargs)
 
-    monkeypatch.setattr(redis.connection.AbstractConnection, "send_command", send_command)
+    monkeypatch.setattr(
+        redis.connection.AbstractConnection, "send_packed_command", send_packed_command
+    )
     return sent
 
 
@@ -390,3 +392,25 @@ def test_a_blocking_pool_lends_its_connections_its_own_way(redis_server: RedisSe
     lent = [pool.get_connection(), pool.get_connection()]
     for conn in lent:
         pool.release(conn)
+
+
+def test_the_store_packs_commands_as_redis_py_does(redis_server: RedisServer) -> None:
+    from idemfn._stores.redis import _packer
+
+    for encoding in ("utf-8", "latin-1"):
+        client = redis.Redis(unix_socket_path=str(redis_server.socket), encoding=encoding)
+        conn = client.connection_pool.make_connection()
+        pack = _packer(client.connection_pool.connection_kwargs)
+        for command in [
+            ("HGET", "idemfn:clé", "e"),
+            ("EVALSHA", "0" * 40, 1, "k", "tok-1", b"\x00\xff" * 4000, "", "1700000000000"),
+            ("EVAL", "return 1", 0),
+        ]:
+            assert pack(command) == b"".join(conn.pack_command(*command))
+    store = RedisStore(
+        redis.Redis(unix_socket_path=str(redis_server.socket), encoding="latin-1"),
+        prefix=f"t:{uuid.uuid4().hex}:",
+    )
+    fn = idempotent(key="{x}", store=store)(lambda x: x)
+    assert fn("clé") == "clé" and fn("clé") == "clé"
+    assert store.client.exists((store.prefix + fn.key_for("clé")).encode("latin-1"))
