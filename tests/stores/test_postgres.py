@@ -371,7 +371,7 @@ def test_an_existing_pool_is_used(postgres_server: PostgresServer) -> None:
 
 def _backends(store: PostgresStore) -> list[int]:
     """The backend pids of ``store``'s spare connections (kept out of its pool between calls)."""
-    return [conn.info.backend_pid for conn, _, _ in store._spares]
+    return [conn.info.backend_pid for conn, _, _, _ in store._spares]
 
 
 def test_spare_connections_are_the_processs_own_and_close_with_the_store(
@@ -380,7 +380,7 @@ def test_spare_connections_are_the_processs_own_and_close_with_the_store(
     store = fresh(postgres_server)
     fn = idempotent(key="{x}", store=store)(lambda x: [x])
     assert fn(1) == [1]
-    spares = [conn for conn, _, _ in store._spares]
+    spares = [conn for conn, _, _, _ in store._spares]
     assert spares and len(spares) <= store_module._SPARES
 
     def child() -> int:
@@ -399,7 +399,7 @@ def test_spare_connections_are_the_processs_own_and_close_with_the_store(
         # The parent's spares still work (a child that closed them would have ended their
         # sessions).
         assert fn(3) == [3] and fn(2) == [2]
-        assert [conn for conn, _, _ in store._spares] == spares
+        assert [conn for conn, _, _, _ in store._spares] == spares
     store.close()
     assert all(conn.closed for conn in spares) and not store._spares
 
@@ -417,6 +417,27 @@ def test_a_spare_connection_goes_back_to_the_pool_after_a_while(
     assert store.get("k") is None
     assert not store._spares  # back in the pool, whose upkeep reaches it again
     assert pool.get_stats()["pool_available"] == idle + 1
+    store.close()
+
+
+def test_a_spare_connection_keeps_no_cursor_that_holds_a_long_value(
+    postgres_server: PostgresServer,
+) -> None:
+    store = fresh(postgres_server)
+    fn = idempotent(key="{n}", store=store)(lambda n: "v" * n)
+
+    def kept() -> list[bool]:
+        return [cur is not None for _, cur, _, _ in store._spares]
+
+    assert fn(10) == "v" * 10
+    assert kept() == [True]  # (a cursor is ~6 µs a statement)
+    long = 4 * store_module._KEPT_BYTES
+    assert fn(long) == "v" * long  # its record went out as the last statement's parameter
+    assert kept() == [False]
+    assert fn(long) == "v" * long  # and came back as its result (a replay)
+    assert kept() == [False]
+    assert fn(10) == "v" * 10
+    assert kept() == [True]
     store.close()
 
 
