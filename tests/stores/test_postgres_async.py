@@ -40,6 +40,7 @@ from idemfn._stores.postgres import (
     current_connection,
     listen,
 )
+from idemfn._stores.postgres import store as store_module
 from idemfn._wakeups import settled
 from tests.support.forks import fork_and_wait
 from tests.support.postgres_tools import Heard, marks, named_dsn, sessions, stopped
@@ -408,6 +409,33 @@ def test_a_forked_child_makes_its_own_connections_and_leaves_its_parents_alone(
         thread.join(60)
         loop.close()
     assert all(conn.closed for conn in parents.pool.made)  # aclose closed them
+
+
+def test_a_connection_keeps_no_cursor_that_holds_a_long_value(
+    postgres_server: PostgresServer,
+) -> None:
+    store = fresh(postgres_server)
+
+    async def body(n: int) -> str:
+        return "v" * n
+
+    fn = idempotent(key="{n}", store=store)(body)
+    long = 4 * store_module._KEPT_BYTES
+
+    async def main() -> None:
+        def kept() -> int:
+            return len(store._side().pool.cursors)
+
+        assert await fn(10) == "v" * 10
+        assert kept() == 1  # (a cursor is ~6 µs a statement)
+        assert await fn(long) == "v" * long  # its record went out as the last statement's
+        assert kept() == 0
+        assert await fn(long) == "v" * long  # and came back as its result (a replay)
+        assert kept() == 0
+        assert await fn(10) == "v" * 10
+        assert kept() == 1
+
+    asyncio.run(main())
 
 
 def test_two_hundred_concurrent_calls_share_at_most_sixteen_connections(

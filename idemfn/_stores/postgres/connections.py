@@ -119,6 +119,8 @@ class _LoopPool:
         self.max_size = max_size
         self._busy_wait = busy_wait
         self._idle: list[Any] = []
+        # The binary cursor each connection keeps between statements (see _KEPT_BYTES).
+        self.cursors: dict[Any, Any] = {}
         self._size = 0  # connections made and not yet closed: idle, or in use
         self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
         self.made: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -134,6 +136,7 @@ class _LoopPool:
                 conn = self._idle.pop()
                 if not conn.closed:
                     return conn
+                self.cursors.pop(conn, None)
                 self._size -= 1
             if self._size < self.max_size:
                 self._size += 1
@@ -172,6 +175,7 @@ class _LoopPool:
 
         if conn.closed or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             _finish(conn)  # broken, or left mid-statement by a cancelled caller
+            self.cursors.pop(conn, None)
             self._size -= 1
             self._pass_on(None)
         else:

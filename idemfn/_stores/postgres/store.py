@@ -569,8 +569,14 @@ class PostgresStore(Store):
             pool = await self._apool()
             c = await self._agetconn(pool)
             try:
-                if isinstance(pool, _LoopPool):  # in autocommit
-                    return await _result(await c.execute(query, params, binary=True))
+                if isinstance(pool, _LoopPool):  # in autocommit, each connection its cursor
+                    cur = pool.cursors.pop(c, None)
+                    if cur is None:
+                        cur = c.cursor(binary=True)  # binary: bytea as bytes, not hex text
+                    rows = await _result(await cur.execute(query, params))
+                    if _light(params, rows):
+                        pool.cursors[c] = cur
+                    return rows
                 async with c:  # commit, or roll back on an error, as pool.connection() does
                     return await _result(await c.execute(query, params, binary=True))
             finally:
