@@ -91,13 +91,13 @@ def _statements(table: str, leases: str) -> dict[str, str]:
         "create_leases": f"CREATE TABLE IF NOT EXISTS {lt} (key text NOT NULL, token text NOT"
         " NULL, lease_until float8 NOT NULL, lease_mono float8, PRIMARY KEY (key, token))",
         "now": f"SELECT {now}",
-        # A row when it claimed. Refused, the caller reads the row that holds the key: a
-        # claim that wins (a first call: the engine read the key first) returns no more.
+        # One row written when it claimed. Refused, the caller reads the row that holds the
+        # key: a claim that wins (a first call: the engine read the key first) returns no more.
         "claim": f"INSERT INTO {t} AS r (key, live, token, expires_at, drop_at, entry) VALUES"
         " (%(key)s, %(live)s, %(token)s, %(expires_at)s, %(drop_at)s, %(entry)s)"
         " ON CONFLICT (key) DO UPDATE SET live = EXCLUDED.live, token = EXCLUDED.token,"
         " expires_at = EXCLUDED.expires_at, drop_at = EXCLUDED.drop_at, entry = EXCLUDED.entry"
-        f" WHERE r.expires_at <= {now} AND r.drop_at = r.expires_at RETURNING 1",
+        f" WHERE r.expires_at <= {now} AND r.drop_at = r.expires_at",
         "get": f"SELECT entry FROM {t} WHERE key = %s",
         "lease": f"SELECT lease_until, lease_mono FROM {lt} WHERE key = %s AND token = %s",
         # A takeover (a claim written over a claim): its lease row goes, nobody is woken.

@@ -776,7 +776,7 @@ class PostgresStore(Store):
     def _claim(self, entry: Entry) -> _Steps[Entry | None]:
         row = self._row(entry)
         while True:
-            if (yield _Query("claim", entry.key, self._sql["claim"], row)):
+            if (yield _Query("claim", entry.key, self._sql["claim"], row)) == 1:
                 return None
             # Refused: a row holds the key. Read it: one more round trip when the key is taken
             # (rare on the engine's path, which read the key first), none when the claim wins.
