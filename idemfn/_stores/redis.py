@@ -36,6 +36,8 @@ import hashlib
 import inspect
 import logging
 import os
+import select
+import socket
 import threading
 import time
 import weakref
@@ -658,11 +660,8 @@ class _Lane:
                 return None
             conn = free.pop()
             pool._in_use_connections.add(conn)
-        try:
-            if not conn.can_read():
-                return conn
-        except self._broken:
-            pass
+        if not _waiting(conn, self._broken):
+            return conn
         conn.disconnect()  # closed by the server, or bytes nobody asked for: connects again
         return conn
 
@@ -675,6 +674,25 @@ class _Lane:
                 pool._available_connections.append(conn)
                 return
         pool.release(conn)  # not the pool's any more (a fork, a reset): its own way
+
+
+def _waiting(conn: Any, broken: tuple[type[BaseException], ...]) -> bool:
+    """Whether anything waits to be read on an idle connection (an end of file: the server
+    closed it; or bytes nobody asked for), or it is broken. Its socket is asked with one
+    ``select`` (1 µs); the connection's ``can_read``, which the pool's check-out uses, makes
+    three system calls (two ``settimeout`` around a ``recv``: 2.7 µs), and it is asked only
+    for a socket of another kind (TLS: bytes may wait in its buffer) or none (it connects).
+    (What ``select`` cannot see, bytes in redis-py's own buffer, is never there: every reply
+    is read whole, and the pools the store takes from carry no pushed messages.)"""
+    sock = getattr(conn, "_sock", None)
+    try:
+        if type(sock) is socket.socket:
+            return bool(select.select((sock,), (), (), 0)[0])
+        return bool(conn.can_read())
+    except broken:
+        return True
+    except ValueError:  # a socket closed meanwhile
+        return True
 
 
 def _packer(settings: dict[str, Any]) -> Callable[[tuple[Any, ...]], bytes]:
