@@ -633,6 +633,8 @@ class _Lane:
         if conn is None:
             conn = pool.get_connection(*self._checkout)
         try:
+            if borrowed and _waiting(conn, self._broken):
+                conn.disconnect()  # closed by the server, or bytes nobody asked for: connects again
             reply = conn.retry.call_with_retry(
                 lambda: ask(conn, what), lambda error: conn.disconnect()
             )
@@ -649,8 +651,8 @@ class _Lane:
         return reply
 
     def _take(self) -> Any:
-        """A free connection of the pool's, ready for a command; None if none is free (or the
-        process forked since the pool's last use, which the pool's own checkout handles)."""
+        """A free connection of the pool's, now counted in use; None if none is free (or the
+        process forked since the pool's last use, which the pool's own check-out handles)."""
         pool = self._pool
         if pool.pid != os.getpid():
             return None
@@ -660,10 +662,7 @@ class _Lane:
                 return None
             conn = free.pop()
             pool._in_use_connections.add(conn)
-        if not _waiting(conn, self._broken):
             return conn
-        conn.disconnect()  # closed by the server, or bytes nobody asked for: connects again
-        return conn
 
     def _give(self, conn: Any) -> None:
         pool = self._pool
