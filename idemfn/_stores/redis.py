@@ -678,20 +678,34 @@ class _Lane:
 def _waiting(conn: Any, broken: tuple[type[BaseException], ...]) -> bool:
     """Whether anything waits to be read on an idle connection (an end of file: the server
     closed it; or bytes nobody asked for), or it is broken. Its socket is asked with one
-    ``select`` (1 µs); the connection's ``can_read``, which the pool's check-out uses, makes
-    three system calls (two ``settimeout`` around a ``recv``: 2.7 µs), and it is asked only
-    for a socket of another kind (TLS: bytes may wait in its buffer) or none (it connects).
-    (What ``select`` cannot see, bytes in redis-py's own buffer, is never there: every reply
-    is read whole, and the pools the store takes from carry no pushed messages.)"""
+    ``poll`` (0.9 µs; ``select`` would refuse a descriptor past 1023, which a busy server
+    has); the connection's ``can_read``, which the pool's check-out uses, makes three system
+    calls (two ``settimeout`` around a ``recv``: 2.7 µs), and it is asked only for a socket of
+    another kind (TLS: bytes may wait in its buffer), none (it connects), or where there is no
+    ``poll`` (Windows). (What ``poll`` cannot see, bytes in redis-py's own buffer, is never
+    there: every reply is read whole, and the pools the store takes from carry no pushed
+    messages.)"""
     sock = getattr(conn, "_sock", None)
     try:
-        if type(sock) is socket.socket:
-            return bool(select.select((sock,), (), (), 0)[0])
+        if type(sock) is socket.socket and _POLL is not None:
+            poller = _POLL()
+            poller.register(sock, _ANY_EVENT)
+            return bool(poller.poll(0))
         return bool(conn.can_read())
     except broken:
         return True
     except ValueError:  # a socket closed meanwhile
         return True
+
+
+_POLL = getattr(select, "poll", None)
+# Data, an end of file, an error, a hang-up or a closed descriptor: the connection is not idle.
+_ANY_EVENT = (
+    getattr(select, "POLLIN", 1)
+    | getattr(select, "POLLPRI", 2)
+    | getattr(select, "POLLERR", 8)
+    | getattr(select, "POLLHUP", 16)
+)
 
 
 def _packer(settings: dict[str, Any]) -> Callable[[tuple[Any, ...]], bytes]:

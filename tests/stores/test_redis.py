@@ -414,3 +414,31 @@ def test_the_store_packs_commands_as_redis_py_does(redis_server: RedisServer) ->
     fn = idempotent(key="{x}", store=store)(lambda x: x)
     assert fn("clé") == "clé" and fn("clé") == "clé"
     assert store.client.exists((store.prefix + fn.key_for("clé")).encode("latin-1"))
+
+
+def test_a_connection_past_descriptor_1023_is_kept_between_commands(
+    redis_server: RedisServer,
+) -> None:
+    # (select() refuses a descriptor past 1023, which a busy server has: the store's look at
+    # an idle connection must not take that for a broken one and connect again each time.)
+    import os
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            pytest.skip("this process may not open 1,200 files")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        store = fresh(redis_server)
+        fn = idempotent(key="{x}", store=store)(lambda x: x)
+        assert fn(1) == 1
+        first = store._send("CLIENT", "ID")
+        assert fn(1) == 1 and fn(2) == 2
+        assert store._send("CLIENT", "ID") == first  # the same connection all along
+        store.close()
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
