@@ -987,7 +987,9 @@ def _deciding(
                 raise _past_deadline(key, due, "has no finished record")
             claimed = _new_claim(key, fingerprint, 1, now, policy)
             entry = yield from _undone_if_interrupted((_CLAIM, claimed), claimed)
-            if entry is None:
+            if entry is None or entry.token == claimed.token:
+                # (Its own claim: the client sent it again after its answer was lost, as
+                # redis-py retries on a timeout, and the second try found the first's record.)
                 return Claim(store, claimed, policy)
             continue
         _check_fingerprint(entry, key, fingerprint)

@@ -373,7 +373,9 @@ class RedisStore(Store):
     def _refused(self, key: str, token: str, entry: Entry, done: int) -> _Steps:
         """What a refused swap means, as steps the sync and async drivers run: the reads it
         needs (``_Read``; None for the store's time). Returns False, or raises ``StoreError``
-        when the refusal is not the claim's loss (a restarted server, a damaged fence)."""
+        when the refusal is not the claim's loss (a restarted server, a damaged fence); True
+        when the record is the entry this swap writes: a second try of the swap (redis-py
+        retries a command whose answer was lost to a timeout) refused by the first's write."""
         if done == -1:
             # The claim's record is gone: forgotten, pruned, or lost by a server that restarted
             # without persistence. The last is not the owner's loss of a race: say so.
@@ -394,6 +396,8 @@ class RedisStore(Store):
                 )
         else:  # refused: by the claim's own fence?
             data, fence = yield _Read("read", key, ("HMGET", self.prefix + key, "e", "t"))
+            if data is not None and data == self.encode(entry):
+                return True
             if data is not None:
                 text = None if fence is None else fence.decode("utf-8", "surrogateescape")
                 self.check_fence(key, token, text, data)

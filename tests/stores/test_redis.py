@@ -63,6 +63,49 @@ def test_replay_is_one_round_trip_and_a_first_call_two(
     assert store.get(fn.key_for(1)) is not None
 
 
+def test_a_claim_and_an_outcome_sent_again_after_their_answers_were_lost_run_the_body_once(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # redis-py sends a command again when its answer is lost to a dropped connection or a
+    # timeout (a client's default retry): the script then runs twice. The second claim finds
+    # the first's record, its own; the second swap is refused by the first's write, its own.
+    # Before, the claim looked taken by a live owner (AlreadyRunning, then the key halted with
+    # nothing run), and the swap looked lost (OwnershipLost after the outcome was recorded).
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    import idemfn._stores.redis as redis_module
+
+    client = redis.Redis(unix_socket_path=str(redis_server.socket), retry=Retry(NoBackoff(), 1))
+    store = RedisStore(client, prefix=f"t:{uuid.uuid4().hex}:")
+    store.time()  # (the clock, and the scripts loaded)
+    lose = {store._claim.sha.encode(), store._swap.sha.encode()}  # each one's first answer
+    ask = redis_module._ask
+
+    def answer_lost(conn: Any, packed: bytes) -> Any:
+        reply = ask(conn, packed)  # the server ran it
+        sha = next((sha for sha in lose if sha in packed), None)
+        if sha is not None:
+            lose.discard(sha)
+            raise redis.ConnectionError("the answer was lost")
+        return reply
+
+    monkeypatch.setattr(redis_module, "_ask", answer_lost)
+    runs: list[int] = []
+
+    @idempotent(key="{x}", store=store, name="t.lost-answers")
+    def fn(x: int) -> int:
+        runs.append(x)
+        return x * 10
+
+    assert fn(1) == 10
+    assert not lose  # both answers were lost, and both commands sent again
+    assert fn(1) == 10
+    assert runs == [1]
+    entry = store.get(fn.key_for(1))
+    assert entry is not None and entry.status == "ok"
+
+
 def test_a_deadline_reads_before_it_claims(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
