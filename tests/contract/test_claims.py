@@ -565,3 +565,28 @@ def test_takeover_keeps_the_stored_fingerprint(make: Make, store: Store) -> None
     assert fn(1) == 1
     record = fn.status(1)
     assert record is not None and record.attempt == 2 and record.fingerprint == "f" * 64
+
+
+class _ClaimSentTwice(MemoryStore):
+    """A store whose client sends each claim again, as redis-py does when the first try's
+    answer is lost (a dropped connection, a timeout) after it landed."""
+
+    def claim(self, entry: Entry) -> Entry | None:
+        super().claim(entry)
+        return super().claim(entry)
+
+
+def test_a_claim_answered_with_its_own_record_is_won() -> None:
+    # The second try finds the first's record: its own claim, not a rival's. Taken for a
+    # rival's, the call raised AlreadyRunning and the key was halted after the lease, with
+    # nothing run.
+    runs: list[int] = []
+
+    @idempotent(key="k:{x}", store=_ClaimSentTwice(), name="t.sent-twice")
+    def fn(x: int) -> int:
+        runs.append(x)
+        return x
+
+    assert fn(1) == 1
+    assert fn(1) == 1
+    assert runs == [1]
