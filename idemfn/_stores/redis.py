@@ -702,6 +702,29 @@ def _waiting(conn: Any, broken: tuple[type[BaseException], ...]) -> bool:
         return True
 
 
+async def _awaiting(conn: Any, broken: tuple[type[BaseException], ...]) -> bool:
+    """``_waiting`` for an idle async connection: bytes in its stream's buffer (its
+    ``can_read``), or still in its socket, which the loop has not read yet (a reply that came
+    after its caller was cancelled: redis-py's check-out gives back a connection whose
+    handshake was cut short, and the next command would read that reply as its own)."""
+    try:
+        if await conn.can_read():
+            return True
+    except broken:
+        return True
+    writer = getattr(conn, "_writer", None)
+    transport = None if writer is None else writer.transport
+    if _POLL is None or transport is None or transport.get_extra_info("sslcontext") is not None:
+        return False  # (TLS: its records are read by the loop, which can_read has seen)
+    sock = transport.get_extra_info("socket")
+    try:
+        poller = _POLL()
+        poller.register(sock.fileno(), _ANY_EVENT)
+        return bool(poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # closed meanwhile
+        return True
+
+
 _POLL = getattr(select, "poll", None)
 # Data, an end of file, an error, a hang-up or a closed descriptor: the connection is not idle.
 _ANY_EVENT = (
@@ -784,13 +807,9 @@ class _AsyncLane:
             conn = await pool.get_connection(*self._checkout)
             borrowed = False
         try:
-            if borrowed:
-                try:
-                    stale = await conn.can_read()
-                except self._broken:
-                    stale = True
-                if stale:  # closed by the server, or bytes nobody asked for: connects again
-                    await conn.disconnect(nowait=True)
+            if borrowed and await _awaiting(conn, self._broken):
+                # Closed by the server, or bytes nobody asked for: it connects again.
+                await conn.disconnect(nowait=True)
             reply = await conn.retry.call_with_retry(
                 lambda: ask(conn, what), lambda error: conn.disconnect()
             )

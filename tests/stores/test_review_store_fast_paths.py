@@ -1,7 +1,9 @@
 """A hostile review of the server stores' fast paths (issue 18): RedisStore sending its
 commands on connections it takes from the pool's own lists, PostgresStore keeping spare
-connections and their cursors out of its pool. Each test runs against a real server; a test
-marked xfail(strict=True) shows a bug found and not fixed yet."""
+connections and their cursors out of its pool. Each test runs against a real server. The
+three bugs the review found are fixed: a caller waiting in the pool never given a connection
+that became a spare, a close racing a check-in, a handshake's reply left unread for the next
+command."""
 
 from __future__ import annotations
 
@@ -76,16 +78,6 @@ def test_an_async_command_cancelled_before_its_reply_leaves_no_reply_for_the_nex
     assert asyncio.run(main()) == ["b", "a", "b"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RedisStore async: a call cancelled during a new connection's handshake (the"
-    " HELLO that connect() sends) leaves the connection connected in the loop's pool with"
-    " the handshake's reply unread (redis-py's get_connection releases it without"
-    " disconnecting, outside the lane's try); the lane's look (can_read: the stream's"
-    " buffer only) misses a reply still in the socket, so the next command reads the"
-    " HELLO reply as its own and the connection stays one reply behind (also before"
-    " issue 18, through redis-py's own check-out: the lane is where to fix it)",
-)
 def test_a_call_cancelled_while_its_connection_says_hello_leaves_no_reply_behind(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -245,12 +237,6 @@ def _store_blocked_on(admin: Any, table: str) -> bool:
     return bool(row and row[0] > 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PostgresStore: a connection that becomes a spare (_checkin) is kept out of the"
-    " pool while a caller already waits in pool.getconn; that caller is not woken and fails"
-    " with 'no connection free' after BUSY_POOL_WAIT although a connection sits idle",
-)
 def test_a_caller_waiting_for_the_pool_gets_a_connection_that_becomes_a_spare(
     postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -471,13 +457,6 @@ def test_racing_claims_and_deletes_never_let_two_callers_hold_the_key(
         store.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PostgresStore: close() racing a statement's _checkin (close() between its"
-    " 'pool is self._pool' check and the append) leaves the statement's connection in"
-    " _spares, open, after the store was closed: a server connection held until the store"
-    " is used again",
-)
 def test_a_statement_checked_in_while_the_store_closes_leaves_no_connection_open(
     postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -306,18 +306,27 @@ class PostgresStore(Store):
         self, pool: psycopg_pool.ConnectionPool, conn: Any, cur: Any, since: float
     ) -> None:
         """Give back ``conn`` and its cursor ``cur`` (None: not kept), taken out of ``pool`` at
-        ``since``: kept as a spare when it is the store's own pool's, idle, and not out of it
-        too long; else returned to ``pool``."""
+        ``since``: kept as a spare when it is the store's own pool's, idle, not out of it too
+        long, and nobody waits in the pool for a connection (a waiter is woken only by one
+        the pool gets back); else returned to ``pool``."""
         if (
             pool is self._pool
             and pool is not self._given_pool
             and len(self._spares) < _SPARES
             and time.monotonic() - since < _SPARE_FOR
             and conn.pgconn.transaction_status == self._idle_status
+            and not getattr(pool, "_waiting", True)  # (psycopg_pool's queue of waiters)
         ):
-            self._spares.append((conn, cur, pool, since))
-        else:
-            pool.putconn(conn)
+            spare = (conn, cur, pool, since)
+            self._spares.append(spare)
+            if pool is self._pool:
+                return
+            # The store closed meanwhile and took the spares it had: this one is not among them.
+            try:
+                self._spares.remove(spare)
+            except ValueError:  # taken since, by a caller that gives it back to its pool
+                return
+        pool.putconn(conn)
 
     def _getconn(self, pool: psycopg_pool.ConnectionPool) -> Any:
         """A connection within ``connect_timeout``, or ``_NoConnection`` saying why not. A pool
