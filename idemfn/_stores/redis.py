@@ -608,21 +608,34 @@ def _borrows(client: Any, pool_class: type) -> bool:
     )
 
 
-class _Lane:
-    """The sync client's pool, for the store's commands: ``lane(*command)`` sends one and
-    returns its reply, unparsed; ``lane.many(commands)`` sends several in one round trip."""
+class _Lanes:
+    """What a lane knows of its client's pool: whether it may take connections from its lists
+    (``_borrows``), how its check-out is called, how its commands are packed."""
 
     __slots__ = ("_borrow", "_broken", "_checkout", "_pack", "_pool", "_replied")
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, pool_class: type) -> None:
         import redis
 
         self._pool = pool = client.connection_pool
-        self._borrow = _borrows(client, redis.ConnectionPool) and hasattr(pool, "_lock")
+        self._borrow = _borrows(client, pool_class)
         self._checkout = _checkout_arguments(pool)
         self._pack = _packer(pool.connection_kwargs)
         self._replied = redis.ResponseError  # an error reply, read whole: a sound connection
         self._broken = (OSError, redis.ConnectionError, redis.TimeoutError)
+
+
+class _Lane(_Lanes):
+    """The sync client's pool, for the store's commands: ``lane(*command)`` sends one and
+    returns its reply, unparsed; ``lane.many(commands)`` sends several in one round trip."""
+
+    __slots__ = ()
+
+    def __init__(self, client: Any) -> None:
+        import redis
+
+        super().__init__(client, redis.ConnectionPool)
+        self._borrow = self._borrow and hasattr(self._pool, "_lock")
 
     def __call__(self, *args: Any) -> Any:
         return self._run(_ask, self._pack(args))
@@ -692,9 +705,7 @@ def _waiting(conn: Any, broken: tuple[type[BaseException], ...]) -> bool:
     sock = getattr(conn, "_sock", None)
     try:
         if type(sock) is socket.socket and _POLL is not None:
-            poller = _POLL()
-            poller.register(sock, _ANY_EVENT)
-            return bool(poller.poll(0))
+            return _polled(sock.fileno())
         return bool(conn.can_read())
     except broken:
         return True
@@ -716,13 +727,17 @@ async def _awaiting(conn: Any, broken: tuple[type[BaseException], ...]) -> bool:
     transport = None if writer is None else writer.transport
     if _POLL is None or transport is None or transport.get_extra_info("sslcontext") is not None:
         return False  # (TLS: its records are read by the loop, which can_read has seen)
-    sock = transport.get_extra_info("socket")
     try:
-        poller = _POLL()
-        poller.register(sock.fileno(), _ANY_EVENT)
-        return bool(poller.poll(0))
+        return _polled(transport.get_extra_info("socket").fileno())
     except (OSError, ValueError, AttributeError):  # closed meanwhile
         return True
+
+
+def _polled(fd: int) -> bool:
+    """Whether the descriptor ``fd`` has anything to say at once: bytes, an end, an error."""
+    poller = _POLL()  # type: ignore[misc]  # (only called where poll exists)
+    poller.register(fd, _ANY_EVENT)
+    return bool(poller.poll(0))
 
 
 _POLL = getattr(select, "poll", None)
@@ -772,23 +787,17 @@ def _ask_many(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
     return _first_error_raised(replies)
 
 
-class _AsyncLane:
+class _AsyncLane(_Lanes):
     """``_Lane`` for one event loop's async client: ``await lane(*command)``,
     ``await lane.many(commands)``. (The pool is this loop's alone, and nothing below awaits
     between looking at its lists and changing them: no lock is needed.)"""
 
-    __slots__ = ("_borrow", "_broken", "_checkout", "_pack", "_pool", "_replied")
+    __slots__ = ()
 
     def __init__(self, client: Any) -> None:
-        import redis
         import redis.asyncio
 
-        self._pool = pool = client.connection_pool
-        self._borrow = _borrows(client, redis.asyncio.ConnectionPool)
-        self._checkout = _checkout_arguments(pool)
-        self._pack = _packer(pool.connection_kwargs)
-        self._replied = redis.ResponseError
-        self._broken = (OSError, redis.ConnectionError, redis.TimeoutError)
+        super().__init__(client, redis.asyncio.ConnectionPool)
 
     async def __call__(self, *args: Any) -> Any:
         return await self._run(_aask, self._pack(args))

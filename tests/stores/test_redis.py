@@ -16,6 +16,7 @@ import redis
 
 import idemfn
 from idemfn import RedisStore, Status, StoreError, idempotent
+from tests.support.concurrency import reads_of_others
 from tests.support.servers import RedisServer
 
 
@@ -360,22 +361,7 @@ def test_threads_never_share_a_connection(redis_server: RedisServer) -> None:
     keys = [f"k{i}" for i in range(8)]
     for key in keys:
         assert store.claim(finished(key)) is None
-    wrong: list[tuple[str, object]] = []
-    start = threading.Barrier(len(keys))
-
-    def reader(key: str) -> None:
-        start.wait(30)
-        for _ in range(300):
-            entry = store.get(key)
-            if entry is None or entry.key != key:
-                wrong.append((key, entry))
-
-    threads = [threading.Thread(target=reader, args=(key,)) for key in keys]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert wrong == []
+    assert reads_of_others(store, keys, 300) == []
 
 
 def _child_connection_id(store: RedisStore, fn: Any, conn: Any) -> None:

@@ -20,6 +20,7 @@ import redis.asyncio.connection
 
 from idemfn import PostgresStore, RedisStore, StoreError, idempotent
 from idemfn._stores.postgres import store as store_module
+from tests.support.concurrency import reads_of_others
 from tests.support.records import finished
 from tests.support.servers import PostgresServer, RedisServer
 from tests.support.workers import poll
@@ -330,22 +331,7 @@ def test_threads_on_spare_connections_each_read_their_own_rows(
     try:
         for key in keys:
             assert store.claim(finished(key)) is None
-        wrong: list[tuple[str, object]] = []
-        start = threading.Barrier(len(keys))
-
-        def reader(key: str) -> None:
-            start.wait(60)
-            for _ in range(100):
-                entry = store.get(key)
-                if entry is None or entry.key != key:
-                    wrong.append((key, entry))
-
-        threads = [threading.Thread(target=reader, args=(key,)) for key in keys]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
-        assert wrong == []
+        assert reads_of_others(store, keys, 100) == []
         assert len(store._spares) <= store_module._SPARES
         backends = [conn.info.backend_pid for conn, _, _, _ in store._spares]
         assert len(set(backends)) == len(backends)  # no connection kept twice

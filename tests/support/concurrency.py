@@ -294,3 +294,25 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+def reads_of_others(store: Store, keys: list[str], reads: int) -> list[tuple[str, object]]:
+    """Each of ``keys`` read ``reads`` times by a thread of its own, all at once (each key must
+    hold a finished record): what a thread read that was not its own key's record (a reply
+    handed to the wrong caller), which should be nothing."""
+    wrong: list[tuple[str, object]] = []
+    start = threading.Barrier(len(keys))
+
+    def reader(key: str) -> None:
+        start.wait(60)
+        for _ in range(reads):
+            entry = store.get(key)
+            if entry is None or entry.key != key:
+                wrong.append((key, entry))
+
+    threads = [threading.Thread(target=reader, args=(key,)) for key in keys]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return wrong
