@@ -38,6 +38,7 @@ import logging
 import os
 import select
 import socket
+import sys
 import threading
 import time
 import weakref
@@ -274,11 +275,15 @@ class RedisStore(Store):
             raise self._failed(action, key, exc) from exc
 
     async def _acall(self, side: _LoopSide, action: str, key: str, fn: Any, *args: Any) -> Any:
+        seen = _cancels_seen() if _LOSES_CANCELS else None
         try:
             async with side.turns:
-                return await fn(*args)
+                reply = await fn(*args)
         except self._errors as exc:
+            _raise_if_cancelled_since(seen)
             raise self._failed(action, key, exc) from exc
+        _raise_if_cancelled_since(seen)
+        return reply
 
     def _failed(self, action: str, key: str, exc: BaseException) -> BaseException:
         return self.error(action, key, f"{type(exc).__name__}: {exc}")
@@ -891,6 +896,34 @@ def _uptime(info: bytes) -> float:
         if name == b"uptime_in_seconds":
             return float(value)
     return 0.0
+
+
+# Whether a command may swallow its caller's cancellation, which _acall then raises (issue 19).
+# redis.asyncio sends every command in asyncio.wait_for (its default socket_timeout is 5 s), and
+# before Python 3.12 wait_for returns the awaited work's result when its caller is cancelled in
+# the turn of the loop in which that work ends (CPython gh-86296): the task read its reply and
+# went on (a waiter whose timeout ran out then waited out all of its wait=). 3.12 fixed
+# wait_for; 3.10 has no Task.cancelling() to tell by.
+_LOSES_CANCELS = sys.version_info[:2] == (3, 11)
+
+
+def _cancels_seen() -> tuple[asyncio.Task[Any], int] | None:
+    """The running task, and how many cancellations it was asked for so far (3.11+)."""
+    import asyncio
+
+    task = asyncio.current_task()
+    if sys.version_info >= (3, 11) and task is not None:
+        return task, task.cancelling()
+    return None
+
+
+def _raise_if_cancelled_since(seen: tuple[asyncio.Task[Any], int] | None) -> None:
+    """Raise ``CancelledError`` if the task ``seen`` was asked for another cancellation since,
+    and none came out: it was swallowed below (see ``_LOSES_CANCELS``)."""
+    if seen is not None and sys.version_info >= (3, 11) and seen[0].cancelling() > seen[1]:
+        import asyncio
+
+        raise asyncio.CancelledError
 
 
 class _LoopSide:

@@ -33,6 +33,7 @@ from redis.retry import Retry
 
 from idemfn import StoreError, idempotent
 from idemfn._stores.redis import RedisAsyncWatch, RedisStore, RedisWatch
+from tests.support.concurrency import WatchSpy
 from tests.support.records import finished, processing
 from tests.support.servers import RedisServer
 from tests.support.settler import go, settler
@@ -734,3 +735,98 @@ def test_an_async_command_cut_short_leaves_no_reply_for_the_next(
             assert entry is not None and entry.key == key
 
     asyncio.run(main())
+
+
+# -- A cancellation that comes as a command is sent (issue 19) ----------------------------------
+# redis.asyncio sends each command in asyncio.wait_for (its default socket_timeout is 5 s), and
+# before Python 3.12 wait_for returns the awaited work's result when its caller is cancelled in
+# the turn of the event loop in which that work ends (CPython gh-86296). The store's async calls
+# then read their replies and went on: a waiter whose timeout ran out as one of its looks at the
+# key was sent waited out all of its wait= (the flaky test_async.py timeout test, 1 run in 15).
+
+
+def as_sent(monkeypatch: pytest.MonkeyPatch) -> list[Callable[[], object]]:
+    """Calls to make as commands are sent: each of the next sends, as it ends, pops and calls
+    the first, in the turn of the loop in which the send ends (where wait_for loses a
+    cancellation)."""
+    real = redis.asyncio.connection.AbstractConnection._send_packed_command
+    calls: list[Callable[[], object]] = []
+
+    async def sent(self: Any, command: Any) -> None:
+        await real(self, command)
+        if calls:
+            calls.pop(0)()
+
+    monkeypatch.setattr(redis.asyncio.connection.AbstractConnection, "_send_packed_command", sent)
+    return calls
+
+
+@pytest.mark.parametrize("reply", ["a record", "an error"])
+def test_an_async_call_cancelled_as_its_command_is_sent_raises_cancelled_error(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, reply: str
+) -> None:
+    store = fresh(redis_server)
+    if reply == "a record":
+        assert store.claim(finished("k")) is None
+    else:  # a value of another type: HGET's reply is an error (WRONGTYPE), a StoreError
+        admin(redis_server).set(store.prefix + "k", "not a record")
+    calls = as_sent(monkeypatch)
+
+    async def main() -> None:
+        await store.atime()  # the loop's connection made: the next command sent is aget's
+        call = asyncio.create_task(store.aget("k"))
+        calls.append(call.cancel)
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert not calls, "aget sent no command"
+
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout() is Python 3.11+")
+def test_a_timeout_that_runs_out_as_a_waiters_look_is_sent_ends_the_wait(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # test_async.py's test_a_timeout_that_runs_out_while_waiting_writes_nothing, with the timeout
+    # running out where it was lost, rather than wherever the machine's load puts it.
+    store = fresh(redis_server)
+    spy = WatchSpy(store, monkeypatch)
+    calls = as_sent(monkeypatch)
+    runs: list[int] = []
+    release: list[asyncio.Event] = []
+    scopes: list[asyncio.Timeout] = []
+
+    @idempotent(key="k:{x}", store=store, wait=60, name="ta.timeout-as-sent")
+    async def fn(x: int) -> str:
+        runs.append(x)
+        await release[0].wait()
+        return f"v{x}"
+
+    async def waits() -> None:
+        async with asyncio.timeout(None) as scope:
+            scopes.append(scope)
+            await fn(1)
+
+    async def main() -> None:
+        release.append(asyncio.Event())
+        owner = asyncio.create_task(fn(1))
+        await until("the owner's body", lambda: bool(runs))
+        held = await store.aget(fn.key_for(1))
+        waiter = asyncio.create_task(waits())
+        await spy.await_a_waiter()
+        # Its next look (a claim, which finds the owner's) is the next command sent.
+        calls.append(lambda: scopes[0].reschedule(asyncio.get_running_loop().time()))
+        done, _ = await asyncio.wait([waiter], timeout=30)
+        try:
+            assert not calls, "the waiter sent no look after it first waited"
+            assert done, "the waiter's timeout ran out as a look was sent, and it went on waiting"
+            with pytest.raises(TimeoutError):
+                waiter.result()
+            assert held is not None and await store.aget(fn.key_for(1)) == held  # not written
+        finally:
+            release[0].set()  # (a waiter that went on ends once the owner settles)
+        assert await owner == "v1"
+        assert await fn(1) == "v1"
+
+    asyncio.run(main())
+    assert runs == [1]
