@@ -317,7 +317,11 @@ def _timeout(value: object, where: str, *, text: bool = False) -> float:
 def _cause(exc: BaseException) -> str:
     """What a ``StoreError`` says of ``exc``, on one line (libpq adds hints on more)."""
     text = " ".join(str(exc).split())
-    return text if isinstance(exc, _NoConnection) else f"{type(exc).__name__}: {text}"
+    if isinstance(exc, _NoConnection):
+        return text
+    from .pooling import hint  # (a prepared statement a pooler lost: the way out)
+
+    return f"{type(exc).__name__}: {text}{hint(exc)}"
 
 
 def _describe(info: dict[str, Any]) -> str:
