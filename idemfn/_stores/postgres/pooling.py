@@ -4,7 +4,7 @@ Supavisor, RDS Proxy): the ``transaction_pooling`` option (issue 19).
 Such a pooler lends a server connection to a client for one transaction, then to another
 client: whatever a session keeps beyond a transaction stays on the server connection, for
 whoever gets it next, and the client may never see it again. Without the option the store keeps
-three such things: psycopg's prepared statements (from a statement's 5th execution on a
+three such things: psycopg's prepared statements (after a statement's 5th execution on a
 connection: ``_pg3_0`` then "does not exist" on another server connection, or "already exists"
 where another client prepared its own ``_pg3_0``), the wake-ups' ``LISTEN`` and the waiters'
 session advisory locks (``listen.py``: a mark left held on a server connection makes every
@@ -81,7 +81,7 @@ def check_pool_kwargs(kwargs: Any, kind: str) -> None:
     if (kwargs or {}).get("prepare_threshold", 5) is not None:
         raise ValueError(
             f"PostgresStore(transaction_pooling=True) was given a psycopg_pool.{kind} whose"
-            " connections prepare statements (psycopg's default, from a statement's 5th"
+            " connections prepare statements (psycopg's default, after a statement's 5th"
             " execution), which a pooler in transaction mode loses between transactions:"
             f" make it with kwargs={{..., 'prepare_threshold': None}}"
         )
