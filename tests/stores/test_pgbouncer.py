@@ -34,6 +34,8 @@ import pytest
 import idemfn
 from idemfn import PostgresStore, StoreError, idempotent
 from idemfn._stores.postgres import current_async_connection, current_connection
+from idemfn._stores.postgres.connections import _cause
+from tests.support.cli import cli_env, idemfn_cli
 from tests.support.deployments.pgbouncer import PgBouncer
 from tests.support.postgres_tools import ledger_rows, ledger_table
 from tests.support.servers import PostgresServer
@@ -93,6 +95,19 @@ def test_the_url_parameter_sets_the_option_and_never_reaches_libpq(
     assert store.get("absent") is None  # libpq took the connection string
 
 
+def test_the_cli_reaches_the_store_through_pgbouncer_with_the_parameter(
+    pgbouncer: PgBouncer,
+) -> None:
+    url = f"{pgbouncer.url}&transaction_pooling=true"
+    with psycopg.connect(pgbouncer.server.dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS idemfn_records")
+    store = idemfn.open_store(url)
+    key = f"cli-{uuid.uuid4().hex}"
+    idempotent(key=key, store=store, name="cli")(lambda: "done")()
+    listed = idemfn_cli("ls", env=cli_env(url)).stdout.decode()
+    assert f"cli:{key}" in listed
+
+
 def test_the_keyword_form_and_the_argument_set_the_option_too(pgbouncer: PgBouncer) -> None:
     keyword = PostgresStore(f"{pgbouncer.dsn} transaction_pooling=on", table=_table())
     argument = PostgresStore(pgbouncer.dsn, table=_table(), transaction_pooling=True)
@@ -142,6 +157,18 @@ def test_without_the_option_a_pooler_losing_a_prepared_statement_names_the_optio
             second.get("b")  # its 6th: prepared
         assert "?transaction_pooling=true" in str(raised.value)
     assert any("_pg3_0" in b.prepared for b in bouncer.backends())
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        psycopg.errors.InvalidSqlStatementName('prepared statement "_pg3_2" does not exist'),
+        psycopg.errors.DuplicatePreparedStatement('prepared statement "_pg3_0" already exists'),
+    ],
+)
+def test_both_errors_of_a_lost_prepared_statement_name_the_option(error: Exception) -> None:
+    assert "transaction_pooling=True" in _cause(error)
+    assert "transaction_pooling" not in _cause(psycopg.errors.UniqueViolation("_pg3_0"))
 
 
 def test_without_the_option_a_waiters_listen_and_lock_stay_on_a_server_connection(
