@@ -88,22 +88,21 @@ def _holding_the_last_server_connection(bouncer: PgBouncer) -> Iterator[int]:
 def test_the_url_parameter_sets_the_option_and_never_reaches_libpq(
     pgbouncer: PgBouncer, suffix: str, on: bool
 ) -> None:
-    store = idemfn.open_store(pgbouncer.url + suffix)
-    assert isinstance(store, PostgresStore)
-    assert store.transaction_pooling is on
-    assert ("transaction_pooling=True" in repr(store)) is on
-    assert store.get("absent") is None  # libpq took the connection string
+    store = PostgresStore(pgbouncer.url + suffix, table=_table())
+    with _closing(store):
+        assert store.transaction_pooling is on
+        assert ("transaction_pooling=True" in repr(store)) is on
+        assert store.get("absent") is None  # libpq took the connection string
 
 
 def test_the_cli_reaches_the_store_through_pgbouncer_with_the_parameter(
     pgbouncer: PgBouncer,
 ) -> None:
     url = f"{pgbouncer.url}&transaction_pooling=true"
-    with psycopg.connect(pgbouncer.server.dsn, autocommit=True) as conn:
-        conn.execute("DROP TABLE IF EXISTS idemfn_records")
-    store = idemfn.open_store(url)
+    store = PostgresStore(url)  # (not open_store's: another test may drop its table)
     key = f"cli-{uuid.uuid4().hex}"
-    idempotent(key=key, store=store, name="cli")(lambda: "done")()
+    with _closing(store):
+        idempotent(key=key, store=store, name="cli")(lambda: "done")()
     listed = idemfn_cli("ls", env=cli_env(url)).stdout.decode()
     assert f"cli:{key}" in listed
 
@@ -300,10 +299,10 @@ def test_a_waiter_gets_the_outcome_of_another_process_by_polling(
     started, go = context.Event(), context.Event()
     owner = context.Process(target=_own_for_a_while, args=(url, key, started, go))
     owner.start()
+    store = PostgresStore(url)  # (not open_store's: another test may drop its table)
     try:
         assert started.wait(60)
-        store = idemfn.open_store(url)
-        assert isinstance(store, PostgresStore) and store.transaction_pooling
+        assert store.transaction_pooling
         waiting: list[object] = []
 
         def body() -> str:
@@ -330,6 +329,7 @@ def test_a_waiter_gets_the_outcome_of_another_process_by_polling(
     finally:
         go.set()
         owner.join(60)
+        store.close()
     assert owner.exitcode == 0
 
 
