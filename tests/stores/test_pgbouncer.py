@@ -379,3 +379,38 @@ def test_a_transactional_body_commits_or_rolls_back_with_its_record(
         assert store.get("tx:lost") is not None  # halted, its write rolled back
     expected = sorted([("o-1", 1)] + [(f"o-{i + 2}", 5) for i in range(8)])
     assert ledger_rows(postgres_server, ledger) == expected
+
+
+@pytest.mark.parametrize("isolation", ["repeatable read", "serializable"])
+def test_a_transactional_body_renewed_while_it_runs_commits(
+    postgres_server: PostgresServer, pgbouncer: PgBouncer, isolation: str
+) -> None:
+    """The renewals' own connection goes through PgBouncer too, and never conflicts with the
+    body's transaction (PgBouncer refuses a startup ``options``: the level is set in it)."""
+    store = PostgresStore(pgbouncer.dsn, table=_table(), transaction_pooling=True)
+    ledger = ledger_table(postgres_server)
+    renewals: list[float] = []
+
+    # A short lease so that the heartbeat renews it while the body runs; nobody else judges
+    # the claim, so how punctual the heartbeat is does not matter.
+    @idempotent(key="{order_id}", store=store, transactional=True, lease=0.6)
+    def charge(order_id: str) -> int:
+        conn = current_connection()
+        conn.execute(f"SET TRANSACTION ISOLATION LEVEL {isolation.upper()}")
+        conn.execute(f"SELECT count(*) FROM {ledger}")  # the snapshot is taken here
+
+        def renewed() -> bool:
+            entry = store.get(charge.key_for(order_id))
+            assert entry is not None and entry.status == "processing"
+            renewals.append(entry.lease_until)  # type: ignore[arg-type]
+            return renewals[-1] != renewals[0]
+
+        poll(renewed, "the heartbeat to renew the lease")
+        conn.execute(f"INSERT INTO {ledger} VALUES (%s, 5)", (order_id,))
+        return 5
+
+    with _closing(store):
+        assert charge("o-5") == 5
+        record = charge.status("o-5")
+        assert record is not None and record.status.value == "ok"
+    assert ledger_rows(postgres_server, ledger) == [("o-1", 1), ("o-5", 5)]
