@@ -142,13 +142,12 @@ class PgBouncer:
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def backends(self) -> list[Backend]:
-        """Each server connection PgBouncer holds open, and its session state.
+        """Each of PgBouncer's server connections (``pool_size``), and its session state.
 
         Its session's own views (``pg_prepared_statements``, ``pg_listening_channels()``) are
-        read on the connection itself: one client transaction per server connection through
-        PgBouncer, all held open at once, so that each lands on another one (at most
-        ``pool_size``; none opened by this if fewer exist: a transaction that would wait for one
-        is not begun)."""
+        read on the connection itself: ``pool_size`` client transactions through PgBouncer,
+        held open at once, so that each runs on another server connection (PgBouncer opens
+        those it has not yet opened: they hold nothing)."""
         import psycopg
 
         seen: dict[int, Backend] = {}
