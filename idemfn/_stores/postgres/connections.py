@@ -17,6 +17,7 @@ from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any
 
 from ..awaiting import within
+from . import pooling
 
 if TYPE_CHECKING:
     import asyncio
@@ -319,9 +320,7 @@ def _cause(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     if isinstance(exc, _NoConnection):
         return text
-    from .pooling import hint  # (a prepared statement a pooler lost: the way out)
-
-    return f"{type(exc).__name__}: {text}{hint(exc)}"
+    return f"{type(exc).__name__}: {text}{pooling.hint(exc)}"  # (a pooler's lost statement)
 
 
 def _describe(info: dict[str, Any]) -> str:
