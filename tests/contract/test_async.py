@@ -40,8 +40,13 @@ from tests.support.concurrency import (
 from tests.support.records import foreign_entry
 from tests.support.workers import poll
 
-SHARED = ["disk", "redis", "postgres"]  # the stores that processes share (memory is per process)
-SERVERS = ["redis", "postgres"]
+SHARED = [
+    "disk",
+    "redis",
+    "postgres",
+    "postgres-pgbouncer",
+]  # the stores that processes share (memory is per process)
+SERVERS = ["redis", "postgres", "postgres-pgbouncer"]
 needs_timeout = pytest.mark.skipif(
     sys.version_info < (3, 11), reason="asyncio.timeout() is Python 3.11+"
 )

@@ -167,7 +167,7 @@ class _Clocks:
         self.offset += seconds
 
 
-@pytest.fixture(params=["memory", "disk", "redis", "postgres"])
+@pytest.fixture(params=["memory", "disk", "redis", "postgres", "postgres-pgbouncer"])
 def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     store = make_store(request.param, tmp_path, request)
     yield store
@@ -277,7 +277,7 @@ def _only_entry(store: Store) -> Entry | None:
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork")
 @pytest.mark.parametrize("child_ends", ["sys.exit", "return", "raise"])
-@pytest.mark.parametrize("kind", ["disk", "redis", "postgres"])
+@pytest.mark.parametrize("kind", ["disk", "redis", "postgres", "postgres-pgbouncer"])
 def test_a_forked_child_never_settles_its_parents_claim(
     kind: str, child_ends: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:

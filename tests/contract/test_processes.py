@@ -34,6 +34,7 @@ import redis
 
 import idemfn
 from idemfn import DiskStore, MemoryStore, Status, Store, _lease, idempotent
+from tests.support.deployments.pgbouncer import PgBouncer
 from tests.support.forks import fork_and_wait
 from tests.support.records import processing
 from tests.support.servers import PostgresServer, RedisServer
@@ -306,16 +307,20 @@ def _write_json(path: str, obj: object) -> None:
     os.replace(tmp, path)
 
 
-@pytest.fixture(params=["disk", "redis", "postgres"])
+@pytest.fixture(params=["disk", "redis", "postgres", "postgres-pgbouncer"])
 def where(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A store every process opens with ``idemfn.open_store(where)``: a directory, or the
-    suite's redis-server or PostgreSQL (emptied first)."""
+    suite's redis-server or PostgreSQL (emptied first), directly or through PgBouncer in
+    transaction mode (``?transaction_pooling=true``)."""
     if request.param == "disk":
         return str(tmp_path / "store")
-    if request.param == "postgres":
+    if request.param.startswith("postgres"):
         pg: PostgresServer = request.getfixturevalue("postgres_server")
         with psycopg.connect(pg.dsn, autocommit=True) as conn:
             conn.execute("DROP TABLE IF EXISTS idemfn_records")
+        if request.param == "postgres-pgbouncer":
+            bouncer: PgBouncer = request.getfixturevalue("pgbouncer")
+            return f"{bouncer.url}&transaction_pooling=true"
         return f"postgresql://postgres@/postgres?host={pg.socket_dir}"
     server: RedisServer = request.getfixturevalue("redis_server")
     redis.Redis(unix_socket_path=str(server.socket)).flushdb()

@@ -13,7 +13,7 @@ import sqlite3
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -24,7 +24,10 @@ from idemfn.testing import _age as age
 
 from .servers import PostgresServer, RedisServer
 
-STORES = ["memory", "disk", "redis", "postgres"]
+if TYPE_CHECKING:
+    from .deployments.pgbouncer import PgBouncer
+
+STORES = ["memory", "disk", "redis", "postgres", "postgres-pgbouncer"]
 
 
 def make_store(
@@ -45,6 +48,13 @@ def make_store(
         pg: PostgresServer = request.getfixturevalue("postgres_server")
         # One cluster for the session; a table of its own for each test.
         return PostgresStore(pg.dsn, table=f"t_{uuid.uuid4().hex}", **options)
+    if kind == "postgres-pgbouncer":
+        assert request is not None
+        bouncer: PgBouncer = request.getfixturevalue("pgbouncer")
+        # Through PgBouncer in transaction mode, in front of the worker's cluster (issue 19).
+        return PostgresStore(
+            bouncer.dsn, table=f"t_{uuid.uuid4().hex}", transaction_pooling=True, **options
+        )
     raise AssertionError(kind)
 
 

@@ -59,6 +59,14 @@ see one written during the body), and the record's own row must never be written
 comes back, as behind a pooler in transaction mode) waits as the default watch does, polled by
 its caller, and says so once in the log.
 
+Behind a pooler in transaction mode (issue 19) each transaction may run on another server
+connection, and what a session keeps stays on the one it was made on. The probe above cannot
+tell: its NOTIFY often runs on the very server connection that LISTENs, and comes back. So the
+option is explicit: with ``transaction_pooling=True`` (``pooling.py``) the store keeps no session
+state: nothing is prepared, and watches are the default ones, polled (no LISTEN, no mark).
+Transaction-scoped locks (the settles' ``pg_try_advisory_xact_lock``, the setup's
+``pg_advisory_xact_lock``) end with their transaction, and stay.
+
 The package, a module at a time (each says what it holds):
 
 - ``store.py``: ``PostgresStore`` itself (its pools, primitives, transactions, renewals, watches).
@@ -67,6 +75,8 @@ The package, a module at a time (each says what it holds):
   side), fork handling, timeouts, how errors and the server are described.
 - ``listen.py``: the wake-ups, ``PostgresWatch``, ``PostgresAsyncWatch`` and ``_Listener``.
 - ``transaction.py``: the transactional mode's context (``current_connection()``, ...).
+- ``pooling.py``: the ``transaction_pooling`` option: its connection-string parameter, its
+  check of a given pool, and the hint a lost prepared statement's error gets.
 """
 
 from .connections import _MAX_CONNECTIONS as _MAX_CONNECTIONS

@@ -17,6 +17,7 @@ from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any
 
 from ..awaiting import within
+from . import pooling
 
 if TYPE_CHECKING:
     import asyncio
@@ -317,7 +318,9 @@ def _timeout(value: object, where: str, *, text: bool = False) -> float:
 def _cause(exc: BaseException) -> str:
     """What a ``StoreError`` says of ``exc``, on one line (libpq adds hints on more)."""
     text = " ".join(str(exc).split())
-    return text if isinstance(exc, _NoConnection) else f"{type(exc).__name__}: {text}"
+    if isinstance(exc, _NoConnection):
+        return text
+    return f"{type(exc).__name__}: {text}{pooling.hint(exc)}"  # (a pooler's lost statement)
 
 
 def _describe(info: dict[str, Any]) -> str:

@@ -28,9 +28,11 @@ from ..._errors import StoreError
 from ..._record import Entry
 from ..._signing import SigningKey
 from ..._steps import arun, run
+from ..._wakeups import AsyncWatch, Watch
 from ..awaiting import within
 from ..base import Corrupt, Store, prunable, removable_at, remove_judged, skip_corrupt
 from ..clock import ServerClock
+from . import pooling
 from .connections import (
     _MAX_CONNECTIONS,
     _RENEWAL_SILENCE,
@@ -135,6 +137,12 @@ class PostgresStore(Store):
     woken through ``LISTEN``/``NOTIFY`` as soon as its owner settles it, on any machine; a
     settle that nobody waits for sends no ``NOTIFY``.
 
+    Behind a pooler in transaction mode (PgBouncer's ``pool_mode = transaction``, pgcat,
+    Supavisor, RDS Proxy) pass ``transaction_pooling=True``: the store then keeps no session
+    state on its connections (no prepared statements, no ``LISTEN``, no session advisory
+    locks), and a caller waiting for a busy key looks at it again now and then instead of
+    being woken (see ``docs/stores/postgres.md``, "Behind PgBouncer").
+
     Args:
         dsn_or_pool: A connection string or URL (``postgresql://…``); or a
             ``psycopg_pool.ConnectionPool`` the caller already has (the store never closes
@@ -153,11 +161,22 @@ class PostgresStore(Store):
             so. Default None: the connection string's ``connect_timeout`` parameter, else
             the given pool's ``timeout``, else 5. (When the server answers but every pooled
             connection is in use, a call waits up to 30 s for a free one.)
+        transaction_pooling: True when the store reaches PostgreSQL through a pooler in
+            transaction mode (PgBouncer's ``pool_mode = transaction``, pgcat, Supavisor, RDS
+            Proxy), which lends each transaction a server connection the next may not get:
+            every connection the store makes then runs with ``prepare_threshold=None``
+            (psycopg prepares nothing), no session advisory lock and no ``LISTEN`` is taken,
+            and a caller waiting for a busy key looks at it again now and then instead of
+            being woken. A given pool must be made with ``kwargs={..., "prepare_threshold":
+            None}``. ``transaction_pooling=true`` in the connection string turns it on too
+            (``postgresql://…?transaction_pooling=true``, as ``IDEMFN_STORE`` and the CLI
+            take it). Default False; a pooler in session mode needs nothing.
 
     Attributes:
         table: The table's name.
         server: Where the server is, without a password.
         connect_timeout: The connection timeout in effect, in seconds.
+        transaction_pooling: Whether the store keeps no session state (see above).
 
     Raises:
         ImportError: psycopg 3 or psycopg_pool is not installed
@@ -165,7 +184,8 @@ class PostgresStore(Store):
         TypeError: ``dsn_or_pool`` is neither a str nor a ``psycopg_pool.ConnectionPool`` or
             ``AsyncConnectionPool``, or an ``AsyncConnectionPool`` whose ``conninfo`` or
             ``kwargs`` is an async function (sync connections could not call it).
-        ValueError: A bad connection string, table name or ``connect_timeout``.
+        ValueError: A bad connection string, table name or ``connect_timeout``, or with
+            ``transaction_pooling`` a given pool whose connections prepare statements.
     """
 
     def __init__(
@@ -175,6 +195,7 @@ class PostgresStore(Store):
         table: str = "idemfn_records",
         signing_key: SigningKey | None = None,
         connect_timeout: float | None = None,
+        transaction_pooling: bool = False,
     ) -> None:
         try:
             import psycopg
@@ -194,6 +215,8 @@ class PostgresStore(Store):
         self._given_apool: psycopg_pool.AsyncConnectionPool | None = None
         given: psycopg_pool.ConnectionPool | psycopg_pool.AsyncConnectionPool | None = None
         if isinstance(dsn_or_pool, str):
+            dsn_or_pool, in_dsn = pooling.split(dsn_or_pool)
+            transaction_pooling = bool(transaction_pooling) or in_dsn
             try:
                 info = psycopg.conninfo.conninfo_to_dict(dsn_or_pool)
             except psycopg.ProgrammingError as exc:
@@ -217,6 +240,8 @@ class PostgresStore(Store):
                 )
             else:
                 self._given_apool = given
+            if transaction_pooling:
+                pooling.check_pool_kwargs(given.kwargs, type(given).__name__)
             conninfo = given.conninfo
             info = psycopg.conninfo.conninfo_to_dict(conninfo if isinstance(conninfo, str) else "")
             self._conninfo, self._kwargs = conninfo or "", given.kwargs or {}
@@ -226,6 +251,7 @@ class PostgresStore(Store):
                 f" AsyncConnectionPool, not {type(dsn_or_pool).__name__}"
             )
         self.server = _describe(info)  # never a password
+        self.transaction_pooling = bool(transaction_pooling)
         if connect_timeout is not None:
             self.connect_timeout = _timeout(connect_timeout, "PostgresStore(connect_timeout=...)")
         elif info.get("connect_timeout") is not None:
@@ -276,7 +302,8 @@ class PostgresStore(Store):
         self._told_polling = False
 
     def __repr__(self) -> str:
-        return f"PostgresStore({self.server!r}, table={self.table!r})"
+        pooled = ", transaction_pooling=True" if self.transaction_pooling else ""
+        return f"PostgresStore({self.server!r}, table={self.table!r}{pooled})"
 
     # Connections: a pool opened on first use, and again in a forked child (a connection must
     # not be used on both sides of a fork).
@@ -382,7 +409,12 @@ class PostgresStore(Store):
         """The connection arguments of a pool the store makes: the given ones, in autocommit,
         with libpq's own connect_timeout (whole seconds, at least 2), which frees the pool's
         worker from an attempt the caller stopped waiting for."""
-        ours = {"autocommit": True, "connect_timeout": max(2, math.ceil(self.connect_timeout))}
+        ours: dict[str, Any] = {
+            "autocommit": True,
+            "connect_timeout": max(2, math.ceil(self.connect_timeout)),
+        }
+        if self.transaction_pooling:  # (a prepared statement would not outlive its transaction)
+            ours["prepare_threshold"] = None
         given = self._kwargs
         if callable(given):
             return lambda: {**(given() or {}), **ours}
@@ -937,6 +969,8 @@ class PostgresStore(Store):
             given |= {"tcp_user_timeout"}
         kwargs |= {k: v for k, v in _RENEWAL_SILENCE.items() if k not in given}
         kwargs["connect_timeout"] = max(2, math.ceil(self.connect_timeout))  # libpq's: >= 2 s
+        if self.transaction_pooling:
+            kwargs["prepare_threshold"] = None
         return conninfo, kwargs
 
     def _connect_for_renewals(self) -> psycopg.Connection[Any]:
@@ -1015,7 +1049,7 @@ class PostgresStore(Store):
         return int(rows[0][0]) if rows and rows[0][0] is not None else None
 
     # Wake-ups (see the package's docstring).
-    def watch(self, key: str) -> PostgresWatch:
+    def watch(self, key: str) -> Watch:
         """A sync waiter's watch on ``key``, woken by a settle of it on any machine.
 
         Args:
@@ -1023,19 +1057,26 @@ class PostgresStore(Store):
 
         Returns:
             A ``PostgresWatch``: marked and listening when this returns (so that the caller's
-            next look sees any settle it is not woken for), polling if LISTEN fails.
+            next look sees any settle it is not woken for), polling if LISTEN fails. With
+            ``transaction_pooling``, the default watch (polled: it holds nothing on a
+            session).
         """
+        if self.transaction_pooling:
+            return super().watch(key)
         return PostgresWatch(self, key)
 
-    def awatch(self, key: str) -> PostgresAsyncWatch:
+    def awatch(self, key: str) -> AsyncWatch:
         """An async waiter's watch on ``key``, woken by a settle of it on any machine.
 
         Args:
             key: The stored key.
 
         Returns:
-            A ``PostgresAsyncWatch``, marked and listening once entered (``async with``).
+            A ``PostgresAsyncWatch``, marked and listening once entered (``async with``). With
+            ``transaction_pooling``, the default watch (polled).
         """
+        if self.transaction_pooling:
+            return super().awatch(key)
         return PostgresAsyncWatch(self, key)
 
     def _cannot_listen(self, exc: BaseException) -> None:
