@@ -94,7 +94,9 @@ class RedisNode:
             }
         )
 
-    def start(self, *, replica_of: RedisNode | None = None, monitor: RedisNode | None = None) -> None:
+    def start(
+        self, *, replica_of: RedisNode | None = None, monitor: RedisNode | None = None
+    ) -> None:
         """Start on its port of before (Sentinel knows a node by its address), else on a free
         port (another one if a process took it meanwhile); return once it answers."""
         for attempt in range(20):
@@ -215,11 +217,15 @@ class RedisReplicated:
             text += "?" + "&".join(f"{k}={v}" for k, v in query.items())
         return text
 
-    def sentinel_master(self) -> tuple[str, int]:
-        """The master's address as Sentinel names it now."""
+    def sentinel_master(self) -> tuple[str, int] | None:
+        """The master's address as Sentinel names it to clients now (``SENTINEL MASTERS``,
+        which redis-py asks), or None while a failover runs. (``GET-MASTER-ADDR-BY-NAME``
+        names the promoted replica earlier, while Sentinel still reconfigures the others.)"""
         with self.sentinel.client() as c:
-            host, port = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
-        return host.decode(), int(port)
+            state = c.sentinel_master(SERVICE)
+        if state["is_sdown"] or state["is_odown"] or "failover_in_progress" in state["flags"]:
+            return None
+        return state["ip"], int(state["port"])
 
     # Conditions.
 
@@ -306,9 +312,7 @@ class RedisReplicated:
             lambda: self.sentinel_master() == promoted.address,
             f"Sentinel to name {promoted.name} master",
         )
-        wait_for(
-            lambda: promoted.info()["role"] == "master", f"{promoted.name} to act as master"
-        )
+        wait_for(lambda: promoted.info()["role"] == "master", f"{promoted.name} to act as master")
         self.primary, self.replica = promoted, self.primary
         with contextlib.suppress(Exception), self.primary.client() as p:
             fillers = list(p.scan_iter(match=FILLER + "*"))
