@@ -25,6 +25,7 @@ import redis.sentinel
 
 from idemfn import OwnershipLost, RedisStore, StoreError, idempotent, open_store
 from idemfn._stores import locate
+from tests.support.cli import cli_env, idemfn_cli
 from tests.support.deployments.redis_replicated import SERVICE, RedisReplicated
 
 pytestmark = [pytest.mark.xdist_group("redis-replication"), pytest.mark.slow]
@@ -234,7 +235,11 @@ def test_sentinel_urls_open_a_store(deployment: RedisReplicated) -> None:
     assert store.replicas == 1
     assert store._wait == ("WAIT", 1, 500)
     runs: list[Any] = []
-    assert counted(store, runs, name=f"open-{uuid.uuid4().hex}")(3) == 30
+    name = f"open-{uuid.uuid4().hex}"
+    assert counted(store, runs, name=name)(3) == 30
+    # The idemfn command, with IDEMFN_STORE naming the Sentinel.
+    listed = idemfn_cli("ls", "-p", name, env=cli_env(url))
+    assert f"{name}:3" in listed.stdout.decode()
 
 
 # (e) The options, checked.
