@@ -48,7 +48,8 @@ def _worker(commands: Any, finished: Any, stop: Any, wid: int) -> None:
 
     from idemfn import RedisStore, idempotent
 
-    logging.getLogger("idemfn").setLevel(logging.CRITICAL)  # (failovers: warnings by the dozen)
+    if not os.environ.get("IDEMFN_BENCH_DEBUG"):
+        logging.getLogger("idemfn").setLevel(logging.CRITICAL)  # (failovers: many warnings)
     while (command := commands.get()) is not None:
         url, prefix, directory = command
         where = Path(directory)
@@ -175,8 +176,10 @@ def _failover(
     for key in done:
         try:
             fn(key)
-        except Exception:
+        except Exception as exc:
             unanswered += 1
+            if os.environ.get("IDEMFN_BENCH_DEBUG"):
+                print(f"unanswered {key}: {type(exc).__name__}: {exc}", flush=True)
     counts: dict[str, int] = {}
     for key in runs + again:
         counts[key] = counts.get(key, 0) + 1
