@@ -369,12 +369,7 @@ class RedisStore(Store):
         except _Unacknowledged as short:
             found = short.reply
             if found is None:  # won, but too few replicas have it: withdrawn, body not run
-                args = self._release_args(entry.key, entry.token)
-                try:
-                    self._call("release", entry.key, self._release, self._send, *args)
-                except StoreError as exc:
-                    raise self._unacknowledged_claim(entry.key, short.acked, exc) from None
-                raise self._unacknowledged_claim(entry.key, short.acked, None) from None
+                self._withdraw(entry.key, entry.token, short.acked, "claim")
         return None if found is None else self.decode(entry.key, found)
 
     async def aclaim(self, entry: Entry) -> Entry | None:
@@ -385,13 +380,7 @@ class RedisStore(Store):
         except _Unacknowledged as short:
             found = short.reply
             if found is None:  # won, but too few replicas have it: withdrawn, body not run
-                release = self._release.acall
-                undo = self._release_args(entry.key, entry.token)
-                try:
-                    await self._acall(side, "release", entry.key, release, side.send, *undo)
-                except StoreError as exc:
-                    raise self._unacknowledged_claim(entry.key, short.acked, exc) from None
-                raise self._unacknowledged_claim(entry.key, short.acked, None) from None
+                await self._awithdraw(side, entry.key, entry.token, short.acked, "claim")
         return None if found is None else self.decode(entry.key, found)
 
     # Replicas (issue 19): with replicas=N, each write is followed by WAIT N in its round trip.
@@ -402,8 +391,27 @@ class RedisStore(Store):
             f" replica_timeout={self._wait[2] / 1000:g} s"
         )
 
+    def _withdraw(self, key: str, token: str, acked: int, what: str) -> None:
+        """Withdraw the claim ``token`` that too few replicas acknowledged (release it, on the
+        primary), and raise the ``StoreError`` that says so: its body did not run."""
+        try:
+            self._call("release", key, self._release, self._send, *self._release_args(key, token))
+        except StoreError as exc:
+            raise self._unacknowledged_claim(key, acked, what, exc) from None
+        raise self._unacknowledged_claim(key, acked, what, None) from None
+
+    async def _awithdraw(
+        self, side: _LoopSide, key: str, token: str, acked: int, what: str
+    ) -> None:
+        release, args = self._release.acall, self._release_args(key, token)
+        try:
+            await self._acall(side, "release", key, release, side.send, *args)
+        except StoreError as exc:
+            raise self._unacknowledged_claim(key, acked, what, exc) from None
+        raise self._unacknowledged_claim(key, acked, what, None) from None
+
     def _unacknowledged_claim(
-        self, key: str, acked: int, withdrawal: BaseException | None
+        self, key: str, acked: int, what: str, withdrawal: BaseException | None
     ) -> StoreError:
         """The error of a claim that too few replicas acknowledged: the body did not run."""
         if withdrawal is None:
@@ -416,9 +424,9 @@ class RedisStore(Store):
         return self.error(
             "claim",
             key,
-            f"{self._short_of(acked)}; {after} and the body did not run (a failover now could"
-            " lose the claim and let a second caller run the body). Check the replicas"
-            " (INFO replication), or lower replicas=/raise replica_timeout=",
+            f"{what}: {self._short_of(acked)}; {after} and the body did not run (a failover"
+            " now could lose the claim and let a second caller run the body). Check the"
+            " replicas (INFO replication), or lower replicas=/raise replica_timeout=",
         )
 
     def _unacknowledged(self, action: str, key: str, short: _Unacknowledged) -> Any:
@@ -465,7 +473,9 @@ class RedisStore(Store):
                 "update", key, self._swap, self._writes, *self._swap_args(key, token, entry)
             )
         except _Unacknowledged as short:
-            done = self._unacknowledged_swap(key, token, entry, short)
+            if _takes_over(token, entry, short.reply):
+                self._withdraw(key, entry.token, short.acked, "taking over an abandoned claim")
+            done = self._unacknowledged("update", key, short)
         return bool(done == 1) or run(
             self._refused(key, token, entry, done), RedisStore._read, self
         )
@@ -476,24 +486,13 @@ class RedisStore(Store):
         try:
             done = await self._acall(side, "update", key, self._swap.acall, side.writes, *args)
         except _Unacknowledged as short:
-            done = self._unacknowledged_swap(key, token, entry, short)
+            if _takes_over(token, entry, short.reply):
+                what = "taking over an abandoned claim"
+                await self._awithdraw(side, key, entry.token, short.acked, what)
+            done = self._unacknowledged("update", key, short)
         return bool(done == 1) or await arun(
             self._refused(key, token, entry, done), self._aread, side
         )
-
-    def _unacknowledged_swap(
-        self, key: str, token: str, entry: Entry, short: _Unacknowledged
-    ) -> Any:
-        if short.reply == 1 and entry.status == "processing" and entry.token != token:
-            # A takeover of an abandoned claim is a claim: its body has not run yet. (Not
-            # withdrawn: the abandoned record it replaced is gone; this one's lease runs out.)
-            raise self.error(
-                "claim",
-                key,
-                f"taking over the abandoned claim: {self._short_of(short.acked)}; the body did"
-                " not run, and the claim stays until its lease runs out",
-            )
-        return self._unacknowledged("update", key, short)
 
     def _refused(self, key: str, token: str, entry: Entry, done: int) -> _Steps:
         """What a refused swap means, as steps the sync and async drivers run: the reads it
@@ -1452,6 +1451,12 @@ def _where(client: Any) -> str:
 
 #: The store's own query parameters of a URL, taken out before redis-py reads it.
 _REPLICATION_OPTIONS = ("replicas", "replica_timeout")
+
+
+def _takes_over(fence: str, entry: Entry, reply: Any) -> bool:
+    """Whether a swap that was done (``reply`` 1) put a new claim in place of the claim
+    ``fence``: a takeover of an abandoned claim, a claim whose body has not run yet."""
+    return bool(reply == 1 and entry.status == "processing" and entry.token != fence)
 
 
 class _Unacknowledged(Exception):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +28,7 @@ from idemfn import OwnershipLost, RedisStore, StoreError, idempotent, open_store
 from idemfn._stores import locate
 from tests.support.cli import cli_env, idemfn_cli
 from tests.support.deployments.redis_replicated import SERVICE, RedisReplicated
+from tests.support.records import foreign_entry
 
 pytestmark = [pytest.mark.xdist_group("redis-replication"), pytest.mark.slow]
 
@@ -185,6 +187,41 @@ def test_with_replicas_an_outcome_short_of_replicas_is_kept_and_logged(
     assert "update of key 'f:7': only 0 of replicas=1 acknowledged it" in caplog.text
     assert stalls(7) == 7  # recorded (a replay reads first: it never waits for replicas)
     deployment.resume()
+
+
+def test_with_replicas_an_unacknowledged_takeover_is_withdrawn_before_the_body_runs(
+    deployment: RedisReplicated,
+) -> None:
+    # Taking over an abandoned claim is a claim: its body has not run yet.
+    store = RedisStore(deployment.url(replicas=1, replica_timeout=0.2), prefix=prefix())
+    runs: list[Any] = []
+
+    def body(x: int) -> int:
+        runs.append(x)
+        return x
+
+    fn = idempotent(store=store, key="{x}", name="f", on_abandoned="retry")(body)
+    afn = idempotent(store=store, key="{x}", name="f", on_abandoned="retry")(_async(body))
+    for x in (1, 2):  # claims whose owner's lease ran out a minute ago
+        assert store.claim(foreign_entry(fn.key_for(x), "", lease_until=time.time() - 60)) is None
+    deployment.stall()
+    with pytest.raises(StoreError, match=r"taking over an abandoned claim: only 0 of replicas=1"):
+        fn(1)
+    with pytest.raises(StoreError, match=r"taking over an abandoned claim: only 0 of replicas=1"):
+        asyncio.run(afn(2))
+    assert runs == []
+    deployment.resume()
+    deployment.wait_caught_up()
+    assert fn(1) == 1  # withdrawn: claimable again
+    assert asyncio.run(afn(2)) == 2
+    assert runs == [1, 2]
+
+
+def _async(body: Callable[[int], int]) -> Callable[[int], Any]:
+    async def twin(x: int) -> int:
+        return body(x)
+
+    return twin
 
 
 # (d) The store follows the master Sentinel names, sync and async.
