@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio.sentinel
 import redis.sentinel
 
 from idemfn import OwnershipLost, RedisStore, StoreError, idempotent, open_store
@@ -227,14 +228,17 @@ def _async(body: Callable[[int], int]) -> Callable[[int], Any]:
 # (d) The store follows the master Sentinel names, sync and async.
 
 
-@pytest.mark.parametrize("given", ["url", "client"])
+@pytest.mark.parametrize("given", ["url", "client", "async-client"])
 def test_the_store_follows_sentinels_new_master(deployment: RedisReplicated, given: str) -> None:
     where = prefix()
     if given == "url":
         store = RedisStore(deployment.url(), prefix=where)
-    else:
+    elif given == "client":
         sentinel = redis.sentinel.Sentinel([deployment.sentinel.address], socket_timeout=WAIT)
         store = RedisStore(sentinel.master_for(SERVICE), prefix=where)
+    else:  # (the sync client, for sync callers, is made like it)
+        asentinel = redis.asyncio.sentinel.Sentinel([deployment.sentinel.address])
+        store = RedisStore(asentinel.master_for(SERVICE), prefix=where)
     assert "redis+sentinel://" in store.url
     runs: list[Any] = []
     fn = counted(store, runs)
