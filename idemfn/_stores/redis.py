@@ -179,13 +179,13 @@ class RedisStore(Store):
             through failovers), or a client the caller already has, made without
             ``decode_responses``: a ``redis.Redis`` (the async clients are then made with its
             connection settings; one from ``Sentinel.master_for()`` follows the master too), or
-            a ``redis.asyncio.Redis``. A URL may carry ``replicas=`` and ``replica_timeout=``
-            as query parameters.
-            The latter serves the async calls of the first event loop that uses the store (a
-            ``redis.asyncio`` client is bound to the loop it is used on; other loops get
-            clients of their own made with its connection settings), and a ``redis.Redis``
-            made with its connection settings serves sync callers, lease renewals (the
-            heartbeat thread) and the ``idemfn`` command.
+            a ``redis.asyncio.Redis``. The latter serves the async calls of the first event
+            loop that uses the store (a ``redis.asyncio`` client is bound to the loop it is
+            used on; other loops get clients of their own made with its connection
+            settings), and a ``redis.Redis`` made with its connection settings serves sync
+            callers, lease renewals (the heartbeat thread) and the ``idemfn`` command. A URL
+            may carry ``replicas=`` and ``replica_timeout=`` as query parameters (they win
+            over the arguments).
         prefix: Put before every stored key to make the Redis key. Default ``"idemfn:"``.
         signing_key: Keys to sign and verify records with (as ``idempotent``'s
             ``signing_key``): one that fails its check is never loaded. Default None:
@@ -204,6 +204,7 @@ class RedisStore(Store):
     Attributes:
         client: The ``redis.Redis`` used by sync callers.
         prefix: The ``prefix`` given.
+        replicas: The ``replicas`` given (0: writes do not wait for replicas).
         url: Where the server is, without a password.
 
     Raises:
@@ -369,7 +370,7 @@ class RedisStore(Store):
         except _Unacknowledged as short:
             found = short.reply
             if found is None:  # won, but too few replicas have it: withdrawn, body not run
-                self._withdraw(entry.key, entry.token, short.acked, "claim")
+                self._withdraw(entry.key, entry.token, short.acked, "")
         return None if found is None else self.decode(entry.key, found)
 
     async def aclaim(self, entry: Entry) -> Entry | None:
@@ -380,7 +381,7 @@ class RedisStore(Store):
         except _Unacknowledged as short:
             found = short.reply
             if found is None:  # won, but too few replicas have it: withdrawn, body not run
-                await self._awithdraw(side, entry.key, entry.token, short.acked, "claim")
+                await self._awithdraw(side, entry.key, entry.token, short.acked, "")
         return None if found is None else self.decode(entry.key, found)
 
     # Replicas (issue 19): with replicas=N, each write is followed by WAIT N in its round trip.
@@ -413,7 +414,8 @@ class RedisStore(Store):
     def _unacknowledged_claim(
         self, key: str, acked: int, what: str, withdrawal: BaseException | None
     ) -> StoreError:
-        """The error of a claim that too few replicas acknowledged: the body did not run."""
+        """The error of a claim that too few replicas acknowledged: the body did not run.
+        ``what`` comes first (``""`` for a claim)."""
         if withdrawal is None:
             after = "the claim was withdrawn"
         else:
@@ -424,7 +426,7 @@ class RedisStore(Store):
         return self.error(
             "claim",
             key,
-            f"{what}: {self._short_of(acked)}; {after} and the body did not run (a failover"
+            f"{what}{self._short_of(acked)}; {after} and the body did not run (a failover"
             " now could lose the claim and let a second caller run the body). Check the"
             " replicas (INFO replication), or lower replicas=/raise replica_timeout=",
         )
@@ -474,7 +476,7 @@ class RedisStore(Store):
             )
         except _Unacknowledged as short:
             if _takes_over(token, entry, short.reply):
-                self._withdraw(key, entry.token, short.acked, "taking over an abandoned claim")
+                self._withdraw(key, entry.token, short.acked, "taking over an abandoned claim: ")
             done = self._unacknowledged("update", key, short)
         return bool(done == 1) or run(
             self._refused(key, token, entry, done), RedisStore._read, self
@@ -487,7 +489,7 @@ class RedisStore(Store):
             done = await self._acall(side, "update", key, self._swap.acall, side.writes, *args)
         except _Unacknowledged as short:
             if _takes_over(token, entry, short.reply):
-                what = "taking over an abandoned claim"
+                what = "taking over an abandoned claim: "
                 await self._awithdraw(side, key, entry.token, short.acked, what)
             done = self._unacknowledged("update", key, short)
         return bool(done == 1) or await arun(
