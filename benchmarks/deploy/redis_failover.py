@@ -134,9 +134,18 @@ def _failover(
     deployment: RedisReplicated, callers: _Callers, replicas: int, kind: str
 ) -> dict[str, Any]:
     """One failover of ``kind`` under traffic; the counts."""
+    directory = Path(tempfile.mkdtemp(prefix="idemfn-failover-"))
+    try:
+        return _counted(deployment, callers, replicas, kind, directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _counted(
+    deployment: RedisReplicated, callers: _Callers, replicas: int, kind: str, directory: Path
+) -> dict[str, Any]:
     from idemfn import RedisStore, idempotent
 
-    directory = Path(tempfile.mkdtemp(prefix="idemfn-failover-"))
     prefix = f"bench:{uuid.uuid4().hex}:"
     callers.start(deployment.url(replicas=replicas, replica_timeout=0.5), prefix, directory)
 
@@ -183,7 +192,6 @@ def _failover(
     counts: dict[str, int] = {}
     for key in runs + again:
         counts[key] = counts.get(key, 0) + 1
-    shutil.rmtree(directory, ignore_errors=True)
     with deployment.primary.client() as primary:  # small data: the next rejoin syncs fast
         primary.flushall()
     deployment.wait_caught_up()
