@@ -22,6 +22,8 @@ __all__ = [
 ]
 
 ENV_VAR = "IDEMFN_STORE"
+# Redis through Sentinel (issue 19): the master that Sentinel names, followed through failovers.
+_SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 
 _lock = threading.Lock()
 _opened: dict[tuple[str, Path | str, Signer | None], Store] = {}
@@ -35,7 +37,8 @@ def open_store(
 
     A directory path (or ``file://`` URL) gives a ``DiskStore``, one per absolute path in
     this process; ``memory://`` gives this process's ``MemoryStore``; ``redis://``, ``rediss://``
-    and ``unix://`` give a ``RedisStore``, ``postgresql://`` and ``postgres://`` a
+    and ``unix://`` give a ``RedisStore`` (``redis+sentinel://`` and ``rediss+sentinel://`` one
+    that follows the master Sentinel names), ``postgresql://`` and ``postgres://`` a
     ``PostgresStore``, one per URL (``?connect_timeout=S`` bounds how long a call waits for an
     unreachable server; default 5 s). A ``Store`` is returned as is.
 
@@ -123,6 +126,8 @@ def locate(url_or_path: str | os.PathLike[str]) -> tuple[str, Path | str]:
     if not text.strip():
         raise ValueError("open_store() got an empty path or URL")
     scheme, sep, rest = text.partition("://")
+    if sep and scheme.lower() in _SENTINEL_SCHEMES:  # (not identifiers: a "+")
+        return "redis", text
     if sep and scheme.isidentifier():
         scheme = scheme.lower()
         if scheme == "memory":

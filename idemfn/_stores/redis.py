@@ -35,16 +35,19 @@ import functools
 import hashlib
 import inspect
 import logging
+import math
 import os
 import select
 import socket
 import sys
 import threading
 import time
+import urllib.parse
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Generator, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from .._errors import StoreError
 from .._record import Entry
 from .._signing import SigningKey
 from .._steps import arun, run
@@ -171,29 +174,46 @@ class RedisStore(Store):
     Redis pub/sub).
 
     Args:
-        url_or_client: A URL (``redis://``, ``rediss://``, ``unix://``), or a client the caller
-            already has, made without ``decode_responses``: a ``redis.Redis`` (the async
-            clients are then made with its connection settings), or a ``redis.asyncio.Redis``.
-            The latter serves the async calls of the first event loop that uses the store (a
-            ``redis.asyncio`` client is bound to the loop it is used on; other loops get
-            clients of their own made with its connection settings), and a ``redis.Redis``
-            made with its connection settings serves sync callers, lease renewals (the
-            heartbeat thread) and the ``idemfn`` command.
+        url_or_client: A URL (``redis://``, ``rediss://``, ``unix://``; or
+            ``redis+sentinel://host:port[,host:port...]/service_name[/db]``, and
+            ``rediss+sentinel://`` for TLS, for the master that Sentinel names, followed
+            through failovers), or a client the caller already has, made without
+            ``decode_responses``: a ``redis.Redis`` (the async clients are then made with its
+            connection settings; one from ``Sentinel.master_for()`` follows the master too), or
+            a ``redis.asyncio.Redis``. The latter serves the async calls of the first event
+            loop that uses the store (a ``redis.asyncio`` client is bound to the loop it is
+            used on; other loops get clients of their own made with its connection
+            settings), and a ``redis.Redis`` made with its connection settings serves sync
+            callers, lease renewals (the heartbeat thread) and the ``idemfn`` command. A URL
+            may carry ``replicas=`` and ``replica_timeout=`` as query parameters (they win
+            over the arguments).
         prefix: Put before every stored key to make the Redis key. Default ``"idemfn:"``.
         signing_key: Keys to sign and verify records with (as ``idempotent``'s
             ``signing_key``): one that fails its check is never loaded. Default None:
             ``IDEMFN_SIGNING_KEY`` when set.
+        replicas: How many replicas must acknowledge each write (Redis ``WAIT``, sent in the
+            same round trip as the write). Default 0: none, as plain Redis. With N > 0 a
+            claim that fewer than N replicas acknowledged within ``replica_timeout`` is
+            withdrawn and the call raises ``StoreError`` before its body runs; a later write
+            (the outcome, a renewal, a release) that falls short is kept and logged as a
+            warning (the body has run: failing the call would only invite a retry). A call
+            then reads the key before it claims it, so that a replay never waits for
+            replicas. It narrows the window in which a failover loses a claim; it is not
+            consensus: see the docs' "Replication and failover".
+        replica_timeout: Seconds a write waits for ``replicas`` acknowledgements. Default 1.
 
     Attributes:
         client: The ``redis.Redis`` used by sync callers.
         prefix: The ``prefix`` given.
+        replicas: The ``replicas`` given (0: writes do not wait for replicas).
         url: Where the server is, without a password.
 
     Raises:
         ImportError: redis-py is not installed (``pip install 'idemfn[redis]'``).
         TypeError: ``url_or_client`` is neither a str nor a ``redis.Redis`` or
             ``redis.asyncio.Redis``, or ``prefix`` not a str.
-        ValueError: A bad URL, or a client made with ``decode_responses=True``.
+        ValueError: A bad URL, a client made with ``decode_responses=True``, or a bad
+            ``replicas``/``replica_timeout`` (the message names it).
     """
 
     claims_first = True  # the claim script returns a live record as cheaply as a read
@@ -204,6 +224,8 @@ class RedisStore(Store):
         *,
         prefix: str = "idemfn:",
         signing_key: SigningKey | None = None,
+        replicas: int = 0,
+        replica_timeout: float = 1.0,
     ) -> None:
         try:
             import redis
@@ -215,14 +237,22 @@ class RedisStore(Store):
         # The user's async client, kept for the first event loop that uses the store.
         self._given: redis.asyncio.Redis | None = None
         new_async: Callable[[], redis.asyncio.Redis]
+        client: redis.Redis
         if isinstance(url_or_client, str):
+            url, replicas, replica_timeout = _replication_query(
+                url_or_client, replicas, replica_timeout
+            )
             try:
-                client = redis.Redis.from_url(url_or_client)
+                if _is_sentinel_url(url):
+                    client = _sentinel_client(url, redis)
+                    new_async = functools.partial(_sentinel_client, url, redis.asyncio)
+                else:
+                    client = redis.Redis.from_url(url)
+                    new_async = functools.partial(
+                        redis.asyncio.Redis.from_url, url, **_resolved_driver_info()
+                    )
             except ValueError as exc:
                 raise ValueError(f"RedisStore: bad URL {url_or_client!r}: {exc}") from None
-            new_async = functools.partial(
-                redis.asyncio.Redis.from_url, url_or_client, **_resolved_driver_info()
-            )
         elif isinstance(url_or_client, (redis.Redis, redis.asyncio.Redis)):
             if url_or_client.connection_pool.connection_kwargs.get("decode_responses"):
                 kind = (
@@ -247,9 +277,18 @@ class RedisStore(Store):
             )
         self.client = client
         self._send = _Lane(client)  # the store's commands (see _Lane)
+        # The lane of the writes: the same one, or one that WAITs for replicas after each.
+        self.replicas, self._wait = _replication(replicas, replica_timeout)
+        self._writes: Any = self._send
+        if self.replicas:
+            self._writes = _Acked(self._send, self._wait)
+            # Read first: a replay must never wait for replicas (with fewer than N connected
+            # each WAIT lasts replica_timeout). (The instance's own value: the engine reads
+            # the class's otherwise, and that costs nothing when replicas=0.)
+            vars(self)["claims_first"] = False
         self.prefix = prefix
         self.sign_with(signing_key)
-        self.url = _describe(client.connection_pool.connection_kwargs)  # never a password
+        self.url = _where(client)  # never a password
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError,)
         self._claim, self._swap, self._release, self._delete = (
             _Script(script, redis.exceptions.NoScriptError) for script in _SCRIPTS
@@ -264,7 +303,8 @@ class RedisStore(Store):
         self._pubsub_paused_until = 0.0
 
     def __repr__(self) -> str:
-        return f"RedisStore({self.url!r}, prefix={self.prefix!r})"
+        more = f", replicas={self.replicas}" if self.replicas else ""
+        return f"RedisStore({self.url!r}, prefix={self.prefix!r}{more})"
 
     # Errors: every backend error is a StoreError naming the store, the action and the key.
 
@@ -328,14 +368,89 @@ class RedisStore(Store):
         return [self.prefix + entry.key], [token, self.encode(entry), drop_at, expires]
 
     def claim(self, entry: Entry) -> Entry | None:
-        found = self._call("claim", entry.key, self._claim, self._send, *self._claim_args(entry))
+        try:
+            found = self._call(
+                "claim", entry.key, self._claim, self._writes, *self._claim_args(entry)
+            )
+        except _Unacknowledged as short:
+            found = short.reply
+            if found is None:  # won, but too few replicas have it: withdrawn, body not run
+                self._withdraw(entry.key, entry.token, short.acked, "")
         return None if found is None else self.decode(entry.key, found)
 
     async def aclaim(self, entry: Entry) -> Entry | None:
         side = self._side()
         claim, args = self._claim.acall, self._claim_args(entry)
-        found = await self._acall(side, "claim", entry.key, claim, side.send, *args)
+        try:
+            found = await self._acall(side, "claim", entry.key, claim, side.writes, *args)
+        except _Unacknowledged as short:
+            found = short.reply
+            if found is None:  # won, but too few replicas have it: withdrawn, body not run
+                await self._awithdraw(side, entry.key, entry.token, short.acked, "")
         return None if found is None else self.decode(entry.key, found)
+
+    # Replicas (issue 19): with replicas=N, each write is followed by WAIT N in its round trip.
+
+    def _short_of(self, acked: int) -> str:
+        return (
+            f"only {acked} of replicas={self.replicas} acknowledged it within"
+            f" replica_timeout={self._wait[2] / 1000:g} s"
+        )
+
+    def _withdraw(self, key: str, token: str, acked: int, what: str) -> None:
+        """Withdraw the claim ``token`` that too few replicas acknowledged (release it, on the
+        primary), and raise the ``StoreError`` that says so: its body did not run."""
+        try:
+            self._call("release", key, self._release, self._send, *self._release_args(key, token))
+        except StoreError as exc:
+            raise self._unacknowledged_claim(key, acked, what, exc) from None
+        raise self._unacknowledged_claim(key, acked, what, None) from None
+
+    async def _awithdraw(
+        self, side: _LoopSide, key: str, token: str, acked: int, what: str
+    ) -> None:
+        release, args = self._release.acall, self._release_args(key, token)
+        try:
+            await self._acall(side, "release", key, release, side.send, *args)
+        except StoreError as exc:
+            raise self._unacknowledged_claim(key, acked, what, exc) from None
+        raise self._unacknowledged_claim(key, acked, what, None) from None
+
+    def _unacknowledged_claim(
+        self, key: str, acked: int, what: str, withdrawal: BaseException | None
+    ) -> StoreError:
+        """The error of a claim that too few replicas acknowledged: the body did not run.
+        ``what`` comes first (``""`` for a claim)."""
+        if withdrawal is None:
+            after = "the claim was withdrawn"
+        else:
+            after = (
+                f"withdrawing the claim failed too ({withdrawal}): it stays until its lease"
+                " runs out"
+            )
+        return self.error(
+            "claim",
+            key,
+            f"{what}{self._short_of(acked)}; {after} and the body did not run (a failover"
+            " now could lose the claim and let a second caller run the body). Check the"
+            " replicas (INFO replication), or lower replicas=/raise replica_timeout=",
+        )
+
+    def _unacknowledged(self, action: str, key: str, short: _Unacknowledged) -> Any:
+        """A write after the claim that too few replicas acknowledged: kept, and logged (the
+        body has run; failing the call would only invite a retry that runs it again). Not
+        when the script wrote nothing (refused, or nothing to remove): nothing to lose."""
+        if not (isinstance(short.reply, int) and short.reply > 0):
+            return short.reply
+        logger.warning(
+            "idemfn: %r: %s of key %r: %s; the write stands on the primary, but a failover"
+            " before the replicas copy it would lose it",
+            self,
+            action,
+            key,
+            self._short_of(short.acked),
+        )
+        return short.reply
 
     def get(self, key: str) -> Entry | None:
         data = self._call("read", key, self._send, "HGET", self.prefix + key, "e")
@@ -360,9 +475,14 @@ class RedisStore(Store):
         return [self.prefix + key], [token, live, entry.token, data, drop_at, expires, channel]
 
     def swap(self, key: str, token: str, entry: Entry) -> bool:
-        done = self._call(
-            "update", key, self._swap, self._send, *self._swap_args(key, token, entry)
-        )
+        try:
+            done = self._call(
+                "update", key, self._swap, self._writes, *self._swap_args(key, token, entry)
+            )
+        except _Unacknowledged as short:
+            if _takes_over(token, entry, short.reply):
+                self._withdraw(key, entry.token, short.acked, "taking over an abandoned claim: ")
+            done = self._unacknowledged("update", key, short)
         return bool(done == 1) or run(
             self._refused(key, token, entry, done), RedisStore._read, self
         )
@@ -370,7 +490,13 @@ class RedisStore(Store):
     async def aswap(self, key: str, token: str, entry: Entry) -> bool:
         side = self._side()
         args = self._swap_args(key, token, entry)
-        done = await self._acall(side, "update", key, self._swap.acall, side.send, *args)
+        try:
+            done = await self._acall(side, "update", key, self._swap.acall, side.writes, *args)
+        except _Unacknowledged as short:
+            if _takes_over(token, entry, short.reply):
+                what = "taking over an abandoned claim: "
+                await self._awithdraw(side, key, entry.token, short.acked, what)
+            done = self._unacknowledged("update", key, short)
         return bool(done == 1) or await arun(
             self._refused(key, token, entry, done), self._aread, side
         )
@@ -425,24 +551,37 @@ class RedisStore(Store):
 
     def release(self, key: str, token: str) -> bool:
         args = self._release_args(key, token)
-        return bool(self._call("release", key, self._release, self._send, *args))
+        try:
+            return bool(self._call("release", key, self._release, self._writes, *args))
+        except _Unacknowledged as short:
+            return bool(self._unacknowledged("release", key, short))
 
     async def arelease(self, key: str, token: str) -> bool:
         side = self._side()
-        args = self._release_args(key, token)
-        return bool(await self._acall(side, "release", key, self._release.acall, side.send, *args))
+        release, args = self._release.acall, self._release_args(key, token)
+        try:
+            return bool(await self._acall(side, "release", key, release, side.writes, *args))
+        except _Unacknowledged as short:
+            return bool(self._unacknowledged("release", key, short))
 
     def _delete_args(self, key: str, token: str | None) -> tuple[list[str], list[str]]:
         return [self.prefix + key], [token or "", self._channel(key)]
 
     def delete(self, key: str, token: str | None = None) -> bool:
-        done = self._call("delete", key, self._delete, self._send, *self._delete_args(key, token))
+        args = self._delete_args(key, token)
+        try:
+            done = self._call("delete", key, self._delete, self._writes, *args)
+        except _Unacknowledged as short:
+            done = self._unacknowledged("delete", key, short)
         return _deleted(done, token)
 
     async def adelete(self, key: str, token: str | None = None) -> bool:
         side = self._side()
         delete, args = self._delete.acall, self._delete_args(key, token)
-        done = await self._acall(side, "delete", key, delete, side.send, *args)
+        try:
+            done = await self._acall(side, "delete", key, delete, side.writes, *args)
+        except _Unacknowledged as short:
+            done = self._unacknowledged("delete", key, short)
         return _deleted(done, token)
 
     def scan(self, prefix: str = "", *, corrupt: Corrupt | None = None) -> Iterator[Entry]:
@@ -524,6 +663,8 @@ class RedisStore(Store):
                 given, self._given = self._given, None
                 client = given if given is not None else self._new_async()
                 side = self._loops[loop] = _LoopSide(client, self._pubsub_failed)
+                if self.replicas:
+                    side.writes = _AsyncAcked(side.send, self._wait)
                 side.close_with_loop()
             return side
 
@@ -934,6 +1075,7 @@ class _LoopSide:
 
         self.client = client
         self.send = _AsyncLane(client)  # the store's commands (see _Lane)
+        self.writes: Any = self.send  # its writes (``_AsyncAcked`` with replicas=N)
         # Turns for calls: at most _ASYNC_CALLS at once, within the pool's connections.
         connections = client.connection_pool.max_connections or _ASYNC_CALLS + 1
         self.turns = asyncio.Semaphore(max(1, min(_ASYNC_CALLS, connections - 1)))
@@ -1261,6 +1403,8 @@ def _like(client: Any, kind: Any) -> Any:
     ``client``'s server with its connection settings (address, database, credentials,
     timeouts, TLS, retries)."""
     pool = client.connection_pool
+    if _is_sentinel_pool(pool):
+        return _sentinel_like(client, kind)
     connection_class = _counterpart(pool.connection_class, kind.connection)
     accepted = _parameters(connection_class)
     settings: dict[str, Any] = {}
@@ -1324,3 +1468,241 @@ def _describe(kwargs: dict[str, Any]) -> str:
         return f"unix://{kwargs['path']}"
     host, port, db = kwargs.get("host", "localhost"), kwargs.get("port", 6379), kwargs.get("db", 0)
     return f"redis://{host}:{port}/{db}"
+
+
+def _where(client: Any) -> str:
+    """A client's server (or its Sentinels and service), for messages (never a password)."""
+    pool = client.connection_pool
+    if _is_sentinel_pool(pool):
+        sentinels = ",".join(
+            "{}:{}".format(*_address(sentinel)) for sentinel in pool.sentinel_manager.sentinels
+        )
+        db = pool.connection_kwargs.get("db", 0)
+        return f"redis+sentinel://{sentinels}/{pool.service_name}/{db}"
+    return _describe(pool.connection_kwargs)
+
+
+# Replication (issue 19): replicas=N makes every write wait for N replicas (WAIT).
+
+#: The store's own query parameters of a URL, taken out before redis-py reads it.
+_REPLICATION_OPTIONS = ("replicas", "replica_timeout")
+
+
+def _takes_over(fence: str, entry: Entry, reply: Any) -> bool:
+    """Whether a swap that was done (``reply`` 1) put a new claim in place of the claim
+    ``fence``: a takeover of an abandoned claim, a claim whose body has not run yet."""
+    return bool(reply == 1 and entry.status == "processing" and entry.token != fence)
+
+
+class _Unacknowledged(Exception):
+    """A write that fewer replicas acknowledged than asked for: ``reply`` is the write's own
+    reply (it was done, on the primary), ``acked`` how many replicas acknowledged it."""
+
+    def __init__(self, reply: Any, acked: int) -> None:
+        super().__init__(reply, acked)
+        self.reply = reply
+        self.acked = acked
+
+
+class _Acked:
+    """A sync lane for writes: each command is followed by ``WAIT N ms`` in the same round
+    trip (WAIT cannot run inside a Lua script); ``_Unacknowledged`` when fewer than N replicas
+    acknowledged it."""
+
+    __slots__ = ("_lane", "_wait")
+
+    def __init__(self, lane: _Lane, wait: tuple[str, int, int]) -> None:
+        self._lane = lane
+        self._wait = wait
+
+    def __call__(self, *command: Any) -> Any:
+        reply, acked = self._lane.many([command, self._wait])
+        if acked < self._wait[1]:
+            raise _Unacknowledged(reply, acked)
+        return reply
+
+
+class _AsyncAcked:
+    """``_Acked`` for an event loop's lane."""
+
+    __slots__ = ("_lane", "_wait")
+
+    def __init__(self, lane: _AsyncLane, wait: tuple[str, int, int]) -> None:
+        self._lane = lane
+        self._wait = wait
+
+    async def __call__(self, *command: Any) -> Any:
+        reply, acked = await self._lane.many([command, self._wait])
+        if acked < self._wait[1]:
+            raise _Unacknowledged(reply, acked)
+        return reply
+
+
+def _replication(replicas: object, timeout: object) -> tuple[int, tuple[str, int, int]]:
+    """``replicas`` and ``replica_timeout`` checked: (replicas, the WAIT command)."""
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+        raise ValueError(
+            "RedisStore(replicas=...) must be a whole number >= 0 (how many replicas must"
+            f" acknowledge each write; 0: none), not {replicas!r}"
+        )
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        raise ValueError(
+            "RedisStore(replica_timeout=...) must be a number of seconds > 0 (how long a write"
+            f" waits for its replicas), not {timeout!r}"
+        )
+    # At least 1 ms: WAIT with 0 waits forever.
+    return replicas, ("WAIT", replicas, max(1, math.ceil(timeout * 1000)))
+
+
+def _replication_query(url: str, replicas: int, timeout: float) -> tuple[str, int, float]:
+    """``url`` without the store's own query parameters (``replicas``, ``replica_timeout``),
+    and their values: a URL's, else the arguments'."""
+    head, sep, query = url.partition("?")
+    if not sep:
+        return url, replicas, timeout
+    fragment = ""
+    query, hashed, tail = query.partition("#")
+    if hashed:
+        fragment = "#" + tail
+    kept: list[str] = []
+    given: dict[str, str] = {}
+    for part in query.split("&"):
+        name = urllib.parse.unquote_plus(part.partition("=")[0])
+        if name in _REPLICATION_OPTIONS:
+            given[name] = urllib.parse.unquote_plus(part.partition("=")[2])
+        elif part:
+            kept.append(part)
+    if "replicas" in given:
+        try:
+            replicas = int(given["replicas"])
+        except ValueError:
+            raise ValueError(
+                f"RedisStore: bad URL {url!r}: replicas={given['replicas']!r} is not a whole"
+                " number >= 0"
+            ) from None
+    if "replica_timeout" in given:
+        try:
+            timeout = float(given["replica_timeout"])
+        except ValueError:
+            raise ValueError(
+                f"RedisStore: bad URL {url!r}: replica_timeout={given['replica_timeout']!r} is"
+                " not a number of seconds > 0"
+            ) from None
+    rest = "&".join(kept)
+    return head + ("?" + rest if rest else "") + fragment, replicas, timeout
+
+
+# Sentinel (issue 19): redis+sentinel://host:port[,host:port...]/service_name[/db][?...].
+
+_SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+# Query parameters for the Sentinels' own connections, not the master's.
+_SENTINEL_AUTH = {"sentinel_username": "username", "sentinel_password": "password"}
+# The master's settings that a Sentinel's connection shares.
+_SENTINEL_SHARED = ("socket_timeout", "socket_connect_timeout", "ssl_cert_reqs", "ssl_ca_certs")
+
+
+def _is_sentinel_url(url: str) -> bool:
+    return url.partition("://")[0].lower() in _SENTINEL_SCHEMES
+
+
+def _is_sentinel_pool(pool: Any) -> bool:
+    return hasattr(pool, "sentinel_manager") and hasattr(pool, "service_name")
+
+
+def _sentinel_client(url: str, kind: Any) -> Any:
+    """A client of ``kind`` (the module ``redis`` or ``redis.asyncio``) for the master that
+    the Sentinels of a ``redis+sentinel://`` URL name: it asks them again whenever it
+    connects, so it follows a failover. The URL's user and password are the master's;
+    ``sentinel_username``/``sentinel_password`` are the Sentinels'; its other query parameters
+    are redis-py's (``socket_timeout=``, ...), for both."""
+    import importlib
+
+    parts = urllib.parse.urlsplit(url)
+    tls = parts.scheme.lower() == "rediss+sentinel"
+    credentials, _, hosts = parts.netloc.rpartition("@")
+    sentinels = [_host_port(item) for item in hosts.split(",") if item.strip()]
+    if not sentinels:
+        raise ValueError("no Sentinel address (redis+sentinel://host:port/service_name)")
+    path = [part for part in parts.path.split("/") if part]
+    if not path or len(path) > 2:
+        raise ValueError("the path must be /service_name or /service_name/db")
+    service = urllib.parse.unquote(path[0])
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    own = {_SENTINEL_AUTH[name]: value for name, value in query if name in _SENTINEL_AUTH}
+    rest = urllib.parse.urlencode(
+        [(name, value) for name, value in query if name not in _SENTINEL_AUTH]
+    )
+    # The master's settings, as redis-py reads a redis:// URL with them.
+    at = credentials + "@" if credentials else ""
+    db = "/" + path[1] if len(path) == 2 else ""
+    settings = dict(
+        kind.connection.parse_url(f"redis://{at}localhost{db}" + ("?" + rest if rest else ""))
+    )
+    for name in ("host", "port", "connection_class"):
+        settings.pop(name, None)
+    if tls:
+        settings["ssl"] = True
+    sentinel_settings = {name: settings[name] for name in _SENTINEL_SHARED if name in settings}
+    sentinel_settings |= own
+    if tls:
+        sentinel_settings["ssl"] = True
+    if kind.__name__ == "redis.asyncio":
+        settings |= _resolved_driver_info()
+    module = importlib.import_module(kind.__name__ + ".sentinel")
+    manager = module.Sentinel(sentinels, sentinel_kwargs=sentinel_settings)
+    return manager.master_for(service, **settings)
+
+
+def _host_port(item: str) -> tuple[str, int]:
+    item = item.strip()
+    if item.startswith("["):  # [IPv6]:port
+        host, _, port = item[1:].partition("]")
+        port = port.removeprefix(":")
+    else:
+        host, _, port = item.partition(":")
+    try:
+        return host, int(port) if port else 26379
+    except ValueError:
+        raise ValueError(f"bad Sentinel address {item!r} (host:port)") from None
+
+
+def _address(client: Any) -> tuple[str, int]:
+    settings = client.connection_pool.connection_kwargs
+    return settings.get("host", "localhost"), settings.get("port", 26379)
+
+
+def _sentinel_like(client: Any, kind: Any) -> Any:
+    """``_like`` for a client of a Sentinel pool: a client of ``kind`` for the same service,
+    through the same Sentinels, with the same plain connection settings."""
+    import importlib
+
+    pool = client.connection_pool
+    manager = pool.sentinel_manager
+    settings = {
+        name: value
+        for name, value in pool.connection_kwargs.items()
+        if isinstance(value, _PLAIN)
+        and name not in ("connection_pool", "connection_class")
+        and not name.startswith(_NOT_COPIED)
+    }
+    if "SSL" in pool.connection_class.__name__:
+        settings["ssl"] = True
+    if kind.__name__ == "redis.asyncio":
+        settings |= _resolved_driver_info()
+    sentinel_settings = {
+        name: value
+        for name, value in (manager.sentinel_kwargs or {}).items()
+        if isinstance(value, _PLAIN)
+    }
+    module = importlib.import_module(kind.__name__ + ".sentinel")
+    new = module.Sentinel(
+        [_address(sentinel) for sentinel in manager.sentinels],
+        min_other_sentinels=manager.min_other_sentinels,
+        sentinel_kwargs=sentinel_settings,
+    )
+    return new.master_for(pool.service_name, **settings)
