@@ -35,7 +35,8 @@ def open_store(
 
     A directory path (or ``file://`` URL) gives a ``DiskStore``, one per absolute path in
     this process; ``memory://`` gives this process's ``MemoryStore``; ``redis://``, ``rediss://``
-    and ``unix://`` give a ``RedisStore``, ``postgresql://`` and ``postgres://`` a
+    and ``unix://`` give a ``RedisStore`` (``redis+cluster://host:port[,host:port...]`` and
+    ``rediss+cluster://``: one on a Redis Cluster), ``postgresql://`` and ``postgres://`` a
     ``PostgresStore``, one per URL (``?connect_timeout=S`` bounds how long a call waits for an
     unreachable server; default 5 s). A ``Store`` is returned as is.
 
@@ -123,11 +124,11 @@ def locate(url_or_path: str | os.PathLike[str]) -> tuple[str, Path | str]:
     if not text.strip():
         raise ValueError("open_store() got an empty path or URL")
     scheme, sep, rest = text.partition("://")
-    if sep and scheme.isidentifier():
+    if sep and _is_scheme(scheme):
         scheme = scheme.lower()
         if scheme == "memory":
             return "memory", ""
-        if scheme in ("redis", "rediss", "unix"):
+        if scheme in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
             return "redis", text
         if scheme in ("postgresql", "postgres"):
             return "postgres", text
@@ -136,9 +137,16 @@ def locate(url_or_path: str | os.PathLike[str]) -> tuple[str, Path | str]:
         else:
             raise ValueError(
                 f"unknown store URL scheme {scheme!r} in {text!r}: expected a directory path,"
-                " file://, memory://, redis://, rediss://, unix://, postgresql:// or postgres://"
+                " file://, memory://, redis://, rediss://, unix://, redis+cluster://,"
+                " rediss+cluster://, postgresql:// or postgres://"
             )
     return "disk", _absolute(Path(text).expanduser())
+
+
+def _is_scheme(text: str) -> bool:
+    """Whether ``text``, before a ``://``, is a URL scheme: a name, or names joined by ``+``
+    (``redis+cluster``). Anything else (``./a``, ``C:\\x``, ``a.b``, ``~/x``) is a path."""
+    return all(part.isidentifier() for part in text.split("+"))
 
 
 def _absolute(path: Path) -> Path:
