@@ -65,6 +65,7 @@ from .redis import (
     _SHARED_OBJECTS,
     _SWAP,
     RedisStore,
+    _Hub,
     _LoopSide,
     _Read,
     _resolved_driver_info,
@@ -391,6 +392,28 @@ class _ClusterLoopSide(_LoopSide):
         self.hub = None
         self.closed = False
         self._closer = None
+
+    def subscriber(self) -> _Hub:
+        hub = self.hub
+        if hub is None:
+            hub = self.hub = _ClusterHub(self)
+        return hub
+
+
+class _ClusterHub(_Hub):
+    """An event loop's subscriber on a cluster: ``_Hub``, through the async cluster client's
+    ``pubsub()``, which subscribes on the node serving the first channel's slot (a classic
+    ``PUBLISH`` on any node reaches every node). It first waits until the client knows the
+    cluster's slots: before, its ``pubsub()`` fails (redis-py 8.1: a ``KeyError`` on the
+    slot)."""
+
+    async def _send(self, command: Callable[[bytes], Any], channel: bytes) -> None:
+        try:
+            await self._side.client.initialize()
+        except Exception as exc:
+            self._fail(exc)
+            return
+        await super()._send(command, channel)
 
 
 def _from_now(entry: Entry, now: float) -> tuple[str, str]:

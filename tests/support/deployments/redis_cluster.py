@@ -45,6 +45,7 @@ class ClusterNode:
         self.bus_port = 0
         self.process: subprocess.Popen[bytes] | None = None
         self.node_id = ""
+        self._client: Any = None
 
     @property
     def address(self) -> str:
@@ -123,9 +124,10 @@ class ClusterNode:
         return redis.Redis(host=_HOST, port=self.port, socket_timeout=_TIMEOUT)
 
     def ask(self, *command: Any) -> Any:
-        """One command to this node alone; its raw reply."""
-        with self.connect() as client:
-            return client.execute_command(*command)
+        """One command to this node alone (on a client kept for it); its raw reply."""
+        if self._client is None:
+            self._client = self.connect()
+        return self._client.execute_command(*command)
 
     def info(self) -> dict[str, str]:
         """``CLUSTER INFO``, as a dict of str."""
@@ -142,6 +144,9 @@ class ClusterNode:
         return found
 
     def stop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
             process.kill()
@@ -277,7 +282,8 @@ class RedisClusterServers:
                 source.ask("MIGRATE", _HOST, target.port, "", 0, 30000, "KEYS", *keys)
             # The target first (as redis-cli does): the slot is never left without an owner
             # that accepts its keys.
-            for node in [target, source, *self.nodes]:
+            others = [node for node in self.nodes if node not in (target, source)]
+            for node in [target, source, *others]:
                 node.ask("CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
         moved = set(slots)
 
