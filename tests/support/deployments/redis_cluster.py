@@ -189,8 +189,9 @@ class RedisClusterServers:
             # Distinct epochs: no collision for the nodes to settle before the state is ok.
             node.ask("CLUSTER", "SET-CONFIG-EPOCH", n + 1)
             node.ask("CLUSTER", "ADDSLOTSRANGE", first, last)
-        for node in self.nodes[1:]:
-            self.nodes[0].ask("CLUSTER", "MEET", _HOST, node.port, node.bus_port)
+        for n, node in enumerate(self.nodes):  # every pair: no node waits for gossip to hear
+            for other in self.nodes[n + 1 :]:
+                node.ask("CLUSTER", "MEET", _HOST, other.port, other.bus_port)
         self.wait_until(self._agreed, "every node to say cluster_state:ok")
 
     def _agreed(self) -> bool:
