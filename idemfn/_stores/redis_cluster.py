@@ -124,7 +124,10 @@ class RedisClusterStore(RedisStore):
             ``decode_responses``: a sync one (each event loop's async clients are then made
             with its nodes and connection settings), or an async one (it serves the first
             event loop that uses the store; a sync client made with its settings serves sync
-            callers, lease renewals and the ``idemfn`` command).
+            callers, lease renewals and the ``idemfn`` command). The async clients the store
+            makes have ``reinitialize_steps=0``: redis-py 8.1's default closes every
+            connection on each 5th ``MOVED`` reply, under other tasks' commands, which then
+            fail; make an async cluster client you give so too.
         prefix: As ``RedisStore``'s.
         signing_key: As ``RedisStore``'s.
 
@@ -375,7 +378,12 @@ class _AsyncClusterLane:
     async def __call__(self, *args: Any) -> Any:
         client = self._client
         await client.initialize()  # (one task asks; the others wait for its answer)
-        return await client.execute_command(*args)
+        try:
+            return await client.execute_command(*args)
+        except AttributeError as exc:
+            # A connection closed under this command by the client's own topology refresh
+            # (redis-py 8.1, see _new_cluster): a failed command (a StoreError), never a crash.
+            raise _connection_error()(f"the cluster client closed the connection: {exc}") from exc
 
     async def many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         return [await self(*command) for command in commands]
@@ -414,6 +422,12 @@ class _ClusterHub(_Hub):
             self._fail(exc)
             return
         await super()._send(command, channel)
+
+
+def _connection_error() -> type[Exception]:
+    import redis
+
+    return redis.ConnectionError
 
 
 def _from_now(entry: Entry, now: float) -> tuple[str, str]:
@@ -540,6 +554,12 @@ def _new_cluster(kind: Any, nodes: list[tuple[str, int]], settings: dict[str, An
     """A new cluster client of ``kind`` (``redis.cluster`` or ``redis.asyncio.cluster``) for
     ``nodes`` with ``settings``. (A sync one connects now; an async one on first use.)"""
     chosen = dict(settings)
+    if kind.__name__ == "redis.asyncio.cluster":
+        # redis-py 8.1's async cluster client closes every connection of every node on each
+        # 5th MOVED reply (its reinitialize_steps), under the commands of other tasks, which
+        # then fail ("'NoneType' object has no attribute 'writelines'"); a reshard sends many.
+        # With 0, each MOVED moves its slot in the client's table, and nothing is closed.
+        chosen.setdefault("reinitialize_steps", 0)
     if "driver_info" in _accepted(kind) and "driver_info" not in chosen:
         chosen |= _resolved_driver_info()
     startup = [kind.ClusterNode(host, port) for host, port in nodes]
