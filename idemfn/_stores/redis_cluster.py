@@ -43,6 +43,7 @@ import functools
 import importlib
 import inspect
 import math
+import os
 import statistics
 import threading
 import time
@@ -154,6 +155,7 @@ class RedisClusterStore(RedisStore):
         self._given = None
         self._sync: redis.cluster.RedisCluster | None = None
         self._sync_lock = threading.Lock()
+        self._sync_pid = os.getpid()
         new_sync: Callable[[], redis.cluster.RedisCluster]
         if isinstance(url_or_client, str):
             nodes, settings = _parse_url(url_or_client)
@@ -209,6 +211,9 @@ class RedisClusterStore(RedisStore):
         cluster client connects when it is made)."""
         client = self._sync
         if client is None:
+            if self._sync_pid != os.getpid():
+                # A child forked while another thread made the client inherits the lock held.
+                self._sync_lock, self._sync_pid = threading.Lock(), os.getpid()
             with self._sync_lock:
                 client = self._sync
                 if client is None:
