@@ -554,7 +554,7 @@ def test_the_command_lists_and_prunes_records_of_every_node(
 # -- clients, URLs and their errors ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("given", ["sync-client", "async-client", "url"])
+@pytest.mark.parametrize("given", ["sync-client", "async-client"])  # (a URL: tests/contract)
 def test_async_calls_run_on_each_event_loops_cluster_client(
     cluster: RedisClusterServers, given: str
 ) -> None:
@@ -565,8 +565,6 @@ def test_async_calls_run_on_each_event_loops_cluster_client(
     def make() -> RedisStore:
         if given == "sync-client":
             return RedisStore(cluster.client(), prefix=prefix)
-        if given == "url":
-            return RedisStore(cluster.url, prefix=prefix)
         return RedisStore(cluster.async_client(), prefix=prefix)  # (on the running loop)
 
     async def calls() -> list[int]:
