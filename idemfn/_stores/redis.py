@@ -56,6 +56,8 @@ if TYPE_CHECKING:
 
     import redis
     import redis.asyncio
+    import redis.asyncio.cluster
+    import redis.cluster
 
 __all__ = ["RedisAsyncWatch", "RedisStore", "RedisWatch"]
 
@@ -227,7 +229,11 @@ class RedisStore(Store):
 
     def __init__(
         self,
-        url_or_client: str | redis.Redis | redis.asyncio.Redis,
+        url_or_client: str
+        | redis.Redis
+        | redis.asyncio.Redis
+        | redis.cluster.RedisCluster
+        | redis.asyncio.cluster.RedisCluster,
         *,
         prefix: str = "idemfn:",
         signing_key: SigningKey | None = None,
