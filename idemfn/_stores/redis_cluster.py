@@ -171,14 +171,13 @@ class RedisClusterStore(RedisStore):
                     f"RedisStore needs a {_kind_name(given)} made without decode_responses=True:"
                     " records are bytes"
                 )
+            new_sync = functools.partial(_cluster_like, given, redis.cluster)
             new_async = functools.partial(_cluster_like, given, redis.asyncio.cluster)
             if isinstance(given, redis.cluster.RedisCluster):
                 self._sync = given
-                new_sync = functools.partial(_cluster_like, given, redis.cluster)
             else:
                 self._given = given
-                new_sync = functools.partial(_cluster_like, given, redis.cluster)
-            scheme = "rediss+cluster" if _settings_of(given).get("ssl") else "redis+cluster"
+            scheme = "rediss+cluster" if _tls(_settings_of(given)) else "redis+cluster"
             self.url = _describe(scheme, _addresses(given))
         else:  # (RedisStore.__new__ sends only cluster clients and URLs here)
             raise TypeError(
@@ -202,9 +201,6 @@ class RedisClusterStore(RedisStore):
         self._pubsub_warned = False
         self._pubsub_paused_until = 0.0
 
-    def __repr__(self) -> str:
-        return f"RedisStore({self.url!r}, prefix={self.prefix!r})"
-
     @property  # type: ignore[override]  # (a cluster client, made on first use)
     def client(self) -> redis.cluster.RedisCluster:
         """The ``redis.cluster.RedisCluster`` used by sync callers (made on first use: a
@@ -227,10 +223,9 @@ class RedisClusterStore(RedisStore):
     def client(self, client: redis.cluster.RedisCluster) -> None:
         self._sync = client
 
-    # The clock: the median of the primaries' TIME (see the module's notes).
-
-    # ServerClock pairs a reading with the middle of the call that made it: each node's TIME
-    # is moved to the middle of this call (connecting and loading the scripts included).
+    # The clock: the median of the primaries' TIME (see the module's notes). ServerClock pairs
+    # a reading with the middle of the call that made it: each node's TIME is moved to the
+    # middle of this call (connecting and loading the scripts included).
 
     def _read_clock(self, first: bool) -> float:
         start = time.monotonic()
@@ -549,6 +544,12 @@ def _settings_of(client: Any) -> dict[str, Any]:
     return dict(client.nodes_manager.connection_kwargs)
 
 
+def _tls(settings: dict[str, Any]) -> bool:
+    """Whether connection settings make TLS connections (``ssl=True``, or an SSL class)."""
+    made_by = settings.get("connection_class")
+    return bool(settings.get("ssl")) or "SSL" in getattr(made_by, "__name__", "")
+
+
 def _addresses(client: Any) -> list[tuple[str, int]]:
     """The nodes a cluster client knows (all it found, or those it was given)."""
     nodes = client.get_nodes() or list(client.nodes_manager.startup_nodes.values())
@@ -611,8 +612,7 @@ def _cluster_like(client: Any, kind: Any) -> Any:
         if not isinstance(value, _PLAIN) and name not in _SHARED_OBJECTS:
             continue  # a parser, an encoder, an event dispatcher: the kind's own default
         settings[name] = value
-    ssl = _settings_of(client).get("connection_class")
-    if ssl is not None and "SSL" in getattr(ssl, "__name__", ""):
+    if _tls(_settings_of(client)):
         settings["ssl"] = True
     standalone = importlib.import_module(kind.__name__.rpartition(".")[0])  # its Retry's module
     retry = _retry_like(client.retry, standalone) if getattr(client, "retry", None) else None
