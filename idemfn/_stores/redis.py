@@ -252,7 +252,10 @@ class RedisStore(Store):
             try:
                 client = redis.Redis.from_url(url_or_client)
             except ValueError as exc:
-                raise ValueError(f"RedisStore: bad URL {url_or_client!r}: {exc}") from None
+                raise ValueError(
+                    f"RedisStore: bad URL {url_or_client!r}: {exc} (a Redis Cluster:"
+                    " redis+cluster://host:port[,host:port...], rediss+cluster:// for TLS)"
+                ) from None
             new_async = functools.partial(
                 redis.asyncio.Redis.from_url, url_or_client, **_resolved_driver_info()
             )

@@ -663,6 +663,13 @@ def test_a_bad_cluster_url_is_a_clear_error_naming_it(url: str, why: str) -> Non
         assert "s3cret" not in str(info.value)
 
 
+def test_a_bad_redis_url_names_the_cluster_schemes_too() -> None:
+    with pytest.raises(ValueError, match="bad URL") as info:
+        RedisStore("redis+clustr://h:1")  # (not a cluster's scheme: the one-server store's)
+    assert "'redis+clustr://h:1'" in str(info.value)
+    assert "redis+cluster://host:port[,host:port...]" in str(info.value)
+
+
 def test_the_command_names_a_bad_cluster_url_and_an_unknown_scheme(tmp_path: Path) -> None:
     env = cli_env(tmp_path / "nothing")
     bad = "redis+cluster://127.0.0.1:x"
