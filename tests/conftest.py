@@ -50,6 +50,7 @@ from tests.support.stores import STORES, Make, Runner, StoreClock, make_store
 pytest_plugins = [
     "tests.support.servers",
     "tests.support.deployments.pgbouncer",
+    "tests.support.deployments.redis_cluster",
     "tests.support.deployments.redis_replicated",
 ]
 

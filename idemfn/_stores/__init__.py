@@ -23,7 +23,16 @@ __all__ = [
 
 ENV_VAR = "IDEMFN_STORE"
 # Redis through Sentinel (issue 19): the master that Sentinel names, followed through failovers.
-_SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+#: The schemes of a RedisStore's URL: one server, one through Sentinel, a cluster.
+_REDIS_SCHEMES = (
+    "redis",
+    "rediss",
+    "unix",
+    "redis+sentinel",
+    "rediss+sentinel",
+    "redis+cluster",
+    "rediss+cluster",
+)
 
 _lock = threading.Lock()
 _opened: dict[tuple[str, Path | str, Signer | None], Store] = {}
@@ -38,7 +47,8 @@ def open_store(
     A directory path (or ``file://`` URL) gives a ``DiskStore``, one per absolute path in
     this process; ``memory://`` gives this process's ``MemoryStore``; ``redis://``, ``rediss://``
     and ``unix://`` give a ``RedisStore`` (``redis+sentinel://`` and ``rediss+sentinel://`` one
-    that follows the master Sentinel names), ``postgresql://`` and ``postgres://`` a
+    that follows the master Sentinel names; ``redis+cluster://host:port[,host:port...]`` and
+    ``rediss+cluster://`` one on a Redis Cluster), ``postgresql://`` and ``postgres://`` a
     ``PostgresStore``, one per URL (``?connect_timeout=S`` bounds how long a call waits for an
     unreachable server; default 5 s). A ``Store`` is returned as is.
 
@@ -126,13 +136,11 @@ def locate(url_or_path: str | os.PathLike[str]) -> tuple[str, Path | str]:
     if not text.strip():
         raise ValueError("open_store() got an empty path or URL")
     scheme, sep, rest = text.partition("://")
-    if sep and scheme.lower() in _SENTINEL_SCHEMES:  # (not identifiers: a "+")
-        return "redis", text
-    if sep and scheme.isidentifier():
+    if sep and _is_scheme(scheme):
         scheme = scheme.lower()
         if scheme == "memory":
             return "memory", ""
-        if scheme in ("redis", "rediss", "unix"):
+        if scheme in _REDIS_SCHEMES:
             return "redis", text
         if scheme in ("postgresql", "postgres"):
             return "postgres", text
@@ -141,9 +149,16 @@ def locate(url_or_path: str | os.PathLike[str]) -> tuple[str, Path | str]:
         else:
             raise ValueError(
                 f"unknown store URL scheme {scheme!r} in {text!r}: expected a directory path,"
-                " file://, memory://, redis://, rediss://, unix://, postgresql:// or postgres://"
+                f" file://, memory://, {''.join(f'{s}://, ' for s in _REDIS_SCHEMES)}"
+                "postgresql:// or postgres://"
             )
     return "disk", _absolute(Path(text).expanduser())
+
+
+def _is_scheme(text: str) -> bool:
+    """Whether ``text``, before a ``://``, is a URL scheme: a name, or names joined by ``+``
+    (``redis+cluster``). Anything else (``./a``, ``C:\\x``, ``a.b``, ``~/x``) is a path."""
+    return all(part.isidentifier() for part in text.split("+"))
 
 
 def _absolute(path: Path) -> Path:

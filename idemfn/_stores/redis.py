@@ -60,6 +60,8 @@ if TYPE_CHECKING:
 
     import redis
     import redis.asyncio
+    import redis.asyncio.cluster
+    import redis.cluster
 
 __all__ = ["RedisAsyncWatch", "RedisStore", "RedisWatch"]
 
@@ -142,6 +144,20 @@ _LISTEN = 30.0
 _PUBSUB_PAUSE = 5.0
 
 
+def _names_a_cluster(given: object) -> bool:
+    """Whether ``RedisStore(given)`` is a store on a Redis Cluster: a ``redis+cluster://`` or
+    ``rediss+cluster://`` URL, or a cluster client of redis-py (sync or async)."""
+    if isinstance(given, str):
+        scheme, sep, _ = given.partition("://")
+        return bool(sep) and scheme.lower() in ("redis+cluster", "rediss+cluster")
+    try:
+        import redis.asyncio.cluster
+        import redis.cluster
+    except ImportError:  # (RedisStore() says what to install)
+        return False
+    return isinstance(given, (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster))
+
+
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
@@ -186,7 +202,10 @@ class RedisStore(Store):
             settings), and a ``redis.Redis`` made with its connection settings serves sync
             callers, lease renewals (the heartbeat thread) and the ``idemfn`` command. A URL
             may carry ``replicas=`` and ``replica_timeout=`` as query parameters (they win
-            over the arguments).
+            over the arguments). On a Redis Cluster: a
+            ``redis+cluster://host:port[,host:port...]`` URL (``rediss+cluster://``: TLS), or
+            a ``redis.cluster.RedisCluster`` or ``redis.asyncio.cluster.RedisCluster`` (see
+            ``redis_cluster.RedisClusterStore``, the class then made).
         prefix: Put before every stored key to make the Redis key. Default ``"idemfn:"``.
         signing_key: Keys to sign and verify records with (as ``idempotent``'s
             ``signing_key``): one that fails its check is never loaded. Default None:
@@ -203,24 +222,39 @@ class RedisStore(Store):
         replica_timeout: Seconds a write waits for ``replicas`` acknowledgements. Default 1.
 
     Attributes:
-        client: The ``redis.Redis`` used by sync callers.
+        client: The ``redis.Redis`` used by sync callers (a ``redis.cluster.RedisCluster`` on
+            a cluster).
         prefix: The ``prefix`` given.
         replicas: The ``replicas`` given (0: writes do not wait for replicas).
         url: Where the server is, without a password.
 
     Raises:
         ImportError: redis-py is not installed (``pip install 'idemfn[redis]'``).
-        TypeError: ``url_or_client`` is neither a str nor a ``redis.Redis`` or
-            ``redis.asyncio.Redis``, or ``prefix`` not a str.
+        TypeError: ``url_or_client`` is neither a str nor a ``redis.Redis``,
+            ``redis.asyncio.Redis`` or cluster client, or ``prefix`` not a str.
         ValueError: A bad URL, a client made with ``decode_responses=True``, or a bad
             ``replicas``/``replica_timeout`` (the message names it).
     """
 
     claims_first = True  # the claim script returns a live record as cheaply as a read
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> RedisStore:
+        # A Redis Cluster (issue 19) is a store of its own class (redis_cluster.py), chosen
+        # here once: a standalone store's calls take no branch for it.
+        given = args[0] if args else kwargs.get("url_or_client")
+        if cls is RedisStore and _names_a_cluster(given):
+            from .redis_cluster import RedisClusterStore
+
+            return super().__new__(RedisClusterStore)
+        return super().__new__(cls)
+
     def __init__(
         self,
-        url_or_client: str | redis.Redis | redis.asyncio.Redis,
+        url_or_client: str
+        | redis.Redis
+        | redis.asyncio.Redis
+        | redis.cluster.RedisCluster
+        | redis.asyncio.cluster.RedisCluster,
         *,
         prefix: str = "idemfn:",
         signing_key: SigningKey | None = None,
@@ -252,7 +286,10 @@ class RedisStore(Store):
                         redis.asyncio.Redis.from_url, url, **_resolved_driver_info()
                     )
             except ValueError as exc:
-                raise ValueError(f"RedisStore: bad URL {url_or_client!r}: {exc}") from None
+                raise ValueError(
+                    f"RedisStore: bad URL {url_or_client!r}: {exc} (a Redis Cluster:"
+                    " redis+cluster://host:port[,host:port...], rediss+cluster:// for TLS)"
+                ) from None
         elif isinstance(url_or_client, (redis.Redis, redis.asyncio.Redis)):
             if url_or_client.connection_pool.connection_kwargs.get("decode_responses"):
                 kind = (
@@ -272,7 +309,8 @@ class RedisStore(Store):
                 client, self._given = _like(given, redis), given
         else:
             raise TypeError(
-                "RedisStore() takes a redis:// URL, a redis.Redis or a redis.asyncio.Redis, not"
+                "RedisStore() takes a redis:// or redis+cluster:// URL, a redis.Redis, a"
+                " redis.asyncio.Redis or a (sync or async) redis.cluster.RedisCluster, not"
                 f" {type(url_or_client).__name__}"
             )
         self.client = client
@@ -590,7 +628,7 @@ class RedisStore(Store):
             "list", prefix or "*", lambda: list(self.client.scan_iter(match=pattern, count=1000))
         )
         start = len(self.prefix)
-        for name in sorted(names):
+        for name in sorted(set(names)):  # (SCAN may return a key more than once)
             key = name[start:].decode("utf-8", "surrogateescape")
             data = self._call("read", key, self.client.hget, name, "e")
             if data is not None and (entry := self.decoded(key, data, corrupt)) is not None:
@@ -662,11 +700,15 @@ class RedisStore(Store):
             if side is None or side.closed:
                 given, self._given = self._given, None
                 client = given if given is not None else self._new_async()
-                side = self._loops[loop] = _LoopSide(client, self._pubsub_failed)
-                if self.replicas:
-                    side.writes = _AsyncAcked(side.send, self._wait)
+                side = self._loops[loop] = self._new_side(client)
                 side.close_with_loop()
             return side
+
+    def _new_side(self, client: Any) -> _LoopSide:
+        side = _LoopSide(client, self._pubsub_failed)
+        if self.replicas:
+            side.writes = _AsyncAcked(side.send, self._wait)
+        return side
 
     def _forget_closed_loops(self) -> None:
         # A loop closed without shutting down its async generators (asyncio.run, Runner and

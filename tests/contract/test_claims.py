@@ -42,7 +42,7 @@ from idemfn._outcome import PICKLE
 from idemfn._policy import Policy
 from idemfn._record import Entry
 from tests.support.records import foreign_entry
-from tests.support.stores import Make, make_store
+from tests.support.stores import WITH_CLUSTER, Make, make_store
 
 PATIENCE = 60.0  # seconds a test waits for a condition before it fails: generous on purpose
 
@@ -480,6 +480,7 @@ def _dead_pid() -> int:
 
 
 # A recycled pid is dead
+@pytest.mark.parametrize("store", WITH_CLUSTER, indirect=True)
 def test_recycled_pid_owner_is_abandoned_at_once(make: Make, store: Store) -> None:
     host, machine, _, start = _owner.parse(_owner.current()) or ("", "", 0, "")
     if not machine:
@@ -494,6 +495,7 @@ def test_recycled_pid_owner_is_abandoned_at_once(make: Make, store: Store) -> No
 
 # A pid is only judged on the same host AND machine; elsewhere the lease decides
 @pytest.mark.parametrize("where", ["other-machine", "other-host"])
+@pytest.mark.parametrize("store", WITH_CLUSTER, indirect=True)
 def test_same_pid_elsewhere_is_judged_by_its_lease(make: Make, store: Store, where: str) -> None:
     host, machine, _, start = _owner.parse(_owner.current()) or ("", "", 0, "")
     if not machine:
@@ -541,6 +543,7 @@ def test_losing_the_race_to_halt_an_abandoned_claim_replays_the_halt() -> None:
 
 
 # An abandoned key is not taken over after the deadline
+@pytest.mark.parametrize("store", WITH_CLUSTER, indirect=True)
 def test_abandoned_key_is_not_retried_after_the_deadline(make: Make, store: Store) -> None:
     runs: list[int] = []
 
@@ -559,6 +562,7 @@ def test_abandoned_key_is_not_retried_after_the_deadline(make: Make, store: Stor
 
 
 # A takeover keeps the fingerprint the key was first used with
+@pytest.mark.parametrize("store", WITH_CLUSTER, indirect=True)
 def test_takeover_keeps_the_stored_fingerprint(make: Make, store: Store) -> None:
     fn = make(lambda x: x, key="k:{x}", fingerprint=False, on_abandoned="retry")
     store.claim(foreign_entry(fn.key_for(1), "f" * 64, lease_until=time.time() - 60))

@@ -19,13 +19,17 @@ from idemfn import DiskStore, Store, StoreError
 from idemfn._record import Entry, decode, encode
 from idemfn.testing import StoreContract
 from tests.support.records import finished, processing
+from tests.support.stores import WITH_CLUSTER
 
 
+@pytest.mark.parametrize("store", WITH_CLUSTER, indirect=True)
 class TestStoreContract(StoreContract):
-    """Memory, disk, Redis and PostgreSQL: the ``store`` fixture of conftest.py."""
+    """Memory, disk, Redis (a server, and a Redis Cluster) and PostgreSQL: the ``store``
+    fixture of conftest.py."""
 
 
 # prune removes only the entry it looked at (fenced on its token)
+@pytest.mark.parametrize("store", WITH_CLUSTER, indirect=True)
 def test_prune_leaves_a_record_claimed_again_since_it_looked(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:

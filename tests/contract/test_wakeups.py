@@ -22,7 +22,7 @@ from idemfn import AlreadyRunning, DiskStore, Store, idempotent
 from idemfn._wakeups import _watchers
 from tests.support.concurrency import HELD, HeldElsewhere, WatchSpy, fresh, spec_of
 from tests.support.records import foreign_entry
-from tests.support.stores import Make
+from tests.support.stores import WITH_CLUSTER, Make
 
 WOKEN_WITHIN = 20.0  # seconds: a waiter left to its back-off would sleep 60
 
@@ -156,6 +156,7 @@ PARTIES = [
 @pytest.mark.usefixtures("slow_polls")
 @pytest.mark.parametrize("settle", ["ok", "halt", "retry"])
 @pytest.mark.parametrize(("waiter", "owner"), PARTIES, ids=[f"{w}-{o}" for w, o in PARTIES])
+@pytest.mark.parametrize("store", WITH_CLUSTER, indirect=True)
 def test_a_waiter_wakes_when_the_owner_settles(
     store: Store, monkeypatch: pytest.MonkeyPatch, settle: str, waiter: str, owner: str
 ) -> None:
@@ -219,6 +220,7 @@ def held_elsewhere(store: Store, key: str) -> None:
     assert store.claim(foreign_entry(key, "", lease_until=time.time() + 600)) is None
 
 
+@pytest.mark.parametrize("store", WITH_CLUSTER, indirect=True)
 def test_no_watch_is_opened_without_wait_nor_by_a_first_call_or_a_replay(
     make: Make, store: Store, monkeypatch: pytest.MonkeyPatch, counter: Any
 ) -> None:
@@ -232,6 +234,7 @@ def test_no_watch_is_opened_without_wait_nor_by_a_first_call_or_a_replay(
     assert spy.opened == 0
 
 
+@pytest.mark.parametrize("store", WITH_CLUSTER, indirect=True)
 def test_a_waiter_that_gives_up_closes_its_watch(
     make: Make, store: Store, monkeypatch: pytest.MonkeyPatch, counter: Any
 ) -> None:

@@ -13,6 +13,7 @@ pytest.register_assert_rewrite(
             "celery_tasks",
             "cli",
             "concurrency",
+            "deployments",
             "forks",
             "http_checks",
             "http_servers",

@@ -2,7 +2,8 @@
 
 - ``Spec`` names a test's store so that another process can open the same one, and
   ``python -m tests.support.concurrency`` is that process: it calls a key's function from sync
-  code there (``calls``) or holds a key until the test lets it go (``hold``).
+  code there (``calls``; ``rounds``: new keys until told to stop) or holds a key until the
+  test lets it go (``hold``).
 - ``WatchSpy`` counts the watches a store opens for waiters, their waits and their closes.
 - ``docs_store_class`` is the store of docs/stores/custom.md, which has only sync primitives.
 """
@@ -58,6 +59,8 @@ def spec_of(store: Store, request: pytest.FixtureRequest) -> Spec:
     """How another process opens ``store`` (a ``store`` fixture's disk, redis or postgres)."""
     if isinstance(store, DiskStore):
         return {"kind": "disk", "directory": str(store.directory)}
+    if isinstance(store, RedisStore) and "+cluster://" in store.url:  # (issue 19)
+        return {"kind": "redis", "url": store.url, "prefix": store.prefix}
     if isinstance(store, RedisStore):
         url = request.getfixturevalue("redis_server").url
         return {"kind": "redis", "url": url, "prefix": store.prefix}
@@ -270,6 +273,31 @@ def _calls(store: Store, directory: Path, order: str, count: int) -> None:
     (directory / f"results-{os.getpid()}.json").write_text(json.dumps(results))
 
 
+def _rounds(store: Store, directory: Path, tags: list[str], per_round: int) -> None:
+    """Call ``MIXED``'s function for new keys round after round, once ``directory/go`` exists,
+    until ``directory/stop`` does: round ``r``'s keys are ``{tag}-r-n`` (``n < per_round``),
+    their tags taken in turn from ``tags`` (on a Redis Cluster, a hash tag names the key's
+    slot). Every process calls the same keys in the same order; each writes what its calls
+    returned to ``results-<pid>.json``."""
+
+    @idempotent(store=store, **MIXED)
+    def mixed(k: str) -> dict[str, Any]:
+        append_line(directory / "runs", f"{k} {os.getpid()} sync")
+        time.sleep(0.005)  # (widens the window in which other callers find the key running)
+        return {"k": k, "by": f"{os.getpid()} sync"}
+
+    (directory / f"ready-{os.getpid()}").touch()
+    poll(lambda: (directory / "go").exists(), "the go file", timeout=120)
+    results: dict[str, Any] = {}
+    n = 0
+    while not (directory / "stop").exists():
+        for _ in range(per_round):
+            key = f"{{{tags[n % len(tags)]}}}-{n // per_round}-{n % per_round}"
+            results[key] = mixed(key)
+            n += 1
+    (directory / f"results-{os.getpid()}.json").write_text(json.dumps(results))
+
+
 def _hold(store: Store, directory: Path, k: int) -> None:
     @idempotent(store=store, **HELD)
     def held(k: int) -> str:
@@ -287,6 +315,8 @@ def main(argv: list[str]) -> int:
             _calls(store, directory, argv[3], int(argv[4]))
         elif mode == "hold":
             _hold(store, directory, int(argv[3]))
+        elif mode == "rounds":
+            _rounds(store, directory, argv[3].split(","), int(argv[4]))
         else:
             raise AssertionError(mode)
     return 0

@@ -22,12 +22,17 @@ from idemfn._stores.postgres import PostgresStore
 from idemfn._stores.redis import RedisStore
 from idemfn.testing import _age as age
 
+from .deployments.redis_cluster import RedisClusterServers
 from .servers import PostgresServer, RedisServer
 
 if TYPE_CHECKING:
     from .deployments.pgbouncer import PgBouncer
 
 STORES = ["memory", "disk", "redis", "postgres", "postgres-pgbouncer"]
+# The conformance tests that also run on a Redis Cluster (issue 19): the store contract, claims
+# and wake-ups. Not every test of STORES: the cluster's calls cost more, and the suite's time
+# is budgeted (tests/stores/test_redis_cluster.py tests the rest of what a cluster changes).
+WITH_CLUSTER = [*STORES, "redis-cluster"]
 
 
 def make_store(
@@ -43,6 +48,11 @@ def make_store(
         server: RedisServer = request.getfixturevalue("redis_server")
         # One server for the session; a prefix of its own keeps each test's records apart.
         return RedisStore(server.url, prefix=f"test:{uuid.uuid4().hex}:", **options)
+    if kind == "redis-cluster":
+        assert request is not None
+        cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+        # One cluster for the session (three primaries); a prefix of its own for each test.
+        return RedisStore(cluster.url, prefix=f"test:{uuid.uuid4().hex}:", **options)
     if kind == "postgres":
         assert request is not None
         pg: PostgresServer = request.getfixturevalue("postgres_server")
@@ -130,6 +140,7 @@ class StoreClock:
 
 __all__ = [
     "STORES",
+    "WITH_CLUSTER",
     "Make",
     "Runner",
     "StoreClock",

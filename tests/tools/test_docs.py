@@ -9,6 +9,9 @@ block changes how it runs (see CONTRIBUTING.md):
   by the suite's ``redis_server`` (a database of its own, emptied for each page);
 - ``<!-- docs-test: postgres -->``: the block writes ``postgresql://localhost/app``, which is
   replaced by a fresh database of the suite's ``postgres_server``;
+- ``<!-- docs-test: redis-cluster -->``: the block writes
+  ``redis+cluster://localhost:7000,localhost:7001,localhost:7002``, which is replaced by the
+  suite's ``redis_cluster`` (three primaries);
 - ``<!-- docs-test: skip because <reason> -->``: the block is compiled, not run.
 """
 
@@ -31,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 REDIS_URL = "redis://localhost:6379/0"
 POSTGRES_URL = "postgresql://localhost/app"
+REDIS_CLUSTER_URL = "redis+cluster://localhost:7000,localhost:7001,localhost:7002"
 _MARK = re.compile(r"<!-- docs-test: (?P<what>.*?) -->")
 _REDIS_DB = 15  # the suite's other Redis tests use database 0, each under a prefix of its own
 
@@ -136,13 +140,17 @@ def test_python_blocks_run(
         code = block.code
         if block.mark is not None:
             what, _, reason = block.mark.partition(" because ")
-            assert what in ("skip", "redis", "postgres"), f"{where}: unknown mark {block.mark!r}"
+            known = ("skip", "redis", "postgres", "redis-cluster")
+            assert what in known, f"{where}: unknown mark {block.mark!r}"
             assert (what == "skip") == bool(reason.strip()), f"{where}: 'skip because <reason>'"
             if what == "redis":
                 assert REDIS_URL in code, f"{where}: a redis block writes {REDIS_URL}"
                 if "redis" not in urls:
                     urls["redis"] = _redis_url(request)
                 code = code.replace(REDIS_URL, urls["redis"])
+            elif what == "redis-cluster":
+                assert REDIS_CLUSTER_URL in code, f"{where}: a cluster block writes its URL"
+                code = code.replace(REDIS_CLUSTER_URL, request.getfixturevalue("redis_cluster").url)
             elif what == "postgres":
                 assert POSTGRES_URL in code, f"{where}: a postgres block writes {POSTGRES_URL}"
                 if "postgres" not in urls:

@@ -79,3 +79,15 @@ def check_integrations() -> None:
     assert_type(ship("o1"), str | Retry)
     refund("o1", "5")  # type: ignore[arg-type]
     ship(1)  # type: ignore[arg-type]
+
+
+def cluster_clients() -> None:
+    """``RedisStore`` takes a Redis Cluster's clients (issue 19)."""
+    import redis.asyncio.cluster
+    import redis.cluster
+
+    from idemfn import RedisStore
+
+    assert_type(RedisStore(redis.cluster.RedisCluster(host="h", port=7000)), RedisStore)
+    assert_type(RedisStore(redis.asyncio.cluster.RedisCluster(host="h", port=7000)), RedisStore)
+    assert_type(RedisStore("redis+cluster://h:7000,h:7001"), RedisStore)
