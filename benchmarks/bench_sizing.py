@@ -366,6 +366,23 @@ class Filled:
         started = time.perf_counter()
         getattr(self, f"_fill_{kind[:-5].lower()}")(where)
         self.fill_seconds = time.perf_counter() - started
+        self.bytes_per_record = self._bytes_per_record()
+
+    def _bytes_per_record(self) -> float:
+        """What a record takes once filled: the database (DiskStore, WAL checkpointed), the
+        tables (PostgresStore: no dead row versions, as after vacuum), MEMORY USAGE of a sample
+        of keys (RedisStore)."""
+        store = self.store
+        if isinstance(store, RedisStore):
+            sample = random.Random(0).sample(range(self.n), min(self.n, 200))
+            client = _redis(store)
+            usage: list[int] = [
+                client.memory_usage(store.prefix + self.key_of(i), samples=0) for i in sample
+            ]
+            return statistics.mean(usage)
+        if isinstance(store, DiskStore):
+            return _checkpointed_size(store) / self.n
+        return (store.bytes_used() or 0) / self.n
 
     def key_of(self, i: int) -> str:
         return f"{self.prefix}{i}"
@@ -481,7 +498,7 @@ class Probe:
         assert answer == "ready", answer
 
     def stop(self, start: float, end: float) -> dict[str, Any]:
-        """Latencies (ms) of the calls that started during [start, end], and of those before."""
+        """Latencies (ms) of the calls that started during [start, end]."""
         if not self.pipe.poll():  # (else it stopped on a wrong value, and says so)
             self.pipe.send("stop")
         calls = self.pipe.recv()
@@ -491,7 +508,6 @@ class Probe:
         out: dict[str, Any] = {}
         for what in sorted({c[0] for c in calls}):
             during = sorted(s for w, t, s in calls if w == what and start <= t <= end)
-            before = sorted(s for w, t, s in calls if w == what and t < start)
             if not during:
                 continue
             out[what] = {
@@ -499,7 +515,6 @@ class Probe:
                 "median_ms": statistics.median(during) * 1e3,
                 "p99_ms": during[int(len(during) * 0.99)] * 1e3,
                 "max_ms": during[-1] * 1e3,
-                "median_before_ms": statistics.median(before) * 1e3 if before else None,
             }
         return out
 
@@ -553,6 +568,7 @@ def prune_section(where: Servers, sizes: list[int], kinds: list[str]) -> list[di
                         "records": n,
                         "removed": removed,
                         "fill_seconds": filled.fill_seconds,
+                        "bytes_per_record": filled.bytes_per_record,
                         "seconds": seconds,
                         "us_per_removed": seconds / removed * 1e6 if removed else None,
                         "us_per_record": seconds / n * 1e6,
@@ -574,25 +590,25 @@ def prune_section(where: Servers, sizes: list[int], kinds: list[str]) -> list[di
     print(f"\nprune: {EXPIRED:.0%} of the records expired (RedisStore: none, see above)")
     print(
         f"{'store':<15}{'how':<21}{'records':>10}{'removed':>9}{'seconds':>9}"
-        f"{'µs/removed':>11}{'µs/record':>10}  load"
+        f"{'µs/removed':>11}{'µs/record':>10}{'B/record':>10}  load"
     )
     for r in rows:
         per_removed = f"{r['us_per_removed']:.1f}" if r["us_per_removed"] else "-"
         print(
             f"{r['store']:<15}{r['how']:<21}{r['records']:>10,}{r['removed']:>9,}"
-            f"{r['seconds']:>9.2f}{per_removed:>11}{r['us_per_record']:>10.2f}  {r['load']}"
+            f"{r['seconds']:>9.2f}{per_removed:>11}{r['us_per_record']:>10.2f}"
+            f"{r['bytes_per_record']:>10,.0f}  {r['load']}"
         )
     print("\ncalls meanwhile, at the largest size: latency of the calls started during prune")
     print(
         f"{'store':<15}{'how':<21}{'call':<30}{'calls':>7}{'median ms':>10}{'p99 ms':>8}"
-        f"{'max ms':>8}{'before ms':>10}"
+        f"{'max ms':>8}"
     )
     for r in rows:
         for what, d in r["during"].items():
-            before = f"{d['median_before_ms']:.2f}" if d["median_before_ms"] else "-"
             print(
                 f"{r['store']:<15}{r['how']:<21}{what:<30}{d['calls']:>7}{d['median_ms']:>10.2f}"
-                f"{d['p99_ms']:>8.1f}{d['max_ms']:>8.1f}{before:>10}"
+                f"{d['p99_ms']:>8.1f}{d['max_ms']:>8.1f}"
             )
     return rows
 
