@@ -2,7 +2,7 @@
 """The figures to size a deployment by (docs/scaling.md): what a record takes, what a call
 costs the server, and how prune scales with the store, on each store.
 
-    python benchmarks/bench_sizing.py                 # full run (about 6 minutes)
+    python benchmarks/bench_sizing.py                 # full run (15 minutes on 2 busy cores)
     python benchmarks/bench_sizing.py --quick         # small sizes (< 30 s), for the tests
     python benchmarks/bench_sizing.py --only bytes,cpu,prune --json PATH
 
