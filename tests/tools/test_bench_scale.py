@@ -68,3 +68,48 @@ def test_scale_benchmark_fills_records_a_replay_reads(tmp_path: Path) -> None:
         assert scale.body_calls == 1  # only the template record ran the body
     finally:
         scale.store.close()
+
+
+@pytest.mark.slow
+def test_sizing_benchmark_quick_run_measures_every_store(tmp_path: Path) -> None:
+    """bench_sizing.py --quick (docs/scaling.md's figures, small): bytes per record, server CPU
+    per call, and prune at two sizes with a caller running meanwhile, on real servers."""
+    report = tmp_path / "sizing.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_sizing.py"),
+            "--quick",
+            "--json",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(report.read_text(encoding="utf-8"))
+    stores = ["DiskStore", "RedisStore", "PostgresStore"]
+    assert [(r["store"], r["result"]) for r in results["bytes"]] == [
+        (s, size) for s in stores for size in ("100 B", "10 kB")
+    ]
+    for row in results["bytes"]:
+        assert row["bytes"] > 0
+        assert row["entry_bytes"] > 0
+    assert all(r["wal_bytes"] > 0 for r in results["bytes"] if r["store"] == "PostgresStore")
+    assert {(r["store"], r["call"]) for r in results["cpu"]} == {
+        (s, c) for s in stores[1:] for c in ("first call", "replay")
+    }
+    assert all(r["server_cpu_us"] > 0 for r in results["cpu"])
+    prune = results["prune"]
+    assert {(r["store"], r["how"], r["records"]) for r in prune} == {
+        (s, how, n)
+        for n in (1_000, 3_000)
+        for s, how in [(s, "prune()") for s in stores] + [("PostgresStore", "one DELETE (before)")]
+    }
+    for row in prune:
+        expired = 0 if row["store"] == "RedisStore" else row["records"] // 10
+        if row["records"] == 1_000:  # (at 3,000 a caller claims some expired keys first)
+            assert row["removed"] == expired
+        else:  # (none when prune ended before the caller's next call: a busy machine)
+            assert isinstance(row["during"], dict), row  # the caller's latencies meanwhile

@@ -126,19 +126,28 @@ def _statements(table: str, leases: str) -> dict[str, str]:
         " RETURNING lease_until",
         "tidy": f"DELETE FROM {lt} WHERE key = %s AND token = %s",
         "keys": f"SELECT key FROM {t} WHERE starts_with(key, %s) ORDER BY key",
-        # Both copies compared with now, in the row: a scan of the drop_at index would not
-        # read the row's drop_at again. The stale query also reads finished rows whose copies
-        # disagree, to judge them by their record.
-        "prune": f"DELETE FROM {t} WHERE drop_at IS NOT NULL AND drop_at < {now}"
-        f" AND live IS NULL AND drop_at = expires_at AND expires_at < {now}",
+        # A batch of at most %(batch)s expired rows, found through the drop_at index: the
+        # time is %(until)s, a reading of the server's clock taken before (a parameter, where
+        # clock_timestamp(), volatile, kept the planner off the index: a whole-table scan).
+        # Both copies compared in the row, and again when a row is deleted (a claim may have
+        # replaced it since the subquery read it: the outer conditions are rechecked on the
+        # row's newest version): an index scan does not read the row's drop_at again. The stale
+        # query also reads finished rows whose copies disagree, to judge them by their record.
+        "prune": f"DELETE FROM {t} WHERE key IN (SELECT key FROM {t} WHERE drop_at IS NOT NULL"
+        " AND drop_at < %(until)s AND live IS NULL AND drop_at = expires_at AND expires_at <"
+        " %(until)s ORDER BY drop_at LIMIT %(batch)s) AND drop_at IS NOT NULL AND drop_at <"
+        " %(until)s AND live IS NULL AND drop_at = expires_at AND expires_at < %(until)s",
         "stale": f"SELECT key FROM {t} WHERE drop_at IS NOT NULL AND drop_at < {now}"
         " AND live IS NOT NULL OR live IS NULL AND drop_at IS DISTINCT FROM expires_at",
         "fence": f"SELECT live, entry FROM {t} WHERE key = %s",
         "delete_row": f"DELETE FROM {t} WHERE key = %s AND entry = %s",
         "prune_leases": f"DELETE FROM {lt} l WHERE l.lease_until < {now} AND NOT EXISTS"
         f" (SELECT FROM {t} r WHERE r.key = l.key AND r.live = l.token)",
-        "size": "SELECT pg_total_relation_size(quote_ident(%s))"
-        " + pg_total_relation_size(quote_ident(%s))",
+        # Each table's and, for a table made PARTITION BY HASH (key) (docs/scaling.md), its
+        # partitions': a partitioned table's own size is 0.
+        "size": "SELECT sum(pg_total_relation_size(p.r)) FROM (VALUES"
+        " (quote_ident(%s)::regclass), (quote_ident(%s)::regclass)) AS v(t), LATERAL (SELECT"
+        " v.t UNION SELECT relid FROM pg_partition_tree(v.t)) AS p(r)",
         "listen": f'LISTEN "{_channel(table)}"',
     }
 

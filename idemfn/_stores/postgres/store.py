@@ -93,6 +93,9 @@ logger = logging.getLogger("idemfn")
 #: connections of a pool gone idle) still reaches it.
 _SPARES = 4
 _SPARE_FOR = 10.0
+#: Rows a DELETE of prune removes at most, each batch its own transaction: the row locks a
+#: claim of an expired key may wait for, and the WAL of one transaction, stay this small.
+_PRUNE_BATCH = 1000
 #: A spare connection keeps its cursor (a new cursor, its adapters and their lookups cost ~6 µs
 #: a statement), unless the cursor's last statement sent or read a value longer than this: a
 #: cursor holds its last statement's parameters and result until its next.
@@ -1021,11 +1024,12 @@ class PostgresStore(Store):
     def prune(self) -> int:
         """Remove expired records, and claims whose lease ran out more than their ttl ago.
 
-        One indexed DELETE of expired records (whose two copies of their expiry agree: see
-        the package's docstring); then each claim whose lease ran out ttl ago by the server's
-        clock, and each finished row whose copies disagree, is judged by its record and the
-        engine's rule (``prunable``): a claim whose owner is alive on its machine's monotonic
-        clock stays, whatever the wall clocks say. Lease rows no claim holds go too.
+        Indexed DELETEs of expired records (whose two copies of their expiry agree: see the
+        package's docstring), ``_PRUNE_BATCH`` rows at a time, each batch a transaction; then
+        each claim whose lease ran out ttl ago by the server's clock, and each finished row
+        whose copies disagree, is judged by its record and the engine's rule (``prunable``):
+        a claim whose owner is alive on its machine's monotonic clock stays, whatever the
+        wall clocks say. Lease rows no claim holds go too.
 
         Returns:
             How many records were removed.
@@ -1033,7 +1037,18 @@ class PostgresStore(Store):
         Raises:
             StoreError: The server failed.
         """
-        removed = int(self._run("prune", self.table, self._sql["prune"], ()))
+        # In batches, each its own transaction, until the rows expired at the start are gone:
+        # one DELETE of them all held the lock of every row it removed until it committed (a
+        # claim of an expired key waited for all of them), and wrote one transaction as large
+        # as the table's expired part (the WAL, a standby's replay, vacuum wait for its end).
+        ((until,),) = self._run("prune", self.table, self._sql["now"], ())
+        removed = 0
+        while True:
+            batch = {"until": until, "batch": _PRUNE_BATCH}
+            count = int(self._run("prune", self.table, self._sql["prune"], batch))
+            removed += count
+            if count == 0:  # (a short batch may be one whose rows were claimed since)
+                break
         now = self.time()
         stale = [k for (k,) in self._run("prune", self.table, self._sql["stale"], ())]
         for entry in self._entries(stale, skip_corrupt):
