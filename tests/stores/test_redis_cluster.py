@@ -670,6 +670,19 @@ def test_a_bad_redis_url_names_the_cluster_schemes_too() -> None:
     assert "redis+cluster://host:port[,host:port...]" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("url", "options"),
+    [
+        ("redis+cluster://127.0.0.1:1", {"replicas": 1}),
+        ("redis+cluster://127.0.0.1:1?replicas=1", {}),
+    ],
+)
+def test_waiting_for_replicas_is_refused_on_a_cluster(url: str, options: dict[str, int]) -> None:
+    # WAIT counts the replicas of the node it reaches: a cluster would need one per key's node.
+    with pytest.raises(ValueError, match="replicas"):
+        RedisStore(url, **options)
+
+
 def test_the_command_names_a_bad_cluster_url(tmp_path: Path) -> None:
     bad = "redis+cluster://127.0.0.1:x"
     proc = idemfn_cli("--store", bad, "ls", env=cli_env(tmp_path / "nothing"), status=68)
