@@ -41,3 +41,19 @@ def test_store_benchmark_quick_run_measures_every_store() -> None:
     for store in ("MemoryStore", "DiskStore", "RedisStore", "PostgresStore"):
         for what in ("replay", "first call"):
             assert f"{store} {what}" in done.stdout
+
+
+@pytest.mark.slow
+def test_deployment_benchmark_quick_run_measures_every_deployment() -> None:
+    # Exit 0 also says no setting broke what it promises (GuaranteeBroken exits 1): no
+    # duplicate run with replicas=1, nothing acknowledged lost with a synchronous standby.
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_deploy.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    for section in ("cluster", "pgbouncer", "redis-failover", "pg-failover"):
+        assert f"## {section} (load" in done.stdout, section
+    assert "GUARANTEE BROKEN" not in done.stdout
