@@ -47,7 +47,7 @@ from idemfn._stores.redis import RedisStore
 from tests.support.stores import STORES, Make, Runner, StoreClock, make_store
 
 # The session's servers (redis_server, postgres_server) are fixtures of tests/support/servers.py.
-pytest_plugins = ["tests.support.servers"]
+pytest_plugins = ["tests.support.servers", "tests.support.deployments.pg_standby"]
 
 # Hypothesis's defaults time each example (200 ms deadline) and fail a test whose data is slow
 # to generate: both measure the machine, not idemfn. Tests that set their own settings keep

@@ -10,6 +10,7 @@ import collections
 import contextlib
 import math
 import os
+import select
 import threading
 import time
 import weakref
@@ -70,6 +71,21 @@ class _Renewer:
                 conn.close()
 
 
+def _dropped(conn: Any) -> bool:
+    """Whether the idle connection ``conn`` (sync or async) has been dropped by its server: it
+    has input waiting (the server's goodbye, or end of file), which an idle connection never
+    has otherwise. A failover, a restart or ``pg_terminate_backend`` drops every connection: a
+    statement sent on one failed, and an owner's outcome written on one was not recorded (issue
+    19). One ``poll`` (~1 µs), no round trip; a server that vanished without a word is not
+    seen (its statement fails, as before)."""
+    try:
+        probe = select.poll()
+        probe.register(conn.pgconn.socket, select.POLLIN)
+        return bool(probe.poll(0))
+    except Exception:  # no socket: closed, or broken
+        return True
+
+
 class _NoConnection(Exception):
     """No connection in time; the message says why, for ``StoreError``."""
 
@@ -85,8 +101,9 @@ class _Attempts:
         self.error: BaseException | None = None
 
 
-def _recording(attempts: _Attempts) -> type[psycopg.Connection[Any]]:
-    """A connection class that notes in ``attempts`` how each connection attempt ended."""
+def _recording(attempts: _Attempts, connected: Callable[[], None]) -> type[psycopg.Connection[Any]]:
+    """A connection class that notes in ``attempts`` how each connection attempt ended, and
+    calls ``connected()`` after each new connection (the store's clock: see ``_new_server``)."""
     import psycopg
 
     class Connection(psycopg.Connection[Any]):
@@ -98,6 +115,7 @@ def _recording(attempts: _Attempts) -> type[psycopg.Connection[Any]]:
                 attempts.error = exc
                 raise
             attempts.connected, attempts.error = True, None
+            connected()
             return conn
 
     return Connection
@@ -134,8 +152,9 @@ class _LoopPool:
         while True:
             while self._idle:
                 conn = self._idle.pop()
-                if not conn.closed:
+                if not conn.closed and not _dropped(conn):
                     return conn
+                _finish(conn)
                 self.cursors.pop(conn, None)
                 self._size -= 1
             if self._size < self.max_size:
@@ -321,9 +340,20 @@ def _cause(exc: BaseException) -> str:
 
 
 def _describe(info: dict[str, Any]) -> str:
-    host = info.get("host") or "localhost"
-    port = info.get("port") or "5432"
     user = info.get("user") or ""
     db = info.get("dbname") or user or ""
-    where = f"{host}:{port}" if not str(host).startswith("/") else str(host)
-    return f"postgresql://{user + '@' if user else ''}{where}/{db}"
+    return f"postgresql://{user + '@' if user else ''}{_hosts(info)}/{db}"
+
+
+def _hosts(info: dict[str, Any]) -> str:
+    """``host:port`` (a socket directory alone), comma-separated for a connection string that
+    lists several hosts (``host=a,b port=5432,5433``, a primary and its standby: issue 19), each
+    with its own port, or the one port given for all, as libpq pairs them."""
+    hosts = str(info.get("host") or "localhost").split(",")
+    ports = str(info.get("port") or "5432").split(",")
+    if len(ports) != len(hosts):
+        ports = [ports[0]] * len(hosts)  # libpq: one port for every host
+    return ",".join(
+        h if h.startswith("/") else f"{h or 'localhost'}:{p or '5432'}"
+        for h, p in zip(hosts, ports, strict=True)
+    )

@@ -39,6 +39,7 @@ from .connections import (
     _Attempts,
     _cause,
     _describe,
+    _dropped,
     _finish,
     _LoopPool,
     _NoConnection,
@@ -296,10 +297,16 @@ class PostgresStore(Store):
                 conn, cur, owner, since = spares.pop()
             except IndexError:  # another thread took the last one
                 break
-            if owner is pool:
+            if owner is pool and not _dropped(conn):
                 return conn, _cursor(pool, conn) if cur is None else cur, since
+            if owner is pool:
+                _finish(conn)  # dropped by its server (see _dropped): the pool discards it
             owner.putconn(conn)  # of a pool closed since: it closes it
         conn = self._getconn(pool)
+        while _dropped(conn):  # each one the server dropped, as the spares
+            _finish(conn)
+            pool.putconn(conn)
+            conn = self._getconn(pool)
         return conn, _cursor(pool, conn), time.monotonic()
 
     def _checkin(
@@ -343,9 +350,14 @@ class PostgresStore(Store):
     async def _agetconn(self, pool: Any) -> Any:
         """``_getconn`` for this loop's pool (a ``_LoopPool``, or a given async pool)."""
         if isinstance(pool, _LoopPool):
-            return await pool.getconn()
+            return await pool.getconn()  # (which skips the connections dropped: _dropped)
         try:
-            return await pool.getconn(timeout=self.connect_timeout)
+            conn = await pool.getconn(timeout=self.connect_timeout)
+            while _dropped(conn):  # (see _checkout)
+                _finish(conn)
+                await pool.putconn(conn)
+                conn = await pool.getconn(timeout=self.connect_timeout)
+            return conn
         except self._pool_timeout:
             rest = self._longer(pool, None)
         try:
@@ -415,7 +427,7 @@ class PostgresStore(Store):
                         min_size=1,
                         max_size=_MAX_CONNECTIONS,
                         open=False,
-                        connection_class=_recording(self._attempts),
+                        connection_class=_recording(self._attempts, self._clock.forget),
                         timeout=BUSY_POOL_WAIT,
                         kwargs=self._own_pool_kwargs(),
                         name=f"idemfn {self.server}",
@@ -526,11 +538,13 @@ class PostgresStore(Store):
         pause = 0.05
         while True:  # tried again until connect_timeout, as the sync pool does: a restart
             try:
-                return await within(
+                conn = await within(
                     psycopg.AsyncConnection.connect(conninfo, **kwargs),
                     max(give_up - time.monotonic(), 0.001),
                     dispose=_finish,  # connected as the caller was cancelled: not its own
                 )
+                self._clock.forget()  # it may reach another server (see _failed)
+                return conn
             except asyncio.TimeoutError:
                 why = "the server did not answer"
                 break
@@ -594,6 +608,11 @@ class PostgresStore(Store):
             raise self._failed(action, key, exc) from exc
 
     def _failed(self, action: str, key: str | None, exc: BaseException) -> StoreError:
+        # The server may be gone, and the next connection reach another (a failover to a
+        # standby: another machine, another clock): the store's clock is read again from
+        # whichever server answers next (issue 19). New connections of the store's pools do
+        # the same (_recording, _aconnect); errors cover a given pool's.
+        self._clock.forget()
         if key is None:
             return StoreError(f"{self!r} could not {action}: {_cause(exc)}")
         return self.error(action, key, _cause(exc))
@@ -902,7 +921,8 @@ class PostgresStore(Store):
         with renewer.lock:
             try:
                 conn = renewer.conn
-                if conn is None or conn.closed:
+                if conn is None or conn.closed or _dropped(conn):
+                    renewer.drop()
                     conn = renewer.conn = self._connect_for_renewals()
                 # READ COMMITTED whatever the server's default: a renewal reads the record's
                 # row, and must not take part in a SERIALIZABLE body's conflicts.
@@ -910,6 +930,7 @@ class PostgresStore(Store):
                     rows = conn.execute(self._sql["renew"], params).fetchall()
             except self._errors as exc:
                 renewer.drop()
+                self._clock.forget()  # (as _failed)
                 raise self.error("renew the lease of", entry.key, _cause(exc)) from exc
         if not rows:
             return None

@@ -1,0 +1,289 @@
+"""PostgresStore across a failover to a streaming standby (issue 19): a primary stopped hard
+(``pg_ctl -m immediate``), its standby promoted, and stores that reach whichever node is the
+primary through a connection string naming both (``target_session_attrs=read-write``).
+
+- Synchronous replication loses nothing acknowledged: every outcome a call returned is replayed
+  on the new primary, and a claim whose body still runs (in another process) keeps its key
+  there: a second caller gets ``AlreadyRunning``, and the owner's outcome lands, fenced by its
+  token. No body runs twice.
+- Asynchronous replication loses what the standby had not received: the test cuts the standby
+  off (its WAL receiver stopped), acknowledges records the standby never sees, and asserts that
+  they are gone after the promotion, and that their bodies then run again. It documents the
+  hazard, and counts it.
+- The store's clock is the new primary's after the failover, not the old one's reading.
+
+Every step waits for a condition (an LSN replayed, ``pg_is_in_recovery()`` false, a line from a
+child), never for a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from idemfn import AlreadyRunning, PostgresStore, Status, StoreError, idempotent
+from tests.support.deployments.pg_standby import PgStandby
+
+pytestmark = pytest.mark.slow
+
+#: Seconds anything is waited for (a child's line, a store reaching the new primary).
+PATIENCE = 60.0
+
+# A process that claims "failover:held" and runs its body until told to finish: it prints
+# "started" from the body (the claim is acknowledged), reads a line, appends the key to the runs
+# file and returns; then prints "done <value>", "unrecorded" when its outcome could not be written,
+# or "lost" (OwnershipLost) when the fence refused it: another caller holds the key.
+HOLDER = textwrap.dedent("""
+    import logging, sys
+    from idemfn import OwnershipLost, PostgresStore, idempotent
+
+    dsn, table, runs = sys.argv[1:4]
+    unrecorded = []
+
+    class Told(logging.Handler):
+        def emit(self, record):
+            if "could not be recorded" in record.getMessage():
+                unrecorded.append(record.getMessage())
+
+    logging.getLogger("idemfn").addHandler(Told())
+
+    @idempotent(key="held", name="failover", store=PostgresStore(dsn, table=table), lease=600)
+    def hold():
+        print("started", flush=True)
+        sys.stdin.readline()
+        with open(runs, "a") as f:
+            f.write("held\\n")
+        return "held-value"
+
+    try:
+        value = hold()
+    except OwnershipLost:
+        print("lost", flush=True)
+    else:
+        print("unrecorded" if unrecorded else f"done {value}", flush=True)
+""")
+
+
+class Holder:
+    """The HOLDER process, started and holding its claim."""
+
+    def __init__(self, dsn: str, table: str, runs: Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, dsn, table, str(runs)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.line() == "started"
+
+    def line(self) -> str:
+        assert self.process.stdout is not None
+        return self.process.stdout.readline().strip()  # (a dead child: "", at once)
+
+    def finish(self) -> str:
+        """Let the body return; what the child says of its outcome."""
+        assert self.process.stdin is not None
+        self.process.stdin.write("go\n")
+        self.process.stdin.flush()
+        said = self.line()
+        self.process.wait(PATIENCE)
+        return said
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture
+def holders() -> Iterator[Callable[[str, str, Path], Holder]]:
+    started: list[Holder] = []
+
+    def start(dsn: str, table: str, runs: Path) -> Holder:
+        holder = Holder(dsn, table, runs)
+        started.append(holder)
+        return holder
+
+    yield start
+    for holder in started:
+        holder.kill()
+
+
+def recorder(store: PostgresStore, runs: Path) -> Callable[[int], int]:
+    """``failover.n(i)``: returns ``i * 2``, each run of its body appended to ``runs``."""
+
+    @idempotent(key="{i}", name="failover", store=store)
+    def n(i: int) -> int:
+        with runs.open("a") as f:
+            f.write(f"{i}\n")
+        return i * 2
+
+    return n
+
+
+def body_runs(runs: Path) -> list[str]:
+    return runs.read_text().split() if runs.exists() else []
+
+
+def until_reached(call: Callable[[], Any]) -> tuple[Any, int]:
+    """``call()``'s result once it reaches the new primary, and how many times it failed first
+    (a pooled connection to the dead primary fails the statement it carries)."""
+    failures = 0
+    while True:
+        try:
+            return call(), failures
+        except StoreError:
+            failures += 1
+            if failures > 20:
+                raise
+
+
+def test_synchronous_replication_loses_no_acknowledged_claim_or_outcome(
+    pg_standby: PgStandby, holders: Callable[[str, str, Path], Holder], tmp_path: Path
+) -> None:
+    table, runs = f"t_{uuid.uuid4().hex}", tmp_path / "runs"
+    before = PostgresStore(pg_standby.dsn, table=table)
+    n = recorder(before, runs)
+    assert [n(i) for i in range(20)] == [i * 2 for i in range(20)]  # acknowledged outcomes
+    holder = holders(pg_standby.dsn, table, runs)  # an acknowledged claim, its body running
+
+    pg_standby.fail()  # no wait for the standby: what was acknowledged is there already
+    pg_standby.promote()
+
+    after = PostgresStore(pg_standby.dsn, table=table)  # a caller that comes after
+    again = recorder(after, runs)
+    assert [again(i) for i in range(20)] == [i * 2 for i in range(20)]  # replayed
+    assert sorted(body_runs(runs), key=int) == [str(i) for i in range(20)]  # none ran again
+
+    @idempotent(key="held", name="failover", store=after)
+    def hold() -> str:
+        raise AssertionError("the held claim's body ran a second time")
+
+    with pytest.raises(AlreadyRunning):
+        hold()
+    # The owner's outcome goes to the new primary, fenced by its token.
+    assert holder.finish() == "done held-value"
+    assert hold() == "held-value"
+    assert body_runs(runs).count("held") == 1
+
+    # The store used before the failover reaches the new primary at its first call: the
+    # connections its pool kept to the old one are seen dropped, and not used.
+    assert until_reached(lambda: n(20)) == (40, 0)
+    assert again(20) == 40 and body_runs(runs).count("20") == 1
+    before.close()
+    after.close()
+
+
+def test_asynchronous_replication_loses_what_the_standby_had_not_received(
+    pg_standby: PgStandby, holders: Callable[[str, str, Path], Holder], tmp_path: Path
+) -> None:
+    pg_standby.set_synchronous(False)
+    table, runs = f"t_{uuid.uuid4().hex}", tmp_path / "runs"
+    store = PostgresStore(pg_standby.dsn, table=table)
+    n = recorder(store, runs)
+    kept = [n(i) for i in range(10)]
+    pg_standby.caught_up()  # these reached the standby
+    pg_standby.detach()  # from now on, nothing does
+    lost = [n(i) for i in range(10, 20)]  # acknowledged all the same
+    holder = holders(pg_standby.dsn, table, runs)  # a claim acknowledged, body running
+    assert store.get("failover:held") is not None
+
+    pg_standby.fail()
+    pg_standby.promote()
+
+    after = PostgresStore(pg_standby.dsn, table=table)
+    again = recorder(after, runs)
+    assert [again(i) for i in range(10)] == kept
+    gone = [i for i in range(10, 20) if after.get(f"failover:{i}") is None]
+    assert gone == list(range(10, 20)), "the standby had these: was it cut off?"
+    assert after.get("failover:held") is None  # the live claim is lost too
+    # The hazard, counted: every lost outcome's body runs again, and so does the held claim's
+    # while its first owner still runs it.
+    assert [again(i) for i in range(10, 20)] == lost
+
+    @idempotent(key="held", name="failover", store=after)
+    def hold() -> str:
+        with runs.open("a") as f:
+            f.write("held\n")
+        return "second"
+
+    assert hold() == "second"
+    duplicates = {k: c for k in set(body_runs(runs)) if (c := body_runs(runs).count(k)) > 1}
+    assert duplicates == {str(i): 2 for i in range(10, 20)}
+    # The first owner's outcome is refused by the fence (OwnershipLost): the second run's stands.
+    assert holder.finish() == "lost"
+    assert body_runs(runs).count("held") == 2
+    entry = after.get("failover:held")
+    assert entry is not None and entry.status == Status.OK.value
+    store.close()
+    after.close()
+
+
+def server_now(pair: PgStandby) -> float:
+    return float(pair.primary.query("SELECT extract(epoch from clock_timestamp())")[0][0])
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_the_store_clock_is_the_new_primarys_after_a_failover(
+    pg_standby: PgStandby, mode: str
+) -> None:
+    # One machine has one clock: the old primary's is made to read an hour behind in the store's
+    # last reading, as another machine's could. Kept after the failover (RESYNC is 30 s), it
+    # would judge the new primary's leases and expiries an hour off.
+    store = PostgresStore(pg_standby.dsn, table=f"t_{uuid.uuid4().hex}")
+    loop = asyncio.new_event_loop()
+    try:
+        if mode == "sync":
+
+            def reading() -> float:
+                return store.time()
+
+            def statement() -> object:
+                return store.get("k")
+
+        else:
+
+            def reading() -> float:
+                return loop.run_until_complete(store.atime())
+
+            def statement() -> object:
+                return loop.run_until_complete(store.aget("k"))
+
+        statement()
+        assert abs(reading() - server_now(pg_standby)) < PATIENCE
+        synced = store._clock._synced
+        assert synced is not None
+        store._clock._synced = (synced[0] - 3600, synced[1])
+        assert reading() < server_now(pg_standby) - 3000  # the old primary's skewed reading
+
+        pg_standby.fail()
+        pg_standby.promote()
+
+        assert until_reached(statement)[1] == 0
+        assert abs(reading() - server_now(pg_standby)) < PATIENCE
+    finally:
+        loop.run_until_complete(store.aclose())
+        loop.close()
+        store.close()
+
+
+def test_a_connection_string_naming_a_primary_and_its_standby() -> None:
+    store = PostgresStore(
+        "postgresql://app@db1:5432,db2:5433/orders?target_session_attrs=read-write"
+    )
+    assert store.server == "postgresql://app@db1:5432,db2:5433/orders"
+    assert repr(store) == (
+        "PostgresStore('postgresql://app@db1:5432,db2:5433/orders', table='idemfn_records')"
+    )
+    one_port = PostgresStore("host=db1,db2 port=6432 user=app dbname=orders")
+    assert one_port.server == "postgresql://app@db1:6432,db2:6432/orders"
+    sockets = PostgresStore("host=/run/a,/run/b user=app dbname=orders")
+    assert sockets.server == "postgresql://app@/run/a,/run/b/orders"
