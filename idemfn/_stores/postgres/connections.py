@@ -101,9 +101,8 @@ class _Attempts:
         self.error: BaseException | None = None
 
 
-def _recording(attempts: _Attempts, connected: Callable[[], None]) -> type[psycopg.Connection[Any]]:
-    """A connection class that notes in ``attempts`` how each connection attempt ended, and
-    calls ``connected()`` after each new connection (the store's clock: see ``_new_server``)."""
+def _recording(attempts: _Attempts) -> type[psycopg.Connection[Any]]:
+    """A connection class that notes in ``attempts`` how each connection attempt ended."""
     import psycopg
 
     class Connection(psycopg.Connection[Any]):
@@ -115,7 +114,6 @@ def _recording(attempts: _Attempts, connected: Callable[[], None]) -> type[psyco
                 attempts.error = exc
                 raise
             attempts.connected, attempts.error = True, None
-            connected()
             return conn
 
     return Connection
@@ -132,8 +130,15 @@ class _LoopPool:
     caller cancels its own connect, and the pool owns no task.
     """
 
-    def __init__(self, connect: Callable[[], Any], max_size: int, busy_wait: float) -> None:
+    def __init__(
+        self,
+        connect: Callable[[], Any],
+        max_size: int,
+        busy_wait: float,
+        dropped: Callable[[], None] = lambda: None,
+    ) -> None:
         self._connect = connect  # a new connection (awaitable), or _NoConnection
+        self._dropped = dropped  # called for each idle connection its server dropped
         self.max_size = max_size
         self._busy_wait = busy_wait
         self._idle: list[Any] = []
@@ -152,8 +157,10 @@ class _LoopPool:
         while True:
             while self._idle:
                 conn = self._idle.pop()
-                if not conn.closed and not _dropped(conn):
-                    return conn
+                if not conn.closed:
+                    if not _dropped(conn):
+                        return conn
+                    self._dropped()
                 _finish(conn)
                 self.cursors.pop(conn, None)
                 self._size -= 1

@@ -300,11 +300,11 @@ class PostgresStore(Store):
             if owner is pool and not _dropped(conn):
                 return conn, _cursor(pool, conn) if cur is None else cur, since
             if owner is pool:
-                _finish(conn)  # dropped by its server (see _dropped): the pool discards it
+                self._lost(conn)  # dropped by its server (see _dropped)
             owner.putconn(conn)  # of a pool closed since: it closes it
         conn = self._getconn(pool)
         while _dropped(conn):  # each one the server dropped, as the spares
-            _finish(conn)
+            self._lost(conn)
             pool.putconn(conn)
             conn = self._getconn(pool)
         return conn, _cursor(pool, conn), time.monotonic()
@@ -354,7 +354,7 @@ class PostgresStore(Store):
         try:
             conn = await pool.getconn(timeout=self.connect_timeout)
             while _dropped(conn):  # (see _checkout)
-                _finish(conn)
+                self._lost(conn)
                 await pool.putconn(conn)
                 conn = await pool.getconn(timeout=self.connect_timeout)
             return conn
@@ -364,6 +364,12 @@ class PostgresStore(Store):
             return await pool.getconn(timeout=rest)
         except self._pool_timeout:
             raise self._none_free(pool, rest, "AsyncConnectionPool") from None
+
+    def _lost(self, conn: Any) -> None:
+        """Close ``conn``, which its server dropped (its pool then discards it), and read the
+        server's clock again: the next connection may reach another server (see _failed)."""
+        _finish(conn)
+        self._clock.forget()
 
     def _longer(self, pool: Any, attempts: _Attempts | None) -> float:
         """After no connection came within ``connect_timeout``: how much longer to wait, when
@@ -427,7 +433,7 @@ class PostgresStore(Store):
                         min_size=1,
                         max_size=_MAX_CONNECTIONS,
                         open=False,
-                        connection_class=_recording(self._attempts, self._clock.forget),
+                        connection_class=_recording(self._attempts),
                         timeout=BUSY_POOL_WAIT,
                         kwargs=self._own_pool_kwargs(),
                         name=f"idemfn {self.server}",
@@ -510,7 +516,9 @@ class PostgresStore(Store):
                         )
                     side.pool = self._given_apool
                 else:
-                    side.pool = _LoopPool(self._aconnect, _MAX_CONNECTIONS, BUSY_POOL_WAIT)
+                    side.pool = _LoopPool(
+                        self._aconnect, _MAX_CONNECTIONS, BUSY_POOL_WAIT, self._clock.forget
+                    )
             if side.ready:
                 return
             if self._made_by != os.getpid():  # (the sync pool, or another loop, made them)
@@ -538,13 +546,11 @@ class PostgresStore(Store):
         pause = 0.05
         while True:  # tried again until connect_timeout, as the sync pool does: a restart
             try:
-                conn = await within(
+                return await within(
                     psycopg.AsyncConnection.connect(conninfo, **kwargs),
                     max(give_up - time.monotonic(), 0.001),
                     dispose=_finish,  # connected as the caller was cancelled: not its own
                 )
-                self._clock.forget()  # it may reach another server (see _failed)
-                return conn
             except asyncio.TimeoutError:
                 why = "the server did not answer"
                 break
@@ -610,8 +616,7 @@ class PostgresStore(Store):
     def _failed(self, action: str, key: str | None, exc: BaseException) -> StoreError:
         # The server may be gone, and the next connection reach another (a failover to a
         # standby: another machine, another clock): the store's clock is read again from
-        # whichever server answers next (issue 19). New connections of the store's pools do
-        # the same (_recording, _aconnect); errors cover a given pool's.
+        # whichever server answers next (issue 19), as after a connection found dropped (_lost).
         self._clock.forget()
         if key is None:
             return StoreError(f"{self!r} could not {action}: {_cause(exc)}")
@@ -922,6 +927,8 @@ class PostgresStore(Store):
             try:
                 conn = renewer.conn
                 if conn is None or conn.closed or _dropped(conn):
+                    if conn is not None and not conn.closed:
+                        self._clock.forget()  # (as _lost)
                     renewer.drop()
                     conn = renewer.conn = self._connect_for_renewals()
                 # READ COMMITTED whatever the server's default: a renewal reads the record's
