@@ -15,7 +15,9 @@ After the last, the callers stop and the new primary's table is read:
 - duplicate runs: every key is then called once more, and each body that runs again counts
   (a lost record lets a second caller run it);
 - calls failed: ``StoreError`` from calls under way when the primary stopped, or started before
-  the promotion; recovery: from the stop to the first call the new primary acknowledged.
+  the promotion; unrecorded: calls that returned their value but could not write their outcome
+  (logged; the key halts once its lease runs out); recovery: from the stop to the first call
+  the new primary acknowledged.
 
 Then the first-call latency with the standby synchronous against asynchronous, one caller, on
 one pair. ``GuaranteeBroken`` if synchronous replication lost an acknowledged record or ran a
@@ -42,12 +44,22 @@ from tests.support.deployments.pg_standby import PgStandby
 ROOT = Path(__file__).resolve().parents[2]
 
 # A caller: a new key after another until the stop file exists; its log, one line a call:
-# "<monotonic> <key> ok|fail". The body appends its key to the runs file (O_APPEND).
+# "<monotonic> <key> ok|unrecorded|fail" (unrecorded: the call returned its value, but its
+# outcome could not be written). The body appends its key to the runs file (O_APPEND).
 CALLER = textwrap.dedent("""
     import logging, os, sys, time
     from idemfn import PostgresStore, StoreError, idempotent
 
     logging.getLogger("psycopg").setLevel(logging.CRITICAL)  # counted, not printed
+    unrecorded = []
+
+    class Told(logging.Handler):
+        def emit(self, record):
+            if "could not be recorded" in record.getMessage():
+                unrecorded.append(1)
+
+    logging.getLogger("idemfn").addHandler(Told())
+    logging.getLogger("idemfn").propagate = False  # counted, not printed
 
     dsn, table, runs, log, stop, me = sys.argv[1:7]
     store = PostgresStore(dsn, table=table)
@@ -66,7 +78,10 @@ CALLER = textwrap.dedent("""
             i += 1
             try:
                 n(k)
-                out.write(f"{time.monotonic()} {k} ok\\n")
+                # A returned call whose outcome did not land (logged): not acknowledged.
+                said = "unrecorded" if unrecorded else "ok"
+                unrecorded.clear()
+                out.write(f"{time.monotonic()} {k} {said}\\n")
             except StoreError:
                 out.write(f"{time.monotonic()} {k} fail\\n")
 """)
@@ -89,6 +104,7 @@ class _Run:
         self.promotions = 0
         self.acked = 0
         self.failed = 0
+        self.unrecorded = 0
         self.outcomes_lost = 0
         self.claims_lost = 0
         self.duplicates = 0
@@ -142,6 +158,7 @@ def _failovers(
         log = _log(directory)
         figures.acked = sum(1 for _, _, what in log if what == "ok")
         figures.failed = sum(1 for _, _, what in log if what == "fail")
+        figures.unrecorded = sum(1 for _, _, what in log if what == "unrecorded")
         for stopped, promoted in stops:
             back = [t for t, _, what in log if what == "ok" and t > promoted]
             if back:
@@ -223,7 +240,7 @@ def run(quick: bool) -> list[str]:
     promotions, workers, between = (1, 2, 50) if quick else (10, 4, 300)
     rows = []
     header = (
-        f"{'replication':<13} {'promotions':>10} {'acked':>7} {'failed':>6}"
+        f"{'replication':<13} {'promotions':>10} {'acked':>7} {'failed':>6} {'unrecorded':>10}"
         f" {'outcomes lost':>13} {'claims lost':>11} {'dup runs':>8} {'recovery ms':>17}"
     )
     print(f"{workers} caller processes on fresh keys, 2 cores shared with both servers")
@@ -242,7 +259,8 @@ def run(quick: bool) -> list[str]:
             else "-"
         )
         row = (
-            f"{name:<13} {f.promotions:>10} {f.acked:>7} {f.failed:>6} {f.outcomes_lost:>13}"
+            f"{name:<13} {f.promotions:>10} {f.acked:>7} {f.failed:>6} {f.unrecorded:>10}"
+            f" {f.outcomes_lost:>13}"
             f" {f.claims_lost:>11} {f.duplicates:>8} {recovery:>17}"
         )
         print(row, flush=True)

@@ -19,9 +19,12 @@ child), never for a time.
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +34,7 @@ import pytest
 
 from idemfn import AlreadyRunning, PostgresStore, Status, StoreError, idempotent
 from tests.support.deployments.pg_standby import PgStandby
+from tests.support.servers import PostgresServer
 
 pytestmark = pytest.mark.slow
 
@@ -287,3 +291,141 @@ def test_a_connection_string_naming_a_primary_and_its_standby() -> None:
     assert one_port.server == "postgresql://app@db1:6432,db2:6432/orders"
     sockets = PostgresStore("host=/run/a,/run/b user=app dbname=orders")
     assert sockets.server == "postgresql://app@/run/a,/run/b/orders"
+
+
+# A statement whose connection is lost under it (the server went: a failover, a restart) is
+# sent once more on a connection that reaches a server now; refused then, it had landed if the
+# row is exactly what it wrote. Before, the owner's outcome was "not recorded" (its key halted
+# once its lease ran out, or with on_abandoned="retry" ran again), and a claim failed. Each
+# case is made deterministic: the statement waits (on a row lock, or for the synchronous
+# standby) until its backend is terminated, which ends its connection as a failover does.
+
+
+def backend(dsn: str, *, waiting_on: str, query: str, other_than: int = 0) -> int:
+    """The pid of a backend running ``query`` (a LIKE pattern) that waits on ``waiting_on``
+    (a wait event type or name), once there is one."""
+    import psycopg
+
+    give_up = time.monotonic() + PATIENCE
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while True:
+            rows = conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE query LIKE %s AND pid <> %s"
+                " AND (wait_event_type = %s OR wait_event = %s)",
+                (query, other_than, waiting_on, waiting_on),
+            ).fetchall()
+            if rows:
+                return int(rows[0][0])
+            assert time.monotonic() < give_up, f"no backend waiting on {waiting_on}: {query}"
+            time.sleep(0.01)
+
+
+def terminate(dsn: str, pid: int) -> None:
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:  # (returns once the backend is gone)
+        assert conn.execute("SELECT pg_terminate_backend(%s, 60000)", (pid,)).fetchone() == (True,)
+
+
+def test_an_outcome_whose_connection_is_lost_before_it_lands_is_written_again(
+    postgres_server: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    import psycopg
+
+    dsn, table = postgres_server.dsn, f"t_{uuid.uuid4().hex}"
+    store = PostgresStore(dsn, table=table)
+    locker = psycopg.connect(dsn)  # holds the record's row while the outcome is written
+    done = threading.Event()
+
+    def lose_the_first_write() -> None:
+        first = backend(dsn, waiting_on="Lock", query=f'%UPDATE "{table}" %')
+        terminate(dsn, first)
+        backend(dsn, waiting_on="Lock", query=f'%UPDATE "{table}" %', other_than=first)
+        locker.rollback()  # the write sent again goes through
+        done.set()
+
+    @idempotent(key="k", name="lost", store=store)
+    def body() -> str:
+        locker.execute(f"SELECT 1 FROM {table} WHERE key = 'lost:k' FOR UPDATE")
+        threading.Thread(target=lose_the_first_write, daemon=True).start()
+        return "value"
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="idemfn"):
+            assert body() == "value"
+        assert done.is_set()
+        assert "could not be recorded" not in caplog.text
+        entry = store.get("lost:k")
+        assert entry is not None and entry.status == Status.OK.value  # recorded, not halted
+    finally:
+        locker.close()
+        store.close()
+
+
+def test_a_claim_whose_connection_is_lost_before_it_lands_is_made_again(
+    postgres_server: PostgresServer,
+) -> None:
+    import psycopg
+
+    dsn, table = postgres_server.dsn, f"t_{uuid.uuid4().hex}"
+    store = PostgresStore(dsn, table=table)
+    store.get("made")  # the table
+    rival = psycopg.connect(dsn)  # an insert of the key, uncommitted: the claim waits for it
+    rival.execute(f"INSERT INTO {table} (key, live, token, entry) VALUES ('lost:k', 'x', 'x', '')")
+
+    def lose_the_first_claim() -> None:
+        first = backend(dsn, waiting_on="Lock", query=f'%INSERT INTO "{table}" %')
+        terminate(dsn, first)
+        backend(dsn, waiting_on="Lock", query=f'%INSERT INTO "{table}" %', other_than=first)
+        rival.rollback()
+
+    runs = []
+
+    @idempotent(key="k", name="lost", store=store)
+    def body() -> str:
+        runs.append(1)
+        return "value"
+
+    helper = threading.Thread(target=lose_the_first_claim, daemon=True)
+    helper.start()
+    try:
+        assert body() == "value" and runs == [1]  # claimed (before: StoreError)
+        helper.join(PATIENCE)
+        assert body() == "value" and runs == [1]
+    finally:
+        rival.close()
+        store.close()
+
+
+def test_an_outcome_that_landed_as_its_connection_was_lost_is_not_written_twice(
+    pg_standby: PgStandby, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Synchronous replication: a commit waits for the standby; cut off, the outcome's UPDATE
+    # has committed on the primary and waits. Its backend terminated, the client hears only
+    # that the connection went: the write is sent again, refused by the fence (the claim is
+    # finished), and counted as landed since the row holds exactly the entry it wrote.
+    table = f"t_{uuid.uuid4().hex}"
+    store = PostgresStore(pg_standby.dsn, table=table)
+    dsn = pg_standby.primary.dsn
+
+    def lose_the_answer() -> None:
+        terminate(dsn, backend(dsn, waiting_on="SyncRep", query=f'%UPDATE "{table}" %'))
+
+    helper = threading.Thread(target=lose_the_answer, daemon=True)
+
+    @idempotent(key="k", name="landed", store=store)
+    def body() -> str:
+        pg_standby.detach()  # from now on, every commit waits
+        helper.start()
+        return "value"
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="idemfn"):
+            assert body() == "value"
+        helper.join(PATIENCE)
+        assert not helper.is_alive()
+        assert "could not be recorded" not in caplog.text
+        rows = pg_standby.primary.query(f"SELECT live FROM {table} WHERE key = 'landed:k'")
+        assert rows == [(None,)]  # finished
+    finally:
+        store.close()

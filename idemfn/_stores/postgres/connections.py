@@ -86,6 +86,23 @@ def _dropped(conn: Any) -> bool:
         return True
 
 
+def _connection_lost(exc: BaseException) -> bool:
+    """Whether the ``StoreError`` ``exc`` came from a connection lost under its statement (the
+    server went: a failover, a restart, a terminated backend), not from the statement itself,
+    nor from no connection at all: the statement may or may not have landed."""
+    import psycopg
+    import psycopg_pool
+
+    cause = exc.__cause__
+    return (
+        isinstance(cause, psycopg.OperationalError)
+        and not isinstance(cause, psycopg_pool.PoolTimeout)
+        # None: libpq's own (the socket closed); 57P..: the server's goodbye (shut down,
+        # crashed, terminated).
+        and (cause.sqlstate is None or cause.sqlstate.startswith("57P"))
+    )
+
+
 class _NoConnection(Exception):
     """No connection in time; the message says why, for ``StoreError``."""
 

@@ -38,6 +38,7 @@ from .connections import (
     DEFAULT_CONNECT_TIMEOUT,
     _Attempts,
     _cause,
+    _connection_lost,
     _describe,
     _dropped,
     _finish,
@@ -809,7 +810,10 @@ class PostgresStore(Store):
     def _claim(self, entry: Entry) -> _Steps[Entry | None]:
         row = self._row(entry)
         while True:
-            if (yield _Query("claim", entry.key, self._sql["claim"], row)) == 1:
+            claimed, again = yield from self._resent(
+                _Query("claim", entry.key, self._sql["claim"], row)
+            )
+            if claimed == 1:
                 return None
             # Refused: a row holds the key. Read it: one more round trip when the key is taken
             # (rare on the engine's path, which read the key first), none when the claim wins.
@@ -817,6 +821,8 @@ class PostgresStore(Store):
             if rows:
                 found = rows[0][0]
                 live = self.decode(entry.key, found)
+                if again and live.status == "processing" and live.token == entry.token:
+                    return None  # the claim sent before the connection was lost landed
                 if live.status == "processing":
                     return (yield from self._lease_of(live))
                 if not live.is_expired((yield _NOW)):
@@ -855,9 +861,7 @@ class PostgresStore(Store):
         if entry.status == "processing":
             # A takeover (or a rewrite): its lease row goes, since the entry written holds its
             # lease. Not a settle: nobody is woken.
-            if (yield _Query("update", key, self._sql["take"], row)) == 1:
-                return True
-            return (yield from self._refused(key, token, None))
+            return (yield from self._fenced(key, token, self._sql["take"], row))
         current = _transaction.get()
         if (
             current is not None
@@ -876,9 +880,37 @@ class PostgresStore(Store):
         # The lease row of a claim this process renewed goes as it ends; else the write costs
         # what it did before lease rows (a claim another process renewed leaves one for prune).
         tidy = bool(self._leased) and self._leased.pop(key, None) is not None
-        if (yield _Query("update", key, self._sql["swap_tidy" if tidy else "swap"], row)) == 1:
+        return (
+            yield from self._fenced(key, token, self._sql["swap_tidy" if tidy else "swap"], row)
+        )
+
+    def _fenced(self, key: str, token: str, query: str, row: dict[str, Any]) -> _Steps[bool]:
+        """Write ``row`` over ``key``'s claim ``token`` with ``query`` (an UPDATE fenced on
+        ``live = token``), outside a transaction: whether it landed. Sent again once when the
+        connection was lost under it (``_resent``); refused then, it had landed if the row is
+        exactly the one written (its entry holds its token: no other caller writes it)."""
+        updated, again = yield from self._resent(_Query("update", key, query, row))
+        if updated == 1:
             return True
+        if again:
+            rows = yield _Query("update", key, self._sql["fence"], (key,))
+            if rows and rows[0][0] == row["live"] and bytes(rows[0][1]) == row["entry"]:
+                return True
         return (yield from self._refused(key, token, None))
+
+    def _resent(self, query: _Query) -> _Steps[tuple[Any, bool]]:
+        """``query``'s answer, and whether it was sent twice: once more when the connection it
+        went on was lost under it (the server went: a failover to a standby, a restart), on
+        the connection that reaches a server now. The first may have landed or not: the
+        caller tells which (issue 19). Failed before, an owner's outcome in flight as the
+        primary went was not recorded, and its key halted (or, ``on_abandoned="retry"``, ran
+        again); a claim was left with no one to run it."""
+        try:
+            return (yield query), False
+        except StoreError as exc:
+            if not _connection_lost(exc):
+                raise
+        return (yield query), True
 
     def _refused(self, key: str, token: str, conn: Any) -> _Steps[bool]:
         """After ``swap`` on ``token`` updated no row: False (the claim is lost), unless the

@@ -199,8 +199,9 @@ class PgStandby:
     def detach(self) -> None:
         """Cut the standby off its primary (its WAL receiver stopped, and gone from the
         primary's ``pg_stat_replication``): whatever the primary commits from now on never
-        reaches it. Asynchronous replication only: a synchronous primary's commits would wait."""
-        assert self.standby is not None and not self.synchronous
+        reaches it. A synchronous primary's commits then wait (for ever: a test's way to hold
+        a commit that has landed on the primary)."""
+        assert self.standby is not None
         standby = self.standby
         standby.query("ALTER SYSTEM SET primary_conninfo = ''")
         standby.query("SELECT pg_reload_conf()")
