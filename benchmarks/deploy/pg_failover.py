@@ -44,11 +44,12 @@ from tests.support.deployments.pg_standby import PgStandby
 ROOT = Path(__file__).resolve().parents[2]
 
 # A caller: a new key after another until the stop file exists; its log, one line a call:
-# "<monotonic> <key> ok|unrecorded|fail" (unrecorded: the call returned its value, but its
-# outcome could not be written). The body appends its key to the runs file (O_APPEND).
+# "<monotonic> <key> ok|unrecorded|fail|lost" (unrecorded: the call returned its value, but its
+# outcome could not be written; lost: OwnershipLost, its claim gone in the failover). The body
+# appends its key to the runs file (O_APPEND).
 CALLER = textwrap.dedent("""
     import logging, os, sys, time
-    from idemfn import PostgresStore, StoreError, idempotent
+    from idemfn import OwnershipLost, PostgresStore, StoreError, idempotent
 
     logging.getLogger("psycopg").setLevel(logging.CRITICAL)  # counted, not printed
     unrecorded = []
@@ -84,6 +85,8 @@ CALLER = textwrap.dedent("""
                 out.write(f"{time.monotonic()} {k} {said}\\n")
             except StoreError:
                 out.write(f"{time.monotonic()} {k} fail\\n")
+            except OwnershipLost:  # its claim was lost in the failover (asynchronous)
+                out.write(f"{time.monotonic()} {k} lost\\n")
 """)
 
 

@@ -403,13 +403,19 @@ def test_an_outcome_that_landed_as_its_connection_was_lost_is_not_written_twice(
     # Synchronous replication: a commit waits for the standby; cut off, the outcome's UPDATE
     # has committed on the primary and waits. Its backend terminated, the client hears only
     # that the connection went: the write is sent again, refused by the fence (the claim is
-    # finished), and counted as landed since the row holds exactly the entry it wrote.
+    # finished), and counted as landed since the row holds exactly the entry it wrote, once
+    # the standby has it (that reading waits for the standby, as a write does).
     table = f"t_{uuid.uuid4().hex}"
     store = PostgresStore(pg_standby.dsn, table=table)
     dsn = pg_standby.primary.dsn
 
     def lose_the_answer() -> None:
-        terminate(dsn, backend(dsn, waiting_on="SyncRep", query=f'%UPDATE "{table}" %'))
+        try:
+            terminate(dsn, backend(dsn, waiting_on="SyncRep", query=f'%UPDATE "{table}" %'))
+            # The write sent again finds it landed, and waits until the standby has it.
+            backend(dsn, waiting_on="SyncRep", query="%SET entry = entry%")
+        finally:
+            pg_standby.reattach()  # (also when the above failed: the caller waits till then)
 
     helper = threading.Thread(target=lose_the_answer, daemon=True)
 
@@ -427,5 +433,9 @@ def test_an_outcome_that_landed_as_its_connection_was_lost_is_not_written_twice(
         assert "could not be recorded" not in caplog.text
         rows = pg_standby.primary.query(f"SELECT live FROM {table} WHERE key = 'landed:k'")
         assert rows == [(None,)]  # finished
+        pg_standby.caught_up()
+        assert pg_standby.standby is not None
+        rows = pg_standby.standby.query(f"SELECT live FROM {table} WHERE key = 'landed:k'")
+        assert rows == [(None,)]  # and on the standby
     finally:
         store.close()

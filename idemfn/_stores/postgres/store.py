@@ -892,10 +892,10 @@ class PostgresStore(Store):
         updated, again = yield from self._resent(_Query("update", key, query, row))
         if updated == 1:
             return True
-        if again:
-            rows = yield _Query("update", key, self._sql["fence"], (key,))
-            if rows and rows[0][0] == row["live"] and bytes(rows[0][1]) == row["entry"]:
-                return True
+        # Landed, it may not be on a synchronous standby yet (the wait for it went with the
+        # connection): the "landed" statement's commit waits until it is.
+        if again and (yield _Query("update", key, self._sql["landed"], row)) == 1:
+            return True
         return (yield from self._refused(key, token, None))
 
     def _resent(self, query: _Query) -> _Steps[tuple[Any, bool]]:

@@ -140,6 +140,7 @@ class PgStandby:
         self.primary: PgNode = a
         self.standby: PgNode | None = None
         self.promotions = 0
+        self._conninfo = ""  # the standby's primary_conninfo while detached
         try:
             a.initdb()
             a.start()
@@ -203,6 +204,7 @@ class PgStandby:
         a commit that has landed on the primary)."""
         assert self.standby is not None
         standby = self.standby
+        self._conninfo = str(standby.query("SHOW primary_conninfo")[0][0])
         standby.query("ALTER SYSTEM SET primary_conninfo = ''")
         standby.query("SELECT pg_reload_conf()")
         _wait(
@@ -212,6 +214,20 @@ class PgStandby:
             ),
             "the WAL receiver gone",
         )
+
+    def reattach(self) -> None:
+        """Undo ``detach()``: the standby streams from its primary again (and catches up)."""
+        assert self.standby is not None
+        standby = self.standby
+        from psycopg import sql
+
+        standby.query(
+            sql.SQL("ALTER SYSTEM SET primary_conninfo = {}")
+            .format(sql.Literal(self._conninfo))
+            .as_string(None)
+        )
+        standby.query("SELECT pg_reload_conf()")
+        _wait(lambda: self._streaming(standby.name), f"standby {standby.name} streaming again")
 
     # The failover.
     def fail(self) -> None:
