@@ -138,7 +138,9 @@ class PostgresStore(Store):
     settle that nobody waits for sends no ``NOTIFY``.
 
     Args:
-        dsn_or_pool: A connection string or URL (``postgresql://…``); or a
+        dsn_or_pool: A connection string or URL (``postgresql://…``; one that names a
+            primary and its standby, ``postgresql://app@db1,db2/app?target_session_attrs=
+            read-write``, reaches whichever is the primary, also after a failover); or a
             ``psycopg_pool.ConnectionPool`` the caller already has (the store never closes
             it; async callers get pools of their own made with its ``conninfo`` and
             ``kwargs``); or a ``psycopg_pool.AsyncConnectionPool``, which serves async calls
