@@ -49,6 +49,7 @@ from tests.support.stores import STORES, Make, Runner, StoreClock, make_store
 # The session's servers (redis_server, postgres_server) are fixtures of tests/support/servers.py.
 pytest_plugins = [
     "tests.support.servers",
+    "tests.support.deployments.pg_standby",
     "tests.support.deployments.pgbouncer",
     "tests.support.deployments.redis_cluster",
     "tests.support.deployments.redis_replicated",

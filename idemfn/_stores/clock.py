@@ -3,10 +3,14 @@
 The server's time is read when the store is first used and then every ``RESYNC`` seconds, and
 advanced in between with this process's monotonic clock: a client whose wall clock is skewed,
 or jumps, reads the server's time all the same.
+
+A store whose server may change under it (a failover to a standby, another machine with its own
+clock) calls ``forget()`` when it may have: the next reading is the new server's (issue 19).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -58,6 +62,15 @@ class ServerClock:
         after = time.monotonic()
         self._synced = synced = (server, (before + after) / 2)
         return synced[0] + (time.monotonic() - synced[1])
+
+    def forget(self) -> None:
+        """Read the server's clock again at the next ``now()``/``anow()``: the store may reach
+        another server from now on (a connection was lost, or a new one made), whose clock is
+        not the last one read. Not a first reading: ``read`` gets ``first`` False."""
+        synced = self._synced
+        if synced is not None:
+            # Stamped long ago rather than dropped: the readings' one test (its age) sees it due.
+            self._synced = (synced[0], -math.inf)
 
     def _sync(self) -> tuple[float, float]:
         if self._pid != os.getpid():

@@ -67,6 +67,17 @@ state: nothing is prepared, and watches are the default ones, polled (no LISTEN,
 Transaction-scoped locks (the settles' ``pg_try_advisory_xact_lock``, the setup's
 ``pg_advisory_xact_lock``) end with their transaction, and stay.
 
+Failover to a standby (issue 19): a connection string may name a primary and its standby
+(``host=a,b target_session_attrs=read-write``); libpq connects to whichever accepts writes. An
+idle connection the server dropped (a failover, a restart, a terminated backend) has input
+waiting, which an idle connection never has otherwise: it is seen with one ``poll`` at check-out
+(``_dropped``) and replaced before a statement is sent on it. A claim or a settling write whose
+connection is lost under it is sent once more (``_resent``): a claim refused then is this
+caller's if the row holds its token, a settling write landed if the row is exactly the one it
+wrote (confirmed by a write of the same row, whose commit waits for a synchronous standby:
+``_fenced``). Each lost or dropped connection makes the store read the server's clock again
+(``ServerClock.forget``): the next server may be another machine.
+
 The package, a module at a time (each says what it holds):
 
 - ``store.py``: ``PostgresStore`` itself (its pools, primitives, transactions, renewals, watches).

@@ -10,6 +10,7 @@ import collections
 import contextlib
 import math
 import os
+import select
 import threading
 import time
 import weakref
@@ -71,6 +72,38 @@ class _Renewer:
                 conn.close()
 
 
+def _dropped(conn: Any) -> bool:
+    """Whether the idle connection ``conn`` (sync or async) has been dropped by its server: it
+    has input waiting (the server's goodbye, or end of file), which an idle connection never
+    has otherwise. A failover, a restart or ``pg_terminate_backend`` drops every connection: a
+    statement sent on one failed, and an owner's outcome written on one was not recorded (issue
+    19). One ``poll`` (~1 µs), no round trip; a server that vanished without a word is not
+    seen (its statement fails, as before)."""
+    try:
+        probe = select.poll()
+        probe.register(conn.pgconn.socket, select.POLLIN)
+        return bool(probe.poll(0))
+    except Exception:  # no socket: closed, or broken
+        return True
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """Whether the ``StoreError`` ``exc`` came from a connection lost under its statement (the
+    server went: a failover, a restart, a terminated backend), not from the statement itself,
+    nor from no connection at all: the statement may or may not have landed."""
+    import psycopg
+    import psycopg_pool
+
+    cause = exc.__cause__
+    return (
+        isinstance(cause, psycopg.OperationalError)
+        and not isinstance(cause, psycopg_pool.PoolTimeout)
+        # None: libpq's own (the socket closed); 57P..: the server's goodbye (shut down,
+        # crashed, terminated).
+        and (cause.sqlstate is None or cause.sqlstate.startswith("57P"))
+    )
+
+
 class _NoConnection(Exception):
     """No connection in time; the message says why, for ``StoreError``."""
 
@@ -115,8 +148,15 @@ class _LoopPool:
     caller cancels its own connect, and the pool owns no task.
     """
 
-    def __init__(self, connect: Callable[[], Any], max_size: int, busy_wait: float) -> None:
+    def __init__(
+        self,
+        connect: Callable[[], Any],
+        max_size: int,
+        busy_wait: float,
+        dropped: Callable[[], None] = lambda: None,
+    ) -> None:
         self._connect = connect  # a new connection (awaitable), or _NoConnection
+        self._dropped = dropped  # called for each idle connection its server dropped
         self.max_size = max_size
         self._busy_wait = busy_wait
         self._idle: list[Any] = []
@@ -136,7 +176,10 @@ class _LoopPool:
             while self._idle:
                 conn = self._idle.pop()
                 if not conn.closed:
-                    return conn
+                    if not _dropped(conn):
+                        return conn
+                    self._dropped()
+                _finish(conn)
                 self.cursors.pop(conn, None)
                 self._size -= 1
             if self._size < self.max_size:
@@ -324,9 +367,20 @@ def _cause(exc: BaseException) -> str:
 
 
 def _describe(info: dict[str, Any]) -> str:
-    host = info.get("host") or "localhost"
-    port = info.get("port") or "5432"
     user = info.get("user") or ""
     db = info.get("dbname") or user or ""
-    where = f"{host}:{port}" if not str(host).startswith("/") else str(host)
-    return f"postgresql://{user + '@' if user else ''}{where}/{db}"
+    return f"postgresql://{user + '@' if user else ''}{_hosts(info)}/{db}"
+
+
+def _hosts(info: dict[str, Any]) -> str:
+    """``host:port`` (a socket directory alone), comma-separated for a connection string that
+    lists several hosts (``host=a,b port=5432,5433``, a primary and its standby: issue 19), each
+    with its own port, or the one port given for all, as libpq pairs them."""
+    hosts = str(info.get("host") or "localhost").split(",")
+    ports = str(info.get("port") or "5432").split(",")
+    if len(ports) != len(hosts):
+        ports = [ports[0]] * len(hosts)  # libpq: one port for every host
+    return ",".join(
+        h if h.startswith("/") else f"{h or 'localhost'}:{p or '5432'}"
+        for h, p in zip(hosts, ports, strict=True)
+    )

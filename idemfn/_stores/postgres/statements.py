@@ -140,6 +140,11 @@ def _statements(table: str, leases: str) -> dict[str, str]:
         "stale": f"SELECT key FROM {t} WHERE drop_at IS NOT NULL AND drop_at < {now}"
         " AND live IS NOT NULL OR live IS NULL AND drop_at IS DISTINCT FROM expires_at",
         "fence": f"SELECT live, entry FROM {t} WHERE key = %s",
+        # Whether the row is exactly the one written (a write sent again after its connection
+        # was lost: _fenced). A write of the same values, not a read: its commit waits, as
+        # every write's, for a synchronous standby to have everything before it.
+        "landed": f"UPDATE {t} SET entry = entry WHERE key = %(key)s AND live IS NOT DISTINCT"
+        " FROM %(live)s AND entry = %(entry)s",
         "delete_row": f"DELETE FROM {t} WHERE key = %s AND entry = %s",
         "prune_leases": f"DELETE FROM {lt} l WHERE l.lease_until < {now} AND NOT EXISTS"
         f" (SELECT FROM {t} r WHERE r.key = l.key AND r.live = l.token)",

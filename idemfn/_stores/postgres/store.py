@@ -40,7 +40,9 @@ from .connections import (
     DEFAULT_CONNECT_TIMEOUT,
     _Attempts,
     _cause,
+    _connection_lost,
     _describe,
+    _dropped,
     _finish,
     _LoopPool,
     _NoConnection,
@@ -147,7 +149,9 @@ class PostgresStore(Store):
     being woken (see ``docs/stores/postgres.md``, "Behind PgBouncer").
 
     Args:
-        dsn_or_pool: A connection string or URL (``postgresql://…``); or a
+        dsn_or_pool: A connection string or URL (``postgresql://…``; one that names a
+            primary and its standby, ``postgresql://app@db1,db2/app?target_session_attrs=
+            read-write``, reaches whichever is the primary, also after a failover); or a
             ``psycopg_pool.ConnectionPool`` the caller already has (the store never closes
             it; async callers get pools of their own made with its ``conninfo`` and
             ``kwargs``); or a ``psycopg_pool.AsyncConnectionPool``, which serves async calls
@@ -326,10 +330,16 @@ class PostgresStore(Store):
                 conn, cur, owner, since = spares.pop()
             except IndexError:  # another thread took the last one
                 break
-            if owner is pool:
+            if owner is pool and not _dropped(conn):
                 return conn, _cursor(pool, conn) if cur is None else cur, since
+            if owner is pool:
+                self._lost(conn)  # dropped by its server (see _dropped)
             owner.putconn(conn)  # of a pool closed since: it closes it
         conn = self._getconn(pool)
+        while _dropped(conn):  # each one the server dropped, as the spares
+            self._lost(conn)
+            pool.putconn(conn)
+            conn = self._getconn(pool)
         return conn, _cursor(pool, conn), time.monotonic()
 
     def _checkin(
@@ -373,15 +383,26 @@ class PostgresStore(Store):
     async def _agetconn(self, pool: Any) -> Any:
         """``_getconn`` for this loop's pool (a ``_LoopPool``, or a given async pool)."""
         if isinstance(pool, _LoopPool):
-            return await pool.getconn()
+            return await pool.getconn()  # (which skips the connections dropped: _dropped)
         try:
-            return await pool.getconn(timeout=self.connect_timeout)
+            conn = await pool.getconn(timeout=self.connect_timeout)
+            while _dropped(conn):  # (see _checkout)
+                self._lost(conn)
+                await pool.putconn(conn)
+                conn = await pool.getconn(timeout=self.connect_timeout)
+            return conn
         except self._pool_timeout:
             rest = self._longer(pool, None)
         try:
             return await pool.getconn(timeout=rest)
         except self._pool_timeout:
             raise self._none_free(pool, rest, "AsyncConnectionPool") from None
+
+    def _lost(self, conn: Any) -> None:
+        """Close ``conn``, which its server dropped (its pool then discards it), and read the
+        server's clock again: the next connection may reach another server (see _failed)."""
+        _finish(conn)
+        self._clock.forget()
 
     def _longer(self, pool: Any, attempts: _Attempts | None) -> float:
         """After no connection came within ``connect_timeout``: how much longer to wait, when
@@ -533,7 +554,9 @@ class PostgresStore(Store):
                         )
                     side.pool = self._given_apool
                 else:
-                    side.pool = _LoopPool(self._aconnect, _MAX_CONNECTIONS, BUSY_POOL_WAIT)
+                    side.pool = _LoopPool(
+                        self._aconnect, _MAX_CONNECTIONS, BUSY_POOL_WAIT, self._clock.forget
+                    )
             if side.ready:
                 return
             if self._made_by != os.getpid():  # (the sync pool, or another loop, made them)
@@ -629,6 +652,10 @@ class PostgresStore(Store):
             raise self._failed(action, key, exc) from exc
 
     def _failed(self, action: str, key: str | None, exc: BaseException) -> StoreError:
+        # The server may be gone, and the next connection reach another (a failover to a
+        # standby: another machine, another clock): the store's clock is read again from
+        # whichever server answers next (issue 19), as after a connection found dropped (_lost).
+        self._clock.forget()
         if key is None:
             return StoreError(f"{self!r} could not {action}: {_cause(exc)}")
         return self.error(action, key, _cause(exc))
@@ -820,7 +847,10 @@ class PostgresStore(Store):
     def _claim(self, entry: Entry) -> _Steps[Entry | None]:
         row = self._row(entry)
         while True:
-            if (yield _Query("claim", entry.key, self._sql["claim"], row)) == 1:
+            claimed, again = yield from self._resent(
+                _Query("claim", entry.key, self._sql["claim"], row)
+            )
+            if claimed == 1:
                 return None
             # Refused: a row holds the key. Read it: one more round trip when the key is taken
             # (rare on the engine's path, which read the key first), none when the claim wins.
@@ -828,6 +858,8 @@ class PostgresStore(Store):
             if rows:
                 found = rows[0][0]
                 live = self.decode(entry.key, found)
+                if again and live.status == "processing" and live.token == entry.token:
+                    return None  # the claim sent before the connection was lost landed
                 if live.status == "processing":
                     return (yield from self._lease_of(live))
                 if not live.is_expired((yield _NOW)):
@@ -866,9 +898,7 @@ class PostgresStore(Store):
         if entry.status == "processing":
             # A takeover (or a rewrite): its lease row goes, since the entry written holds its
             # lease. Not a settle: nobody is woken.
-            if (yield _Query("update", key, self._sql["take"], row)) == 1:
-                return True
-            return (yield from self._refused(key, token, None))
+            return (yield from self._fenced(key, token, self._sql["take"], row))
         current = _transaction.get()
         if (
             current is not None
@@ -887,9 +917,37 @@ class PostgresStore(Store):
         # The lease row of a claim this process renewed goes as it ends; else the write costs
         # what it did before lease rows (a claim another process renewed leaves one for prune).
         tidy = bool(self._leased) and self._leased.pop(key, None) is not None
-        if (yield _Query("update", key, self._sql["swap_tidy" if tidy else "swap"], row)) == 1:
+        return (
+            yield from self._fenced(key, token, self._sql["swap_tidy" if tidy else "swap"], row)
+        )
+
+    def _fenced(self, key: str, token: str, query: str, row: dict[str, Any]) -> _Steps[bool]:
+        """Write ``row`` over ``key``'s claim ``token`` with ``query`` (an UPDATE fenced on
+        ``live = token``), outside a transaction: whether it landed. Sent again once when the
+        connection was lost under it (``_resent``); refused then, it had landed if the row is
+        exactly the one written (its entry holds its token: no other caller writes it)."""
+        updated, again = yield from self._resent(_Query("update", key, query, row))
+        if updated == 1:
+            return True
+        # Landed, it may not be on a synchronous standby yet (the wait for it went with the
+        # connection): the "landed" statement's commit waits until it is.
+        if again and (yield _Query("update", key, self._sql["landed"], row)) == 1:
             return True
         return (yield from self._refused(key, token, None))
+
+    def _resent(self, query: _Query) -> _Steps[tuple[Any, bool]]:
+        """``query``'s answer, and whether it was sent twice: once more when the connection it
+        went on was lost under it (the server went: a failover to a standby, a restart), on
+        the connection that reaches a server now. The first may have landed or not: the
+        caller tells which (issue 19). Failed before, an owner's outcome in flight as the
+        primary went was not recorded, and its key halted (or, ``on_abandoned="retry"``, ran
+        again); a claim was left with no one to run it."""
+        try:
+            return (yield query), False
+        except StoreError as exc:
+            if not _connection_lost(exc):
+                raise
+        return (yield query), True
 
     def _refused(self, key: str, token: str, conn: Any) -> _Steps[bool]:
         """After ``swap`` on ``token`` updated no row: False (the claim is lost), unless the
@@ -937,7 +995,10 @@ class PostgresStore(Store):
         with renewer.lock:
             try:
                 conn = renewer.conn
-                if conn is None or conn.closed:
+                if conn is None or conn.closed or _dropped(conn):
+                    if conn is not None and not conn.closed:
+                        self._clock.forget()  # (as _lost)
+                    renewer.drop()
                     conn = renewer.conn = self._connect_for_renewals()
                 # READ COMMITTED whatever the server's default: a renewal reads the record's
                 # row, and must not take part in a SERIALIZABLE body's conflicts.
@@ -945,6 +1006,7 @@ class PostgresStore(Store):
                     rows = conn.execute(self._sql["renew"], params).fetchall()
             except self._errors as exc:
                 renewer.drop()
+                self._clock.forget()  # (as _failed)
                 raise self.error("renew the lease of", entry.key, _cause(exc)) from exc
         if not rows:
             return None
