@@ -547,6 +547,26 @@ class Where:
     records: Records
 
 
+def serve(conn: Connection, runs: dict[Any, Callable[[], object]]) -> None:
+    """A throughput worker's loop: for each ``(system, start, seconds)`` that ``conn`` sends
+    (until None), run ``runs[system]`` from ``start`` (monotonic) for ``seconds``, with the
+    garbage collector off, and send back its calls/s."""
+    while (command := conn.recv()) is not None:
+        system, start, seconds = command
+        run = runs[system]
+        end = start + seconds
+        n = 0
+        while time.monotonic() < start:
+            time.sleep(max(0.0, min(0.001, start - time.monotonic())))
+        gc.disable()
+        while time.monotonic() < end:
+            run()
+            n += 1
+        finished = time.monotonic()
+        gc.enable()
+        conn.send(n / (finished - start))
+
+
 def _worker(wid: int, where: Where, conn: Connection) -> None:
     """A throughput process: opens every store and floor, records its replay key, then runs
     each (system, start, seconds) it receives from ``start`` until ``start + seconds``
@@ -575,20 +595,7 @@ def _worker(wid: int, where: Where, conn: Connection) -> None:
     except BaseException as exc:
         conn.send(f"failed: {exc!r}")
         raise
-    while (command := conn.recv()) is not None:
-        system, start, seconds = command
-        run = runs[system]
-        end = start + seconds
-        n = 0
-        while time.monotonic() < start:
-            time.sleep(max(0.0, min(0.001, start - time.monotonic())))
-        gc.disable()
-        while time.monotonic() < end:
-            run()
-            n += 1
-        finished = time.monotonic()
-        gc.enable()
-        conn.send(n / (finished - start))
+    serve(conn, runs)
     for store in stores.values():
         store.close()
     floors.close()

@@ -19,7 +19,6 @@ are ratios against floors measured in the same run, with the load printed beside
 from __future__ import annotations
 
 import asyncio
-import gc
 import multiprocessing
 import statistics
 import sys
@@ -33,7 +32,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from benchmarks import bench_stores
-from benchmarks.bench_stores import Row, aper_call, asmall, per_call, small, spread, timed_rounds
+from benchmarks.bench_stores import (
+    Row,
+    aper_call,
+    asmall,
+    per_call,
+    serve,
+    small,
+    spread,
+    timed_rounds,
+)
 from benchmarks.deploy import load
 from idemfn import RedisStore, idempotent
 
@@ -215,20 +223,7 @@ def _worker(wid: int, url: str, value: bytes, ports: list[int], conn: Connection
     except BaseException as exc:
         conn.send(f"failed: {exc!r}")
         raise
-    while (command := conn.recv()) is not None:
-        system, start, seconds = command
-        run = runs[system]
-        end = start + seconds
-        n = 0
-        while time.monotonic() < start:
-            time.sleep(max(0.0, min(0.001, start - time.monotonic())))
-        gc.disable()
-        while time.monotonic() < end:
-            run()
-            n += 1
-        finished = time.monotonic()
-        gc.enable()
-        conn.send(n / (finished - start))
+    serve(conn, runs)
     store.close()
     client.close()
 
