@@ -19,7 +19,6 @@ time; the figures are ratios measured in the same run, with the load printed bes
 
 from __future__ import annotations
 
-import gc
 import multiprocessing
 import statistics
 import time
@@ -30,7 +29,7 @@ from itertools import count
 from multiprocessing.connection import Connection
 from typing import Any
 
-from benchmarks.bench_stores import PG_INSERT, PG_SELECT, PG_UPDATE, per_call, spread
+from benchmarks.bench_stores import PG_INSERT, PG_SELECT, PG_UPDATE, per_call, serve, spread
 from benchmarks.deploy import load
 
 SYSTEMS = ("direct", "pgbouncer", "raw pgbouncer")
@@ -97,7 +96,7 @@ class Calls:
 
 
 def _worker(where: Where, prefix: str, pipe: Connection) -> None:
-    """A throughput process: runs each (system, what, start, seconds) it is sent from
+    """A throughput process: runs each ((system, what), start, seconds) it is sent from
     ``start`` (``time.monotonic``, one clock for every process) and sends back its calls/s."""
     try:
         calls = Calls(where, prefix)
@@ -105,19 +104,7 @@ def _worker(where: Where, prefix: str, pipe: Connection) -> None:
         pipe.send(f"failed: {exc!r}")
         raise
     pipe.send("ready")
-    while (command := pipe.recv()) is not None:
-        system, what, start, seconds = command
-        call = calls.calls[system, what]
-        while time.monotonic() < start:
-            time.sleep(max(0.0, min(0.001, start - time.monotonic())))
-        n, end = 0, start + seconds
-        gc.disable()
-        while time.monotonic() < end:
-            call()
-            n += 1
-        finished = time.monotonic()
-        gc.enable()
-        pipe.send(n / (finished - start))
+    serve(pipe, calls.calls)
     calls.close()
 
 
@@ -178,7 +165,7 @@ def _throughput(
             for system, what, n in points[shift:] + points[:shift]:
                 start = time.monotonic() + 0.05
                 for pipe in pipes[:n]:
-                    pipe.send((system, what, start, seconds))
+                    pipe.send(((system, what), start, seconds))
                 rates.setdefault((system, what, n), []).append(
                     sum(pipe.recv() for pipe in pipes[:n])
                 )
