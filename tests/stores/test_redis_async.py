@@ -794,7 +794,7 @@ def test_a_timeout_that_runs_out_as_a_waiters_look_is_sent_ends_the_wait(
     calls = as_sent(monkeypatch)
     runs: list[int] = []
     release: list[asyncio.Event] = []
-    scopes: list[asyncio.Timeout] = []
+    scopes: list[Any] = []
 
     @idempotent(key="k:{x}", store=store, wait=60, name="ta.timeout-as-sent")
     async def fn(x: int) -> str:
