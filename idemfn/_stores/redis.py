@@ -1221,7 +1221,9 @@ class _Hub:
                 if self.broken:
                     return
                 await command(channel)
-                if self._reader is None:
+                # (Not once shut: a cancellation of this task that the send swallowed, see
+                # _LOSES_CANCELS, must not start a reader on a closed subscriber.)
+                if self._reader is None and not self.broken:
                     self._reader = asyncio.get_running_loop().create_task(self._read())
         except Exception as exc:
             self._fail(exc)
