@@ -1,0 +1,165 @@
+"""A hostile review of issue 19's deployments (Redis Cluster, replicas=/Sentinel, PgBouncer's
+transaction pooling, a PostgreSQL failover, prune in batches), on real servers.
+
+Each ``xfail(strict=True)`` test is a finding: it fails today because of the bug its reason
+names (the lead fixes them). The others are attacks the code withstood, kept as coverage.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from idemfn import RedisStore, StoreError, idempotent
+from idemfn._stores.postgres import pooling
+from tests.support.deployments.redis_cluster import RedisClusterServers
+
+SECRET = "s3cret-pw"
+
+
+# -- options and URLs (no server needed: each store is made, never used) -------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a bad ?replicas= in a redis:// URL raises a ValueError that quotes the password",
+)
+def test_bad_replicas_in_url_does_not_leak_the_password() -> None:
+    with pytest.raises(ValueError) as caught:
+        RedisStore(f"redis://:{SECRET}@127.0.0.1:6379/0?replicas=two")
+    assert "replicas" in str(caught.value)
+    assert SECRET not in str(caught.value)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a bad redis+sentinel:// address raises a ValueError that quotes the password",
+)
+def test_bad_sentinel_url_does_not_leak_the_password() -> None:
+    with pytest.raises(ValueError) as caught:
+        RedisStore(f"redis+sentinel://:{SECRET}@127.0.0.1:x/mymaster")
+    assert "Sentinel" in str(caught.value)
+    assert SECRET not in str(caught.value)
+
+
+def test_sentinel_passwords_stay_out_of_repr_and_url() -> None:
+    store = RedisStore(
+        f"redis+sentinel://:{SECRET}@127.0.0.1:1/mymaster?sentinel_password={SECRET}2"
+        "&replicas=1&replica_timeout=2"
+    )
+    assert SECRET not in repr(store) and SECRET not in store.url
+    assert (store.replicas, store._wait) == (1, ("WAIT", 1, 2000))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="RedisStore(url?replicas=0, replicas=2) silently drops replicas=2 (no replica wait)",
+)
+def test_conflicting_replicas_in_url_and_argument_are_refused() -> None:
+    # A safety option asked for twice, differently: the weaker one wins without a word.
+    with pytest.raises(ValueError, match="replicas"):
+        RedisStore("redis://127.0.0.1:6379/0?replicas=0", replicas=2)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="?replicas=-1 in a URL is refused as 'RedisStore(replicas=...)': names the argument",
+)
+def test_negative_replicas_in_url_names_the_url() -> None:
+    with pytest.raises(ValueError) as caught:
+        RedisStore("redis://127.0.0.1:6379/0?replicas=-1")
+    assert "RedisStore(replicas=" not in str(caught.value)
+    assert "URL" in str(caught.value)
+
+
+def test_replicas_on_a_cluster_url_is_refused() -> None:
+    for url in ("redis+cluster://127.0.0.1:1?replicas=1", "redis+cluster://127.0.0.1:1"):
+        with pytest.raises(ValueError, match="replicas"):
+            RedisStore(url, replicas=1)
+    with pytest.raises(ValueError, match="replicas"):
+        RedisStore("redis+cluster://127.0.0.1:1?replicas=0")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pooling.split matches transaction_pooling= inside a quoted key=value DSN value",
+)
+def test_transaction_pooling_inside_a_quoted_value_is_left_alone() -> None:
+    dsn = "host=db application_name='a transaction_pooling=true' dbname=app"
+    assert pooling.split(dsn) == (dsn, False)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a quoted password holding ' transaction_pooling=false' turns off the DSN's =true",
+)
+def test_transaction_pooling_after_a_quoted_password_holding_the_words() -> None:
+    stripped, on = pooling.split(
+        "host=db password='p transaction_pooling=false' transaction_pooling=true"
+    )
+    assert (stripped, on) == ("host=db password='p transaction_pooling=false'", True)
+
+
+@pytest.mark.parametrize(
+    ("dsn", "split"),
+    [
+        ("host=db transaction_pooling = 'true' dbname=app", ("host=db dbname=app", True)),
+        ("host=db dbname=transaction_pooling_db", ("host=db dbname=transaction_pooling_db", False)),
+        ("postgresql://u@h/transaction_pooling", ("postgresql://u@h/transaction_pooling", False)),
+        ("postgresql://u@h/db?transaction_pooling=off&sslmode=disable", None),
+        ("postgresql://u@h/db?sslmode=disable&transaction_pooling=TRUE", None),
+    ],
+)
+def test_transaction_pooling_parameter_forms(dsn: str, split: tuple[str, bool] | None) -> None:
+    if split is None:
+        split = ("postgresql://u@h/db?sslmode=disable", dsn.endswith("TRUE"))
+    assert pooling.split(dsn) == split
+
+
+# -- Redis Cluster: the clock is every primary's -------------------------------------------------
+
+
+@pytest.fixture
+def own_cluster(tmp_path: Path) -> Iterator[RedisClusterServers]:
+    """A cluster of this test's own, whose nodes it may kill."""
+    servers = RedisClusterServers(tmp_path / "cluster")
+    try:
+        yield servers
+    finally:
+        servers.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="RedisClusterStore's clock needs every primary's TIME: one primary down fails"
+    " every call, also those whose key lives on a node that answers",
+)
+def test_cluster_calls_on_live_nodes_survive_a_dead_primary(
+    own_cluster: RedisClusterServers,
+) -> None:
+    store = RedisStore(own_cluster.url, prefix=f"r:{uuid.uuid4().hex}:")
+    runs: list[str] = []
+
+    @idempotent(store=store, key="{k}", name="f")
+    def fn(k: str) -> str:
+        runs.append(k)
+        return k
+
+    live_keys = own_cluster.keys_on_each_node(f"{store.prefix}f:", 2)
+    assert fn(live_keys[0][0]) == live_keys[0][0]  # the clock read once, all three up
+    own_cluster.nodes[2].stop()  # no replica: its slots are gone, the others' are not
+    store._clock.forget()  # the next call reads the clock again (as RESYNC seconds later)
+    try:
+        assert fn(live_keys[0][1]) == live_keys[0][1]  # a key of node 0, which answers
+        assert fn(live_keys[1][0]) == live_keys[1][0]
+    finally:
+        store.close()
+
+
+def _unused(*_: Any) -> None:
+    _ = (threading, StoreError)
