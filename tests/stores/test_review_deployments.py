@@ -21,6 +21,7 @@ from idemfn import PostgresStore, RedisStore, idempotent
 from idemfn._stores.postgres import pooling
 from idemfn._stores.postgres import store as store_module
 from tests.support.deployments.redis_cluster import RedisClusterServers
+from tests.support.records import foreign_entry
 from tests.support.servers import PostgresServer
 
 SECRET = "s3cret-pw"
@@ -226,3 +227,84 @@ def test_prune_goes_on_after_a_batch_wholly_claimed_under_it(
     removed, left = _prune_under_claims(postgres_server, 2, monkeypatch)
     assert left[:2] == ["a0", "a1"]  # the claims stay (withstood)
     assert (removed, left) == (1, ["a0", "a1"])  # b, expired at the start, goes
+
+
+# -- PostgresStore: a write sent again after its connection was lost (_resent) --------------------
+
+
+def _lose_reply(
+    store: PostgresStore, monkeypatch: pytest.MonkeyPatch, query: str, before: Any = None
+) -> list[str]:
+    """The first statement ``query`` runs on the server (after ``before()``, if given), then its
+    connection is lost before the reply is read, as psycopg reports it; the actions seen."""
+    real = store._run
+    seen: list[str] = []
+
+    def run(action: str, key: str | None, sql: str, params: Any, conn: Any = None) -> Any:
+        seen.append(action)
+        if sql == store._sql[query] and not seen.count("lost"):
+            seen.append("lost")
+            if before is not None:
+                before()
+            real(action, key, sql, params, conn)  # landed (or refused), reply lost
+            try:
+                raise psycopg.OperationalError("server closed the connection unexpectedly")
+            except psycopg.OperationalError as exc:
+                raise store._failed(action, key, exc) from exc
+        return real(action, key, sql, params, conn)
+
+    monkeypatch.setattr(store, "_run", run)
+    return seen
+
+
+@pytest.mark.parametrize("query", ["claim", "swap"])
+def test_a_write_that_landed_before_its_connection_went_counts_once(
+    postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch, query: str
+) -> None:
+    store = PostgresStore(postgres_server.dsn, table=f"t_{uuid.uuid4().hex}")
+    runs: list[int] = []
+
+    @idempotent(store=store, key="{n}", name="f")
+    def fn(n: int) -> int:
+        runs.append(n)
+        return n * 2
+
+    store.get("warm-up")
+    seen = _lose_reply(store, monkeypatch, query)
+    assert fn(1) == 2 and fn(1) == 2
+    assert "lost" in seen and runs == [1]
+    record = store.get("f:1")
+    assert record is not None and record.status == "ok"
+    store.close()
+
+
+def test_a_refused_settle_lost_under_it_is_not_counted_landed(
+    postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another caller took the claim over before the owner's outcome was sent; the refusal's
+    reply is lost, the outcome sent again: still refused, and the taker's claim stands."""
+    store = PostgresStore(postgres_server.dsn, table=f"t_{uuid.uuid4().hex}")
+    store.get("warm-up")
+    other = foreign_entry("f:1", "f" * 64, lease_until=store.time() + 600)
+
+    def take_over() -> None:
+        store._run(
+            "take",
+            "f:1",
+            f'UPDATE "{store.table}" SET live = %s, token = %s, entry = %s WHERE key = %s',
+            (other.token, other.token, store.encode(other), "f:1"),
+        )
+
+    @idempotent(store=store, key="{n}", name="f")
+    def fn(n: int) -> int:
+        return n
+
+    seen = _lose_reply(store, monkeypatch, "swap", take_over)
+    try:
+        fn(1)
+    except Exception:  # (the claim was lost: how the engine reports it is not this test's)
+        pass
+    assert "lost" in seen
+    record = store.get("f:1")
+    assert record is not None and record.token == other.token
+    store.close()
