@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from idemfn import PostgresStore, RedisStore, idempotent
+from idemfn import PostgresStore, RedisStore, StoreError, idempotent
 from idemfn._stores import redis as redis_module
 from idemfn._stores.postgres import pooling
 from idemfn._stores.postgres import store as store_module
@@ -486,3 +486,50 @@ def test_redis_outcome_whose_reply_was_lost_counts_landed(
         assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
     finally:
         store.close()
+
+
+# -- RedisStore(replicas=N) with no replica to acknowledge (a standalone server) -----------------
+
+
+def test_claims_short_of_replicas_are_withdrawn_sync_and_async(redis_server: RedisServer) -> None:
+    """No replica can ever acknowledge (the server has none): every claim, sync or async, is
+    withdrawn before its body runs, and leaves the key free. (The timeout always runs out.)"""
+    store = RedisStore(redis_server.url, prefix=f"r:{uuid.uuid4().hex}:", replicas=1)
+    store._wait = ("WAIT", 1, 20)  # (20 ms: nothing can acknowledge; the test need not wait 1 s)
+    store._writes._wait = store._wait
+    runs: list[int] = []
+
+    @idempotent(store=store, key="{n}", name="f")
+    def fn(n: int) -> int:
+        runs.append(n)
+        return n
+
+    @idempotent(store=store, key="{n}", name="f")
+    async def afn(n: int) -> int:
+        runs.append(n)
+        return n
+
+    try:
+        with pytest.raises(StoreError, match="replicas=1"):
+            fn(1)
+        with pytest.raises(StoreError, match="replicas=1"):
+            asyncio.run(afn(2))
+        assert runs == [] and store.get("f:1") is None and store.get("f:2") is None
+    finally:
+        store.close()
+
+
+# -- PostgresStore(transaction_pooling=True) given a pool ---------------------------------------
+
+
+def test_transaction_pooling_refuses_given_pools_that_prepare(
+    postgres_server: PostgresServer,
+) -> None:
+    import psycopg_pool
+
+    for kind in (psycopg_pool.ConnectionPool, psycopg_pool.AsyncConnectionPool):
+        preparing = kind(postgres_server.dsn, open=False)
+        with pytest.raises(ValueError, match="prepare_threshold"):
+            PostgresStore(preparing, transaction_pooling=True)
+        fine = kind(postgres_server.dsn, open=False, kwargs={"prepare_threshold": None})
+        assert PostgresStore(fine, transaction_pooling=True).transaction_pooling
