@@ -24,6 +24,7 @@ from idemfn import PostgresStore, RedisStore, StoreError, idempotent
 from idemfn._stores import redis as redis_module
 from idemfn._stores.postgres import pooling
 from idemfn._stores.postgres import store as store_module
+from tests.support.deployments.pg_standby import PgStandby
 from tests.support.deployments.pgbouncer import PgBouncer
 from tests.support.deployments.redis_cluster import RedisClusterServers
 from tests.support.records import foreign_entry
@@ -616,3 +617,55 @@ def test_an_outcome_lost_behind_pgbouncer_is_sent_again(
         assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
     finally:
         store.close()
+
+
+# -- PostgresStore across a failover: a claim found landed after its connection went -------------
+
+
+def test_a_claim_found_landed_is_not_run_before_the_standby_has_it(pg_standby: PgStandby) -> None:
+    """The claim commits on the primary, and its wait for the synchronous standby is cut
+    (its backend terminated: "committed locally, but might not have been replicated"). Sent
+    again, it is refused and the row found holds its token: the body must not run before the
+    standby has the claim, or a failover now loses it and a second caller runs the body too."""
+    store = PostgresStore(pg_standby.dsn, table=f"t_{uuid.uuid4().hex}")
+    runs: list[int] = []
+
+    @idempotent(store=store, key="{n}", name="f")
+    def fn(n: int) -> int:
+        runs.append(n)
+        return n
+
+    store.get("warm-up")  # the tables, on both
+    outcome: list[object] = []
+
+    def call() -> None:
+        try:
+            outcome.append(fn(1))
+        except Exception as exc:
+            outcome.append(exc)
+
+    def sync_waiters() -> list[int]:
+        rows = pg_standby.primary.query(
+            "SELECT pid FROM pg_stat_activity WHERE wait_event = 'SyncRep'"
+        )
+        return [int(pid) for (pid,) in rows]
+
+    pg_standby.detach()  # every commit on the primary waits from now on
+    caller = threading.Thread(target=call)
+    caller.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not (waiting := sync_waiters()):
+            assert time.monotonic() < deadline, "the claim's commit never waited"
+            time.sleep(0.01)
+        pg_standby.primary.query("SELECT pg_terminate_backend(%s)", (waiting[0],))
+        # Then the body runs, or a statement of the call waits for the standby again.
+        while not runs and not [p for p in sync_waiters() if p != waiting[0]]:
+            assert time.monotonic() < deadline, "neither the body ran nor a write waited"
+            time.sleep(0.01)
+        assert runs == []
+    finally:
+        pg_standby.reattach()
+        caller.join(30)
+        store.close()
+    assert outcome == [1] and runs == [1]
