@@ -201,8 +201,9 @@ class RedisStore(Store):
             used on; other loops get clients of their own made with its connection
             settings), and a ``redis.Redis`` made with its connection settings serves sync
             callers, lease renewals (the heartbeat thread) and the ``idemfn`` command. A URL
-            may carry ``replicas=`` and ``replica_timeout=`` as query parameters (they win
-            over the arguments). On a Redis Cluster: a
+            may carry ``replicas=`` and ``replica_timeout=`` as query parameters (given
+            both there and as arguments, they must agree: ``ValueError`` otherwise). Error
+            messages show a URL without its passwords. On a Redis Cluster: a
             ``redis+cluster://host:port[,host:port...]`` URL (``rediss+cluster://``: TLS), or
             a ``redis.cluster.RedisCluster`` or ``redis.asyncio.cluster.RedisCluster`` (see
             ``redis_cluster.RedisClusterStore``, the class then made).
@@ -287,7 +288,7 @@ class RedisStore(Store):
                     )
             except ValueError as exc:
                 raise ValueError(
-                    f"RedisStore: bad URL {url_or_client!r}: {exc} (a Redis Cluster:"
+                    f"RedisStore: bad URL {_shown(url_or_client)!r}: {exc} (a Redis Cluster:"
                     " redis+cluster://host:port[,host:port...], rediss+cluster:// for TLS)"
                 ) from None
         elif isinstance(url_or_client, (redis.Redis, redis.asyncio.Redis)):
@@ -406,26 +407,45 @@ class RedisStore(Store):
         return [self.prefix + entry.key], [token, self.encode(entry), drop_at, expires]
 
     def claim(self, entry: Entry) -> Entry | None:
+        keys, args = self._claim_args(entry)
+        again = False
         try:
-            found = self._call(
-                "claim", entry.key, self._claim, self._writes, *self._claim_args(entry)
-            )
+            try:
+                found = self._call("claim", entry.key, self._claim, self._writes, keys, args)
+            except StoreError as exc:
+                if not _connection_lost(exc):
+                    raise
+                again = True  # sent once more (see _connection_lost)
+                found = self._call("claim", entry.key, self._claim, self._writes, keys, args)
         except _Unacknowledged as short:
             found = short.reply
-            if found is None:  # won, but too few replicas have it: withdrawn, body not run
+            if found is None or (again and found == args[1]):
+                # Won, but too few replicas have it: withdrawn, body not run. (The WAIT after
+                # a second try counts the first's write too.)
                 self._withdraw(entry.key, entry.token, short.acked, "")
-        return None if found is None else self.decode(entry.key, found)
+        if found is None or (again and found == args[1]):
+            return None
+        return self.decode(entry.key, found)
 
     async def aclaim(self, entry: Entry) -> Entry | None:
         side = self._side()
-        claim, args = self._claim.acall, self._claim_args(entry)
+        claim, (keys, args) = self._claim.acall, self._claim_args(entry)
+        again = False
         try:
-            found = await self._acall(side, "claim", entry.key, claim, side.writes, *args)
+            try:
+                found = await self._acall(side, "claim", entry.key, claim, side.writes, keys, args)
+            except StoreError as exc:
+                if not _connection_lost(exc):
+                    raise
+                again = True  # sent once more (see _connection_lost)
+                found = await self._acall(side, "claim", entry.key, claim, side.writes, keys, args)
         except _Unacknowledged as short:
             found = short.reply
-            if found is None:  # won, but too few replicas have it: withdrawn, body not run
+            if found is None or (again and found == args[1]):
                 await self._awithdraw(side, entry.key, entry.token, short.acked, "")
-        return None if found is None else self.decode(entry.key, found)
+        if found is None or (again and found == args[1]):
+            return None
+        return self.decode(entry.key, found)
 
     # Replicas (issue 19): with replicas=N, each write is followed by WAIT N in its round trip.
 
@@ -478,8 +498,12 @@ class RedisStore(Store):
         """A write after the claim that too few replicas acknowledged: kept, and logged (the
         body has run; failing the call would only invite a retry that runs it again). Not
         when the script wrote nothing (refused, or nothing to remove): nothing to lose."""
-        if not (isinstance(short.reply, int) and short.reply > 0):
-            return short.reply
+        if isinstance(short.reply, int) and short.reply > 0:
+            self._kept_short(action, key, short)
+        return short.reply
+
+    def _kept_short(self, action: str, key: str, short: _Unacknowledged) -> None:
+        """Log a write that was done but that too few replicas acknowledged."""
         logger.warning(
             "idemfn: %r: %s of key %r: %s; the write stands on the primary, but a failover"
             " before the replicas copy it would lose it",
@@ -488,7 +512,6 @@ class RedisStore(Store):
             key,
             self._short_of(short.acked),
         )
-        return short.reply
 
     def get(self, key: str) -> Entry | None:
         data = self._call("read", key, self._send, "HGET", self.prefix + key, "e")
@@ -513,31 +536,47 @@ class RedisStore(Store):
         return [self.prefix + key], [token, live, entry.token, data, drop_at, expires, channel]
 
     def swap(self, key: str, token: str, entry: Entry) -> bool:
+        keys, args = self._swap_args(key, token, entry)
+        short: _Unacknowledged | None = None
         try:
-            done = self._call(
-                "update", key, self._swap, self._writes, *self._swap_args(key, token, entry)
-            )
-        except _Unacknowledged as short:
-            if _takes_over(token, entry, short.reply):
-                self._withdraw(key, entry.token, short.acked, "taking over an abandoned claim: ")
-            done = self._unacknowledged("update", key, short)
-        return bool(done == 1) or run(
-            self._refused(key, token, entry, done), RedisStore._read, self
-        )
+            try:
+                done = self._call("update", key, self._swap, self._writes, keys, args)
+            except StoreError as exc:
+                if not _connection_lost(exc):
+                    raise
+                # Sent once more (see _connection_lost): refused then, _refused tells whether
+                # the first landed (the record is this swap's entry).
+                done = self._call("update", key, self._swap, self._writes, keys, args)
+        except _Unacknowledged as caught:
+            short, done = caught, caught.reply
+        if done != 1 and not run(self._refused(key, token, entry, done), RedisStore._read, self):
+            return False
+        if short is not None:  # done, too few replicas have it (the WAIT counts a first try)
+            if entry.status == "processing" and entry.token != token:  # a takeover: withdrawn
+                self._withdraw(key, entry.token, short.acked, _TAKING_OVER)
+            self._kept_short("update", key, short)
+        return True
 
     async def aswap(self, key: str, token: str, entry: Entry) -> bool:
         side = self._side()
-        args = self._swap_args(key, token, entry)
+        swap, (keys, args) = self._swap.acall, self._swap_args(key, token, entry)
+        short: _Unacknowledged | None = None
         try:
-            done = await self._acall(side, "update", key, self._swap.acall, side.writes, *args)
-        except _Unacknowledged as short:
-            if _takes_over(token, entry, short.reply):
-                what = "taking over an abandoned claim: "
-                await self._awithdraw(side, key, entry.token, short.acked, what)
-            done = self._unacknowledged("update", key, short)
-        return bool(done == 1) or await arun(
-            self._refused(key, token, entry, done), self._aread, side
-        )
+            try:
+                done = await self._acall(side, "update", key, swap, side.writes, keys, args)
+            except StoreError as exc:
+                if not _connection_lost(exc):
+                    raise
+                done = await self._acall(side, "update", key, swap, side.writes, keys, args)
+        except _Unacknowledged as caught:
+            short, done = caught, caught.reply
+        if done != 1 and not await arun(self._refused(key, token, entry, done), self._aread, side):
+            return False
+        if short is not None:
+            if entry.status == "processing" and entry.token != token:
+                await self._awithdraw(side, key, entry.token, short.acked, _TAKING_OVER)
+            self._kept_short("update", key, short)
+        return True
 
     def _refused(self, key: str, token: str, entry: Entry, done: int) -> _Steps:
         """What a refused swap means, as steps the sync and async drivers run: the reads it
@@ -1532,10 +1571,22 @@ def _where(client: Any) -> str:
 _REPLICATION_OPTIONS = ("replicas", "replica_timeout")
 
 
-def _takes_over(fence: str, entry: Entry, reply: Any) -> bool:
-    """Whether a swap that was done (``reply`` 1) put a new claim in place of the claim
-    ``fence``: a takeover of an abandoned claim, a claim whose body has not run yet."""
-    return bool(reply == 1 and entry.status == "processing" and entry.token != fence)
+_TAKING_OVER = "taking over an abandoned claim: "
+
+
+def _connection_lost(exc: StoreError) -> bool:
+    """Whether a write failed because its connection was lost under it (the server went: a
+    Sentinel failover, a restart, a cut link), not because the server answered with an error:
+    it may have landed or not. ``claim`` and ``swap`` then send it once more, on a connection
+    that reaches a server now, and tell from the answer whether the first had landed (the
+    record is exactly what this write puts there: its token is this caller's alone), as
+    ``PostgresStore``'s ``_resent`` does (issue 19). Failed before, an outcome that had
+    landed was logged as not recorded, one that had not was never sent again (its key then
+    halted), and a claim that had landed held its key until its lease ran out, with no one to
+    run it."""
+    import redis
+
+    return isinstance(exc.__cause__, (redis.ConnectionError, redis.TimeoutError))
 
 
 class _Unacknowledged(Exception):
@@ -1605,7 +1656,9 @@ def _replication(replicas: object, timeout: object) -> tuple[int, tuple[str, int
 
 def _replication_query(url: str, replicas: int, timeout: float) -> tuple[str, int, float]:
     """``url`` without the store's own query parameters (``replicas``, ``replica_timeout``),
-    and their values: a URL's, else the arguments'."""
+    and their values: a URL's, else the arguments'. Given both ways, differently (an argument
+    other than its default), they are refused: a safety setting asked for twice must not be
+    weakened without a word."""
     head, sep, query = url.partition("?")
     if not sep:
         return url, replicas, timeout
@@ -1622,23 +1675,57 @@ def _replication_query(url: str, replicas: int, timeout: float) -> tuple[str, in
         elif part:
             kept.append(part)
     if "replicas" in given:
+        text = given["replicas"]
         try:
-            replicas = int(given["replicas"])
+            in_url = int(text)
         except ValueError:
+            in_url = -1
+        if in_url < 0:
             raise ValueError(
-                f"RedisStore: bad URL {url!r}: replicas={given['replicas']!r} is not a whole"
-                " number >= 0"
-            ) from None
+                f"RedisStore: bad URL {_shown(url)!r}: ?replicas={text!r} is not a whole number"
+                " >= 0 (how many replicas must acknowledge each write; 0: none)"
+            )
+        if replicas not in (0, in_url):
+            raise ValueError(
+                f"RedisStore: the URL {_shown(url)!r} says ?replicas={in_url} but the argument"
+                f" says replicas={replicas!r}: give it once (or the same in both)"
+            )
+        replicas = in_url
     if "replica_timeout" in given:
+        text = given["replica_timeout"]
         try:
-            timeout = float(given["replica_timeout"])
+            seconds = float(text)
         except ValueError:
+            seconds = math.nan
+        if not (math.isfinite(seconds) and seconds > 0):
             raise ValueError(
-                f"RedisStore: bad URL {url!r}: replica_timeout={given['replica_timeout']!r} is"
-                " not a number of seconds > 0"
-            ) from None
+                f"RedisStore: bad URL {_shown(url)!r}: ?replica_timeout={text!r} is not a"
+                " number of seconds > 0 (how long a write waits for its replicas)"
+            )
+        if timeout not in (1.0, seconds):
+            raise ValueError(
+                f"RedisStore: the URL {_shown(url)!r} says ?replica_timeout={seconds:g} but the"
+                f" argument says replica_timeout={timeout!r}: give it once (or the same in both)"
+            )
+        timeout = seconds
     rest = "&".join(kept)
     return head + ("?" + rest if rest else "") + fragment, replicas, timeout
+
+
+def _shown(url: str) -> str:
+    """``url`` for messages: its password hidden (the cluster module's ``_without_password``),
+    and the values of its query's passwords (``?password=``, ``?sentinel_password=``) too."""
+    from .redis_cluster import _without_password
+
+    head, sep, query = _without_password(url).partition("?")
+    if not sep:
+        return head
+    parts = []
+    for part in query.split("&"):
+        name, equals, _ = part.partition("=")
+        secret = equals and urllib.parse.unquote_plus(name).endswith("password")
+        parts.append(f"{name}=***" if secret else part)
+    return head + "?" + "&".join(parts)
 
 
 # Sentinel (issue 19): redis+sentinel://host:port[,host:port...]/service_name[/db][?...].
