@@ -99,8 +99,9 @@ def _connection_lost(exc: BaseException) -> bool:
         isinstance(cause, psycopg.OperationalError)
         and not isinstance(cause, psycopg_pool.PoolTimeout)
         # None: libpq's own (the socket closed); 57P..: the server's goodbye (shut down,
-        # crashed, terminated).
-        and (cause.sqlstate is None or cause.sqlstate.startswith("57P"))
+        # crashed, terminated); 08...: a connection exception, which a pooler sends when the
+        # server connection died under the statement (PgBouncer: 08P01 "server conn crashed?").
+        and (cause.sqlstate is None or cause.sqlstate.startswith(("57P", "08")))
     )
 
 

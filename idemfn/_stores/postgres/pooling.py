@@ -23,7 +23,10 @@ from typing import Any
 PARAMETER = "transaction_pooling"
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
-_KEYWORD = re.compile(rf"(?:^|\s){PARAMETER}\s*=\s*('(?:[^'\\]|\\.)*'|\S*)")
+# One ``key = value`` pair of a key=value connection string (libpq's rules): the value quoted
+# ('...', with \' and \\ inside) or up to the next space. Matched pair after pair from the
+# start, so that a quoted value holding "transaction_pooling=" is never taken for the key.
+_PAIR = re.compile(r"\s*(\w+)\s*=\s*('(?:[^'\\]|\\.)*'|(?:[^\s'\\]|\\.)*)\s*")
 
 #: SQLSTATEs a pooler in transaction mode gives psycopg's prepared statements: 26000
 #: (invalid_sql_statement_name: "prepared statement ... does not exist") and 42P05
@@ -50,11 +53,20 @@ def split(dsn: str) -> tuple[str, bool]:
         if value is None:
             return dsn, False
         return (f"{base}?{'&'.join(kept)}" if kept else base), _truth(value)
-    found = _KEYWORD.search(dsn)
-    if found is None:
+    kept, value, at = [], None, 0
+    while at < len(dsn):
+        pair = _PAIR.match(dsn, at)
+        if pair is None or pair.end() == at:
+            return dsn, False  # not key=value pairs: libpq will say what is wrong
+        if pair.group(1) == PARAMETER:
+            value = pair.group(2)
+        else:
+            kept.append(pair.group(0).strip())
+        at = pair.end()
+    if value is None:
         return dsn, False
-    value = found.group(1).strip("'")
-    return (dsn[: found.start()] + dsn[found.end() :]).strip(), _truth(value)
+    unquoted = value[1:-1] if value.startswith("'") else value
+    return " ".join(kept), _truth(unquoted.replace("\\'", "'").replace("\\\\", "\\"))
 
 
 def _truth(value: str) -> bool:

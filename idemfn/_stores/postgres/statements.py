@@ -133,10 +133,14 @@ def _statements(table: str, leases: str) -> dict[str, str]:
         # replaced it since the subquery read it: the outer conditions are rechecked on the
         # row's newest version): an index scan does not read the row's drop_at again. The stale
         # query also reads finished rows whose copies disagree, to judge them by their record.
-        "prune": f"DELETE FROM {t} WHERE key IN (SELECT key FROM {t} WHERE drop_at IS NOT NULL"
+        # A batch: how many rows it picked, and how many of those it removed (a row claimed
+        # after the pick is checked again by the DELETE, on its newest version, and stays).
+        "prune": f"WITH picked AS (SELECT key FROM {t} WHERE drop_at IS NOT NULL"
         " AND drop_at < %(until)s AND live IS NULL AND drop_at = expires_at AND expires_at <"
-        " %(until)s ORDER BY drop_at LIMIT %(batch)s) AND drop_at IS NOT NULL AND drop_at <"
-        " %(until)s AND live IS NULL AND drop_at = expires_at AND expires_at < %(until)s",
+        f" %(until)s ORDER BY drop_at LIMIT %(batch)s), gone AS (DELETE FROM {t} WHERE key IN"
+        " (SELECT key FROM picked) AND drop_at IS NOT NULL AND drop_at < %(until)s AND live IS"
+        " NULL AND drop_at = expires_at AND expires_at < %(until)s RETURNING 1)"
+        " SELECT (SELECT count(*) FROM picked), (SELECT count(*) FROM gone)",
         "stale": f"SELECT key FROM {t} WHERE drop_at IS NOT NULL AND drop_at < {now}"
         " AND live IS NOT NULL OR live IS NULL AND drop_at IS DISTINCT FROM expires_at",
         "fence": f"SELECT live, entry FROM {t} WHERE key = %s",

@@ -1107,9 +1107,12 @@ class PostgresStore(Store):
         removed = 0
         while True:
             batch = {"until": until, "batch": _PRUNE_BATCH}
-            count = int(self._run("prune", self.table, self._sql["prune"], batch))
-            removed += count
-            if count == 0:  # (a short batch may be one whose rows were claimed since)
+            ((picked, gone),) = self._run("prune", self.table, self._sql["prune"], batch)
+            removed += int(gone)
+            # Until a batch finds fewer rows than it may take: a full batch may have removed
+            # none (each claimed since it was picked), and rows expired at the start remain.
+            # Rows claimed since no longer match, so each batch picks others.
+            if int(picked) < _PRUNE_BATCH:
                 break
         now = self.time()
         stale = [k for (k,) in self._run("prune", self.table, self._sql["stale"], ())]
