@@ -308,7 +308,7 @@ def test_bad_replication_options_are_refused(options: dict[str, Any], message: s
     [
         ("redis://localhost:1/0?replicas=one", r"replicas='one' is not a whole number"),
         ("redis://localhost:1/0?replica_timeout=soon", r"replica_timeout='soon' is not a"),
-        ("redis://localhost:1/0?replica_timeout=0", r"replica_timeout=\.\.\.\) must be"),
+        ("redis://localhost:1/0?replica_timeout=0", r"replica_timeout='0' is not a number"),
         ("redis+sentinel://localhost:26379", r"bad URL .*the path must be /service_name"),
         ("redis+sentinel:///svc", r"bad URL .*no Sentinel address"),
         ("redis+sentinel://h:port/svc", r"bad URL .*bad Sentinel address 'h:port'"),
