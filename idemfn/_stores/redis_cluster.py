@@ -15,6 +15,17 @@ Records, scripts and fences are ``RedisStore``'s own (see ``redis.py``); what di
   and one node whose clock is off, by any amount, moves it by nothing (a majority of primaries
   in step bounds it between theirs). Moving slots does not change it (unlike "the node serving
   slot N", whose clock would jump by the skew when the slot moves).
+- **A primary down or stalled.** Each primary is asked on its own connection, all at once
+  (sync: a daemon thread each; async: tasks on the loop), and a reading waits at most
+  ``_CLOCK_LIMIT`` (1 s, less with a shorter ``socket_timeout``) for all: the clock is the
+  median of those that answered (the others logged once at WARNING on ``idemfn``, until they
+  answer again), so calls on the nodes that answer go on. It fails (a ``StoreError``) only
+  when none answered, after waiting up to ``socket_timeout`` for the first. What a missing
+  node costs: the median of the rest, and of two that is their mean, so one skewed node
+  among them moves the clock by half its skew; processes that see different nodes answer
+  may judge leases on clocks as far apart as the answering nodes' clocks are. A sync reading
+  does not ask again a node its last reading still waits for (at most one thread per stalled
+  node); a stalled node costs each reading that asks it the 1 s wait (every ``RESYNC`` s).
 - **Expiry on the holding node's own clock.** A standalone store hands the server absolute
   times (``PEXPIREAT``, and ``x``, the expiry ``delete`` compares with ``TIME``) on the server's
   own clock. On a cluster those times are on the store's clock, and the node holding the record
@@ -42,6 +53,7 @@ import asyncio
 import functools
 import importlib
 import inspect
+import logging
 import math
 import os
 import statistics
@@ -80,6 +92,8 @@ if TYPE_CHECKING:
 
 __all__ = ["RedisClusterStore"]
 
+logger = logging.getLogger("idemfn")
+
 _FORM = "redis+cluster://[user:password@]host:port[,host:port...][?option=value...]"
 
 
@@ -114,7 +128,8 @@ class RedisClusterStore(RedisStore):
 
     Each record lives on the node that serves its key's slot; every transition is one script
     there, routed by the cluster client (which follows ``MOVED`` and ``ASK`` while slots
-    move). The store's clock is the median of the primaries' ``TIME``; a record's expiry is
+    move). The store's clock is the median of the primaries' ``TIME`` (of those that answer
+    within a second: one down or stalled fails no call on the others); a record's expiry is
     measured on the clock of the node that holds it (see the module's notes). ``scan``,
     ``prune`` and ``idemfn ls`` cover every primary. Nothing is sent until the first use.
 
@@ -212,6 +227,9 @@ class RedisClusterStore(RedisStore):
             _Script(script, missing) for script in _CLUSTER_SCRIPTS
         )
         self._clock = ServerClock(self._read_clock)
+        self._asking: set[str] = set()  # the primaries a sync clock reading still waits for
+        self._asking_pid = os.getpid()
+        self._silent: set[str] = set()  # the primaries that did not answer the last reading
         self._loops = weakref.WeakKeyDictionary()
         self._loops_lock = threading.Lock()
         self._pubsub_warned = False
@@ -239,31 +257,60 @@ class RedisClusterStore(RedisStore):
     def client(self, client: redis.cluster.RedisCluster) -> None:
         self._sync = client
 
-    # The clock: the median of the primaries' TIME (see the module's notes). ServerClock pairs
-    # a reading with the middle of the call that made it: each node's TIME is moved to the
-    # middle of this call (connecting and loading the scripts included).
+    # The clock: the median of the primaries' TIME that answered (see the module's notes).
+    # ServerClock pairs a reading with the middle of the call that made it: each node's TIME is
+    # moved to the middle of this call. Each primary is asked on its own (its own connection,
+    # not the cluster's routing, whose retries would refresh the topology), all at once, and
+    # those that have not answered within _clock_limit are left out: one primary down or
+    # stalled fails no call whose key lives on another.
 
     def _read_clock(self, first: bool) -> float:
         start = time.monotonic()
         client: Any = self.client
-        if first:  # load the scripts on every primary now, so that no call pays for it
-            for script in _CLUSTER_SCRIPTS:
-                self._call("load the scripts on", "SCRIPT", self._load, script)
-        readings = [
-            self._call("read the clock for", "TIME", self._read_node_clock, node)
-            for node in client.get_primaries()
-        ]
-        return _median(readings, start, time.monotonic())
+        if self._asking_pid != os.getpid():  # (a child has none of its parent's threads)
+            self._asking, self._asking_pid = set(), os.getpid()
+        primaries = client.get_primaries()
+        answers: dict[str, tuple[float, float] | BaseException] = {}
+        done = threading.Condition()
 
-    def _load(self, script: str) -> None:
-        client: Any = self.client
-        client.execute_command("SCRIPT", "LOAD", script, target_nodes=client.get_primaries())
+        def ask(node: Any) -> None:
+            try:
+                if first:  # load the scripts now, so that no call pays for it
+                    for script in _CLUSTER_SCRIPTS:
+                        _node_client(node).execute_command("SCRIPT", "LOAD", script)
+                answer: tuple[float, float] | BaseException = self._read_node_clock(node)
+            except Exception as exc:
+                answer = exc
+            with done:
+                answers[node.name] = answer
+                self._asking.discard(node.name)
+                done.notify_all()
+
+        with done:
+            for node in primaries:
+                if node.name in self._asking:  # still asked by an earlier reading: stalled
+                    answers[node.name] = TimeoutError("still asked by an earlier reading")
+                    continue
+                self._asking.add(node.name)
+                # A daemon thread: one on a stalled node blocks until socket_timeout (or for
+                # ever without one) and must never hold up the process's exit.
+                threading.Thread(target=ask, args=(node,), daemon=True).start()
+            limit, patience = _clock_limit(client)
+            done.wait_for(lambda: len(answers) == len(primaries), limit)
+            if not _any_reading(answers):  # none in time: wait for the first, as long as any
+                done.wait_for(
+                    lambda: _any_reading(answers) or len(answers) == len(primaries),
+                    max(patience - (time.monotonic() - start), 0.0),
+                )
+            found = dict(answers)
+        for node in primaries:
+            found.setdefault(node.name, TimeoutError(f"no answer within {limit:g} s"))
+        return self._median_of(primaries, found, start)
 
     def _read_node_clock(self, node: Any) -> tuple[float, float]:
         """One primary's ``TIME``: (its seconds, this process's monotonic clock then)."""
-        client: Any = self.client
         before = time.monotonic()
-        seconds, micros = client.execute_command("TIME", target_nodes=node)
+        seconds, micros = _node_client(node).execute_command("TIME")
         return float(seconds) + float(micros) / 1e6, (before + time.monotonic()) / 2
 
     async def _aread_clock(self, first: bool) -> float:
@@ -271,22 +318,79 @@ class RedisClusterStore(RedisStore):
         side = self._side()
         client: Any = side.client
         await self._acall(side, "connect to", "the cluster", client.initialize)
+        primaries = client.get_primaries()
+        tasks = {
+            asyncio.ensure_future(self._aask(side, node, first)): node.name for node in primaries
+        }
+        limit, patience = _clock_limit(client)
+        try:
+            if tasks:
+                _, waiting = await asyncio.wait(tasks, timeout=limit)
+                while waiting and not any(_answered(task) for task in tasks):
+                    left = patience - (time.monotonic() - start)
+                    if left <= 0:
+                        break
+                    _, waiting = await asyncio.wait(
+                        waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED
+                    )
+        finally:
+            for task in tasks:
+                task.cancel()  # (a TIME cut short disconnects its connection: redis-py's)
+        found: dict[str, tuple[float, float] | BaseException] = {}
+        for task, name in tasks.items():
+            if task.done() and not task.cancelled():
+                error = task.exception()
+                found[name] = task.result() if error is None else error
+            else:
+                found[name] = TimeoutError(f"no answer within {limit:g} s")
+        return self._median_of(primaries, found, start)
+
+    async def _aask(self, side: _LoopSide, node: Any, first: bool) -> tuple[float, float]:
         if first:
             for script in _CLUSTER_SCRIPTS:
-                await self._acall(side, "load the scripts on", "SCRIPT", _aload, client, script)
-        readings = await asyncio.gather(
-            *(
-                self._acall(side, "read the clock for", "TIME", self._aread_node_clock, side, node)
-                for node in client.get_primaries()
-            )
-        )
-        return _median(readings, start, time.monotonic())
+                await node.execute_command("SCRIPT", "LOAD", script)
+        return await self._aread_node_clock(side, node)
 
     async def _aread_node_clock(self, side: _LoopSide, node: Any) -> tuple[float, float]:
+        """``_read_node_clock`` through this event loop's cluster client's node."""
         before = time.monotonic()
-        client: Any = side.client
-        seconds, micros = await client.execute_command("TIME", target_nodes=node)
+        seconds, micros = await node.execute_command("TIME")
         return float(seconds) + float(micros) / 1e6, (before + time.monotonic()) / 2
+
+    def _median_of(
+        self,
+        primaries: list[Any],
+        answers: dict[str, tuple[float, float] | BaseException],
+        start: float,
+    ) -> float:
+        """The median of the primaries' clocks that answered; the others logged (once, until
+        they answer again). Raises a ``StoreError`` when none answered."""
+        readings: list[tuple[float, float]] = []
+        failed: list[str] = []
+        for node in primaries:
+            answer = answers.get(node.name)
+            if isinstance(answer, tuple):
+                readings.append(answer)
+                self._silent.discard(node.name)
+                continue
+            failed.append(f"{node.name}: {type(answer).__name__}: {answer}")
+            if node.name not in self._silent:
+                self._silent.add(node.name)
+                logger.warning(
+                    "RedisStore: the cluster's primary %s did not answer for the store's clock"
+                    " (%s: %s); the clock is the median of the primaries that answer, until it"
+                    " does again",
+                    node.name,
+                    type(answer).__name__,
+                    answer,
+                )
+        if not readings:
+            raise self.error(
+                "read the clock for",
+                "TIME",
+                "no primary answered: " + ("; ".join(failed) or "the cluster has none"),
+            )
+        return _median(readings, start, time.monotonic())
 
     # The primitives that hand the node times: in ms from now (see _relative).
 
@@ -358,8 +462,36 @@ class RedisClusterStore(RedisStore):
             self._forget_closed_loops()
 
 
-async def _aload(client: Any, script: str) -> None:
-    await client.execute_command("SCRIPT", "LOAD", script, target_nodes=client.get_primaries())
+def _node_client(node: Any) -> Any:
+    """A sync cluster client's node's own ``Redis`` client (its connections, no routing)."""
+    client = node.redis_connection
+    if client is None:  # (the cluster client makes one for each node it knows)
+        raise _connection_error()(f"no connection to {node.name}")
+    return client
+
+
+def _answered(task: asyncio.Future[tuple[float, float]]) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is None
+
+
+def _any_reading(answers: dict[str, tuple[float, float] | BaseException]) -> bool:
+    return any(isinstance(answer, tuple) for answer in answers.values())
+
+
+def _clock_limit(client: Any) -> tuple[float, float]:
+    """(how long a clock reading waits for every primary, how long for at least one): the
+    client's ``socket_timeout``, at most ``_CLOCK_LIMIT`` seconds for the first."""
+    timeout = _settings_of(client).get("socket_timeout")
+    patience = float(timeout) if timeout else _CLOCK_PATIENCE
+    return min(patience, _CLOCK_LIMIT), max(patience, _CLOCK_LIMIT)
+
+
+# A clock reading waits this long (seconds) for every primary's TIME, then takes the median of
+# those that answered; if none did, it waits for the first up to the client's socket_timeout
+# (_CLOCK_PATIENCE without one). A primary answers TIME in well under a millisecond: one that
+# takes a second is stalled (a long fork, a paused VM) or unreachable.
+_CLOCK_LIMIT = 1.0
+_CLOCK_PATIENCE = 5.0
 
 
 class _ClusterLane:
