@@ -344,15 +344,21 @@ def test_an_outcome_whose_connection_is_lost_before_it_lands_is_written_again(
         locker.rollback()  # the write sent again goes through
         done.set()
 
+    loser: list[threading.Thread] = []
+
     @idempotent(key="k", name="lost", store=store)
     def body() -> str:
         locker.execute(f"SELECT 1 FROM {table} WHERE key = 'lost:k' FOR UPDATE")
-        threading.Thread(target=lose_the_first_write, daemon=True).start()
+        loser.append(threading.Thread(target=lose_the_first_write, daemon=True))
+        loser[0].start()
         return "value"
 
     try:
         with caplog.at_level(logging.ERROR, logger="idemfn"):
             assert body() == "value"
+        # (The write goes through as the rollback is processed, before the rollback returns
+        # in the thread: wait for it, then close the locker.)
+        loser[0].join(PATIENCE)
         assert done.is_set()
         assert "could not be recorded" not in caplog.text
         entry = store.get("lost:k")
