@@ -235,10 +235,12 @@ def test_the_store_follows_sentinels_new_master(deployment: RedisReplicated, giv
         store = RedisStore(deployment.url(), prefix=where)
     elif given == "client":
         sentinel = redis.sentinel.Sentinel([deployment.sentinel.address], socket_timeout=WAIT)
-        store = RedisStore(sentinel.master_for(SERVICE), prefix=where)
+        store = RedisStore(sentinel.master_for(SERVICE, password=deployment.password), prefix=where)
     else:  # (the sync client, for sync callers, is made like it)
         asentinel = redis.asyncio.sentinel.Sentinel([deployment.sentinel.address])
-        store = RedisStore(asentinel.master_for(SERVICE), prefix=where)
+        store = RedisStore(
+            asentinel.master_for(SERVICE, password=deployment.password), prefix=where
+        )
     assert "redis+sentinel://" in store.url
     runs: list[Any] = []
     fn = counted(store, runs)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -68,8 +69,14 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float = TIMEOUT) 
 class RedisNode:
     """One ``redis-server`` process (a data node or a Sentinel) on a port of 127.0.0.1."""
 
-    def __init__(self, directory: Path, name: str, *, sentinel: bool = False) -> None:
+    def __init__(
+        self, directory: Path, name: str, password: str, *, sentinel: bool = False
+    ) -> None:
         self.directory = directory / name
+        # The deployment's own: another test run's Sentinel or replica that reaches one of
+        # these ports (a port it used before, reused since: two suites run at once on CI)
+        # cannot authenticate, so it can neither reconfigure nor replicate from these nodes.
+        self.password = password
         self.directory.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.sentinel = sentinel
@@ -88,6 +95,7 @@ class RedisNode:
             **{
                 "host": "127.0.0.1",
                 "port": self.port,
+                "password": None if self.sentinel else self.password,
                 "socket_timeout": TIMEOUT,
                 "socket_connect_timeout": 5,
                 **settings,
@@ -123,6 +131,7 @@ class RedisNode:
             lines = [
                 *common,
                 f"sentinel monitor {SERVICE} {host} {port} 1",
+                f"sentinel auth-pass {SERVICE} {self.password}",
                 # Never by itself: a loaded machine must not fail the primary over mid-test.
                 # Failovers are asked for (SENTINEL FAILOVER).
                 f"sentinel down-after-milliseconds {SERVICE} 600000",
@@ -131,6 +140,7 @@ class RedisNode:
             ]
         else:
             lines = [*common, 'save ""', "appendonly no", "repl-diskless-sync no"]
+            lines += [f"requirepass {self.password}", f"masterauth {self.password}"]
             if replica_of is not None:
                 lines.append("replicaof {} {}".format(*replica_of.address))
         config = self.directory / "redis.conf"  # (Sentinel rewrites its own: a file it owns)
@@ -185,9 +195,10 @@ class RedisReplicated:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.primary = RedisNode(directory, "a")
-        self.replica = RedisNode(directory, "b")
-        self.sentinel = RedisNode(directory, "sentinel", sentinel=True)
+        self.password = secrets.token_hex(8)
+        self.primary = RedisNode(directory, "a", self.password)
+        self.replica = RedisNode(directory, "b", self.password)
+        self.sentinel = RedisNode(directory, "sentinel", self.password, sentinel=True)
         self._stalled = False
         try:
             self.primary.start()
@@ -204,7 +215,7 @@ class RedisReplicated:
     def url(self, scheme: str = "redis+sentinel", **query: Any) -> str:
         """The store URL that reaches the master through Sentinel, with ``query`` parameters."""
         host, port = self.sentinel.address
-        text = f"{scheme}://{host}:{port}/{SERVICE}"
+        text = f"{scheme}://:{self.password}@{host}:{port}/{SERVICE}"  # (the master's)
         if query:
             text += "?" + "&".join(f"{k}={v}" for k, v in query.items())
         return text
@@ -212,7 +223,7 @@ class RedisReplicated:
     def direct_url(self, **query: Any) -> str:
         """``redis://`` straight to the primary now (it does not follow a failover)."""
         host, port = self.primary.address
-        text = f"redis://{host}:{port}/0"
+        text = f"redis://:{self.password}@{host}:{port}/0"
         if query:
             text += "?" + "&".join(f"{k}={v}" for k, v in query.items())
         return text
