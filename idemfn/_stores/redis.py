@@ -406,46 +406,58 @@ class RedisStore(Store):
         token = entry.token if entry.status == "processing" else ""
         return [self.prefix + entry.key], [token, self.encode(entry), drop_at, expires]
 
+    # A claim is won when the script inserted its record (None), or found exactly the record
+    # it writes: its first send landed before its connection was lost (_sent), or redis-py
+    # sent it again; the entry holds this call's token, which no other caller writes.
+
     def claim(self, entry: Entry) -> Entry | None:
         keys, args = self._claim_args(entry)
-        again = False
         try:
-            try:
-                found = self._call("claim", entry.key, self._claim, self._writes, keys, args)
-            except StoreError as exc:
-                if not _connection_lost(exc):
-                    raise
-                again = True  # sent once more (see _connection_lost)
-                found = self._call("claim", entry.key, self._claim, self._writes, keys, args)
+            found = self._sent("claim", entry.key, self._claim, self._writes, keys, args)
         except _Unacknowledged as short:
             found = short.reply
-            if found is None or (again and found == args[1]):
+            if found is None or found == args[1]:
                 # Won, but too few replicas have it: withdrawn, body not run. (The WAIT after
                 # a second try counts the first's write too.)
                 self._withdraw(entry.key, entry.token, short.acked, "")
-        if found is None or (again and found == args[1]):
+        if found is None or found == args[1]:
             return None
         return self.decode(entry.key, found)
 
     async def aclaim(self, entry: Entry) -> Entry | None:
         side = self._side()
         claim, (keys, args) = self._claim.acall, self._claim_args(entry)
-        again = False
         try:
-            try:
-                found = await self._acall(side, "claim", entry.key, claim, side.writes, keys, args)
-            except StoreError as exc:
-                if not _connection_lost(exc):
-                    raise
-                again = True  # sent once more (see _connection_lost)
-                found = await self._acall(side, "claim", entry.key, claim, side.writes, keys, args)
+            found = await self._asent(side, "claim", entry.key, claim, side.writes, keys, args)
         except _Unacknowledged as short:
             found = short.reply
-            if found is None or (again and found == args[1]):
+            if found is None or found == args[1]:
                 await self._awithdraw(side, entry.key, entry.token, short.acked, "")
-        if found is None or (again and found == args[1]):
+        if found is None or found == args[1]:
             return None
         return self.decode(entry.key, found)
+
+    def _sent(self, action: str, key: str, script: Any, lane: Any, *words: Any) -> Any:
+        """``script`` run on ``lane``, and sent once more when its connection was lost under
+        it (see ``_connection_lost``): the caller tells from the answer whether the first had
+        landed."""
+        try:
+            return self._call(action, key, script, lane, *words)
+        except StoreError as exc:
+            if not _connection_lost(exc):
+                raise
+        return self._call(action, key, script, lane, *words)
+
+    async def _asent(
+        self, side: _LoopSide, action: str, key: str, script: Any, lane: Any, *words: Any
+    ) -> Any:
+        """``_sent`` on this event loop's ``side``."""
+        try:
+            return await self._acall(side, action, key, script, lane, *words)
+        except StoreError as exc:
+            if not _connection_lost(exc):
+                raise
+        return await self._acall(side, action, key, script, lane, *words)
 
     # Replicas (issue 19): with replicas=N, each write is followed by WAIT N in its round trip.
 
@@ -539,14 +551,9 @@ class RedisStore(Store):
         keys, args = self._swap_args(key, token, entry)
         short: _Unacknowledged | None = None
         try:
-            try:
-                done = self._call("update", key, self._swap, self._writes, keys, args)
-            except StoreError as exc:
-                if not _connection_lost(exc):
-                    raise
-                # Sent once more (see _connection_lost): refused then, _refused tells whether
-                # the first landed (the record is this swap's entry).
-                done = self._call("update", key, self._swap, self._writes, keys, args)
+            # (Sent once more after a lost connection: refused then, _refused tells whether
+            # the first landed: the record is this swap's entry.)
+            done = self._sent("update", key, self._swap, self._writes, keys, args)
         except _Unacknowledged as caught:
             short, done = caught, caught.reply
         if done != 1 and not run(self._refused(key, token, entry, done), RedisStore._read, self):
@@ -562,12 +569,7 @@ class RedisStore(Store):
         swap, (keys, args) = self._swap.acall, self._swap_args(key, token, entry)
         short: _Unacknowledged | None = None
         try:
-            try:
-                done = await self._acall(side, "update", key, swap, side.writes, keys, args)
-            except StoreError as exc:
-                if not _connection_lost(exc):
-                    raise
-                done = await self._acall(side, "update", key, swap, side.writes, keys, args)
+            done = await self._asent(side, "update", key, swap, side.writes, keys, args)
         except _Unacknowledged as caught:
             short, done = caught, caught.reply
         if done != 1 and not await arun(self._refused(key, token, entry, done), self._aread, side):
