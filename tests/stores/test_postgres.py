@@ -412,6 +412,7 @@ def test_a_spare_connection_goes_back_to_the_pool_after_a_while(
     assert len(store._spares) == 1
     pool = store._pool
     assert pool is not None
+    pool.wait(timeout=60)  # (its first fill, in its own threads, done: counted once, here)
     idle = pool.get_stats()["pool_available"]
     monkeypatch.setattr(store_module, "_SPARE_FOR", 0.0)  # (every one is out too long)
     assert store.get("k") is None
