@@ -70,6 +70,9 @@ def redis_server(directory: Path) -> Iterator[str]:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        # bench_async stops it (SIGSTOP); in the caller's process group, the kernel would
+        # continue it when another member's exit orphans the group.
+        start_new_session=True,
     )
     try:
         import redis

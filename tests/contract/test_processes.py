@@ -243,6 +243,9 @@ def _start_child(
             stderr=err,
             cwd=tmp_path,
             env=env,
+            # Stopped by tests (SIGSTOP): out of the suite's process group, which the kernel
+            # continues when an `idemfn run` command in it exits (see RedisServer.start).
+            start_new_session=True,
         )
 
 

@@ -65,6 +65,10 @@ class RedisServer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            # Tests stop it (SIGSTOP): in the suite's process group, the kernel would continue it
+            # when any `idemfn run` command there exits (the group is orphaned, and a stopped
+            # member of an orphaned group gets SIGHUP and SIGCONT).
+            start_new_session=True,
         )
         give_up = time.monotonic() + 20
         import redis

@@ -103,6 +103,7 @@ class ClusterNode:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # stopped by tests: see RedisServer.start
         )
         give_up = time.monotonic() + _TIMEOUT
         while True:

@@ -147,7 +147,11 @@ class RedisNode:
         config.write_text("\n".join(lines) + "\n")
         command = [_binary(), str(config)] + (["--sentinel"] if self.sentinel else [])
         self.process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # stopped by tests: see RedisServer.start
         )
         give_up = time.monotonic() + TIMEOUT
         while True:
