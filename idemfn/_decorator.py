@@ -362,17 +362,26 @@ def _transaction_of(
     return transaction  # type: ignore[no-any-return]
 
 
+# The task queues whose decorator returns an object their worker runs without calling the
+# function it was given, by the top module of that object's type: over it, @idempotent would
+# only wrap local calls and guard nothing. Each: (the queue, its decorator, idemfn's helper).
+_TASK_OBJECTS = {
+    "celery": ("Celery", "@app.task", "idemfn.celery.idempotent_task"),
+}
+
+
 def _refuse_task_object(fn: object) -> None:
-    # A Celery task's worker calls the task's own run(), never this wrapper: over @app.task the
-    # decorator would only wrap local calls and guard nothing. (app.task returns a lazy proxy:
-    # look at types only, which does not evaluate it.)
+    # (Celery's app.task returns a lazy proxy: look at types only, which does not evaluate it.)
     kind = type(fn)
-    if kind.__module__.partition(".")[0] == "celery" or hasattr(kind, "apply_async"):
+    queue = _TASK_OBJECTS.get(kind.__module__.partition(".")[0])
+    if queue is None and hasattr(kind, "apply_async"):  # a Celery task instance of any module
+        queue = _TASK_OBJECTS["celery"]
+    if queue is not None:
+        name, decorator, helper = queue
         raise TypeError(
-            "@idempotent must go under @app.task, not over it: it was given a Celery task"
+            f"@idempotent must go under {decorator}, not over it: it was given a {name} task"
             f" ({kind.__name__}), whose worker would run the body without idempotency. Write"
-            " @app.task(...) first, then @idempotent(...) (or idemfn.celery.idempotent_task(...))"
-            " on the next line"
+            f" {decorator}(...) first, then @idempotent(...) (or {helper}(...)) on the next line"
         )
 
 
