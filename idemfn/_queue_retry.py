@@ -35,7 +35,11 @@ def queue_will_retry(exc: BaseException, function: object) -> bool:
 
     ``function`` is the decorated function whose claim ``exc`` ends (None: unknown).
     """
-    return _celery_will_retry(exc, function) or _rq_will_retry(function)
+    return (
+        _celery_will_retry(exc, function)
+        or _rq_will_retry(function)
+        or _huey_will_retry(exc, function)
+    )
 
 
 def is_queue_retry_of(function: object) -> bool:
@@ -114,3 +118,33 @@ def _rq_will_retry(function: object) -> bool:
         return _is(job.func, function)
     except Exception:  # the job's function cannot be resolved here: don't guess
         return False
+
+
+def _huey_will_retry(exc: BaseException, function: object) -> bool:
+    # Huey runs a task again after RetryTask, and after an exception while its retries are
+    # left. (Once Huey is loaded, its check imports idemfn.huey, which finds the running task.)
+    exceptions = sys.modules.get("huey.exceptions")
+    if exceptions is None:
+        return False
+    # Huey's _execute: RetryTask, and CancelExecution or RateLimitExceeded with retry=True,
+    # are retried whatever the task's retries; KeyboardInterrupt drops the task.
+    if isinstance(exc, exceptions.RetryTask):
+        return True
+    retry = getattr(exc, "retry", None)
+    if isinstance(exc, (exceptions.CancelExecution, exceptions.RateLimitExceeded)) and retry:
+        return True
+    if isinstance(exc, exceptions.CancelExecution) and retry is not None:
+        return False
+    if function is None or not isinstance(exc, Exception):
+        return False
+    from .huey import _running_task  # loaded with Huey: huey.exceptions is
+
+    running = _running_task()
+    if running is None or not running[1].retries:
+        return False
+    # The task's class runs its function from a closure (TaskWrapper.create_task's execute).
+    execute: Any = getattr(type(running[1]), "execute", None)
+    names = getattr(getattr(execute, "__code__", None), "co_freevars", ())
+    if "func" not in names:
+        return False
+    return _is(execute.__closure__[names.index("func")].cell_contents, function)
