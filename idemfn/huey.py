@@ -37,11 +37,12 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
+from types import FrameType
 from typing import Literal, NoReturn, ParamSpec, TypeVar
 
 try:
-    from huey.api import Huey, Task
-    from huey.exceptions import RetryTask
+    from huey.api import Huey, Task  # type: ignore[import-untyped]
+    from huey.exceptions import RetryTask  # type: ignore[import-untyped]
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("idemfn.huey needs Huey: pip install 'idemfn[huey]'") from exc
 
@@ -69,14 +70,14 @@ def _running_task() -> tuple[Huey, Task] | None:
     worker type (thread, process, greenlet) and in immediate mode, with nothing to register.
     Only frames named so have their locals read, and those must be a Huey and a Task.
     """
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name in ("execute", "_execute"):
             found = frame.f_locals
             huey, task = found.get("self"), found.get("task")
             if isinstance(huey, Huey) and isinstance(task, Task):
                 return huey, task
-        frame = frame.f_back  # type: ignore[assignment]
+        frame = frame.f_back
     return None
 
 
