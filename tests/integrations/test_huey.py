@@ -8,6 +8,8 @@ start real ``huey_consumer`` processes on the suite's redis-server.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import uuid
 from collections.abc import Iterator
@@ -430,3 +432,38 @@ def test_retries_run_out_under_a_consumer_and_the_last_failure_is_replayed(
     consumer.send("flaky", name, 10, message_id=message)  # enqueued again: replayed
     assert consumer.wait(message, "failed", 2)[1] == failure
     assert len(consumer.runs(name)) == 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "status"),
+    [(signal.SIGINT, Status.OK), (signal.SIGTERM, Status.HALTED)],
+    ids=["SIGINT-graceful", "SIGTERM-interrupts"],
+)
+def test_a_consumer_stopped_mid_body_and_its_task_enqueued_again(
+    consumer: HueyQueue, signum: int, status: Status
+) -> None:
+    name = f"stop-{uuid.uuid4().hex}"
+    message = consumer.send("once", name, True)
+    poll(lambda: consumer.runs(name), "the body to start")
+    (stopped,) = consumer.workers
+    os.kill(stopped.pid, signum)
+    if signum == signal.SIGINT:  # graceful: the running body finishes first
+        stopped.wait_for_log("Shutting down gracefully")
+        consumer.release(name)
+    assert stopped.process.wait(60) == 0
+    record = consumer.record("once", message)
+    assert record is not None and record.status is status
+    if status is Status.HALTED:  # a process worker's body got KeyboardInterrupt
+        assert record.exc_type == "KeyboardInterrupt"
+
+    # Huey's recipe for interrupted tasks (SIGNAL_INTERRUPTED) enqueues them again.
+    consumer.start_worker()
+    consumer.send("once", name, True, message_id=message)
+    if status is Status.OK:
+        first, replayed = consumer.wait(message, "ok", 2)
+        assert replayed == first
+    else:
+        (failure,) = consumer.wait(message, "failed")
+        assert failure.startswith("Halted(") and "KeyboardInterrupt" in failure
+    assert len(consumer.runs(name)) == 1
