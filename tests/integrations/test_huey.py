@@ -176,7 +176,7 @@ def test_immediate_mode_runs_the_body_once_per_task_id() -> None:
     assert runs == ["o-1"]
 
 
-def test_with_context_the_task_argument_is_left_out_of_the_fingerprint_by_naming_the_rest() -> None:
+def test_with_context_name_the_arguments_to_fingerprint_as_task_cannot_be() -> None:
     huey, store = _huey(), MemoryStore()
 
     @huey.task(context=True)
@@ -186,6 +186,14 @@ def test_with_context_the_task_argument_is_left_out_of_the_fingerprint_by_naming
         return f"{order} by {task.id}"
 
     assert _run(huey, charge.s("o-1", id="t-1")) == "o-1 by t-1"
+
+    @huey.task(context=True)
+    @idempotent_task(store=store)
+    def refund(order: str, task: Task | None = None) -> str:
+        return order
+
+    with pytest.raises(TaskException, match=r"cannot fingerprint argument 'task'.*fingerprint="):
+        _run(huey, refund.s("o-1", id="t-2"))
 
 
 # --- a busy key: Huey's RetryTask, which needs no retries left ----------------------------------
