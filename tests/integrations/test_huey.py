@@ -60,6 +60,20 @@ def _run(huey: Huey, task: Task) -> Any:
     return result.get(preserve=True)
 
 
+def test_idemfn_huey_exports_what_it_defines_and_idemfn_imports_no_huey() -> None:
+    import subprocess
+    import sys
+
+    import idemfn
+    import idemfn.huey
+
+    assert idemfn.huey.__all__ == ["idempotent_task", "task_id"]
+    assert "huey" not in idemfn.__all__
+    code = "import sys, idemfn; print(sorted(m for m in sys.modules if m.startswith('huey')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 # --- misuse -----------------------------------------------------------------------------------
 
 

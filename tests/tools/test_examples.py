@@ -67,3 +67,27 @@ def test_the_rq_example(tmp_path: Path, redis_server: RedisServer) -> None:
     assert len(first) == 3 and len(_receipts(first)) == 1, first
     assert _receipts(second) == _receipts(first)
     assert worker.output().count(f"paying {invoice}:") == 1
+
+
+def test_the_huey_example(tmp_path: Path, redis_server: RedisServer) -> None:
+    env = {"REDIS_URL": f"unix://{redis_server.socket}", "IDEMFN_STORE": str(tmp_path / "store")}
+    # `cd examples && huey_consumer huey_tasks.huey -k process`, with examples/ on the path.
+    consume = "import sys; sys.path.insert(0, 'examples'); import huey.bin.huey_consumer as c"
+    argv = [
+        sys.executable,
+        "-c",
+        f"{consume}; c.consumer_main()",
+        "huey_tasks.huey",
+        "-k",
+        "process",
+    ]
+    worker = Worker(argv, env, tmp_path / "huey.log", ready="Huey consumer started")
+    invoice = f"invoice-{uuid.uuid4().hex[:8]}"
+    try:
+        first = _run("huey_tasks.py", env, invoice)
+        second = _run("huey_tasks.py", env, invoice)
+    finally:
+        worker.kill()
+    assert len(first) == 3 and len(_receipts(first)) == 1, first
+    assert _receipts(second) == _receipts(first)
+    assert worker.output().count(f"paying {invoice}:") == 1
