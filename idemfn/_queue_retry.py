@@ -131,7 +131,8 @@ def _huey_will_retry(exc: BaseException, function: object) -> bool:
     if isinstance(exc, exceptions.RetryTask):
         return True
     retry = getattr(exc, "retry", None)
-    if isinstance(exc, (exceptions.CancelExecution, exceptions.RateLimitExceeded)) and retry:
+    requests = (exceptions.CancelExecution, getattr(exceptions, "RateLimitExceeded", ()))  # 3.0+
+    if isinstance(exc, requests) and retry:
         return True
     if isinstance(exc, exceptions.CancelExecution) and retry is not None:
         return False

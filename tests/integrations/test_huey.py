@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import pytest
 from huey import MemoryHuey, crontab
 from huey.api import Huey, Task
-from huey.exceptions import CancelExecution, RetryTask, TaskException
+from huey.exceptions import CancelExecution, RateLimitExceeded, RetryTask, TaskException
 
 from idemfn import MemoryStore, Status, idempotent, open_store
 from idemfn.huey import idempotent_task, task_id
@@ -309,19 +309,28 @@ def test_retries_release_the_key_until_the_last_attempt_which_is_recorded(decora
 
 
 @pytest.mark.parametrize(
-    ("raised", "runs_again"),
+    ("raised", "retries", "runs_again"),
     [
-        (RetryTask(delay=0), True),  # retried whatever the retries left
-        (CancelExecution(retry=True), True),
-        (CancelExecution(retry=False), False),  # never retried: Huey drops its retries
-        (CancelExecution(), True),  # retried while retries are left, as any exception
+        (RetryTask(delay=0), 0, True),  # retried whatever the retries left
+        (CancelExecution(retry=True), 0, True),
+        (RateLimitExceeded("api", 0.0, retry=True), 0, True),
+        (CancelExecution(retry=False), 1, False),  # never retried: Huey drops its retries
+        (CancelExecution(), 1, True),  # retried while retries are left, as any exception
     ],
-    ids=["RetryTask", "CancelExecution-retry", "CancelExecution-no-retry", "CancelExecution"],
+    ids=[
+        "RetryTask",
+        "CancelExecution-retry",
+        "RateLimitExceeded-retry",
+        "CancelExecution-no-retry",
+        "CancelExecution",
+    ],
 )
-def test_huey_retry_requests_release_the_key(raised: Exception, runs_again: bool) -> None:
+def test_huey_retry_requests_release_the_key(
+    raised: Exception, retries: int, runs_again: bool
+) -> None:
     huey, store, runs = _huey(), MemoryStore(), []
 
-    @huey.task(retries=1)
+    @huey.task(retries=retries)
     @idempotent_task(store=store)
     def pay() -> str:
         runs.append(1)
