@@ -8,8 +8,10 @@ here an in-process ``dramatiq.Worker`` (its real worker threads, middleware and 
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 from typing import Any
 
 import dramatiq
@@ -387,3 +389,66 @@ def test_an_async_actor_is_keyed_on_its_message() -> None:
         stub.close()
     assert runs == [1]
     assert _record(store, pay, sent.message_id).status is Status.OK
+
+
+def test_a_body_reentering_its_own_key_fails_as_already_running_not_retried_as_busy(
+    stub: Stub,
+) -> None:
+    store = MemoryStore()
+
+    @stub.actor(max_retries=0)
+    @idempotent_actor(store=store, delay=0)
+    def loop() -> None:
+        loop()  # a bug: a busy retry would never end
+
+    sent = loop.send()
+    [(state, error)] = stub.ends(sent.message_id)
+    assert state == "failed" and type(error) is AlreadyRunning
+    assert "re-entered its own key" in str(error)
+
+
+# --- the helper is idempotent with a default key -------------------------------------------
+
+
+def test_the_helper_keeps_key_for_status_forget_and_store() -> None:
+    store = MemoryStore()
+
+    @idempotent_actor(key="k:{x}", store=store)
+    def body(x: int) -> int:
+        return x * 2
+
+    assert body(2) == 4  # called directly: the key is the business key
+    assert body.store is store
+    assert body.key_for(2).endswith("k:2")
+    assert body.status(2).status is Status.OK  # type: ignore[union-attr]
+    assert body.forget(2) is True and body.status(2) is None
+
+
+def test_the_helper_forwards_every_option_of_idempotent(monkeypatch: pytest.MonkeyPatch) -> None:
+    given: dict[str, Any] = {}
+
+    def spy(**options: Any) -> Any:
+        options.pop("on_busy")
+        given.update(options)
+        return lambda fn: fn
+
+    monkeypatch.setattr(idemfn.dramatiq, "decorator", spy)
+    options = {
+        "key": "k:{x}",
+        "name": "custom.name",
+        "store": MemoryStore(),
+        "ttl": 12.0,
+        "fingerprint": ["x"],
+        "wait": 3.0,
+        "lease": 9.0,
+        "on_abandoned": "retry",
+        "retry_on": KeyError,
+        "deadline": datetime(2100, 1, 1, tzinfo=timezone.utc),
+        "transactional": False,
+        "signing_key": "s" * 32,
+        "serializer": "json",
+    }
+    core = set(inspect.signature(idempotent).parameters) - {"_misuse"}
+    assert set(options) == core  # this test lists every option of idempotent
+    idempotent_actor(**options)
+    assert given == options
