@@ -13,6 +13,12 @@ function, and only while the queue has retries left: the last attempt's failure 
 a nested idempotent call (whose exception the task may catch) records its failure as usual, so
 a caught failure never lets the side effect run twice.
 
+Dramatiq's Retries middleware enqueues a message again after any exception escaping its actor
+while it has retries left (by its ``throws``, ``retry_when`` and ``max_retries``), and
+``dramatiq.Retry`` asks for that on purpose: it releases wherever it is raised, even on the last
+attempt (nothing is recorded: the body said it is not done). Dramatiq enqueues the retry after
+the exception has left the body, so the retried message never finds the key still held.
+
 Celery's ``self.retry()`` publishes the retry *before* raising ``Retry``, so the retried
 delivery can find the key still held by the attempt that asked for it: ``is_queue_retry_of``
 tells the decorator to wait for that attempt to let go instead of failing as busy.
