@@ -152,7 +152,8 @@ def _dramatiq_retries_left(exc: BaseException, function: object = None) -> bool:
     thread = threading.current_thread()
     if worker is not None and isinstance(thread, worker.WorkerThread):
         broker: Any = thread.broker
-    else:  # (never get_broker(): it would create a broker)
+    else:  # an async actor, on the event loop's thread: the global broker, if any (never
+        # get_broker(), which would create one)
         broker = sys.modules["dramatiq.broker"].global_broker
     retries_class = sys.modules["dramatiq.middleware.retries"].Retries
     middleware = [m for m in getattr(broker, "middleware", ()) if isinstance(m, retries_class)]

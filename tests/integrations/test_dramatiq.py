@@ -129,7 +129,7 @@ def test_the_module_exports_what_it_defines() -> None:
 
 
 def test_message_id_outside_a_worker_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dramatiq.broker, "global_broker", None)
+    monkeypatch.setattr(dramatiq.broker, "global_broker", stub.broker)
     with pytest.raises(ValueError, match=r"no Dramatiq message is running here.*pass key="):
         message_id()
 
@@ -452,3 +452,27 @@ def test_the_helper_forwards_every_option_of_idempotent(monkeypatch: pytest.Monk
     assert set(options) == core  # this test lists every option of idempotent
     idempotent_actor(**options)
     assert given == options
+
+
+def test_an_async_actor_s_retried_failure_runs_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    stub = Stub(asyncio=True)
+    # Its body runs on Dramatiq's event loop thread, where the broker is the global one.
+    monkeypatch.setattr(dramatiq.broker, "global_broker", stub.broker)
+    store = MemoryStore()
+    runs: list[int] = []
+    try:
+
+        @stub.actor(max_retries=2, min_backoff=1, max_backoff=10)
+        @idempotent_actor(store=store)
+        async def flaky() -> str:
+            runs.append(1)
+            if len(runs) < 3:
+                raise ConnectionError(f"run {len(runs)} failed")
+            return "ok on run 3"
+
+        sent = flaky.send()
+        ends = stub.ends(sent.message_id, 3)
+    finally:
+        stub.close()
+    assert [s for s, _ in ends] == ["retry", "retry", "ok"]
+    assert _record(store, flaky, sent.message_id).status is Status.OK
