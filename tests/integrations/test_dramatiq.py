@@ -129,7 +129,7 @@ def test_the_module_exports_what_it_defines() -> None:
 
 
 def test_message_id_outside_a_worker_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dramatiq.broker, "global_broker", stub.broker)
+    monkeypatch.setattr(dramatiq.broker, "global_broker", None)
     with pytest.raises(ValueError, match=r"no Dramatiq message is running here.*pass key="):
         message_id()
 
