@@ -95,19 +95,28 @@ def message_id(*args: object, **kwargs: object) -> str:
     if message is not None:
         return message.message_id
     thread = threading.current_thread()
-    broker = thread.broker if isinstance(thread, WorkerThread) else dramatiq.broker.global_broker
-    if broker is not None and not any(isinstance(m, CurrentMessage) for m in broker.middleware):
-        where = "running" if isinstance(thread, WorkerThread) else "set"
+    if isinstance(thread, WorkerThread) and not _has_current_message(thread.broker):
         raise ValueError(
-            f"idemfn.dramatiq.message_id: the Dramatiq broker {where} here has no"
-            f" CurrentMessage middleware, through which an actor reaches its message's id:"
-            f" {_ADD_IT} (or pass key= to key the call on its arguments)"
+            "idemfn.dramatiq.message_id: this Dramatiq worker's broker has no CurrentMessage"
+            f" middleware, through which an actor reaches its message's id: {_ADD_IT} (or"
+            " pass key= to key the call on its arguments)"
         )
-    raise ValueError(
+    problem = (
         "idemfn.dramatiq.message_id: no Dramatiq message is running here (an actor called"
         " directly has no message): send it with .send(), or pass key= to key the call on its"
         " arguments"
     )
+    broker = dramatiq.broker.global_broker  # (never get_broker(): it would create one)
+    if broker is not None and not _has_current_message(broker):
+        problem += (
+            "; and the global broker has no CurrentMessage middleware, which a worker needs for"
+            f" this key: {_ADD_IT}"
+        )
+    raise ValueError(problem)
+
+
+def _has_current_message(broker: dramatiq.Broker) -> bool:
+    return any(isinstance(m, CurrentMessage) for m in broker.middleware)
 
 
 def idempotent_actor(

@@ -135,7 +135,7 @@ def test_message_id_outside_a_worker_says_what_to_do(monkeypatch: pytest.MonkeyP
 
     # A global broker without CurrentMessage: the way out is to add it.
     monkeypatch.setattr(dramatiq.broker, "global_broker", StubBroker())
-    with pytest.raises(ValueError, match=r"has no CurrentMessage middleware.*add_middleware"):
+    with pytest.raises(ValueError, match=r"running here.*no CurrentMessage middleware.*add_mid"):
         message_id()
 
 
@@ -155,7 +155,7 @@ def test_a_worker_without_current_message_fails_the_message_saying_to_add_it() -
         stub.close()
     assert state == "failed"
     assert isinstance(error, ValueError)
-    assert "running here has no CurrentMessage middleware" in str(error)
+    assert "this Dramatiq worker's broker has no CurrentMessage middleware" in str(error)
     assert "broker.add_middleware(dramatiq.middleware.CurrentMessage())" in str(error)
     assert not list(store.scan())  # the body never ran, nothing was stored
 
