@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import inspect
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import dramatiq
@@ -21,8 +23,10 @@ from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import AsyncIO, CurrentMessage, Middleware, Retries
 
 import idemfn.dramatiq
-from idemfn import AlreadyRunning, MemoryStore, Status, Store, idempotent
+from idemfn import AlreadyRunning, MemoryStore, Status, Store, idempotent, open_store
 from idemfn.dramatiq import idempotent_actor, message_id
+from tests.support.queues.dramatiq import HEARTBEAT_TIMEOUT, DramatiqQueue
+from tests.support.servers import RedisServer
 from tests.support.workers import poll
 
 
@@ -476,3 +480,34 @@ def test_an_async_actor_s_retried_failure_runs_again(monkeypatch: pytest.MonkeyP
         stub.close()
     assert [s for s, _ in ends] == ["retry", "retry", "ok"]
     assert _record(store, flaky, sent.message_id).status is Status.OK
+
+
+# --- a real worker: the Redis broker's own maintenance ---------------------------------------
+
+
+@pytest.mark.slow
+def test_the_broker_requeues_a_killed_worker_s_message_once_its_heartbeat_expires(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # What the shared suite's kill_mid_body makes happen at once, here on Dramatiq's own timer
+    # (short: a single live worker, whose own commands renew its heartbeat, cannot be taken
+    # for dead).
+    location = str(tmp_path / "store")
+    queue = DramatiqQueue(tmp_path, redis_server.socket, open_store(location), location)
+    queue.env[HEARTBEAT_TIMEOUT] = "3000"
+    try:
+        queue.start_worker()
+        name = f"crash-{uuid.uuid4().hex}"
+        message = queue.send("crash_retry", name)
+        pid = queue.kill_mid_body(name, expire_heartbeat=False)
+
+        assert "finished on run 2" in queue.wait(message, "ok")[0]
+        # The maintenance that requeued the message forgot the dead worker.
+        assert queue.redis.zscore(queue.heartbeats, queue.broker_id(pid)) is None
+        runs = queue.runs(name)
+        assert len(runs) == 2 and runs[0] == str(pid)
+        record = queue.record("crash_retry", message)
+        assert record is not None and record.status is Status.OK and record.attempt == 2
+    finally:
+        queue.close()
+        queue.store.close()

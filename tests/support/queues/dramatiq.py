@@ -22,6 +22,8 @@ THREADS = 2
 #: The file (in the effects directory) where each worker process of the bodies writes
 #: ``<pid> <broker id>``.
 BROKERS = "dramatiq-brokers"
+#: The variable of ``env`` that sets the workers' ``heartbeat_timeout`` (ms).
+HEARTBEAT_TIMEOUT = "IDEMFN_TEST_DRAMATIQ_HEARTBEAT_TIMEOUT"
 
 
 def _group(pid: int) -> int:
@@ -38,6 +40,7 @@ class DramatiqQueue(QueueUnderTest):
         super().__post_init__()
         # Sends only: no maintenance from the test's process.
         self.broker = RedisBroker(unix_socket_path=str(self.redis_socket), maintenance_chance=0)
+        self.redis = redis.Redis(unix_socket_path=str(self.redis_socket))
 
     def start_worker(self) -> Worker:
         name = f"w{len(self.workers)}-{uuid.uuid4().hex[:8]}"
@@ -78,7 +81,10 @@ class DramatiqQueue(QueueUnderTest):
         logged = [json.loads(line) for line in lines(self.effects / "deliveries")]
         return [Delivery(m, state, value) for m, state, value in logged if m == message]
 
-    def kill_mid_body(self, name: str) -> int:
+    def kill_mid_body(self, name: str, *, expire_heartbeat: bool = True) -> int:
+        """As ``QueueUnderTest``'s; with ``expire_heartbeat=False``, the dead worker's message
+        waits for the broker's maintenance to find its heartbeat older than the workers'
+        ``heartbeat_timeout`` (``HEARTBEAT_TIMEOUT`` in ``env``)."""
         pid = int(poll(lambda: self.runs(name), f"the body {name} to start")[0])
         worker = next(w for w in self.workers if _group(pid) == w.pid)
         os.kill(pid, signal.SIGKILL)
@@ -87,22 +93,28 @@ class DramatiqQueue(QueueUnderTest):
         worker.process.wait(timeout=60)
         worker.kill()
         poll(lambda: not process_alive(pid), f"the killed worker process {pid} to be gone")
-        # The broker's maintenance requeues a dead worker's unacknowledged messages once its
-        # last heartbeat is older than heartbeat_timeout: make it so at once for the dead
-        # process (whose heartbeat nothing can renew), and not for any live one.
-        broker_id = next(
-            b
-            for p, _, b in (line.partition(" ") for line in lines(self.effects / BROKERS))
-            if int(p) == pid
-        )
-        client = redis.Redis(unix_socket_path=str(self.redis_socket))
-        try:
-            client.zadd(f"{self.broker.namespace}:__heartbeats__", {broker_id: 0})
-        finally:
-            client.close()
-        self.start_worker()  # its first fetch runs the maintenance
+        if expire_heartbeat:
+            # The broker's maintenance requeues a dead worker's unacknowledged messages once
+            # its last heartbeat is older than heartbeat_timeout: make it so at once for the
+            # dead process (whose heartbeat nothing can renew), and not for any live one.
+            self.redis.zadd(self.heartbeats, {self.broker_id(pid): 0})
+        self.start_worker()  # its fetches run the maintenance
         return pid
+
+    @property
+    def heartbeats(self) -> str:
+        """The Redis key of the broker's workers' heartbeats."""
+        return f"{self.broker.namespace}:__heartbeats__"
+
+    def broker_id(self, pid: int) -> str:
+        """The broker id of the worker process ``pid``."""
+        for line in lines(self.effects / BROKERS):
+            process, _, broker_id = line.partition(" ")
+            if int(process) == pid:
+                return broker_id
+        raise AssertionError(f"no broker id for process {pid}")
 
     def close(self) -> None:
         super().close()
         self.broker.close()
+        self.redis.close()

@@ -11,7 +11,7 @@ older than ``heartbeat_timeout``) runs on every command here instead of on 1 in 
 adapter marks a SIGKILLed worker's heartbeat as expired, and the next fetch of a live worker
 requeues its messages, without waiting for a timer. ``heartbeat_timeout`` stays long (30 s,
 the default is 60 s), so that a live worker slowed down by the machine's load is never taken
-for dead.
+for dead, unless a test sets it (``HEARTBEAT_TIMEOUT``) to see the maintenance on its own.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dramatiq.middleware import CurrentMessage, Middleware, Retries
 import idemfn
 from idemfn.dramatiq import idempotent_actor
 from tests.support.queues import log_delivery
-from tests.support.queues.dramatiq import BROKERS
+from tests.support.queues.dramatiq import BROKERS, HEARTBEAT_TIMEOUT
 from tests.support.workers import crash_on_first_run, effect, held
 
 QUEUE = os.environ.get("IDEMFN_TEST_QUEUE", "default")
@@ -55,7 +55,7 @@ class _LogDeliveries(Middleware):
 broker = RedisBroker(
     unix_socket_path=os.environ.get("IDEMFN_TEST_REDIS"),
     maintenance_chance=1_000_000,  # every command (see the module's docstring)
-    heartbeat_timeout=30_000,
+    heartbeat_timeout=int(os.environ.get(HEARTBEAT_TIMEOUT, 30_000)),
 )
 broker.add_middleware(CurrentMessage())
 broker.add_middleware(_LogDeliveries(), before=Retries)
