@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from huey.storage import RedisStorage
@@ -72,20 +73,21 @@ class HueyQueue(QueueUnderTest):
         return str(task.id)
 
     def deliveries(self, message: str) -> list[Delivery]:
-        try:
-            text = (self.effects / "deliveries").read_text()
-        except FileNotFoundError:
-            return []
-        ended: list[Any] = [json.loads(line) for line in text.splitlines()]
+        ended: list[Any] = [
+            json.loads(line) for line in _complete_lines(self.effects / "deliveries")
+        ]
         return [Delivery(*entry) for entry in ended if entry[0] == message]
 
     def kill_mid_body(self, name: str) -> int:
-        pid = int(poll(lambda: self.runs(name), f"the body {name} to start")[0])
+        ran = poll(lambda: _complete_lines(self.effects / name), f"the body {name} to start")
+        pid = int(ran[0])
         consumer = next((w for w in self.workers if w.pid == pid), None)
         if consumer is not None:  # a thread worker: the consumer ran the body
             consumer.kill()
             self.start_worker()
         else:  # a process worker: its consumer starts another within a second
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+            assert parent in {w.pid for w in self.workers}, f"{pid} is no worker of this test's"
             os.kill(pid, signal.SIGKILL)
         body, args, message = self._sent[name]
         self.send(body, *args, message_id=message)  # Huey lost it: enqueue it again
@@ -95,3 +97,13 @@ class HueyQueue(QueueUnderTest):
         super().close()
         if self._storage is not None:
             self._storage.pool.disconnect()
+
+
+def _complete_lines(path: Path) -> list[str]:
+    """The lines of ``path`` that a writer has finished (each ends with a newline): a reader
+    may see another process's append half-done."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    return text[: text.rfind("\n") + 1].splitlines()
