@@ -111,3 +111,22 @@ def check_dramatiq() -> None:
     assert_type(bill.send("o1", 5), dramatiq.Message[int])
     assert_type(message_id(), str)
     bill.send("o1", "5")  # type: ignore[arg-type]
+
+
+# idemfn.huey's decorator keeps the function's signature (Huey itself is untyped: a
+# TaskWrapper is Any to a type checker) (issue 20).
+from idemfn.huey import idempotent_task as huey_task  # noqa: E402
+from idemfn.huey import task_id  # noqa: E402
+
+
+@huey_task(key="pack:{order_id}", store=MemoryStore(), delay=1)
+def pack(order_id: str, boxes: int) -> int:
+    return boxes
+
+
+def check_huey() -> None:
+    assert_type(pack("o1", 2), int)
+    assert_type(pack.key_for("o1", boxes=2), str)
+    assert_type(task_id(), str)
+    pack("o1", "2")  # type: ignore[arg-type]
+    huey_task(delay="5")  # type: ignore[arg-type]
