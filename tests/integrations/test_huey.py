@@ -8,6 +8,7 @@ start real ``huey_consumer`` processes on the suite's redis-server.
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import threading
@@ -15,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,6 +25,7 @@ from huey import MemoryHuey, crontab
 from huey.api import Huey, Task
 from huey.exceptions import CancelExecution, RateLimitExceeded, RetryTask, TaskException
 
+import idemfn.huey
 from idemfn import MemoryStore, Status, idempotent, open_store
 from idemfn.huey import idempotent_task, task_id
 from tests.support.queues.huey import HueyQueue
@@ -280,6 +283,50 @@ def test_in_immediate_mode_a_busy_key_fails_instead_of_retrying_recursively() ->
         result = huey.enqueue(charge.s("o-1", id="second"))
     with pytest.raises(TaskException, match="AlreadyRunning"):
         result()
+
+
+def test_a_body_reentering_its_own_key_fails_as_already_running_not_retried_as_busy() -> None:
+    huey = _huey()
+
+    @huey.task()
+    @idempotent_task(store=MemoryStore(), delay=0)
+    def loop() -> None:
+        loop.call_local()  # type: ignore[attr-defined]  # a bug: a busy retry would never end
+
+    huey.execute(loop.s(id="t-1"))
+    assert not huey.scheduled() and not huey.pending()
+    with pytest.raises(TaskException, match=r"AlreadyRunning.*re-entered its own key"):
+        huey.result("t-1")
+
+
+def test_the_helper_forwards_every_option_of_idempotent(monkeypatch: pytest.MonkeyPatch) -> None:
+    given: dict[str, Any] = {}
+
+    def spy(**options: Any) -> Any:
+        options.pop("on_busy")
+        given.update(options)
+        return lambda fn: fn
+
+    monkeypatch.setattr(idemfn.huey, "decorator", spy)
+    options = {
+        "key": "k:{x}",
+        "name": "custom.name",
+        "store": MemoryStore(),
+        "ttl": 12.0,
+        "fingerprint": ["x"],
+        "wait": 3.0,
+        "lease": 9.0,
+        "on_abandoned": "retry",
+        "retry_on": KeyError,
+        "deadline": datetime(2100, 1, 1, tzinfo=timezone.utc),
+        "transactional": False,
+        "signing_key": "s" * 32,
+        "serializer": "json",
+    }
+    core = set(inspect.signature(idempotent).parameters) - {"_misuse"}
+    assert set(options) == core  # this test lists every option of idempotent
+    idempotent_task(**options)
+    assert given == options
 
 
 # --- Huey's own retries release the key; the last attempt's failure is recorded -----------------
