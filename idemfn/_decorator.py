@@ -367,6 +367,7 @@ def _transaction_of(
 # only wrap local calls and guard nothing. Each: (the queue, its decorator, idemfn's helper).
 _TASK_OBJECTS = {
     "celery": ("Celery", "@app.task", "idemfn.celery.idempotent_task"),
+    "arq": ("arq", "arq.worker.func", "idemfn.arq.idempotent_job"),
 }
 
 
@@ -626,9 +627,9 @@ def decorator(
         if isinstance(fn, (classmethod, staticmethod)):
             rewrap = type(fn)
             fn = fn.__func__
+        _refuse_task_object(fn)  # first: arq's Function is not callable
         if not callable(fn):
             raise TypeError(f"@idempotent decorates functions, not {type(fn).__name__}")
-        _refuse_task_object(fn)
         if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
             raise TypeError(
                 f"@idempotent cannot decorate the generator function {fn.__qualname__}: its body"

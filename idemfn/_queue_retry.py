@@ -35,7 +35,7 @@ def queue_will_retry(exc: BaseException, function: object) -> bool:
 
     ``function`` is the decorated function whose claim ``exc`` ends (None: unknown).
     """
-    return _celery_will_retry(exc, function) or _rq_will_retry(function)
+    return _celery_will_retry(exc, function) or _rq_will_retry(function) or _arq_will_retry(exc)
 
 
 def is_queue_retry_of(function: object) -> bool:
@@ -114,3 +114,11 @@ def _rq_will_retry(function: object) -> bool:
         return _is(job.func, function)
     except Exception:  # the job's function cannot be resolved here: don't guess
         return False
+
+
+def _arq_will_retry(exc: BaseException) -> bool:
+    # arq runs a job again whenever it raises arq.worker.Retry (its only retry: any other
+    # exception fails the job), on the last try too, which it then fails ("max N retries
+    # exceeded") without calling the job: a request made on purpose, released wherever raised.
+    worker = sys.modules.get("arq.worker")
+    return worker is not None and isinstance(exc, worker.Retry)
