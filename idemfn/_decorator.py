@@ -87,6 +87,7 @@ class IdempotentFunction(Protocol[P, R_co]):
     """
 
     store: Store
+    __qualname__: str  # (what names a function: arq registers a job function by it)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co:
         """Run the body once for these arguments' key, or replay the key's recorded outcome.

@@ -255,3 +255,15 @@ def test_idempotent_over_arq_func_is_refused_with_the_way_out() -> None:
 def test_bad_options_are_refused_naming_the_option(options: dict[str, Any], error: str) -> None:
     with pytest.raises((TypeError, ValueError), match=error):
         idempotent_job(store=MemoryStore(), **options)(_body)
+
+
+def test_the_module_exports_what_it_defines_and_idemfn_imports_no_arq() -> None:
+    import subprocess
+    import sys
+
+    import idemfn.arq
+
+    assert idemfn.arq.__all__ == ["idempotent_job", "job_id"]
+    code = "import sys, idemfn; print('arq' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -91,3 +91,20 @@ def cluster_clients() -> None:
     assert_type(RedisStore(redis.cluster.RedisCluster(host="h", port=7000)), RedisStore)
     assert_type(RedisStore(redis.asyncio.cluster.RedisCluster(host="h", port=7000)), RedisStore)
     assert_type(RedisStore("redis+cluster://h:7000,h:7001"), RedisStore)
+
+
+# An arq job function keeps its signature, and arq's func() takes it (issue 20).
+from arq.worker import func  # noqa: E402
+
+from idemfn.arq import idempotent_job as idempotent_arq_job  # noqa: E402
+
+
+@idempotent_arq_job(key="pay:{invoice}", store=MemoryStore())
+async def pay(ctx: dict[str, object], invoice: str) -> str:
+    return invoice
+
+
+async def check_arq() -> None:
+    assert_type(await pay({}, "i1"), str)
+    func(pay, max_tries=3)
+    await pay({}, 1)  # type: ignore[arg-type]
