@@ -239,6 +239,7 @@ def idempotent_job(
             return once
         call = cast(Callable[..., Any], once)
 
+        # (wraps copies once's __dict__: key_for, status, forget and store come along.)
         @functools.wraps(once)
         async def job(ctx: object, *args: Any, **kwargs: Any) -> Any:
             token = _job_ctx.set(ctx)
@@ -247,8 +248,6 @@ def idempotent_job(
             finally:
                 _job_ctx.reset(token)
 
-        for tool in ("key_for", "status", "forget", "store", "policy"):
-            setattr(job, tool, getattr(once, tool))
         return cast(IdempotentFunction[P, R], job)
 
     return decorate

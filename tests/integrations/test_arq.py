@@ -122,6 +122,24 @@ def test_a_worker_stopped_mid_body_halts_the_job_arq_runs_again(arq: ArqQueue) -
     assert len(arq.runs(name)) == 1
 
 
+@pytest.mark.slow
+def test_a_worker_stopped_with_job_completion_wait_lets_the_body_finish(arq: ArqQueue) -> None:
+    arq.env["IDEMFN_TEST_ARQ_COMPLETION_WAIT"] = "60"
+    worker = arq.start_worker()
+    name = f"stop-{uuid.uuid4().hex}"
+    job = arq.send("once", name, True)
+    poll(lambda: arq.runs(name), "the body to start")
+    os.kill(worker.pid, signal.SIGTERM)  # arq takes no more jobs, and waits for this one
+    worker.wait_for_log("Setting allow_pick_jobs to `False`")
+    arq.release(name)
+
+    (value,) = arq.wait(job, "ok")
+    assert value.startswith(repr(f"{name}: ")[:-1])
+    assert worker.process.wait(timeout=60) == 0
+    record = arq.record("once", job)
+    assert record is not None and record.status is Status.OK
+
+
 # --- in-process: no worker needed ---------------------------------------------------------
 
 

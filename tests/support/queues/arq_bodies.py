@@ -175,4 +175,6 @@ class WorkerSettings:
     redis_settings = RedisSettings(unix_socket_path=os.environ.get("IDEMFN_TEST_REDIS"))
     poll_delay = 0.05
     job_timeout = 150  # (arq's default: 300 s) longer than any hold
+    # Seconds a worker stopped by SIGTERM lets its jobs finish (arq's default: 0, none).
+    job_completion_wait = int(os.environ.get("IDEMFN_TEST_ARQ_COMPLETION_WAIT", "0"))
     job_serializer = staticmethod(_serialize)
