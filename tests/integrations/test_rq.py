@@ -25,7 +25,7 @@ from idemfn import MemoryStore, Status, Store, open_store
 from idemfn.rq import idempotent_job, job_id
 from tests.support import rq_jobs
 from tests.support.servers import RedisServer
-from tests.support.workers import Worker, lines, poll, process_alive, release, rq_worker
+from tests.support.workers import Worker, lines, poll, process_alive, rq_worker
 
 pytestmark = pytest.mark.slow
 
@@ -132,29 +132,6 @@ def test_the_plain_decorator_runs_a_job_function_once(rq: Rq) -> None:
     assert len({job.return_value() for job in jobs}) == 1
 
 
-def test_a_duplicate_that_finds_the_first_running_comes_back_for_its_value(rq: Rq) -> None:
-    rq.start_worker()
-    rq.start_worker()
-    order = uuid.uuid4().hex
-    first = rq.enqueue(rq_jobs.pay, order, True)
-    poll(lambda: rq.runs(f"pay-{order}"), "the first job to start")
-    second = rq.enqueue(rq_jobs.pay, order, True)
-
-    def retried() -> bool:
-        second.refresh()
-        return (second.number_of_retries or 0) >= 1
-
-    # The first runs until the duplicate has found it running (and comes back a second later).
-    poll(retried, "the duplicate to find the first running")
-    release(rq.effects, f"pay-{order}")
-
-    assert rq.done(second) == rq.done(first) == JobStatus.FINISHED
-    assert len(rq.runs(f"pay-{order}")) == 1
-    assert second.return_value() == first.return_value()
-    second.refresh()
-    assert (second.number_of_retries or 0) >= 1, "the duplicate never found the first running"
-
-
 def _kill_mid_body(rq: Rq, worker: Worker, name: str) -> int:
     pid = int(poll(lambda: rq.runs(name), "the body to start")[0])
     if rq.worker_class == "Worker":
@@ -168,6 +145,8 @@ def _kill_mid_body(rq: Rq, worker: Worker, name: str) -> int:
     return pid
 
 
+# (The forking Worker: the shared suite, tests/integrations/test_queues.py.)
+@pytest.mark.parametrize("rq", ["SimpleWorker"], indirect=True)
 def test_a_worker_killed_mid_job_halts_the_requeued_job(rq: Rq) -> None:
     worker = rq.start_worker()
     name = f"crash-{uuid.uuid4().hex}"
@@ -182,6 +161,8 @@ def test_a_worker_killed_mid_job_halts_the_requeued_job(rq: Rq) -> None:
     assert rq.record(rq_jobs.crash_halt, job.id).status is Status.HALTED
 
 
+# (The forking Worker: the shared suite, tests/integrations/test_queues.py.)
+@pytest.mark.parametrize("rq", ["SimpleWorker"], indirect=True)
 def test_a_worker_killed_mid_job_runs_it_once_more_with_on_abandoned_retry(rq: Rq) -> None:
     worker = rq.start_worker()
     name = f"crash-{uuid.uuid4().hex}"

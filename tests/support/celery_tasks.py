@@ -7,13 +7,15 @@ environment the test gives it:
 - ``IDEMFN_TEST_QUEUE``: the queue this worker consumes, one per test worker;
 - ``IDEMFN_STORE``: the store the tasks share (a directory, or a Redis URL);
 - ``IDEMFN_TEST_EFFECTS``: where bodies append their side effects, one file per name, and where
-  every delivery's outcome is logged (``deliveries``, by the ``task_postrun`` signal), and
-  every delivery's start (``started``, by ``task_prerun``: the task id).
+  every delivery's outcome is logged (``deliveries``, by the ``task_postrun`` signal, in the
+  shared queue suite's form: ``tests.support.queues.log_delivery``), and every delivery's start
+  (``started``, by ``task_prerun``: the task id).
+
+The shared queue suite's bodies (``tests.support.queues.celery_bodies``) are tasks of this app.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from typing import Any
@@ -24,6 +26,7 @@ from celery.signals import task_postrun, task_prerun
 from idemfn import AlreadyRunning, idempotent
 from idemfn.celery import idempotent_task, task_id
 
+from .queues import State, log_delivery
 from .workers import crash_on_first_run, effect, held
 
 _socket = os.environ.get("IDEMFN_TEST_REDIS", "/nonexistent/redis.sock")
@@ -58,20 +61,12 @@ def _log_start(task_id: str, task: Task, **_: Any) -> None:
 
 @task_postrun.connect
 def _log_delivery(task_id: str, task: Task, retval: Any, state: str, **_: Any) -> None:
-    if "IDEMFN_TEST_EFFECTS" not in os.environ:  # eager tasks in the test process
-        return
-    effect("deliveries", json.dumps([task.name, task_id, state, repr(retval)]))
+    # (Eager tasks in the test process log nothing: log_delivery needs IDEMFN_TEST_EFFECTS.)
+    log_delivery(task_id, _STATES.get(state, "failed"), repr(retval))
 
 
-# The key is the task's id: a message published three times with one id charges once. With
-# ``hold``, the body runs until the test releases "charge-<order>".
-@app.task(bind=True)
-@idempotent_task(countdown=0.2)
-def charge(self: Task, order: str, hold: bool = False) -> str:
-    effect(f"charge-{order}", str(os.getpid()))
-    if hold:
-        held(f"charge-{order}")
-    return f"receipt for {order}: {uuid.uuid4().hex}"  # differs per run: replays must match
+# Celery's states of a delivery's end, as the shared queue suite names them.
+_STATES: dict[str, State] = {"SUCCESS": "ok", "RETRY": "retry", "FAILURE": "failed"}
 
 
 # The plain decorator, keyed on a business argument: messages with other ids ship once; a
@@ -96,16 +91,6 @@ def crash_halt(self: Task, name: str) -> str:
 @idempotent_task(on_abandoned="retry", countdown=0.2)
 def crash_retry(self: Task, name: str) -> str:
     return crash_on_first_run(name)
-
-
-# retry_on + Celery's autoretry: each failed run releases the key; the task id stays the same.
-@app.task(bind=True, autoretry_for=(ConnectionError,), max_retries=5, default_retry_delay=0.05)
-@idempotent_task(retry_on=ConnectionError)
-def flaky(self: Task, name: str, failures: int) -> str:
-    runs = effect(name, str(self.request.retries))
-    if runs <= failures:
-        raise ConnectionError(f"run {runs} failed")
-    return f"ok on run {runs}: {uuid.uuid4().hex}"
 
 
 # The plain decorator and self.retry() inside the body: Retry releases the key.
