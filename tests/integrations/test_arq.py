@@ -1,8 +1,9 @@
 """arq job functions: what is arq's own (the shared scenarios are in test_queues.py).
 
 The worker tests run real ``python -m arq`` workers of ``tests.support.queues.arq_bodies`` on a
-queue of their own on the suite's redis-server (through the shared suite's adapter); the
-others call job functions in-process with a ctx such as arq gives them.
+queue of their own on the suite's redis-server (through the shared suite's adapter), their
+records in a DiskStore; the others call job functions in-process with a ctx such as arq gives
+them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ def ctx(job: str = "job-1", job_try: int = 1) -> dict[str, Any]:
 
 @pytest.fixture
 def arq(tmp_path: Path, redis_server: RedisServer) -> Iterator[ArqQueue]:
-    location = redis_server.url  # a RedisStore: keys are unique to each test
+    # A DiskStore shared by the workers' processes, driven by their event loops (the shared
+    # suite gives arq's workers a RedisStore).
+    location = str(tmp_path / "store")
     queue = ArqQueue(tmp_path, redis_server.socket, open_store(location), location)
     try:
         yield queue
