@@ -1,10 +1,10 @@
 """arq job functions that run once, however often their job is run.
 
-arq runs a job more than once: "jobs may be called more than once" (its documentation). A
-worker that dies mid-job leaves the job queued, and another worker runs it again once the
-job's in-progress key expires; a job that raises ``Retry`` is run again; a worker stopped by
-a signal cancels its jobs and they are run again; and a custom job id stops a second enqueue
-only while the first job is queued or its result kept. ``idempotent_job`` guards the
+arq runs a job more than once, as its documentation warns. A worker that dies mid-job leaves
+the job queued, and another worker runs it again once the job's in-progress key expires; a job
+that raises ``Retry`` is run again; a worker stopped by a signal cancels its jobs and they are
+run again; and a custom job id stops a second enqueue only while the first job is queued or its
+result kept. ``idempotent_job`` guards the
 *execution*, keyed by default on the job's id::
 
     from arq.worker import func
