@@ -368,6 +368,7 @@ def _transaction_of(
 # only wrap local calls and guard nothing. Each: (the queue, its decorator, idemfn's helper).
 _TASK_OBJECTS = {
     "celery": ("Celery", "@app.task", "idemfn.celery.idempotent_task"),
+    "dramatiq": ("Dramatiq", "@dramatiq.actor", "idemfn.dramatiq.idempotent_actor"),
     "arq": ("arq", "arq.worker.func", "idemfn.arq.idempotent_job"),
 }
 

@@ -13,6 +13,16 @@ function, and only while the queue has retries left: the last attempt's failure 
 a nested idempotent call (whose exception the task may catch) records its failure as usual, so
 a caught failure never lets the side effect run twice.
 
+Dramatiq's Retries middleware enqueues a message again after any exception escaping its actor
+while it has retries left (by its ``throws``, ``retry_when`` and ``max_retries``), and
+``dramatiq.Retry`` asks for that on purpose: it releases wherever it is raised, even on the last
+attempt (nothing is recorded: the body said it is not done). Dramatiq enqueues the retry after
+the exception has left the body, so the retried message never finds the key still held.
+
+arq runs a job again only when it raises ``arq.worker.Retry`` (any other exception fails the
+job): a request made on purpose, it releases wherever it is raised, even on the last try, which
+arq then fails ("max N retries exceeded") without calling the job.
+
 Celery's ``self.retry()`` publishes the retry *before* raising ``Retry``, so the retried
 delivery can find the key still held by the attempt that asked for it: ``is_queue_retry_of``
 tells the decorator to wait for that attempt to let go instead of failing as busy.
@@ -25,6 +35,7 @@ and on the path of a call that finds its key busy.
 from __future__ import annotations
 
 import sys
+import threading
 from typing import Any
 
 __all__ = ["is_queue_retry_of", "is_retry_request", "queue_will_retry"]
@@ -35,7 +46,12 @@ def queue_will_retry(exc: BaseException, function: object) -> bool:
 
     ``function`` is the decorated function whose claim ``exc`` ends (None: unknown).
     """
-    return _celery_will_retry(exc, function) or _rq_will_retry(function) or _arq_will_retry(exc)
+    return (
+        _celery_will_retry(exc, function)
+        or _rq_will_retry(function)
+        or _dramatiq_will_retry(exc, function)
+        or _arq_will_retry(exc)
+    )
 
 
 def is_queue_retry_of(function: object) -> bool:
@@ -114,6 +130,57 @@ def _rq_will_retry(function: object) -> bool:
         return _is(job.func, function)
     except Exception:  # the job's function cannot be resolved here: don't guess
         return False
+
+
+def _dramatiq_will_retry(exc: BaseException, function: object) -> bool:
+    errors = sys.modules.get("dramatiq.errors")
+    if errors is None:
+        return False
+    if isinstance(exc, errors.Retry):  # raised on purpose: Dramatiq runs the message again
+        return True
+    return function is not None and _dramatiq_retries_left(exc, function)
+
+
+def _dramatiq_retries_left(exc: BaseException, function: object = None) -> bool:
+    """Whether Dramatiq's ``Retries`` middleware enqueues the running message again after
+    ``exc`` escapes its actor (whose function must be ``function``, unless None): its own rule,
+    in its order (``throws``, then ``retry_when``, else ``retries < max_retries``, the message's
+    options before the actor's before the middleware's). Needs the ``CurrentMessage``
+    middleware; without it, or outside a worker, False."""
+    current = sys.modules.get("dramatiq.middleware.current_message")
+    if current is None:
+        return False
+    message: Any = current.CurrentMessage.get_current_message()
+    if message is None:
+        return False
+    worker = sys.modules.get("dramatiq.worker")
+    thread = threading.current_thread()
+    if worker is not None and isinstance(thread, worker.WorkerThread):
+        broker: Any = thread.broker
+    else:  # an async actor, on the event loop's thread: the global broker, if any (never
+        # get_broker(), which would create one)
+        broker = sys.modules["dramatiq.broker"].global_broker
+    retries_class = sys.modules["dramatiq.middleware.retries"].Retries
+    middleware = [m for m in getattr(broker, "middleware", ()) if isinstance(m, retries_class)]
+    if not middleware:  # no Retries middleware: a failed message is done
+        return False
+    try:
+        actor: Any = broker.get_actor(message.actor_name)
+    except Exception:  # an actor this broker does not know: don't guess
+        return False
+    if function is not None and not _is(actor.fn, function):
+        return False
+    throws = message.options.get("throws") or actor.options.get("throws")
+    if throws and isinstance(exc, throws):
+        return False
+    retries = message.options.get("retries", 0)
+    retry_when = actor.options.get("retry_when", middleware[0].retry_when)
+    if retry_when is not None:
+        return bool(retry_when(retries, exc))
+    limit = message.options.get(
+        "max_retries", actor.options.get("max_retries", middleware[0].max_retries)
+    )
+    return limit is None or retries < limit
 
 
 def _arq_will_retry(exc: BaseException) -> bool:

@@ -1,8 +1,9 @@
-"""The Celery and RQ examples run as the README says, against real workers."""
+"""The Celery, RQ, Dramatiq and arq examples run as the README says, against real workers."""
 
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import uuid
@@ -62,6 +63,42 @@ def test_the_rq_example(tmp_path: Path, redis_server: RedisServer) -> None:
     try:
         first = _run("rq_jobs.py", env, invoice)
         second = _run("rq_jobs.py", env, invoice)
+    finally:
+        worker.kill()
+    assert len(first) == 3 and len(_receipts(first)) == 1, first
+    assert _receipts(second) == _receipts(first)
+    assert worker.output().count(f"paying {invoice}:") == 1
+
+
+def test_the_dramatiq_example(tmp_path: Path, redis_server: RedisServer) -> None:
+    env = {"REDIS_URL": f"unix://{redis_server.socket}", "IDEMFN_STORE": str(tmp_path / "store")}
+    argv = [sys.executable, "-m", "dramatiq", "dramatiq_actors", "--path", "examples"]
+    worker = Worker(
+        [*argv, "--processes", "1", "--threads", "2"],
+        env,
+        tmp_path / "example.log",
+        ready="Worker process is ready",
+    )
+    invoice = f"invoice-{uuid.uuid4().hex[:8]}"
+    try:
+        first = _run("dramatiq_actors.py", env, invoice)
+        second = _run("dramatiq_actors.py", env, invoice)
+    finally:
+        worker.kill()
+    assert len(first) == 3 and len(_receipts(first)) == 1, first
+    assert _receipts(second) == _receipts(first)
+    assert worker.output().count(f"paying {invoice}:") == 1
+
+
+def test_the_arq_example(tmp_path: Path, redis_server: RedisServer) -> None:
+    env = {"REDIS_URL": f"unix://{redis_server.socket}", "IDEMFN_STORE": str(tmp_path / "store")}
+    # As its docstring says, in examples/ (arq imports the settings from its working directory)
+    command = f"cd examples && exec {shlex.quote(sys.executable)} -m arq arq_jobs.WorkerSettings"
+    worker = Worker(["sh", "-c", command], env, tmp_path / "example.log", ready="redis_version=")
+    invoice = f"invoice-{uuid.uuid4().hex[:8]}"
+    try:
+        first = _run("arq_jobs.py", env, invoice)
+        second = _run("arq_jobs.py", env, invoice)
     finally:
         worker.kill()
     assert len(first) == 3 and len(_receipts(first)) == 1, first

@@ -93,6 +93,26 @@ def cluster_clients() -> None:
     assert_type(RedisStore("redis+cluster://h:7000,h:7001"), RedisStore)
 
 
+# A Dramatiq actor over idempotent_actor keeps the function's signature (issue 20).
+import dramatiq  # noqa: E402
+from dramatiq.brokers.stub import StubBroker  # noqa: E402
+
+from idemfn.dramatiq import idempotent_actor, message_id  # noqa: E402
+
+
+@dramatiq.actor(broker=StubBroker())
+@idempotent_actor(key="bill:{order_id}", store=MemoryStore())
+def bill(order_id: str, amount: int) -> int:
+    return amount
+
+
+def check_dramatiq() -> None:
+    assert_type(bill("o1", 5), int)
+    assert_type(bill.send("o1", 5), dramatiq.Message[int])
+    assert_type(message_id(), str)
+    bill.send("o1", "5")  # type: ignore[arg-type]
+
+
 # An arq job function keeps its signature, and arq's func() takes it (issue 20).
 from arq.worker import func  # noqa: E402
 
