@@ -28,6 +28,7 @@ class ArqQueue(QueueUnderTest):
 
     name = "arq"
     bodies = "tests.support.queues.arq_bodies"
+    ends_an_id_once = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
