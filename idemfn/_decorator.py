@@ -87,6 +87,7 @@ class IdempotentFunction(Protocol[P, R_co]):
     """
 
     store: Store
+    __qualname__: str  # (what names a function: arq registers a job function by it)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co:
         """Run the body once for these arguments' key, or replay the key's recorded outcome.
@@ -368,6 +369,7 @@ def _transaction_of(
 _TASK_OBJECTS = {
     "celery": ("Celery", "@app.task", "idemfn.celery.idempotent_task"),
     "dramatiq": ("Dramatiq", "@dramatiq.actor", "idemfn.dramatiq.idempotent_actor"),
+    "arq": ("arq", "arq.worker.func", "idemfn.arq.idempotent_job"),
     "huey": ("Huey", "@huey.task", "idemfn.huey.idempotent_task"),
 }
 
@@ -628,9 +630,9 @@ def decorator(
         if isinstance(fn, (classmethod, staticmethod)):
             rewrap = type(fn)
             fn = fn.__func__
+        _refuse_task_object(fn)  # first: arq's Function is not callable
         if not callable(fn):
             raise TypeError(f"@idempotent decorates functions, not {type(fn).__name__}")
-        _refuse_task_object(fn)
         if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
             raise TypeError(
                 f"@idempotent cannot decorate the generator function {fn.__qualname__}: its body"

@@ -19,6 +19,10 @@ while it has retries left (by its ``throws``, ``retry_when`` and ``max_retries``
 attempt (nothing is recorded: the body said it is not done). Dramatiq enqueues the retry after
 the exception has left the body, so the retried message never finds the key still held.
 
+arq runs a job again only when it raises ``arq.worker.Retry`` (any other exception fails the
+job): a request made on purpose, it releases wherever it is raised, even on the last try, which
+arq then fails ("max N retries exceeded") without calling the job.
+
 Celery's ``self.retry()`` publishes the retry *before* raising ``Retry``, so the retried
 delivery can find the key still held by the attempt that asked for it: ``is_queue_retry_of``
 tells the decorator to wait for that attempt to let go instead of failing as busy.
@@ -46,6 +50,7 @@ def queue_will_retry(exc: BaseException, function: object) -> bool:
         _celery_will_retry(exc, function)
         or _rq_will_retry(function)
         or _dramatiq_will_retry(exc, function)
+        or _arq_will_retry(exc)
         or _huey_will_retry(exc, function)
     )
 
@@ -177,6 +182,14 @@ def _dramatiq_retries_left(exc: BaseException, function: object = None) -> bool:
         "max_retries", actor.options.get("max_retries", middleware[0].max_retries)
     )
     return limit is None or retries < limit
+
+
+def _arq_will_retry(exc: BaseException) -> bool:
+    # arq runs a job again whenever it raises arq.worker.Retry (its only retry: any other
+    # exception fails the job), on the last try too, which it then fails ("max N retries
+    # exceeded") without calling the job: a request made on purpose, released wherever raised.
+    worker = sys.modules.get("arq.worker")
+    return worker is not None and isinstance(exc, worker.Retry)
 
 
 def _huey_will_retry(exc: BaseException, function: object) -> bool:

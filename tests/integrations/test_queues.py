@@ -88,7 +88,7 @@ def test_a_duplicate_delivered_while_the_body_runs_is_retried_by_the_queue_and_r
     queue.wait(message, "retry")
     queue.release(name)
 
-    values = queue.wait(message, "ok", 2)
+    values = queue.wait(message, "ok", 1 if queue.ends_an_id_once else 2)
     assert len(set(values)) == 1, values
     assert len(queue.runs(name)) == 1
     assert not [d for d in queue.deliveries(message) if d.state == "failed"]

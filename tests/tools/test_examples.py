@@ -1,8 +1,10 @@
-"""The Celery, RQ, Dramatiq and Huey examples run as the README says, against real workers."""
+"""The Celery, RQ, Dramatiq, arq and Huey examples run as the README says, against real
+workers."""
 
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import uuid
@@ -89,19 +91,30 @@ def test_the_dramatiq_example(tmp_path: Path, redis_server: RedisServer) -> None
     assert worker.output().count(f"paying {invoice}:") == 1
 
 
+def test_the_arq_example(tmp_path: Path, redis_server: RedisServer) -> None:
+    env = {"REDIS_URL": f"unix://{redis_server.socket}", "IDEMFN_STORE": str(tmp_path / "store")}
+    # As its docstring says, in examples/ (arq imports the settings from its working directory)
+    command = f"cd examples && exec {shlex.quote(sys.executable)} -m arq arq_jobs.WorkerSettings"
+    worker = Worker(["sh", "-c", command], env, tmp_path / "example.log", ready="redis_version=")
+    invoice = f"invoice-{uuid.uuid4().hex[:8]}"
+    try:
+        first = _run("arq_jobs.py", env, invoice)
+        second = _run("arq_jobs.py", env, invoice)
+    finally:
+        worker.kill()
+    assert len(first) == 3 and len(_receipts(first)) == 1, first
+    assert _receipts(second) == _receipts(first)
+    assert worker.output().count(f"paying {invoice}:") == 1
+
+
 def test_the_huey_example(tmp_path: Path, redis_server: RedisServer) -> None:
     env = {"REDIS_URL": f"unix://{redis_server.socket}", "IDEMFN_STORE": str(tmp_path / "store")}
-    # `cd examples && huey_consumer huey_tasks.huey -k process`, with examples/ on the path.
-    consume = "import sys; sys.path.insert(0, 'examples'); import huey.bin.huey_consumer as c"
-    argv = [
-        sys.executable,
-        "-c",
-        f"{consume}; c.consumer_main()",
-        "huey_tasks.huey",
-        "-k",
-        "process",
-    ]
-    worker = Worker(argv, env, tmp_path / "huey.log", ready="Huey consumer started")
+    # As its docstring says, in examples/ (huey_consumer imports from its working directory)
+    consumer = f"{shlex.quote(sys.executable)} -m huey.bin.huey_consumer huey_tasks.huey -k process"
+    command = f"cd examples && exec {consumer}"
+    worker = Worker(
+        ["sh", "-c", command], env, tmp_path / "huey.log", ready="Huey consumer started"
+    )
     invoice = f"invoice-{uuid.uuid4().hex[:8]}"
     try:
         first = _run("huey_tasks.py", env, invoice)

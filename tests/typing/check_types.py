@@ -113,6 +113,23 @@ def check_dramatiq() -> None:
     bill.send("o1", "5")  # type: ignore[arg-type]
 
 
+# An arq job function keeps its signature, and arq's func() takes it (issue 20).
+from arq.worker import func  # noqa: E402
+
+from idemfn.arq import idempotent_job as idempotent_arq_job  # noqa: E402
+
+
+@idempotent_arq_job(key="pay:{invoice}", store=MemoryStore())
+async def pay(ctx: dict[str, object], invoice: str) -> str:
+    return invoice
+
+
+async def check_arq() -> None:
+    assert_type(await pay({}, "i1"), str)
+    func(pay, max_tries=3)
+    await pay({}, 1)  # type: ignore[arg-type]
+
+
 # idemfn.huey's decorator keeps the function's signature (Huey itself is untyped: a
 # TaskWrapper is Any to a type checker) (issue 20).
 from idemfn.huey import idempotent_task as huey_task  # noqa: E402
