@@ -1,4 +1,5 @@
-"""Real Celery and RQ worker processes for the integration tests.
+"""Real task-queue worker processes for the integration tests (Celery and RQ here; the other
+queues' adapters in ``tests/support/queues/`` build on ``Worker``).
 
 Each worker runs in its own session (process group), logs to a file the test can read, and is
 SIGKILLed with its whole group when the test ends: nothing it holds needs a clean shutdown, and

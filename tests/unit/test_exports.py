@@ -68,19 +68,26 @@ def test_py_typed_ships() -> None:
 
 
 def test_integration_modules_export_what_they_define() -> None:
+    import idemfn.arq
     import idemfn.celery
+    import idemfn.dramatiq
+    import idemfn.huey
     import idemfn.rq
 
     assert idemfn.celery.__all__ == ["idempotent_task", "task_id"]
     assert idemfn.rq.__all__ == ["idempotent_job", "job_id"]
-    assert "celery" not in idemfn.__all__  # optional parts stay out of the core's namespace
+    assert idemfn.dramatiq.__all__ == ["idempotent_actor", "message_id"]
+    assert idemfn.huey.__all__ == ["idempotent_task", "task_id"]
+    assert idemfn.arq.__all__ == ["idempotent_job", "job_id"]
+    for queue in ("celery", "rq", "dramatiq", "huey", "arq"):
+        assert queue not in idemfn.__all__  # optional parts stay out of the core's namespace
 
 
 def test_importing_idemfn_imports_no_task_queue() -> None:
     import subprocess
     import sys
 
-    code = "import sys, idemfn; print(sorted({'celery', 'rq', 'kombu'} & set(sys.modules)))"
+    code = "import sys, idemfn; print(sorted({'celery', 'rq', 'kombu', 'dramatiq', 'huey', 'arq'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
