@@ -531,3 +531,46 @@ def test_arq_a_disk_store_held_by_another_process_does_not_block_the_event_loop(
     assert value == "paid o-1"
     assert took > 0.8, "the claim did not wait for the lock: the test proves nothing"
     assert worst < 0.5, f"the event loop stalled {worst:.2f} s on the store's lock"
+
+
+def test_arq_a_duplicate_waiting_on_a_disk_store_does_not_block_the_event_loop(
+    tmp_path: Path,
+) -> None:
+    """wait=: a duplicate job waits for the first run's outcome on the loop, without blocking
+    it, and wakes when the first run settles (not at the end of its wait)."""
+    store = DiskStore(tmp_path / "store")
+
+    @idempotent_job(key="k:{order}", store=store, wait=5)
+    async def pay(ctx: dict[str, Any], order: str) -> str:
+        await asyncio.sleep(1.0)
+        return f"paid {order} in {ctx['job_id']}"
+
+    async def main() -> tuple[list[str], float, float]:
+        gaps: list[float] = []
+        done = False
+
+        async def ticker() -> None:
+            last = time.monotonic()
+            while not done:
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        ticking = asyncio.create_task(ticker())
+        owner = asyncio.create_task(pay({"job_id": "j-1", "job_try": 1}, "o-1"))
+        await asyncio.sleep(0.1)
+        began = time.monotonic()
+        duplicate = await pay({"job_id": "j-2", "job_try": 1}, "o-1")
+        took = time.monotonic() - began
+        done = True
+        await ticking
+        return [await owner, duplicate], took, max(gaps)
+
+    try:
+        values, took, worst = asyncio.run(main())
+    finally:
+        store.close()
+    assert values == ["paid o-1 in j-1"] * 2  # replayed, not run again
+    assert took < 2.0, f"the waiter woke {took:.2f} s later, not when the owner settled"
+    assert worst < 0.5, f"the event loop stalled {worst:.2f} s"
