@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import dramatiq
+import dramatiq.worker
 import pytest
 from arq.worker import Retry as ArqRetry
 from dramatiq.brokers.stub import StubBroker
@@ -267,6 +270,60 @@ def test_dramatiq_a_generic_actor_s_retry_runs_the_body_again(stub: _Stub) -> No
     ends = stub.ends(sent.message_id, 2)
     assert len(runs) == 2, f"the retry replayed the first failure: {ends}"
     assert ends[-1] == ("ok", "paid o-1")
+
+
+_DRAMATIQ_1X = (
+    "pyproject declares dramatiq[redis]>=1.17, but Dramatiq 1.17 and 1.18 name the worker"
+    " thread class dramatiq.worker._WorkerThread (WorkerThread exists from 2.0; checked with"
+    " a real Dramatiq 1.18.0): "
+)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=_DRAMATIQ_1X
+    + "idemfn/dramatiq.py imports WorkerThread, so `import idemfn.dramatiq` fails with 'needs"
+    " Dramatiq: pip install idemfn[dramatiq]', though that Dramatiq is installed and allowed",
+)
+def test_dramatiq_1x_idemfn_dramatiq_imports() -> None:
+    script = (
+        "import dramatiq.worker as w\n"
+        "del w.WorkerThread  # as in Dramatiq 1.17 and 1.18 (only _WorkerThread)\n"
+        "import idemfn.dramatiq\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=_DRAMATIQ_1X
+    + "_queue_retry._dramatiq_retries_left reads dramatiq.worker.WorkerThread on every failure"
+    " of the plain decorator under an actor: AttributeError escapes _failing and the key is"
+    " left processing, its lease renewed for as long as the worker lives",
+)
+def test_dramatiq_1x_a_failure_under_the_plain_decorator_is_settled(
+    stub: _Stub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delattr(dramatiq.worker, "WorkerThread")  # the worker is already running
+    store = MemoryStore()
+
+    @stub.actor(max_retries=0)
+    @idempotent(key="pay:{order}", store=store, lease=0.5)
+    def pay(order: str) -> None:
+        raise ConnectionError("down")
+
+    sent = pay.send("o-1")
+    poll(
+        lambda: [e for e in stub.log.ends if e[0] == sent.message_id],
+        "the message to be processed",
+        timeout=30,
+    )
+    time.sleep(1.0)
+    record = _record(store, pay.fn, "pay:o-1")
+    assert record is not None and record.status is Status.HALTED, record
 
 
 def test_dramatiq_a_nested_actor_s_failure_is_recorded_though_the_outer_is_retried(
