@@ -34,25 +34,45 @@ and on the path of a call that finds its key busy.
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 from typing import Any
 
-__all__ = ["is_queue_retry_of", "is_retry_request", "queue_will_retry"]
+__all__ = [
+    "dramatiq_running",
+    "is_dramatiq_actor_of",
+    "is_huey_task_of",
+    "is_queue_retry_of",
+    "is_retry_request",
+    "queue_will_retry",
+]
+
+logger = logging.getLogger("idemfn")
 
 
 def queue_will_retry(exc: BaseException, function: object) -> bool:
     """Whether the running task queue will run ``function``'s call again after ``exc``.
 
-    ``function`` is the decorated function whose claim ``exc`` ends (None: unknown).
+    ``function`` is the decorated function whose claim ``exc`` ends (None: unknown). Never
+    raises: a queue's rule that fails (a user's ``retry_when`` predicate, a task that cannot be
+    read) is logged, and the failure is recorded, as it would be outside a queue: raising here
+    would leave the claim unsettled, its lease renewed for as long as the worker lives.
     """
-    return (
-        _celery_will_retry(exc, function)
-        or _rq_will_retry(function)
-        or _dramatiq_will_retry(exc, function)
-        or _arq_will_retry(exc)
-        or _huey_will_retry(exc, function)
-    )
+    try:
+        return (
+            _celery_will_retry(exc, function)
+            or _rq_will_retry(function)
+            or _dramatiq_will_retry(exc, function)
+            or _arq_will_retry(exc)
+            or _huey_will_retry(exc, function)
+        )
+    except Exception:
+        logger.exception(
+            "idemfn: could not tell whether the task queue retries after %s; recording it",
+            type(exc).__name__,
+        )
+        return False
 
 
 def is_queue_retry_of(function: object) -> bool:
@@ -148,28 +168,17 @@ def _dramatiq_retries_left(exc: BaseException, function: object = None) -> bool:
     in its order (``throws``, then ``retry_when``, else ``retries < max_retries``, the message's
     options before the actor's before the middleware's). Needs the ``CurrentMessage``
     middleware; without it, or outside a worker, False."""
-    current = sys.modules.get("dramatiq.middleware.current_message")
-    if current is None:
+    running = dramatiq_running()
+    if running is None:
         return False
-    message: Any = current.CurrentMessage.get_current_message()
-    if message is None:
-        return False
-    worker = sys.modules.get("dramatiq.worker")
-    thread = threading.current_thread()
-    if worker is not None and isinstance(thread, worker.WorkerThread):
-        broker: Any = thread.broker
-    else:  # an async actor, on the event loop's thread: the global broker, if any (never
-        # get_broker(), which would create one)
-        broker = sys.modules["dramatiq.broker"].global_broker
+    broker, message, actor = running
     retries_class = sys.modules["dramatiq.middleware.retries"].Retries
     middleware = [m for m in getattr(broker, "middleware", ()) if isinstance(m, retries_class)]
     if not middleware:  # no Retries middleware: a failed message is done
         return False
-    try:
-        actor: Any = broker.get_actor(message.actor_name)
-    except Exception:  # an actor this broker does not know: don't guess
+    if actor is None:  # an actor this broker does not know: don't guess
         return False
-    if function is not None and not _is(actor.fn, function):
+    if function is not None and not is_dramatiq_actor_of(actor, function):
         return False
     throws = message.options.get("throws") or actor.options.get("throws")
     if throws and isinstance(exc, throws):
@@ -182,6 +191,67 @@ def _dramatiq_retries_left(exc: BaseException, function: object = None) -> bool:
         "max_retries", actor.options.get("max_retries", middleware[0].max_retries)
     )
     return limit is None or retries < limit
+
+
+def dramatiq_running() -> tuple[Any, Any, Any] | None:
+    """The broker, message and actor (None: one the broker does not know) of the Dramatiq
+    message running here, or None: no message (outside a worker, or a broker without the
+    ``CurrentMessage`` middleware, which is then logged once: see ``_no_current_message``)."""
+    current = sys.modules.get("dramatiq.middleware.current_message")
+    if current is None:
+        return None
+    worker = sys.modules.get("dramatiq.worker")
+    # (Dramatiq 1.x names it _WorkerThread.)
+    thread_class: Any = getattr(worker, "WorkerThread", None) or getattr(
+        worker, "_WorkerThread", ()
+    )
+    thread = threading.current_thread()
+    in_worker = isinstance(thread, thread_class)
+    message: Any = current.CurrentMessage.get_current_message()
+    if message is None:
+        if in_worker:
+            _no_current_message(thread, current.CurrentMessage)
+        return None
+    if in_worker:
+        broker: Any = thread.broker  # type: ignore[attr-defined]
+    else:  # an async actor, on the event loop's thread: the global broker, if any (never
+        # get_broker(), which would create one)
+        broker = sys.modules["dramatiq.broker"].global_broker
+    try:
+        actor: Any = broker.get_actor(message.actor_name)
+    except Exception:
+        actor = None
+    return broker, message, actor
+
+
+def is_dramatiq_actor_of(actor: Any, function: object) -> bool:
+    """Whether Dramatiq ``actor`` runs ``function`` (a ``GenericActor``'s is its ``perform``)."""
+    target = actor.fn
+    generic = sys.modules.get("dramatiq.generic")
+    if generic is not None and isinstance(target, generic.GenericActor):
+        target = type(target).perform
+    return _is(target, function)
+
+
+_warned_current_message: set[int] = set()
+
+
+def _no_current_message(thread: Any, current_message: type) -> None:
+    """Say once per broker that a Dramatiq worker without ``CurrentMessage`` hides from idemfn
+    whether Dramatiq retries a failure: idemfn records it, and Dramatiq's retries replay it."""
+    broker = getattr(thread, "broker", None)
+    if broker is None or id(broker) in _warned_current_message:
+        return
+    if any(isinstance(m, current_message) for m in getattr(broker, "middleware", ())):
+        return
+    _warned_current_message.add(id(broker))
+    logger.error(
+        "idemfn: this Dramatiq worker's broker has no CurrentMessage middleware, so idemfn"
+        " cannot tell whether Dramatiq retries a failure: it records the failure, and"
+        " Dramatiq's retries replay it instead of running the body again. Add it:"
+        " broker.add_middleware(dramatiq.middleware.CurrentMessage()), where the broker is"
+        " created"
+    )
 
 
 def _arq_will_retry(exc: BaseException) -> bool:
@@ -215,8 +285,13 @@ def _huey_will_retry(exc: BaseException, function: object) -> bool:
     running = _running_task()
     if running is None or not running[1].retries:
         return False
+    return is_huey_task_of(running[1], function)
+
+
+def is_huey_task_of(task: object, function: object) -> bool:
+    """Whether Huey ``task`` runs ``function`` (maybe wrapped)."""
     # The task's class runs its function from a closure (TaskWrapper.create_task's execute).
-    execute: Any = getattr(type(running[1]), "execute", None)
+    execute: Any = getattr(type(task), "execute", None)
     names = getattr(getattr(execute, "__code__", None), "co_freevars", ())
     if "func" not in names:
         return False

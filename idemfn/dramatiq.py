@@ -42,13 +42,13 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Literal, NoReturn, ParamSpec, TypeVar
+from typing import Any, Literal, NoReturn, ParamSpec, TypeVar
 
 try:
     import dramatiq.broker
+    import dramatiq.worker
     from dramatiq import Retry
     from dramatiq.middleware import CurrentMessage
-    from dramatiq.worker import WorkerThread
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("idemfn.dramatiq needs Dramatiq: pip install 'idemfn[dramatiq]'") from exc
 
@@ -56,11 +56,16 @@ from ._decorator import IdempotentFunction, decorator
 from ._errors import AlreadyRunning
 from ._outcome import SerializerOption
 from ._policy import seconds_option
-from ._queue_retry import _dramatiq_retries_left
+from ._queue_retry import _dramatiq_retries_left, dramatiq_running, is_dramatiq_actor_of
 from ._signing import SigningKey
 from ._stores import Store
 
 __all__ = ["idempotent_actor", "message_id"]
+
+# The class of Dramatiq's worker threads (1.x names it _WorkerThread).
+_WORKER_THREAD: Any = getattr(dramatiq.worker, "WorkerThread", None) or (
+    dramatiq.worker._WorkerThread
+)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -95,7 +100,7 @@ def message_id(*args: object, **kwargs: object) -> str:
     if message is not None:
         return message.message_id
     thread = threading.current_thread()
-    if isinstance(thread, WorkerThread) and not _has_current_message(thread.broker):
+    if isinstance(thread, _WORKER_THREAD) and not _has_current_message(thread.broker):
         raise ValueError(
             "idemfn.dramatiq.message_id: this Dramatiq worker's broker has no CurrentMessage"
             f" middleware, through which an actor reaches its message's id: {_ADD_IT} (or"
@@ -117,6 +122,27 @@ def message_id(*args: object, **kwargs: object) -> str:
 
 def _has_current_message(broker: dramatiq.Broker) -> bool:
     return any(isinstance(m, CurrentMessage) for m in broker.middleware)
+
+
+class _OwnMessageId:
+    """``idempotent_actor``'s default key: ``message_id``, for a call of the running message's
+    own actor only. An actor called directly inside another actor's message has no message of
+    its own: keyed on the other's id, a second such call would replay the first."""
+
+    def __init__(self) -> None:
+        self.functions: list[object] = []  # what this idempotent_actor(...) decorated
+
+    def __call__(self, *args: object, **kwargs: object) -> str:
+        found = message_id()
+        running = dramatiq_running()
+        actor = None if running is None else running[2]
+        if actor is not None and not any(is_dramatiq_actor_of(actor, f) for f in self.functions):
+            raise ValueError(
+                f"idemfn.dramatiq.message_id: the message running here is {actor.actor_name!r}'s:"
+                " an actor called directly inside another actor's message has no message of its"
+                " own. Send it with .send(), or pass key= to key the call on its arguments"
+            )
+        return found
 
 
 def idempotent_actor(
@@ -210,8 +236,9 @@ def idempotent_actor(
         )
         raise retry from busy
 
+    own_key = _OwnMessageId() if key is None else None
     decorate_once = decorator(
-        key=message_id if key is None else key,
+        key=own_key if own_key is not None else key,
         name=name,
         store=store,
         ttl=ttl,
@@ -233,6 +260,8 @@ def idempotent_actor(
                 "idempotent_actor decorates an actor's function, not"
                 f" {type(fn).__name__}; put it directly above the def, under @dramatiq.actor"
             )
+        if own_key is not None:
+            own_key.functions.append(fn)
         return decorate_once(fn)
 
     return decorate

@@ -50,6 +50,7 @@ from ._decorator import IdempotentFunction, decorator
 from ._errors import AlreadyRunning
 from ._outcome import SerializerOption
 from ._policy import seconds_option
+from ._queue_retry import is_huey_task_of
 from ._signing import SigningKey
 from ._stores import Store
 
@@ -107,6 +108,29 @@ def task_id(*args: object, **kwargs: object) -> str:
             " its arguments"
         )
     return str(running[1].id)
+
+
+class _OwnTaskId:
+    """``idempotent_task``'s default key: ``task_id``, for a call of the running task's own
+    function only. A task's function called directly (``call_local()``) inside another task
+    has no task of its own: keyed on the other's id, a second such call would replay the
+    first."""
+
+    def __init__(self) -> None:
+        self.functions: list[object] = []  # what this idempotent_task(...) decorated
+
+    def __call__(self, *args: object, **kwargs: object) -> str:
+        running = _running_task()
+        if running is None:
+            return task_id()  # raises, saying what to do
+        task = running[1]
+        if not any(is_huey_task_of(task, f) for f in self.functions):
+            raise ValueError(
+                f"idemfn.huey.task_id: the task running here is {task.name!r}: a task's function"
+                " called directly (call_local()) inside another task has no task of its own."
+                " Enqueue it, or pass key= to key the call on its arguments"
+            )
+        return str(task.id)
 
 
 def idempotent_task(
@@ -199,8 +223,9 @@ def idempotent_task(
         # finished or is found gone (its lease bounds that).
         raise RetryTask(f"{busy.key} is running elsewhere", delay=seconds) from busy
 
+    own_key = _OwnTaskId() if key is None else None
     decorate_once = decorator(
-        key=task_id if key is None else key,
+        key=own_key if own_key is not None else key,
         name=name,
         store=store,
         ttl=ttl,
@@ -227,6 +252,8 @@ def idempotent_task(
                 "idempotent_task decorates a task's function, not"
                 f" {type(fn).__name__}; put it directly above the def, under @huey.task"
             )
+        if own_key is not None:
+            own_key.functions.append(fn)
         return decorate_once(fn)
 
     return decorate
