@@ -45,6 +45,7 @@ __all__ = [
     "is_huey_task_of",
     "is_queue_retry_of",
     "is_retry_request",
+    "is_rq_job_of",
     "queue_will_retry",
 ]
 
@@ -147,6 +148,11 @@ def _rq_will_retry(function: object) -> bool:
     job = rq_job.get_current_job()
     if job is None or not job.retries_left:
         return False
+    return is_rq_job_of(job, function)
+
+
+def is_rq_job_of(job: Any, function: object) -> bool:
+    """Whether RQ ``job`` runs ``function`` (maybe wrapped)."""
     try:
         return _is(job.func, function)
     except Exception:  # the job's function cannot be resolved here: don't guess

@@ -41,6 +41,7 @@ from ._decorator import IdempotentFunction, decorator
 from ._errors import AlreadyRunning
 from ._outcome import SerializerOption
 from ._policy import whole_option
+from ._queue_retry import is_rq_job_of
 from ._signing import SigningKey
 from ._stores import Store
 
@@ -75,6 +76,27 @@ def job_id(*args: object, **kwargs: object) -> str:
             " enqueue it, or pass key= to key the call on its arguments"
         )
     return job.id
+
+
+class _OwnJobId:
+    """``idempotent_job``'s default key: ``job_id``, for a call of the running job's own
+    function only. A job function called directly inside another job has no job of its own:
+    keyed on the other's id, a second such call would replay the first."""
+
+    def __init__(self) -> None:
+        self.functions: list[object] = []  # what this idempotent_job(...) decorated
+
+    def __call__(self, *args: object, **kwargs: object) -> str:
+        job = get_current_job()
+        if job is None:
+            return job_id()  # raises, saying what to do
+        if not any(is_rq_job_of(job, f) for f in self.functions):
+            raise ValueError(
+                f"idemfn.rq.job_id: the job running here runs {job.func_name!r}: a job function"
+                " called directly inside another job has no job of its own. Enqueue it, or pass"
+                " key= to key the call on its arguments"
+            )
+        return str(job.id)
 
 
 def idempotent_job(
@@ -162,8 +184,9 @@ def idempotent_job(
         )
         return retry
 
+    own_key = _OwnJobId() if key is None else None
     decorate_once = decorator(
-        key=job_id if key is None else key,
+        key=own_key if own_key is not None else key,
         name=name,
         store=store,
         ttl=ttl,
@@ -182,6 +205,8 @@ def idempotent_job(
     def decorate(fn: Callable[P, R]) -> IdempotentFunction[P, R | Retry]:
         if isinstance(fn, (staticmethod, classmethod)) or not callable(fn):
             raise TypeError(f"idempotent_job decorates a job's function, not {type(fn).__name__}")
+        if own_key is not None:
+            own_key.functions.append(fn)
         return decorate_once(fn)
 
     return decorate

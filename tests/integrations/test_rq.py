@@ -246,3 +246,20 @@ def test_a_plain_body_returning_rq_retry_releases_the_key() -> None:
     assert job.status() is None  # released, not recorded: RQ's retry runs the body again
     assert job() == "done"
     assert job() == "done" and len(runs) == 2
+
+
+def test_a_job_function_called_directly_inside_another_job_has_no_job_id(
+    redis_server: RedisServer,
+) -> None:
+    # Keyed on the other job's id, the second call would replay the first user's value.
+    from rq import SimpleWorker
+
+    connection = redis.Redis(unix_socket_path=str(redis_server.socket))
+    queue = Queue(f"q-{uuid.uuid4().hex}", connection=connection)
+    job = queue.enqueue(rq_jobs.notify_all, ["u1", "u2"])
+    SimpleWorker([queue], connection=connection).work(burst=True)
+
+    said = job.return_value()
+    assert isinstance(said, list) and len(said) == 2, said
+    assert all("called directly inside another job" in s for s in said), said
+    connection.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 
-from idemfn import idempotent
+from idemfn import MemoryStore, idempotent
 from idemfn.rq import idempotent_job
 
 from .workers import crash_on_first_run, effect, held
@@ -70,3 +70,23 @@ def checkout(order: str) -> str:
     except Declined:
         return "declined"
     return "charged"
+
+
+# In the test process only (a SimpleWorker burst): another job's function called directly.
+_here = MemoryStore()
+
+
+@idempotent_job(store=_here)  # keyed on the job's id
+def notify(user: str) -> str:
+    return user
+
+
+def notify_all(users: list[str]) -> list[str]:
+    """A job calling ``notify``'s function directly for each user: what each call said."""
+    said = []
+    for user in users:
+        try:
+            said.append(notify(user))  # type: ignore[arg-type]
+        except ValueError as exc:
+            said.append(f"ValueError: {exc}")
+    return said

@@ -87,7 +87,8 @@ def test_importing_idemfn_imports_no_task_queue() -> None:
     import subprocess
     import sys
 
-    code = "import sys, idemfn; print(sorted({'celery', 'rq', 'kombu', 'dramatiq', 'huey', 'arq'} & set(sys.modules)))"
+    queues = "{'celery', 'rq', 'kombu', 'dramatiq', 'huey', 'arq'}"
+    code = f"import sys, idemfn; print(sorted({queues} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
