@@ -365,12 +365,33 @@ def _transaction_of(
 
 # The task queues whose decorator returns an object their worker runs without calling the
 # function it was given, by the top module of that object's type: over it, @idempotent would
-# only wrap local calls and guard nothing. Each: (the queue, its decorator, idemfn's helper).
+# only wrap local calls and guard nothing. Each: (what it was given, what goes first, how to
+# write it instead).
 _TASK_OBJECTS = {
-    "celery": ("Celery", "@app.task", "idemfn.celery.idempotent_task"),
-    "dramatiq": ("Dramatiq", "@dramatiq.actor", "idemfn.dramatiq.idempotent_actor"),
-    "arq": ("arq", "arq.worker.func", "idemfn.arq.idempotent_job"),
-    "huey": ("Huey", "@huey.task", "idemfn.huey.idempotent_task"),
+    "celery": (
+        "a Celery task",
+        "@app.task",
+        "@app.task(...) first, then @idempotent(...) (or idemfn.celery.idempotent_task(...))"
+        " on the next line",
+    ),
+    "dramatiq": (
+        "a Dramatiq actor",
+        "@dramatiq.actor",
+        "@dramatiq.actor(...) first, then @idempotent(...) (or"
+        " idemfn.dramatiq.idempotent_actor(...)) on the next line",
+    ),
+    "huey": (
+        "a Huey task",
+        "@huey.task",
+        "@huey.task(...) first, then @idempotent(...) (or idemfn.huey.idempotent_task(...))"
+        " on the next line",
+    ),
+    "arq": (
+        "an arq job Function",
+        "arq.worker.func",
+        "func(decorated, ...) around the decorated function: decorate it with"
+        " @idempotent(...) (or idemfn.arq.idempotent_job(...)) where it is defined",
+    ),
 }
 
 
@@ -381,11 +402,11 @@ def _refuse_task_object(fn: object) -> None:
     if queue is None and hasattr(kind, "apply_async"):  # a Celery task instance of any module
         queue = _TASK_OBJECTS["celery"]
     if queue is not None:
-        name, decorator, helper = queue
+        given, first, instead = queue
         raise TypeError(
-            f"@idempotent must go under {decorator}, not over it: it was given a {name} task"
+            f"@idempotent must go under {first}, not over it: it was given {given}"
             f" ({kind.__name__}), whose worker would run the body without idempotency. Write"
-            f" {decorator}(...) first, then @idempotent(...) (or {helper}(...)) on the next line"
+            f" {instead}"
         )
 
 
