@@ -1,4 +1,5 @@
-"""A second hostile review of the queue integrations (issue 20): arq and Huey.
+"""A second hostile review of the queue integrations (issue 20): arq and Huey, and the busy
+hook of a nested call on every queue that has one (Dramatiq and RQ too).
 
 Each test is an attack. The ``xfail(strict=True)`` ones demonstrate a bug (their reason says
 which); the plain ones are guarantees that withstood. In-process: an ``arq.worker.Worker`` in
@@ -65,11 +66,6 @@ def _run(huey: Huey, task: Task) -> Any:
 async def _hold(store: Any, key: str) -> Any:
     """A live claim on ``key`` (another worker's call still running), as ``begin`` makes it."""
     return await abegin(key, store=store)
-
-
-def _record(store: Any, fn: Any, key: str) -> Any:
-    entry = store.get(f"{fn.__module__}.{fn.__qualname__}:{key}")
-    return None if entry is None else entry.record()
 
 
 # --- arq: a nested job function that finds its key busy ---------------------------------------
@@ -397,7 +393,7 @@ def test_arq_a_job_past_its_timeout_is_halted_and_leaves_no_heartbeat(
         store.close()
 
 
-def test_arq_a_retry_on_the_last_try_leaves_the_key_free_and_max_retries_counts_tries(
+def test_arq_max_retries_counts_arq_tries_then_fails_with_already_running(
     redis_server: RedisServer,
 ) -> None:
     """max_retries=2 with arq's max_tries=5: tries 1 and 2 of a busy job are retried, try 3
