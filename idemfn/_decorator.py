@@ -595,7 +595,7 @@ def idempotent(
     )
 
 
-OnBusy = Callable[[AlreadyRunning], Any]
+OnBusy = Callable[[AlreadyRunning, Callable[..., Any]], Any]
 
 
 def decorator(
@@ -617,7 +617,10 @@ def decorator(
 ) -> Callable[[Callable[P, R]], IdempotentFunction[P, R]]:
     """``idempotent``'s decorator, for the integrations: ``on_busy``, when given, is called
     with the ``AlreadyRunning`` of a call that found its own key running (not one raised or
-    replayed by the body), and what it returns is the call's result."""
+    replayed by the body) and the decorated function (the wrapper), and what it returns is the
+    call's result. It asks the queue to retry only a call of the running task's own function:
+    a nested call's retry request would release the task's own claim too, and run the task's
+    body again."""
     policy = Policy(
         ttl=ttl,
         lease=lease,
@@ -700,7 +703,7 @@ def decorator(
                 except AlreadyRunning as busy:
                     if on_busy is None or reentered(busy):
                         raise
-                    return on_busy(busy)
+                    return on_busy(busy, wrapper)
                 if outcome.__class__ is Finished:
                     return outcome.replay()
                 outcome.function = wrapper  # type: ignore[union-attr]
@@ -733,7 +736,7 @@ def decorator(
                 except AlreadyRunning as busy:
                     if on_busy is None or reentered(busy):
                         raise
-                    return on_busy(busy)
+                    return on_busy(busy, wrapper)
                 if outcome.__class__ is Finished:
                     return outcome.replay()
                 outcome.function = wrapper  # type: ignore[union-attr]
@@ -760,7 +763,7 @@ def decorator(
                 except AlreadyRunning as busy:
                     if on_busy is None or reentered(busy):
                         raise
-                    return on_busy(busy)
+                    return on_busy(busy, wrapper)
                 if outcome.__class__ is Finished:
                     return outcome.replay()
                 outcome.function = wrapper  # type: ignore[union-attr]

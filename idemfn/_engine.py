@@ -1041,15 +1041,14 @@ def _deciding(
 
 def _undone_if_interrupted(op: Op, claimed: Entry) -> Steps[Any]:
     """Run ``op``, which may write the claim ``claimed``. Interrupted (a cancelled task,
-    Ctrl-C) before its answer came, or failed (a ``StoreError``: a timeout may come after the
-    write landed), the claim may have been made with no one left to run it: undo it (a release
-    of its own token, harmless if it never landed), so that the caller writes nothing."""
+    Ctrl-C, an exception a signal handler raised: Huey's task timeout) before its answer came,
+    or failed (a ``StoreError``: a timeout may come after the write landed), the claim may have
+    been made with no one left to run it: undo it (a release of its own token, harmless if it
+    never landed), so that the caller writes nothing."""
     try:
         return (yield op)
-    except StoreError:
-        yield from _undoing(claimed.key, claimed.token)
-        raise
     except Exception:
+        yield from _undoing(claimed.key, claimed.token)
         raise
     except BaseException as interrupted:
         yield from _undoing(claimed.key, claimed.token)

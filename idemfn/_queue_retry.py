@@ -41,6 +41,7 @@ from typing import Any
 
 __all__ = [
     "dramatiq_running",
+    "is_celery_task_of",
     "is_dramatiq_actor_of",
     "is_huey_task_of",
     "is_queue_retry_of",
@@ -92,6 +93,11 @@ def is_queue_retry_of(function: object) -> bool:
     task: Any = celery.current_task
     if not task or task.request.called_directly or not task.request.retries:
         return False
+    return is_celery_task_of(task, function)
+
+
+def is_celery_task_of(task: Any, function: object) -> bool:
+    """Whether Celery ``task`` runs ``function`` (maybe wrapped)."""
     # Celery's autoretry wraps run and keeps the original as _orig_run.
     return _is(getattr(task, "_orig_run", task.run), function)
 

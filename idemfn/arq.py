@@ -66,7 +66,9 @@ R = TypeVar("R")
 logger = logging.getLogger("idemfn")
 
 # The ctx of the job whose call is running, for the busy hook, which gets only the error.
-_job_ctx: contextvars.ContextVar[object] = contextvars.ContextVar("idemfn_arq_ctx")
+# The running job's ctx, and whether this call is the outermost idempotent job function of
+# its task (the job's own), for the busy hook, which gets only the error.
+_job_ctx: contextvars.ContextVar[tuple[object, bool]] = contextvars.ContextVar("idemfn_arq_ctx")
 
 
 def job_id(ctx: object, *args: object, **kwargs: object) -> str:
@@ -179,11 +181,16 @@ def idempotent_job(
     if max_retries is not None:
         whole_option("max_retries", max_retries, least=1)
 
-    def retry_later(busy: AlreadyRunning) -> NoReturn:
-        ctx = _job_ctx.get(None)
+    def retry_later(busy: AlreadyRunning, function: Callable[..., object]) -> NoReturn:
+        ctx, outermost = _job_ctx.get((None, False))
         tries = ctx.get("job_try") if isinstance(ctx, dict) else None
-        # Called directly (no try number in ctx) there is nothing to retry it.
-        if not isinstance(tries, int) or (max_retries is not None and tries > max_retries):
+        # Called directly (no try number in ctx) there is nothing to retry it; a nested job
+        # function, awaited inside another's job, must not retry the whole job.
+        if (
+            not outermost
+            or not isinstance(tries, int)
+            or (max_retries is not None and tries > max_retries)
+        ):
             raise busy
         logger.info(
             "idemfn: %s is running elsewhere (owner %s); job %s (try %d) runs again in %.3g s",
@@ -242,7 +249,8 @@ def idempotent_job(
         # (wraps copies once's __dict__: key_for, status, forget and store come along.)
         @functools.wraps(once)
         async def job(ctx: object, *args: Any, **kwargs: Any) -> Any:
-            token = _job_ctx.set(ctx)
+            # The outermost idempotent job function of this task is taken for the job's own.
+            token = _job_ctx.set((ctx, _job_ctx.get(None) is None))
             try:
                 return await call(ctx, *args, **kwargs)
             finally:

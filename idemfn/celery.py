@@ -47,6 +47,7 @@ from ._decorator import IdempotentFunction, decorator
 from ._errors import AlreadyRunning
 from ._outcome import SerializerOption
 from ._policy import seconds_option, whole_option
+from ._queue_retry import is_celery_task_of
 from ._signing import SigningKey
 from ._stores import Store
 
@@ -158,11 +159,17 @@ def idempotent_task(
     if max_retries is not None:
         whole_option("max_retries", max_retries, least=1)
 
-    def retry_later(busy: AlreadyRunning) -> NoReturn:
+    def retry_later(busy: AlreadyRunning, function: Callable[..., object]) -> NoReturn:
         task = current_task._get_current_object() if current_task else None
         # Called directly there is nothing to retry; eagerly (apply(), task_always_eager),
-        # Celery would run the retry at once, recursively, while the owner still runs.
-        if task is None or task.request.called_directly or task.request.is_eager:
+        # Celery would run the retry at once, recursively, while the owner still runs; a
+        # nested call (not the task's own function) must not retry the whole task.
+        if (
+            task is None
+            or task.request.called_directly
+            or task.request.is_eager
+            or not is_celery_task_of(task, function)
+        ):
             raise busy
         logger.info(
             "idemfn: %s is running elsewhere (owner %s); task %s retries in %.3g s",

@@ -218,10 +218,13 @@ def idempotent_actor(
         raise ValueError(f"on_running must be 'retry' or 'raise', not {on_running!r}")
     delay_ms = round(seconds_option("delay", delay, positive=False) * 1000)
 
-    def retry_later(busy: AlreadyRunning) -> NoReturn:
-        message = CurrentMessage.get_current_message()
-        if message is None:  # called directly, not by a worker: nothing can retry it
+    def retry_later(busy: AlreadyRunning, function: Callable[..., object]) -> NoReturn:
+        running = dramatiq_running()
+        # Called directly, not by a worker, nothing can retry it; a nested call (not the
+        # actor's own function) must not retry the whole message.
+        if running is None or running[2] is None or not is_dramatiq_actor_of(running[2], function):
             raise busy
+        message = running[1]
         retry = Retry(f"idemfn: {busy.key} is running elsewhere", delay=delay_ms)
         # Dramatiq counts a Retry as a failure: once the message has no retry left, fail it
         # with the cause rather than with a bare Retry.

@@ -206,11 +206,12 @@ def idempotent_task(
         raise ValueError(f"on_running must be 'retry' or 'raise', not {on_running!r}")
     seconds = seconds_option("delay", delay, positive=False)
 
-    def retry_later(busy: AlreadyRunning) -> NoReturn:
+    def retry_later(busy: AlreadyRunning, function: Callable[..., object]) -> NoReturn:
         running = _running_task()
         # Called directly there is nothing to retry; in immediate mode Huey would run the
-        # retry at once, recursively (or never, with a delay: no scheduler runs).
-        if running is None or running[0].immediate:
+        # retry at once, recursively (or never, with a delay: no scheduler runs); a nested
+        # call (not the task's own function) must not retry the whole task.
+        if running is None or running[0].immediate or not is_huey_task_of(running[1], function):
             raise busy
         logger.info(
             "idemfn: %s is running elsewhere (owner %s); Huey task %s runs again in %.3g s",

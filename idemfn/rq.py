@@ -171,9 +171,11 @@ def idempotent_job(
         interval=whole_option("interval", interval, least=0),
     )
 
-    def retry_later(busy: AlreadyRunning) -> Retry:
+    def retry_later(busy: AlreadyRunning, function: Callable[..., object]) -> Retry:
         job = get_current_job()
-        if job is None:  # called directly, not by a worker: nothing can retry it
+        # Called directly, not by a worker, nothing can retry it; a nested call (not the
+        # job's own function) must not hand the job's body an rq.Retry as its value.
+        if job is None or not is_rq_job_of(job, function):
             raise busy
         logger.info(
             "idemfn: %s is running elsewhere (owner %s); job %s will run again in %d s",

@@ -293,8 +293,11 @@ def test_ignore_is_an_outcome_even_when_autoretry_covers_it() -> None:
 
 
 @pytest.fixture
-def in_a_job(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(idemfn.rq, "get_current_job", lambda: SimpleNamespace(id="job-1"))
+def in_a_job(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
+    """The RQ job running here: its ``func`` (the job's own function) is the test's to set."""
+    running = SimpleNamespace(id="job-1", func=None)
+    monkeypatch.setattr(idemfn.rq, "get_current_job", lambda: running)
+    return running
 
 
 def _sync_busy(**options: Any) -> tuple[Any, Any]:
@@ -316,20 +319,22 @@ def _sync_busy(**options: Any) -> tuple[Any, Any]:
     return job, hold
 
 
-def test_a_busy_job_returns_the_configured_retry(in_a_job: None) -> None:
+def test_a_busy_job_returns_the_configured_retry(in_a_job: SimpleNamespace) -> None:
     job, hold = _sync_busy(interval=3, max_retries=7)
+    in_a_job.func = job
     with first_call_held(hold):
         retry = job()
     assert isinstance(retry, Retry) and retry.max == 7 and retry.intervals == [3]
 
 
-def test_a_busy_job_with_on_running_raise_raises(in_a_job: None) -> None:
+def test_a_busy_job_with_on_running_raise_raises(in_a_job: SimpleNamespace) -> None:
     job, hold = _sync_busy(on_running="raise")
+    in_a_job.func = job
     with first_call_held(hold), pytest.raises(AlreadyRunning):
         job()
 
 
-def test_a_busy_async_job_returns_retry(in_a_job: None) -> None:
+def test_a_busy_async_job_returns_retry(in_a_job: SimpleNamespace) -> None:
     store = MemoryStore()
 
     async def main() -> tuple[Any, Any]:
@@ -340,6 +345,7 @@ def test_a_busy_async_job_returns_retry(in_a_job: None) -> None:
             await gate.wait()
             return "done"
 
+        in_a_job.func = job
         first = asyncio.ensure_future(job())
         await asyncio.sleep(0.05)
         second = await job()

@@ -142,7 +142,8 @@ def test_a_worker_killed_mid_body_halts_the_message_delivered_again(
     pid = queue.kill_mid_body(name)
 
     failure = queue.wait(message, "failed")[-1]
-    assert "Halted" in failure and f"/{pid}/" in failure, failure  # the dead owner is named
+    # The dead owner is named, and was seen dead (on this machine, at once: not its lease out).
+    assert "Halted" in failure and f"/{pid}/" in failure and " died" in failure, failure
     assert queue.runs(name) == [str(pid)], "the body ran again"
     record = queue.record("crash_halt", message)
     assert record is not None and record.status is Status.HALTED
