@@ -455,3 +455,47 @@ def test_the_celery_extra_brings_the_redis_transport_the_examples_use() -> None:
     extras = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
     celery = [Requirement(text) for text in extras["celery"]]
     assert any(r.name == "celery" and "redis" in r.extras for r in celery), extras["celery"]
+
+
+def test_a_nested_call_that_finds_its_key_busy_does_not_retry_the_task(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Only the task's own function asks Celery for a retry: a nested call's would release the
+    # task's claim and run its whole body (its side effects) again.
+    import idemfn.celery
+    from idemfn import AlreadyRunning, begin
+
+    store = MemoryStore()
+    emails: list[str] = []
+
+    @idempotent_task(key="charge:{order}", store=store)
+    def charge(order: str) -> str:
+        return f"charged {order}"
+
+    @idempotent_task(key="checkout:{order}", store=store)
+    def checkout(order: str) -> str:
+        emails.append(order)
+        return charge(order)
+
+    retried: list[object] = []
+
+    class Task:  # the running task, as a worker would have it: its run is checkout
+        request = type("Request", (), {"id": "t-1", "called_directly": False, "is_eager": False})
+        request.retries = 0  # type: ignore[attr-defined]
+        run = staticmethod(checkout)
+
+        def _get_current_object(self) -> Any:
+            return self
+
+        def retry(self, **options: Any) -> Exception:
+            retried.append(options)
+            return RuntimeError("Celery's Retry")
+
+    monkeypatch.setattr(idemfn.celery, "current_task", Task())
+    busy = begin(charge.key_for("o-1"), store=store)  # another worker charges the order
+    with pytest.raises(AlreadyRunning):
+        checkout("o-1")
+    assert retried == [] and emails == ["o-1"]
+    record = checkout.status("o-1")
+    assert record is not None and record.status is Status.HALTED  # as any other failure
+    busy.release()  # type: ignore[union-attr]
