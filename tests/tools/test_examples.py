@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.servers import RedisServer
-from tests.support.workers import ROOT, Worker, celery_worker, rq_worker
+from tests.support.workers import ROOT, Worker, celery_worker
 
 pytestmark = pytest.mark.slow
 
@@ -54,71 +54,36 @@ def test_the_celery_example(tmp_path: Path, redis_server: RedisServer) -> None:
     assert worker.output().count(f"charging {order}:") == 1
 
 
-def test_the_rq_example(tmp_path: Path, redis_server: RedisServer) -> None:
+# Each task queue's example (but Celery's, above) and its worker, as the example's docstring
+# says to run it, from examples/: three sends of one payment pay once, and the script run again
+# replays the same receipt.
+WORKERS = {
+    "rq_jobs.py": ("-m rq.cli worker --url {url} --with-scheduler default", "Listening on"),
+    "dramatiq_actors.py": (
+        "-m dramatiq dramatiq_actors --processes 1 --threads 2",
+        "Worker process is ready",
+    ),
+    "huey_tasks.py": (
+        "-m huey.bin.huey_consumer huey_tasks.huey -k process",
+        "Huey consumer started",
+    ),
+    "arq_jobs.py": ("-m arq arq_jobs.WorkerSettings", "redis_version="),
+}
+
+
+@pytest.mark.parametrize("script", list(WORKERS))
+def test_a_queue_example_pays_once_under_its_worker(
+    script: str, tmp_path: Path, redis_server: RedisServer
+) -> None:
     url = f"unix://{redis_server.socket}"
     env = {"REDIS_URL": url, "IDEMFN_STORE": str(tmp_path / "store")}
-    worker = rq_worker(
-        tmp_path, env, "example", url, "default", "rq.worker.Worker", path=ROOT / "examples"
-    )
+    arguments, ready = WORKERS[script]
+    command = f"cd examples && exec {shlex.quote(sys.executable)} {arguments.format(url=url)}"
+    worker = Worker(["sh", "-c", command], env, tmp_path / "worker.log", ready=ready)
     invoice = f"invoice-{uuid.uuid4().hex[:8]}"
     try:
-        first = _run("rq_jobs.py", env, invoice)
-        second = _run("rq_jobs.py", env, invoice)
-    finally:
-        worker.kill()
-    assert len(first) == 3 and len(_receipts(first)) == 1, first
-    assert _receipts(second) == _receipts(first)
-    assert worker.output().count(f"paying {invoice}:") == 1
-
-
-def test_the_dramatiq_example(tmp_path: Path, redis_server: RedisServer) -> None:
-    env = {"REDIS_URL": f"unix://{redis_server.socket}", "IDEMFN_STORE": str(tmp_path / "store")}
-    argv = [sys.executable, "-m", "dramatiq", "dramatiq_actors", "--path", "examples"]
-    worker = Worker(
-        [*argv, "--processes", "1", "--threads", "2"],
-        env,
-        tmp_path / "example.log",
-        ready="Worker process is ready",
-    )
-    invoice = f"invoice-{uuid.uuid4().hex[:8]}"
-    try:
-        first = _run("dramatiq_actors.py", env, invoice)
-        second = _run("dramatiq_actors.py", env, invoice)
-    finally:
-        worker.kill()
-    assert len(first) == 3 and len(_receipts(first)) == 1, first
-    assert _receipts(second) == _receipts(first)
-    assert worker.output().count(f"paying {invoice}:") == 1
-
-
-def test_the_arq_example(tmp_path: Path, redis_server: RedisServer) -> None:
-    env = {"REDIS_URL": f"unix://{redis_server.socket}", "IDEMFN_STORE": str(tmp_path / "store")}
-    # As its docstring says, in examples/ (arq imports the settings from its working directory)
-    command = f"cd examples && exec {shlex.quote(sys.executable)} -m arq arq_jobs.WorkerSettings"
-    worker = Worker(["sh", "-c", command], env, tmp_path / "example.log", ready="redis_version=")
-    invoice = f"invoice-{uuid.uuid4().hex[:8]}"
-    try:
-        first = _run("arq_jobs.py", env, invoice)
-        second = _run("arq_jobs.py", env, invoice)
-    finally:
-        worker.kill()
-    assert len(first) == 3 and len(_receipts(first)) == 1, first
-    assert _receipts(second) == _receipts(first)
-    assert worker.output().count(f"paying {invoice}:") == 1
-
-
-def test_the_huey_example(tmp_path: Path, redis_server: RedisServer) -> None:
-    env = {"REDIS_URL": f"unix://{redis_server.socket}", "IDEMFN_STORE": str(tmp_path / "store")}
-    # As its docstring says, in examples/ (huey_consumer imports from its working directory)
-    consumer = f"{shlex.quote(sys.executable)} -m huey.bin.huey_consumer huey_tasks.huey -k process"
-    command = f"cd examples && exec {consumer}"
-    worker = Worker(
-        ["sh", "-c", command], env, tmp_path / "huey.log", ready="Huey consumer started"
-    )
-    invoice = f"invoice-{uuid.uuid4().hex[:8]}"
-    try:
-        first = _run("huey_tasks.py", env, invoice)
-        second = _run("huey_tasks.py", env, invoice)
+        first = _run(script, env, invoice)
+        second = _run(script, env, invoice)
     finally:
         worker.kill()
     assert len(first) == 3 and len(_receipts(first)) == 1, first
