@@ -947,11 +947,16 @@ async def _awaiting(conn: Any, broken: tuple[type[BaseException], ...]) -> bool:
     ``can_read``), or still in its socket, which the loop has not read yet (a reply that came
     after its caller was cancelled: redis-py's check-out gives back a connection whose
     handshake was cut short, and the next command would read that reply as its own)."""
+    # (redis-py 8 names it can_read; before, can_read_destructive, which on a connection with
+    # bytes waiting reads them into its parser: it is given up then.)
+    can_read = getattr(conn, "can_read", None) or conn.can_read_destructive
     try:
-        if await conn.can_read():
+        if await can_read():
             return True
     except broken:
         return True
+    except Exception:  # (redis-py 5's hiredis parser, never connected: AttributeError)
+        return True  # cannot tell: given up, as a broken one
     writer = getattr(conn, "_writer", None)
     transport = None if writer is None else writer.transport
     if _POLL is None or transport is None or transport.get_extra_info("sslcontext") is not None:

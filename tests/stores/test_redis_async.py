@@ -870,3 +870,26 @@ print(seen)
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() in ("T", "t"), done.stdout
+
+
+def test_an_idle_connection_is_checked_on_redis_py_before_8_too() -> None:
+    # redis-py < 8 (arq pins redis-py < 6) has no async can_read: every reused connection
+    # raised AttributeError. Its can_read_destructive is asked instead; a check that fails
+    # gives the connection up.
+    from idemfn._stores.redis import _awaiting
+
+    class Before8:
+        _writer = None
+
+        def __init__(self, answer: Any) -> None:
+            self.answer = answer
+
+        async def can_read_destructive(self) -> bool:
+            if isinstance(self.answer, BaseException):
+                raise self.answer
+            return bool(self.answer)
+
+    broken = (redis.ConnectionError,)
+    assert asyncio.run(_awaiting(Before8(True), broken)) is True
+    assert asyncio.run(_awaiting(Before8(False), broken)) is False
+    assert asyncio.run(_awaiting(Before8(AttributeError("_connected")), broken)) is True
