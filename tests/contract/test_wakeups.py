@@ -243,5 +243,7 @@ def test_a_waiter_that_gives_up_closes_its_watch(
     held_elsewhere(store, fn.key_for(1))
     with pytest.raises(AlreadyRunning):
         fn(1)
-    assert spy.waits >= 1 and spy.closed == spy.opened == 1
+    # (Not how often it waited: on a busy machine opening the watch can outlast the 50 ms,
+    # and the waiter then gives up without one wait; seen once under suite-under-load.)
+    assert spy.closed == spy.opened == 1
     assert fn.key_for(1) not in _watchers
