@@ -22,11 +22,14 @@ The public names, each with its docstring (``help(idemfn.idempotent)``):
   ``Halted``, ``DeadlineExceeded``, ``OwnershipLost``, ``StoreError``;
 - ``begin``, ``abegin``, ``Claim``, ``Finished``, ``Policy``: the low-level API the decorator
   drives, for framework authors;
-- ``fingerprint_value``, ``FINGERPRINT_VERSION``: the canonical fingerprint of a value.
+- ``fingerprint_value``, ``FINGERPRINT_VERSION``: the canonical fingerprint of a value;
+- ``subscribe``, ``Event``, ``Subscription``: every decision as an event (``idemfn.events``).
 
-Submodules, imported on their own: ``idemfn.testing`` (``StoreContract``, the store
-conformance suite), ``idemfn.celery`` and ``idemfn.rq`` (task queue integrations),
-``idemfn.asgi``, ``idemfn.wsgi`` and ``idemfn.django`` (the HTTP ``IdempotencyMiddleware``).
+Submodules, imported on their own: ``idemfn.events`` (event names and handlers),
+``idemfn.otel`` and ``idemfn.prometheus`` (metrics and traces), ``idemfn.testing``
+(``StoreContract``, the store conformance suite), ``idemfn.celery`` and ``idemfn.rq``
+(task queue integrations), ``idemfn.asgi``, ``idemfn.wsgi`` and ``idemfn.django`` (the
+HTTP ``IdempotencyMiddleware``).
 Documentation: https://idemfn.readthedocs.io/
 """
 
@@ -48,6 +51,7 @@ from ._stores import DiskStore, MemoryStore, Store, default_store, open_store
 from ._stores.disk import default_directory
 from ._stores.postgres import PostgresStore, current_async_connection, current_connection
 from ._stores.redis import RedisStore
+from .events import Event, Subscription, subscribe
 
 __all__ = [
     "FINGERPRINT_VERSION",
@@ -55,6 +59,7 @@ __all__ = [
     "Claim",
     "DeadlineExceeded",
     "DiskStore",
+    "Event",
     "FingerprintMismatch",
     "Finished",
     "Halted",
@@ -69,6 +74,7 @@ __all__ = [
     "Status",
     "Store",
     "StoreError",
+    "Subscription",
     "abegin",
     "begin",
     "current_async_connection",
@@ -78,6 +84,7 @@ __all__ = [
     "fingerprint_value",
     "idempotent",
     "open_store",
+    "subscribe",
 ]
 
 __version__ = "0.1.0.dev0"

@@ -10,7 +10,8 @@ import copy
 import functools
 import inspect
 import os
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from functools import partial
@@ -45,6 +46,7 @@ from ._queue_retry import is_queue_retry_of
 from ._record import Record
 from ._signing import SigningKey
 from ._stores import MemoryStore, Store, resolve_store
+from .events import CALL_ENDED, CALL_STARTED, Handler, Observer, Subscription
 
 __all__ = ["BoundIdempotentFunction", "IdempotentFunction", "idempotent"]
 
@@ -152,6 +154,26 @@ class IdempotentFunction(Protocol[P, R_co]):
         """
         ...
 
+    def subscribe(self, handler: Handler, *, events: Iterable[str] | None = None) -> Subscription:
+        """Send this function's events (see ``idemfn.events``) to ``handler``.
+
+        ``idemfn.subscribe`` takes every function's. On a method, the handler gets the calls
+        of every instance.
+
+        Args:
+            handler: Called with each ``idemfn.Event`` of this function's calls, in the
+                calling thread or event loop; what it raises is logged, never raised.
+            events: The names of the events to get. Default None: all of them.
+
+        Returns:
+            A ``Subscription``: ``close()`` it, or leave its ``with`` block, to unsubscribe.
+
+        Raises:
+            TypeError: ``handler`` is not callable, or ``events`` is a single string.
+            ValueError: ``events`` names an unknown event.
+        """
+        ...
+
     # Methods: looked up on an instance, the wrapper binds like any function, and so do
     # key_for, status and forget.
     @overload
@@ -189,6 +211,10 @@ class BoundIdempotentFunction(Protocol[P, R_co]):
 
     def forget(self, *args: P.args, **kwargs: P.kwargs) -> bool:
         """Delete the record of these arguments' key; True if there was a live one."""
+        ...
+
+    def subscribe(self, handler: Handler, *, events: Iterable[str] | None = None) -> Subscription:
+        """Send the function's events to ``handler``; see ``IdempotentFunction.subscribe``."""
         ...
 
 
@@ -598,6 +624,43 @@ def idempotent(
 OnBusy = Callable[[AlreadyRunning, Callable[..., Any]], Any]
 
 
+def _observed(
+    observer: Observer,
+    store: Store,
+    key: str,
+    call: Callable[[str, str, Any, Any], Any],
+    fp: str,
+    args: Any,
+    kwargs: Any,
+) -> Any:
+    """A call with some handler subscribed: framed by ``call_started`` and ``call_ended``
+    (which an OpenTelemetry span wraps the body with)."""
+    observer.emit(CALL_STARTED, store, key)
+    started = time.monotonic()
+    try:
+        value = call(key, fp, args, kwargs)
+    except BaseException as exc:
+        duration = time.monotonic() - started
+        observer.emit(CALL_ENDED, store, key, duration=duration, status="raised", error=exc)
+        raise
+    observer.emit(CALL_ENDED, store, key, duration=time.monotonic() - started, status="ok")
+    return value
+
+
+async def _aobserved(observer: Observer, store: Store, key: str, call: Awaitable[Any]) -> Any:
+    """``_observed`` for an ``async def`` function's call."""
+    observer.emit(CALL_STARTED, store, key)
+    started = time.monotonic()
+    try:
+        value = await call
+    except BaseException as exc:
+        duration = time.monotonic() - started
+        observer.emit(CALL_ENDED, store, key, duration=duration, status="raised", error=exc)
+        raise
+    observer.emit(CALL_ENDED, store, key, duration=time.monotonic() - started, status="ok")
+    return value
+
+
 def decorator(
     *,
     key: str | Callable[..., str] | None,
@@ -642,12 +705,12 @@ def decorator(
         retry_policy = copy.copy(policy)
         retry_policy.wait = policy.lease - policy.wait
 
-    def wait_again(busy: AlreadyRunning, function: object) -> Policy:
-        """The policy to look at a busy key again with, when this call is the queue's retry
-        of ``function``; else raises ``busy``."""
-        if retry_policy is None or reentered(busy) or not is_queue_retry_of(function):
+    def wait_again(busy: AlreadyRunning, function: object, again: Policy | None) -> Policy:
+        """The policy to look at a busy key again with (``again``), when this call is the
+        queue's retry of ``function``; else raises ``busy``."""
+        if again is None or reentered(busy) or not is_queue_retry_of(function):
             raise busy
-        return retry_policy
+        return again
 
     def decorate(fn: Callable[P, R]) -> IdempotentFunction[P, R]:
         rewrap: Callable[[Any], Any] | None = None
@@ -673,6 +736,15 @@ def decorator(
         ).resolve
         if deadline is not None and not isinstance(deadline, datetime):
             check_callable_option("deadline=", deadline, signature, describe(fn, signature))
+        # This function's decisions go to its observer (idemfn.events): its own handlers and
+        # the process-wide ones. With none subscribed, a call tests one attribute.
+        observer = Observer(name or f"{fn.__module__}.{fn.__qualname__}")
+        call_policy = copy.copy(policy)
+        call_policy.observer = observer
+        retry_call_policy: Policy | None = None
+        if retry_policy is not None:
+            retry_call_policy = copy.copy(retry_policy)
+            retry_call_policy.observer = observer
         wrapper: Any
 
         # A callable object whose __call__ is a coroutine function is async too.
@@ -690,15 +762,15 @@ def decorator(
                     )
             run_async: Callable[P, Any] = fn
 
-            @functools.wraps(fn)
-            async def wrapper(*args: Any, **kwargs: Any) -> Any:
-                stored_key, fp = call_key(args, kwargs)
+            async def acall(stored_key: str, fp: str, args: Any, kwargs: Any) -> Any:
                 due = None if deadline_of is None else partial(deadline_of, *args, **kwargs)
                 try:
                     try:
-                        outcome = await abegin_with(resolved_store, stored_key, fp, policy, due)
+                        outcome = await abegin_with(
+                            resolved_store, stored_key, fp, call_policy, due
+                        )
                     except AlreadyRunning as busy:
-                        again = wait_again(busy, wrapper)
+                        again = wait_again(busy, wrapper, retry_call_policy)
                         outcome = await abegin_with(resolved_store, stored_key, fp, again, due)
                 except AlreadyRunning as busy:
                     if on_busy is None or reentered(busy):
@@ -720,18 +792,25 @@ def decorator(
                     await acomplete_or_log(outcome, value)  # type: ignore[arg-type]
                 return value
 
+            @functools.wraps(fn)
+            async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                stored_key, fp = call_key(args, kwargs)
+                if observer.live:
+                    return await _aobserved(
+                        observer, resolved_store, stored_key, acall(stored_key, fp, args, kwargs)
+                    )
+                return await acall(stored_key, fp, args, kwargs)
+
         elif transaction is not None:
             in_transaction = transaction
 
-            @functools.wraps(fn)
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
-                stored_key, fp = call_key(args, kwargs)
+            def call(stored_key: str, fp: str, args: Any, kwargs: Any) -> Any:
                 due = None if deadline_of is None else partial(deadline_of, *args, **kwargs)
                 try:
                     try:
-                        outcome = begin_with(resolved_store, stored_key, fp, policy, due)
+                        outcome = begin_with(resolved_store, stored_key, fp, call_policy, due)
                     except AlreadyRunning as busy:
-                        again = wait_again(busy, wrapper)
+                        again = wait_again(busy, wrapper, retry_call_policy)
                         outcome = begin_with(resolved_store, stored_key, fp, again, due)
                 except AlreadyRunning as busy:
                     if on_busy is None or reentered(busy):
@@ -748,17 +827,22 @@ def decorator(
                     partial(fn, *args, **kwargs),
                 )
 
-        else:
-
             @functools.wraps(fn)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 stored_key, fp = call_key(args, kwargs)
+                if observer.live:
+                    return _observed(observer, resolved_store, stored_key, call, fp, args, kwargs)
+                return call(stored_key, fp, args, kwargs)
+
+        else:
+
+            def call(stored_key: str, fp: str, args: Any, kwargs: Any) -> Any:
                 due = None if deadline_of is None else partial(deadline_of, *args, **kwargs)
                 try:
                     try:
-                        outcome = begin_with(resolved_store, stored_key, fp, policy, due)
+                        outcome = begin_with(resolved_store, stored_key, fp, call_policy, due)
                     except AlreadyRunning as busy:
-                        again = wait_again(busy, wrapper)
+                        again = wait_again(busy, wrapper, retry_call_policy)
                         outcome = begin_with(resolved_store, stored_key, fp, again, due)
                 except AlreadyRunning as busy:
                     if on_busy is None or reentered(busy):
@@ -772,6 +856,13 @@ def decorator(
                     complete_or_log(outcome, value)  # type: ignore[arg-type]
                 return value
 
+            @functools.wraps(fn)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                stored_key, fp = call_key(args, kwargs)
+                if observer.live:
+                    return _observed(observer, resolved_store, stored_key, call, fp, args, kwargs)
+                return call(stored_key, fp, args, kwargs)
+
         def key_for(*args: Any, **kwargs: Any) -> str:
             return call_key(args, kwargs)[0]
 
@@ -782,15 +873,20 @@ def decorator(
         def forget(*args: Any, **kwargs: Any) -> bool:
             return resolved_store.delete(call_key(args, kwargs)[0])
 
+        def subscribe(handler: Handler, *, events: Iterable[str] | None = None) -> Subscription:
+            return observer.subscribe(handler, events)
+
         # help(fn.key_for) says what the protocol's hover says.
         key_for.__doc__ = IdempotentFunction.key_for.__doc__
         status.__doc__ = IdempotentFunction.status.__doc__
         forget.__doc__ = IdempotentFunction.forget.__doc__
+        subscribe.__doc__ = IdempotentFunction.subscribe.__doc__
         wrapper.key_for = key_for
+        wrapper.subscribe = subscribe
         wrapper.status = status
         wrapper.forget = forget
         wrapper.store = resolved_store
-        wrapper.policy = policy
+        wrapper.policy = call_policy
         # Methods: key_for, status and forget must bind the instance (or class) as the call
         # does, which a plain function's bound method cannot do (see _BoundMethod).
         if rewrap is classmethod:

@@ -51,6 +51,7 @@ from ._errors import (
     DeadlineExceeded,
     FingerprintMismatch,
     Halted,
+    IdempotencyError,
     OwnershipLost,
     StoreError,
 )
@@ -71,6 +72,22 @@ from ._steps import arun, run
 from ._stores import Store, resolve_store
 from ._stores.awaiting import to_the_end
 from ._wakeups import AsyncWatch, Watch, settled
+from .events import (
+    ABANDONED,
+    BUSY,
+    CLAIMED,
+    COMPLETED,
+    DEADLINE_EXCEEDED,
+    MISMATCH,
+    OWNERSHIP_LOST,
+    RELEASED,
+    REPLAYED,
+    STORE_ERROR,
+    WAITED,
+    halted_reason,
+    log_fields,
+)
+from .events import HALTED as HALTED_EVENT
 
 __all__ = [
     "Busy",
@@ -330,6 +347,7 @@ class Claim:
         function: The decorated function this is a call of (set by ``@idempotent``), or None;
             a task queue's retry releases the key only for its own function's exception.
         renew_at: When the heartbeat renews the lease next (``time.monotonic()``); internal.
+        started: When the claim was made (``time.monotonic()``); internal.
     """
 
     __slots__ = (
@@ -344,6 +362,7 @@ class Claim:
         "function",
         "policy",
         "renew_at",
+        "started",
         "store",
     )
 
@@ -362,7 +381,8 @@ class Claim:
         self._uncommitted = False
         self._generation = _fork_generation  # a forked child's copy is not its own
         self._context_token: contextvars.Token[frozenset[str]] | None = None
-        self.renew_at = time.monotonic() + policy.lease / 3
+        self.started = time.monotonic()  # (the body's time, for events)
+        self.renew_at = self.started + policy.lease / 3
         heartbeat.add(self)
 
     @property
@@ -402,8 +422,15 @@ class Claim:
         try:
             renewed = self.store.renew(e, self.policy.lease)
         except StoreError as exc:
-            logger.warning("idemfn: could not renew the lease of %r (will retry): %s", e.key, exc)
+            logger.warning(
+                "idemfn: could not renew the lease of %r (will retry): %s",
+                e.key,
+                exc,
+                extra=log_fields(e.key, STORE_ERROR),
+            )
             self.renew_at = time.monotonic() + min(1.0, self.policy.lease / 10)
+            if self.policy.observer.live:
+                self._report(STORE_ERROR, reason="renew", detail=str(exc), error=exc)
             return True
         if renewed is not None:
             self.entry = renewed
@@ -411,16 +438,48 @@ class Claim:
         if not self._settled:  # (once settling, a failed renewal is the outcome written)
             self._lost = True
             logger.warning(
-                "idemfn: the claim on %r was taken over or halted while its body ran", e.key
+                "idemfn: the claim on %r was taken over or halted while its body ran",
+                e.key,
+                extra=log_fields(e.key, OWNERSHIP_LOST),
             )
+            if self.policy.observer.live:
+                self._report(
+                    OWNERSHIP_LOST, reason="renew", owner=e.owner, duration=self._body_time()
+                )
         return False
+
+    def _body_time(self) -> float:
+        return time.monotonic() - self.started
+
+    def _report(self, name: str, **fields: Any) -> None:
+        """Emit the event ``name`` about this claim (when some handler listens)."""
+        self.policy.observer.emit(
+            name, self.store, self.entry.key, attempt=self.entry.attempt, **fields
+        )
+
+    def _report_outcome(self, entry: Entry, cause: BaseException | None) -> None:
+        """Emit ``completed`` or ``halted`` for the outcome ``entry`` just recorded."""
+        if entry.status == OK:
+            self._report(COMPLETED, duration=self._body_time())
+        else:
+            self._report(
+                HALTED_EVENT,
+                duration=self._body_time(),
+                reason=halted_reason(entry.reason, entry.exc_type),
+                detail=entry.reason,
+                error=cause,
+            )
 
     def _settling(self) -> bool:
         """Start settling the claim; False (settle nothing) in a forked child of its owner."""
         if self._generation != _fork_generation:
             # A child forked inside the body, unwinding (sys.exit) or returning: only the
             # process that claimed may settle the claim, or its parent would lose it.
-            logger.debug("idemfn: a forked child leaves its parent's claim on %r", self.key)
+            logger.debug(
+                "idemfn: a forked child leaves its parent's claim on %r",
+                self.key,
+                extra=log_fields(self.key, "forked"),
+            )
             return False
         if self._settled:
             raise RuntimeError(f"the claim on {self.key!r} is already settled")
@@ -450,13 +509,20 @@ class Claim:
         if not written:
             self._uncommitted = False  # fenced out: nothing of this claim's to settle again
             heartbeat.discard(self)
-            raise OwnershipLost(
+            lost = OwnershipLost(
                 f"the claim on key {entry.key!r} was taken over or halted by another caller"
                 " before this call finished; its outcome is not recorded",
                 key=entry.key,
-            ) from cause
+            )
+            if self.policy.observer.live:
+                self._report(
+                    OWNERSHIP_LOST, reason="settle", duration=self._body_time(), error=lost
+                )
+            raise lost from cause
         if not pending:
             settled(entry.key)
+            if self.policy.observer.live:
+                self._report_outcome(entry, cause)
 
     def _finishing(self, entry: Entry) -> Steps[None]:
         """Finish writing ``entry`` after an interruption (a cancelled task, Ctrl-C) came
@@ -473,9 +539,12 @@ class Claim:
                 " out",
                 entry.key,
                 type(problem).__name__,
+                extra=log_fields(entry.key, STORE_ERROR),
             )
         else:
             settled(entry.key)
+            if self.policy.observer.live:
+                self._report_outcome(entry, None)
 
     def _finished_entry(self, status: str, **fields: Any) -> Steps[Entry]:
         try:
@@ -515,7 +584,7 @@ class Claim:
 
     def _completing(self, value: object) -> Steps[None]:
         if is_retry_request(value):
-            yield from self._releasing()
+            yield from self._releasing(why="retry_request")
             return
         if not self._settling():
             return
@@ -528,7 +597,9 @@ class Claim:
                 HALTED, reason=str(problem), exc_type=None, message=None
             )
             yield from self._writing(entry, problem)
-            logger.error("idemfn: key %r halted: %s", self.key, problem)
+            logger.error(
+                "idemfn: key %r halted: %s", self.key, problem, extra=log_fields(self.key, HALTED)
+            )
             return
         except BaseException as problem:
             # Never leave the record processing: record why there is no value, then raise.
@@ -544,15 +615,19 @@ class Claim:
                 HALTED, reason=reason, exc_type=None, message=None
             )
             yield from self._writing(entry, problem)
-            logger.error("idemfn: key %r halted: %s", self.key, reason)
+            logger.error(
+                "idemfn: key %r halted: %s", self.key, reason, extra=log_fields(self.key, HALTED)
+            )
             if not isinstance(problem, Exception):
                 raise
             raise halted_error(entry) from problem
         yield from self._writing((yield from self._finished_entry(OK, payload=payload)))
 
     def _failing(self, exc: BaseException) -> Steps[None]:
-        if isinstance(exc, self.policy.retry_on) or queue_will_retry(exc, self.function):
-            yield from self._releasing(exc)
+        if isinstance(exc, self.policy.retry_on):
+            yield from self._releasing(exc, why="retry_on")
+        elif queue_will_retry(exc, self.function):
+            yield from self._releasing(exc, why="queue_retry")
         else:
             yield from self._halting(exc)
 
@@ -578,7 +653,7 @@ class Claim:
         )
         yield from self._writing(entry, exc)
 
-    def _releasing(self, cause: BaseException | None = None) -> Steps[None]:
+    def _releasing(self, cause: BaseException | None = None, why: str = "released") -> Steps[None]:
         if not self._settling():
             return
         try:
@@ -586,12 +661,19 @@ class Claim:
         finally:
             heartbeat.discard(self)
         if not released:
-            raise OwnershipLost(
+            lost = OwnershipLost(
                 f"the claim on key {self.key!r} was taken over or halted by another caller"
                 " before this call could release it",
                 key=self.key,
-            ) from cause
+            )
+            if self.policy.observer.live:
+                self._report(
+                    OWNERSHIP_LOST, reason="settle", duration=self._body_time(), error=lost
+                )
+            raise lost from cause
         settled(self.key)
+        if self.policy.observer.live:
+            self._report(RELEASED, reason=why, duration=self._body_time(), error=cause)
 
     def _exiting(self, exc: BaseException | None) -> Steps[None]:
         if self._settled or self._generation != _fork_generation:
@@ -601,9 +683,13 @@ class Claim:
                 yield from self._failing(exc)
             except StoreError as problem:
                 # The body's own exception says what happened: raise that, not the store's.
-                _not_recorded(self.key, problem, exc)
+                _not_recorded(self, problem, exc)
             return
-        logger.warning("idemfn: the claim block for %r ended without complete()", self.key)
+        logger.warning(
+            "idemfn: the claim block for %r ended without complete()",
+            self.key,
+            extra=log_fields(self.key, HALTED),
+        )
         yield from self._halting(
             RuntimeError("the claim's block ended without complete() or fail()")
         )
@@ -838,6 +924,8 @@ def _committed(claim: Claim) -> None:
     heartbeat.discard(claim)  # committed: the outcome is recorded
     claim._uncommitted = False
     settled(claim.key)
+    if claim.policy.observer.live:
+        claim._report(COMPLETED, duration=claim._body_time())
 
 
 def _after_transaction(claim: Claim, exc: BaseException, started: bool) -> Steps[bool]:
@@ -845,10 +933,10 @@ def _after_transaction(claim: Claim, exc: BaseException, started: bool) -> Steps
     body ran in it). True: the call returns the body's value after all (a request to run it
     again, now released; an ok record that committed although COMMIT's answer was lost)."""
     if isinstance(exc, _RunAgain):  # rolled back: as for retry_on, the key is released
-        yield from _releasing_or_log(claim, None)
+        yield from _releasing_or_log(claim, None, "retry_request")
         return True
     if not started:  # no transaction, no body: the next call runs it
-        yield from _releasing_or_log(claim, exc)
+        yield from _releasing_or_log(claim, exc, "not_started")
         return False
     if not claim._uncommitted:
         return False
@@ -859,7 +947,7 @@ def _after_transaction(claim: Claim, exc: BaseException, started: bool) -> Steps
     try:
         yield from claim._failing(exc)
     except StoreError as problem:
-        _not_recorded(claim.key, problem, exc)
+        _not_recorded(claim, problem, exc)
     except OwnershipLost as lost:
         try:
             entry = yield (_GET, claim.key)
@@ -871,17 +959,20 @@ def _after_transaction(claim: Claim, exc: BaseException, started: bool) -> Steps
                 " transaction committed",
                 claim.key,
                 type(exc).__name__,
+                extra=log_fields(claim.key, COMPLETED),
             )
+            if claim.policy.observer.live:
+                claim._report(COMPLETED, duration=claim._body_time())
             return isinstance(exc, Exception)
         raise lost
     return False
 
 
-def _releasing_or_log(claim: Claim, cause: BaseException | None) -> Steps[None]:
+def _releasing_or_log(claim: Claim, cause: BaseException | None, why: str) -> Steps[None]:
     try:
-        yield from claim._releasing(cause)
+        yield from claim._releasing(cause, why)
     except StoreError as problem:
-        _not_recorded(claim.key, problem, cause)
+        _not_recorded(claim, problem, cause)
 
 
 def complete_or_log(claim: Claim, value: object) -> None:
@@ -890,7 +981,7 @@ def complete_or_log(claim: Claim, value: object) -> None:
     try:
         claim.complete(value)
     except StoreError as problem:
-        _not_recorded(claim.key, problem, None)
+        _not_recorded(claim, problem, None)
 
 
 async def acomplete_or_log(claim: Claim, value: object) -> None:
@@ -899,17 +990,20 @@ async def acomplete_or_log(claim: Claim, value: object) -> None:
     try:
         await adrive(claim.store, claim._completing(value))
     except StoreError as problem:
-        _not_recorded(claim.key, problem, None)
+        _not_recorded(claim, problem, None)
 
 
-def _not_recorded(key: str, problem: StoreError, exc: BaseException | None) -> None:
+def _not_recorded(claim: Claim, problem: StoreError, exc: BaseException | None) -> None:
+    key = claim.key
     what = "the value is returned" if exc is None else f"its {type(exc).__name__} is raised"
     message = (
         f"idemfn: the outcome of key {key!r} could not be recorded ({problem}); {what}, and"
         " the key stays processing until its lease runs out, then halts (or, with"
         ' on_abandoned="retry", runs again)'
     )
-    logger.error("%s", message)
+    logger.error("%s", message, extra=log_fields(key, STORE_ERROR))
+    if claim.policy.observer.live:
+        claim._report(STORE_ERROR, reason="settle", detail=str(problem), error=problem)
     if exc is not None:
         _add_note(exc, message)
 
@@ -967,6 +1061,20 @@ def _reads_first(store: Store, deadline: Due | None) -> bool:
     return not store.claims_first or deadline is not None
 
 
+def _replayed(store: Store, entry: Entry, policy: Policy) -> Finished:
+    """``entry``, finished, to replay (and the ``replayed`` event, when some handler listens)."""
+    if policy.observer.live:
+        policy.observer.emit(REPLAYED, store, entry.key, attempt=entry.attempt, status=entry.status)
+    return Finished(entry, policy.serializer)
+
+
+def _claimed(store: Store, entry: Entry, policy: Policy) -> Claim:
+    claim = Claim(store, entry, policy)
+    if policy.observer.live:
+        claim._report(CLAIMED)
+    return claim
+
+
 def _deciding(
     store: Store,
     key: str,
@@ -986,15 +1094,15 @@ def _deciding(
             if due is not None and now > due:
                 raise _past_deadline(key, due, "has no finished record")
             claimed = _new_claim(key, fingerprint, 1, now, policy)
-            entry = yield from _undone_if_interrupted((_CLAIM, claimed), claimed)
+            entry = yield from _undone_if_interrupted((_CLAIM, claimed), claimed, store, policy)
             if entry is None or entry.token == claimed.token:
                 # (Its own claim: the client sent it again after its answer was lost, as
                 # redis-py retries on a timeout, and the second try found the first's record.)
-                return Claim(store, claimed, policy)
+                return _claimed(store, claimed, policy)
             continue
         _check_fingerprint(entry, key, fingerprint)
         if entry.status != PROCESSING:
-            return Finished(entry, policy.serializer)
+            return _replayed(store, entry, policy)
         if key in _running.get():
             raise Busy(entry).error(" (this call re-entered its own key from inside its body)")
         now = yield _TIME_OP
@@ -1009,14 +1117,17 @@ def _deciding(
                 key, entry.fingerprint or fingerprint, entry.attempt + 1, now, policy
             )
             op = (_SWAP, key, entry.token, takeover)
-            if (yield from _undone_if_interrupted(op, takeover)):
+            if (yield from _undone_if_interrupted(op, takeover, store, policy)):
                 logger.warning(
                     "idemfn: key %r was abandoned (%s); running it again, attempt %d",
                     key,
                     reason,
                     takeover.attempt,
+                    extra=log_fields(key, ABANDONED),
                 )
-                return Claim(store, takeover, policy)
+                if policy.observer.live:
+                    _report_abandoned(store, entry, policy, reason, "taken_over")
+                return _claimed(store, takeover, policy)
         else:
             ttl = entry.ttl
             halted = Entry(
@@ -1033,13 +1144,44 @@ def _deciding(
                 reason=f"abandoned: {reason}",
             )
             if (yield (_SWAP, key, entry.token, halted)):
-                logger.warning("idemfn: key %r was abandoned and is now halted: %s", key, reason)
+                logger.warning(
+                    "idemfn: key %r was abandoned and is now halted: %s",
+                    key,
+                    reason,
+                    extra=log_fields(key, ABANDONED),
+                )
                 settled(key)
+                if policy.observer.live:
+                    _report_abandoned(store, entry, policy, reason, "halted")
+                    policy.observer.emit(
+                        HALTED_EVENT,
+                        store,
+                        key,
+                        attempt=entry.attempt,
+                        reason="abandoned",
+                        detail=halted.reason,
+                        owner=entry.owner,
+                    )
                 return Finished(halted, policy.serializer)
         entry = yield (_GET, key)  # another caller settled it first: look again
 
 
-def _undone_if_interrupted(op: Op, claimed: Entry) -> Steps[Any]:
+def _report_abandoned(store: Store, entry: Entry, policy: Policy, reason: str, became: str) -> None:
+    # (abandoned_reason's two texts: the owner's process is gone, or its lease ran out.)
+    how = "lease_expired" if "stopped renewing" in reason else "owner_died"
+    policy.observer.emit(
+        ABANDONED,
+        store,
+        entry.key,
+        attempt=entry.attempt,
+        reason=how,
+        detail=reason,
+        owner=entry.owner,
+        status=became,
+    )
+
+
+def _undone_if_interrupted(op: Op, claimed: Entry, store: Store, policy: Policy) -> Steps[Any]:
     """Run ``op``, which may write the claim ``claimed``. Interrupted (a cancelled task,
     Ctrl-C, an exception a signal handler raised: Huey's task timeout) before its answer came,
     or failed (a ``StoreError``: a timeout may come after the write landed), the claim may have
@@ -1048,10 +1190,10 @@ def _undone_if_interrupted(op: Op, claimed: Entry) -> Steps[Any]:
     try:
         return (yield op)
     except Exception:
-        yield from _undoing(claimed.key, claimed.token)
+        yield from _undoing(claimed, store, policy)
         raise
     except BaseException as interrupted:
-        yield from _undoing(claimed.key, claimed.token)
+        yield from _undoing(claimed, store, policy)
         raise interrupted from None
 
 
@@ -1059,23 +1201,27 @@ def _dropping(claim: Claim) -> Steps[None]:
     """Undo ``claim``, made for a caller interrupted before it got it (as its watch closed)."""
     claim._settled = True
     heartbeat.discard(claim)
-    yield from _undoing(claim.key, claim.token)
+    yield from _undoing(claim.entry, claim.store, claim.policy)
 
 
-def _undoing(key: str, token: str) -> Steps[None]:
-    """Release the claim ``token`` of an interrupted caller, whatever cancellations come
+def _undoing(claimed: Entry, store: Store, policy: Policy) -> Steps[None]:
+    """Release the claim ``claimed`` of an interrupted caller, whatever cancellations come
     meanwhile: nothing ran, so the next call must run the body."""
+    key = claimed.key
     try:
-        yield (_UNSTOPPABLE, (_RELEASE, key, token))
+        yield (_UNSTOPPABLE, (_RELEASE, key, claimed.token))
     except Exception as problem:  # its lease runs out: it is judged abandoned then
         logger.warning(
             "idemfn: could not undo the claim on %r of a call that could not go on (%s); it is"
             " judged abandoned once its lease runs out",
             key,
             problem,
+            extra=log_fields(key, STORE_ERROR),
         )
     else:
         settled(key)
+        if policy.observer.live:
+            policy.observer.emit(RELEASED, store, key, attempt=claimed.attempt, reason="undone")
 
 
 def decide(
@@ -1085,6 +1231,8 @@ def decide(
     entry = store.get(key) if _reads_first(store, deadline) else None
     if entry is not None and entry.status != PROCESSING:  # a replay: no steps to drive
         _check_fingerprint(entry, key, fingerprint)
+        if policy.observer.live:
+            return _replayed(store, entry, policy)
         return Finished(entry, policy.serializer)
     return drive(store, _deciding(store, key, fingerprint, policy, deadline, entry))
 
@@ -1096,6 +1244,8 @@ async def adecide(
     entry = await store.aget(key) if _reads_first(store, deadline) else None
     if entry is not None and entry.status != PROCESSING:
         _check_fingerprint(entry, key, fingerprint)
+        if policy.observer.live:
+            return _replayed(store, entry, policy)
         return Finished(entry, policy.serializer)
     return await adrive(store, _deciding(store, key, fingerprint, policy, deadline, entry))
 
@@ -1103,11 +1253,24 @@ async def adecide(
 class _Waiter:
     """How long a caller still waits for a busy key (shared by the sync and async drivers)."""
 
-    __slots__ = ("delay", "give_up_at")
+    __slots__ = ("delay", "give_up_at", "started")
 
     def __init__(self, wait: float) -> None:
-        self.give_up_at = time.monotonic() + wait
+        self.started = time.monotonic()
+        self.give_up_at = self.started + wait
         self.delay = _FIRST_POLL
+
+    def report(self, store: Store, key: str, policy: Policy, decided: object) -> None:
+        """Emit ``waited``: how long, and what the wait ended in."""
+        if isinstance(decided, Claim):
+            ended = "claimed"
+        elif isinstance(decided, Finished):
+            ended = "replayed"
+        else:
+            ended = "gave_up"
+        policy.observer.emit(
+            WAITED, store, key, duration=time.monotonic() - self.started, status=ended
+        )
 
     def pause(self, busy: Busy, watch: Watch | AsyncWatch) -> float:
         """Seconds to wait on ``watch`` before looking again; raises ``AlreadyRunning`` when
@@ -1213,52 +1376,82 @@ def begin_with(
     store: Store, key: str, fingerprint: str, policy: Policy, deadline: Due | None
 ) -> Claim | Finished:
     """``begin`` with its arguments already checked and resolved (the decorator's hot path)."""
-    step = decide(store, key, fingerprint, policy, deadline)
-    if not isinstance(step, Busy):
-        return step
-    if policy.wait <= 0:
-        raise step.error()
-    waiter = _Waiter(policy.wait)
-    decided: Claim | Finished | None = None
     try:
-        with store.watch(key) as watch:
-            while True:  # watching, look again: a settle since the last look is not missed
-                step = decide(store, key, fingerprint, policy, deadline)
-                if not isinstance(step, Busy):
-                    decided = step
-                    break
-                watch.wait(waiter.pause(step, watch))
-    except BaseException:
-        if isinstance(decided, Claim):  # claimed, then interrupted as the watch closed
-            drive(store, _dropping(decided))
+        step = decide(store, key, fingerprint, policy, deadline)
+        if not isinstance(step, Busy):
+            return step
+        if policy.wait <= 0:
+            raise step.error()
+        waiter = _Waiter(policy.wait)
+        decided: Claim | Finished | None = None
+        try:
+            with store.watch(key) as watch:
+                while True:  # watching, look again: a settle since the last look is not missed
+                    step = decide(store, key, fingerprint, policy, deadline)
+                    if not isinstance(step, Busy):
+                        decided = step
+                        break
+                    watch.wait(waiter.pause(step, watch))
+        except BaseException:
+            if isinstance(decided, Claim):  # claimed, then interrupted as the watch closed
+                drive(store, _dropping(decided))
+            raise
+        finally:
+            if policy.observer.live:
+                waiter.report(store, key, policy, decided)
+        return decided
+    except IdempotencyError as refused:
+        if policy.observer.live:
+            _report_refused(store, key, policy, refused)
         raise
-    return decided
 
 
 async def abegin_with(
     store: Store, key: str, fingerprint: str, policy: Policy, deadline: Due | None
 ) -> Claim | Finished:
     """``abegin`` with its arguments already checked and resolved."""
-    step = await adecide(store, key, fingerprint, policy, deadline)
-    if not isinstance(step, Busy):
-        return step
-    if policy.wait <= 0:
-        raise step.error()
-    waiter = _Waiter(policy.wait)
-    decided: Claim | Finished | None = None
     try:
-        async with store.awatch(key) as watch:
-            while True:
-                step = await adecide(store, key, fingerprint, policy, deadline)
-                if not isinstance(step, Busy):
-                    decided = step
-                    break
-                await watch.wait(waiter.pause(step, watch))
-    except BaseException:
-        if isinstance(decided, Claim):  # claimed, then cancelled as the watch closed
-            await adrive(store, _dropping(decided))
+        step = await adecide(store, key, fingerprint, policy, deadline)
+        if not isinstance(step, Busy):
+            return step
+        if policy.wait <= 0:
+            raise step.error()
+        waiter = _Waiter(policy.wait)
+        decided: Claim | Finished | None = None
+        try:
+            async with store.awatch(key) as watch:
+                while True:
+                    step = await adecide(store, key, fingerprint, policy, deadline)
+                    if not isinstance(step, Busy):
+                        decided = step
+                        break
+                    await watch.wait(waiter.pause(step, watch))
+        except BaseException:
+            if isinstance(decided, Claim):  # claimed, then cancelled as the watch closed
+                await adrive(store, _dropping(decided))
+            raise
+        finally:
+            if policy.observer.live:
+                waiter.report(store, key, policy, decided)
+        return decided
+    except IdempotencyError as refused:
+        if policy.observer.live:
+            _report_refused(store, key, policy, refused)
         raise
-    return decided
+
+
+def _report_refused(store: Store, key: str, policy: Policy, refused: IdempotencyError) -> None:
+    """Emit the event of a call that did not start: busy, mismatch, deadline or store error."""
+    emit = policy.observer.emit
+    if isinstance(refused, AlreadyRunning):
+        reason = "reentered" if reentered(refused) else "live_owner"
+        emit(BUSY, store, key, reason=reason, owner=refused.owner, error=refused)
+    elif isinstance(refused, FingerprintMismatch):
+        emit(MISMATCH, store, key, detail=str(refused), error=refused)
+    elif isinstance(refused, DeadlineExceeded):
+        emit(DEADLINE_EXCEEDED, store, key, detail=str(refused), error=refused)
+    elif isinstance(refused, StoreError):
+        emit(STORE_ERROR, store, key, reason="decide", detail=str(refused), error=refused)
 
 
 def _prepare(

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from ._outcome import Serializer, SerializerOption, serializer_of
+from .events import PROCESS, Observer
 
 __all__ = ["Policy", "deadline_timestamp", "seconds_option", "whole_option"]
 
@@ -69,7 +70,7 @@ class Policy:
             ``"retry"``); the message names the option.
     """
 
-    __slots__ = ("lease", "on_abandoned", "retry_on", "serializer", "ttl", "wait")
+    __slots__ = ("lease", "observer", "on_abandoned", "retry_on", "serializer", "ttl", "wait")
 
     def __init__(
         self,
@@ -96,6 +97,9 @@ class Policy:
                 f"retry_on must be an exception type or a tuple of them, not {retry_on!r}"
             )
         self.retry_on: tuple[type[BaseException], ...] = types
+        # Where the decisions of these calls go (idemfn.events): the decorator gives each
+        # function its own; begin() used directly reports to the process-wide handlers only.
+        self.observer: Observer = PROCESS
 
     def __repr__(self) -> str:
         return (

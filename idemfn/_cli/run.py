@@ -28,6 +28,7 @@ from .._policy import Policy
 from .._record import Entry, Status
 from .._stores import Store
 from .._stores.base import Corrupt
+from ..events import Observer
 from .command_outcome import (
     MARK,
     MAX_OUTPUT,
@@ -118,6 +119,10 @@ class _Forwarder:
         if sig in _KEYBOARD and _terminal_delivers_to_us():
             return  # the terminal sent it to the command as well
         child.send_signal(sig)
+
+
+# The command's events (idemfn.events) name their function "idemfn run".
+RUN_OBSERVER = Observer("idemfn run")
 
 
 def _die_of(sig: signal.Signals) -> None:
@@ -400,6 +405,7 @@ def run_command(args: argparse.Namespace) -> int:
         policy = Policy(
             ttl=args.ttl, wait=args.wait, lease=args.lease, on_abandoned=args.on_abandoned
         )
+        policy.observer = RUN_OBSERVER
     except (TypeError, ValueError) as exc:
         raise CliError(f"{PROG} run: {exc}", Exit.USAGE) from None
     store = command_store(args, create=True)

@@ -12,6 +12,7 @@ from urllib.parse import quote
 from .._engine import Due
 from .._policy import Policy, deadline_timestamp, whole_option
 from .._stores import Store, resolve_store
+from ..events import Observer
 from .exchange import RESPONSE_CODEC, default_fingerprint, fingerprint_of
 
 __all__ = ["DEFAULT_METHODS", "HttpOptions", "MiB", "deadline_of"]
@@ -22,6 +23,10 @@ DEFAULT_METHODS = ("POST", "PATCH")
 MiB = 1024 * 1024
 # RFC 9110's token: a header name, a method.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+
+
+# The middleware's events (idemfn.events) name their function "http".
+HTTP_OBSERVER = Observer("http")
 
 
 class HttpOptions(Generic[RequestT]):
@@ -71,6 +76,7 @@ class HttpOptions(Generic[RequestT]):
         self.where = where
         try:
             self.policy = Policy(ttl=ttl, lease=lease, wait=wait, serializer=RESPONSE_CODEC)
+            self.policy.observer = HTTP_OBSERVER
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{where}: {exc}") from None
         given: object = header  # checked at run time too: options come from settings files

@@ -107,6 +107,7 @@ def test_the_public_api_is_exactly_what_it_was() -> None:
         "Claim",
         "DeadlineExceeded",
         "DiskStore",
+        "Event",
         "FingerprintMismatch",
         "Finished",
         "Halted",
@@ -121,6 +122,7 @@ def test_the_public_api_is_exactly_what_it_was() -> None:
         "Status",
         "Store",
         "StoreError",
+        "Subscription",
         "abegin",
         "begin",
         "current_async_connection",
@@ -130,6 +132,7 @@ def test_the_public_api_is_exactly_what_it_was() -> None:
         "fingerprint_value",
         "idempotent",
         "open_store",
+        "subscribe",
     ]
     assert idemfn.testing.__all__ == ["StoreContract"]
     assert idemfn.celery.__all__ == ["idempotent_task", "task_id"]
@@ -147,6 +150,6 @@ def test_the_public_api_is_exactly_what_it_was() -> None:
         assert hasattr(idemfn.Claim, name), name
     for name in ["claim", "get", "swap", "release", "delete", "scan", "prune", "time", "close"]:
         assert callable(getattr(idemfn.Store, name)), name
-    for name in ["forget", "key_for", "status"]:
+    for name in ["forget", "key_for", "status", "subscribe"]:
         assert hasattr(idemfn.IdempotentFunction, name), name
     assert idemfn.__version__
