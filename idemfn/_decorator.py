@@ -569,7 +569,7 @@ def idempotent(
         A decorator. The function it returns (an ``IdempotentFunction``) keeps the decorated
         function's signature, type and ``functools.wraps`` metadata (a coroutine function
         stays one) and adds ``key_for()``, ``status()`` and ``forget()``, which take the
-        function's arguments, and ``store``. It works on functions, methods, classmethods and
+        function's arguments, ``store``, and ``subscribe()`` for its events. It works on functions, methods, classmethods and
         staticmethods (above or below them), and on ``async def`` functions.
 
     Raises:

@@ -60,6 +60,8 @@ class Policy:
         on_abandoned: ``"halt"`` or ``"retry"``.
         retry_on: The ``retry_on`` option as a tuple of exception types.
         serializer: The ``serializer`` option, resolved.
+        observer: Where the events of these calls go (``idemfn.events``): the process-wide
+            handlers' for a ``Policy()``; ``@idempotent`` gives its function its own. Internal.
 
     Raises:
         TypeError: An option of the wrong type (a string for ``ttl``, a ``retry_on`` that is
