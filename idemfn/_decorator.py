@@ -569,8 +569,9 @@ def idempotent(
         A decorator. The function it returns (an ``IdempotentFunction``) keeps the decorated
         function's signature, type and ``functools.wraps`` metadata (a coroutine function
         stays one) and adds ``key_for()``, ``status()`` and ``forget()``, which take the
-        function's arguments, ``store``, and ``subscribe()`` for its events. It works on functions, methods, classmethods and
-        staticmethods (above or below them), and on ``async def`` functions.
+        function's arguments, ``store``, and ``subscribe()`` for its events. It works on
+        functions, methods, classmethods and staticmethods (above or below them), and on
+        ``async def`` functions.
 
     Raises:
         TypeError: An option of the wrong type, or options given positionally
