@@ -34,6 +34,7 @@ else:
 from __future__ import annotations
 
 import contextvars
+import copy
 import itertools
 import logging
 import os
@@ -84,6 +85,7 @@ from .events import (
     REPLAYED,
     STORE_ERROR,
     WAITED,
+    Deferred,
     halted_reason,
     log_fields,
 )
@@ -631,7 +633,7 @@ class Claim:
         else:
             yield from self._halting(exc)
 
-    def _halting(self, exc: BaseException) -> Steps[None]:
+    def _halting(self, exc: BaseException, reason: str | None = None) -> Steps[None]:
         if not self._settling():
             return
         try:
@@ -646,7 +648,7 @@ class Claim:
         entry = yield from self._finished_entry(
             HALTED,
             payload=described.payload,
-            reason=described.reason,
+            reason=reason or described.reason,
             exc_type=described.exc_type,
             message=described.message,
             traceback=described.traceback,
@@ -691,7 +693,8 @@ class Claim:
             extra=log_fields(self.key, HALTED),
         )
         yield from self._halting(
-            RuntimeError("the claim's block ended without complete() or fail()")
+            RuntimeError("the claim's block ended without complete() or fail()"),
+            "the claim's block ended without complete() or fail()",
         )
 
     def complete(self, value: object) -> None:
@@ -1209,7 +1212,7 @@ def _undoing(claimed: Entry, store: Store, policy: Policy) -> Steps[None]:
     meanwhile: nothing ran, so the next call must run the body."""
     key = claimed.key
     try:
-        yield (_UNSTOPPABLE, (_RELEASE, key, claimed.token))
+        released = yield (_UNSTOPPABLE, (_RELEASE, key, claimed.token))
     except Exception as problem:  # its lease runs out: it is judged abandoned then
         logger.warning(
             "idemfn: could not undo the claim on %r of a call that could not go on (%s); it is"
@@ -1220,7 +1223,7 @@ def _undoing(claimed: Entry, store: Store, policy: Policy) -> Steps[None]:
         )
     else:
         settled(key)
-        if policy.observer.live:
+        if released and policy.observer.live:  # (not for a claim that never landed)
             policy.observer.emit(RELEASED, store, key, attempt=claimed.attempt, reason="undone")
 
 
@@ -1260,10 +1263,24 @@ class _Waiter:
         self.give_up_at = self.started + wait
         self.delay = _FIRST_POLL
 
-    def report(self, store: Store, key: str, policy: Policy, decided: object) -> None:
-        """Emit ``waited``: how long, and what the wait ended in."""
+    @staticmethod
+    def looking(policy: Policy) -> Policy:
+        """The policy to look at the key with while waiting: ``policy`` itself, unless some
+        handler listens; then one whose events are held (``Deferred``) until ``waited``."""
+        if not policy.observer.live:
+            return policy
+        looking = copy.copy(policy)
+        looking.observer = Deferred(policy.observer)
+        return looking
+
+    def report(
+        self, store: Store, key: str, policy: Policy, decided: object, looking: Policy
+    ) -> None:
+        """Emit ``waited`` (how long, and what the wait ended in), then the events of the
+        decision it ended in; the claim it made reports to ``policy``'s observer from now."""
         if isinstance(decided, Claim):
             ended = "claimed"
+            decided.policy = policy
         elif isinstance(decided, Finished):
             ended = "replayed"
         else:
@@ -1271,6 +1288,9 @@ class _Waiter:
         policy.observer.emit(
             WAITED, store, key, duration=time.monotonic() - self.started, status=ended
         )
+        held = looking.observer
+        if isinstance(held, Deferred):
+            held.flush()
 
     def pause(self, busy: Busy, watch: Watch | AsyncWatch) -> float:
         """Seconds to wait on ``watch`` before looking again; raises ``AlreadyRunning`` when
@@ -1383,11 +1403,12 @@ def begin_with(
         if policy.wait <= 0:
             raise step.error()
         waiter = _Waiter(policy.wait)
+        looking = waiter.looking(policy)
         decided: Claim | Finished | None = None
         try:
             with store.watch(key) as watch:
                 while True:  # watching, look again: a settle since the last look is not missed
-                    step = decide(store, key, fingerprint, policy, deadline)
+                    step = decide(store, key, fingerprint, looking, deadline)
                     if not isinstance(step, Busy):
                         decided = step
                         break
@@ -1397,8 +1418,8 @@ def begin_with(
                 drive(store, _dropping(decided))
             raise
         finally:
-            if policy.observer.live:
-                waiter.report(store, key, policy, decided)
+            if looking is not policy:
+                waiter.report(store, key, policy, decided, looking)
         return decided
     except IdempotencyError as refused:
         if policy.observer.live:
@@ -1417,11 +1438,12 @@ async def abegin_with(
         if policy.wait <= 0:
             raise step.error()
         waiter = _Waiter(policy.wait)
+        looking = waiter.looking(policy)
         decided: Claim | Finished | None = None
         try:
             async with store.awatch(key) as watch:
                 while True:
-                    step = await adecide(store, key, fingerprint, policy, deadline)
+                    step = await adecide(store, key, fingerprint, looking, deadline)
                     if not isinstance(step, Busy):
                         decided = step
                         break
@@ -1431,8 +1453,8 @@ async def abegin_with(
                 await adrive(store, _dropping(decided))
             raise
         finally:
-            if policy.observer.live:
-                waiter.report(store, key, policy, decided)
+            if looking is not policy:
+                waiter.report(store, key, policy, decided, looking)
         return decided
     except IdempotencyError as refused:
         if policy.observer.live:

@@ -156,6 +156,8 @@ def store_kind(store: object) -> str:
     cls = type(store)
     kind = _kinds.get(cls)
     if kind is None:
+        if getattr(cls, "_forwards_to_store", False):  # a wrapper of a store (idemfn run's)
+            return store_kind(store.store)  # type: ignore[attr-defined]
         name = cls.__name__
         kind = _kinds[cls] = (
             name[:-5] if name.endswith("Store") and name != "Store" else name
@@ -301,6 +303,30 @@ class Observer:
 
     def __repr__(self) -> str:
         return f"<Observer {self.function!r} live={self.live}>"
+
+
+class Deferred(Observer):
+    """The observer of a waiting call's looks at the key (internal): it holds their events
+    until ``flush()``, so that handlers get ``waited`` before the decision the wait ended in."""
+
+    __slots__ = ("pending", "target")
+
+    def __init__(self, target: Observer) -> None:  # (not registered: it lives for one wait)
+        self.target = target
+        self.function = target.function
+        self.own = ()
+        self.wanted = target.wanted
+        self.live = True
+        self.pending: list[tuple[str, object, str, dict[str, Any]]] = []
+
+    def emit(self, name: str, store: object, key: str, **fields: Any) -> None:
+        self.pending.append((name, store, key, fields))
+
+    def flush(self) -> None:
+        """Hand the held events to the observer they were for, in order."""
+        pending, self.pending = self.pending, []
+        for name, store, key, fields in pending:
+            self.target.emit(name, store, key, **fields)
 
 
 #: Decisions of ``begin()`` used directly (no decorated function).

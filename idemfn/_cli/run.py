@@ -140,6 +140,8 @@ class _Watched(Store):
     token of the claim a takeover replaced (``replaced``). The claim it returns is given the
     store itself (``run_once``)."""
 
+    _forwards_to_store = True  # (its events name the store's kind: idemfn.events.store_kind)
+
     def __init__(self, store: Store, forwarder: _Forwarder) -> None:
         self.store = store
         self.forwarder = forwarder
