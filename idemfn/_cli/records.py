@@ -487,11 +487,12 @@ def stats(args: argparse.Namespace) -> Exit:
             lines.append((name, f"{record.key} (started {_iso(record.started_at)}, {ago} ago)"))
     if running is not None:
         claim = summary["oldest_processing"]
-        state = (
-            f"abandoned, {claim['abandoned_reason']}: {claim['owner_gone']}"
-            if claim["abandoned"]
-            else f"running, lease {_expiry(running, now)}"
-        )
+        if claim["abandoned"]:
+            state = f"abandoned, {claim['abandoned_reason']}: {claim['owner_gone']}"
+        elif running.lease_until is None:
+            state = "running"
+        else:
+            state = f"running, lease ends in {_span(running.lease_until - now)}"
         lines.append(
             (
                 "oldest processing",
