@@ -24,6 +24,9 @@ import weakref
 from collections import deque
 from typing import Protocol
 
+from ._logs import DROPPED, RENEW_FAILED
+from .events import log_fields
+
 __all__ = ["Renewable", "heartbeat"]
 
 logger = logging.getLogger("idemfn")
@@ -98,6 +101,7 @@ class Heartbeat:
                             "idemfn: the claim on %r was dropped without complete() or fail();"
                             " its lease will run out and the key will count as abandoned",
                             key,
+                            extra=log_fields(key, DROPPED),
                         )
                     elif ident in self._renewing:
                         pass  # its lane reports back when renewed
@@ -141,7 +145,11 @@ class Heartbeat:
                     try:
                         keep = claim.renew()
                     except Exception:  # the thread must outlive any one failure
-                        logger.exception("idemfn heartbeat: renewing %r failed", claim)
+                        logger.exception(
+                            "idemfn heartbeat: renewing %r failed",
+                            claim,
+                            extra=log_fields(claim.key, RENEW_FAILED),
+                        )
                         keep = True
                     finally:
                         self._work.acquire()

@@ -13,7 +13,15 @@ from datetime import datetime, timezone
 from . import _owner
 from ._record import Entry
 
-__all__ = ["abandoned_reason", "clock", "prunable_claim", "utc_iso"]
+__all__ = [
+    "LEASE_EXPIRED",
+    "OWNER_DIED",
+    "abandoned_kind",
+    "abandoned_reason",
+    "clock",
+    "prunable_claim",
+    "utc_iso",
+]
 
 # The clock of same-machine leases (Entry.lease_mono): CLOCK_MONOTONIC, shared by every process
 # of a machine until it reboots, and never set by anyone. Looked up here on every use, so that
@@ -52,6 +60,18 @@ def abandoned_reason(entry: Entry, now: float) -> str | None:
             f" {utc_iso(entry.lease_until)}"
         )
     return None
+
+
+#: The ``reason`` words of the ``abandoned`` event (and of ``idemfn stats``'s
+#: ``oldest_processing.abandoned_reason``): how the owner was found gone.
+OWNER_DIED = "owner_died"
+LEASE_EXPIRED = "lease_expired"
+
+
+def abandoned_kind(reason: str) -> str:
+    """The word for an ``abandoned_reason`` text: ``owner_died`` (its process is gone) or
+    ``lease_expired`` (it stopped renewing its lease)."""
+    return LEASE_EXPIRED if "stopped renewing" in reason else OWNER_DIED
 
 
 def prunable_claim(entry: Entry, now: float) -> bool:

@@ -39,6 +39,9 @@ import sys
 import threading
 from typing import Any
 
+from ._logs import QUEUE_SETUP, no_key
+from .events import HALTED
+
 __all__ = [
     "dramatiq_running",
     "is_celery_task_of",
@@ -73,6 +76,7 @@ def queue_will_retry(exc: BaseException, function: object) -> bool:
         logger.exception(
             "idemfn: could not tell whether the task queue retries after %s; recording it",
             type(exc).__name__,
+            extra=no_key(HALTED),
         )
         return False
 
@@ -262,7 +266,8 @@ def _no_current_message(thread: Any, current_message: type) -> None:
         " cannot tell whether Dramatiq retries a failure: it records the failure, and"
         " Dramatiq's retries replay it instead of running the body again. Add it:"
         " broker.add_middleware(dramatiq.middleware.CurrentMessage()), where the broker is"
-        " created"
+        " created",
+        extra=no_key(QUEUE_SETUP),
     )
 
 

@@ -46,6 +46,8 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Literal, NoReturn, ParamSpec, TypeVar, cast
 
+from .events import BUSY, log_fields
+
 try:
     from arq.worker import Function, Retry
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -199,6 +201,7 @@ def idempotent_job(
             cast(dict[str, Any], ctx).get("job_id"),
             tries,
             delay,
+            extra=log_fields(busy.key, BUSY),
         )
         raise Retry(defer=delay) from busy
 

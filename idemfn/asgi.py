@@ -41,6 +41,7 @@ from ._http.exchange import (
 from ._http.options import DEFAULT_METHODS, HttpOptions, MiB
 from ._http.request import Headers, Request
 from ._stores import Store
+from .events import HALTED, log_fields
 
 __all__ = ["Headers", "IdempotencyMiddleware", "Request"]
 
@@ -259,6 +260,7 @@ class IdempotencyMiddleware:
                     "idemfn: the app returned before finishing its response to key %r (the"
                     " client left?); the key is halted",
                     key,
+                    extra=log_fields(step.key, HALTED),
                 )
                 try:
                     await step.ahalt(RuntimeError("the app returned before finishing its response"))

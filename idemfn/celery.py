@@ -38,6 +38,8 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Literal, NoReturn, ParamSpec, TypeVar
 
+from .events import BUSY, log_fields
+
 try:
     from celery import current_task
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -177,6 +179,7 @@ def idempotent_task(
             busy.owner,
             task.request.id,
             delay,
+            extra=log_fields(busy.key, BUSY),
         )
         # The owner either finishes or is found gone (its lease bounds that), so by default
         # this retries until then, apart from the task's own max_retries.

@@ -68,6 +68,8 @@ from ._http.exchange import (
     too_large,
 )
 from ._http.options import HttpOptions
+from ._logs import failed
+from .events import log_fields
 
 __all__ = ["IdempotencyMiddleware"]
 
@@ -559,6 +561,7 @@ def _not_halted(claim: Claim, problem: IdempotencyError) -> None:
         claim.key,
         type(problem).__name__,
         problem,
+        extra=log_fields(claim.key, failed(problem)),
     )
 
 

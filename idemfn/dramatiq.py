@@ -44,6 +44,8 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Literal, NoReturn, ParamSpec, TypeVar
 
+from .events import BUSY, log_fields
+
 try:
     import dramatiq.broker
     import dramatiq.worker
@@ -236,6 +238,7 @@ def idempotent_actor(
             busy.owner,
             message.message_id,
             delay_ms,
+            extra=log_fields(busy.key, BUSY),
         )
         raise retry from busy
 

@@ -40,6 +40,8 @@ from datetime import datetime, timedelta
 from types import FrameType
 from typing import Literal, NoReturn, ParamSpec, TypeVar
 
+from .events import BUSY, log_fields
+
 try:
     from huey.api import Huey, Task  # type: ignore[import-untyped]
     from huey.exceptions import RetryTask  # type: ignore[import-untyped]
@@ -219,6 +221,7 @@ def idempotent_task(
             busy.owner,
             running[1].id,
             seconds,
+            extra=log_fields(busy.key, BUSY),
         )
         # A RetryTask never uses up the task's retries: this retries until the owner has
         # finished or is found gone (its lease bounds that).

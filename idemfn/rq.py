@@ -32,6 +32,8 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Literal, ParamSpec, TypeVar
 
+from .events import BUSY, log_fields
+
 try:
     from rq import Retry, get_current_job
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -183,6 +185,7 @@ def idempotent_job(
             busy.owner,
             job.id,
             retry.intervals[0],
+            extra=log_fields(busy.key, BUSY),
         )
         return retry
 

@@ -265,8 +265,11 @@ def _parser() -> argparse.ArgumentParser:
 
     command(
         "stats",
-        "count records per status",
-        "Count records per status; show the store's size and its oldest record.",
+        "count records per status, halted ones per reason",
+        "Count records per status, and halted records per reason (raised, unstorable,"
+        " interrupted, abandoned, incomplete, other: the words of the `halted` event and the"
+        " metrics); show the store's size, its oldest and newest records, and its oldest"
+        " processing claim (whose, how old, and whether its owner is gone).",
         as_json,
     )
 

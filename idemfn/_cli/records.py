@@ -14,11 +14,12 @@ from typing import Any
 
 from .. import _owner
 from .._errors import StoreError
-from .._lease import abandoned_reason
+from .._lease import abandoned_kind, abandoned_reason
 from .._outcome import load
 from .._record import Entry, Status
 from .._stores import Store
 from .._stores.base import TamperedRecord
+from ..events import halted_reason
 from . import command_outcome
 from .parser import CORRUPT, KEY_WIDTH, PROG, TAMPERED, CliError, Exit, say
 from .store import command_store
@@ -427,16 +428,29 @@ def prune(args: argparse.Namespace) -> Exit:
     return Exit.OK
 
 
+#: The ``reason`` words of halted records, as the ``halted`` event and the metrics' ``reason``
+#: label name them (``idemfn.events.halted_reason``), in the order ``stats`` shows them.
+HALTED_REASONS = ("raised", "unstorable", "interrupted", "abandoned", "incomplete", "other")
+
+
 def stats(args: argparse.Namespace) -> Exit:
     store = command_store(args)
     now = store.time()
     counts: Counter[str] = Counter()
+    halted: Counter[str] = Counter()
     oldest: Entry | None = None
     newest: Entry | None = None
+    running: Entry | None = None  # the oldest processing claim, abandoned or not
     for entry in store.scan(corrupt=lambda key, error: counts.update([_unreadable(error)])):
         counts[_state(entry, now)] += 1
         if entry.is_expired(now):
             continue
+        if entry.status == Status.HALTED:
+            halted[halted_reason(entry.reason, entry.exc_type)] += 1
+        elif entry.status == Status.PROCESSING and (
+            running is None or entry.started_at < running.started_at
+        ):
+            running = entry
         if oldest is None or entry.started_at < oldest.started_at:
             oldest = entry
         if newest is None or entry.started_at > newest.started_at:
@@ -447,6 +461,7 @@ def stats(args: argparse.Namespace) -> Exit:
         "store": repr(store),
         "records": sum(counts[s] for s in states if s != "expired"),
         "by_state": {s: counts[s] for s in states},
+        "halted_by_reason": {r: halted[r] for r in HALTED_REASONS},
         "bytes": size,
         "oldest": None
         if oldest is None
@@ -454,19 +469,58 @@ def stats(args: argparse.Namespace) -> Exit:
         "newest": None
         if newest is None
         else {"key": newest.key, "started_at": _iso(newest.started_at)},
+        "oldest_processing": None if running is None else _processing_json(running, now),
     }
     if getattr(args, "json", False):
         _print_json(summary)
         return Exit.OK
     detail = ", ".join(f"{s} {counts[s]}" for s in states)
-    print(f"{'store:':<9}{store!r}")
-    print(f"{'records:':<9}{summary['records']} ({detail})")
-    print(f"{'size:':<9}{'unknown' if size is None else _bytes(size)}")
+    lines = [
+        ("store", repr(store)),
+        ("records", f"{summary['records']} ({detail})"),
+        ("halted", f"{counts['halted']} ({', '.join(f'{r} {halted[r]}' for r in HALTED_REASONS)})"),
+        ("size", "unknown" if size is None else _bytes(size)),
+    ]
     for name, record in (("oldest", oldest), ("newest", newest)):
         if record is not None:
             ago = _span(now - record.started_at)
-            print(f"{name + ':':<9}{record.key} (started {_iso(record.started_at)}, {ago} ago)")
+            lines.append((name, f"{record.key} (started {_iso(record.started_at)}, {ago} ago)"))
+    if running is not None:
+        claim = summary["oldest_processing"]
+        if claim["abandoned"]:
+            state = f"abandoned, {claim['abandoned_reason']}: {claim['owner_gone']}"
+        elif running.lease_until is None:
+            state = "running"
+        else:
+            state = f"running, lease ends in {_span(running.lease_until - now)}"
+        lines.append(
+            (
+                "oldest processing",
+                f"{running.key} (owner {_owner_short(running.owner)}, attempt {running.attempt},"
+                f" started {claim['started_at']}, {_span(now - running.started_at)} ago; {state})",
+            )
+        )
+    width = max(len(name) for name, _ in lines) + 2
+    for name, text in lines:
+        print(f"{name + ':':<{width}}{text}")
     return Exit.OK
+
+
+def _processing_json(entry: Entry, now: float) -> dict[str, Any]:
+    """What ``stats`` says of a processing claim: whose it is, how old, whether (and how) its
+    owner is known to be gone, in the ``abandoned`` event's words."""
+    gone = abandoned_reason(entry, now)
+    return {
+        "key": entry.key,
+        "owner": entry.owner,
+        "attempt": entry.attempt,
+        "started_at": _iso(entry.started_at),
+        "age_seconds": round(max(0.0, now - entry.started_at), 3),
+        "lease_expires_at": _iso(entry.lease_until),
+        "abandoned": gone is not None,
+        "abandoned_reason": None if gone is None else abandoned_kind(gone),
+        "owner_gone": _why_gone(entry, now),
+    }
 
 
 def _bytes(size: int) -> str:

@@ -24,6 +24,9 @@ from .._errors import (
     IdempotencyError,
     StoreError,
 )
+from .._logs import about, failed
+from ..events import REPLAYED as REPLAYED_EVENT
+from ..events import STORE_ERROR, log_fields
 
 if TYPE_CHECKING:
     from .options import HttpOptions
@@ -437,6 +440,7 @@ def not_settled(claim: Claim, exc: IdempotencyError) -> None:
         claim.key,
         type(exc).__name__,
         exc,
+        extra=log_fields(claim.key, failed(exc)),
     )
 
 
@@ -493,7 +497,12 @@ def refusal(options: HttpOptions[Any], key: str, exc: IdempotencyError) -> Respo
             " it will not be",
         )
     if isinstance(exc, StoreError):
-        logger.error("idemfn: the store failed on key %r: %s", exc.key, exc)
+        logger.error(
+            "idemfn: the store failed on key %r: %s",
+            exc.key,
+            exc,
+            extra=about(exc.key, STORE_ERROR),
+        )
         return problem(
             503,
             "store-unavailable",
@@ -513,7 +522,12 @@ def replay(key: str, finished: Finished) -> Response:
         try:
             recorded: Recorded = finished.replay()
         except StoreError as exc:
-            logger.error("idemfn: the response recorded for %r does not load: %s", entry.key, exc)
+            logger.error(
+                "idemfn: the response recorded for %r does not load: %s",
+                entry.key,
+                exc,
+                extra=log_fields(entry.key, REPLAYED_EVENT),
+            )
         else:
             if recorded.kept:
                 return Response(

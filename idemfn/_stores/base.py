@@ -19,9 +19,11 @@ from typing import Any, ClassVar, TypeVar
 from .. import _lease
 from .._errors import StoreError
 from .._lease import prunable_claim
+from .._logs import UNREADABLE
 from .._record import Entry, decode, encode
 from .._signing import MAGIC, Signer, SigningKey, signer_for, unsigned
 from .._wakeups import AsyncWatch, LocalAsyncWatch, LocalWatch, Watch
+from ..events import log_fields
 from .awaiting import to_the_end
 
 __all__ = [
@@ -52,7 +54,11 @@ class TamperedRecord(StoreError):
 
 def skip_corrupt(key: str, error: StoreError) -> None:
     """A ``corrupt=`` for sweeps (prune): log the record and go on."""
-    logger.warning("idemfn: skipping a record that cannot be read: %s", error)
+    logger.warning(
+        "idemfn: skipping a record that cannot be read: %s",
+        error,
+        extra=log_fields(key, UNREADABLE),
+    )
 
 
 class Store(abc.ABC):

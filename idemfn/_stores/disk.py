@@ -27,6 +27,7 @@ import diskcache
 import platformdirs
 
 from .._errors import StoreError
+from .._logs import CHECKPOINT_FAILED, CLEANUP_FAILED, no_key
 from .._record import Entry
 from .._signing import SigningKey
 from .base import Corrupt, Store, offload, prunable, remove_judged, skip_corrupt
@@ -714,7 +715,12 @@ class DiskStore(Store):
             (self._sql_nowait if inline else self._sql)(_CULL, (now, now))
         except _BACKEND_ERRORS as exc:
             if not (inline and _busy(exc)):
-                logger.warning("idemfn: could not remove expired records from %r: %s", self, exc)
+                logger.warning(
+                    "idemfn: could not remove expired records from %r: %s",
+                    self,
+                    exc,
+                    extra=no_key(CLEANUP_FAILED),
+                )
 
     def get(self, key: str) -> Entry | None:
         return self._get(key, False)
@@ -873,7 +879,12 @@ class DiskStore(Store):
                 with _gate:
                     self._sql("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # waits for nobody
             except (StoreError, *_BACKEND_ERRORS) as exc:
-                logger.debug("idemfn: could not checkpoint %r: %s", self, exc)
+                logger.debug(
+                    "idemfn: could not checkpoint %r: %s",
+                    self,
+                    exc,
+                    extra=no_key(CHECKPOINT_FAILED),
+                )
             finally:
                 self._checkpoint = None
                 with suppress(RuntimeError):  # its loop is closed: nobody waits any more

@@ -48,10 +48,12 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Gene
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._errors import StoreError
+from .._logs import UNREPLICATED, WATCH_FAILED, no_key
 from .._record import Entry
 from .._signing import SigningKey
 from .._steps import arun, run
 from .._wakeups import LocalAsyncWatch, LocalWatch
+from ..events import log_fields
 from .base import Corrupt, Store, removable_at
 from .clock import ServerClock
 
@@ -523,6 +525,7 @@ class RedisStore(Store):
             action,
             key,
             self._short_of(short.acked),
+            extra=log_fields(key, UNREPLICATED),
         )
 
     def get(self, key: str) -> Entry | None:
@@ -720,6 +723,7 @@ class RedisStore(Store):
             self,
             type(exc).__name__,
             exc,
+            extra=no_key(WATCH_FAILED),
         )
 
     # One async client per event loop.

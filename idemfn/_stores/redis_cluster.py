@@ -64,6 +64,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from .._logs import CLOCK_PARTIAL, no_key
 from .._record import Entry
 from .._signing import SigningKey
 from .._steps import arun, run
@@ -383,6 +384,7 @@ class RedisClusterStore(RedisStore):
                     node.name,
                     type(answer).__name__,
                     answer,
+                    extra=no_key(CLOCK_PARTIAL),
                 )
         if not readings:
             raise self.error(

@@ -654,6 +654,8 @@ def test_a_user_who_may_not_publish_still_settles_and_its_watches_poll(
     failures = [r for r in caplog.records if "could not watch keys with pub/sub" in r.message]
     assert [r.levelno for r in failures] == [logging.WARNING]  # said once
     assert "NoPermissionError" in failures[0].message and "look at it again" in failures[0].message
+    assert getattr(failures[0], "idemfn_decision", None) == "watch_failed"
+    assert getattr(failures[0], "idemfn_key", "") is None  # a line about no key (issue 21)
 
     other = RedisStore(no_channels, prefix="np:")  # a store of its own tries pub/sub
 

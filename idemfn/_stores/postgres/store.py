@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ... import _lease
 from ..._errors import StoreError
+from ..._logs import WATCH_FAILED, no_key
 from ..._record import Entry
 from ..._signing import SigningKey
 from ..._steps import arun, run
@@ -1162,7 +1163,12 @@ class PostgresStore(Store):
     def _cannot_listen(self, exc: BaseException) -> None:
         """Say once that waiters poll, since LISTEN/NOTIFY failed with ``exc``."""
         if self._told_polling:
-            logger.debug("idemfn: %r: LISTEN/NOTIFY failed again: %s", self, _cause(exc))
+            logger.debug(
+                "idemfn: %r: LISTEN/NOTIFY failed again: %s",
+                self,
+                _cause(exc),
+                extra=no_key(WATCH_FAILED),
+            )
             return
         self._told_polling = True
         logger.warning(
@@ -1171,6 +1177,7 @@ class PostgresStore(Store):
             " owner settles it",
             self,
             _cause(exc),
+            extra=no_key(WATCH_FAILED),
         )
 
     def _listening(self, mark: tuple[int, str]) -> psycopg.Connection[Any] | None:
