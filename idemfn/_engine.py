@@ -57,7 +57,7 @@ from ._errors import (
     StoreError,
 )
 from ._heartbeat import heartbeat
-from ._lease import abandoned_reason, utc_iso
+from ._lease import abandoned_kind, abandoned_reason, utc_iso
 from ._outcome import (
     PICKLE,
     NotLoadable,
@@ -264,7 +264,11 @@ class Finished:
             try:
                 recorded = self.serializer.load(entry.payload)
             except Exception:  # its class moved or changed since: replay it as Halted
-                logger.warning("idemfn: the exception recorded for %r no longer loads", entry.key)
+                logger.warning(
+                    "idemfn: the exception recorded for %r no longer loads",
+                    entry.key,
+                    extra=log_fields(entry.key, REPLAYED),
+                )
             else:
                 if isinstance(recorded, Exception):
                     _add_note(recorded, replay_note(entry.key, entry.finished_at))
@@ -1170,14 +1174,12 @@ def _deciding(
 
 
 def _report_abandoned(store: Store, entry: Entry, policy: Policy, reason: str, became: str) -> None:
-    # (abandoned_reason's two texts: the owner's process is gone, or its lease ran out.)
-    how = "lease_expired" if "stopped renewing" in reason else "owner_died"
     policy.observer.emit(
         ABANDONED,
         store,
         entry.key,
         attempt=entry.attempt,
-        reason=how,
+        reason=abandoned_kind(reason),
         detail=reason,
         owner=entry.owner,
         status=became,
