@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
 import idemfn
@@ -182,6 +182,46 @@ def test_scraped_over_http_by_prometheus_client(
     assert "idemfn_wait_duration_seconds" in response.text  # declared, no sample yet
 
 
+def test_single_process_counts_expose_as_prometheus_clients_own_metrics() -> None:
+    """A single process keeps plain counts (cheaper than metric children) and exposes them when
+    scraped; a multiprocess server's workers use prometheus_client's Counter and Histogram.
+    Fed the same events, both expose the same samples (but prometheus_client's ``_created``)."""
+    from idemfn._metrics import BUCKETS
+    from idemfn.prometheus import _Aggregates, _Shared
+
+    events = [
+        idemfn.Event("claimed", "f:k", "f", "disk", attempt=1),
+        idemfn.Event("completed", "f:k", "f", "disk", attempt=1, duration=0.0004),
+        idemfn.Event("halted", "f:j", "f", "disk", duration=0.3, reason="raised"),
+        idemfn.Event("halted", "f:j", "f", "disk", duration=0.25, reason="raised"),  # = a bound
+        idemfn.Event("released", "f:r", None, "redis", duration=400.0, reason="retry_on"),
+        idemfn.Event("waited", "f:w", "f", "disk", duration=0.01, status="replayed"),
+        idemfn.Event("waited", "f:x", "f", "disk", duration=2.0),  # gave up
+        idemfn.Event("abandoned", "f:k", "f", "disk", reason="owner_died", status="halted"),
+        idemfn.Event("halted", "f:k", "f", "disk", reason="abandoned"),  # no duration: no body
+        idemfn.Event("replayed", "f:k", "f", "disk", status="ok"),
+    ]
+    aggregates, shared = _Aggregates(BUCKETS), _Shared(BUCKETS)
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    ours.register(aggregates)
+    for collector in shared.collectors():
+        theirs.register(collector)
+    for event in events:
+        aggregates.handle(event)
+        shared.handle(event)
+
+    def samples(registry: CollectorRegistry) -> Samples:
+        return {
+            key: value
+            for key, value in parse(generate_latest(registry).decode()).items()
+            if not key[0].endswith("_created")
+        }
+
+    assert samples(ours) == samples(theirs)
+    assert len(samples(ours)) == 8 + 5 * (len(BUCKETS) + 3)  # 8 counts, 5 histograms
+    assert generate_latest(ours).decode().count("# TYPE") == 3
+
+
 def test_close_stops_counting_and_unregisters(registry: CollectorRegistry, tmp_path: Path) -> None:
     store = idemfn.DiskStore(tmp_path / "store")
 
@@ -232,8 +272,17 @@ def test_arguments_are_checked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
         instrument(CollectorRegistry(), buckets=[])
     with pytest.raises(TypeError, match=r"instrument\(buckets=...\)"):
         instrument(CollectorRegistry(), buckets="1,2")  # type: ignore[arg-type]
-    with instrument(CollectorRegistry(), buckets=[0.5, 2]) as custom:
-        assert custom.body_duration._upper_bounds == [0.5, 2.0, float("inf")]
+    custom = CollectorRegistry()
+    with instrument(custom, buckets=[0.5, 2]):
+        idemfn.idempotent(store=idemfn.MemoryStore(), name="custom")(lambda: 1)()
+        families = list(custom.collect())
+    bounds = [
+        sample.labels["le"]
+        for family in families
+        for sample in family.samples
+        if sample.name == "idemfn_body_duration_seconds_bucket"
+    ]
+    assert bounds == ["0.5", "2.0", "+Inf"]
 
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     with pytest.raises(ValueError, match=r"multiprocess_registry\(path=None\) reads PROMETHEUS"):
