@@ -300,19 +300,21 @@ def test_arguments_are_checked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
         instrument(CollectorRegistry())
 
 
+@pytest.mark.parametrize("preload", [False, True], ids=["instrumented-in-workers", "preload"])
 def test_gunicorn_workers_counted_together_and_a_killed_workers_counts_survive(
-    tmp_path: Path,
+    tmp_path: Path, preload: bool
 ) -> None:
     """gunicorn, 2 sync workers, multiprocess mode: requests land on both workers (a held
     request keeps one busy, so the next is served by the other); /metrics, served by either,
     sums both; a worker SIGKILLed mid-request keeps its counts, and its claim is found
-    abandoned by the other."""
+    abandoned by the other. With --preload, instrument() runs in the master, before the fork."""
     multiproc = tmp_path / "prometheus"
     multiproc.mkdir()
     deployment = Deployment("gunicorn", "prometheus", 2, "disk")
     env = {
         "PROMETHEUS_MULTIPROC_DIR": str(multiproc),
-        "GUNICORN_CMD_ARGS": "--config python:tests.support.prometheus_app",
+        "GUNICORN_CMD_ARGS": "--config python:tests.support.prometheus_app"
+        + (" --preload" if preload else ""),
     }
     with serve(deployment, tmp_path, str(tmp_path / "store"), env=env) as served:
         client = served.client()
@@ -352,6 +354,11 @@ def test_gunicorn_workers_counted_together_and_a_killed_workers_counts_survive(
         served.server.wait_workers(without=holder)
         log = served.server.output()
         assert f"child_exit: marked worker {holder} dead" in log
+        # --preload: once, in the master, before the fork; else in each worker
+        instrumented = [holder, other] if not preload else [served.server.pid]
+        assert all(f"instrumented in process {pid}\n" in log for pid in instrumented)
+        if preload:
+            assert log.count("instrumented in process") == 1
 
         abandoned = post("k-1", hold="1")  # the dead worker's claim, found on this machine at once
         assert abandoned.status_code == 500
