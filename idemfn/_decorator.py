@@ -796,7 +796,7 @@ def decorator(
             @functools.wraps(fn)
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
                 stored_key, fp = call_key(args, kwargs)
-                if observer.live:
+                if observer.framed:  # (a handler wants call_started, call_ended)
                     return await _aobserved(
                         observer, resolved_store, stored_key, acall(stored_key, fp, args, kwargs)
                     )
@@ -831,7 +831,7 @@ def decorator(
             @functools.wraps(fn)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 stored_key, fp = call_key(args, kwargs)
-                if observer.live:
+                if observer.framed:  # (a handler wants call_started, call_ended)
                     return _observed(observer, resolved_store, stored_key, call, fp, args, kwargs)
                 return call(stored_key, fp, args, kwargs)
 
@@ -860,7 +860,7 @@ def decorator(
             @functools.wraps(fn)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 stored_key, fp = call_key(args, kwargs)
-                if observer.live:
+                if observer.framed:  # (a handler wants call_started, call_ended)
                     return _observed(observer, resolved_store, stored_key, call, fp, args, kwargs)
                 return call(stored_key, fp, args, kwargs)
 
