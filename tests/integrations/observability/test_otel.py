@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -687,14 +686,13 @@ def test_the_api_s_no_op_providers_work(otel: Otel) -> None:
     assert no_span_current()
 
 
-def test_with_no_sdk_the_global_providers_are_the_api_s_and_forward_to_one_set_later(
-    tmp_path: Path,
-) -> None:
+def test_with_no_sdk_the_global_providers_are_the_api_s_and_forward_to_one_set_later() -> None:
     # In a fresh process: the global providers are set once per process.
     code = """
-import sys
 import idemfn, idemfn.otel
-from opentelemetry import trace
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -705,13 +703,23 @@ def fn(n):
 
 instrumentation = idemfn.otel.instrument()   # no SDK set up: the API's proxies
 assert fn(1) == fn(1) == 1
+instrumentation.close()
+instrumentation = idemfn.otel.instrument()   # again, on the same proxies
 exporter = InMemorySpanExporter()
 provider = TracerProvider()
 provider.add_span_processor(SimpleSpanProcessor(exporter))
 trace.set_tracer_provider(provider)          # set up later: spans go to it from now on
+reader = InMemoryMetricReader()
+metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
 assert fn(2) == 2
 instrumentation.close()
 print([s.name for s in exporter.get_finished_spans()])
+(counter,) = [
+    m
+    for m in reader.get_metrics_data().resource_metrics[0].scope_metrics[0].metrics
+    if m.name == "idemfn.decisions"
+]
+print(sorted((p.attributes["idemfn.decision"], p.value) for p in counter.data.data_points))
 """
     out = subprocess.run(
         [sys.executable, "-c", code],
@@ -722,5 +730,8 @@ print([s.name for s in exporter.get_finished_spans()])
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "['idemfn early']"
+    spans, counts = out.stdout.splitlines()
+    assert spans == "['idemfn early']"
+    # The decisions before the SDK was set count too: the counter reports the process's totals.
+    assert counts == "[('claimed', 2), ('completed', 2), ('replayed', 1)]"
     assert out.stderr == ""
