@@ -8,6 +8,8 @@ left alone, but for the one test that checks the API's no-op default in a fresh 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -735,3 +737,35 @@ print(sorted((p.attributes["idemfn.decision"], p.value) for p in counter.data.da
     # The decisions before the SDK was set count too: the counter reports the process's totals.
     assert counts == "[('claimed', 2), ('completed', 2), ('replayed', 1)]"
     assert out.stderr == ""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_a_forked_child_counts_its_own_decisions(otel: Otel) -> None:
+    @idempotent(store=MemoryStore(), name="forked", key="{n}")
+    def fn(n: int) -> int:
+        return n
+
+    def counted() -> list[tuple[str, int]]:
+        points = otel.points("idemfn.decisions")
+        return sorted((dict(a)["idemfn.decision"], v) for a, v in points.items())
+
+    with otel.instrument(spans=False) as instrumentation:
+        fn(1)
+        counts = instrumentation._counts
+        with counts.lock:  # held as the child is forked: the child's own is a new one
+            pid = os.fork()
+            if pid == 0:  # the child: exit 0 if it counts its own call, and only that
+                try:
+                    fn(2)
+                    os._exit(0 if counted() == [("claimed", 1), ("completed", 1)] else 1)
+                finally:
+                    os._exit(2)
+        deadline = time.monotonic() + 60
+        while (done := os.waitpid(pid, os.WNOHANG)) == (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if done == (0, 0):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        assert done[0] == pid, "the child hung (on the lock its parent held?)"
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+        assert counted() == [("claimed", 1), ("completed", 1)]  # the parent's: fn(1)
