@@ -769,3 +769,60 @@ def test_a_forked_child_counts_its_own_decisions(otel: Otel) -> None:
         assert done[0] == pid, "the child hung (on the lock its parent held?)"
         assert os.waitstatus_to_exitcode(done[1]) == 0
         assert counted() == [("claimed", 1), ("completed", 1)]  # the parent's: fn(1)
+
+
+def test_the_http_middleware_s_decisions_count_and_its_app_s_calls_get_spans(otel: Otel) -> None:
+    from flask import Flask
+
+    from idemfn.wsgi import IdempotencyMiddleware
+
+    store = MemoryStore()
+
+    @idempotent(store=store, name="orders.create", key="{n}")
+    def create(n: int) -> str:
+        return f"order {n}"
+
+    app = Flask("shop")
+    app.add_url_rule("/orders", "orders", lambda: create(1), methods=["POST"])
+    app.wsgi_app = IdempotencyMiddleware(app.wsgi_app, store=store)  # type: ignore[method-assign]
+    client = app.test_client()
+    with otel.instrument():
+        for _ in range(2):
+            with otel.tracer.start_as_current_span("POST /orders"):
+                response = client.post("/orders", headers={"Idempotency-Key": "k-1"})
+            assert response.get_data(as_text=True) == "order 1"
+    # The request's own decisions have no idemfn span: counted only.
+    points = otel.points("idemfn.decisions")
+    assert points[decision("claimed", "http")] == 1
+    assert points[decision("completed", "http")] == 1
+    assert points[decision("replayed", "http")] == 1
+    (call,) = otel.spans("idemfn orders.create")  # the second request replayed: no call
+    (first_request, _) = otel.spans("POST /orders")
+    assert call.parent is not None and call.parent.span_id == first_request.context.span_id
+    assert call.attributes is not None and call.attributes["idemfn.decision"] == "completed"
+    assert not call.events
+
+
+def test_an_unsampled_call_carries_its_context_and_nothing_else() -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    seen: list[trace.SpanContext] = []
+
+    @idempotent(store=MemoryStore(), name="unsampled", key="{n}")
+    def fn(n: int) -> int:
+        seen.append(trace.get_current_span().get_span_context())
+        if n < 0:
+            raise ValueError(n)
+        return n
+
+    with idemfn.otel.instrument(tracer_provider=provider, spans=True, metrics=False):
+        assert fn(1) == 1
+        with pytest.raises(ValueError):
+            fn(-1)
+    assert exporter.get_finished_spans() == ()
+    # The body ran in the call's (unsampled) span: its own spans would be unsampled too.
+    assert [(c.is_valid, c.trace_flags.sampled) for c in seen] == [(True, False)] * 2
+    assert no_span_current()
