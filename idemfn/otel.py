@@ -73,6 +73,7 @@ SCOPE: Final = "idemfn"
 _ERROR_TYPE: Final = "error.type"
 # The span attribute of a wait's time (in the idemfn.waited span event), in seconds.
 _WAIT_SECONDS: Final = "idemfn.wait.duration"
+_INTERNAL: Final = SpanKind.INTERNAL
 # Decisions that are no outcome of a call: a step on its way, added to its span as an event.
 _STEPS: Final = frozenset({WAITED, ABANDONED})
 
@@ -342,7 +343,7 @@ class Instrumentation:
                 {FUNCTION: function or "", STORE: event.store},
             )
         assert self._tracer is not None
-        span = self._tracer.start_span(named[0], kind=SpanKind.INTERNAL, attributes=named[1])
+        span = self._tracer.start_span(named[0], kind=_INTERNAL, attributes=named[1])
         frame = _Frame(self, span, event.key, function)
         self._open.add(frame)
         if self._closed:  # closed meanwhile, and may have looked at _open before the add

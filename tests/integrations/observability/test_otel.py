@@ -826,3 +826,24 @@ def test_an_unsampled_call_carries_its_context_and_nothing_else() -> None:
     # The body ran in the call's (unsampled) span: its own spans would be unsampled too.
     assert [(c.is_valid, c.trace_flags.sampled) for c in seen] == [(True, False)] * 2
     assert no_span_current()
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no message")
+
+
+def test_an_exception_that_cannot_be_recorded_still_ends_the_span_and_restores_the_context(
+    otel: Otel, caplog: pytest.LogCaptureFixture
+) -> None:
+    @idempotent(store=MemoryStore(), name="odd", key="{n}", retry_on=Unprintable)
+    def odd(n: int) -> int:
+        raise Unprintable
+
+    with otel.instrument():
+        with pytest.raises(Unprintable):
+            odd(1)
+        assert no_span_current()
+    (span,) = otel.spans("idemfn odd")
+    assert span.end_time is not None
+    assert "event handler" in caplog.text  # (idemfn.events logged what the handler raised)
