@@ -399,9 +399,10 @@ class Instrumentation:
         # (a cancelled task, Ctrl-C, exit) ends the span as it is.
         if isinstance(error, Exception):
             attributes[_ERROR_TYPE] = _error_type(error)
+        span.set_attributes(attributes)
+        if isinstance(error, Exception):  # (last: an exception's str() may raise)
             span.record_exception(error)
             span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
-        span.set_attributes(attributes)
 
     # Decisions: the handler for the configuration (one call, few lookups: every replay pays it).
 

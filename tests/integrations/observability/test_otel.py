@@ -846,4 +846,7 @@ def test_an_exception_that_cannot_be_recorded_still_ends_the_span_and_restores_t
         assert no_span_current()
     (span,) = otel.spans("idemfn odd")
     assert span.end_time is not None
+    assert span.attributes is not None
+    assert span.attributes["idemfn.decision"] == "released"
+    assert str(span.attributes["error.type"]).endswith("test_otel.Unprintable")
     assert "event handler" in caplog.text  # (idemfn.events logged what the handler raised)
