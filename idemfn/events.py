@@ -182,18 +182,24 @@ def log_fields(key: str, decision: str) -> dict[str, str]:
 
 def halted_reason(reason: str | None, exc_type: str | None) -> str:
     """The ``reason`` word of a halted record, from its recorded reason text and exception type:
-    one rule for the ``halted`` event, the metrics and ``idemfn stats``."""
+    one rule for the ``halted`` event, the metrics and ``idemfn stats``.
+
+    It reads only how idemfn's own reason texts begin and end (never an exception's message,
+    which the reason text does not hold), so a user's names cannot change the word.
+    """
     text = reason or ""
     if text.startswith("abandoned"):
         return "abandoned"
-    if "interrupted" in text:
+    if text.startswith(("the call was interrupted by ", "interrupted by ")) or (
+        text.startswith("the call raised ") and text.endswith(", interrupted while storing it")
+    ):
         return "interrupted"
-    if "ended without complete" in text:
+    if text.startswith("the claim's block ended without complete()"):
         return "incomplete"
+    if text.startswith("the call returned a "):
+        return "unstorable"
     if exc_type is not None:
         return "raised"
-    if "could not be stored" in text or "load" in text:
-        return "unstorable"
     return "other"
 
 
