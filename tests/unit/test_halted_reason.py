@@ -8,7 +8,7 @@ from idemfn._outcome import describe_exception
 from idemfn.events import halted_reason
 
 
-class interrupted_by_design(Exception):  # noqa: N801  # a user's name that reads like a reason
+class interrupted_by_design(Exception):  # a user's name that reads like a reason
     pass
 
 
