@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -42,14 +42,16 @@ from idemfn._stores.postgres import PostgresStore
 from idemfn.events import Event
 from tests.support.concurrency import HELD, HeldElsewhere, WatchSpy, spec_of, start
 from tests.support.records import foreign_entry
-from tests.support.stores import STORES, Make, Runner
+from tests.support.stores import Make, Runner
 from tests.support.workers import poll, process_alive
 
-# The stores another process can open (the memory store is this process's own).
-SHARED = [kind for kind in STORES if kind != "memory"]
 KINDS = {"MemoryStore": "memory", "DiskStore": "disk", "RedisStore": "redis"}
 KINDS["PostgresStore"] = "postgres"
 TIMEOUT = 60.0
+# Real processes cost a second or two each on a loaded machine: the tests that start them run
+# on a few pairs of a store another process can open and a caller, which cover both callers.
+PROCESS_PAIRS = [("disk", "sync"), ("redis", "async"), ("postgres", "sync")]
+PROCESS_PAIRS_IDS = [f"{store}-{mode}" for store, mode in PROCESS_PAIRS]
 
 
 class Boom(Exception):
@@ -124,7 +126,7 @@ def run(fn: Runner, *args: Any) -> Any:
     """``fn(*args)``, and what it raised instead (an exception is returned, not raised)."""
     try:
         return fn(*args)
-    except BaseException as exc:  # noqa: BLE001  # the test compares it with the events'
+    except BaseException as exc:  # the test compares it with the events'
         return exc
 
 
@@ -133,7 +135,7 @@ def rec() -> Recorder:
     return Recorder()
 
 
-# -- a first call, a replay -----------------------------------------------------------------------
+# -- a first call, a replay ------------------------------------------------------------------------
 
 
 def test_first_call_then_replay(make: Make, counter: Any, store: Store, rec: Recorder) -> None:
@@ -159,7 +161,7 @@ def test_first_call_then_replay(make: Make, counter: Any, store: Store, rec: Rec
     assert counter.runs == 1
 
 
-# -- halted: raised, unstorable, interrupted, incomplete --------------------------------------------
+# -- halted: raised, unstorable, interrupted, incomplete -------------------------------------------
 
 
 def test_a_body_that_raises_is_halted_raised(make: Make, store: Store, rec: Recorder) -> None:
@@ -337,7 +339,7 @@ def test_a_claim_that_failed_before_landing_is_not_reported_released(
     assert rec.names == ["call_started", "store_error", "call_ended"]
 
 
-# -- store errors: deciding, settling -----------------------------------------------------------------
+# -- store errors: deciding, settling --------------------------------------------------------------
 
 
 def test_a_store_failing_to_decide_is_store_error_decide(
@@ -403,7 +405,7 @@ def test_a_store_failing_to_record_an_exception_is_store_error_settle(
     assert rec.events[-1].error is raised
 
 
-# -- refused: busy, mismatch, deadline ------------------------------------------------------------
+# -- refused: busy, mismatch, deadline -------------------------------------------------------------
 
 
 def test_a_live_owner_is_busy_live_owner(
@@ -483,7 +485,7 @@ def test_a_past_deadline_is_deadline_exceeded(
 # -- waited: a real second process holds the key, then completes -----------------------------------
 
 
-@pytest.mark.parametrize("store", SHARED, indirect=True)
+@pytest.mark.parametrize(("store", "mode"), PROCESS_PAIRS, ids=PROCESS_PAIRS_IDS, indirect=True)
 def test_a_caller_waits_for_another_process_then_replays(
     store: Store,
     mode: str,
@@ -566,39 +568,46 @@ def test_waited_comes_before_the_decision_it_ended_in(
     assert mine[:4] == ["call_started", "waited", "claimed", "completed"], rec.names
 
 
-# -- abandoned: a real process SIGKILLed while it holds the claim -------------------------------------
+# -- abandoned: a real process SIGKILLed while it holds the claim ----------------------------------
 
 
-@pytest.fixture
-def killed_holder(
-    store: Store, tmp_path: Path, request: pytest.FixtureRequest
-) -> Iterator[tuple[str, int]]:
-    """A real process that claimed ``HELD``'s key 3 and was SIGKILLed in its body: (the
-    claim's owner, the dead pid)."""
-    process = start("hold", spec_of(store, request), tmp_path, "3")
+def killed_holders(
+    store: Store, tmp_path: Path, request: pytest.FixtureRequest, keys: list[int]
+) -> dict[int, tuple[str, int]]:
+    """Real processes (started together), each of which claimed ``HELD``'s key ``k`` and was
+    SIGKILLed in its body: for each key, (the claim's owner, the dead pid)."""
+    spec = spec_of(store, request)
+    processes = {k: start("hold", spec, tmp_path, str(k)) for k in keys}
     try:
-        poll(
-            lambda: (tmp_path / "holding-3").exists() or process.poll() is not None,
-            "the holder's claim",
-            TIMEOUT,
-        )
-        assert process.poll() is None, (tmp_path / "hold.log").read_text()
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(TIMEOUT)
-        assert not process_alive(process.pid)
-        entry = store.get(f"{HELD['name']}:3")
-        assert entry is not None and entry.status == "processing"
-        assert f"/{process.pid}/" in entry.owner
-        yield entry.owner, process.pid
-    finally:
-        if process.poll() is None:
-            process.kill()
+        for k, process in processes.items():
+            poll(
+                lambda k=k, p=process: (  # type: ignore[misc]
+                    (tmp_path / f"holding-{k}").exists() or p.poll() is not None
+                ),
+                "the holder's claim",
+                TIMEOUT,
+            )
+            assert process.poll() is None, [p.read_text() for p in tmp_path.glob("*.log")]
+        holders = {}
+        for k, process in processes.items():
+            os.kill(process.pid, signal.SIGKILL)
             process.wait(TIMEOUT)
+            assert not process_alive(process.pid)
+            entry = store.get(f"{HELD['name']}:{k}")
+            assert entry is not None and entry.status == "processing"
+            assert f"/{process.pid}/" in entry.owner
+            holders[k] = entry.owner, process.pid
+        return holders
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait(TIMEOUT)
 
 
-def _held(store: Store, mode: str, **options: Any) -> tuple[Any, Callable[[], Any]]:
+def _held(store: Store, mode: str, **options: Any) -> tuple[Any, Callable[[int], Any]]:
     """``HELD``'s function here (wait=0: the dead owner must be seen dead at the first look),
-    and a call of key 3 that returns what it raised instead of raising it."""
+    and a call of it that returns what it raised instead of raising it."""
     options = {**HELD, "store": store, **options}
     if mode == "sync":
 
@@ -606,25 +615,29 @@ def _held(store: Store, mode: str, **options: Any) -> tuple[Any, Callable[[], An
         def held(k: int) -> str:
             return f"again:{k}"
 
-        return held, lambda: run(held, 3)  # type: ignore[arg-type]
+        return held, lambda k: run(held, k)  # type: ignore[arg-type]
 
     @idempotent(**options)
     async def aheld(k: int) -> str:
         await asyncio.sleep(0)
         return f"again:{k}"
 
-    return aheld, lambda: run(lambda k: asyncio.run(aheld(k)), 3)  # type: ignore[arg-type]
+    return aheld, lambda k: run(lambda k: asyncio.run(aheld(k)), k)  # type: ignore[arg-type]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("store", SHARED, indirect=True)
-def test_a_killed_owner_is_abandoned_and_halted(
-    store: Store, mode: str, rec: Recorder, killed_holder: tuple[str, int]
+@pytest.mark.parametrize(("store", "mode"), PROCESS_PAIRS, ids=PROCESS_PAIRS_IDS, indirect=True)
+def test_a_killed_owner_is_abandoned_then_halted_or_taken_over(
+    store: Store, mode: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    owner, pid = killed_holder
+    holders = killed_holders(store, tmp_path, request, [3, 4])
+
+    # on_abandoned="halt": abandoned (halted), then halted (abandoned)
+    owner, pid = holders[3]
+    rec = Recorder()
     fn, call = _held(store, mode, on_abandoned="halt")
     fn.subscribe(rec)
-    raised = call()
+    raised = call(3)
     assert isinstance(raised, Halted), raised
     assert rec.names == ["call_started", "abandoned", "halted", "call_ended"]
     check_fields(rec, fn.key_for(3), HELD["name"], store)
@@ -636,21 +649,18 @@ def test_a_killed_owner_is_abandoned_and_halted(
     assert halted.detail is not None and halted.detail.startswith("abandoned")
     assert ended.status == "raised" and ended.error is raised
 
-
-@pytest.mark.slow
-@pytest.mark.parametrize("store", SHARED, indirect=True)
-def test_a_killed_owner_is_abandoned_and_taken_over(
-    store: Store, mode: str, rec: Recorder, killed_holder: tuple[str, int]
-) -> None:
-    owner, pid = killed_holder
+    # on_abandoned="retry": abandoned (taken over), then the next attempt claimed and run
+    owner, pid = holders[4]
+    rec = Recorder()
     fn, call = _held(store, mode, on_abandoned="retry")
     fn.subscribe(rec)
-    assert call() == "again:3"
+    assert call(4) == "again:4"
     assert rec.names == ["call_started", "abandoned", "claimed", "completed", "call_ended"]
-    check_fields(rec, fn.key_for(3), HELD["name"], store)
+    check_fields(rec, fn.key_for(4), HELD["name"], store)
     abandoned, claimed, completed, ended = rec.events[1:]
     assert abandoned.reason == "owner_died" and abandoned.status == "taken_over"
     assert abandoned.owner == owner and abandoned.attempt == 1
+    assert abandoned.detail is not None and str(pid) in abandoned.detail
     assert claimed.attempt == completed.attempt == 2
     assert ended.status == "ok"
 
@@ -780,7 +790,7 @@ def test_a_transactional_body_is_completed_after_its_commit(
     assert committed == [True]
 
 
-# -- the HTTP middleware and idemfn run ---------------------------------------------------------------
+# -- the HTTP middleware and idemfn run ------------------------------------------------------------
 
 
 def test_the_http_middleware_labels_its_events_http(rec: Recorder) -> None:
@@ -836,7 +846,7 @@ def test_idemfn_run_labels_its_events_idemfn_run(rec: Recorder, tmp_path: Path) 
     assert rec.one("completed").attempt == 1
 
 
-# -- nothing subscribed: nothing made -----------------------------------------------------------------
+# -- nothing subscribed: nothing made --------------------------------------------------------------
 
 
 @pytest.fixture
