@@ -48,6 +48,7 @@ from tests.support.workers import poll, process_alive
 KINDS = {"MemoryStore": "memory", "DiskStore": "disk", "RedisStore": "redis"}
 KINDS["PostgresStore"] = "postgres"
 TIMEOUT = 60.0
+FIRST = ["call_started", "claimed", "completed", "call_ended"]
 # Real processes cost a second or two each on a loaded machine: the tests that start them run
 # on a few pairs of a store another process can open and a caller, which cover both callers.
 PROCESS_PAIRS = [("disk", "sync"), ("redis", "async"), ("postgres", "sync")]
@@ -908,3 +909,43 @@ def test_a_subscription_on_one_function_gets_nothing_of_another(
     assert rec.names == []
     a(1)
     assert {e.function for e in rec.events} == {"test.a"}
+
+
+# -- a queue's retry that waits for its previous attempt ------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_decorator.py call()/acall(): the first begin_with emits busy (_engine."
+    "_report_refused) before wait_again decides that a queue's retry waits for its previous"
+    " attempt: the retry emits busy although no AlreadyRunning reaches it, then claims",
+)
+def test_a_queue_retry_that_waits_for_its_previous_attempt_is_not_busy(
+    rec: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery import Celery
+
+    app = Celery("ev-retry", broker="memory://", backend="cache+memory://", set_as_current=False)
+    store = MemoryStore()
+
+    @app.task(bind=True, max_retries=3)
+    @idempotent(key=lambda self, to: "t-1", name="ev.send", store=store)
+    def send(self: Any, to: str) -> str:
+        return f"sent to {to}"
+
+    previous = begin("ev.send:t-1", store=store)  # the previous attempt, not released yet
+    assert isinstance(previous, Claim)
+    spy = WatchSpy(store, monkeypatch)
+    send.run.subscribe(rec)
+    results: list[Any] = []
+    retry = threading.Thread(
+        target=lambda: results.append(send.apply(("bob",), task_id="t-1", retries=1)),
+        daemon=True,
+    )
+    retry.start()
+    spy.wait_for_a_waiter()
+    previous.release()
+    retry.join(TIMEOUT)
+    assert results[0].get() == "sent to bob"
+    assert "busy" not in rec.names, rec.names
+    assert sorted(rec.names) == sorted([*FIRST, "waited"])

@@ -503,26 +503,22 @@ class _Broken:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="events._failures is keyed by id(handler) and never forgets: a new handler that"
-    " reuses the id of a closed, freed one is rate-limited from its first failure (no"
-    " traceback ever logged for it)",
+    reason="events._failures is keyed by id(handler) and never forgets a handler: once a"
+    " closed handler is freed, a new handler given its id (CPython reuses freed memory) is"
+    " rate-limited from its first failure, and no traceback is ever logged for it",
 )
-def test_a_new_handler_is_not_rate_limited_by_a_freed_one(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def test_a_freed_handlers_failures_are_forgotten(caplog: pytest.LogCaptureFixture) -> None:
     fn = make_fn()
     old = _Broken()
     with fn.subscribe(old, events=["claimed"]):
         fn(1)
     freed = id(old)
+    assert freed in events._failures
     del old
     gc.collect()
-    made = [_Broken() for _ in range(1000)]  # (the allocator hands the freed memory out again)
-    reused = [h for h in made if id(h) == freed]
-    assert reused, "no new handler got the freed one's id"
-    with fn.subscribe(reused[0], events=["claimed"]):
-        fn(2)
-    assert [r.exc_info is not None for r in _failures_logged(caplog)] == [True, True]
+    # What a new handler with that id would be judged by (whether the allocator hands the
+    # id out again is its own affair: the test does not depend on it).
+    assert freed not in events._failures
 
 
 def test_a_raising_handler_never_breaks_an_async_call() -> None:
