@@ -206,6 +206,32 @@ def test_an_unstorable_value_is_halted_unstorable(make: Make, store: Store, rec:
     assert rec.events[-1].error is raised
 
 
+class _WritesOnly:
+    """A serializer whose ``loads`` cannot read what its ``dumps`` wrote."""
+
+    def dumps(self, value: object) -> bytes:
+        return repr(value).encode()
+
+    def loads(self, data: bytes) -> object:
+        raise ValueError("cannot read")
+
+
+def test_a_value_that_does_not_load_back_is_halted_unstorable_and_returned(
+    make: Make, store: Store, rec: Recorder
+) -> None:
+    def body(x: int) -> int:
+        return x
+
+    fn = make(body, key="k:{x}", serializer=_WritesOnly())
+    fn.subscribe(rec)
+    assert fn(1) == 1  # the body ran: its value is returned
+    assert rec.names == ["call_started", "claimed", "halted", "call_ended"]
+    check_fields(rec, fn.key_for(1), "test.body", store)
+    halted = rec.one("halted")
+    assert halted.reason == "unstorable" and halted.attempt == 1
+    assert rec.events[-1].status == "ok" and rec.events[-1].error is None
+
+
 def test_an_interrupted_body_is_halted_interrupted(store: Store, rec: Recorder) -> None:
     @idempotent(key="k", name="ev.interrupted", store=store)
     def body() -> None:
@@ -424,6 +450,23 @@ def test_a_live_owner_is_busy_live_owner(
     assert busy.reason == "live_owner" and busy.error is raised
     assert busy.owner == "elsewhere/0badc0de/4242/77"
     assert counter.runs == 0
+
+
+def test_a_wait_that_runs_out_is_waited_gave_up_then_busy(
+    make: Make, counter: Any, store: Store, rec: Recorder
+) -> None:
+    fn = make(counter, key="k:{x}", wait=0.05)  # (it must run out: the owner never lets go)
+    fn.subscribe(rec)
+    key = fn.key_for(1)
+    assert store.claim(foreign_entry(key, "", lease_until=store.time() + 3600)) is None
+    raised = run(fn, 1)
+    assert isinstance(raised, AlreadyRunning)
+    assert rec.names == ["call_started", "waited", "busy", "call_ended"]
+    check_fields(rec, key, "test.body", store)
+    waited = rec.one("waited")
+    assert waited.status == "gave_up"
+    assert waited.duration is not None and waited.duration >= 0.05
+    assert rec.one("busy").reason == "live_owner" and rec.one("busy").error is raised
 
 
 def test_a_call_reentering_its_key_is_busy_reentered(

@@ -650,3 +650,28 @@ def test_subscribe_and_close_while_other_threads_call() -> None:
     for fn in fns:  # closed: nothing more
         fn(-1)
     assert len(got.events) == before
+
+
+def test_a_cancelled_async_call_is_halted_interrupted() -> None:
+    store = MemoryStore()
+    got = Recorder()
+    running = asyncio.Event()
+
+    @idempotent(key="k", name="t.cancelled", store=store)
+    async def slow() -> None:
+        running.set()
+        await asyncio.sleep(TIMEOUT)
+
+    async def main() -> None:
+        task = asyncio.create_task(slow())
+        await running.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with slow.subscribe(got):
+        asyncio.run(main())
+    assert got.names == ["call_started", "claimed", "halted", "call_ended"]
+    halted, ended = got.events[2:]
+    assert halted.reason == "interrupted" and isinstance(halted.error, asyncio.CancelledError)
+    assert ended.status == "raised" and ended.error is halted.error
