@@ -834,6 +834,34 @@ def test_a_transactional_body_is_completed_after_its_commit(
     assert committed == [True]
 
 
+@pytest.mark.parametrize("store", ["postgres"], indirect=True)
+def test_a_transactional_body_that_raises_is_halted_after_its_rollback(
+    store: Store, mode: str, rec: Recorder
+) -> None:
+    if mode == "sync":
+
+        @idempotent(key="k", name="ev.txfail", store=store, transactional=True)
+        def tx() -> str:
+            raise Boom("rolled back")
+
+        call: Callable[[], Any] = tx
+        fn: Any = tx
+    else:
+
+        @idempotent(key="k", name="ev.txfail", store=store, transactional=True)
+        async def atx() -> str:
+            raise Boom("rolled back")
+
+        call = lambda: asyncio.run(atx())  # noqa: E731
+        fn = atx
+    fn.subscribe(rec)
+    raised = run(call)  # type: ignore[arg-type]
+    assert isinstance(raised, Boom)
+    assert rec.names == ["call_started", "claimed", "halted", "call_ended"]
+    check_fields(rec, fn.key_for(), "ev.txfail", store)
+    assert rec.one("halted").reason == "raised" and rec.one("halted").error is raised
+
+
 # -- the HTTP middleware and idemfn run ------------------------------------------------------------
 
 
@@ -914,6 +942,12 @@ def test_nothing_is_emitted_when_nothing_is_subscribed(
             raise Boom
         if y == "transient":
             raise Transient
+        if y == "unstorable":
+            return threading.Lock()
+        if y == "taken":  # taken over while the body runs: its settle finds it gone
+            entry = store.get(fn.key_for(x))
+            assert entry is not None
+            assert store.swap(entry.key, entry.token, entry._replace(token="someone-else"))
         return x
 
     fn = make(body, key="k:{x}", retry_on=Transient)
@@ -923,13 +957,22 @@ def test_nothing_is_emitted_when_nothing_is_subscribed(
     assert isinstance(run(fn, 2, "boom"), Boom)  # halted
     assert isinstance(run(fn, 2, "boom"), Boom)  # replayed halted
     assert isinstance(run(fn, 3, "transient"), Transient)  # released
+    assert isinstance(run(fn, 8, "unstorable"), Halted)  # halted, unstorable
+    assert isinstance(run(fn, 9, "taken"), OwnershipLost)  # ownership lost, settling
     key = fn.key_for(4)
     assert store.claim(foreign_entry(key, "", lease_until=store.time() + 3600)) is None
     assert isinstance(run(fn, 4), AlreadyRunning)  # busy
+    waits = make(body, key="k:{x}", wait=0.01, name="test.waits")
+    assert store.claim(foreign_entry(waits.key_for(4), "", lease_until=store.time() + 3600)) is None
+    assert isinstance(run(waits, 4), AlreadyRunning)  # waited, gave up, busy
     retried = make(body, key="k:{x}", on_abandoned="retry", name="test.retried")
     key = retried.key_for(5)
     assert store.claim(foreign_entry(key, "", lease_until=store.time() - 60)) is None
     assert retried(5) == 5  # abandoned, taken over
+    halts = make(body, key="k:{x}", name="test.halts")
+    key = halts.key_for(5)
+    assert store.claim(foreign_entry(key, "", lease_until=store.time() - 60)) is None
+    assert isinstance(run(halts, 5), Halted)  # abandoned, halted
     past = datetime.now(timezone.utc) - timedelta(hours=1)
     late = make(body, key="k:{x}", deadline=past, name="test.late")
     assert isinstance(run(late, 6), DeadlineExceeded)
@@ -937,8 +980,30 @@ def test_nothing_is_emitted_when_nothing_is_subscribed(
     assert isinstance(claim, Claim)
     with claim:
         pass  # halted, incomplete
-    _fail_after(store, monkeypatch, "swap", land=False)
-    assert fn(7) == 7  # store error, settling
+    lost = begin("no-events-lost", store=store, policy=Policy())
+    assert isinstance(lost, Claim)
+    heartbeat.discard(lost)  # (renewed here, by hand)
+    with monkeypatch.context() as patched:
+
+        def down(*args: Any) -> Any:
+            raise StoreError("injected: the server is down", key=lost.key)
+
+        patched.setattr(store, "renew", down)
+        assert lost.renew() is True  # store error, renewing: tried again soon
+    entry = store.get(lost.key)
+    assert entry is not None
+    assert store.swap(lost.key, entry.token, entry._replace(token="someone-else"))
+    assert lost.renew() is False  # ownership lost, renewing
+    with monkeypatch.context() as patched:
+        _fail_after(store, patched, "claim", land=True)
+        assert isinstance(run(fn, 10), StoreError)  # released (undone), store error
+    with monkeypatch.context() as patched:
+        _fail_after(store, patched, "swap", land=False)
+        assert fn(7) == 7  # store error, settling
+    # The trap is armed: with a handler, the first event fails the call.
+    armed = idempotent(key="k", name="test.armed", store=store)(lambda: 1)
+    with armed.subscribe(print), pytest.raises(AssertionError, match="an event was made"):
+        armed()
 
 
 def test_a_subscription_on_one_function_gets_nothing_of_another(
