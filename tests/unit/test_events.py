@@ -675,3 +675,43 @@ def test_a_cancelled_async_call_is_halted_interrupted() -> None:
     halted, ended = got.events[2:]
     assert halted.reason == "interrupted" and isinstance(halted.error, asyncio.CancelledError)
     assert ended.status == "raised" and ended.error is halted.error
+
+
+def test_a_failed_renewal_is_store_error_renew_on_the_heartbeat() -> None:
+    from idemfn import StoreError
+
+    class FailsToRenew(MemoryStore):
+        def renew(self, entry: Any, lease: float) -> Any:
+            raise StoreError("injected: cannot renew", key=entry.key)
+
+    store = FailsToRenew()
+    got = Recorder()
+    threads: list[str] = []
+
+    @idempotent(key="k", name="t.renew", store=store)
+    def body() -> str:
+        mine = [
+            c
+            for c in (ref() for ref, _ in list(heartbeat._claims.values()))
+            if isinstance(c, Claim) and c.key == body.key_for()
+        ]
+        assert len(mine) == 1
+        mine[0].renew_at = 0.0  # due now: the heartbeat renews it
+        with heartbeat._cond:
+            heartbeat._cond.notify()
+        give_up = time.monotonic() + TIMEOUT
+        while "store_error" not in got.names:
+            assert time.monotonic() < give_up, "the heartbeat did not renew"
+            time.sleep(0.005)
+        return "done"
+
+    def where(event: Event) -> None:
+        threads.append(threading.current_thread().name)
+
+    with body.subscribe(got), body.subscribe(where, events=["store_error"]):
+        assert body() == "done"  # the call goes on
+    assert got.names == ["call_started", "claimed", "store_error", "completed", "call_ended"]
+    failed = got.events[2]
+    assert failed.reason == "renew" and failed.attempt == 1
+    assert isinstance(failed.error, StoreError) and "cannot renew" in (failed.detail or "")
+    assert threads == ["idemfn-renewal"]
