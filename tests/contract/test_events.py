@@ -306,6 +306,30 @@ def test_a_retry_request_releases_the_key(make: Make, store: Store, rec: Recorde
     assert fn.status(1) is None
 
 
+def test_a_queues_retry_releases_the_key_queue_retry(rec: Recorder) -> None:
+    from celery import Celery
+
+    app = Celery("ev-queue", broker="memory://", backend="cache+memory://", set_as_current=False)
+    store = MemoryStore()
+
+    @app.task(bind=True, max_retries=3)
+    @idempotent(key=lambda self: "t-9", name="ev.flaky", store=store)
+    def flaky(self: Any) -> str:
+        if self.request.retries < 1:
+            raise self.retry(countdown=0)
+        return "ok"
+
+    flaky.run.subscribe(rec)
+    assert flaky.apply(task_id="t-9").get() == "ok"
+    # The first delivery released its key for the retry; the retry ran and completed.
+    assert rec.names == ["call_started", "claimed", "released", "call_ended", *FIRST]
+    check_fields(rec, "ev.flaky:t-9", "ev.flaky", store)
+    released = rec.one("released")
+    assert released.reason == "queue_retry" and released.attempt == 1
+    assert type(released.error).__name__ == "Retry"
+    assert rec.events[3].status == "raised" and rec.events[3].error is released.error
+
+
 def _key_of(args: tuple[Any, ...]) -> str:
     return args[0] if isinstance(args[0], str) else str(args[0].key)
 
@@ -581,6 +605,49 @@ def test_a_caller_waits_for_another_process_then_replays(
     assert rec.one("replayed").status == "ok"
 
 
+def _waits_then_claims(store: Store, rec: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller waits for a key another thread holds, which the holder then releases
+    (retry_on): the waiter claims it and runs the body. ``rec`` gets the waiter's events (and
+    the holder's release: the holder's call began before ``rec`` was subscribed)."""
+    running, release = threading.Event(), threading.Event()
+
+    @idempotent(key="k", name="ev.waits", store=store, wait=TIMEOUT, retry_on=Transient)
+    def body() -> str:
+        if not running.is_set():
+            running.set()
+            release.wait(TIMEOUT)
+            raise Transient("let the waiter claim")
+        return "second"
+
+    first = threading.Thread(target=lambda: run(body), daemon=True)  # type: ignore[arg-type]
+    first.start()
+    assert running.wait(TIMEOUT)  # its body runs: its claimed was emitted, to no handler
+    body.subscribe(rec)
+    spy = WatchSpy(store, monkeypatch)
+    done: dict[str, Any] = {}
+    waiter = threading.Thread(target=lambda: done.update(value=body()), daemon=True)
+    waiter.start()
+    spy.wait_for_a_waiter()
+    release.set()
+    first.join(TIMEOUT)
+    waiter.join(TIMEOUT)
+    assert done["value"] == "second"
+    held = rec.one("released")
+    assert held.reason == "retry_on" and held.attempt == 1
+    rec.events.remove(held)
+
+
+def test_a_caller_that_waits_for_a_released_key_claims_it(
+    store: Store, rec: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _waits_then_claims(store, rec, monkeypatch)
+    assert sorted(rec.names) == sorted([*FIRST, "waited"]), rec.names
+    check_fields(rec, "ev.waits:k", "ev.waits", store)
+    waited = rec.one("waited")
+    assert waited.status == "claimed" and waited.duration is not None and waited.duration > 0
+    assert rec.one("claimed").attempt == 1
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="_engine.begin_with/abegin_with emit waited in the finally after the decision the"
@@ -590,28 +657,8 @@ def test_a_caller_waits_for_another_process_then_replays(
 def test_waited_comes_before_the_decision_it_ended_in(
     store: Store, rec: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    release = threading.Event()
-
-    @idempotent(key="k", name="ev.waitorder", store=store, wait=TIMEOUT, retry_on=Transient)
-    def body() -> str:
-        if not release.is_set():
-            release.wait(TIMEOUT)
-            raise Transient("let the waiter claim")
-        return "second"
-
-    first = threading.Thread(target=lambda: run(body), daemon=True)  # type: ignore[arg-type]
-    first.start()
-    poll(lambda: body.status() is not None, "the first caller's claim", TIMEOUT)
-    body.subscribe(rec)
-    spy = WatchSpy(store, monkeypatch)
-    waiter = threading.Thread(target=lambda: body(), daemon=True)
-    waiter.start()
-    spy.wait_for_a_waiter()
-    release.set()
-    first.join(TIMEOUT)
-    waiter.join(TIMEOUT)
-    mine = [e.name for e in rec.events if e.name != "released" and e.name != "call_ended"]
-    assert mine[:4] == ["call_started", "waited", "claimed", "completed"], rec.names
+    _waits_then_claims(store, rec, monkeypatch)
+    assert rec.names == ["call_started", "waited", "claimed", "completed", "call_ended"]
 
 
 # -- abandoned: a real process SIGKILLed while it holds the claim ----------------------------------
