@@ -51,6 +51,13 @@ def make_fn(name: str = "t.fn", store: Any = None) -> Any:
     return fn
 
 
+@pytest.fixture(autouse=True)
+def _fresh_failures(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What the rate limit of failing handlers remembers, of this test's handlers only: a
+    # handler of an earlier test, freed, may have left its id to one of this test's.
+    monkeypatch.setattr(events, "_failures", {})
+
+
 FIRST = ["call_started", "claimed", "completed", "call_ended"]
 REPLAY = ["call_started", "replayed", "call_ended"]
 
