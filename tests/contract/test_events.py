@@ -250,10 +250,11 @@ def test_an_interrupted_body_is_halted_interrupted(store: Store, rec: Recorder) 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="unreachable reason: _engine.Claim._exiting halts with RuntimeError('the claim's block"
-    " ended without complete() or fail()'), recorded with reason 'the call raised RuntimeError'"
-    " and exc_type RuntimeError; events.halted_reason (reached from Claim._report_outcome) tests"
-    " the reason text for 'ended without complete' after... and sees exc_type: 'raised'",
+    reason="'incomplete' is unreachable: _engine.Claim._exiting halts with RuntimeError('the"
+    " claim's block ended without complete() or fail()'), recorded with reason 'the call raised"
+    " RuntimeError' (the text is only the message) and exc_type RuntimeError;"
+    " events.halted_reason, called by Claim._report_outcome with the record's reason, looks for"
+    " 'ended without complete' in the reason, and returns 'raised' for its exc_type",
 )
 def test_a_claim_block_left_without_complete_is_halted_incomplete(
     store: Store, rec: Recorder
