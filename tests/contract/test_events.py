@@ -313,7 +313,7 @@ def test_a_queues_retry_releases_the_key_queue_retry(rec: Recorder) -> None:
     app = Celery("ev-queue", broker="memory://", backend="cache+memory://", set_as_current=False)
     store = MemoryStore()
 
-    @app.task(bind=True, max_retries=3)
+    @app.task(bind=True, max_retries=3)  # type: ignore[untyped-decorator]
     @idempotent(key=lambda self: "t-9", name="ev.flaky", store=store)
     def flaky(self: Any) -> str:
         if self.request.retries < 1:
@@ -871,7 +871,7 @@ def test_a_transactional_body_is_completed_after_its_commit(
         # The ok record is visible to another connection: it committed.
         if event.name == "completed":
             dsn = request.getfixturevalue("postgres_server").dsn
-            with PostgresStore(dsn, table=store.table) as other:  # type: ignore[attr-defined]
+            with PostgresStore(dsn, table=store.table) as other:
                 entry = other.get(event.key)
             committed.append(entry is not None and entry.status == "ok")
 
@@ -976,7 +976,7 @@ def test_the_http_middleware_labels_its_events_http(rec: Recorder) -> None:
     }
     with idemfn.subscribe(rec):
         for _ in range(2):
-            body = middleware(dict(environ), lambda status, headers, exc_info=None: None)
+            body = middleware(dict(environ), lambda *args: None)  # type: ignore[arg-type]
             assert b"".join(body) == b"made"
             getattr(body, "close", lambda: None)()
     assert rec.names == ["claimed", "completed", "replayed"]
@@ -1123,7 +1123,7 @@ def test_a_queue_retry_that_waits_for_its_previous_attempt_is_not_busy(
     app = Celery("ev-retry", broker="memory://", backend="cache+memory://", set_as_current=False)
     store = MemoryStore()
 
-    @app.task(bind=True, max_retries=3)
+    @app.task(bind=True, max_retries=3)  # type: ignore[untyped-decorator]
     @idempotent(key=lambda self, to: "t-1", name="ev.send", store=store)
     def send(self: Any, to: str) -> str:
         return f"sent to {to}"
