@@ -7,6 +7,7 @@ What each decision emits, on every store, is tests/contract/test_events.py's.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import hashlib
 import logging
@@ -392,18 +393,16 @@ def test_reprs() -> None:
 
     own = fn.subscribe(on_event, events=["claimed", "replayed"])
     assert repr(own) == ("<Subscription test_reprs.<locals>.on_event on 't.fn' (2 events, active)>")
-    process = idemfn.subscribe(on_event)
-    assert repr(process) == (
-        f"<Subscription test_reprs.<locals>.on_event on every function ({len(EVENTS)} events,"
-        " active)>"
-    )
-    process.close()
+    with idemfn.subscribe(on_event) as process:
+        assert repr(process) == (
+            f"<Subscription test_reprs.<locals>.on_event on every function ({len(EVENTS)}"
+            " events, active)>"
+        )
     own.close()
     assert repr(own).endswith("(2 events, closed)>")
     assert repr(fn.policy.observer) == "<Observer 't.fn' live=False>"
-    assert "functools.partial" in repr(idemfn.subscribe(__import__("functools").partial(print)))
-    for subscription in list(events._process):
-        subscription.close()
+    with idemfn.subscribe(functools.partial(print)) as partial:  # (no __qualname__)
+        assert repr(partial).startswith("<Subscription functools.partial(<built-in function print>")
 
 
 def test_subscribing_or_closing_from_inside_a_handler() -> None:
