@@ -36,6 +36,7 @@ from ._engine import (
     begin_with,
     complete_or_log,
     reentered,
+    report_refused,
     run_in_transaction,
 )
 from ._errors import AlreadyRunning
@@ -648,12 +649,20 @@ def _observed(
     return value
 
 
-async def _aobserved(observer: Observer, store: Store, key: str, call: Awaitable[Any]) -> Any:
+async def _aobserved(
+    observer: Observer,
+    store: Store,
+    key: str,
+    call: Callable[[str, str, Any, Any], Awaitable[Any]],
+    fp: str,
+    args: Any,
+    kwargs: Any,
+) -> Any:
     """``_observed`` for an ``async def`` function's call."""
     observer.emit(CALL_STARTED, store, key)
     started = time.monotonic()
     try:
-        value = await call
+        value = await call(key, fp, args, kwargs)
     except BaseException as exc:
         duration = time.monotonic() - started
         observer.emit(CALL_ENDED, store, key, duration=duration, status="raised", error=exc)
@@ -706,10 +715,15 @@ def decorator(
         retry_policy = copy.copy(policy)
         retry_policy.wait = policy.lease - policy.wait
 
-    def wait_again(busy: AlreadyRunning, function: object, again: Policy | None) -> Policy:
+    def wait_again(
+        busy: AlreadyRunning, function: object, again: Policy | None, store: Store
+    ) -> Policy:
         """The policy to look at a busy key again with (``again``), when this call is the
-        queue's retry of ``function``; else raises ``busy``."""
+        queue's retry of ``function``; else raises ``busy`` (reported: its first look did not,
+        see ``begin_with``'s ``busy_is_final``)."""
         if again is None or reentered(busy) or not is_queue_retry_of(function):
+            if again is not None and again.observer.live:
+                report_refused(store, busy.key, again, busy)
             raise busy
         return again
 
@@ -746,6 +760,7 @@ def decorator(
         if retry_policy is not None:
             retry_call_policy = copy.copy(retry_policy)
             retry_call_policy.observer = observer
+        final = retry_call_policy is None  # (a busy key is final unless a retry may wait)
         wrapper: Any
 
         # A callable object whose __call__ is a coroutine function is async too.
@@ -768,10 +783,10 @@ def decorator(
                 try:
                     try:
                         outcome = await abegin_with(
-                            resolved_store, stored_key, fp, call_policy, due
+                            resolved_store, stored_key, fp, call_policy, due, final
                         )
                     except AlreadyRunning as busy:
-                        again = wait_again(busy, wrapper, retry_call_policy)
+                        again = wait_again(busy, wrapper, retry_call_policy, resolved_store)
                         outcome = await abegin_with(resolved_store, stored_key, fp, again, due)
                 except AlreadyRunning as busy:
                     if on_busy is None or reentered(busy):
@@ -798,7 +813,7 @@ def decorator(
                 stored_key, fp = call_key(args, kwargs)
                 if observer.framed:  # (a handler wants call_started, call_ended)
                     return await _aobserved(
-                        observer, resolved_store, stored_key, acall(stored_key, fp, args, kwargs)
+                        observer, resolved_store, stored_key, acall, fp, args, kwargs
                     )
                 return await acall(stored_key, fp, args, kwargs)
 
@@ -809,9 +824,11 @@ def decorator(
                 due = None if deadline_of is None else partial(deadline_of, *args, **kwargs)
                 try:
                     try:
-                        outcome = begin_with(resolved_store, stored_key, fp, call_policy, due)
+                        outcome = begin_with(
+                            resolved_store, stored_key, fp, call_policy, due, final
+                        )
                     except AlreadyRunning as busy:
-                        again = wait_again(busy, wrapper, retry_call_policy)
+                        again = wait_again(busy, wrapper, retry_call_policy, resolved_store)
                         outcome = begin_with(resolved_store, stored_key, fp, again, due)
                 except AlreadyRunning as busy:
                     if on_busy is None or reentered(busy):
@@ -841,9 +858,11 @@ def decorator(
                 due = None if deadline_of is None else partial(deadline_of, *args, **kwargs)
                 try:
                     try:
-                        outcome = begin_with(resolved_store, stored_key, fp, call_policy, due)
+                        outcome = begin_with(
+                            resolved_store, stored_key, fp, call_policy, due, final
+                        )
                     except AlreadyRunning as busy:
-                        again = wait_again(busy, wrapper, retry_call_policy)
+                        again = wait_again(busy, wrapper, retry_call_policy, resolved_store)
                         outcome = begin_with(resolved_store, stored_key, fp, again, due)
                 except AlreadyRunning as busy:
                     if on_busy is None or reentered(busy):

@@ -104,6 +104,7 @@ __all__ = [
     "complete_or_log",
     "decide",
     "drive",
+    "report_refused",
     "run_in_transaction",
 ]
 
@@ -951,6 +952,14 @@ def _after_transaction(claim: Claim, exc: BaseException, started: bool) -> Steps
     # have committed after all, when only COMMIT's answer was lost: then the value is returned
     # (an interrupt is still raised; the record stays ok).
     claim._settled = claim._uncommitted = False
+    # Its events wait until it is known whether the transaction committed after all (then the
+    # call completed: an ownership_lost on the way would be false).
+    policy = claim.policy
+    held: Deferred | None = None
+    if policy.observer.live:
+        held = Deferred(policy.observer)
+        claim.policy = copy.copy(policy)
+        claim.policy.observer = held
     try:
         yield from claim._failing(exc)
     except StoreError as problem:
@@ -968,10 +977,21 @@ def _after_transaction(claim: Claim, exc: BaseException, started: bool) -> Steps
                 type(exc).__name__,
                 extra=log_fields(claim.key, COMPLETED),
             )
-            if claim.policy.observer.live:
-                claim._report(COMPLETED, duration=claim._body_time())
+            if held is not None:
+                held.pending.clear()
+                held.emit(
+                    COMPLETED,
+                    claim.store,
+                    claim.key,
+                    attempt=claim.attempt,
+                    duration=claim._body_time(),
+                )
             return isinstance(exc, Exception)
         raise lost
+    finally:
+        claim.policy = policy
+        if held is not None:
+            held.flush()
     return False
 
 
@@ -1075,10 +1095,14 @@ def _replayed(store: Store, entry: Entry, policy: Policy) -> Finished:
     return Finished(entry, policy.serializer)
 
 
-def _claimed(store: Store, entry: Entry, policy: Policy) -> Claim:
+def _claimed(store: Store, entry: Entry, policy: Policy) -> Steps[Claim]:
     claim = Claim(store, entry, policy)
     if policy.observer.live:
-        claim._report(CLAIMED)
+        try:
+            claim._report(CLAIMED)
+        except BaseException:  # a handler's KeyboardInterrupt: no one will run the claim
+            yield from _dropping(claim)
+            raise
     return claim
 
 
@@ -1105,7 +1129,7 @@ def _deciding(
             if entry is None or entry.token == claimed.token:
                 # (Its own claim: the client sent it again after its answer was lost, as
                 # redis-py retries on a timeout, and the second try found the first's record.)
-                return _claimed(store, claimed, policy)
+                return (yield from _claimed(store, claimed, policy))
             continue
         _check_fingerprint(entry, key, fingerprint)
         if entry.status != PROCESSING:
@@ -1134,7 +1158,7 @@ def _deciding(
                 )
                 if policy.observer.live:
                     _report_abandoned(store, entry, policy, reason, "taken_over")
-                return _claimed(store, takeover, policy)
+                return (yield from _claimed(store, takeover, policy))
         else:
             ttl = entry.ttl
             halted = Entry(
@@ -1395,9 +1419,17 @@ async def abegin(
 
 
 def begin_with(
-    store: Store, key: str, fingerprint: str, policy: Policy, deadline: Due | None
+    store: Store,
+    key: str,
+    fingerprint: str,
+    policy: Policy,
+    deadline: Due | None,
+    busy_is_final: bool = True,
 ) -> Claim | Finished:
-    """``begin`` with its arguments already checked and resolved (the decorator's hot path)."""
+    """``begin`` with its arguments already checked and resolved (the decorator's hot path).
+    ``busy_is_final=False``: an ``AlreadyRunning`` raised is not reported (``busy``): the
+    caller may still wait for the key (a task queue's retry), and reports it if it does not
+    (``report_refused``)."""
     try:
         step = decide(store, key, fingerprint, policy, deadline)
         if not isinstance(step, Busy):
@@ -1421,16 +1453,26 @@ def begin_with(
             raise
         finally:
             if looking is not policy:
-                waiter.report(store, key, policy, decided, looking)
+                try:
+                    waiter.report(store, key, policy, decided, looking)
+                except BaseException:  # a handler's interrupt: no one will run the claim
+                    if isinstance(decided, Claim) and not decided._settled:
+                        drive(store, _dropping(decided))
+                    raise
         return decided
     except IdempotencyError as refused:
-        if policy.observer.live:
-            _report_refused(store, key, policy, refused)
+        if policy.observer.live and (busy_is_final or not isinstance(refused, AlreadyRunning)):
+            report_refused(store, key, policy, refused)
         raise
 
 
 async def abegin_with(
-    store: Store, key: str, fingerprint: str, policy: Policy, deadline: Due | None
+    store: Store,
+    key: str,
+    fingerprint: str,
+    policy: Policy,
+    deadline: Due | None,
+    busy_is_final: bool = True,
 ) -> Claim | Finished:
     """``abegin`` with its arguments already checked and resolved."""
     try:
@@ -1456,15 +1498,20 @@ async def abegin_with(
             raise
         finally:
             if looking is not policy:
-                waiter.report(store, key, policy, decided, looking)
+                try:
+                    waiter.report(store, key, policy, decided, looking)
+                except BaseException:
+                    if isinstance(decided, Claim) and not decided._settled:
+                        await adrive(store, _dropping(decided))
+                    raise
         return decided
     except IdempotencyError as refused:
-        if policy.observer.live:
-            _report_refused(store, key, policy, refused)
+        if policy.observer.live and (busy_is_final or not isinstance(refused, AlreadyRunning)):
+            report_refused(store, key, policy, refused)
         raise
 
 
-def _report_refused(store: Store, key: str, policy: Policy, refused: IdempotencyError) -> None:
+def report_refused(store: Store, key: str, policy: Policy, refused: IdempotencyError) -> None:
     """Emit the event of a call that did not start: busy, mismatch, deadline or store error."""
     emit = policy.observer.emit
     if isinstance(refused, AlreadyRunning):

@@ -214,12 +214,16 @@ class Subscription:
         events: The event names it gets.
     """
 
-    __slots__ = ("_observer", "events", "handler")
+    __slots__ = ("_failed", "_logged_at", "_observer", "events", "handler")
 
     def __init__(self, handler: Handler, events: frozenset[str], observer: Observer | None):
         self.handler = handler
         self.events = events
         self._observer = observer
+        # The rate limit of a failing handler's log lines (see _handler_failed): when one was
+        # last logged (time.monotonic()), and how many failures since.
+        self._logged_at: float | None = None
+        self._failed = 0
 
     @property
     def active(self) -> bool:
@@ -270,7 +274,7 @@ class Observer:
     def __init__(self, function: str | None) -> None:
         self.function = function
         self.own: tuple[Subscription, ...] = ()
-        self.wanted: dict[str, tuple[Handler, ...]] = {}
+        self.wanted: dict[str, tuple[Subscription, ...]] = {}
         self.live = False
         self.framed = False
         with _lock:
@@ -278,12 +282,12 @@ class Observer:
             self.refresh()
 
     def refresh(self) -> None:
-        wanted: dict[str, list[Handler]] = {}
+        wanted: dict[str, list[Subscription]] = {}
         for subscription in (*_process, *self.own):
             for name in EVENTS:
                 if name in subscription.events:
-                    wanted.setdefault(name, []).append(subscription.handler)
-        self.wanted = {name: tuple(handlers) for name, handlers in wanted.items()}
+                    wanted.setdefault(name, []).append(subscription)
+        self.wanted = {name: tuple(subscriptions) for name, subscriptions in wanted.items()}
         self.live = bool(self.wanted)
         # Whether a decorated call is framed by call_started and call_ended: only when some
         # handler wants them (a span does; counting decisions does not).
@@ -314,8 +318,8 @@ class Observer:
         error: BaseException | None = None,
     ) -> None:
         """Hand an event to the handlers that want it; a handler that raises is logged."""
-        handlers = self.wanted.get(name)
-        if not handlers:
+        subscriptions = self.wanted.get(name)
+        if not subscriptions:
             return
         # (Built as the tuple it is: a third of the cost of Event(...) with keywords.)
         event: Event = _new_tuple(
@@ -335,11 +339,11 @@ class Observer:
                 time.time(),
             ),
         )
-        for handler in handlers:
+        for subscription in subscriptions:
             try:
-                handler(event)
+                subscription.handler(event)
             except Exception:
-                _handler_failed(handler, event)
+                _handler_failed(subscription, event)
 
     def __repr__(self) -> str:
         return f"<Observer {self.function!r} live={self.live}>"
@@ -373,18 +377,19 @@ class Deferred(Observer):
 #: Decisions of ``begin()`` used directly (no decorated function).
 PROCESS: Final = Observer(None)
 
-_failures: dict[int, tuple[float, int]] = {}  # id(handler): (last logged, failures since)
 _FAILURE_LOG_EVERY = 60.0
 
 
-def _handler_failed(handler: Handler, event: Event) -> None:
+def _handler_failed(subscription: Subscription, event: Event) -> None:
     """Log a handler's exception: with its traceback the first time, then at most once a
-    minute with how many failed since, so a broken handler cannot flood the log."""
+    minute with how many failed since, so a broken handler cannot flood the log. The count
+    is the subscription's own: a handler subscribed again starts afresh."""
     now = time.monotonic()
-    last = _failures.get(id(handler))
+    handler = subscription.handler
     name = getattr(handler, "__qualname__", None) or repr(handler)
-    if last is None:
-        _failures[id(handler)] = (now, 0)
+    logged_at = subscription._logged_at
+    if logged_at is None:
+        subscription._logged_at = now
         logger.exception(
             "idemfn: event handler %s raised on %r for key %r; the call goes on",
             name,
@@ -393,16 +398,17 @@ def _handler_failed(handler: Handler, event: Event) -> None:
             extra=log_fields(event.key, event.name),
         )
         return
-    logged_at, since = last
+    since = subscription._failed + 1
     if now - logged_at < _FAILURE_LOG_EVERY:
-        _failures[id(handler)] = (logged_at, since + 1)
+        subscription._failed = since
         return
-    _failures[id(handler)] = (now, 0)
+    subscription._logged_at = now
+    subscription._failed = 0
     logger.error(
         "idemfn: event handler %s raised again (%d times in the last %.0f s, now on %r for key"
         " %r); the calls went on",
         name,
-        since + 1,
+        since,
         now - logged_at,
         event.name,
         event.key,

@@ -248,14 +248,7 @@ def test_an_interrupted_body_is_halted_interrupted(store: Store, rec: Recorder) 
     assert isinstance(rec.events[-1].error, KeyboardInterrupt)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="'incomplete' is unreachable: _engine.Claim._exiting halts with RuntimeError('the"
-    " claim's block ended without complete() or fail()'), recorded with reason 'the call raised"
-    " RuntimeError' (the text is only the message) and exc_type RuntimeError;"
-    " events.halted_reason, called by Claim._report_outcome with the record's reason, looks for"
-    " 'ended without complete' in the reason, and returns 'raised' for its exc_type",
-)
+# (Found by the events tests of issue 21, fixed since.)
 def test_a_claim_block_left_without_complete_is_halted_incomplete(
     store: Store, rec: Recorder
 ) -> None:
@@ -373,13 +366,7 @@ def test_a_claim_whose_answer_is_lost_is_undone(
     assert counter.runs == 0 and fn.status(1) is None
 
 
-UNDONE_NEVER_LANDED = (
-    "_engine._undoing emits released(undone) whatever store.release answered: a claim that"
-    " never landed (the store failed before writing it) is reported released"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=UNDONE_NEVER_LANDED)
+# (Found by the events tests of issue 21, fixed since.)
 def test_a_claim_that_failed_before_landing_is_not_reported_released(
     make: Make, counter: Any, store: Store, rec: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -402,8 +389,6 @@ def test_a_store_failing_to_decide_is_store_error_decide(
     monkeypatch: pytest.MonkeyPatch,
     request: pytest.FixtureRequest,
 ) -> None:
-    if store.claims_first:  # (its first look is the claim: see the test above)
-        request.applymarker(pytest.mark.xfail(strict=True, reason=UNDONE_NEVER_LANDED))
     fn = make(counter, key="k:{x}")
     fn.subscribe(rec)
 
@@ -649,12 +634,7 @@ def test_a_caller_that_waits_for_a_released_key_claims_it(
     assert rec.one("claimed").attempt == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_engine.begin_with/abegin_with emit waited in the finally after the decision the"
-    " wait ended in (replayed or claimed is emitted inside decide()): a trace reads claimed,"
-    " waited, completed",
-)
+# (Found by the events tests of issue 21, fixed since.)
 def test_waited_comes_before_the_decision_it_ended_in(
     store: Store, rec: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -912,13 +892,7 @@ def test_a_transactional_body_that_raises_is_halted_after_its_rollback(
     assert rec.one("halted").reason == "raised" and rec.one("halted").error is raised
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_engine._after_transaction: settling again after a COMMIT whose answer was lost"
-    " runs claim._failing(exc), whose _writing emits ownership_lost(settle) when its swap finds"
-    " the committed ok record; the except OwnershipLost branch then finds the record is its"
-    " own and emits completed: a call that completed also reports ownership_lost",
-)
+# (Found by the events tests of issue 21, fixed since.)
 @pytest.mark.parametrize("store", ["postgres"], indirect=True)
 def test_a_commit_whose_answer_is_lost_but_that_committed_is_completed_only(
     store: Store, rec: Recorder, monkeypatch: pytest.MonkeyPatch
@@ -1003,12 +977,7 @@ def test_idemfn_run_labels_its_events_idemfn_run(rec: Recorder, tmp_path: Path) 
     assert rec.one("completed").attempt == 1 and rec.one("completed").store == "disk"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_cli/run.py run_once calls begin(store=_Watched(store, ...)): the decisions made"
-    " in begin (claimed, replayed, abandoned, ...) carry store '_watched' (events.store_kind"
-    " of the wrapper class); completed, from the claim given the store itself, carries 'disk'",
-)
+# (Found by the events tests of issue 21, fixed since.)
 def test_idemfn_runs_events_name_its_store(rec: Recorder, tmp_path: Path) -> None:
     _idemfn_run_twice(rec, tmp_path)
     assert [e.store for e in rec.events] == ["disk", "disk", "disk"]
@@ -1118,12 +1087,7 @@ def test_a_subscription_on_one_function_gets_nothing_of_another(
 # -- a queue's retry that waits for its previous attempt ------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_decorator.py call()/acall(): the first begin_with emits busy (_engine."
-    "_report_refused) before wait_again decides that a queue's retry waits for its previous"
-    " attempt: the retry emits busy although no AlreadyRunning reaches it, then claims",
-)
+# (Found by the events tests of issue 21, fixed since.)
 def test_a_queue_retry_that_waits_for_its_previous_attempt_is_not_busy(
     rec: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
