@@ -7,12 +7,14 @@ a plain test is an attack that the guarantee held.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -663,3 +665,129 @@ def test_idemfn_run_outcome_that_could_not_be_recorded_is_a_store_error_event() 
         )
     assert ran and outcome["returncode"] == 0  # the command ran, and its status is returned
     assert seen == [("claimed", "idemfn run", None), ("store_error", "idemfn run", "settle")]
+
+
+# A waiter whose wait ends in an abandoned claim (the Deferred path of _engine.begin_with).
+
+
+@pytest.mark.parametrize("on_abandoned", ["halt", "retry"])
+def test_a_wait_ended_by_the_owner_killed_reports_waited_then_abandoned(
+    on_abandoned: str, tmp_path: Path
+) -> None:
+    # Held: the owner is a real process, SIGKILLed while a caller waits for it; the waiter's
+    # looks are held back and come, in order, after waited.
+    import signal
+    import subprocess
+    import sys
+
+    from idemfn import DiskStore
+
+    store = DiskStore(tmp_path / "store")
+    looks = 0
+    get = store.get
+
+    def counted(key: str) -> Entry | None:
+        nonlocal looks
+        looks += 1
+        return get(key)
+
+    store.get = counted  # type: ignore[method-assign]
+
+    @idempotent(key="{n}", name="review", store=store, wait=60, on_abandoned=on_abandoned)
+    def work(n: int) -> int:
+        return n
+
+    key = work.key_for(1)
+    holding = (
+        f"import idemfn, time; idemfn.begin({key!r}, store={str(tmp_path / 'store')!r});"
+        " print('ready', flush=True); time.sleep(600)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", holding], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        seen: list[tuple[str, str | None, str | None, int | None]] = []
+        results: list[object] = []
+
+        def waiter() -> None:
+            try:
+                results.append(work(1))
+            except BaseException as exc:
+                results.append(exc)
+
+        with idemfn.subscribe(lambda e: seen.append((e.name, e.status, e.reason, e.attempt))):
+            looks = 0
+            thread = threading.Thread(target=waiter)
+            thread.start()
+            poll(lambda: looks >= 2, "the waiter to look at the key again")
+            holder.send_signal(signal.SIGKILL)
+            holder.wait(timeout=60)
+            thread.join(timeout=60)
+        assert not thread.is_alive()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+    if on_abandoned == "halt":
+        assert isinstance(results[0], idemfn.Halted)
+        assert seen == [
+            ("call_started", None, None, None),
+            ("waited", "replayed", None, None),
+            ("abandoned", "halted", "owner_died", 1),
+            ("halted", None, "abandoned", 1),
+            ("call_ended", "raised", None, None),
+        ]
+    else:
+        assert results == [1]
+        assert seen == [
+            ("call_started", None, None, None),
+            ("waited", "claimed", None, None),
+            ("abandoned", "taken_over", "owner_died", 1),
+            ("claimed", None, None, 2),
+            ("completed", None, None, 2),
+            ("call_ended", "ok", None, None),
+        ]
+
+
+# Cancellation of an async call.
+
+
+def test_a_call_cancelled_as_its_claim_lands_releases_it_as_undone() -> None:
+    # Held: the claim was written, the task cancelled before it got the answer: the claim is
+    # undone (released, reason undone), the key is free, and the frame is closed.
+    class Gated(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = asyncio.Event()
+            self.landed = asyncio.Event()
+
+        async def aclaim(self, entry: Entry) -> Entry | None:
+            found = await super().aclaim(entry)
+            self.landed.set()
+            await self.gate.wait()  # the answer never comes: the task is cancelled here
+            return found
+
+    async def scenario() -> tuple[list[tuple[str, str | None, str | None]], Entry | None]:
+        store = Gated()
+
+        @idempotent(key="{n}", store=store)
+        async def work(n: int) -> int:
+            return n
+
+        seen: list[tuple[str, str | None, str | None]] = []
+        with idemfn.subscribe(lambda e: seen.append((e.name, e.status, e.reason))):
+            task = asyncio.create_task(work(1))
+            await store.landed.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        return seen, store.get(work.key_for(1))
+
+    seen, left = asyncio.run(scenario())
+    assert left is None
+    assert seen == [
+        ("call_started", None, None),
+        ("released", None, "undone"),
+        ("call_ended", "raised", None),
+    ]
