@@ -12,6 +12,7 @@ import gc
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,7 @@ from idemfn import MemoryStore, Policy, Store, idempotent
 from idemfn._heartbeat import heartbeat
 from idemfn._record import Entry
 from idemfn.events import Event, _observers
+from tests.support.servers import PostgresServer
 from tests.support.workers import poll
 
 
@@ -790,4 +792,90 @@ def test_a_call_cancelled_as_its_claim_lands_releases_it_as_undone() -> None:
         ("call_started", None, None),
         ("released", None, "undone"),
         ("call_ended", "raised", None),
+    ]
+
+
+# transactional=True on a real PostgreSQL: the COMMIT's failure paths (_engine._after_transaction).
+
+
+@pytest.fixture
+def pg_store(postgres_server: PostgresServer) -> Iterator[Any]:
+    from idemfn import PostgresStore
+
+    store = PostgresStore(postgres_server.dsn, table=f"t_{uuid.uuid4().hex}")
+    yield store
+    store.close()
+
+
+def test_a_commit_that_fails_is_a_halted_event_never_completed(
+    postgres_server: PostgresServer, pg_store: Any
+) -> None:
+    # Held: a deferred constraint fails at COMMIT; the ok record went down with the
+    # transaction, and the events say halted (raised), never completed.
+    from psycopg.errors import UniqueViolation
+
+    from tests.support.postgres_tools import ledger_table
+
+    ledger = ledger_table(postgres_server, ", UNIQUE (order_id) DEFERRABLE INITIALLY DEFERRED")
+
+    @idempotent(key="{order_id}", store=pg_store, transactional=True)
+    def charge(order_id: str) -> int:
+        idemfn.current_connection().execute(f"INSERT INTO {ledger} VALUES (%s, 2)", (order_id,))
+        return 2
+
+    seen: list[tuple[str, str | None, str | None]] = []
+    with (
+        charge.subscribe(lambda e: seen.append((e.name, e.status, e.reason))),
+        pytest.raises(UniqueViolation),
+    ):
+        charge("o-1")
+    assert seen == [
+        ("call_started", None, None),
+        ("claimed", None, None),
+        ("halted", None, "raised"),
+        ("call_ended", "raised", None),
+    ]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="idemfn/_engine.py:_after_transaction settles the claim again with _failing(exc)"
+    " when COMMIT's answer is lost; its write is fenced out by the ok record that did commit,"
+    " and Claim._writing emits ownership_lost(settle) before raising the OwnershipLost that"
+    " _after_transaction then recognises as committed (and emits completed): a call that"
+    " completed also counts an ownership_lost nobody lost",
+)
+def test_a_commit_whose_answer_is_lost_but_that_committed_is_only_completed(
+    postgres_server: PostgresServer, pg_store: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import psycopg
+
+    from tests.support.postgres_tools import ledger_table
+
+    ledger = ledger_table(postgres_server)
+    real_transaction = pg_store.transaction
+
+    @contextmanager
+    def answer_lost(key: str) -> Iterator[Any]:
+        with real_transaction(key) as conn:
+            yield conn
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(pg_store, "transaction", answer_lost)
+
+    @idempotent(key="{order_id}", store=pg_store, transactional=True)
+    def charge(order_id: str) -> int:
+        idemfn.current_connection().execute(f"INSERT INTO {ledger} VALUES (%s, 3)", (order_id,))
+        return 3
+
+    seen: list[tuple[str, str | None]] = []
+    with charge.subscribe(lambda e: seen.append((e.name, e.status))):
+        assert charge("o-3") == 3
+    record = charge.status("o-3")
+    assert record is not None and record.status is idemfn.Status.OK
+    assert seen == [
+        ("call_started", None),
+        ("claimed", None),
+        ("completed", None),
+        ("call_ended", "ok"),
     ]
