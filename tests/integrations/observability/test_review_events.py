@@ -879,3 +879,46 @@ def test_a_commit_whose_answer_is_lost_but_that_committed_is_only_completed(
         ("completed", None),
         ("call_ended", "ok"),
     ]
+
+
+def test_a_celery_self_retry_is_released_as_queue_retry_each_time() -> None:
+    # Held: each Task.retry() releases the key with reason queue_retry and the Retry as error;
+    # the last attempt completes, and only its value is recorded.
+    from celery import Celery
+    from celery.exceptions import Retry
+
+    from idemfn.celery import task_id
+
+    app = Celery(
+        "review-retry", broker="memory://", backend="cache+memory://", set_as_current=False
+    )
+    runs: list[int] = []
+
+    @app.task(bind=True, max_retries=3)
+    @idempotent(key=task_id, store=MemoryStore())
+    def flaky(self: Any) -> str:
+        runs.append(self.request.retries)
+        if len(runs) < 3:
+            raise self.retry(countdown=0)
+        return "ok"
+
+    seen: list[tuple[str, str | None, int | None]] = []
+    errors: list[type[BaseException] | None] = []
+
+    def record(event: Event) -> None:
+        if event.name not in ("call_started", "call_ended"):
+            seen.append((event.name, event.reason, event.attempt))
+            errors.append(None if event.error is None else type(event.error))
+
+    with flaky.run.subscribe(record):
+        assert flaky.apply(task_id="t-9").get() == "ok"
+    assert runs == [0, 1, 2]
+    assert seen == [
+        ("claimed", None, 1),
+        ("released", "queue_retry", 1),
+        ("claimed", None, 1),
+        ("released", "queue_retry", 1),
+        ("claimed", None, 1),
+        ("completed", None, 1),
+    ]
+    assert errors == [None, Retry, None, Retry, None, None]
