@@ -491,3 +491,69 @@ def test_the_documented_queries_are_promql_on_the_names_a_scrape_shows() -> None
                 if label not in labels:
                     problems.append(f"{page}: {query!r}: sum by a label no metric has: {label}")
     assert problems == []
+
+
+# -- OpenTelemetry: a forked child -------------------------------------------------------------
+
+_FORKED = """
+import json, os
+import idemfn, idemfn.otel
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+reader = InMemoryMetricReader()
+provider = MeterProvider(metric_readers=[reader])
+
+@idemfn.idempotent(store=idemfn.MemoryStore(), name="forked", key="{n}")
+def fn(n):
+    return n
+
+idemfn.otel.instrument(meter_provider=provider, spans=False)
+fn(1)                       # the parent's first call: claimed, completed, one body timed
+
+def counted():
+    found = {}
+    for resource in reader.get_metrics_data().resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                for point in metric.data.data_points:
+                    if metric.name == "idemfn.decisions":
+                        found[point.attributes["idemfn.decision"]] = point.value
+                    else:
+                        found[metric.name] = point.count
+    return found
+
+read, write = os.pipe()
+child = os.fork()
+if child == 0:
+    fn(2)                   # the child's own first call
+    os.write(write, json.dumps(counted()).encode())
+    os._exit(0)
+os.close(write)
+assert os.waitpid(child, 0)[1] == 0
+print(os.read(read, 65536).decode())
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="idemfn/otel.py:_after_fork resets only idemfn's own decision counts; the"
+    " histograms are the SDK's synchronous instruments, whose aggregations the child inherits:"
+    " a forked child reports 1 completed body in idemfn.decisions but 2 in"
+    " idemfn.body.duration (the parent's observation again), so a backend summing the"
+    " processes counts the parent's bodies twice. The docs' 'a forked child counts its own"
+    " decisions, not its parent's' holds for the counter only",
+)
+def test_a_forked_child_reports_its_own_bodies_as_it_reports_its_own_decisions() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _FORKED],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=120,
+        check=True,
+    )
+    child = json.loads(out.stdout)
+    assert child["claimed"] == child["completed"] == 1  # its own decisions only: held
+    assert child["idemfn.body.duration"] == child["completed"], child
