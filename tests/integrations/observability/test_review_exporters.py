@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import html
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -612,3 +614,63 @@ def test_a_retried_celery_delivery_that_waits_then_runs_is_not_counted_busy(
     assert "claimed" in seen and "completed" in seen
     assert busy == 0.0, seen  # idemfn_decisions_total{decision="busy"}
     assert "busy" not in seen, seen
+
+
+# -- idemfn run: a run interrupted by a signal -------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="idemfn/_cli/run.py:settle halts an interrupted run with CommandFailed(outcome)"
+    " (its record's reason 'the call raised ...CommandFailed', the signal only in the"
+    " outcome), so idemfn/events.py:halted_reason files it under 'raised': `idemfn stats`"
+    " (and the halted event's reason) say a run stopped by SIGTERM 'raised', where"
+    " docs/cli.md's table has 'interrupted: the call was interrupted (Ctrl-C, a signal's"
+    " exception)' and 'raised: halted records whose body raised'",
+)
+def test_a_run_stopped_by_sigterm_is_counted_interrupted_by_stats(tmp_path: Path) -> None:
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    store = str(tmp_path / "store")
+    command = ["sh", "-c", "echo ready; exec sleep 120"]
+    runner = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "idemfn",
+            "run",
+            "-s",
+            store,
+            "--key",
+            "deploy:term",
+            "--",
+            *command,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        assert runner.stdout is not None
+        assert runner.stdout.readline().strip() == "ready"  # CMD runs, the key is claimed
+        runner.send_signal(signal.SIGTERM)  # passed on to CMD: the key is recorded halted
+        runner.communicate(timeout=60)
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGKILL)
+            runner.wait(60)
+    assert runner.returncode == -signal.SIGTERM
+    out = subprocess.run(
+        [sys.executable, "-m", "idemfn", "stats", "-s", store, "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+        check=True,
+    )
+    stats = json.loads(out.stdout)
+    assert stats["by_state"]["halted"] == 1
+    assert stats["halted_by_reason"]["interrupted"] == 1, stats["halted_by_reason"]
