@@ -38,6 +38,7 @@ import idemfn.prometheus
 from idemfn import DiskStore, FingerprintMismatch, MemoryStore, idempotent
 from idemfn.otel import _frames
 from tests.support.concurrency import WatchSpy
+from tests.support.records import foreign_entry
 from tests.support.workers import ROOT
 
 
@@ -674,3 +675,45 @@ def test_a_run_stopped_by_sigterm_is_counted_interrupted_by_stats(tmp_path: Path
     stats = json.loads(out.stdout)
     assert stats["by_state"]["halted"] == 1
     assert stats["halted_by_reason"]["interrupted"] == 1, stats["halted_by_reason"]
+
+
+# -- OpenTelemetry: an abandoned claim halted --------------------------------------------------
+
+
+def test_a_call_that_halts_an_abandoned_claim_has_the_documented_span(otel: Otel) -> None:
+    # Held (docs/observability/opentelemetry.md): "A call whose decision is `halted` with reason
+    # `abandoned` found a claim whose owner is gone, halted it, and raised `Halted`", with an
+    # idemfn.abandoned span event (reason lease_expired, the dead claim's attempt, outcome
+    # halted); the counter has abandoned and halted, and no body was timed (none ran here).
+    store = MemoryStore()
+
+    @idempotent(store=store, name="ship", key="{n}", fingerprint=False)
+    def ship(n: int) -> int:
+        return n
+
+    expired = foreign_entry(ship.key_for(7), "", lease_until=store.time() - 60)
+    assert store.claim(expired) is None
+    with otel.instrument(), pytest.raises(idemfn.Halted):
+        ship(7)
+    (span,) = otel.spans()
+    assert span.attributes is not None
+    assert span.attributes["idemfn.decision"] == "halted"
+    assert span.attributes["idemfn.reason"] == "abandoned"
+    assert span.attributes["error.type"] == "idemfn.Halted"
+    (event,) = span.events[:1]
+    assert event.name == "idemfn.abandoned" and event.attributes is not None
+    assert dict(event.attributes) == {
+        "idemfn.attempt": 1,
+        "idemfn.reason": "lease_expired",
+        "idemfn.outcome": "halted",
+    }
+    assert otel.decisions() == {("abandoned", "ship"): 1, ("halted", "ship"): 1}
+    data = otel.reader.get_metrics_data()
+    timed = [
+        m.name
+        for r in (data.resource_metrics if data is not None else ())
+        for s in r.scope_metrics
+        for m in s.metrics
+        if m.name == "idemfn.body.duration" and m.data.data_points
+    ]
+    assert timed == []
