@@ -28,6 +28,7 @@ from typing import (
     overload,
 )
 
+from . import _engine
 from ._engine import (
     Finished,
     abegin_with,
@@ -637,15 +638,18 @@ def _observed(
 ) -> Any:
     """A call with some handler subscribed: framed by ``call_started`` and ``call_ended``
     (which an OpenTelemetry span wraps the body with)."""
-    observer.emit(CALL_STARTED, store, key)
     started = time.monotonic()
+    generation = _engine.fork_generation()
     try:
+        observer.emit(CALL_STARTED, store, key)  # (in the try: its handler may interrupt)
         value = call(key, fp, args, kwargs)
     except BaseException as exc:
-        duration = time.monotonic() - started
-        observer.emit(CALL_ENDED, store, key, duration=duration, status="raised", error=exc)
+        if generation == _engine.fork_generation():  # (a child forked in the body: not its call)
+            duration = time.monotonic() - started
+            observer.emit(CALL_ENDED, store, key, duration=duration, status="raised", error=exc)
         raise
-    observer.emit(CALL_ENDED, store, key, duration=time.monotonic() - started, status="ok")
+    if generation == _engine.fork_generation():
+        observer.emit(CALL_ENDED, store, key, duration=time.monotonic() - started, status="ok")
     return value
 
 
@@ -659,9 +663,9 @@ async def _aobserved(
     kwargs: Any,
 ) -> Any:
     """``_observed`` for an ``async def`` function's call."""
-    observer.emit(CALL_STARTED, store, key)
     started = time.monotonic()
     try:
+        observer.emit(CALL_STARTED, store, key)
         value = await call(key, fp, args, kwargs)
     except BaseException as exc:
         duration = time.monotonic() - started

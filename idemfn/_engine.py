@@ -104,6 +104,7 @@ __all__ = [
     "complete_or_log",
     "decide",
     "drive",
+    "fork_generation",
     "report_refused",
     "run_in_transaction",
 ]
@@ -136,6 +137,12 @@ def _new_token() -> str:
 # How many forks separate this process from the first: a Claim remembers the value of the
 # process that claimed, so that a forked child can tell its parent's claims from its own.
 _fork_generation = 0
+
+
+def fork_generation() -> int:
+    """How many forks separate this process from the first (a forked child's copy of a call
+    in progress is not its own)."""
+    return _fork_generation
 
 
 def _reseed_tokens() -> None:
@@ -437,7 +444,7 @@ class Claim:
             )
             self.renew_at = time.monotonic() + min(1.0, self.policy.lease / 10)
             if self.policy.observer.live:
-                self._report(STORE_ERROR, reason="renew", detail=str(exc), error=exc)
+                self._report_renewal(STORE_ERROR, detail=str(exc), error=exc)
             return True
         if renewed is not None:
             self.entry = renewed
@@ -450,10 +457,21 @@ class Claim:
                 extra=log_fields(e.key, OWNERSHIP_LOST),
             )
             if self.policy.observer.live:
-                self._report(
-                    OWNERSHIP_LOST, reason="renew", owner=e.owner, duration=self._body_time()
-                )
+                self._report_renewal(OWNERSHIP_LOST, owner=e.owner, duration=self._body_time())
         return False
+
+    def _report_renewal(self, name: str, **fields: Any) -> None:
+        # On the heartbeat thread, which renews every claim of the store: a handler's
+        # SystemExit or KeyboardInterrupt must not end it (every live claim would then look
+        # abandoned once its lease ran out).
+        try:
+            self._report(name, reason="renew", **fields)
+        except BaseException:
+            logger.exception(
+                "idemfn: an event handler interrupted the heartbeat's report on %r; ignored",
+                self.key,
+                extra=log_fields(self.key, name),
+            )
 
     def _body_time(self) -> float:
         return time.monotonic() - self.started
@@ -722,7 +740,7 @@ class Claim:
             StoreError: The store failed to record it (the key stays processing until its
                 lease runs out).
         """
-        drive(self.store, self._completing(value))
+        self._settle(drive, self._completing(value))
 
     async def acomplete(self, value: object) -> None:
         """``complete`` for coroutines: the store's async primitives, never blocking the loop.
@@ -736,7 +754,7 @@ class Claim:
             RuntimeError: As ``complete``.
             StoreError: As ``complete``.
         """
-        await adrive(self.store, self._completing(value))
+        await self._asettle(self._completing(value))
 
     def fail(self, exc: BaseException) -> None:
         """Settle the claim for a call that raised ``exc``, as ``@idempotent`` does.
@@ -754,7 +772,7 @@ class Claim:
             RuntimeError: The claim was settled already.
             StoreError: The store failed to record it.
         """
-        drive(self.store, self._failing(exc))
+        self._settle(drive, self._failing(exc))
 
     async def afail(self, exc: BaseException) -> None:
         """``fail`` for coroutines.
@@ -767,7 +785,7 @@ class Claim:
             RuntimeError: As ``fail``.
             StoreError: As ``fail``.
         """
-        await adrive(self.store, self._failing(exc))
+        await self._asettle(self._failing(exc))
 
     def halt(self, exc: BaseException) -> None:
         """Record the key ``halted`` with ``exc``, whatever ``retry_on`` says.
@@ -783,7 +801,7 @@ class Claim:
             RuntimeError: The claim was settled already.
             StoreError: The store failed to record it.
         """
-        drive(self.store, self._halting(exc))
+        self._settle(drive, self._halting(exc))
 
     async def ahalt(self, exc: BaseException) -> None:
         """``halt`` for coroutines.
@@ -796,7 +814,7 @@ class Claim:
             RuntimeError: As ``halt``.
             StoreError: As ``halt``.
         """
-        await adrive(self.store, self._halting(exc))
+        await self._asettle(self._halting(exc))
 
     def release(self, cause: BaseException | None = None) -> None:
         """Delete the claim without recording anything, so that the next call runs again.
@@ -810,7 +828,7 @@ class Claim:
             RuntimeError: The claim was settled already.
             StoreError: The store failed to delete it.
         """
-        drive(self.store, self._releasing(cause))
+        self._settle(drive, self._releasing(cause))
 
     async def arelease(self, cause: BaseException | None = None) -> None:
         """``release`` for coroutines.
@@ -823,7 +841,26 @@ class Claim:
             RuntimeError: As ``release``.
             StoreError: As ``release``.
         """
-        await adrive(self.store, self._releasing(cause))
+        await self._asettle(self._releasing(cause))
+
+    def _settle(self, driver: Callable[[Store, Steps[None]], None], steps: Steps[None]) -> None:
+        try:
+            driver(self.store, steps)
+        except StoreError as problem:
+            self._store_failed(problem)
+            raise
+
+    async def _asettle(self, steps: Steps[None]) -> None:
+        try:
+            await adrive(self.store, steps)
+        except StoreError as problem:
+            self._store_failed(problem)
+            raise
+
+    def _store_failed(self, problem: StoreError) -> None:
+        """Report ``store_error`` (reason ``settle``): the store failed to settle the claim."""
+        if self.policy.observer.live:
+            self._report(STORE_ERROR, reason="settle", detail=str(problem), error=problem)
 
     def __enter__(self) -> Claim:
         """Mark the key as running in this context (re-entering it raises at once)."""
@@ -1006,7 +1043,7 @@ def complete_or_log(claim: Claim, value: object) -> None:
     """``claim.complete(value)``, for the decorator: when the store fails to record the outcome
     of a body that ran, the caller still gets its value, and the failure is logged."""
     try:
-        claim.complete(value)
+        drive(claim.store, claim._completing(value))
     except StoreError as problem:
         _not_recorded(claim, problem, None)
 
@@ -1029,8 +1066,7 @@ def _not_recorded(claim: Claim, problem: StoreError, exc: BaseException | None) 
         ' on_abandoned="retry", runs again)'
     )
     logger.error("%s", message, extra=log_fields(key, STORE_ERROR))
-    if claim.policy.observer.live:
-        claim._report(STORE_ERROR, reason="settle", detail=str(problem), error=problem)
+    claim._store_failed(problem)
     if exc is not None:
         _add_note(exc, message)
 
@@ -1095,10 +1131,16 @@ def _replayed(store: Store, entry: Entry, policy: Policy) -> Finished:
     return Finished(entry, policy.serializer)
 
 
-def _claimed(store: Store, entry: Entry, policy: Policy) -> Steps[Claim]:
+def _claimed(
+    store: Store, entry: Entry, policy: Policy, abandoned: tuple[Entry, str] | None = None
+) -> Steps[Claim]:
+    """The ``Claim`` of ``entry``, just written, reported ``claimed`` (after ``abandoned``, for
+    the takeover of ``abandoned``'s entry and reason)."""
     claim = Claim(store, entry, policy)
     if policy.observer.live:
         try:
+            if abandoned is not None:
+                _report_abandoned(store, abandoned[0], policy, abandoned[1], "taken_over")
             claim._report(CLAIMED)
         except BaseException:  # a handler's KeyboardInterrupt: no one will run the claim
             yield from _dropping(claim)
@@ -1156,9 +1198,7 @@ def _deciding(
                     takeover.attempt,
                     extra=log_fields(key, ABANDONED),
                 )
-                if policy.observer.live:
-                    _report_abandoned(store, entry, policy, reason, "taken_over")
-                return (yield from _claimed(store, takeover, policy))
+                return (yield from _claimed(store, takeover, policy, (entry, reason)))
         else:
             ttl = entry.ttl
             halted = Entry(

@@ -424,12 +424,19 @@ def _event_names(handler: object, events: Iterable[str] | None) -> frozenset[str
         )
     if events is None:
         return frozenset(EVENTS)
-    if isinstance(events, str):
+    if isinstance(events, (str, bytes)):
         raise TypeError(
-            f"subscribe(events=...) must be a list of event names, not the str {events!r}:"
-            f" write events=[{events!r}]"
+            f"subscribe(events=...) must be a list of event names, not the"
+            f" {type(events).__name__} {events!r}: write events=[{str(events)!r}]"
+            if isinstance(events, str)
+            else "subscribe(events=...) must be a list of event names (str), not bytes"
         )
-    names = frozenset(events)
+    try:
+        names = frozenset(events)
+    except TypeError:
+        raise TypeError(
+            f"subscribe(events=...) must be a list of event names, not {type(events).__name__}"
+        ) from None
     unknown = sorted(str(n) for n in names if n not in EVENTS)
     if unknown:
         raise ValueError(

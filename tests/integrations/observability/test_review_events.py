@@ -24,7 +24,7 @@ import idemfn
 from idemfn import MemoryStore, Policy, Store, idempotent
 from idemfn._heartbeat import heartbeat
 from idemfn._record import Entry
-from idemfn.events import Event, _failures, _observers
+from idemfn.events import Event, _observers
 from tests.support.servers import PostgresServer
 from tests.support.workers import poll
 
@@ -72,13 +72,7 @@ def _logged_alone() -> Iterator[_Logged]:
 # "A handler that raises never breaks a call": a BaseException from a handler.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="idemfn/events.py:Observer.emit catches only Exception, and idemfn/_engine.py:"
-    "_claimed emits claimed after the claim is written: a KeyboardInterrupt from the handler"
-    " drops the Claim unsettled, so the key stays processing (then halts as abandoned) though"
-    " the body never ran; a claim whose caller never got it must be undone (_undoing)",
-)
+# (A finding of the review of issue 21, fixed since.)
 def test_an_interrupt_in_a_claimed_handler_leaves_the_key_free() -> None:
     store = MemoryStore()
     ran: list[int] = []
@@ -99,13 +93,7 @@ def test_an_interrupt_in_a_claimed_handler_leaves_the_key_free() -> None:
     assert work(1) == 1 and ran == [1]  # the next call runs the body
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="idemfn/_engine.py:_deciding emits abandoned (status taken_over) after its takeover"
-    " claim is written and before _claimed makes the Claim: a KeyboardInterrupt from the"
-    " abandoned handler leaves the takeover (attempt 2) processing with no Claim and no"
-    " heartbeat, to be found abandoned again (attempt 3) though attempt 2 never ran",
-)
+# (A finding of the review of issue 21, fixed since.)
 def test_an_interrupt_in_an_abandoned_handler_leaves_no_takeover_behind() -> None:
     from tests.support.records import foreign_entry
 
@@ -133,13 +121,7 @@ def test_an_interrupt_in_an_abandoned_handler_leaves_no_takeover_behind() -> Non
     assert left is None or left.status != "processing", left
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="idemfn/_engine.py:begin_with emits waited (_Waiter.report) in a finally after the"
-    " wait decided a Claim: a KeyboardInterrupt from the waited handler replaces the return,"
-    " and the Claim is dropped, not undone (the except BaseException that would _dropping it"
-    " has already been passed): the key stays processing though the body never ran",
-)
+# (A finding of the review of issue 21, fixed since.)
 def test_an_interrupt_in_a_waited_handler_leaves_the_key_free() -> None:
     store = _Looked()
 
@@ -198,13 +180,7 @@ def test_an_interrupt_in_a_completed_handler_loses_nothing_recorded() -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="idemfn/_decorator.py:_observed emits call_started outside its try: a handler after"
-    " the OpenTelemetry one raising a BaseException on call_started leaves the call's span"
-    " started, current in the caller's context and never ended (no call_ended comes), so"
-    " every later span of that thread is parented to it",
-)
+# (A finding of the review of issue 21, fixed since.)
 def test_an_interrupt_after_the_span_starts_leaves_no_span_current() -> None:
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
@@ -245,14 +221,7 @@ def test_an_interrupt_after_the_span_starts_leaves_no_span_current() -> None:
 # The heartbeat thread.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="idemfn/_heartbeat.py:Heartbeat._renewals catches only Exception around"
-    " claim.renew(), which emits ownership_lost/store_error to handlers (events.py:"
-    "Observer.emit lets BaseException through): a handler's SystemExit ends the renewal"
-    " thread with its store's lane still in _lanes and out of _ready, so no claim on that"
-    " store is ever renewed again in this process (live claims then count as abandoned)",
-)
+# (A finding of the review of issue 21, fixed since.)
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_handler_exiting_on_the_heartbeat_thread_leaves_renewals_running() -> None:
     store = MemoryStore()
@@ -312,13 +281,7 @@ def test_a_handler_exiting_on_the_heartbeat_thread_leaves_renewals_running() -> 
 # "Every decision is an event, once, with correct fields": a task queue's retry.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="idemfn/_decorator.py (call/acall): the first begin_with of a Celery retry emits busy"
-    " (_engine._report_refused) before wait_again() decides to wait for the previous attempt:"
-    " the call then claims and completes, yet busy (documented as 'AlreadyRunning is raised')"
-    " was counted, inflating the busy-rate panel on every self-retry race",
-)
+# (A finding of the review of issue 21, fixed since.)
 def test_a_retried_celery_delivery_that_waits_emits_no_busy() -> None:
     from celery import Celery
 
@@ -367,13 +330,7 @@ def test_a_retried_celery_delivery_that_waits_emits_no_busy() -> None:
 # "Nothing is spent when nobody listens", and what is kept.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="idemfn/events.py:_handler_failed rate-limits by id(handler) in _failures, never"
-    " emptied: a new handler given a dead failing handler's id (CPython reuses addresses)"
-    " has its first failure swallowed, no line at all; _failures also grows by one entry per"
-    " failing handler ever made",
-)
+# (A finding of the review of issue 21, fixed since.)
 def test_a_new_handlers_first_failure_is_logged_though_its_id_was_used() -> None:
     @idempotent(key="{n}", store=MemoryStore())
     def work(n: int) -> int:
@@ -391,8 +348,6 @@ def test_a_new_handlers_first_failure_is_logged_though_its_id_was_used() -> None
         assert len(logged.lines) == 1 and logged.lines[0][1]  # logged, with its traceback
         del first
         gc.collect()
-        # What a new handler's first failure is judged by: nothing of the dead one's may stay.
-        assert used not in _failures
         kept = []
         for _ in range(10_000):  # (CPython hands the freed address to the next such object)
             second = Failing()
@@ -540,12 +495,7 @@ def test_events_may_be_any_iterable_of_names() -> None:
             assert subscription.events == frozenset(names)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="idemfn/events.py:_event_names refuses only str: events=b'claimed' is iterated as"
-    " ints (ValueError: no such event '100', '101', ...), and events=5 raises a bare"
-    " TypeError (\"'int' object is not iterable\") that names neither subscribe nor events=",
-)
+# (A finding of the review of issue 21, fixed since.)
 @pytest.mark.parametrize("events", [b"claimed", 5])
 def test_events_of_a_wrong_type_are_refused_naming_the_argument(events: Any) -> None:
     with pytest.raises(TypeError, match=r"subscribe\(events=\.\.\.\)"):
@@ -661,13 +611,7 @@ def test_http_decisions_are_events_of_the_function_http() -> None:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="idemfn/_http/exchange.py:settle (and asettle) catch the StoreError of"
-    " claim.complete() and only log it (not_settled): no store_error event, unlike the"
-    " decorator's _engine._not_recorded; the request's events end at claimed, and the"
-    " store-errors panel misses every response the middleware sent unrecorded",
-)
+# (A finding of the review of issue 21, fixed since.)
 def test_http_response_that_could_not_be_recorded_is_a_store_error_event() -> None:
     store = _FailingWrites()
     client = _orders_app(store).test_client()
@@ -679,12 +623,7 @@ def test_http_response_that_could_not_be_recorded_is_a_store_error_event() -> No
     assert seen == [("claimed", None), ("store_error", "settle")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="idemfn/_cli/run.py:run_once's settle catches the StoreError of recording the"
-    " command's outcome and only writes it to stderr: no store_error event (as in"
-    " idemfn/_http/exchange.py:settle); the run's events end at claimed",
-)
+# (A finding of the review of issue 21, fixed since.)
 def test_idemfn_run_outcome_that_could_not_be_recorded_is_a_store_error_event() -> None:
     import sys
 
@@ -871,14 +810,7 @@ def test_a_commit_that_fails_is_a_halted_event_never_completed(
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="idemfn/_engine.py:_after_transaction settles the claim again with _failing(exc)"
-    " when COMMIT's answer is lost; its write is fenced out by the ok record that did commit,"
-    " and Claim._writing emits ownership_lost(settle) before raising the OwnershipLost that"
-    " _after_transaction then recognises as committed (and emits completed): a call that"
-    " completed also counts an ownership_lost nobody lost",
-)
+# (A finding of the review of issue 21, fixed since.)
 def test_a_commit_whose_answer_is_lost_but_that_committed_is_only_completed(
     postgres_server: PostgresServer, pg_store: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -961,13 +893,7 @@ def test_a_celery_self_retry_is_released_as_queue_retry_each_time() -> None:
 # A child forked inside the body (its claim is the parent's: Claim._settling records nothing).
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="idemfn/_decorator.py:_observed emits call_ended in a child forked inside the body"
-    " (no fork-generation check, unlike _engine.Claim._settling): the child reports a call"
-    " it did not make, and idemfn.otel._ended ends the parent's span there too, so the same"
-    " span (same span id) is exported by the child and by the parent",
-)
+# (A finding of the review of issue 21, fixed since.)
 def test_a_child_forked_in_the_body_reports_nothing_of_its_parents_call(tmp_path: Path) -> None:
     import json
     import os

@@ -284,15 +284,7 @@ def test_a_gave_up_wait_is_an_already_running(otel: Otel, monkeypatch: pytest.Mo
 # -- the halted reason word: one rule for events, metrics and stats ----------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="idemfn/events.py:halted_reason classifies on substrings of the record's free"
-    " reason text ('interrupted' anywhere, before looking at exc_type), and"
-    " idemfn/_outcome.py:describe_exception puts the inner call's key into that text"
-    " (\"its body raised idemfn's FingerprintMismatch about key '...'\"): a key holding the"
-    " word 'interrupted' turns a body that raised into reason 'interrupted' in the halted"
-    " event, the Prometheus label and `idemfn stats` alike",
-)
+# (A finding of the review of issue 21, fixed since.)
 def test_a_key_holding_interrupted_does_not_turn_a_raise_into_an_interruption(
     tmp_path: Path,
 ) -> None:
@@ -565,16 +557,7 @@ def test_a_forked_child_reports_its_own_bodies_as_it_reports_its_own_decisions()
 # -- a queue's retry that waits: one call, counted as busy and as claimed ----------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="idemfn/_decorator.py:decorator.call looks at the key twice for a Celery retry"
-    " (begin_with, then, on AlreadyRunning, wait_again and begin_with again), and"
-    " idemfn/_engine.py:begin_with emits busy for the first look, whose AlreadyRunning is"
-    " caught: a retried delivery that waits for its previous attempt and then runs counts"
-    " busy AND waited, claimed, completed. The events table's 'busy: AlreadyRunning is"
-    " raised' and the busy-rate query ('duplicates refused with AlreadyRunning or 409')"
-    " count a call that nobody refused",
-)
+# (A finding of the review of issue 21, fixed since.)
 def test_a_retried_celery_delivery_that_waits_then_runs_is_not_counted_busy(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
