@@ -424,13 +424,13 @@ def _event_names(handler: object, events: Iterable[str] | None) -> frozenset[str
         )
     if events is None:
         return frozenset(EVENTS)
-    if isinstance(events, (str, bytes)):
+    if isinstance(events, str):
         raise TypeError(
-            f"subscribe(events=...) must be a list of event names, not the"
-            f" {type(events).__name__} {events!r}: write events=[{str(events)!r}]"
-            if isinstance(events, str)
-            else "subscribe(events=...) must be a list of event names (str), not bytes"
+            f"subscribe(events=...) must be a list of event names, not the str {events!r}:"
+            f" write events=[{events!r}]"
         )
+    if isinstance(events, bytes):
+        raise TypeError("subscribe(events=...) must be a list of event names (str), not bytes")
     try:
         names = frozenset(events)
     except TypeError:
