@@ -424,12 +424,13 @@ def _event_names(handler: object, events: Iterable[str] | None) -> frozenset[str
         )
     if events is None:
         return frozenset(EVENTS)
-    if isinstance(events, str):
+    given: object = events  # (checked as what it is, not as what its type says)
+    if isinstance(given, str):
         raise TypeError(
-            f"subscribe(events=...) must be a list of event names, not the str {events!r}:"
-            f" write events=[{events!r}]"
+            f"subscribe(events=...) must be a list of event names, not the str {given!r}:"
+            f" write events=[{given!r}]"
         )
-    if isinstance(events, bytes):
+    if isinstance(given, bytes):
         raise TypeError("subscribe(events=...) must be a list of event names (str), not bytes")
     try:
         names = frozenset(events)
