@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
+import traceback
 import weakref
 from collections.abc import Iterable
 from contextvars import ContextVar, Token
@@ -114,13 +115,14 @@ _frames: ContextVar[_Frame | None] = ContextVar("idemfn_otel_frame", default=Non
 
 
 class _Counts:
-    """The decision counts of one meter, fed to its ``idemfn.decisions`` observable counter.
+    """The decision counts of one meter provider, fed to its ``idemfn.decisions`` observable
+    counter.
 
     A counter's ``add`` costs the SDK microseconds per call; an increment here costs a lock,
-    and the SDK reads the totals once per collection. One per meter, kept for the meter's
-    life: the SDK hands an instrument created again on the same meter back with its first
-    callback, so an instrumentation made after another on the same provider counts on, from
-    where that one stopped (a cumulative counter never goes back)."""
+    and the SDK reads the totals once per collection. Kept for the provider's life: the SDK
+    hands an instrument created again on the same meter back with its first callback, so an
+    instrumentation made after another on the same provider counts on from where that one
+    stopped (a cumulative counter never goes back)."""
 
     __slots__ = ("__weakref__", "counts", "labels", "lock")
 
@@ -155,10 +157,21 @@ class _Counts:
         self.counts = {}
 
 
-# By meter provider: the SDK's provider hands out one meter per scope; the API's proxy provider
-# a new proxy meter each time, all of them forwarding to the one meter of the SDK set later.
+# By meter provider: the SDK's provider hands out one meter per scope. The global provider
+# (no meter_provider= given) is one key, whatever it is at the time: the API's proxy before the
+# SDK is set, the SDK's provider after, forwarding the proxy's meter to it. (Keyed by the object,
+# an instrumentation made on the proxy, closed, then made again on the SDK's provider counted
+# into a set no counter read: the SDK hands the second counter back as the first, with its
+# callback.)
 _counts: weakref.WeakKeyDictionary[object, _Counts] = weakref.WeakKeyDictionary()
 _all_counts: weakref.WeakSet[_Counts] = weakref.WeakSet()
+
+
+class _Global:
+    """The key of the global meter provider's counts."""
+
+
+GLOBAL_PROVIDER: Final = _Global()
 
 
 def _after_fork() -> None:
@@ -235,6 +248,18 @@ def _labels(
     return attributes
 
 
+def _redacted(text: str, keys: set[str]) -> str:
+    """``text`` with each of ``keys`` (as written, and as ``repr`` escapes it) replaced by its
+    hash, as ``idemfn.key_hash`` shows it."""
+    for key in keys:
+        stand_in = f"<key {key_hash(key)}>"
+        text = text.replace(key, stand_in)
+        escaped = repr(key)[1:-1]
+        if escaped != key:
+            text = text.replace(escaped, stand_in)
+    return text
+
+
 def _error_type(error: BaseException) -> str:
     cls = type(error)
     module = cls.__module__
@@ -247,8 +272,8 @@ class Instrumentation:
     ``close()`` it (or leave its ``with`` block) to stop: no span is started and nothing is
     counted after that; the spans of calls already running end with their calls. The
     ``idemfn.decisions`` counter keeps reporting the totals it reached (a cumulative counter
-    does not go back), and an instrumentation made later on the same meter provider counts on
-    from there.
+    does not go back), and an instrumentation made later on the same meter provider (or the
+    global one again) counts on from there.
 
     Attributes:
         key: What a span says of its key: ``"hash"`` (``idemfn.key_hash``), ``"plain"``
@@ -401,8 +426,22 @@ class Instrumentation:
             attributes[_ERROR_TYPE] = _error_type(error)
         span.set_attributes(attributes)
         if isinstance(error, Exception):  # (last: an exception's str() may raise)
-            span.record_exception(error)
-            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+            if self.key == "plain":
+                span.record_exception(error)
+                span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+                return
+            # The key must not reach the span through the error's text either: idemfn's own
+            # errors and notes name it (a mismatch, a replayed exception's note).
+            keys = {frame.key, getattr(error, "key", None) or frame.key}
+            message = _redacted(str(error), keys)
+            stacktrace = _redacted(
+                "".join(traceback.format_exception(type(error), error, error.__traceback__)), keys
+            )
+            span.record_exception(
+                error,
+                attributes={"exception.message": message, "exception.stacktrace": stacktrace},
+            )
+            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {message}"))
 
     # Decisions: the handler for the configuration (one call, few lookups: every replay pays it).
 
@@ -570,7 +609,13 @@ def instrument(
             meter = meters.get_meter(SCOPE, __version__)
         parts = [p for p, on in (("spans", spans), ("metrics", metrics)) if on]
         describe = f"{'+'.join(parts)}, key={key!r}"
-        _active = Instrumentation(tracer, meter, key, describe=describe, meter_provider=meters)
+        _active = Instrumentation(
+            tracer,
+            meter,
+            key,
+            describe=describe,
+            meter_provider=GLOBAL_PROVIDER if meter_provider is None else meter_provider,
+        )
         return _active
 
 

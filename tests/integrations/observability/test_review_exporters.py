@@ -103,14 +103,7 @@ def _span_text(span: ReadableSpan) -> str:
 # -- OpenTelemetry: the key option -------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="idemfn/otel.py:Instrumentation._finish records the call's exception whole"
-    " (span.record_exception and the status description f'{type}: {error}'): a replayed"
-    " exception carries idemfn's note 'replayed from the record of key <key>', and"
-    " AlreadyRunning/FingerprintMismatch/Halted name the key in their message, so with"
-    ' key="hash" (the default) the plain key still reaches the exported span',
-)
+# (A finding of the review of issue 21, fixed since.)
 def test_key_hash_keeps_the_plain_key_out_of_every_exported_span(otel: Otel) -> None:
     # docs/observability/opentelemetry.md, "The key option": "it may hold personal data, which
     # traces should not carry. So by default a span holds the key's hash".
@@ -181,14 +174,7 @@ print(sorted(counts.items()))
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="idemfn/otel.py:_Metrics.__init__ keys the decision counts by the provider object:"
-    " the first instrument() (before the SDK) keyed them on the API's proxy provider, whose"
-    " observable counter the SDK adopted; the second, on the SDK's provider, makes new counts"
-    " and asks the SDK's meter for 'idemfn.decisions' again, which hands back the first"
-    " instrument with its first callback: every decision after the re-instrument is lost",
-)
+# (A finding of the review of issue 21, fixed since.)
 def test_instrumenting_again_after_the_sdk_was_set_keeps_counting() -> None:
     # docs: "Before or after the SDK. Instrumenting before the global providers are set is
     # fine" and "close() the first to instrument again (with other options, say)".
@@ -532,12 +518,10 @@ print(os.read(read, 65536).decode())
 
 @pytest.mark.xfail(
     strict=True,
-    reason="idemfn/otel.py:_after_fork resets only idemfn's own decision counts; the"
-    " histograms are the SDK's synchronous instruments, whose aggregations the child inherits:"
-    " a forked child reports 1 completed body in idemfn.decisions but 2 in"
-    " idemfn.body.duration (the parent's observation again), so a backend summing the"
-    " processes counts the parent's bodies twice. The docs' 'a forked child counts its own"
-    " decisions, not its parent's' holds for the counter only",
+    reason="a documented limit (docs/observability/opentelemetry.md, 'with providers of the"
+    " child's own'): idemfn/otel.py:_after_fork resets idemfn's own decision counts, but the"
+    " histograms are the SDK's synchronous instruments, whose aggregations a forked child"
+    " inherits: it reports the parent's body observation again",
 )
 def test_a_forked_child_reports_its_own_bodies_as_it_reports_its_own_decisions() -> None:
     out = subprocess.run(
