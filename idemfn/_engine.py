@@ -1340,11 +1340,26 @@ class _Waiter:
         return looking
 
     def report(
-        self, store: Store, key: str, policy: Policy, decided: object, looking: Policy
+        self,
+        store: Store,
+        key: str,
+        policy: Policy,
+        decided: object,
+        looking: Policy,
+        ended_by: BaseException | None,
     ) -> None:
-        """Emit ``waited`` (how long, and what the wait ended in), then the events of the
-        decision it ended in; the claim it made reports to ``policy``'s observer from now."""
-        if isinstance(decided, Claim):
+        """Emit ``waited`` (how long, and what the wait ended in: ``claimed``, ``replayed``,
+        ``gave_up`` for ``AlreadyRunning``, ``failed`` for another error, ``cancelled`` for a
+        cancellation or an interrupt), then the events of the decision it ended in; the claim
+        it made reports to ``policy``'s observer from now."""
+        if ended_by is not None:
+            if isinstance(ended_by, AlreadyRunning):
+                ended = "gave_up"
+            elif isinstance(ended_by, Exception):
+                ended = "failed"
+            else:
+                ended = "cancelled"
+        elif isinstance(decided, Claim):
             ended = "claimed"
             decided.policy = policy
         elif isinstance(decided, Finished):
@@ -1479,6 +1494,7 @@ def begin_with(
         waiter = _Waiter(policy.wait)
         looking = waiter.looking(policy)
         decided: Claim | Finished | None = None
+        ended_by: BaseException | None = None
         try:
             with store.watch(key) as watch:
                 while True:  # watching, look again: a settle since the last look is not missed
@@ -1487,14 +1503,15 @@ def begin_with(
                         decided = step
                         break
                     watch.wait(waiter.pause(step, watch))
-        except BaseException:
+        except BaseException as problem:
+            ended_by = problem
             if isinstance(decided, Claim):  # claimed, then interrupted as the watch closed
                 drive(store, _dropping(decided))
             raise
         finally:
             if looking is not policy:
                 try:
-                    waiter.report(store, key, policy, decided, looking)
+                    waiter.report(store, key, policy, decided, looking, ended_by)
                 except BaseException:  # a handler's interrupt: no one will run the claim
                     if isinstance(decided, Claim) and not decided._settled:
                         drive(store, _dropping(decided))
@@ -1524,6 +1541,7 @@ async def abegin_with(
         waiter = _Waiter(policy.wait)
         looking = waiter.looking(policy)
         decided: Claim | Finished | None = None
+        ended_by: BaseException | None = None
         try:
             async with store.awatch(key) as watch:
                 while True:
@@ -1532,14 +1550,15 @@ async def abegin_with(
                         decided = step
                         break
                     await watch.wait(waiter.pause(step, watch))
-        except BaseException:
+        except BaseException as problem:
+            ended_by = problem
             if isinstance(decided, Claim):  # claimed, then cancelled as the watch closed
                 await adrive(store, _dropping(decided))
             raise
         finally:
             if looking is not policy:
                 try:
-                    waiter.report(store, key, policy, decided, looking)
+                    waiter.report(store, key, policy, decided, looking, ended_by)
                 except BaseException:
                     if isinstance(decided, Claim) and not decided._settled:
                         await adrive(store, _dropping(decided))

@@ -51,7 +51,8 @@ FUNCTION: Final = "idemfn.function"  # Event.function ("" for begin() used direc
 STORE: Final = "idemfn.store"  # Event.store: disk, redis, postgres, ...
 REASON: Final = "idemfn.reason"  # Event.reason ("" where it has none)
 OUTCOME: Final = "idemfn.outcome"  # body: completed, halted, released, ownership_lost;
-#                                    wait: claimed, replayed, gave_up
+#                                    wait: claimed, replayed, gave_up, failed,
+#                                    cancelled
 KEY: Final = "idemfn.key"  # span attribute only, never a metric label (unbounded)
 KEY_HASH: Final = "idemfn.key_hash"  # span attribute only: events.key_hash(key)
 ATTEMPT: Final = "idemfn.attempt"  # span attribute only

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any, Final
 
-from .._engine import Claim, Finished, begin
+from .._engine import Claim, Finished, begin, drive
 from .._errors import AlreadyRunning, FingerprintMismatch, Halted, StoreError
 from .._policy import Policy
 from .._record import Entry, Status
@@ -315,6 +315,16 @@ def run_once(
                         claim.release()
                     elif outcome["returncode"] == 0 and outcome["interrupted_by"] is None:
                         claim.complete(outcome)
+                    elif outcome["interrupted_by"] is not None:
+                        # (recorded as an interruption: the halted event, the metrics and
+                        # idemfn stats say "interrupted", not "raised")
+                        claim._settle(
+                            drive,
+                            claim._halting(
+                                CommandFailed(outcome),
+                                f"the call was interrupted by {outcome['interrupted_by']}",
+                            ),
+                        )
                     else:
                         claim.halt(CommandFailed(outcome))
                 except StoreError as exc:

@@ -227,14 +227,7 @@ def test_threads_lose_no_decision_in_the_otel_counter(otel: Otel) -> None:
 # -- the wait outcome "gave_up" ----------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="idemfn/otel.py:Instrumentation._timed (and idemfn/_metrics.py:wait_outcome,"
-    " idemfn/prometheus.py:_Aggregates.handle) label every wait that ended in neither"
-    " claimed nor replayed 'gave_up', a cancelled waiter's too (asyncio.timeout, a client"
-    " gone), which raises no AlreadyRunning and emits no busy: docs/observability/"
-    'opentelemetry.md says "`gave_up` waits ended in `AlreadyRunning`"',
-)
+# (A finding of the review of issue 21, fixed since.)
 def test_a_gave_up_wait_is_an_already_running(otel: Otel, monkeypatch: pytest.MonkeyPatch) -> None:
     store = MemoryStore()
     spy = WatchSpy(store, monkeypatch)
@@ -261,10 +254,11 @@ def test_a_gave_up_wait_is_an_already_running(otel: Otel, monkeypatch: pytest.Mo
     with otel.instrument(), idemfn.subscribe(lambda e: seen.append((e.name, e.status))):
         asyncio.run(main())
     assert _frames.get() is None
+    # The cancelled waiter's wait is timed as cancelled; gave_up is only for AlreadyRunning.
+    assert seen.count(("waited", "cancelled")) == 1, seen
     gave_up = seen.count(("waited", "gave_up"))
-    assert gave_up == 1  # the cancelled waiter's wait, timed as gave_up
     busy = sum(1 for name, _ in seen if name == "busy")
-    assert busy == gave_up, f"{gave_up} gave_up wait(s), {busy} AlreadyRunning: {seen}"
+    assert busy == gave_up == 0, f"{gave_up} gave_up wait(s), {busy} AlreadyRunning: {seen}"
 
 
 # -- the halted reason word: one rule for events, metrics and stats ----------------------------
@@ -438,14 +432,7 @@ def _promql_snippets() -> list[tuple[str, str]]:
     return found
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="docs/observability/index.md, the metrics table's 'replay ratio' panel: the"
-    ' regex is written decision=~"replayed\\|claimed" to escape the table\'s pipe, but in a'
-    " code span Python-Markdown keeps the backslash (the built site shows"
-    ' "replayed\\|claimed"), and \\| is an escape PromQL\'s lexer refuses (a parse error'
-    " when pasted into Grafana)",
-)
+# (A finding of the review of issue 21, fixed since.)
 def test_the_documented_queries_are_promql_on_the_names_a_scrape_shows() -> None:
     exposed = _exposed()
     snippets = _promql_snippets()
@@ -587,15 +574,7 @@ def test_a_retried_celery_delivery_that_waits_then_runs_is_not_counted_busy(
 # -- idemfn run: a run interrupted by a signal -------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="idemfn/_cli/run.py:settle halts an interrupted run with CommandFailed(outcome)"
-    " (its record's reason 'the call raised ...CommandFailed', the signal only in the"
-    " outcome), so idemfn/events.py:halted_reason files it under 'raised': `idemfn stats`"
-    " (and the halted event's reason) say a run stopped by SIGTERM 'raised', where"
-    " docs/cli.md's table has 'interrupted: the call was interrupted (Ctrl-C, a signal's"
-    " exception)' and 'raised: halted records whose body raised'",
-)
+# (A finding of the review of issue 21, fixed since.)
 def test_a_run_stopped_by_sigterm_is_counted_interrupted_by_stats(tmp_path: Path) -> None:
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     store = str(tmp_path / "store")
