@@ -14,6 +14,8 @@ and on a MemoryStore, with a different setting in force each time:
   no handler          nothing subscribed (the row bench_core.py measures)
   live, no event      a handler subscribed to an event these calls never emit: the cost of the
                       call_started/call_ended frame and of each decision point's dict look-up
+  no-op, decisions    the same on the decisions only (``events=idemfn.events.DECISIONS``, as
+                      idemfn.prometheus subscribes): call_started/call_ended are not built
   no-op handler       ``idemfn.subscribe(lambda event: None)``: every event built and handed over
   otel spans+metrics  ``idemfn.otel.instrument(...)`` on the OpenTelemetry SDK (TracerProvider
                       with a SimpleSpanProcessor into an InMemorySpanExporter, MeterProvider with
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import gc
 import importlib
 import json
 import pstats
@@ -290,6 +293,7 @@ def settings() -> tuple[list[Integration], list[Integration]]:
     """The event machinery's settings (always there) and the integrations (maybe skipped)."""
     machinery = [
         Integration("live, no event", lambda: idemfn.subscribe(_noop, events=[NEVER_EMITTED])),
+        Integration("no-op, decisions only", lambda: idemfn.subscribe(_noop, events=ev.DECISIONS)),
         Integration("no-op handler", lambda: idemfn.subscribe(_noop)),
     ]
     return machinery, otel_integrations() + prometheus_integrations()
@@ -670,6 +674,10 @@ def main(argv: list[str] | None = None) -> int:
         fx = Fixture(Path(tmp))
         try:
             calls_ = [c for c in calls(fx) if not args.only or args.only in c.name]
+            # Each round starts with gc.collect() (bench_core.timed_round): with the SDKs
+            # loaded that took ~50 ms a round. What exists now lives to the end: not scanned.
+            gc.collect()
+            gc.freeze()
             rows = measure(calls_, machinery, integrations, rounds, round_ns)
             print_rows(rows, rounds)
             floors = library_floors(integrations, rounds, round_ns)
