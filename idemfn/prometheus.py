@@ -29,6 +29,7 @@ import threading
 import weakref
 from collections.abc import Iterable
 from types import TracebackType
+from typing import cast
 
 try:
     from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, values
@@ -39,7 +40,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from . import _metrics
-from .events import DECISIONS, WAITED, Event, Subscription, subscribe
+from .events import DECISIONS, Event, Subscription, subscribe
 
 __all__ = ["Instrumentation", "instrument", "multiprocess_registry"]
 
@@ -53,9 +54,7 @@ _HELP = {
 _lock = threading.Lock()
 # The open Instrumentation of each registry: Prometheus refuses a name registered twice, and two
 # handlers feeding one registry would count every decision twice.
-_open: weakref.WeakKeyDictionary[CollectorRegistry, Instrumentation] = (
-    weakref.WeakKeyDictionary()
-)
+_open: weakref.WeakKeyDictionary[CollectorRegistry, Instrumentation] = weakref.WeakKeyDictionary()
 
 
 class Instrumentation:
@@ -181,14 +180,16 @@ def _buckets(buckets: Iterable[float]) -> tuple[float, ...]:
         raise TypeError(
             f"instrument(buckets=...) must be a sequence of seconds, not {type(buckets).__name__}"
         )
-    bounds = tuple(buckets)
-    if not bounds or not all(
-        isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0 for b in bounds
-    ):
-        raise ValueError(f"instrument(buckets=...) must be positive seconds, not {bounds!r}")
-    if any(a >= b for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"instrument(buckets=...) must increase, not {bounds!r}")
-    return tuple(float(b) for b in bounds)
+    bounds: list[float] = []
+    for bound in cast("Iterable[object]", buckets):
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > 0:
+            raise ValueError(f"instrument(buckets=...) must be positive seconds, not {bound!r}")
+        if bounds and bound <= bounds[-1]:
+            raise ValueError(f"instrument(buckets=...) must increase, not {bounds[-1]}, {bound}")
+        bounds.append(float(bound))
+    if not bounds:
+        raise ValueError("instrument(buckets=...) must be positive seconds, not empty")
+    return tuple(bounds)
 
 
 def instrument(
@@ -288,5 +289,5 @@ def multiprocess_registry(path: str | os.PathLike[str] | None = None) -> Collect
             f" before the server starts"
         )
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=directory)
+    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
     return registry

@@ -55,6 +55,8 @@ APPS: dict[str, str] = {
     "flask": "tests.support.http_apps.flask_app:create",
     "django": "tests.support.http_apps.django_site.wsgi:create",
     "django-asgi": "tests.support.http_apps.django_site.asgi:create",
+    # idemfn.prometheus's multiprocess test (gunicorn, configured by the same module)
+    "prometheus": "tests.support.prometheus_app:create",
 }
 SERVERS = ("uvicorn", "gunicorn")
 
