@@ -153,3 +153,17 @@ def test_the_public_api_is_exactly_what_it_was() -> None:
     for name in ["forget", "key_for", "status", "subscribe"]:
         assert hasattr(idemfn.IdempotentFunction, name), name
     assert idemfn.__version__
+
+
+def test_importing_idemfn_imports_no_opentelemetry() -> None:
+    # idemfn[otel] is an extra: only ``import idemfn.otel`` brings the OpenTelemetry API in.
+    import subprocess
+    import sys
+
+    code = "import sys, idemfn; print(sorted(m for m in sys.modules if 'opentelemetry' in m))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    import idemfn.otel
+
+    assert idemfn.otel.__all__ == ["Instrumentation", "instrument"]
+    assert "otel" not in idemfn.__all__
