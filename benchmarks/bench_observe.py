@@ -167,14 +167,17 @@ class Integration:
     check: Callable[[], str | None] = lambda: None
 
 
-def _handlers_of(on: Setting) -> list[tuple[ev.Handler, frozenset[str]]]:
-    """The handlers (and their events) a setting subscribes, found by switching it on: what
-    "handler alone" feeds one call's events to, whatever the integration calls them."""
+@contextlib.contextmanager
+def handlers_of(on: Setting) -> Iterator[list[tuple[ev.Handler, frozenset[str]]]]:
+    """Switch ``on`` on, and give the handlers (with their events) it subscribed: what
+    "handler alone" feeds one call's events to, whatever the integration calls them. They
+    are live only inside the block (an integration closed ignores what it is fed)."""
     with ev._lock:
         before = list(ev._process)
-    with on(), ev._lock:
-        made = [s for s in ev._process if s not in before]
-    return [(s.handler, s.events) for s in made]
+    with on():
+        with ev._lock:
+            made = [s for s in ev._process if s not in before]
+        yield [(s.handler, s.events) for s in made]
 
 
 def _missing(name: str, module: str, exc: BaseException) -> Integration:
@@ -244,7 +247,8 @@ def otel_integrations() -> list[Integration]:
     try:  # instrument()'s API may still change: say how it failed, measure the rest
         for i in made:
             assert i.on is not None
-            _handlers_of(i.on)
+            with handlers_of(i.on) as found:
+                assert found, f"{i.name}: instrument() subscribed no handler"
     except Exception as exc:
         return [
             Integration(n, None, skipped=f"idemfn.otel.instrument failed: {exc!r}") for n in names
@@ -283,7 +287,8 @@ def prometheus_integrations() -> list[Integration]:
         return None if counted[0] else "idemfn_decisions_total counted nothing"
 
     try:
-        _handlers_of(on)
+        with handlers_of(on) as found:
+            assert found, "instrument() subscribed no handler"
     except Exception as exc:
         return [Integration(name, None, skipped=f"idemfn.prometheus.instrument failed: {exc!r}")]
     return [Integration(name, on, check=check)]
@@ -500,8 +505,9 @@ def handlers_alone(
     calls_: list[Call], integrations: list[Integration], rounds: int, round_ns: float
 ) -> dict[str, dict[str, float]]:
     """µs per call of each integration's handlers fed the events of one call (those they
-    subscribe to), straight, with no engine around them: the handlers' own cost, library
-    included. Each runs with its integration switched on (as in the rounds)."""
+    subscribe to, in the call's order), straight, with no engine around them: the handlers'
+    own cost, library included. Each round switches the integration on and feeds its
+    handlers of that round."""
     clock = bench_core.clock
     result: dict[str, dict[str, float]] = {}
     for call in calls_:
@@ -512,19 +518,20 @@ def handlers_alone(
         for s in integrations:
             if s.on is None:
                 continue
-            handlers = _handlers_of(s.on)
-            # In the call's order: call_started's span must be current when call_ended comes.
-            fed = [(h, e) for e in events for h, names in handlers if e.name in names]
 
-            def run(n: int, fed: list[tuple[ev.Handler, Any]] = fed) -> int:
-                t0 = clock()
-                for _ in range(n):
-                    for handler, event in fed:
-                        handler(event)
-                return clock() - t0
+            def run(n: int, on: Setting = s.on, events: list[Any] = events) -> int:
+                with handlers_of(on) as handlers:
+                    # In the call's order: call_started's span is current at call_ended.
+                    fed = [(h, e) for e in events for h, names in handlers if e.name in names]
+                    t0 = clock()
+                    for _ in range(n):
+                        for handler, event in fed:
+                            handler(event)
+                    return clock() - t0
 
-            label = f"{s.name} ({len(fed)} events: {', '.join(e.name for _, e in fed)})"
-            runners[label] = under(s.on, run)
+            with handlers_of(s.on) as handlers:
+                names = [e.name for e in events if any(e.name in n for _, n in handlers)]
+            runners[f"{s.name} ({len(names)} events: {', '.join(names)})"] = run
         if runners:
             times = interleave(runners, rounds, round_ns)
             result[call.name] = {name: statistics.median(t) / 1000 for name, t in times.items()}
