@@ -73,6 +73,7 @@ SCOPE: Final = "idemfn"
 _ERROR_TYPE: Final = "error.type"
 # The span attribute of a wait's time (in the idemfn.waited span event), in seconds.
 _WAIT_SECONDS: Final = "idemfn.wait.duration"
+_INTERNAL: Final = SpanKind.INTERNAL
 # Decisions that are no outcome of a call: a step on its way, added to its span as an event.
 _STEPS: Final = frozenset({WAITED, ABANDONED})
 
@@ -154,7 +155,9 @@ class _Counts:
         self.counts = {}
 
 
-_counts: weakref.WeakKeyDictionary[Meter, _Counts] = weakref.WeakKeyDictionary()
+# By meter provider: the SDK's provider hands out one meter per scope; the API's proxy provider
+# a new proxy meter each time, all of them forwarding to the one meter of the SDK set later.
+_counts: weakref.WeakKeyDictionary[object, _Counts] = weakref.WeakKeyDictionary()
 _all_counts: weakref.WeakSet[_Counts] = weakref.WeakSet()
 
 
@@ -174,11 +177,18 @@ class _Metrics:
 
     __slots__ = ("body", "body_labels", "counts", "wait", "wait_labels")
 
-    def __init__(self, meter: Meter) -> None:
+    def __init__(self, provider: object, meter: Meter) -> None:
         with _lock:
-            counts = _counts.get(meter)
+            try:
+                counts = _counts.get(provider)
+            except TypeError:  # (a provider that cannot be weakly referenced or hashed)
+                counts = None
             if counts is None:
-                counts = _counts[meter] = _Counts()
+                counts = _Counts()
+                try:
+                    _counts[provider] = counts
+                except TypeError:
+                    pass
                 _all_counts.add(counts)
                 meter.create_observable_counter(
                     DECISIONS_COUNTER,
@@ -254,6 +264,7 @@ class Instrumentation:
         key: KeyOption,
         *,
         describe: str,
+        meter_provider: object = None,
     ) -> None:
         self.key = key
         self.spans = tracer is not None
@@ -262,7 +273,7 @@ class Instrumentation:
         self._describe = describe
         self._closed = False
         self._open: set[_Frame] = set()  # frames of calls running, so close() can wait
-        self._instruments = None if meter is None else _Metrics(meter)
+        self._instruments = None if meter is None else _Metrics(meter_provider, meter)
         # (with no meter, counts nobody reads: the decision handlers do not touch it)
         self._counts = _Counts() if self._instruments is None else self._instruments.counts
         self._span_labels: dict[tuple[str | None, str], tuple[str, dict[str, str]]] = {}
@@ -301,7 +312,7 @@ class Instrumentation:
         for subscription in self._subscriptions:
             subscription.close()
         # The calls whose span is current still get their decisions and call_ended (or their
-        # context would keep the span): once the last has ended (_leave), those go too.
+        # context would keep the span): once the last has ended (_ended), those go too.
         if not self._open:
             self._linger_no_more()
 
@@ -332,7 +343,7 @@ class Instrumentation:
                 {FUNCTION: function or "", STORE: event.store},
             )
         assert self._tracer is not None
-        span = self._tracer.start_span(named[0], kind=SpanKind.INTERNAL, attributes=named[1])
+        span = self._tracer.start_span(named[0], kind=_INTERNAL, attributes=named[1])
         frame = _Frame(self, span, event.key, function)
         self._open.add(frame)
         if self._closed:  # closed meanwhile, and may have looked at _open before the add
@@ -344,52 +355,54 @@ class Instrumentation:
 
     def _ended(self, event: Event) -> None:
         frame = _frames.get()
-        if frame is None or frame.owner is not self:
-            return
-        if frame.key != event.key or frame.function != event.function:
+        if (
+            frame is None
+            or frame.owner is not self
+            or frame.key != event.key
+            or frame.function != event.function
+        ):
             return  # (a call that began before this instrumentation did: it has no span)
+        span = frame.span
         try:
-            span = frame.span
             if span.is_recording():
-                attributes: dict[str, Any] = {}
-                if self.key == "hash":
-                    attributes[KEY_HASH] = key_hash(frame.key)
-                elif self.key == "plain":
-                    attributes[KEY] = frame.key
-                if frame.decision is not None:
-                    attributes[DECISION] = frame.decision
-                if frame.reason is not None:
-                    attributes[REASON] = frame.reason
-                if frame.attempt is not None:
-                    attributes[ATTEMPT] = frame.attempt
-                error = event.error
-                # As OpenTelemetry's use_span: an Exception is an error; a BaseException that
-                # is not (a cancelled task, Ctrl-C, exit) ends the span as it is.
-                if isinstance(error, Exception):
-                    attributes[_ERROR_TYPE] = _error_type(error)
-                    span.record_exception(error)
-                    span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
-                span.set_attributes(attributes)
+                self._finish(span, frame, event.error)
         finally:
-            self._leave(frame)
-
-    def _leave(self, frame: _Frame) -> None:
-        """Make ``frame``'s span no longer current, end it, and forget it."""
-        try:
-            token = frame.token
-            if token is not None:
+            # Whatever failed above: the span is no longer current, and it ends.
+            try:
                 try:
-                    _frames.reset(token)
+                    _frames.reset(frame.token)  # type: ignore[arg-type]  # (set with the frame)
                 except ValueError:  # (made in another context: leave this one's as it is)
                     pass
-            otel_context.detach(frame.otel_token)  # type: ignore[arg-type]  # (logs a failure)
-        finally:
-            self._open.discard(frame)
-            try:
-                frame.span.end()
+                otel_context.detach(frame.otel_token)  # type: ignore[arg-type]  # (logs a failure)
             finally:
-                if self._closed and not self._open:
-                    self._linger_no_more()
+                self._open.discard(frame)
+                try:
+                    span.end()
+                finally:
+                    if self._closed and not self._open:
+                        self._linger_no_more()
+
+    def _finish(self, span: Span, frame: _Frame, error: BaseException | None) -> None:
+        """Set what the call's span says of it: its key, decision, attempt, error."""
+        attributes: dict[str, Any] = {}
+        if self.key == "hash":
+            attributes[KEY_HASH] = key_hash(frame.key)
+        elif self.key == "plain":
+            attributes[KEY] = frame.key
+        if frame.decision is not None:
+            attributes[DECISION] = frame.decision
+        if frame.reason is not None:
+            attributes[REASON] = frame.reason
+        if frame.attempt is not None:
+            attributes[ATTEMPT] = frame.attempt
+        # As OpenTelemetry's use_span: an Exception is an error; a BaseException that is not
+        # (a cancelled task, Ctrl-C, exit) ends the span as it is.
+        if isinstance(error, Exception):
+            attributes[_ERROR_TYPE] = _error_type(error)
+        span.set_attributes(attributes)
+        if isinstance(error, Exception):  # (last: an exception's str() may raise)
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
 
     # Decisions: the handler for the configuration (one call, few lookups: every replay pays it).
 
@@ -414,7 +427,17 @@ class Instrumentation:
                 self._timed(event)
         frame = _frames.get()
         if frame is not None and frame.owner is self:
-            self._annotate(frame, event)
+            if (
+                event.key == frame.key
+                and event.function == frame.function
+                and event.name not in _STEPS
+            ):  # the call's own decision (inline: the common case)
+                frame.decision = event.name
+                frame.reason = event.reason
+                if event.attempt is not None:
+                    frame.attempt = event.attempt
+            else:
+                self._annotate(frame, event)
 
     def _annotated(self, event: Event) -> None:
         """Spans only: put ``event`` on the current call's span."""
@@ -538,6 +561,7 @@ def instrument(
             )
         tracer: Tracer | None = None
         meter: Meter | None = None
+        meters: object = None
         if spans:
             provider = tracer_provider or otel_trace.get_tracer_provider()
             tracer = provider.get_tracer(SCOPE, __version__)
@@ -546,7 +570,7 @@ def instrument(
             meter = meters.get_meter(SCOPE, __version__)
         parts = [p for p, on in (("spans", spans), ("metrics", metrics)) if on]
         describe = f"{'+'.join(parts)}, key={key!r}"
-        _active = Instrumentation(tracer, meter, key, describe=describe)
+        _active = Instrumentation(tracer, meter, key, describe=describe, meter_provider=meters)
         return _active
 
 

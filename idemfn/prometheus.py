@@ -24,23 +24,28 @@ set-up, the queries and the cost.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import os
 import threading
 import weakref
 from collections.abc import Iterable
 from types import TracebackType
-from typing import cast
+from typing import Final, cast
 
 try:
     from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, values
+    from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
     from prometheus_client.multiprocess import MultiProcessCollector
+    from prometheus_client.registry import Collector
+    from prometheus_client.utils import floatToGoString
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "idemfn.prometheus needs prometheus-client: pip install 'idemfn[prometheus]'"
     ) from exc
 
 from . import _metrics
-from .events import DECISIONS, Event, Subscription, subscribe
+from .events import DECISIONS, WAITED, Event, Subscription, subscribe
 
 __all__ = ["Instrumentation", "instrument", "multiprocess_registry"]
 
@@ -51,10 +56,149 @@ _HELP = {
     _metrics.BODY_DURATION: "Seconds from a claim to its settlement (the body's run).",
 }
 
+_BODY: Final = _metrics.BODY_DURATION
+_WAIT: Final = _metrics.WAIT_DURATION
+
 _lock = threading.Lock()
 # The open Instrumentation of each registry: Prometheus refuses a name registered twice, and two
 # handlers feeding one registry would count every decision twice.
 _open: weakref.WeakKeyDictionary[CollectorRegistry, Instrumentation] = weakref.WeakKeyDictionary()
+
+
+Labels = tuple[str, str | None, str, str | None]  # the event's name, function, store, reason
+
+
+class _Aggregates:
+    """The metrics of a single process, kept as plain counts and exposed by ``collect()`` when
+    scraped (a prometheus_client custom collector): an event costs a dict update under one lock
+    instead of a metric child's (a counter's inc() takes a lock, a histogram's observe() two).
+    """
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self._buckets = buckets
+        self._lock = threading.Lock()
+        self._counts: dict[Labels, int] = {}
+        # (metric, function, store, outcome): the count in each bucket (not cumulative), the
+        # +Inf bucket's last, then the sum of the observations.
+        self._timed: dict[tuple[str, str | None, str, str], list[float]] = {}
+
+    def handle(self, event: Event) -> None:
+        # The rules of _metrics.body_outcome and wait_outcome, inlined: this runs on each
+        # decision (tests/integrations/observability/test_prometheus.py checks they agree).
+        name, _, function, store, _, duration, reason = event[:7]
+        key = (name, function, store, reason)
+        if duration is None:
+            with self._lock:
+                self._counts[key] = self._counts.get(key, 0) + 1
+            return
+        if name in _metrics.BODY_OUTCOMES:
+            timed_key: tuple[str, str | None, str, str] | None = (_BODY, function, store, name)
+        elif name == WAITED:
+            timed_key = (_WAIT, function, store, event.status or "gave_up")
+        else:
+            timed_key = None
+        # Prometheus's buckets count what is <= their bound: the first bound >= duration.
+        index = bisect.bisect_left(self._buckets, duration)
+        with self._lock:
+            self._counts[key] = self._counts.get(key, 0) + 1
+            if timed_key is not None:
+                row = self._timed.get(timed_key)
+                if row is None:
+                    row = self._timed[timed_key] = [0.0] * (len(self._buckets) + 2)
+                row[index] += 1
+                row[-1] += duration
+
+    def describe(self) -> list[Metric]:
+        return self._families()
+
+    def collect(self) -> list[Metric]:
+        with self._lock:
+            counts = list(self._counts.items())
+            timed = [(key, list(row)) for key, row in self._timed.items()]
+        families = self._families()
+        decisions = families[0]
+        assert isinstance(decisions, CounterMetricFamily)
+        for (name, function, store, reason), count in counts:
+            decisions.add_metric([name, function or "", store, reason or ""], count)
+        histograms = dict(
+            zip((_metrics.WAIT_DURATION, _metrics.BODY_DURATION), families[1:], strict=True)
+        )
+        # the le values prometheus_client's own histograms write ("1.0", "+Inf")
+        bounds = [*(floatToGoString(b) for b in self._buckets), "+Inf"]  # type: ignore[no-untyped-call]
+        for (metric, function, store, outcome), row in timed:
+            histogram = histograms[metric]
+            assert isinstance(histogram, HistogramMetricFamily)
+            cumulative = list(itertools.accumulate(row[:-1]))
+            histogram.add_metric(
+                [function or "", store, outcome],
+                list(zip(bounds, cumulative, strict=True)),
+                row[-1],
+            )
+        return families
+
+    @staticmethod
+    def _families() -> list[Metric]:
+        names = _metrics.PROMETHEUS
+        name, labels = names[_metrics.DECISIONS_COUNTER]
+        families: list[Metric] = [
+            CounterMetricFamily(
+                name.removesuffix("_total"), _HELP[_metrics.DECISIONS_COUNTER], labels=labels
+            )
+        ]
+        for instrument_name in (_metrics.WAIT_DURATION, _metrics.BODY_DURATION):
+            name, labels = names[instrument_name]
+            families.append(HistogramMetricFamily(name, _HELP[instrument_name], labels=labels))
+        return families
+
+
+class _Shared:
+    """The metrics of a process of a multiprocess server: prometheus_client's own counter and
+    histograms, whose values it writes to the process's files in PROMETHEUS_MULTIPROC_DIR (what
+    the scrape's MultiProcessCollector sums); their label children made once per label set."""
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        names = _metrics.PROMETHEUS
+        name, labels = names[_metrics.DECISIONS_COUNTER]
+        self.decisions = Counter(
+            name.removesuffix("_total"), _HELP[_metrics.DECISIONS_COUNTER], labels, registry=None
+        )
+        self.histograms: dict[str, Histogram] = {}
+        for instrument_name in (_metrics.WAIT_DURATION, _metrics.BODY_DURATION):
+            name, labels = names[instrument_name]
+            self.histograms[instrument_name] = Histogram(
+                name, _HELP[instrument_name], labels, registry=None, buckets=buckets
+            )
+        self._counted: dict[Labels, Counter] = {}
+        self._timed: dict[tuple[str, str | None, str, str], Histogram] = {}
+
+    def collectors(self) -> list[Counter | Histogram]:
+        return [self.decisions, *self.histograms.values()]
+
+    def handle(self, event: Event) -> None:
+        key = (event.name, event.function, event.store, event.reason)
+        child = self._counted.get(key)
+        if child is None:  # .labels() returns the same child in a race: no lock needed
+            child = self._counted[key] = self.decisions.labels(
+                event.name, event.function or "", event.store, event.reason or ""
+            )
+        child.inc()
+        duration = event.duration
+        if duration is None:
+            return
+        outcome = _metrics.body_outcome(event)
+        metric = _metrics.BODY_DURATION
+        if outcome is None:
+            outcome = _metrics.wait_outcome(event)
+            metric = _metrics.WAIT_DURATION
+            if outcome is None:
+                return
+        timed_key = (metric, event.function, event.store, outcome)
+        timed = self._timed.get(timed_key)
+        if timed is None:
+            timed = self._timed[timed_key] = self.histograms[metric].labels(
+                event.function or "", event.store, outcome
+            )
+        timed.observe(duration)
 
 
 class Instrumentation:
@@ -63,76 +207,40 @@ class Instrumentation:
 
     Attributes:
         registry: The registry the metrics are on.
-        decisions: The ``idemfn_decisions_total`` counter.
-        wait_duration: The ``idemfn_wait_duration_seconds`` histogram.
-        body_duration: The ``idemfn_body_duration_seconds`` histogram.
+        multiprocess: Whether prometheus_client is in multiprocess mode
+            (``PROMETHEUS_MULTIPROC_DIR`` set when it was imported): the counts then go to
+            this process's files in that directory, for a ``multiprocess_registry()`` to sum;
+            else they are kept in this process and exposed when ``registry`` is collected.
     """
 
     def __init__(self, registry: CollectorRegistry, buckets: tuple[float, ...]) -> None:
         self.registry = registry
-        names = _metrics.PROMETHEUS
-        name, labels = names[_metrics.DECISIONS_COUNTER]
-        # registry=None: registered below, all three or none.
-        self.decisions = Counter(
-            name.removesuffix("_total"),
-            _HELP[_metrics.DECISIONS_COUNTER],
-            labels,
-            registry=None,
-        )
-        name, labels = names[_metrics.WAIT_DURATION]
-        self.wait_duration = Histogram(
-            name, _HELP[_metrics.WAIT_DURATION], labels, registry=None, buckets=buckets
-        )
-        name, labels = names[_metrics.BODY_DURATION]
-        self.body_duration = Histogram(
-            name, _HELP[_metrics.BODY_DURATION], labels, registry=None, buckets=buckets
-        )
-        # The label children, made once per label set: .labels() costs several times an inc().
-        self._counted: dict[tuple[str, str | None, str, str | None], Counter] = {}
-        self._timed: dict[tuple[str, str | None, str, str], Histogram] = {}
+        self.multiprocess = _multiprocess()
+        self._sink: _Aggregates | _Shared
+        if self.multiprocess:
+            self._sink = _Shared(buckets)
+            self._collectors: list[Collector] = list(self._sink.collectors())
+        else:
+            self._sink = _Aggregates(buckets)
+            self._collectors = [self._sink]
         self._subscription: Subscription | None = None
 
     def _open(self) -> None:
-        registered: list[Counter | Histogram] = []
+        registered: list[Collector] = []
         try:
-            for metric in (self.decisions, self.wait_duration, self.body_duration):
-                self.registry.register(metric)
-                registered.append(metric)
+            for collector in self._collectors:
+                self.registry.register(collector)
+                registered.append(collector)
         except ValueError as exc:
-            for metric in registered:
-                self.registry.unregister(metric)
+            for collector in registered:
+                self.registry.unregister(collector)
             raise ValueError(
                 f"idemfn.prometheus.instrument(registry=...): the registry already has a"
                 f" metric named like idemfn's ({exc}); something other than instrument()"
                 f" registered it: unregister it, or give instrument() another registry"
             ) from exc
         # Only the decisions: call_started/call_ended cost a call something only when wanted.
-        self._subscription = subscribe(self._handle, events=DECISIONS)
-
-    def _handle(self, event: Event) -> None:
-        key = (event.name, event.function, event.store, event.reason)
-        child = self._counted.get(key)
-        if child is None:
-            child = self._counted[key] = self.decisions.labels(
-                event.name, event.function or "", event.store, event.reason or ""
-            )
-        child.inc()
-        if event.duration is None:
-            return
-        outcome = _metrics.body_outcome(event)
-        histogram = self.body_duration
-        if outcome is None:
-            outcome = _metrics.wait_outcome(event)
-            histogram = self.wait_duration
-            if outcome is None:
-                return
-        timed_key = (event.name, event.function, event.store, outcome)
-        timed = self._timed.get(timed_key)
-        if timed is None:
-            timed = self._timed[timed_key] = histogram.labels(
-                event.function or "", event.store, outcome
-            )
-        timed.observe(event.duration)
+        self._subscription = subscribe(self._sink.handle, events=DECISIONS)
 
     @property
     def active(self) -> bool:
@@ -148,8 +256,8 @@ class Instrumentation:
                 return
             self._subscription.close()
             self._subscription = None
-            for metric in (self.decisions, self.wait_duration, self.body_duration):
-                self.registry.unregister(metric)
+            for collector in self._collectors:
+                self.registry.unregister(collector)
             if _open.get(self.registry) is self:
                 del _open[self.registry]
 
@@ -165,8 +273,12 @@ class Instrumentation:
         self.close()
 
     def __repr__(self) -> str:
-        where = "the default registry" if self.registry is REGISTRY else repr(self.registry)
-        mode = "multiprocess" if _multiprocess() else "single-process"
+        where = (
+            "the default registry"
+            if self.registry is REGISTRY
+            else (f"CollectorRegistry {id(self.registry):#x}")
+        )
+        mode = "multiprocess" if self.multiprocess else "single-process"
         state = "active" if self.active else "closed"
         return f"<idemfn.prometheus.Instrumentation on {where} ({mode}, {state})>"
 

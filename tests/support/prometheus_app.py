@@ -70,6 +70,7 @@ def create() -> WSGIApp:
     from idemfn.wsgi import IdempotencyMiddleware
 
     instrument()
+    print(f"instrumented in process {os.getpid()}", file=sys.stderr, flush=True)
     metrics = make_wsgi_app(multiprocess_registry())
     orders = IdempotencyMiddleware(_orders)
 

@@ -93,6 +93,19 @@ def test_importing_idemfn_imports_no_task_queue() -> None:
     assert out.stdout.strip() == "[]"
 
 
+def test_importing_idemfn_imports_no_prometheus_client() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, idemfn; print('prometheus_client' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    import idemfn.prometheus
+
+    assert idemfn.prometheus.__all__ == ["Instrumentation", "instrument", "multiprocess_registry"]
+    assert "prometheus" not in idemfn.__all__
+
+
 def test_the_public_api_is_exactly_what_it_was() -> None:
     # Issue 15 moved and renamed private modules; what users import must not move with them.
     import inspect

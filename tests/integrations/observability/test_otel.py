@@ -8,12 +8,13 @@ left alone, but for the one test that checks the API's no-op default in a fresh 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -687,14 +688,13 @@ def test_the_api_s_no_op_providers_work(otel: Otel) -> None:
     assert no_span_current()
 
 
-def test_with_no_sdk_the_global_providers_are_the_api_s_and_forward_to_one_set_later(
-    tmp_path: Path,
-) -> None:
+def test_with_no_sdk_the_global_providers_are_the_api_s_and_forward_to_one_set_later() -> None:
     # In a fresh process: the global providers are set once per process.
     code = """
-import sys
 import idemfn, idemfn.otel
-from opentelemetry import trace
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -705,13 +705,23 @@ def fn(n):
 
 instrumentation = idemfn.otel.instrument()   # no SDK set up: the API's proxies
 assert fn(1) == fn(1) == 1
+instrumentation.close()
+instrumentation = idemfn.otel.instrument()   # again, on the same proxies
 exporter = InMemorySpanExporter()
 provider = TracerProvider()
 provider.add_span_processor(SimpleSpanProcessor(exporter))
 trace.set_tracer_provider(provider)          # set up later: spans go to it from now on
+reader = InMemoryMetricReader()
+metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
 assert fn(2) == 2
 instrumentation.close()
 print([s.name for s in exporter.get_finished_spans()])
+(counter,) = [
+    m
+    for m in reader.get_metrics_data().resource_metrics[0].scope_metrics[0].metrics
+    if m.name == "idemfn.decisions"
+]
+print(sorted((p.attributes["idemfn.decision"], p.value) for p in counter.data.data_points))
 """
     out = subprocess.run(
         [sys.executable, "-c", code],
@@ -722,5 +732,121 @@ print([s.name for s in exporter.get_finished_spans()])
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "['idemfn early']"
+    spans, counts = out.stdout.splitlines()
+    assert spans == "['idemfn early']"
+    # The decisions before the SDK was set count too: the counter reports the process's totals.
+    assert counts == "[('claimed', 2), ('completed', 2), ('replayed', 1)]"
     assert out.stderr == ""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_a_forked_child_counts_its_own_decisions(otel: Otel) -> None:
+    @idempotent(store=MemoryStore(), name="forked", key="{n}")
+    def fn(n: int) -> int:
+        return n
+
+    def counted() -> list[tuple[str, int]]:
+        points = otel.points("idemfn.decisions")
+        return sorted((dict(a)["idemfn.decision"], v) for a, v in points.items())
+
+    with otel.instrument(spans=False) as instrumentation:
+        fn(1)
+        counts = instrumentation._counts
+        with counts.lock:  # held as the child is forked: the child's own is a new one
+            pid = os.fork()
+            if pid == 0:  # the child: exit 0 if it counts its own call, and only that
+                try:
+                    fn(2)
+                    os._exit(0 if counted() == [("claimed", 1), ("completed", 1)] else 1)
+                finally:
+                    os._exit(2)
+        deadline = time.monotonic() + 60
+        while (done := os.waitpid(pid, os.WNOHANG)) == (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if done == (0, 0):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        assert done[0] == pid, "the child hung (on the lock its parent held?)"
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+        assert counted() == [("claimed", 1), ("completed", 1)]  # the parent's: fn(1)
+
+
+def test_the_http_middleware_s_decisions_count_and_its_app_s_calls_get_spans(otel: Otel) -> None:
+    from flask import Flask
+
+    from idemfn.wsgi import IdempotencyMiddleware
+
+    store = MemoryStore()
+
+    @idempotent(store=store, name="orders.create", key="{n}")
+    def create(n: int) -> str:
+        return f"order {n}"
+
+    app = Flask("shop")
+    app.add_url_rule("/orders", "orders", lambda: create(1), methods=["POST"])
+    app.wsgi_app = IdempotencyMiddleware(app.wsgi_app, store=store)  # type: ignore[method-assign]
+    client = app.test_client()
+    with otel.instrument():
+        for _ in range(2):
+            with otel.tracer.start_as_current_span("POST /orders"):
+                response = client.post("/orders", headers={"Idempotency-Key": "k-1"})
+            assert response.get_data(as_text=True) == "order 1"
+    # The request's own decisions have no idemfn span: counted only.
+    points = otel.points("idemfn.decisions")
+    assert points[decision("claimed", "http")] == 1
+    assert points[decision("completed", "http")] == 1
+    assert points[decision("replayed", "http")] == 1
+    (call,) = otel.spans("idemfn orders.create")  # the second request replayed: no call
+    (first_request, _) = otel.spans("POST /orders")
+    assert call.parent is not None and call.parent.span_id == first_request.context.span_id
+    assert call.attributes is not None and call.attributes["idemfn.decision"] == "completed"
+    assert not call.events
+
+
+def test_an_unsampled_call_carries_its_context_and_nothing_else() -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    seen: list[trace.SpanContext] = []
+
+    @idempotent(store=MemoryStore(), name="unsampled", key="{n}")
+    def fn(n: int) -> int:
+        seen.append(trace.get_current_span().get_span_context())
+        if n < 0:
+            raise ValueError(n)
+        return n
+
+    with idemfn.otel.instrument(tracer_provider=provider, spans=True, metrics=False):
+        assert fn(1) == 1
+        with pytest.raises(ValueError):
+            fn(-1)
+    assert exporter.get_finished_spans() == ()
+    # The body ran in the call's (unsampled) span: its own spans would be unsampled too.
+    assert [(c.is_valid, c.trace_flags.sampled) for c in seen] == [(True, False)] * 2
+    assert no_span_current()
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no message")
+
+
+def test_an_exception_that_cannot_be_recorded_still_ends_the_span_and_restores_the_context(
+    otel: Otel, caplog: pytest.LogCaptureFixture
+) -> None:
+    @idempotent(store=MemoryStore(), name="odd", key="{n}", retry_on=Unprintable)
+    def odd(n: int) -> int:
+        raise Unprintable
+
+    with otel.instrument():
+        with pytest.raises(Unprintable):
+            odd(1)
+        assert no_span_current()
+    (span,) = otel.spans("idemfn odd")
+    assert span.end_time is not None
+    assert span.attributes is not None
+    assert span.attributes["idemfn.decision"] == "released"
+    assert str(span.attributes["error.type"]).endswith("test_otel.Unprintable")
+    assert "event handler" in caplog.text  # (idemfn.events logged what the handler raised)

@@ -5,13 +5,14 @@ prometheus-client's multiprocess mode, scraped over HTTP, with a worker SIGKILLe
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
 import idemfn
@@ -150,6 +151,37 @@ def test_busy_and_waited_counted(registry: CollectorRegistry, tmp_path: Path) ->
     assert decisions(registry, "replayed", "held") == 1
 
 
+def test_threads_lose_no_count(registry: CollectorRegistry, metrics: Instrumentation) -> None:
+    """Threads handing out decisions at once, switching as often as the interpreter can: every
+    decision and every duration is counted (one process's counts are updated under a lock;
+    without it, about a fifth were lost here)."""
+    store = idemfn.MemoryStore()
+    threads, events = 6, 10000
+    barrier = threading.Barrier(threads)
+
+    def run() -> None:
+        barrier.wait(60)
+        for _ in range(events):  # what begin()'s decisions go through
+            idemfn.events.PROCESS.emit("completed", store, "k", attempt=1, duration=0.002)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        workers = [threading.Thread(target=run) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(120)
+    finally:
+        sys.setswitchinterval(interval)
+    labels = {"decision": "completed", "function": "", "store": "memory", "reason": ""}
+    assert registry.get_sample_value("idemfn_decisions_total", labels) == threads * events
+    body = {"function": "", "store": "memory", "outcome": "completed"}
+    assert registry.get_sample_value("idemfn_body_duration_seconds_count", body) == threads * events
+    bucket = {**body, "le": "0.001"}
+    assert registry.get_sample_value("idemfn_body_duration_seconds_bucket", bucket) == 0
+
+
 def test_scraped_over_http_by_prometheus_client(
     metrics: Instrumentation, registry: CollectorRegistry, tmp_path: Path
 ) -> None:
@@ -180,6 +212,46 @@ def test_scraped_over_http_by_prometheus_client(
     bucket = frozenset({**body, "le": "+Inf"}.items())
     assert samples[("idemfn_body_duration_seconds_bucket", bucket)] == 1
     assert "idemfn_wait_duration_seconds" in response.text  # declared, no sample yet
+
+
+def test_single_process_counts_expose_as_prometheus_clients_own_metrics() -> None:
+    """A single process keeps plain counts (cheaper than metric children) and exposes them when
+    scraped; a multiprocess server's workers use prometheus_client's Counter and Histogram.
+    Fed the same events, both expose the same samples (but prometheus_client's ``_created``)."""
+    from idemfn._metrics import BUCKETS
+    from idemfn.prometheus import _Aggregates, _Shared
+
+    events = [
+        idemfn.Event("claimed", "f:k", "f", "disk", attempt=1),
+        idemfn.Event("completed", "f:k", "f", "disk", attempt=1, duration=0.0004),
+        idemfn.Event("halted", "f:j", "f", "disk", duration=0.3, reason="raised"),
+        idemfn.Event("halted", "f:j", "f", "disk", duration=0.25, reason="raised"),  # = a bound
+        idemfn.Event("released", "f:r", None, "redis", duration=400.0, reason="retry_on"),
+        idemfn.Event("waited", "f:w", "f", "disk", duration=0.01, status="replayed"),
+        idemfn.Event("waited", "f:x", "f", "disk", duration=2.0),  # gave up
+        idemfn.Event("abandoned", "f:k", "f", "disk", reason="owner_died", status="halted"),
+        idemfn.Event("halted", "f:k", "f", "disk", reason="abandoned"),  # no duration: no body
+        idemfn.Event("replayed", "f:k", "f", "disk", status="ok"),
+    ]
+    aggregates, shared = _Aggregates(BUCKETS), _Shared(BUCKETS)
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    ours.register(aggregates)
+    for collector in shared.collectors():
+        theirs.register(collector)
+    for event in events:
+        aggregates.handle(event)
+        shared.handle(event)
+
+    def samples(registry: CollectorRegistry) -> Samples:
+        return {
+            key: value
+            for key, value in parse(generate_latest(registry).decode()).items()
+            if not key[0].endswith("_created")
+        }
+
+    assert samples(ours) == samples(theirs)
+    assert len(samples(ours)) == 8 + 5 * (len(BUCKETS) + 3)  # 8 counts, 5 histograms
+    assert generate_latest(ours).decode().count("# TYPE") == 3
 
 
 def test_close_stops_counting_and_unregisters(registry: CollectorRegistry, tmp_path: Path) -> None:
@@ -232,8 +304,17 @@ def test_arguments_are_checked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
         instrument(CollectorRegistry(), buckets=[])
     with pytest.raises(TypeError, match=r"instrument\(buckets=...\)"):
         instrument(CollectorRegistry(), buckets="1,2")  # type: ignore[arg-type]
-    with instrument(CollectorRegistry(), buckets=[0.5, 2]) as custom:
-        assert custom.body_duration._upper_bounds == [0.5, 2.0, float("inf")]
+    custom = CollectorRegistry()
+    with instrument(custom, buckets=[0.5, 2]):
+        idemfn.idempotent(store=idemfn.MemoryStore(), name="custom")(lambda: 1)()
+        families = list(custom.collect())
+    bounds = [
+        sample.labels["le"]
+        for family in families
+        for sample in family.samples
+        if sample.name == "idemfn_body_duration_seconds_bucket"
+    ]
+    assert bounds == ["0.5", "2.0", "+Inf"]
 
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     with pytest.raises(ValueError, match=r"multiprocess_registry\(path=None\) reads PROMETHEUS"):
@@ -251,19 +332,21 @@ def test_arguments_are_checked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
         instrument(CollectorRegistry())
 
 
+@pytest.mark.parametrize("preload", [False, True], ids=["instrumented-in-workers", "preload"])
 def test_gunicorn_workers_counted_together_and_a_killed_workers_counts_survive(
-    tmp_path: Path,
+    tmp_path: Path, preload: bool
 ) -> None:
     """gunicorn, 2 sync workers, multiprocess mode: requests land on both workers (a held
     request keeps one busy, so the next is served by the other); /metrics, served by either,
     sums both; a worker SIGKILLed mid-request keeps its counts, and its claim is found
-    abandoned by the other."""
+    abandoned by the other. With --preload, instrument() runs in the master, before the fork."""
     multiproc = tmp_path / "prometheus"
     multiproc.mkdir()
     deployment = Deployment("gunicorn", "prometheus", 2, "disk")
     env = {
         "PROMETHEUS_MULTIPROC_DIR": str(multiproc),
-        "GUNICORN_CMD_ARGS": "--config python:tests.support.prometheus_app",
+        "GUNICORN_CMD_ARGS": "--config python:tests.support.prometheus_app"
+        + (" --preload" if preload else ""),
     }
     with serve(deployment, tmp_path, str(tmp_path / "store"), env=env) as served:
         client = served.client()
@@ -303,6 +386,11 @@ def test_gunicorn_workers_counted_together_and_a_killed_workers_counts_survive(
         served.server.wait_workers(without=holder)
         log = served.server.output()
         assert f"child_exit: marked worker {holder} dead" in log
+        # --preload: once, in the master, before the fork; else in each worker
+        instrumented = [holder, other] if not preload else [served.server.pid]
+        assert all(f"instrumented in process {pid}\n" in log for pid in instrumented)
+        if preload:
+            assert log.count("instrumented in process") == 1
 
         abandoned = post("k-1", hold="1")  # the dead worker's claim, found on this machine at once
         assert abandoned.status_code == 500
