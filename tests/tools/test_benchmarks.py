@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +58,30 @@ def test_deployment_benchmark_quick_run_measures_every_deployment() -> None:
     for section in ("cluster", "pgbouncer", "redis-failover", "pg-failover"):
         assert f"## {section} (load" in done.stdout, section
     assert "GUARANTEE BROKEN" not in done.stdout
+
+
+@pytest.mark.slow
+def test_observability_benchmark_quick_run_measures_every_setting() -> None:
+    # Exit 0 also says each integration measured recorded what it was fed (spans exported,
+    # decisions counted): a cost measured with nothing recorded would be no cost at all.
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_observe.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    for call in ("replay, DiskStore", "first call, DiskStore", "replay, MemoryStore"):
+        for setting in ("no handler", "live, no event", "no-op handler"):
+            assert f"{call:<24} {setting:<28}" in out, (call, setting)
+    # The integrations are measured wherever they import (the test group has their libraries).
+    for setting, module in (
+        ("otel spans+metrics", "idemfn.otel"),
+        ("otel metrics only", "idemfn.otel"),
+        ("prometheus", "idemfn.prometheus"),
+    ):
+        row = f"replay, DiskStore        {setting:<28}"
+        assert row in out, setting
+        if importlib.util.find_spec(module) is not None:
+            assert f"{row} skipped" not in out, out
