@@ -476,10 +476,19 @@ class Claim:
     def _body_time(self) -> float:
         return time.monotonic() - self.started
 
-    def _report(self, name: str, **fields: Any) -> None:
+    def _report(
+        self,
+        name: str,
+        duration: float | None = None,
+        reason: str | None = None,
+        detail: str | None = None,
+        owner: str | None = None,
+        error: BaseException | None = None,
+    ) -> None:
         """Emit the event ``name`` about this claim (when some handler listens)."""
+        entry = self.entry
         self.policy.observer.emit(
-            name, self.store, self.entry.key, attempt=self.entry.attempt, **fields
+            name, self.store, entry.key, entry.attempt, duration, reason, detail, owner, None, error
         )
 
     def _report_outcome(self, entry: Entry, cause: BaseException | None) -> None:
@@ -1131,21 +1140,18 @@ def _replayed(store: Store, entry: Entry, policy: Policy) -> Finished:
     return Finished(entry, policy.serializer)
 
 
-def _claimed(
-    store: Store, entry: Entry, policy: Policy, abandoned: tuple[Entry, str] | None = None
-) -> Steps[Claim]:
-    """The ``Claim`` of ``entry``, just written, reported ``claimed`` (after ``abandoned``, for
-    the takeover of ``abandoned``'s entry and reason)."""
-    claim = Claim(store, entry, policy)
-    if policy.observer.live:
-        try:
-            if abandoned is not None:
-                _report_abandoned(store, abandoned[0], policy, abandoned[1], "taken_over")
-            claim._report(CLAIMED)
-        except BaseException:  # a handler's KeyboardInterrupt: no one will run the claim
-            yield from _dropping(claim)
-            raise
-    return claim
+def _reported(claim: Claim, abandoned: tuple[Entry, str] | None) -> Steps[None]:
+    """Report ``claim``, just made: ``claimed`` (after ``abandoned``, for the takeover of
+    ``abandoned``'s entry and reason). A handler's interrupt undoes the claim: no one would
+    run it."""
+    try:
+        if abandoned is not None:
+            entry, reason = abandoned
+            _report_abandoned(claim.store, entry, claim.policy, reason, "taken_over")
+        claim._report(CLAIMED)
+    except BaseException:
+        yield from _dropping(claim)
+        raise
 
 
 def _deciding(
@@ -1171,7 +1177,10 @@ def _deciding(
             if entry is None or entry.token == claimed.token:
                 # (Its own claim: the client sent it again after its answer was lost, as
                 # redis-py retries on a timeout, and the second try found the first's record.)
-                return (yield from _claimed(store, claimed, policy))
+                claim = Claim(store, claimed, policy)
+                if policy.observer.live:  # (steps only then: a first call pays nothing)
+                    yield from _reported(claim, None)
+                return claim
             continue
         _check_fingerprint(entry, key, fingerprint)
         if entry.status != PROCESSING:
@@ -1198,7 +1207,10 @@ def _deciding(
                     takeover.attempt,
                     extra=log_fields(key, ABANDONED),
                 )
-                return (yield from _claimed(store, takeover, policy, (entry, reason)))
+                claim = Claim(store, takeover, policy)
+                if policy.observer.live:
+                    yield from _reported(claim, (entry, reason))
+                return claim
         else:
             ttl = entry.ttl
             halted = Entry(

@@ -362,16 +362,16 @@ class Deferred(Observer):
         self.wanted = target.wanted
         self.live = True
         self.framed = False
-        self.pending: list[tuple[str, object, str, dict[str, Any]]] = []
+        self.pending: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
 
-    def emit(self, name: str, store: object, key: str, **fields: Any) -> None:  # type: ignore[override]
-        self.pending.append((name, store, key, fields))
+    def emit(self, *event: Any, **fields: Any) -> None:
+        self.pending.append((event, fields))
 
     def flush(self) -> None:
         """Hand the held events to the observer they were for, in order."""
         pending, self.pending = self.pending, []
-        for name, store, key, fields in pending:
-            self.target.emit(name, store, key, **fields)
+        for event, fields in pending:
+            self.target.emit(*event, **fields)
 
 
 #: Decisions of ``begin()`` used directly (no decorated function).
