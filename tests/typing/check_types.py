@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing_extensions import assert_type
 
-from idemfn import MemoryStore, Record, idempotent
+import idemfn
+from idemfn import Event, MemoryStore, Record, Subscription, idempotent
 
 
 @idempotent(key="charge:{order_id}", store=MemoryStore())
@@ -22,6 +23,18 @@ def check() -> None:
     assert_type(charge.key_for("o1", amount=5), str)
     assert_type(charge.status("o1", 5), Record | None)
     assert_type(charge.forget("o1", 5), bool)
+
+
+def on_event(event: Event) -> None:
+    assert_type(event.name, str)
+    assert_type(event.duration, float | None)
+
+
+def check_events() -> None:
+    assert_type(charge.subscribe(on_event, events=["replayed"]), Subscription)
+    with idemfn.subscribe(on_event) as subscription:
+        assert_type(subscription, Subscription)
+    charge.subscribe(42)  # type: ignore[arg-type]
 
 
 async def check_async() -> None:
