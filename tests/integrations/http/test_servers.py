@@ -393,7 +393,7 @@ def _state(pid: int) -> str:
     """A process's state as /proc tells it, with PF_EXITING (being torn down after SIGKILL)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # (reaped before, or as, it was read)
         return "gone from /proc"
     exiting = ", PF_EXITING" if int(fields[6]) & 0x4 else ""
     return f"in state {fields[0]}{exiting}"
