@@ -768,9 +768,10 @@ def decorator(
         wrapper: Any
 
         # A callable object whose __call__ is a coroutine function is async too.
-        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
             getattr(fn, "__call__", None)  # noqa: B004  # not a callable() test
-        ):
+        )
+        if is_async:
             in_atransaction: Callable[[str], Any] | None = None
             if transaction is not None:
                 in_atransaction = getattr(resolved_store, "atransaction", None)
@@ -849,13 +850,6 @@ def decorator(
                     partial(fn, *args, **kwargs),
                 )
 
-            @functools.wraps(fn)
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
-                stored_key, fp = call_key(args, kwargs)
-                if observer.framed:  # (a handler wants call_started, call_ended)
-                    return _observed(observer, resolved_store, stored_key, call, fp, args, kwargs)
-                return call(stored_key, fp, args, kwargs)
-
         else:
 
             def call(stored_key: str, fp: str, args: Any, kwargs: Any) -> Any:
@@ -879,6 +873,8 @@ def decorator(
                     value = fn(*args, **kwargs)
                     complete_or_log(outcome, value)  # type: ignore[arg-type]
                 return value
+
+        if not is_async:
 
             @functools.wraps(fn)
             def wrapper(*args: Any, **kwargs: Any) -> Any:

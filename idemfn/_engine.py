@@ -154,6 +154,9 @@ def _reseed_tokens() -> None:
 
 os.register_at_fork(after_in_child=_reseed_tokens)
 
+# The reason a claim's block left unsettled is halted with (idemfn.events.halted_reason reads it).
+_INCOMPLETE: Final = "the claim's block ended without complete() or fail()"
+
 _FIRST_POLL = 0.005  # seconds between looks at a busy key, doubling up to _MAX_POLL
 _MAX_POLL = 0.25
 _NEAR_POLL = 0.01  # at most, when the owner is another process here that the watch cannot hear
@@ -476,6 +479,16 @@ class Claim:
     def _body_time(self) -> float:
         return time.monotonic() - self.started
 
+    def _fenced_out(self, when: str) -> OwnershipLost:
+        """The ``OwnershipLost`` of a settling write fenced out (reported ``ownership_lost``)."""
+        lost = OwnershipLost(
+            f"the claim on key {self.key!r} was taken over or halted by another caller {when}",
+            key=self.key,
+        )
+        if self.policy.observer.live:
+            self._report(OWNERSHIP_LOST, reason="settle", duration=self._body_time(), error=lost)
+        return lost
+
     def _report(
         self,
         name: str,
@@ -543,16 +556,9 @@ class Claim:
         if not written:
             self._uncommitted = False  # fenced out: nothing of this claim's to settle again
             heartbeat.discard(self)
-            lost = OwnershipLost(
-                f"the claim on key {entry.key!r} was taken over or halted by another caller"
-                " before this call finished; its outcome is not recorded",
-                key=entry.key,
-            )
-            if self.policy.observer.live:
-                self._report(
-                    OWNERSHIP_LOST, reason="settle", duration=self._body_time(), error=lost
-                )
-            raise lost from cause
+            raise self._fenced_out(
+                "before this call finished; its outcome is not recorded"
+            ) from cause
         if not pending:
             settled(entry.key)
             if self.policy.observer.live:
@@ -695,16 +701,7 @@ class Claim:
         finally:
             heartbeat.discard(self)
         if not released:
-            lost = OwnershipLost(
-                f"the claim on key {self.key!r} was taken over or halted by another caller"
-                " before this call could release it",
-                key=self.key,
-            )
-            if self.policy.observer.live:
-                self._report(
-                    OWNERSHIP_LOST, reason="settle", duration=self._body_time(), error=lost
-                )
-            raise lost from cause
+            raise self._fenced_out("before this call could release it") from cause
         settled(self.key)
         if self.policy.observer.live:
             self._report(RELEASED, reason=why, duration=self._body_time(), error=cause)
@@ -724,10 +721,7 @@ class Claim:
             self.key,
             extra=log_fields(self.key, HALTED),
         )
-        yield from self._halting(
-            RuntimeError("the claim's block ended without complete() or fail()"),
-            "the claim's block ended without complete() or fail()",
-        )
+        yield from self._halting(RuntimeError(_INCOMPLETE), _INCOMPLETE)
 
     def complete(self, value: object) -> None:
         """Record ``value`` as the key's outcome: the record becomes ``ok``, replayed after.
@@ -749,7 +743,7 @@ class Claim:
             StoreError: The store failed to record it (the key stays processing until its
                 lease runs out).
         """
-        self._settle(drive, self._completing(value))
+        self._settle(self._completing(value))
 
     async def acomplete(self, value: object) -> None:
         """``complete`` for coroutines: the store's async primitives, never blocking the loop.
@@ -781,7 +775,7 @@ class Claim:
             RuntimeError: The claim was settled already.
             StoreError: The store failed to record it.
         """
-        self._settle(drive, self._failing(exc))
+        self._settle(self._failing(exc))
 
     async def afail(self, exc: BaseException) -> None:
         """``fail`` for coroutines.
@@ -810,7 +804,7 @@ class Claim:
             RuntimeError: The claim was settled already.
             StoreError: The store failed to record it.
         """
-        self._settle(drive, self._halting(exc))
+        self._settle(self._halting(exc))
 
     async def ahalt(self, exc: BaseException) -> None:
         """``halt`` for coroutines.
@@ -837,7 +831,7 @@ class Claim:
             RuntimeError: The claim was settled already.
             StoreError: The store failed to delete it.
         """
-        self._settle(drive, self._releasing(cause))
+        self._settle(self._releasing(cause))
 
     async def arelease(self, cause: BaseException | None = None) -> None:
         """``release`` for coroutines.
@@ -852,9 +846,9 @@ class Claim:
         """
         await self._asettle(self._releasing(cause))
 
-    def _settle(self, driver: Callable[[Store, Steps[None]], None], steps: Steps[None]) -> None:
+    def _settle(self, steps: Steps[None]) -> None:
         try:
-            driver(self.store, steps)
+            drive(self.store, steps)
         except StoreError as problem:
             self._store_failed(problem)
             raise
@@ -1003,9 +997,7 @@ def _after_transaction(claim: Claim, exc: BaseException, started: bool) -> Steps
     policy = claim.policy
     held: Deferred | None = None
     if policy.observer.live:
-        held = Deferred(policy.observer)
-        claim.policy = copy.copy(policy)
-        claim.policy.observer = held
+        claim.policy, held = _holding(policy)
     try:
         yield from claim._failing(exc)
     except StoreError as problem:
@@ -1039,6 +1031,14 @@ def _after_transaction(claim: Claim, exc: BaseException, started: bool) -> Steps
         if held is not None:
             held.flush()
     return False
+
+
+def _holding(policy: Policy) -> tuple[Policy, Deferred]:
+    """A copy of ``policy`` whose events are held (its ``Deferred``) until flushed to
+    ``policy``'s observer: for steps whose events may not stand, or must come later."""
+    held = copy.copy(policy)
+    held.observer = deferred = Deferred(policy.observer)
+    return held, deferred
 
 
 def _releasing_or_log(claim: Claim, cause: BaseException | None, why: str) -> Steps[None]:
@@ -1133,11 +1133,9 @@ def _reads_first(store: Store, deadline: Due | None) -> bool:
     return not store.claims_first or deadline is not None
 
 
-def _replayed(store: Store, entry: Entry, policy: Policy) -> Finished:
-    """``entry``, finished, to replay (and the ``replayed`` event, when some handler listens)."""
-    if policy.observer.live:
-        policy.observer.emit(REPLAYED, store, entry.key, attempt=entry.attempt, status=entry.status)
-    return Finished(entry, policy.serializer)
+def _report_replayed(store: Store, entry: Entry, policy: Policy) -> None:
+    """Emit ``replayed`` for the finished ``entry`` (callers test ``observer.live`` first)."""
+    policy.observer.emit(REPLAYED, store, entry.key, attempt=entry.attempt, status=entry.status)
 
 
 def _reported(claim: Claim, abandoned: tuple[Entry, str] | None) -> Steps[None]:
@@ -1184,7 +1182,9 @@ def _deciding(
             continue
         _check_fingerprint(entry, key, fingerprint)
         if entry.status != PROCESSING:
-            return _replayed(store, entry, policy)
+            if policy.observer.live:
+                _report_replayed(store, entry, policy)
+            return Finished(entry, policy.serializer)
         if key in _running.get():
             raise Busy(entry).error(" (this call re-entered its own key from inside its body)")
         now = yield _TIME_OP
@@ -1313,7 +1313,7 @@ def decide(
     if entry is not None and entry.status != PROCESSING:  # a replay: no steps to drive
         _check_fingerprint(entry, key, fingerprint)
         if policy.observer.live:
-            return _replayed(store, entry, policy)
+            _report_replayed(store, entry, policy)
         return Finished(entry, policy.serializer)
     return drive(store, _deciding(store, key, fingerprint, policy, deadline, entry))
 
@@ -1326,7 +1326,7 @@ async def adecide(
     if entry is not None and entry.status != PROCESSING:
         _check_fingerprint(entry, key, fingerprint)
         if policy.observer.live:
-            return _replayed(store, entry, policy)
+            _report_replayed(store, entry, policy)
         return Finished(entry, policy.serializer)
     return await adrive(store, _deciding(store, key, fingerprint, policy, deadline, entry))
 
@@ -1344,12 +1344,8 @@ class _Waiter:
     @staticmethod
     def looking(policy: Policy) -> Policy:
         """The policy to look at the key with while waiting: ``policy`` itself, unless some
-        handler listens; then one whose events are held (``Deferred``) until ``waited``."""
-        if not policy.observer.live:
-            return policy
-        looking = copy.copy(policy)
-        looking.observer = Deferred(policy.observer)
-        return looking
+        handler listens; then one whose events are held until ``waited`` (``_holding``)."""
+        return _holding(policy)[0] if policy.observer.live else policy
 
     def report(
         self,
@@ -1374,10 +1370,8 @@ class _Waiter:
         elif isinstance(decided, Claim):
             ended = "claimed"
             decided.policy = policy
-        elif isinstance(decided, Finished):
+        else:  # (no exception: the wait ended in a decision)
             ended = "replayed"
-        else:
-            ended = "gave_up"
         policy.observer.emit(
             WAITED, store, key, duration=time.monotonic() - self.started, status=ended
         )

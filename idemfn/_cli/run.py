@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any, Final
 
-from .._engine import Claim, Finished, begin, drive
+from .._engine import Claim, Finished, begin
 from .._errors import AlreadyRunning, FingerprintMismatch, Halted, StoreError
 from .._policy import Policy
 from .._record import Entry, Status
@@ -319,7 +319,6 @@ def run_once(
                         # (recorded as an interruption: the halted event, the metrics and
                         # idemfn stats say "interrupted", not "raised")
                         claim._settle(
-                            drive,
                             claim._halting(
                                 CommandFailed(outcome),
                                 f"the call was interrupted by {outcome['interrupted_by']}",
